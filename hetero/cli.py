@@ -1,0 +1,126 @@
+"""`hetero generate` (and, as later issues land, serve | chat | plan | convert | bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from hetero.config import ConfigError
+from hetero.loader import CheckpointError
+
+log = logging.getLogger("hetero")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def default_model_dir() -> Path:
+    """The small checkpoint hetero writes itself when no model is given (random weights)."""
+    from hetero.testing import write_tiny_v3
+
+    cache = Path(os.environ.get("HETERO_CACHE", Path.home() / ".cache" / "hetero"))
+    path = cache / "tiny-v3"
+    if not (path / "config.json").exists():
+        log.info(
+            "no --model given: writing a small random DeepSeek-V3-style checkpoint to %s", path
+        )
+        tmp = cache / f".tiny-v3.{os.getpid()}"
+        write_tiny_v3(tmp)
+        tmp.rename(path)  # atomic: a half-written directory is never taken for a checkpoint
+    return path
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hetero.generate import SamplingParams, generate
+    from hetero.loader import load_model
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = (
+        args.dtype
+        if args.dtype != "auto"
+        else ("bfloat16" if device.startswith("cuda") else "float32")
+    )
+    model = load_model(
+        model_dir,
+        device=device,
+        dtype=getattr(torch, dtype),
+        attention=args.attention,
+        progress=not args.json,
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({e})") from None
+    if args.chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    stop = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_token_ids=tuple(sorted(stop)),
+    )
+    output_ids = generate(model, [prompt_ids], params)[0]
+    text = tokenizer.decode(output_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
+    else:
+        print(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hetero", description="DeepSeek MoE inference, CPU experts + GPU"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="complete one prompt and print the text")
+    g.add_argument(
+        "--model", help="HF checkpoint directory (default: a small model hetero writes itself)"
+    )
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
+    g.add_argument(
+        "--json", action="store_true", help="print {prompt_ids, output_ids, text} as JSON"
+    )
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto")
+    g.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    g.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"hetero: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Multi-head Latent Attention (MLA), in its two equivalent forms.
+
+Per token the cache holds only `latent` (kv_lora_rank, normalized) and `k_pe` (rope_dim, rotated).
+- naive: decompress K/V of the whole context with kv_b_proj, then ordinary attention;
+- absorbed: fold W_UK into the query and W_UV into the output, so attention runs in latent space
+  and the context is never decompressed (what decode wants: the cache is read once).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hetero.config import ModelConfig
+from hetero.model.batch import ForwardBatch, KVCache
+from hetero.model.layers import Linear, RMSNorm, Rotary
+from hetero.registry import MLA_ATTENTION
+
+
+class MLA(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, backend: str = "absorbed") -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_heads = config.num_attention_heads
+        self.nope_dim, self.rope_dim = config.qk_nope_head_dim, config.qk_rope_head_dim
+        self.v_dim, self.kv_rank = config.v_head_dim, config.kv_lora_rank
+        self.softmax_scale = config.softmax_scale
+        H, nh, qk = config.hidden_size, self.n_heads, config.qk_head_dim
+        if config.q_lora_rank:
+            self.q_a_proj = Linear(H, config.q_lora_rank)
+            self.q_a_layernorm = RMSNorm(config.q_lora_rank, config.rms_norm_eps)
+            self.q_b_proj = Linear(config.q_lora_rank, nh * qk)
+        else:
+            self.q_proj = Linear(H, nh * qk)
+        self.kv_a_proj_with_mqa = Linear(H, self.kv_rank + self.rope_dim)
+        self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
+        self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim))
+        self.o_proj = Linear(nh * self.v_dim, H)
+        self.attend = MLA_ATTENTION.get(backend)
+
+    def forward(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary
+    ) -> torch.Tensor:
+        T = x.shape[0]
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = rotary(q_pe, batch.positions)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
+        k_pe = rotary(k_pe[:, None, :], batch.positions)[:, 0]  # [T, rope_dim]
+        cache.write(self.layer, batch, latent, k_pe)
+        o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
+        return self.o_proj(o.flatten(1))
+
+    def wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split into W_UK [heads, nope, kv_rank] and W_UV [heads, v, kv_rank]."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+
+def _per_sequence(batch: ForwardBatch):
+    """Yields (token range, slot, context length, causal mask [q, ctx]) for each sequence."""
+    start = 0
+    for slot, q_len, ctx_len in zip(batch.slots, batch.q_lens, batch.ctx_lens):
+        positions = batch.positions[start : start + q_len]
+        mask = torch.arange(ctx_len, device=positions.device)[None, :] > positions[:, None]
+        yield slice(start, start + q_len), slot, ctx_len, mask
+        start += q_len
+
+
+def naive_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)
+    for rows, slot, ctx_len, mask in _per_sequence(batch):
+        latent, k_pe = cache.read(mla.layer, slot, ctx_len)  # [S, kv_rank], [S, rope_dim]
+        kv = mla.kv_b_proj(latent.to(q_nope.dtype)).view(ctx_len, mla.n_heads, -1)
+        k_nope, v = kv.split([mla.nope_dim, mla.v_dim], dim=-1)  # [S, h, nope], [S, h, v]
+        scores = torch.einsum("thd,shd->ths", q_nope[rows], k_nope)
+        scores += torch.einsum("thr,sr->ths", q_pe[rows], k_pe.to(q_pe.dtype))
+        probs = _softmax(scores * mla.softmax_scale, mask)
+        out[rows] = torch.einsum("ths,shd->thd", probs, v)
+    return out
+
+
+def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    w_uk, w_uv = mla.wkv_b()
+    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, kv_rank]
+    out_lat = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.kv_rank)
+    for rows, slot, ctx_len, mask in _per_sequence(batch):
+        latent, k_pe = cache.read(mla.layer, slot, ctx_len)
+        latent, k_pe = latent.to(q_nope.dtype), k_pe.to(q_nope.dtype)
+        scores = torch.einsum("thc,sc->ths", q_lat[rows], latent)
+        scores += torch.einsum("thr,sr->ths", q_pe[rows], k_pe)
+        probs = _softmax(scores * mla.softmax_scale, mask)
+        out_lat[rows] = torch.einsum("ths,sc->thc", probs, latent)
+    return torch.einsum("thc,hdc->thd", out_lat, w_uv)  # [T, h, v]
+
+
+def _softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """scores [q, h, ctx], mask [q, ctx] True where a key lies in the future."""
+    scores = scores.masked_fill(mask[:, None, :], float("-inf"))
+    return scores.softmax(dim=-1, dtype=torch.float32).to(scores.dtype)

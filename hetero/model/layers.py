@@ -1,0 +1,100 @@
+"""Small building blocks: RMSNorm, the SwiGLU MLP, and rotary embeddings (YaRN-capable)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.config import ModelConfig, RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """Normalizes in fp32 whatever the model dtype, as the reference does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def Linear(in_features: int, out_features: int) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=False)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) * up x). Dense layers, shared experts and each routed expert."""
+
+    def __init__(self, dim: int, inter_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = Linear(dim, inter_dim)
+        self.up_proj = Linear(dim, inter_dim)
+        self.down_proj = Linear(inter_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies [dim/2]; YaRN blends interpolated and extrapolated ones by a ramp."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if rope.type != "yarn":
+        return inv_freq
+
+    def correction_dim(rotations: float) -> float:
+        orig = rope.original_max_position_embeddings
+        return dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1 - ramp  # 1 where the dimension keeps its original frequency
+    return inv_freq / rope.factor * (1 - extrapolate) + inv_freq * extrapolate
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [max_len, rope_dim/2], already multiplied by YaRN's attention factor."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.rope = config.rope
+        self.dim = config.qk_rope_head_dim
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0]:
+            self._extend(max(needed, 2 * self.cos.shape[0], 256), positions.device)
+        return self.cos[positions], self.sin[positions]  # [T, rope_dim/2] each
+
+    def _extend(self, length: int, device: torch.device) -> None:
+        inv_freq = rope_inv_freq(self.rope, self.dim).to(device)
+        freqs = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+        self.cos = freqs.cos() * self.rope.attention_factor
+        self.sin = freqs.sin() * self.rope.attention_factor
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, rope_dim] rotated at its tokens' positions [T]; same layout out."""
+        cos, sin = self.tables(positions)
+        cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rope_dim/2]
+        xf = x.float()
+        if self.rope.interleave:
+            x1, x2 = xf[..., 0::2], xf[..., 1::2]
+            out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+        else:
+            x1, x2 = xf.chunk(2, dim=-1)
+            out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)

@@ -1,0 +1,84 @@
+"""The MoE block: routing lives in the model, the routed experts sit behind a seam."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetero.config import ModelConfig
+from hetero.model.layers import MLP
+from hetero.registry import ROUTED_EXPERTS
+
+
+class Gate(nn.Module):
+    """Router: scores every expert, picks k per token.
+
+    V2 scores by softmax and picks greedily (optionally within the best groups by their max).
+    V3 (`noaux_tc`) scores by sigmoid and picks by score + e_score_correction_bias, first the
+    `topk_group` best of `n_group` groups (a group's worth: its two best biased scores), then the
+    top k inside them; the bias only chooses, the weights are the unbiased scores.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        E = config.n_routed_experts
+        self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.config
+        T, E, G = x.shape[0], c.n_routed_experts, c.n_group
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.sigmoid() if c.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores
+        if c.topk_method == "noaux_tc":
+            choice = scores + self.e_score_correction_bias
+        if G > 1 and c.topk_method != "greedy":
+            grouped = choice.view(T, G, E // G)
+            if c.topk_method == "noaux_tc":
+                group_scores = grouped.topk(min(2, E // G), dim=-1).values.sum(-1)  # [T, G]
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(c.topk_group, dim=-1).indices  # [T, topk_group]
+            mask = torch.ones(T, G, dtype=torch.bool, device=x.device).scatter_(1, keep, False)
+            fill = float("-inf") if c.topk_method == "noaux_tc" else 0.0
+            choice = grouped.masked_fill(mask[:, :, None], fill).view(T, E)
+        ids = choice.topk(c.num_experts_per_tok, dim=-1).indices  # [T, k]
+        weights = scores.gather(1, ids)  # [T, k]
+        if c.norm_topk_prob and c.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.routed_scaling_factor, ids
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, backend: str = "torch") -> None:
+        super().__init__()
+        H, inter = config.hidden_size, config.moe_intermediate_size
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(MLP(H, inter) for _ in range(config.n_routed_experts))
+        self.shared_experts = (
+            MLP(H, inter * config.n_shared_experts) if config.n_shared_experts else None
+        )
+        self.routed = ROUTED_EXPERTS.get(backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        y = self.routed(self.experts, x, ids, weights)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y
+
+
+def torch_routed_experts(
+    experts: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The reference: each expert over the tokens that chose it. x [T, H], ids/weights [T, k]."""
+    y = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        rows, slot = torch.nonzero(ids == e, as_tuple=True)  # [n], [n]
+        out = experts[e](x[rows]) * weights[rows, slot, None]
+        y.index_add_(0, rows, out.to(y.dtype))
+    return y

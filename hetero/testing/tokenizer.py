@@ -1,0 +1,119 @@
+"""A small byte-level BPE tokenizer with DeepSeek-V3's special tokens, trained offline.
+
+The corpus is the source of a fixed list of standard-library modules, so the same Python install
+always yields the same tokenizer.json, byte for byte, with no download.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+PAD = "<｜▁pad▁｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+# Trained vocabularies start with the special tokens in this order: bos 0, eos 1, pad 2, as in V3.
+SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
+BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+
+CORPUS_MODULES = (
+    "textwrap",
+    "string",
+    "functools",
+    "dataclasses",
+    "argparse",
+    "json/decoder",
+    "json/encoder",
+    "collections/__init__",
+    "heapq",
+    "bisect",
+    "fractions",
+    "statistics",
+    "tokenize",
+    "shlex",
+    "pprint",
+    "difflib",
+    "configparser",
+    "inspect",
+)
+CORPUS_CHARS = 300_000
+
+# DeepSeek-V3's template without tools: bos, the system prompts, then the turns.
+CHAT_TEMPLATE = (
+    "{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{% set ns.system = ns.system + ('\\n\\n' if ns.system else '') + m['content'] %}"
+    "{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '" + ASSISTANT + "' + m['content'] + '" + EOS + "' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + ASSISTANT + "' }}{% endif %}"
+)
+
+
+def stdlib_corpus(max_chars: int = CORPUS_CHARS) -> str:
+    """The concatenated source of CORPUS_MODULES, cut at max_chars."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = []
+    for name in CORPUS_MODULES:
+        path = root / f"{name}.py"
+        if path.is_file():
+            parts.append(path.read_text(encoding="utf-8"))
+    text = "".join(parts)[:max_chars]
+    if len(text) < max_chars // 10:
+        raise RuntimeError(f"{root}: too little standard-library source to train a tokenizer on")
+    return text
+
+
+def train_tokenizer(vocab_size: int) -> Tokenizer:
+    """Byte-level BPE with vocab_size entries, special tokens included; prepends bos."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    text = stdlib_corpus()
+    # Lines as the training "documents": one big string would be one pre-tokenizer call.
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer, length=None)
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"trained {tok.get_vocab_size()} tokens, wanted {vocab_size}")
+    ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
+    if ids[:3] != [BOS_ID, EOS_ID, PAD_ID]:
+        raise RuntimeError(f"special token ids {ids} do not start with bos, eos, pad = 0, 1, 2")
+    # The fast tokenizer class in transformers only adds what the post-processor adds.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
+    )
+    return tok
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: int = 512) -> None:
+    """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(vocab_size).save(str(out / "tokenizer.json"), pretty=False)
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "pad_token": PAD,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "legacy": True,
+        "model_max_length": model_max_length,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
