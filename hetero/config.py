@@ -150,7 +150,7 @@ class ModelConfig:
         """Reads a checkpoint directory, a config.json path, or an already parsed dict."""
         if not isinstance(source, dict):
             path = Path(source)
-            path = path / "config.json" if path.is_dir() else path
+            path = path if path.suffix == ".json" else path / "config.json"
             name = str(path)
             try:
                 source = json.loads(path.read_text())

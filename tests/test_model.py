@@ -39,7 +39,8 @@ def load_reference(path, tmp_path, own_fp8: bool):
     cls = DeepseekV3ForCausalLM if config.model_type == "deepseek_v3" else DeepseekV2ForCausalLM
     if own_fp8:
         fp8 = FineGrainedFP8Config(dequantize=True)
-        return cls.from_pretrained(path, dtype=torch.float32, quantization_config=fp8).float().eval()
+        model = cls.from_pretrained(path, dtype=torch.float32, quantization_config=fp8)
+        return model.float().eval()  # transformers leaves the non-FP8 tensors in bf16
     if config.fp8_block:
         path = dequantized_copy(path, tmp_path)
     return cls.from_pretrained(path, dtype=torch.float32).eval()
