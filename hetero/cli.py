@@ -1,4 +1,4 @@
-"""`hetero generate` (and, as later issues land, serve | chat | plan | convert | bench)."""
+"""`hetero generate | convert` (and, as later issues land, serve | chat | plan | bench)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,15 @@ import sys
 from pathlib import Path
 
 from hetero.config import ConfigError
+from hetero.cpu_experts.store import StoreError
 from hetero.loader import CheckpointError
 
 log = logging.getLogger("hetero")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A command-line value hetero cannot use (argparse cannot check it alone)."""
 
 
 def default_model_dir() -> Path:
@@ -81,6 +86,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from hetero.config import ModelConfig
+    from hetero.cpu_experts.formats import Format
+    from hetero.cpu_experts.store import ExpertStore, convert
+
+    try:
+        fmt = Format.parse(args.cpu_format)
+        if args.group_size is not None:
+            if "-g" in args.cpu_format and args.group_size != fmt.group_size:
+                raise ValueError(f"its group size differs from --group-size {args.group_size}")
+            fmt = Format(fmt.name, args.group_size)
+    except ValueError as e:
+        raise UsageError(f"--cpu-format {args.cpu_format!r}: {e}") from None
+    out = convert(args.model, args.out, fmt, progress=True)
+    store = ExpertStore.open(out, ModelConfig.from_hf(args.model), args.model)
+    print(f"{out}: {len(store.layers)} MoE layers as {fmt}, {store.nbytes / 2**30:.2f} GiB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero", description="DeepSeek MoE inference, CPU experts + GPU"
@@ -106,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
     g.set_defaults(func=cmd_generate)
+    c = sub.add_parser("convert", help="pack a checkpoint's routed experts for the CPU, once")
+    c.add_argument("--model", required=True, help="HF checkpoint directory")
+    c.add_argument("--out", required=True, help="the expert store directory to write")
+    c.add_argument(
+        "--cpu-format", required=True, help="int4 | int8 | bf16, or with a group: int4-g64"
+    )
+    c.add_argument("--group-size", type=int, help="scale group along K (int4: 32, 64, 128)")
+    c.set_defaults(func=cmd_convert)
     return parser
 
 
@@ -117,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, StoreError, UsageError) as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 2
 

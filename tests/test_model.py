@@ -82,17 +82,7 @@ def reference_run(ref, prompt: list[int]) -> tuple[list[torch.Tensor], list[int]
 
 def our_run(model, prompts, forced):
     """Batched prefill of all prompts, then STEPS batched decode steps fed the given tokens."""
-    cache = model.new_cache(len(prompts), max(map(len, prompts)) + STEPS + 1)
-    lens = [len(p) for p in prompts]
-    batch = ForwardBatch.build(list(range(len(prompts))), lens, lens)
-    flat = model(torch.tensor([t for p in prompts for t in p]), batch, cache)
-    prefill = list(flat.split(lens))
-    steps = []
-    for s in range(STEPS):
-        lens = [n + 1 for n in lens]
-        batch = ForwardBatch.build(list(range(len(prompts))), [1] * len(prompts), lens)
-        steps.append(model(torch.tensor([f[s] for f in forced]), batch, cache))  # [B, V]
-    return prefill, steps
+    return our_run_on(model, prompts, forced, "cpu")
 
 
 @pytest.fixture(scope="module", params=["tiny_v3", "tiny_v3_aligned", "tiny_v2", "hf_v3"])
@@ -147,3 +137,31 @@ def test_batch_equals_single_sequences(tiny_v2):
     for i, p in enumerate(prompts):
         alone, _ = our_run(model, [p], [[1] * STEPS])
         assert rel_err(alone[0], batched[i]) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("attention", ["absorbed", "naive"])
+def test_cuda_matches_cpu(tiny_v3, attention):
+    """The same model code on CUDA: fp32 equals the CPU run; bf16 stays close and greedy agrees."""
+    prompts = [list(range(3, 3 + n)) for n in PROMPT_LENS]
+    forced = [[7] * STEPS for _ in prompts]
+    cpu = our_run(load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False),
+                  prompts, forced)  # fmt: skip
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        model = load_model(tiny_v3, device="cuda", dtype=dtype, attention=attention, progress=False)
+        gpu = our_run_on(model, prompts, forced, "cuda")
+        for a, b in zip(cpu[0] + cpu[1], gpu[0] + gpu[1]):
+            assert rel_err(b.cpu(), a) < tol, dtype
+
+
+def our_run_on(model, prompts, forced, device):
+    cache = model.new_cache(len(prompts), max(map(len, prompts)) + STEPS + 1)
+    lens = [len(p) for p in prompts]
+    batch = ForwardBatch.build(list(range(len(prompts))), lens, lens, device)
+    flat = model(torch.tensor([t for p in prompts for t in p], device=device), batch, cache)
+    prefill, steps = list(flat.split(lens)), []
+    for s in range(STEPS):
+        lens = [n + 1 for n in lens]
+        batch = ForwardBatch.build(list(range(len(prompts))), [1] * len(prompts), lens, device)
+        steps.append(model(torch.tensor([f[s] for f in forced], device=device), batch, cache))
+    return prefill, steps

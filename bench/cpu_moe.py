@@ -1,0 +1,236 @@
+"""One MoE layer's routed experts on the CPU: hetero's engine vs the host's read bandwidth and a
+naive torch BF16 per-expert loop, in the same run. Prints JSON lines.
+
+    python bench/cpu_moe.py --shape v3 --format bf16,int8,int4 --tokens 1,4,16,64,256,1024
+
+Weights are random but laid out for a full layer (all 256 experts of DeepSeek-V3), and each
+iteration draws fresh experts per token, so they come from RAM and not from the 300 MB L3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from functools import partial
+
+import numba
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numba import njit, prange
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
+from hetero.cpu_experts.formats import Format, PackedExperts  # noqa: E402
+
+SHAPES = {  # hidden, moe_intermediate, experts, top-k
+    "v3": (7168, 2048, 256, 8),
+    "v2-lite": (2048, 1408, 64, 6),
+    "tiny": (512, 256, 32, 4),
+}
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _read_probe(a):
+    """Sums a large int64 array: the host's read bandwidth with numba's own threads."""
+    n = a.shape[0]
+    chunks = 256
+    step = (n + chunks - 1) // chunks
+    partial = np.zeros(chunks, np.int64)
+    for c in prange(chunks):
+        s = 0
+        for i in range(c * step, min(n, (c + 1) * step)):
+            s += a[i]
+        partial[c] = s
+    return partial.sum()
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _fill(a, seed):
+    """Random bytes, fast (a splitmix hash per 8-byte word)."""
+    for i in prange(a.shape[0]):
+        z = np.uint64(i) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(seed)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        a[i] = z ^ (z >> np.uint64(31))
+
+
+def random_bytes(shape, dtype, seed) -> np.ndarray:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    words = np.empty((n + 7) // 8, np.uint64)
+    _fill(words, seed)
+    return words.view(np.uint8)[:n].view(dtype).reshape(shape)
+
+
+def random_bf16(shape, seed) -> np.ndarray:
+    """bf16 bits of |w| in [2^-8, 2^-6) with random signs: finite, realistic magnitudes."""
+    return (random_bytes(shape, np.uint16, seed) & 0x80FF) | 0x3B80
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def rates(ms: float, bytes_read: float, bw: float, H: int, I: int, T: int, k: int) -> dict:
+    gbps = bytes_read / ms / 1e6
+    return {
+        "ms": round(ms, 3),
+        "gbps": round(gbps, 1),
+        "frac_read_bw": round(gbps / bw, 3),
+        "tflops": round(2 * 3 * H * I * T * k / ms / 1e9, 3),
+    }
+
+
+def random_layer(fmt: Format, H: int, I: int, E: int, seed: int = 0) -> PackedExperts:
+    """A full layer of random packed experts, finite values and realistic magnitudes."""
+    if fmt.name == "bf16":
+        w13, w2 = random_bf16((E, I, 2, H), seed), random_bf16((E, H, I), seed + 1)
+        return PackedExperts(
+            fmt, w13, np.zeros((E, I, 2, 0), np.float32), w2, np.zeros((E, H, 0), np.float32)
+        )
+    if fmt.name == "int8":
+        w13, w2 = (
+            random_bytes((E, I, 2, H), np.int8, seed),
+            random_bytes((E, H, I), np.int8, seed + 1),
+        )
+        s13 = np.full((E, I, 2, fmt.groups(H)), 1e-4, np.float32)
+        s2 = np.full((E, H, fmt.groups(I)), 1e-4, np.float32)
+        return PackedExperts(fmt, w13, s13, w2, s2)
+    w13, w2 = (
+        random_bytes((E, I, 2, H // 2), np.uint8, seed),
+        random_bytes((E, H, I // 2), np.uint8, seed + 1),
+    )
+    s13 = np.full((E, I, 2, fmt.groups(H)), 0x3A80, np.uint16)  # bf16 ~1e-3
+    s2 = np.full((E, H, fmt.groups(I)), 0x3A80, np.uint16)
+    return PackedExperts(fmt, w13, s13, w2, s2)
+
+
+def draw_routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices  # k distinct experts per token
+    return ids, torch.rand(T, k, generator=gen)
+
+
+def time_routed(fn, x, routes, iters: int) -> float:
+    """Median ms of fn(x, ids, weights) over `iters` calls, cycling through the drawn routes."""
+    it = iter(routes * (iters // len(routes) + 2))
+    fn(x, *next(it))
+    return median_ms(lambda: fn(x, *next(it)), iters)
+
+
+def median_ms(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+def read_bandwidth(gb: float = 4.0) -> float:
+    a = random_bytes((int(gb * 2**30) // 8,), np.int64, 7)
+    _read_probe(a)
+    best = min(median_ms(lambda: _read_probe(a), 1) for _ in range(5))
+    return a.nbytes / best / 1e6
+
+
+def naive_torch_loop(w: dict[str, torch.Tensor], x, ids, weights) -> torch.Tensor:
+    """What a user writes: per expert, gather its tokens, three bf16 matmuls, scatter back."""
+    y = torch.zeros_like(x)
+    for e in ids.unique().tolist():
+        rows, slot = torch.nonzero(ids == e, as_tuple=True)
+        xe = x[rows]
+        h = F.silu(F.linear(xe, w["gate"][e])) * F.linear(xe, w["up"][e])
+        y.index_add_(0, rows, F.linear(h, w["down"][e]) * weights[rows, slot, None].to(x.dtype))
+    return y
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", choices=SHAPES, default="v3")
+    p.add_argument("--format", default="bf16,int8,int4")
+    p.add_argument("--tokens", default="1,4,16,64,256,1024")
+    p.add_argument("--threads", type=int, default=0, help="0: all cores")
+    p.add_argument("--iters", type=int, default=0, help="0: enough for ~1 s per point")
+    p.add_argument("--gemm-min-tokens", type=int, default=EngineConfig.gemm_min_tokens)
+    p.add_argument("--no-naive", action="store_true")
+    args = p.parse_args()
+    H, I, E, k = SHAPES[args.shape]
+    threads = args.threads or os.cpu_count()
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    torch.set_num_threads(threads)
+    tokens = [int(t) for t in args.tokens.split(",")]
+    bw = read_bandwidth()
+    base = {"bench": "cpu_moe", "shape": args.shape, "threads": threads, "read_gbps": round(bw, 1)}
+    print(json.dumps({**base, "probe": "read", "gbps": round(bw, 1)}), flush=True)
+    gen = torch.Generator().manual_seed(0)
+    naive = {}
+    if not args.no_naive:
+        naive = measure_naive(H, I, E, k, tokens, gen, args.iters, bw, base)
+    for spec in args.format.split(","):
+        fmt = Format.parse(spec)
+        layer = random_layer(fmt, H, I, E)
+        engine = CPUExperts(
+            {0: layer}, EngineConfig(threads=threads, gemm_min_tokens=args.gemm_min_tokens)
+        )
+        for T in tokens:
+            x = torch.randn(T, H, generator=gen)
+            routes = [draw_routing(T, E, k, gen) for _ in range(64)]
+            bytes_read = np.mean([len(r[0].unique()) for r in routes]) * layer.expert_bytes()
+            iters = args.iters or max(5, min(200, int(2000 / max(1, T))))
+            ms = time_routed(partial(engine.forward, 0), x, routes, iters)
+            row = {**base, "format": str(fmt), "tokens": T, **rates(ms, bytes_read, bw, H, I, T, k)}
+            if T in naive:
+                row["naive_ms"] = naive[T]
+                row["speedup_vs_naive"] = round(naive[T] / ms, 2)
+            print(json.dumps(row), flush=True)
+        engine.close()
+        del layer, engine
+        gc.collect()
+
+
+def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
+    """The naive torch BF16 loop on a full layer of bf16 weights; also torch's own bf16 matmul of
+    one expert-sized GEMM ([T/32, H] x [H, I]) for the compute reference."""
+    w = {
+        "gate": torch.empty(E, I, H, dtype=torch.bfloat16),
+        "up": torch.empty(E, I, H, dtype=torch.bfloat16),
+        "down": torch.empty(E, H, I, dtype=torch.bfloat16),
+    }
+    for t in w.values():
+        t.view(torch.int16).copy_(
+            torch.from_numpy((random_bytes(t.shape, np.uint16, 3) & 0x80FF) | 0x3B80).view(
+                torch.int16
+            )
+        )
+    out = {}
+    for T in tokens:
+        x = torch.randn(T, H, generator=gen, dtype=torch.bfloat16)
+        routes = [draw_routing(T, E, k, gen) for _ in range(16)]
+        ms = time_routed(
+            partial(naive_torch_loop, w), x, routes, iters or max(3, min(50, 500 // T))
+        )
+        bytes_read = np.mean([len(r[0].unique()) for r in routes]) * 3 * H * I * 2
+        row = {
+            **base,
+            "format": "torch-bf16-naive",
+            "tokens": T,
+            **rates(ms, bytes_read, bw, H, I, T, k),
+        }
+        m = max(1, T // 32)
+        a, b = torch.randn(m, H, dtype=torch.bfloat16), w["gate"][0].T.contiguous()
+        gemm_ms = median_ms(partial(torch.matmul, a, b), 20)
+        row["torch_gemm_shape"] = [m, H, I]
+        row["torch_gemm_tflops"] = round(2 * m * H * I / gemm_ms / 1e9, 3)
+        print(json.dumps(row), flush=True)
+        out[T] = row["ms"]
+    del w
+    gc.collect()
+    return out
+
+
+if __name__ == "__main__":
+    main()

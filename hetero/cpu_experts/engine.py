@@ -1,0 +1,135 @@
+"""The CPU expert engine: a dedicated worker thread that runs a layer's routed experts.
+
+Policy lives here: per expert, few tokens -> the GEMV kernel (bandwidth-bound, weights read once
+per call), many tokens -> dequantize + oneDNN matmul (compute-bound). Overlap is submit / wait:
+`job = cpu.submit(layer, x, ids, w)` returns at once; `y = cpu.wait(job)` blocks for the result.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+
+from hetero.cpu_experts import ops
+from hetero.cpu_experts.formats import PackedExperts
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    threads: int = 0  # 0: all cores but one (that one drives the GPU)
+    gemm_min_tokens: int = 24  # an expert with at least this many tokens takes the GEMM path
+
+    def num_threads(self) -> int:
+        if self.threads:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 2) - 1)
+
+
+@dataclass
+class Job:
+    """A submitted call: its future and, for CUDA inputs, where the result must go."""
+
+    future: Future
+    device: torch.device
+    dtype: torch.dtype
+
+
+class CPUExperts:
+    """Routed experts of every MoE layer, in host RAM, computed on the CPU."""
+
+    def __init__(
+        self, layers: dict[int, PackedExperts], config: EngineConfig | None = None
+    ) -> None:
+        if not layers:
+            raise ValueError("CPUExperts needs at least one layer")
+        self.layers = layers
+        self.config = config or EngineConfig()
+        self.threads = min(self.config.num_threads(), numba.config.NUMBA_NUM_THREADS)
+        any_layer = next(iter(layers.values()))
+        self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
+        self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
+        self._pool.submit(self._warm_up, any_layer).result()
+
+    def _init_worker(self) -> None:
+        numba.set_num_threads(self.threads)  # numba's setting is per calling thread
+        threading.current_thread().name = "hetero-cpu-experts"
+
+    def _warm_up(self, layer: PackedExperts) -> None:
+        """Compiles (or loads from numba's disk cache) every kernel on the real array types, so
+        that no request ever waits for a compiler."""
+        torch.set_num_threads(self.threads)
+        x = np.zeros((1, layer.hidden), np.float32)
+        ids, w, out = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32), np.empty_like(x)
+        self._compute(layer, x, ids, w, out, gemm_min_tokens=2**62)
+        self._compute(layer, x, ids, w, out, gemm_min_tokens=1)
+
+    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Job:
+        """x [T, H], ids [T, k] (-1: not a CPU expert), weights [T, k] -> a Job for `wait`.
+
+        CUDA inputs are copied into pinned host memory without blocking the caller's stream."""
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer} has no CPU experts (have {sorted(self.layers)})")
+        host = [x.float(), ids.long(), weights.float()]
+        ready = None
+        if x.is_cuda:
+            host = [_pinned_like(t).copy_(t, non_blocking=True) for t in host]
+            ready = torch.cuda.Event()
+            ready.record()
+        future = self._pool.submit(self._run, layer, host, ready, x.is_cuda)
+        return Job(future, x.device, x.dtype)
+
+    def wait(self, job: Job) -> torch.Tensor:
+        y = job.future.result()  # [T, H] fp32 on the host (pinned for CUDA callers)
+        return y.to(job.device, non_blocking=True).to(job.dtype)
+
+    def forward(
+        self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.wait(self.submit(layer, x, ids, weights))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool) -> torch.Tensor:
+        if ready is not None:
+            ready.synchronize()
+        x, ids, weights = (t.numpy() for t in host)
+        out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
+        self._compute(self.layers[layer], x, ids, weights, out.numpy())
+        return out
+
+    def _compute(self, layer: PackedExperts, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
+                 out: np.ndarray, gemm_min_tokens: int | None = None) -> None:  # fmt: skip
+        """The policy: GEMV for experts with few tokens, GEMM for the rest; out [T, H] fp32."""
+        threshold = self.config.gemm_min_tokens if gemm_min_tokens is None else gemm_min_tokens
+        x = np.ascontiguousarray(x, np.float32)
+        weights = np.ascontiguousarray(weights, np.float32)
+        g = ops.group_by_expert(ids, layer.num_experts)
+        heavy = g.counts() >= threshold
+        if heavy.any():
+            gemv_ids = np.where(np.isin(ids, g.experts[heavy]), -1, ids)
+            ops.moe_gemv(layer, x, weights, ops.group_by_expert(gemv_ids, layer.num_experts), out)
+            y, xb = torch.from_numpy(out), torch.from_numpy(x).bfloat16()
+            for a in np.flatnonzero(heavy):
+                pairs = slice(g.ptr[a], g.ptr[a + 1])
+                tokens = torch.from_numpy(g.pair_token[pairs])
+                w = torch.from_numpy(weights[g.pair_token[pairs], g.pair_slot[pairs]])[:, None]
+                ye = ops.expert_gemm(layer, int(g.experts[a]), xb[tokens], self._buffers)
+                y.index_add_(0, tokens, ye * w)
+        else:
+            ops.moe_gemv(layer, x, weights, g, out)
+
+
+def _pinned_like(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host tensor shaped like t (torch caches pinned blocks, so this is cheap)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)

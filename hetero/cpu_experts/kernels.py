@@ -1,0 +1,235 @@
+"""numba kernels of the CPU experts. Raw kernels only: launchers are in ops.py, policy in engine.py.
+
+`row_dot` is specialized at compile time by the weight array's dtype (uint16: bf16 bits, int8,
+uint8: packed int4), so one kernel source serves every format. All kernels release the GIL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+ROWS_PER_ITEM = 16  # rows of one matrix a thread takes at a time: 16 x 7168 int8 = 112 KB
+JIT = {"nogil": True, "fastmath": True, "cache": True}
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """Reinterprets the low 32 bits of an integer as float32 (bf16 widening is `bits << 16`)."""
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        value = args[0]
+        if bits.bitwidth > 32:
+            value = builder.trunc(value, ir.IntType(32))
+        elif bits.bitwidth < 32:
+            value = builder.zext(value, ir.IntType(32))
+        return builder.bitcast(value, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(inline="always", **JIT)
+def bf16_to_f32(u):
+    return _f32_from_bits(np.uint32(u) << 16)
+
+
+def row_dot(w, s, x, G):
+    """sum_k w[k] * x[k] for one packed row w with its scales s (groups of G along k)."""
+
+
+@overload(row_dot, jit_options={"fastmath": True})
+def _row_dot(w, s, x, G):
+    if w.dtype == types.uint16:
+
+        def dot_bf16(w, s, x, G):
+            acc = np.float32(0.0)
+            for k in range(w.shape[0]):
+                acc += bf16_to_f32(w[k]) * x[k]
+            return acc
+
+        return dot_bf16
+    if w.dtype == types.int8:
+
+        def dot_int8(w, s, x, G):
+            acc = np.float32(0.0)
+            for g in range(s.shape[0]):
+                wg, xg = w[g * G : (g + 1) * G], x[g * G : (g + 1) * G]
+                part = np.float32(0.0)
+                for k in range(G):  # a loop from 0 over slices: LLVM vectorizes this form
+                    part += np.float32(wg[k]) * xg[k]
+                acc += part * s[g]
+            return acc
+
+        return dot_int8
+    if w.dtype == types.uint8:
+
+        def dot_int4(w, s, x, G):
+            half = G // 2
+            acc = np.float32(0.0)
+            for g in range(s.shape[0]):
+                wg = w[g * half : (g + 1) * half]
+                xlo, xhi = x[g * G : g * G + half], x[g * G + half : (g + 1) * G]
+                part = np.float32(0.0)
+                for j in range(half):
+                    b = np.int32(wg[j])
+                    part += np.float32((b & 15) - 8) * xlo[j] + np.float32((b >> 4) - 8) * xhi[j]
+                acc += part * bf16_to_f32(s[g])
+            return acc
+
+        return dot_int4
+    return None
+
+
+@njit(**JIT)
+def group_by_expert(ids, num_experts):
+    """Sorts the (token, slot) pairs of ids [T, k] by expert; ids < 0 are skipped.
+
+    Returns experts [A] (the active ones), ptr [A+1] (their pair ranges), pair_token [P],
+    pair_slot [P] (which of the token's k), pos [T, k] (pair index of each slot, -1 if skipped).
+    """
+    T, k = ids.shape
+    counts = np.zeros(num_experts, np.int64)
+    for t in range(T):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                counts[ids[t, j]] += 1
+    A = 0
+    for e in range(num_experts):
+        A += counts[e] > 0
+    experts = np.empty(A, np.int64)
+    ptr = np.zeros(A + 1, np.int64)
+    start = np.empty(num_experts, np.int64)
+    a = 0
+    for e in range(num_experts):
+        if counts[e] > 0:
+            experts[a] = e
+            start[e] = ptr[a]
+            ptr[a + 1] = ptr[a] + counts[e]
+            a += 1
+    P = ptr[A]
+    pair_token = np.empty(P, np.int64)
+    pair_slot = np.empty(P, np.int64)
+    pos = np.full((T, k), -1, np.int64)
+    for t in range(T):
+        for j in range(k):
+            e = ids[t, j]
+            if e >= 0:
+                p = start[e]
+                start[e] += 1
+                pair_token[p], pair_slot[p], pos[t, j] = t, j, p
+    return experts, ptr, pair_token, pair_slot, pos
+
+
+@njit(parallel=True, **JIT)
+def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, out):
+    """The routed experts of one layer, GEMV style: each expert's rows are read once per call
+    and applied to each of its (few) tokens while in L1.
+
+    x [T, H] f32, weights [T, k] f32, grouping from `group_by_expert`, packed w13 [E, I, 2, .],
+    s13 [E, I, 2, H/G13], w2 [E, H, .], s2 [E, H, I/G2]; out [T, H] f32 is overwritten.
+    """
+    T, H = x.shape
+    A, I, P = experts.shape[0], w13.shape[1], pair_token.shape[0]
+    G13 = H // max(s13.shape[3], 1)
+    G2 = I // max(s2.shape[2], 1)
+    h = np.empty((P, I), np.float32)  # silu(gate) * up of each pair
+    y = np.empty((P, H), np.float32)  # weighted down_proj output of each pair
+    nb = (I + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for item in prange(A * nb):
+        a, r0 = item // nb, (item % nb) * ROWS_PER_ITEM
+        e = experts[a]
+        for r in range(r0, min(r0 + ROWS_PER_ITEM, I)):
+            for p in range(ptr[a], ptr[a + 1]):
+                xt = x[pair_token[p]]
+                g = row_dot(w13[e, r, 0], s13[e, r, 0], xt, G13)
+                u = row_dot(w13[e, r, 1], s13[e, r, 1], xt, G13)
+                h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+    nb = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    for item in prange(A * nb):
+        a, r0 = item // nb, (item % nb) * ROWS_PER_ITEM
+        e = experts[a]
+        for r in range(r0, min(r0 + ROWS_PER_ITEM, H)):
+            for p in range(ptr[a], ptr[a + 1]):
+                wt = weights[pair_token[p], pair_slot[p]]
+                y[p, r] = row_dot(w2[e, r], s2[e, r], h[p], G2) * wt
+    combine(pos, y, out)
+
+
+@njit(parallel=True, **JIT)
+def combine(pos, y, out):
+    """out[t] = sum of y over the pairs of token t (pos [T, k], -1 for skipped slots)."""
+    T, k = pos.shape
+    for t in prange(T):
+        out[t, :] = 0.0
+        for j in range(k):
+            if pos[t, j] >= 0:
+                out[t, :] += y[pos[t, j]]
+
+
+@njit(parallel=True, **JIT)
+def dequantize_rows(w, s, out):
+    """Packed rows w [R, .] with scales s [R, K/G] -> bf16 bits out [R, K] (for the GEMM path)."""
+    R, K = out.shape
+    G = K // max(s.shape[1], 1)
+    for r in prange(R):
+        row_dequant(w[r], s[r], out[r], G)
+
+
+def row_dequant(w, s, out, G):
+    """out[k] = bf16 bits of the k-th weight of packed row w."""
+
+
+@overload(row_dequant, jit_options={"fastmath": True})
+def _row_dequant(w, s, out, G):
+    if w.dtype == types.uint16:
+
+        def copy_bf16(w, s, out, G):
+            out[:] = w
+
+        return copy_bf16
+    if w.dtype == types.int8:
+
+        def dequant_int8(w, s, out, G):
+            for g in range(s.shape[0]):
+                wg, og, sg = w[g * G : (g + 1) * G], out[g * G : (g + 1) * G], s[g]
+                for k in range(G):
+                    og[k] = _to_bf16_bits(np.float32(wg[k]) * sg)
+
+        return dequant_int8
+    if w.dtype == types.uint8:
+
+        def dequant_int4(w, s, out, G):
+            half = G // 2
+            for g in range(s.shape[0]):
+                sc = bf16_to_f32(s[g])
+                wg = w[g * half : (g + 1) * half]
+                olo, ohi = out[g * G : g * G + half], out[g * G + half : (g + 1) * G]
+                for j in range(half):
+                    b = np.int32(wg[j])
+                    olo[j] = _to_bf16_bits(np.float32((b & 15) - 8) * sc)
+                    ohi[j] = _to_bf16_bits(np.float32((b >> 4) - 8) * sc)
+
+        return dequant_int4
+    return None
+
+
+@intrinsic
+def _bits_from_f32(typingctx, f):
+    if f != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen
+
+
+@njit(inline="always", **JIT)
+def _to_bf16_bits(f):
+    """fp32 -> bf16 bits, round to nearest even (values here are finite)."""
+    b = np.uint32(_bits_from_f32(f))
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> 16) & 1)) >> 16)

@@ -1,0 +1,72 @@
+"""Launchers: check and prepare arguments, allocate outputs, call the raw kernels of kernels.py."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hetero.cpu_experts import kernels
+from hetero.cpu_experts.formats import PackedExperts
+
+
+class Grouping(NamedTuple):
+    """The (token, slot) pairs of a call, sorted by expert (see kernels.group_by_expert)."""
+
+    experts: np.ndarray  # [A] active expert ids
+    ptr: np.ndarray  # [A + 1] pair range of each
+    pair_token: np.ndarray  # [P]
+    pair_slot: np.ndarray  # [P]
+    pos: np.ndarray  # [T, k] pair of each slot, -1 where skipped
+
+    def counts(self) -> np.ndarray:
+        return np.diff(self.ptr)  # [A] tokens per active expert
+
+
+def group_by_expert(ids: np.ndarray, num_experts: int) -> Grouping:
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.size and ids.max() >= num_experts:
+        raise ValueError(f"expert id {ids.max()} out of range for {num_experts} experts")
+    return Grouping(*kernels.group_by_expert(ids, num_experts))
+
+
+def moe_gemv(layer: PackedExperts, x: np.ndarray, weights: np.ndarray, g: Grouping,
+             out: np.ndarray) -> None:  # fmt: skip
+    """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba)."""
+    T, H = x.shape
+    if H != layer.hidden or out.shape != (T, H):
+        raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
+    if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("x and weights must be contiguous float32")
+    kernels.moe_gemv(x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot, g.pos,
+                     layer.w13, layer.s13, layer.w2, layer.s2, out)  # fmt: skip
+
+
+class DequantBuffers(NamedTuple):
+    """Scratch for one expert's weights in bf16, reused by every GEMM-path expert of a call."""
+
+    w13: np.ndarray  # uint16 [2I, H]
+    w2: np.ndarray  # uint16 [H, I]
+
+    @classmethod
+    def for_layer(cls, layer: PackedExperts) -> DequantBuffers:
+        H, I = layer.hidden, layer.inter
+        return cls(np.empty((2 * I, H), np.uint16), np.empty((H, I), np.uint16))
+
+
+def _bf16(bits: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+
+
+def expert_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
+    """One expert on many tokens: dequantize its weights to bf16 once, then two oneDNN matmuls
+    (AMX where the CPU has it). x [n, H] bf16 -> [n, H] fp32."""
+    I = layer.inter
+    w13, s13 = layer.w13[e], layer.s13[e]  # [I, 2, .], [I, 2, G]
+    kernels.dequantize_rows(w13.reshape(2 * I, -1), s13.reshape(2 * I, -1), buf.w13)
+    kernels.dequantize_rows(layer.w2[e], layer.s2[e], buf.w2)
+    gu = (x @ _bf16(buf.w13).T).view(-1, I, 2)  # [n, I, 2]: rows alternate gate, up
+    h = F.silu(gu[..., 0]) * gu[..., 1]  # [n, I]
+    return (h @ _bf16(buf.w2).T).float()
