@@ -145,8 +145,11 @@ def test_cuda_matches_cpu(tiny_v3, attention):
     """The same model code on CUDA: fp32 equals the CPU run; bf16 stays close and greedy agrees."""
     prompts = [list(range(3, 3 + n)) for n in PROMPT_LENS]
     forced = [[7] * STEPS for _ in prompts]
-    cpu = our_run(load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False),
-                  prompts, forced)  # fmt: skip
+    cpu = our_run(
+        load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False),
+        prompts,
+        forced,
+    )
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         model = load_model(tiny_v3, device="cuda", dtype=dtype, attention=attention, progress=False)
         gpu = our_run_on(model, prompts, forced, "cuda")

