@@ -119,12 +119,12 @@ class CPUExperts:
         if heavy.any():
             gemv_ids = np.where(np.isin(ids, g.experts[heavy]), -1, ids)
             ops.moe_gemv(layer, x, weights, ops.group_by_expert(gemv_ids, layer.num_experts), out)
-            y, xb = torch.from_numpy(out), torch.from_numpy(x).bfloat16()
+            y, xt = torch.from_numpy(out), torch.from_numpy(x)
             for a in np.flatnonzero(heavy):
                 pairs = slice(g.ptr[a], g.ptr[a + 1])
                 tokens = torch.from_numpy(g.pair_token[pairs])
                 w = torch.from_numpy(weights[g.pair_token[pairs], g.pair_slot[pairs]])[:, None]
-                ye = ops.expert_gemm(layer, int(g.experts[a]), xb[tokens], self._buffers)
+                ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
                 y.index_add_(0, tokens, ye * w)
         else:
             ops.moe_gemv(layer, x, weights, g, out)

@@ -61,8 +61,39 @@ def _bf16(bits: np.ndarray) -> torch.Tensor:
 
 
 def expert_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
-    """One expert on many tokens: dequantize its weights to bf16 once, then two oneDNN matmuls
-    (AMX where the CPU has it). x [n, H] bf16 -> [n, H] fp32."""
+    """One expert on many tokens, x [n, H] fp32 -> [n, H] fp32, through oneDNN (AMX where the CPU
+    has it). Per-row int8 weights go straight into int8 x int8 -> int32 matmuls on per-token
+    int8 activations; other formats are first dequantized to bf16 (once per call)."""
+    if layer.fmt.name == "int8" and layer.fmt.group_size == 0:
+        return _int8_gemm(layer, e, x)
+    return _bf16_gemm(layer, e, x.bfloat16(), buf)
+
+
+def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: x [n, K] fp32 -> (int8 [n, K], scale [n, 1])."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / 127
+    return (x / scale).round().to(torch.int8), scale
+
+
+def _int8_gemm(layer: PackedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
+    I = layer.inter
+    w13 = torch.from_numpy(layer.w13[e]).view(2 * I, -1)  # [2I, H] int8
+    s13 = torch.from_numpy(layer.s13[e]).view(1, 2 * I)
+    n = x.shape[0]
+    xq, xs = _quantize_rows(_pad_rows(x))  # oneDNN's int8 matmul wants a few rows at least
+    gu = (torch._int_mm(xq, w13.T)[:n].float() * xs[:n] * s13).view(n, I, 2)
+    h = F.silu(gu[..., 0]) * gu[..., 1]  # [n, I]
+    hq, hs = _quantize_rows(_pad_rows(h))
+    w2 = torch.from_numpy(layer.w2[e])  # [H, I] int8
+    return torch._int_mm(hq, w2.T)[:n].float() * hs[:n] * torch.from_numpy(layer.s2[e]).view(1, -1)
+
+
+def _pad_rows(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
+    pad = -x.shape[0] % multiple
+    return F.pad(x, (0, 0, 0, pad)) if pad else x
+
+
+def _bf16_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
     I = layer.inter
     w13, s13 = layer.w13[e], layer.s13[e]  # [I, 2, .], [I, 2, G]
     kernels.dequantize_rows(w13.reshape(2 * I, -1), s13.reshape(2 * I, -1), buf.w13)
