@@ -42,10 +42,6 @@ class ForwardBatch:
         )
 
     @property
-    def num_tokens(self) -> int:
-        return sum(self.q_lens)
-
-    @property
     def last_token_indices(self) -> torch.Tensor:
         """[B] index into the flattened tokens of each sequence's last new token."""
         ends = torch.tensor(self.q_lens, device=self.positions.device).cumsum(0)
