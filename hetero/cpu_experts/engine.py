@@ -85,6 +85,8 @@ class CPUExperts:
             host = [_pinned_like(t).copy_(t, non_blocking=True) for t in host]
             ready = torch.cuda.Event()
             ready.record()
+        else:  # the caller may reuse its buffers while the job is in flight
+            host = [t.clone() if t.data_ptr() in _ptrs(x, ids, weights) else t for t in host]
         future = self._pool.submit(self._run, layer, host, ready, x.is_cuda)
         return Job(future, x.device, x.dtype)
 
@@ -108,8 +110,15 @@ class CPUExperts:
         self._compute(self.layers[layer], x, ids, weights, out.numpy())
         return out
 
-    def _compute(self, layer: PackedExperts, x: np.ndarray, ids: np.ndarray, weights: np.ndarray,
-                 out: np.ndarray, gemm_min_tokens: int | None = None) -> None:  # fmt: skip
+    def _compute(
+        self,
+        layer: PackedExperts,
+        x: np.ndarray,
+        ids: np.ndarray,
+        weights: np.ndarray,
+        out: np.ndarray,
+        gemm_min_tokens: int | None = None,
+    ) -> None:
         """The policy: GEMV for experts with few tokens, GEMM for the rest; out [T, H] fp32."""
         threshold = self.config.gemm_min_tokens if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
@@ -128,6 +137,10 @@ class CPUExperts:
                 y.index_add_(0, tokens, ye * w)
         else:
             ops.moe_gemv(layer, x, weights, g, out)
+
+
+def _ptrs(*tensors: torch.Tensor) -> set[int]:
+    return {t.data_ptr() for t in tensors}
 
 
 def _pinned_like(t: torch.Tensor) -> torch.Tensor:
