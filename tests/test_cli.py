@@ -17,22 +17,17 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 
-def test_generate_json(tiny_v3, capsys):
+def generate_json(capsys, model, prompt: str, *extra: str) -> dict:
+    """`hetero generate --json` on `model`; returns its parsed output (exit code 0 asserted)."""
     code, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        str(tiny_v3),
-        "--prompt",
-        "def f(x):",
-        "--max-tokens",
-        "6",
-        "--json",
-        "--device",
-        "cpu",
+        capsys, "generate", "--model", str(model), "--prompt", prompt, "--json", *extra
     )
     assert code == 0
-    result = json.loads(out)
+    return json.loads(out)
+
+
+def test_generate_json(tiny_v3, capsys):
+    result = generate_json(capsys, tiny_v3, "def f(x):", "--max-tokens", "6", "--device", "cpu")
     tok = AutoTokenizer.from_pretrained(tiny_v3)
     assert result["prompt_ids"] == tok.encode("def f(x):")
     assert result["prompt_ids"][0] == tok.bos_token_id
@@ -42,41 +37,20 @@ def test_generate_json(tiny_v3, capsys):
 
 
 def test_generate_is_deterministic_and_sampling_differs(tiny_v2, capsys):
-    base = [
-        "generate",
-        "--model",
-        str(tiny_v2),
-        "--prompt",
-        "import os",
-        "--max-tokens",
-        "12",
-        "--json",
-    ]
-    greedy = [json.loads(run_cli(capsys, *base)[1])["output_ids"] for _ in range(2)]
+    def ids(*extra):
+        return generate_json(capsys, tiny_v2, "import os", "--max-tokens", "12", *extra)[
+            "output_ids"
+        ]
+
+    greedy = [ids() for _ in range(2)]
     assert greedy[0] == greedy[1]
-    hot = [
-        json.loads(run_cli(capsys, *base, "--temperature", "5", "--seed", str(s))[1])["output_ids"]
-        for s in range(3)
-    ]
+    hot = [ids("--temperature", "5", "--seed", str(s)) for s in range(3)]
     assert len({tuple(h) for h in hot}) > 1  # different seeds sample different tokens
 
 
 def test_chat_template(tiny_v3, capsys):
-    code, out, _ = run_cli(
-        capsys,
-        "generate",
-        "--model",
-        str(tiny_v3),
-        "--prompt",
-        "hello",
-        "--chat",
-        "--max-tokens",
-        "2",
-        "--json",
-    )
-    assert code == 0
+    ids = generate_json(capsys, tiny_v3, "hello", "--chat", "--max-tokens", "2")["prompt_ids"]
     tok = AutoTokenizer.from_pretrained(tiny_v3)
-    ids = json.loads(out)["prompt_ids"]
     user, assistant = tok.convert_tokens_to_ids(["<｜User｜>", "<｜Assistant｜>"])
     assert ids[:2] == [tok.bos_token_id, user] and ids[-1] == assistant
     assert tok.decode(ids[2:-1]) == "hello"
