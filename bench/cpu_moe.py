@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
     p.add_argument("--iters", type=int, default=0, help="0: enough for ~1 s per point")
     p.add_argument("--gemm-min-tokens", type=int, default=EngineConfig.gemm_min_tokens)
+    p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     args = p.parse_args()
     H, I, E, k = SHAPES[args.shape]
@@ -176,7 +177,14 @@ def main() -> None:
     tokens = [int(t) for t in args.tokens.split(",")]
     probes = read_bandwidth()
     bw = max(probes.values())
-    base = {"bench": "cpu_moe", "shape": args.shape, "threads": threads, "read_gbps": bw}
+    base = {
+        "bench": "cpu_moe",
+        "shape": args.shape,
+        "threads": threads,
+        "read_gbps": bw,
+        "rows_per_item": args.rows_per_item,
+        "gemm_min_tokens": args.gemm_min_tokens,
+    }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
     gen = torch.Generator().manual_seed(0)
     naive = {}
@@ -186,7 +194,12 @@ def main() -> None:
         fmt = Format.parse(spec)
         layer = random_layer(fmt, H, I, E)
         engine = CPUExperts(
-            {0: layer}, EngineConfig(threads=threads, gemm_min_tokens=args.gemm_min_tokens)
+            {0: layer},
+            EngineConfig(
+                threads=threads,
+                gemm_min_tokens=args.gemm_min_tokens,
+                rows_per_item=args.rows_per_item,
+            ),
         )
         for T in tokens:
             x = torch.randn(T, H, generator=gen)

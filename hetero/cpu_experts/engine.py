@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     threads: int = 0  # 0: all cores but one (that one drives the GPU)
     gemm_min_tokens: int = 24  # an expert with at least this many tokens takes the GEMM path
+    rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
 
     def num_threads(self) -> int:
         if self.threads:
@@ -127,7 +128,14 @@ class CPUExperts:
         heavy = g.counts() >= threshold
         if heavy.any():
             gemv_ids = np.where(np.isin(ids, g.experts[heavy]), -1, ids)
-            ops.moe_gemv(layer, x, weights, ops.group_by_expert(gemv_ids, layer.num_experts), out)
+            ops.moe_gemv(
+                layer,
+                x,
+                weights,
+                ops.group_by_expert(gemv_ids, layer.num_experts),
+                out,
+                self.config.rows_per_item,
+            )
             y, xt = torch.from_numpy(out), torch.from_numpy(x)
             for a in np.flatnonzero(heavy):
                 pairs = slice(g.ptr[a], g.ptr[a + 1])
@@ -136,7 +144,7 @@ class CPUExperts:
                 ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
                 y.index_add_(0, tokens, ye * w)
         else:
-            ops.moe_gemv(layer, x, weights, g, out)
+            ops.moe_gemv(layer, x, weights, g, out, self.config.rows_per_item)
 
 
 def _ptrs(*tensors: torch.Tensor) -> set[int]:

@@ -11,7 +11,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-ROWS_PER_ITEM = 16  # rows of one matrix a thread takes at a time: 16 x 7168 int8 = 112 KB
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 
 
@@ -125,12 +124,13 @@ def group_by_expert(ids, num_experts):
 
 
 @njit(parallel=True, **JIT)
-def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, out):
+def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, out, rows):
     """The routed experts of one layer, GEMV style: each expert's rows are read once per call
     and applied to each of its (few) tokens while in L1.
 
     x [T, H] f32, weights [T, k] f32, grouping from `group_by_expert`, packed w13 [E, I, 2, .],
     s13 [E, I, 2, H/G13], w2 [E, H, .], s2 [E, H, I/G2]; out [T, H] f32 is overwritten.
+    `rows`: rows of one matrix a thread takes at a time (16 x 7168 int8 = 112 KB).
     """
     T, H = x.shape
     A, I, P = experts.shape[0], w13.shape[1], pair_token.shape[0]
@@ -138,21 +138,21 @@ def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2,
     G2 = I // max(s2.shape[2], 1)
     h = np.empty((P, I), np.float32)  # silu(gate) * up of each pair
     y = np.empty((P, H), np.float32)  # weighted down_proj output of each pair
-    nb = (I + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    nb = (I + rows - 1) // rows
     for item in prange(A * nb):
-        a, r0 = item // nb, (item % nb) * ROWS_PER_ITEM
+        a, r0 = item // nb, (item % nb) * rows
         e = experts[a]
-        for r in range(r0, min(r0 + ROWS_PER_ITEM, I)):
+        for r in range(r0, min(r0 + rows, I)):
             for p in range(ptr[a], ptr[a + 1]):
                 xt = x[pair_token[p]]
                 g = row_dot(w13[e, r, 0], s13[e, r, 0], xt, G13)
                 u = row_dot(w13[e, r, 1], s13[e, r, 1], xt, G13)
                 h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
-    nb = (H + ROWS_PER_ITEM - 1) // ROWS_PER_ITEM
+    nb = (H + rows - 1) // rows
     for item in prange(A * nb):
-        a, r0 = item // nb, (item % nb) * ROWS_PER_ITEM
+        a, r0 = item // nb, (item % nb) * rows
         e = experts[a]
-        for r in range(r0, min(r0 + ROWS_PER_ITEM, H)):
+        for r in range(r0, min(r0 + rows, H)):
             for p in range(ptr[a], ptr[a + 1]):
                 wt = weights[pair_token[p], pair_slot[p]]
                 y[p, r] = row_dot(w2[e, r], s2[e, r], h[p], G2) * wt

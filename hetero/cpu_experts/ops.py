@@ -32,16 +32,35 @@ def group_by_expert(ids: np.ndarray, num_experts: int) -> Grouping:
     return Grouping(*kernels.group_by_expert(ids, num_experts))
 
 
-def moe_gemv(layer: PackedExperts, x: np.ndarray, weights: np.ndarray, g: Grouping,
-             out: np.ndarray) -> None:  # fmt: skip
+def moe_gemv(
+    layer: PackedExperts,
+    x: np.ndarray,
+    weights: np.ndarray,
+    g: Grouping,
+    out: np.ndarray,
+    rows_per_item: int = 16,
+) -> None:
     """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba)."""
     T, H = x.shape
     if H != layer.hidden or out.shape != (T, H):
         raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
     if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError("x and weights must be contiguous float32")
-    kernels.moe_gemv(x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot, g.pos,
-                     layer.w13, layer.s13, layer.w2, layer.s2, out)  # fmt: skip
+    kernels.moe_gemv(
+        x,
+        weights,
+        g.experts,
+        g.ptr,
+        g.pair_token,
+        g.pair_slot,
+        g.pos,
+        layer.w13,
+        layer.s13,
+        layer.w2,
+        layer.s2,
+        out,
+        rows_per_item,
+    )
 
 
 class DequantBuffers(NamedTuple):
@@ -95,9 +114,11 @@ def _pad_rows(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
 
 def _bf16_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
     I = layer.inter
-    w13, s13 = layer.w13[e], layer.s13[e]  # [I, 2, .], [I, 2, G]
-    kernels.dequantize_rows(w13.reshape(2 * I, -1), s13.reshape(2 * I, -1), buf.w13)
-    kernels.dequantize_rows(layer.w2[e], layer.s2[e], buf.w2)
-    gu = (x @ _bf16(buf.w13).T).view(-1, I, 2)  # [n, I, 2]: rows alternate gate, up
+    w13, w2 = layer.w13[e].reshape(2 * I, -1), layer.w2[e]  # [2I, .], [H, .]
+    if layer.fmt.name != "bf16":  # bf16 weights are used in place
+        kernels.dequantize_rows(w13, layer.s13[e].reshape(2 * I, -1), buf.w13)
+        kernels.dequantize_rows(w2, layer.s2[e], buf.w2)
+        w13, w2 = buf.w13, buf.w2
+    gu = (x @ _bf16(w13).T).view(-1, I, 2)  # [n, I, 2]: rows alternate gate, up
     h = F.silu(gu[..., 0]) * gu[..., 1]  # [n, I]
-    return (h @ _bf16(buf.w2).T).float()
+    return (h @ _bf16(w2).T).float()
