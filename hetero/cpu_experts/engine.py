@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class EngineConfig:
     threads: int = 0  # 0: all cores but one (that one drives the GPU)
-    gemm_min_tokens: int = 24  # an expert with at least this many tokens takes the GEMM path
+    gemm_min_tokens: int = 4  # an expert with at least this many tokens takes the GEMM path (swept)
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
 
     def num_threads(self) -> int:
