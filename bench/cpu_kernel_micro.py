@@ -18,7 +18,7 @@ from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.cpu_experts.kernels import row_dot  # noqa: E402
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=True)  # not cached: row_dot lives in another file
 def gemv(w, s, x, out, G):
     for r in range(w.shape[0]):
         out[r] = row_dot(w[r], s[r], x, G)
