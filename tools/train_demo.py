@@ -1,0 +1,391 @@
+"""Train hetero's demo model: a small DeepSeek-V3 (MLA, sigmoid group-limited routing with the
+auxiliary-loss-free bias, one shared expert) on the Python standard library's own source.
+
+    python tools/train_demo.py --out DIR            # the shipped model: one GPU, ~8 minutes
+    python tools/train_demo.py --tiny --out DIR     # a few hundred K parameters, for tests
+
+The model is transformers' own DeepseekV3ForCausalLM; the result is a plain HF checkpoint (BF16
+model.safetensors, config.json, tokenizer, training.json with the data, settings and results).
+Data order, tokenizer and initialization follow --seed; on the CPU two runs are byte-identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import transformers
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig
+
+# Runnable from a plain checkout: this folder (demo_corpus) and the repository (hetero).
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+import demo_corpus as dc  # noqa: E402
+
+from hetero.config import ModelConfig  # noqa: E402
+from hetero.testing.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+
+log = logging.getLogger("train_demo")
+
+BIGRAM_K = 0.01  # add-k smoothing of the baseline; near the best k for an 8K vocabulary
+FINISH_RESERVE = 0.08  # of --minutes kept for evaluation, saving and completions
+PROMPTS = ("def __init__(self", "import ")
+CHAT_REQUEST = "Return the absolute path of a file."
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What shapes the model and its training; stored in training.json."""
+
+    vocab_size: int = 8192
+    hidden_size: int = 384
+    intermediate_size: int = 1024  # the dense layer
+    moe_intermediate_size: int = 96
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 4
+    q_lora_rank: int = 128
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    n_routed_experts: int = 16
+    num_experts_per_tok: int = 4
+    n_group: int = 4
+    topk_group: int = 2
+    context: int = 512
+    batch_size: int = 32
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    bias_update_speed: float = 1e-3  # DeepSeek-V3's u for the routing correction bias
+    chat_fraction: float = 0.25
+    log_every: int = 50
+    eval_every: int = 500  # held-out loss during training, for the log only
+    completion_tokens: int = 64
+
+
+TINY = Settings(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    context=64,
+    batch_size=8,
+    lr=3e-3,
+    warmup_steps=2,
+    log_every=1,
+    eval_every=0,
+    completion_tokens=8,
+)
+MODEL_FIELDS = tuple(Settings.__dataclass_fields__)[:15]
+
+
+def model_config(s: Settings, experts: str | None = None) -> DeepseekV3Config:
+    return DeepseekV3Config(
+        experts_implementation=experts,
+        **{k: getattr(s, k) for k in MODEL_FIELDS},
+        num_key_value_heads=s.num_attention_heads,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        num_nextn_predict_layers=0,
+        max_position_embeddings=2048,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+
+
+def routers(model: DeepseekV3ForCausalLM) -> list[torch.nn.Module]:
+    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
+
+
+class RoutingBias:
+    """DeepSeek-V3's auxiliary-loss-free balancing: count the tokens each routed expert gets during
+    a step, then move its correction bias by u against its deviation from the mean load."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, speed: float) -> None:
+        self.gates = routers(model)
+        self.speed = speed
+        E = model.config.n_routed_experts
+        self.loads = [torch.zeros(E, device=model.device) for _ in self.gates]
+        for gate, load in zip(self.gates, self.loads):
+            gate.register_forward_hook(self._hook(load))
+
+    @staticmethod
+    def _hook(load: torch.Tensor):
+        def record(gate, inputs, output) -> None:
+            if gate.training:  # output: router_logits, topk_weights, topk_indices [T, k]
+                ids = output[2].flatten()
+                load.index_add_(0, ids, torch.ones_like(ids, dtype=load.dtype))
+
+        return record
+
+    @torch.no_grad()
+    def update(self) -> float:
+        """Applies the rule after an optimizer step; returns the mean max/mean load ratio."""
+        imbalance = 0.0
+        for gate, load in zip(self.gates, self.loads):
+            gate.e_score_correction_bias += self.speed * torch.sign(load.mean() - load)
+            imbalance += float(load.max() / load.mean().clamp(min=1)) / len(self.gates)
+            load.zero_()
+        return imbalance
+
+
+def lr_at(s: Settings, step: int, progress: float) -> float:
+    """Linear warmup by steps, then cosine down to min_lr_ratio over `progress` in [0, 1]."""
+    if step < s.warmup_steps:
+        return s.lr * (step + 1) / s.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * cosine)
+
+
+def optimizer(model: torch.nn.Module, s: Settings) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on norms and the (1-D) router biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": s.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    fused = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+@torch.no_grad()
+def heldout_nll(model, ids: torch.Tensor, labels: torch.Tensor, batch: int) -> tuple[float, int]:
+    """Mean next-token NLL over the targets of (ids, labels) [N, T], and their number."""
+    was_training, device = model.training, model.device
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(ids), batch):
+        x, y = ids[i : i + batch].to(device), labels[i : i + batch].to(device)
+        with autocast(device):
+            logits = model(input_ids=x, use_cache=False).logits
+        total += float(
+            F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                y[:, 1:].flatten(),
+                ignore_index=dc.IGNORE,
+                reduction="sum",
+            )
+        )
+        count += int((y[:, 1:] != dc.IGNORE).sum())
+    model.train(was_training)
+    return total / max(1, count), count
+
+
+def train(model, docs, heldout, s: Settings, args, deadline: float, result: dict) -> None:
+    """The loop: packed rows in a seeded order per epoch until --max-steps or the deadline."""
+    device = model.device
+    opt = optimizer(model, s)
+    balance = RoutingBias(model, s.bias_update_speed)
+    forward = torch.compile(model) if args.compile else model
+    model.train()
+    start = time.monotonic()
+    step, epoch, tokens, window, curve = 0, 0, 0, [], []
+    losses, last_log, last_tokens, imbalance = [], start, 0, 0.0
+    while True:
+        ids, labels = dc.shuffled_rows(docs, s.context, args.seed, epoch)
+        for i in range(0, len(ids) - s.batch_size + 1, s.batch_size):
+            now = time.monotonic()
+            if (args.max_steps and step >= args.max_steps) or now >= deadline:
+                result.update(steps=step, epochs=round(epoch + i / len(ids), 3), tokens_seen=tokens)
+                result.update(train_seconds=round(now - start, 1), loss_curve=curve)
+                result["train_loss_first"] = losses[0]
+                result["train_loss_final"] = sum(losses[-20:]) / len(losses[-20:])
+                result["tokens_per_second"] = round(tokens / max(1e-9, now - start))
+                return
+            if args.max_steps:
+                progress = step / args.max_steps
+            else:
+                progress = (now - start) / max(1e-9, deadline - start)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(s, step, progress)
+            x = ids[i : i + s.batch_size].to(device, non_blocking=True)
+            y = labels[i : i + s.batch_size].to(device, non_blocking=True)
+            with autocast(device):
+                loss = forward(input_ids=x, labels=y, use_cache=False).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            imbalance = balance.update()
+            window.append(loss.detach())
+            step, tokens = step + 1, tokens + x.numel()
+            if step % s.log_every == 0:
+                mean = float(torch.stack(window).mean())
+                losses.append(mean)
+                window.clear()
+                now = time.monotonic()
+                rate = (tokens - last_tokens) / (now - last_log)
+                last_log, last_tokens = now, tokens
+                point = {"step": step, "loss": round(mean, 4), "tokens": tokens}
+                if s.eval_every and step % s.eval_every == 0:
+                    point["heldout_loss"] = round(heldout_nll(model, *heldout, 64)[0], 4)
+                curve.append(point)
+                log.info(
+                    "step %d epoch %d loss %.4f%s lr %.2e  %.0f tok/s  load max/mean %.2f  %.0fs",
+                    step, epoch, mean,
+                    f" heldout {point['heldout_loss']:.4f}" if "heldout_loss" in point else "",
+                    opt.param_groups[0]["lr"], rate, imbalance, now - start,
+                )  # fmt: skip
+        epoch += 1
+
+
+def save(model, out: Path, tokenizer, s: Settings) -> None:
+    """BF16 weights in one model.safetensors (the routing biases stay fp32 as DeepSeek publishes
+    them), config.json, generation_config.json, tokenizer.json, tokenizer_config.json."""
+    biases = {n: b.detach().float().cpu() for n, b in model.named_buffers() if "correction" in n}
+    model = model.to("cpu", torch.bfloat16)
+    for name, bias in biases.items():
+        module, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module), attr, bias)
+    model.generation_config = GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
+    )
+    model.save_pretrained(out, max_shard_size="10GB")
+    config = json.loads((out / "config.json").read_text())
+    for key in ("auto_map", "quantization_config", "torch_dtype"):
+        config.pop(key, None)
+    config["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    ModelConfig.from_hf(out)  # hetero must read what we ship
+    tokenizer.save(str(out / "tokenizer.json"), pretty=False)
+    tok_config = dc.tokenizer_config(model_max_length=config["max_position_embeddings"])
+    text = json.dumps(tok_config, indent=2, ensure_ascii=False)
+    (out / "tokenizer_config.json").write_text(text + "\n")
+
+
+@torch.no_grad()
+def completions(model, out: Path, max_new_tokens: int) -> dict[str, str]:
+    """Greedy continuations of two code prompts and one chat request."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CHAT_REQUEST}], tokenize=False, add_generation_prompt=True
+    )
+    result = {}
+    for prompt, text, special in [(p, p, True) for p in PROMPTS] + [(CHAT_REQUEST, chat, False)]:
+        enc = tokenizer(text, return_tensors="pt", add_special_tokens=special).to(model.device)
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        new = tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        result[prompt] = new if prompt == CHAT_REQUEST else prompt + new
+        log.info("completion of %r:\n%s", prompt, result[prompt])
+    return result
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--minutes", type=float, default=8.0, help="wall-clock budget, all included")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: none)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="a few hundred K parameters, for tests")
+    p.add_argument("--limit-files", type=int, default=0, help="use this many training files")
+    p.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size")
+    p.add_argument("--lr", type=float, default=0.0, help="override the preset's peak lr")
+    p.add_argument("--log-every", type=int, default=0, help="override the preset's log interval")
+    p.add_argument("--experts", default=None, help="transformers' experts_implementation")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training forward")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Trains, saves to --out, evaluates the saved checkpoint; returns training.json's dict."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    t0 = time.monotonic()
+    s = TINY if args.tiny else Settings()
+    s = replace(
+        s,
+        batch_size=args.batch_size or s.batch_size,
+        lr=args.lr or s.lr,
+        log_every=args.log_every or s.log_every,
+    )
+    device = torch.device(args.device)
+    torch.set_float32_matmul_precision("high")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    corpus = dc.load_corpus(limit_files=args.limit_files or None)
+    tokenizer = dc.train_tokenizer((corpus.texts[f] for f in corpus.train), s.vocab_size)
+    docs, data_stats = dc.training_documents(tokenizer, corpus, s.chat_fraction, args.seed)
+    held_docs = dc.plain_documents(tokenizer, [corpus.texts[f] for f in corpus.heldout])
+    heldout = dc.pack(held_docs, s.context, pad_last=True)
+    log.info("corpus %s", corpus.describe())
+    log.info("data %s, prepared in %.1fs", data_stats, time.monotonic() - t0)
+
+    torch.manual_seed(args.seed)
+    config = model_config(s, args.experts)
+    model = DeepseekV3ForCausalLM(config).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model: %.2fM parameters, %.1f MB in BF16, on %s", n_params / 1e6, n_params * 2e-6, device
+    )
+    result = {
+        "seed": args.seed,
+        "corpus": corpus.describe() | {"heldout_files": list(corpus.heldout)},
+        "train_files": list(corpus.train),
+        "data": data_stats,
+        "settings": asdict(s),
+        "parameters": n_params,
+        "activated_parameters": ModelConfig.from_hf(config.to_dict()).num_activated_parameters,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    deadline = t0 + args.minutes * 60 * (1 - FINISH_RESERVE)
+    train(model, docs, heldout, s, args, deadline, result)
+    save(model, args.out, tokenizer, s)
+    del model
+
+    trained = DeepseekV3ForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(device)
+    nll, count = heldout_nll(trained, *heldout, 64)
+    bigram = dc.bigram_perplexity(docs, *heldout, s.vocab_size, BIGRAM_K)
+    result["heldout"] = {
+        "tokens": count,
+        "loss": round(nll, 4),
+        "perplexity": round(math.exp(nll), 3),
+        "bigram_perplexity": round(bigram, 3),
+        "bigram_k": BIGRAM_K,
+        "ratio_to_bigram": round(math.exp(nll) / bigram, 4),
+    }
+    log.info("held-out: %s", result["heldout"])
+    result["completions"] = completions(trained, args.out, s.completion_tokens)
+    biases = [g.e_score_correction_bias for g in routers(trained)]
+    result["routing_bias_abs_max"] = round(max(float(b.abs().max()) for b in biases), 4)
+    result["wall_seconds"] = round(time.monotonic() - t0, 1)
+    (args.out / "training.json").write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s in %.0fs", args.out, result["wall_seconds"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
