@@ -169,6 +169,9 @@ def main() -> None:
     p.add_argument("--gemm-min-tokens", type=int, default=EngineConfig.gemm_min_tokens)
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument(
+        "--fp32-activations", action="store_true", help="int4 GEMV on fp32, not int8, activations"
+    )
     args = p.parse_args()
     H, I, E, k = SHAPES[args.shape]
     threads = args.threads or os.cpu_count()
@@ -184,6 +187,7 @@ def main() -> None:
         "read_gbps": bw,
         "rows_per_item": args.rows_per_item,
         "gemm_min_tokens": args.gemm_min_tokens,
+        "int8_activations": not args.fp32_activations,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
     gen = torch.Generator().manual_seed(0)
@@ -199,6 +203,7 @@ def main() -> None:
                 threads=threads,
                 gemm_min_tokens=args.gemm_min_tokens,
                 rows_per_item=args.rows_per_item,
+                int8_activations=not args.fp32_activations,
             ),
         )
         for T in tokens:

@@ -9,11 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hetero.cpu_experts import ops
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, pack_experts, unpack_expert
 
 E, I, H = 8, 64, 128
 SPECS = ["bf16", "int8", "int8-g32", "int4", "int4-g64"]
+# int4 with H and I multiples of 128 runs on int8 activations (kernels_q8): its own shapes
+Q8_SPECS = ["int4@q8", "int4-g64@q8", "int4-g128@q8"]
+Q8_H, Q8_I = 256, 128
 FP32_TOL = 1e-5  # GEMV path: fp32 accumulation, so rounding only
 
 
@@ -31,19 +35,38 @@ def weights():
     )
 
 
-@pytest.fixture(scope="module", params=SPECS)
+@pytest.fixture(scope="module", params=SPECS + Q8_SPECS)
 def engine(request, weights):
-    layer = pack_experts(*weights, Format.parse(request.param))
+    spec, _, q8 = request.param.partition("@")
+    if q8:
+        g = torch.Generator().manual_seed(2)
+        weights = (
+            torch.randn(E, Q8_I, Q8_H, generator=g),
+            torch.randn(E, Q8_I, Q8_H, generator=g),
+            torch.randn(E, Q8_H, Q8_I, generator=g),
+        )
+    layer = pack_experts(*weights, Format.parse(spec))
+    assert ops.q8_activations(layer) == bool(q8)
     eng = CPUExperts({3: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))
     yield eng, layer
     eng.close()
 
 
+def int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] through kernels_q8's activation quantization: int8, a scale per 128 of K."""
+    xb = x.view(*x.shape[:-1], -1, 128)
+    scale = xb.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.where(scale > 0, (xb / scale).round(), 0.0) * scale).view_as(x)
+
+
 def reference(layer, x, ids, w, bf16_inputs=False) -> torch.Tensor:
-    """Per token and expert, the dequantized matrices in fp32 (the simple loop)."""
+    """Per token and expert, the dequantized matrices in fp32 (the simple loop); activations
+    rounded as the kernel rounds them (bf16 for the GEMM path, int8 blocks for kernels_q8)."""
     y = torch.zeros(x.shape[0], layer.hidden)
     experts = {e: unpack_expert(layer, e) for e in ids.unique().tolist() if e >= 0}
     cast = (lambda t: t.bfloat16().float()) if bf16_inputs else (lambda t: t)
+    if ops.q8_activations(layer):
+        cast = int8_blocks
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
@@ -55,10 +78,10 @@ def reference(layer, x, ids, w, bf16_inputs=False) -> torch.Tensor:
     return y
 
 
-def routing(T, k, seed=1):
+def routing(T, k, seed=1, hidden=H):
     g = torch.Generator().manual_seed(seed)
     ids = torch.rand(T, E, generator=g).topk(k, dim=-1).indices
-    return torch.randn(T, H, generator=g), ids, torch.rand(T, k, generator=g)
+    return torch.randn(T, hidden, generator=g), ids, torch.rand(T, k, generator=g)
 
 
 # int4 with group 32 (the default) meets the issue's 0.15; group 64 measures 0.16 on this
@@ -79,19 +102,39 @@ def test_one_expert_against_fp32(weights, spec, tol):
     eng.close()
 
 
+@pytest.mark.parametrize("spec", ["int4", "int4-g128"])
+def test_int8_activations_cost_little(spec):
+    """int8 activations add little to int4's own error (~0.15 on Gaussian weights, see above)."""
+    g = torch.Generator().manual_seed(6)
+    gate, up, down = (torch.randn(s, generator=g) for s in ((Q8_I, Q8_H),) * 2 + ((Q8_H, Q8_I),))
+    layer = pack_experts(gate[None], up[None], down[None], Format.parse(spec))
+    x = torch.randn(16, Q8_H, generator=g)
+    ids, w = torch.zeros(16, 1, dtype=torch.long), torch.ones(16, 1)
+    exact = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    outs = []
+    for q8 in (True, False):
+        config = EngineConfig(threads=2, gemm_min_tokens=10**9, int8_activations=q8)
+        eng = CPUExperts({0: layer}, config)
+        outs.append(eng.forward(0, x, ids, w))
+        eng.close()
+    assert rel_err(outs[0], exact) < rel_err(outs[1], exact) + 0.005
+    assert rel_err(outs[0], outs[1]) < 0.02
+
+
 @pytest.mark.parametrize("T, k", [(1, 1), (1, 4), (3, 2), (17, 4), (64, 3)])
 def test_layer_equals_reference(engine, T, k):
     eng, layer = engine
-    x, ids, w = routing(T, k)
+    x, ids, w = routing(T, k, hidden=layer.hidden)
     assert rel_err(eng.forward(3, x, ids, w), reference(layer, x, ids, w)) < FP32_TOL
 
 
 def test_edge_cases(engine):
     eng, layer = engine
+    H = layer.hidden
     assert eng.forward(
         3, torch.zeros(0, H), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2)
     ).shape == (0, H)
-    x, _, w = routing(9, 2)
+    x, _, w = routing(9, 2, hidden=H)
     same = torch.full((9, 2), 5)
     same[:, 1] = 1  # every token on experts 5 and 1; the other six get nothing
     assert rel_err(eng.forward(3, x, same, w), reference(layer, x, same, w)) < FP32_TOL
@@ -115,8 +158,8 @@ def test_gemm_path_matches_reference(weights, spec, tol):
 
 
 def test_unknown_layer_and_bad_ids(engine):
-    eng, _ = engine
-    x, ids, w = routing(2, 2)
+    eng, layer = engine
+    x, ids, w = routing(2, 2, hidden=layer.hidden)
     with pytest.raises(KeyError, match="layer 7"):
         eng.submit(7, x, ids, w)
     with pytest.raises(ValueError, match="out of range"):
@@ -173,12 +216,16 @@ def test_numba_disk_cache_is_used(tmp_path):
             "import torch",
             "from hetero.cpu_experts.engine import CPUExperts, EngineConfig",
             "from hetero.cpu_experts.formats import Format, pack_experts",
-            "from hetero.cpu_experts import kernels as k",
+            "from hetero.cpu_experts import kernels as k, kernels_q8 as q",
             "w = torch.randn(4, 32, 64), torch.randn(4, 32, 64), torch.randn(4, 64, 32)",
             "layer = pack_experts(*w, Format.parse('int8'))",
             "CPUExperts({0: layer}, EngineConfig(threads=1)).close()",
-            "stats = k.moe_gemv.stats",
-            "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))",
+            "w = torch.randn(4, 128, 128), torch.randn(4, 128, 128), torch.randn(4, 128, 128)",
+            "layer = pack_experts(*w, Format.parse('int4'))",  # kernels_q8
+            "CPUExperts({0: layer}, EngineConfig(threads=1)).close()",
+            "stats = [k.moe_gemv.stats, q.moe_gemv_q4.stats]",
+            "print(sum(sum(s.cache_hits.values()) for s in stats),",
+            "      sum(sum(s.cache_misses.values()) for s in stats))",
         ]
     )
     env = {**__import__("os").environ, "NUMBA_CACHE_DIR": str(tmp_path)}
@@ -189,4 +236,4 @@ def test_numba_disk_cache_is_used(tmp_path):
         for _ in range(2)
     ]
     first, second = (tuple(map(int, r.stdout.split())) for r in runs)
-    assert first[1] >= 1 and second == (first[1], 0)
+    assert first[1] >= 2 and second == (first[1], 0)

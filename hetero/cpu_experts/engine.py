@@ -28,6 +28,7 @@ class EngineConfig:
     threads: int = 0  # 0: all cores but one (that one drives the GPU)
     gemm_min_tokens: int = 4  # an expert with at least this many tokens takes the GEMM path (swept)
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
+    int8_activations: bool = True  # int4 GEMV on int8 activations (VNNI), see kernels_q8
 
     def num_threads(self) -> int:
         if self.threads:
@@ -135,6 +136,7 @@ class CPUExperts:
                 ops.group_by_expert(gemv_ids, layer.num_experts),
                 out,
                 self.config.rows_per_item,
+                self.config.int8_activations,
             )
             y, xt = torch.from_numpy(out), torch.from_numpy(x)
             for a in np.flatnonzero(heavy):
@@ -144,7 +146,8 @@ class CPUExperts:
                 ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
                 y.index_add_(0, tokens, ye * w)
         else:
-            ops.moe_gemv(layer, x, weights, g, out, self.config.rows_per_item)
+            c = self.config
+            ops.moe_gemv(layer, x, weights, g, out, c.rows_per_item, c.int8_activations)
 
 
 def _ptrs(*tensors: torch.Tensor) -> set[int]:

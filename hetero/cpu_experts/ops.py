@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetero.cpu_experts import kernels
+from hetero.cpu_experts import kernels, kernels_q8
 from hetero.cpu_experts.formats import PackedExperts
 
 
@@ -32,6 +32,12 @@ def group_by_expert(ids: np.ndarray, num_experts: int) -> Grouping:
     return Grouping(*kernels.group_by_expert(ids, num_experts))
 
 
+def q8_activations(layer: PackedExperts) -> bool:
+    """int4 layers whose sizes allow it run on int8 activations (kernels_q8)."""
+    G, K = layer.fmt.group_size, (layer.hidden, layer.inter)
+    return layer.fmt.name == "int4" and G <= kernels_q8.BLOCK and all(n % 128 == 0 for n in K)
+
+
 def moe_gemv(
     layer: PackedExperts,
     x: np.ndarray,
@@ -39,13 +45,25 @@ def moe_gemv(
     g: Grouping,
     out: np.ndarray,
     rows_per_item: int = 16,
+    int8_activations: bool = True,
 ) -> None:
-    """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba)."""
+    """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba).
+
+    With `int8_activations`, int4 layers whose H and I are multiples of 128 quantize the
+    activations to int8 first (kernels_q8)."""
     T, H = x.shape
     if H != layer.hidden or out.shape != (T, H):
         raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
     if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
         raise ValueError("x and weights must be contiguous float32")
+    if int8_activations and q8_activations(layer):
+        y = np.empty((g.pair_token.shape[0], H), np.float32)  # [P, H]
+        kernels_q8.moe_gemv_q4(
+            x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot,
+            layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item,
+        )  # fmt: skip
+        kernels.combine(g.pos, y, out)
+        return
     kernels.moe_gemv(
         x,
         weights,

@@ -1,0 +1,214 @@
+"""numba kernels of the int4 experts on int8 activations (AVX-512 VNNI where the CPU has it).
+
+Why: with fp32 activations each int4 weight costs an unpack, an int->float conversion and an FMA,
+so a Xeon core consumes ~7 G weights/s and 16 cores cannot keep up with RAM. Quantizing the
+activations to int8 (a scale per 128 of K, as llama.cpp's Q8 blocks) turns the row dot into
+`vpdpbusd`: 64 nibble x int8 products a instruction into 16 int32 lanes, one int->float
+conversion and one FMA per 128 weights.
+
+Layout. A packed int4 row (formats.py) stores byte j of group g as w[g*G + j] | w[g*G + G/2 + j]
+<< 4. A 64-byte block of the row thus holds 128 consecutive k; the activations are stored in the
+same order: per block, 64 int8 for the low nibbles, then 64 for the high ones. A 32-bit lane of a
+block covers 4 bytes, i.e. 8 weights of one scale group; the nibbles are unsigned (q + 8), so each
+lane starts from -8 * (sum of its 8 activations), precomputed once per token.
+
+Self-contained on purpose: numba's disk cache is keyed by the defining file only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+JIT = {"nogil": True, "fastmath": True, "cache": True}
+BLOCK = 128  # k per activation scale and per 64-byte block of a packed int4 row
+
+I8, I16, I32, I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
+F32 = ir.FloatType()
+V_B, V_I32, V_F32, V4_F32 = (
+    ir.VectorType(I8, 64),
+    ir.VectorType(I32, 16),
+    ir.VectorType(F32, 16),
+    ir.VectorType(F32, 4),
+)
+
+
+def has_vnni() -> bool:
+    return "+avx512vnni" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+def _dot4(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    """acc[l] + sum_{i<4} a[4l+i] * b[4l+i] for unsigned bytes a and signed bytes b (vpdpbusd)."""
+    if has_vnni():
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(V_I32, [V_I32, V_I32, V_I32]),
+            "llvm.x86.avx512.vpdpbusd.512",
+        )
+        return builder.call(fn, [acc, builder.bitcast(a, V_I32), builder.bitcast(b, V_I32)])
+    v64 = ir.VectorType(I32, 64)  # portable IR, same integers: LLVM picks the instructions
+    prod = builder.mul(builder.zext(a, v64), builder.sext(b, v64))
+    for i in range(4):
+        lane = builder.shuffle_vector(
+            prod, ir.Constant(v64, ir.Undefined), ir.Constant(V_I32, [4 * l + i for l in range(16)])
+        )
+        acc = builder.add(acc, lane)
+    return acc
+
+
+def _load(builder, base, offset, vty, align=1):
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vty.as_pointer()), align=align)
+
+
+def _is_row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
+
+
+@intrinsic
+def q4_row_dot(typingctx, w, s, xq, xs, xa, gshift):
+    """sum_k w[k] x[k]: packed int4 row w [K/2] u8 with bf16 scales s [K/G] (G = 1 << gshift),
+    activations as `quantize_row` leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
+    ok = all(
+        _is_row(a, d)
+        for a, d in (
+            (w, types.uint8),
+            (s, types.uint16),
+            (xq, types.int8),
+            (xs, types.float32),
+            (xa, types.int32),
+        )
+    )
+    if not (ok and isinstance(gshift, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w_a, s_a, xq_a, xs_a, xa_a = (
+            context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
+        )
+        shift = builder.sext(args[5], I64) if args[5].type.width < 64 else args[5]
+        blocks = builder.extract_value(xs_a.shape, 0)
+        w_p, xq_p = (builder.bitcast(a.data, I8.as_pointer()) for a in (w_a, xq_a))
+        s_p = builder.bitcast(s_a.data, I16.as_pointer())
+        xs_p = builder.bitcast(xs_a.data, F32.as_pointer())
+        xa_p = builder.bitcast(xa_a.data, I32.as_pointer())
+        acc_ptr = cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16))
+        c15, c4 = (ir.Constant(V_B, [v] * 64) for v in (15, 4))
+        to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
+        with cgutils.for_range(builder, blocks) as loop:
+            b = loop.index
+            wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
+            lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+            x0 = builder.mul(b, ir.Constant(I64, BLOCK))
+            xl = _load(builder, xq_p, x0, V_B)
+            xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
+            start = _load(builder, xa_p, builder.mul(b, ir.Constant(I64, 16)), V_I32, 4)
+            dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
+            # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
+            quarter = ir.Constant(V4_F32, ir.Undefined)
+            for c in range(4):
+                k = builder.add(x0, ir.Constant(I64, 32 * c))
+                bits = builder.zext(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), I32)
+                f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
+                quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
+            sw = builder.shuffle_vector(quarter, ir.Constant(V4_F32, ir.Undefined), to16)
+            sa = builder.load(builder.gep(xs_p, [b]))
+            sa16 = builder.shuffle_vector(
+                builder.insert_element(ir.Constant(V_F32, ir.Undefined), sa, ir.Constant(I32, 0)),
+                ir.Constant(V_F32, ir.Undefined),
+                ir.Constant(V_I32, [0] * 16),
+            )
+            scale = builder.fmul(sw, sa16, flags=("fast",))
+            term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
+            builder.store(builder.fadd(builder.load(acc_ptr), term, flags=("fast",)), acc_ptr)
+        acc = builder.load(acc_ptr)
+        total = builder.extract_element(acc, ir.Constant(I32, 0))
+        for i in range(1, 16):
+            total = builder.fadd(
+                total, builder.extract_element(acc, ir.Constant(I32, i)), flags=("fast",)
+            )
+        return total
+
+    return types.float32(w, s, xq, xs, xa, gshift), codegen
+
+
+@njit(**JIT)
+def quantize_row(x, gshift, xq, xs, xa):
+    """x [K] f32 -> int8 in the block order of a packed int4 row of group 1 << gshift.
+
+    xq [K] i8: per block of 128 k, the values under its 64 low nibbles, then its 64 high ones;
+    xs [K/128] f32: the block scales (amax / 127); xa [K/128 * 16] i32: each lane's start value,
+    -8 * the sum of the 8 activations it multiplies (the nibbles' offset)."""
+    half = (1 << gshift) // 2
+    for blk in range(xs.shape[0]):
+        xb = x[blk * BLOCK : (blk + 1) * BLOCK]
+        amax = np.float32(0.0)
+        for i in range(BLOCK):
+            amax = max(amax, abs(xb[i]))
+        scale = amax / np.float32(127.0)
+        inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+        xs[blk] = scale
+        qb = xq[blk * BLOCK : (blk + 1) * BLOCK]
+        for i in range(64):
+            byte = blk * 64 + i
+            g = byte // half
+            k = g * 2 * half + byte - g * half  # the low nibble's k; the high one's is k + half
+            qb[i] = np.int8(np.rint(x[k] * inv))
+            qb[64 + i] = np.int8(np.rint(x[k + half] * inv))
+        for lane in range(16):
+            total = np.int32(0)
+            for i in range(4):
+                total += np.int32(qb[4 * lane + i]) + np.int32(qb[64 + 4 * lane + i])
+            xa[blk * 16 + lane] = np.int32(-8) * total
+
+
+@njit(parallel=True, **JIT)
+def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows):
+    """The routed int4 experts of one layer on int8 activations (see moe_gemv in kernels.py).
+
+    x [T, H] f32; H and I multiples of 128. y [P, H] f32: each pair's weighted output (summed per
+    token by kernels.combine)."""
+    T, H = x.shape
+    A, I, P = experts.shape[0], w13.shape[1], pair_token.shape[0]
+    sh13 = _log2(H // s13.shape[3])
+    sh2 = _log2(I // s2.shape[2])
+    xq = np.empty((T, H), np.int8)
+    xs = np.empty((T, H // BLOCK), np.float32)
+    xa = np.empty((T, H // BLOCK * 16), np.int32)
+    for t in prange(T):
+        quantize_row(x[t], sh13, xq[t], xs[t], xa[t])
+    h = np.empty((P, I), np.float32)  # silu(gate) * up of each pair
+    nb = (I + rows - 1) // rows
+    for item in prange(A * nb):
+        a, r0 = item // nb, (item % nb) * rows
+        e = experts[a]
+        for r in range(r0, min(r0 + rows, I)):
+            for p in range(ptr[a], ptr[a + 1]):
+                t = pair_token[p]
+                g = q4_row_dot(w13[e, r, 0], s13[e, r, 0], xq[t], xs[t], xa[t], sh13)
+                u = q4_row_dot(w13[e, r, 1], s13[e, r, 1], xq[t], xs[t], xa[t], sh13)
+                h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+    hq = np.empty((P, I), np.int8)
+    hs = np.empty((P, I // BLOCK), np.float32)
+    ha = np.empty((P, I // BLOCK * 16), np.int32)
+    for p in prange(P):
+        quantize_row(h[p], sh2, hq[p], hs[p], ha[p])
+    nb = (H + rows - 1) // rows
+    for item in prange(A * nb):
+        a, r0 = item // nb, (item % nb) * rows
+        e = experts[a]
+        for r in range(r0, min(r0 + rows, H)):
+            for p in range(ptr[a], ptr[a + 1]):
+                wt = weights[pair_token[p], pair_slot[p]]
+                y[p, r] = q4_row_dot(w2[e, r], s2[e, r], hq[p], hs[p], ha[p], sh2) * wt
+
+
+@njit(inline="always", **JIT)
+def _log2(n):
+    s = 0
+    while (1 << (s + 1)) <= n:
+        s += 1
+    return s
