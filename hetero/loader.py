@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,7 +166,12 @@ def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
 
-def validate(ckpt: Checkpoint, config: ModelConfig, expected: dict[str, tuple[int, ...]]) -> None:
+def validate(
+    ckpt: Checkpoint,
+    config: ModelConfig,
+    expected: dict[str, tuple[int, ...]],
+    elsewhere: Callable[[str], bool] | None = None,
+) -> None:
     """Checks presence, shape and dtype of every expected tensor before anything is read."""
     if config.tie_word_embeddings:
         expected = {k: v for k, v in expected.items() if k != "lm_head.weight"}
@@ -185,7 +190,13 @@ def validate(ckpt: Checkpoint, config: ModelConfig, expected: dict[str, tuple[in
                 f"{info.file}: tensor {name!r} has dtype {info.dtype}, "
                 f"expected one of {', '.join(FLOAT_DTYPES)} or {FP8_DTYPE}"
             )
-    extra = [n for n in ckpt.tensors if n not in expected and not _is_skipped(n, config, expected)]
+    extra = [
+        n
+        for n in ckpt.tensors
+        if n not in expected
+        and not _is_skipped(n, config, expected)
+        and not (elsewhere and elsewhere(n.removesuffix(SCALE_SUFFIX)))
+    ]
     if extra:
         log.warning(
             "%s: %d tensor(s) not used by the model, e.g. %s", ckpt.path, len(extra), extra[:3]
@@ -237,10 +248,12 @@ def load_weights(
     device: torch.device | str,
     dtype: torch.dtype,
     progress: bool = True,
+    elsewhere: Callable[[str], bool] | None = None,
 ) -> None:
-    """Fills a model built on the meta device, group by group, so peak RAM stays near its size."""
+    """Fills a model built on the meta device, group by group, so peak RAM stays near its size.
+    `elsewhere(name)`: checkpoint tensors another part loads (e.g. CPU experts), not reported."""
     expected = expected_tensors(model)
-    validate(ckpt, config, expected)
+    validate(ckpt, config, expected, elsewhere)
     names = [n for n in expected if n in ckpt.tensors]
     bar = tqdm(list(groups(names)), desc="loading", unit="layer", disable=not progress)
     for _, group in bar:

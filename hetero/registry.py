@@ -35,4 +35,7 @@ MLA_ATTENTION = Registry(
         "absorbed": "hetero.model.attention:absorbed_attention",
     },
 )
-ROUTED_EXPERTS = Registry("routed_experts", {"torch": "hetero.model.moe:torch_routed_experts"})
+ROUTED_EXPERTS = Registry(
+    "routed_experts",
+    {"torch": "hetero.model.moe:TorchExperts", "hybrid": "hetero.sched.hybrid:HybridExperts"},
+)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
+
 import torch
 from torch import nn
 
@@ -9,53 +11,86 @@ from hetero.config import ModelConfig
 from hetero.model.attention import MLA
 from hetero.model.batch import ForwardBatch, KVCache
 from hetero.model.layers import MLP, RMSNorm, Rotary
-from hetero.model.moe import MoE
+from hetero.model.moe import MoE, Pending
+
+Resident = Mapping[int, Iterable[int]] | None  # MoE layer -> the expert ids kept as modules
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, attention: str, experts: str) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        attention: str,
+        experts: str,
+        resident: Iterable[int] | None = None,
+    ) -> None:
         super().__init__()
         self.self_attn = MLA(config, layer, attention)
-        if config.is_moe_layer(layer):
-            self.mlp = MoE(config, experts)
+        self.is_moe = config.is_moe_layer(layer)
+        if self.is_moe:
+            self.mlp = MoE(config, experts, resident)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: KVCache,
+        rotary: Rotary,
+        pending: Pending | None = None,
+    ) -> tuple[torch.Tensor, Pending | None]:
+        """-> (x, experts deferred to the next layer); a dense layer passes `pending` on."""
         x = x + self.self_attn(self.input_layernorm(x), batch, cache, rotary)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), pending
+        y, pending = self.mlp(self.post_attention_layernorm(x), pending)
+        return x + y, pending
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: ModelConfig, attention: str, experts: str) -> None:
+    def __init__(
+        self, config: ModelConfig, attention: str, experts: str, resident: Resident = None
+    ) -> None:
         super().__init__()
+        resident = resident or {}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Block(config, i, attention, experts) for i in range(config.num_hidden_layers)
+            Block(config, i, attention, experts, resident.get(i))
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, H]
+        pending = None
         for layer in self.layers:
-            x = layer(x, batch, cache, self.rotary)
+            x, pending = layer(x, batch, cache, self.rotary, pending)
+        if pending is not None:  # the last MoE layer's deferred experts
+            x = x + pending.result()
         return self.norm(x)
 
 
 class Transformer(nn.Module):
-    """`model(input_ids [T], batch, cache)` -> logits [T, V] (or [B, V] with `last_only`)."""
+    """`model(input_ids [T], batch, cache)` -> logits [T, V] (or [B, V] with `last_only`).
+
+    `resident`: per MoE layer, the routed experts built as modules here (default: all); the rest
+    are computed by the routed-experts backend (e.g. on the CPU)."""
 
     def __init__(
-        self, config: ModelConfig, attention: str = "absorbed", experts: str = "torch"
+        self,
+        config: ModelConfig,
+        attention: str = "absorbed",
+        experts: str = "torch",
+        resident: Resident = None,
     ) -> None:
         super().__init__()
         self.config = config
-        self.model = Decoder(config, attention, experts)
+        self.model = Decoder(config, attention, experts, resident)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
     @torch.inference_mode()

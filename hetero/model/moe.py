@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import NamedTuple, Protocol
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -53,32 +56,74 @@ class Gate(nn.Module):
         return weights * c.routed_scaling_factor, ids
 
 
+class RoutedRun(NamedTuple):
+    """A layer's routed experts in flight: `result()` is their sum for this layer; `deferred`,
+    if any, is work handed to the next layer (see hetero.sched.hybrid)."""
+
+    result: Callable[[], torch.Tensor]
+    deferred: Pending | None = None
+
+
+class Pending(Protocol):
+    def result(self) -> torch.Tensor: ...
+
+
+class TorchExperts:
+    """The reference backend: every routed expert a module, run by the per-expert loop."""
+
+    def __init__(self, experts: nn.ModuleDict) -> None:
+        self.experts = experts
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
+        y = torch_routed_experts(self.experts, x, ids, weights)
+        return RoutedRun(lambda: y)
+
+
 class MoE(nn.Module):
-    def __init__(self, config: ModelConfig, backend: str = "torch") -> None:
+    """Routing here, routed experts behind `self.routed` (a backend with `submit`), shared experts
+    on this module's device while the routed ones run."""
+
+    def __init__(
+        self, config: ModelConfig, backend: str = "torch", resident: Iterable[int] | None = None
+    ) -> None:
         super().__init__()
         H, inter = config.hidden_size, config.moe_intermediate_size
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(H, inter) for _ in range(config.n_routed_experts))
+        if resident is None:
+            resident = range(config.n_routed_experts)
+        # a dict keyed by expert id keeps the checkpoint's names (mlp.experts.{e}.*) for any subset
+        self.experts = nn.ModuleDict({str(e): MLP(H, inter) for e in resident})
         self.shared_experts = (
             MLP(H, inter * config.n_shared_experts) if config.n_shared_experts else None
         )
-        self.routed = ROUTED_EXPERTS.get(backend)
+        self.routed = ROUTED_EXPERTS.get(backend)(self.experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = self.gate(x)
-        y = self.routed(self.experts, x, ids, weights)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(x)
-        return y
+    def forward(
+        self, x: torch.Tensor, pending: Pending | None = None
+    ) -> tuple[torch.Tensor, Pending | None]:
+        """x [T, H] -> (y [T, H], work deferred to the next layer). `pending`: the previous
+        layer's deferred experts, added here."""
+        weights, ids = self.gate(x)  # [T, k] each
+        run = self.routed.submit(x, ids, weights)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        y = run.result()
+        if shared is not None:
+            y = y + shared
+        if pending is not None:
+            y = y + pending.result()
+        return y, run.deferred
 
 
 def torch_routed_experts(
-    experts: nn.ModuleList, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+    experts: nn.ModuleDict, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """The reference: each expert over the tokens that chose it. x [T, H], ids/weights [T, k]."""
+    """The reference: each expert over the tokens that chose it. x [T, H], ids/weights [T, k];
+    ids < 0 are experts computed elsewhere."""
     y = torch.zeros_like(x)
     for e in ids.unique().tolist():
+        if e < 0:
+            continue
         rows, slot = torch.nonzero(ids == e, as_tuple=True)  # [n], [n]
-        out = experts[e](x[rows]) * weights[rows, slot, None]
+        out = experts[str(e)](x[rows]) * weights[rows, slot, None]
         y.index_add_(0, rows, out.to(y.dtype))
     return y

@@ -1,0 +1,90 @@
+"""The hybrid routed-experts backend: a layer's experts split between the GPU and the CPU engine,
+the two overlapped, and the lowest-weight CPU experts optionally deferred to the next layer.
+
+One MoE layer, as `MoE.forward` drives it (see "One decode step" in DESIGN.md):
+  router (GPU) -> `submit`: CPU experts sent to the engine through pinned buffers (returns at
+  once), deferred ones queued right behind them, GPU-resident experts launched -> the GPU runs the
+  shared experts meanwhile -> `result()` waits for the CPU sum and adds it.
+The deferred job runs on the CPU while the GPU computes the next layer's attention; that layer's
+MoE adds it (`pending.result()`), the last one before the final norm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hetero.cpu_experts.engine import CPUExperts, Job
+from hetero.model.moe import RoutedRun, torch_routed_experts
+
+
+def select_deferred(weights: torch.Tensor, eligible: torch.Tensor, d: int) -> torch.Tensor:
+    """Per token, the `d` lowest-weight slots among the eligible ones (fewer if fewer are).
+
+    weights [T, k] float, eligible [T, k] bool -> deferred [T, k] bool."""
+    if d <= 0:
+        return torch.zeros_like(eligible)
+    masked = weights.float().masked_fill(~eligible, float("inf"))
+    lowest = masked.topk(min(d, weights.shape[1]), dim=-1, largest=False).indices  # [T, d]
+    picked = torch.zeros_like(eligible).scatter_(1, lowest, True)
+    return picked & eligible
+
+
+@dataclass(frozen=True)
+class CPUPending:
+    """Deferred CPU experts in flight; `result()` waits for their sum [T, H]."""
+
+    engine: CPUExperts
+    job: Job
+
+    def result(self) -> torch.Tensor:
+        return self.engine.wait(self.job)
+
+
+class HybridExperts:
+    """Routed experts of one MoE layer: `experts` (the GPU-resident ones, as modules) on the
+    model's device, the rest in `engine` (layer `layer`). `deferred`: CPU experts a token hands
+    to the next layer; `overlap=False` waits for the CPU before any GPU work (the sequential
+    baseline of bench/decode.py)."""
+
+    def __init__(
+        self,
+        experts: nn.ModuleDict,
+        *,
+        layer: int,
+        engine: CPUExperts,
+        num_experts: int,
+        deferred: int = 0,
+        overlap: bool = True,
+    ) -> None:
+        self.experts = experts
+        self.layer = layer
+        self.engine = engine
+        self.deferred = deferred
+        self.overlap = overlap
+        on_gpu = torch.zeros(num_experts, dtype=torch.bool)
+        on_gpu[[int(e) for e in experts.keys()]] = True
+        self.on_gpu = on_gpu  # [E], moved to the inputs' device on first use
+        self.any_on_gpu = bool(on_gpu.any())
+
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
+        """x [T, H], ids/weights [T, k] from the router."""
+        if self.on_gpu.device != ids.device:
+            self.on_gpu = self.on_gpu.to(ids.device)
+        gpu = self.on_gpu[ids]  # [T, k]
+        later = select_deferred(weights, ~gpu, self.deferred)  # [T, k]
+        now = self.engine.submit(self.layer, x, ids.masked_fill(gpu | later, -1), weights)
+        if not self.overlap:
+            y_cpu = self.engine.wait(now)
+        pending = None
+        if self.deferred:
+            job = self.engine.submit(self.layer, x, ids.masked_fill(~later, -1), weights)
+            pending = CPUPending(self.engine, job)
+        y = torch.zeros_like(x)
+        if self.any_on_gpu:
+            y = torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+        if not self.overlap:
+            return RoutedRun(lambda: y + y_cpu, pending)
+        return RoutedRun(lambda: y + self.engine.wait(now), pending)
