@@ -1,4 +1,4 @@
-"""`hetero generate | convert` (and, as later issues land, serve | chat | plan | bench)."""
+"""`hetero generate | convert | plan` (and, as later issues land, serve | chat | bench)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 from hetero.config import ConfigError
 from hetero.cpu_experts.store import StoreError
 from hetero.loader import CheckpointError
+from hetero.placement import PlacementError
+from hetero.plan import PlanError
 
 log = logging.getLogger("hetero")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -105,6 +107,45 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from hetero.config import ModelConfig
+    from hetero.placement import RuntimeSettings, default_placement, load_placement
+    from hetero.plan import (
+        GIB,
+        cuda_vram_bytes,
+        is_fp8_checkpoint,
+        machine_ram_bytes,
+        plan_memory,
+        read_index,
+    )
+
+    for flag, value in (("--vram", args.vram), ("--ram", args.ram)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} {value}: expected GiB > 0")
+    if args.profile and not args.placement:
+        raise UsageError("--profile needs --placement (the default placement uses no profile)")
+    config = ModelConfig.from_hf(args.model)
+    index = read_index(args.model)
+    placement = load_placement(args.placement, config, args.profile) if args.placement else None
+    runtime = placement.runtime if placement else RuntimeSettings()
+    notes = []
+    vram_gb = args.vram or runtime.vram_gb
+    vram = int(vram_gb * GIB) if vram_gb else cuda_vram_bytes()
+    if vram is None:
+        vram = 24 * GIB
+        notes.append("no CUDA device here and no --vram: a 24 GiB GPU is assumed")
+    ram_gb = args.ram or runtime.ram_gb
+    ram = int(ram_gb * GIB) if ram_gb else machine_ram_bytes()
+    if placement is None:
+        placement = default_placement(config, vram, is_fp8_checkpoint(config, index))
+    plan = plan_memory(config, placement, vram, ram, index)
+    plan = replace(plan, notes=(*plan.notes, *notes))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    return 0 if plan.fits else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hetero", description="DeepSeek MoE inference, CPU experts + GPU"
@@ -138,6 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--group-size", type=int, help="scale group along K (int4: 32, 64, 128)")
     c.set_defaults(func=cmd_convert)
+    p = sub.add_parser(
+        "plan", help="GPU and RAM bytes per component of a placement; exit 1 if it does not fit"
+    )
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json is enough)")
+    p.add_argument("--placement", help="placement YAML (default: derived from the model and VRAM)")
+    p.add_argument("--profile", help="expert profile JSON (for gpu_experts: {hottest: N})")
+    p.add_argument(
+        "--vram", type=float, help="GPU GiB (default: CUDA device 0's total, else 24 assumed)"
+    )
+    p.add_argument("--ram", type=float, help="host RAM GiB (default: this machine's)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_plan)
     return parser
 
 
@@ -149,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, StoreError, UsageError) as e:
+    except (ConfigError, CheckpointError, StoreError, UsageError, PlacementError, PlanError) as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,239 @@
+"""Memory plan: its bytes against loaded models, packed experts and checkpoint files; the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from hetero.cli import main
+from hetero.config import ModelConfig
+from hetero.cpu_experts.formats import Format, pack_experts
+from hetero.loader import Checkpoint, load_model
+from hetero.placement import parse_placement
+from hetero.plan import GIB, PlanError, check_fits, plan_memory, read_index
+from hetero.testing import tiny_v3_config, write_v3_index
+
+ROOT = Path(__file__).parent.parent
+V3_CONFIG = Path(__file__).parent / "data" / "models" / "deepseek-v3" / "config.json"
+EXPERTS = r"'\.mlp\.experts$'"
+BIG = 1 << 50  # a budget nothing reaches
+
+
+def placement(config: ModelConfig, gpu: str, cpu: str = "bf16", gpu_experts: int = 0):
+    text = (
+        f"rules:\n  - {{match: {EXPERTS}, device: cpu, format: {cpu}, gpu_experts: {gpu_experts}, "
+        f"gpu_format: {gpu}}}\n  - {{device: gpu, format: {gpu}}}\n"
+    )
+    return parse_placement(text, config)
+
+
+def row_of(name: str) -> str:
+    """The plan row a loaded tensor belongs to, decided from its name alone."""
+    if name.startswith("model.embed_tokens"):
+        return "embed_tokens"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if "norm" in name:
+        return "norms"
+    for part, row in (
+        (".self_attn.", "attention"),
+        (".mlp.gate.", "routers"),
+        (".mlp.shared_experts.", "shared experts"),
+        (".mlp.experts.", "routed experts (GPU)"),
+    ):
+        if part in name:
+            return row
+    return "dense MLP"
+
+
+@pytest.mark.parametrize("fixture,dtype", [("tiny_v3", torch.bfloat16), ("tiny_v2", torch.float32)])
+def test_bf16_plan_equals_loaded_sizes(request, fixture, dtype):
+    path = request.getfixturevalue(fixture)
+    model = load_model(path, device="cpu", dtype=dtype, progress=False)
+    loaded: dict[str, int] = {}
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if "rotary" not in name:  # cos/sin tables grow at run time: in the GPU reserve
+            loaded[row_of(name)] = loaded.get(row_of(name), 0) + t.nbytes
+    config = model.config
+    plan = plan_memory(config, placement(config, "bf16"), BIG, BIG, dtype=dtype)
+    experts = loaded.pop("routed experts (GPU)")
+    assert {r: plan.row(r).gpu_bytes for r in loaded} == loaded
+    assert plan.gpu_weight_bytes == sum(loaded.values())
+    # Every expert on the GPU: the whole model.
+    all_gpu = parse_placement("rules: [{device: gpu, format: bf16}]", config)
+    plan = plan_memory(config, all_gpu, BIG, BIG, dtype=dtype)
+    assert plan.row("routed experts (GPU)").gpu_bytes == experts
+    assert plan.gpu_weight_bytes == sum(loaded.values()) + experts
+    assert plan.row("routed experts (CPU)").ram_bytes == 0
+
+
+def fp8_linear_bytes(out: int, inp: int) -> int:
+    return out * inp + 4 * math.ceil(out / 128) * math.ceil(inp / 128)
+
+
+def test_fp8_plan_by_hand():
+    """tiny-v3: hidden 192, q_lora 96, 4 heads of 32+16 (q/k) and 32 (v), kv_lora 64."""
+    config = ModelConfig.from_hf(tiny_v3_config())
+    H, I, E, V = 192, 96, 16, 1024
+    attn = sum(
+        fp8_linear_bytes(o, i)
+        for o, i in ((96, H), (4 * 48, 96), (64 + 16, H), (4 * (32 + 32), 64), (H, 4 * 32))
+    )
+    plan = plan_memory(config, placement(config, "fp8", gpu_experts=3), BIG, BIG)
+    rows = {r.name: r.gpu_bytes for r in plan.rows}
+    assert rows["attention"] == 3 * attn
+    assert rows["dense MLP"] == 2 * fp8_linear_bytes(320, H) + fp8_linear_bytes(H, 320)
+    expert = 2 * fp8_linear_bytes(I, H) + fp8_linear_bytes(H, I)
+    assert rows["shared experts"] == 2 * expert  # 1 shared expert of I, 2 MoE layers
+    assert rows["routed experts (GPU)"] == 2 * 3 * expert
+    assert rows["routers"] == 2 * (E * H * 2 + E * 4)  # bf16 weight + fp32 correction bias
+    assert rows["embed_tokens"] == rows["lm_head"] == V * H * 2
+    assert rows["norms"] == 2 * (3 * (2 * H + 96 + 64) + H)  # 2 bytes x (4 per layer + final)
+
+
+def test_fp8_plan_equals_checkpoint_files(tiny_v3):
+    """An FP8 checkpoint's own bytes (weight + weight_scale_inv as stored) for what goes on the
+    GPU: all but the routed experts of CPU and the MTP layer."""
+    config = ModelConfig.from_hf(tiny_v3)
+    ckpt = Checkpoint(tiny_v3)
+    L = config.num_hidden_layers
+
+    def on_gpu(name: str) -> bool:
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"] and int(parts[2]) >= L:
+            return False  # MTP
+        return ".mlp.experts." not in name or int(parts[5]) < 2  # experts 0, 1 on the GPU
+
+    stored = sum(info.nbytes for name, info in ckpt.tensors.items() if on_gpu(name))
+    plan = plan_memory(config, placement(config, "fp8", gpu_experts=2), BIG, BIG)
+    assert plan.gpu_weight_bytes == stored
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8", "int8-g32", "bf16"])
+@pytest.mark.parametrize("gpu_experts", [0, 5])
+def test_cpu_experts_equal_packed_bytes(spec, gpu_experts):
+    config = ModelConfig.from_hf(tiny_v3_config())
+    E, H, I = (
+        config.n_routed_experts - gpu_experts,
+        config.hidden_size,
+        config.moe_intermediate_size,
+    )
+    g = torch.Generator().manual_seed(0)
+    gate, up = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    packed = pack_experts(gate, up, torch.randn(E, H, I, generator=g), Format.parse(spec))
+    layer_bytes = sum(a.nbytes for a in packed.arrays().values())
+    plan = plan_memory(config, placement(config, "bf16", spec, gpu_experts), BIG, BIG)
+    row = plan.row("routed experts (CPU)")
+    assert row.ram_bytes == len(config.moe_layers) * layer_bytes
+    assert row.gpu_bytes == 0
+
+
+def test_kv_cache_and_fits():
+    config = ModelConfig.from_hf(tiny_v3_config())
+    per_token = 3 * (64 + 16) * 2  # layers x (kv_lora_rank + rope dim) x bf16
+    base = placement(config, "fp8")
+    fixed = plan_memory(config, base, BIG, BIG).gpu_fixed_bytes
+    vram = fixed + 1000 * per_token + 100
+    plan = plan_memory(config, base, vram, BIG)
+    assert plan.kv_bytes_per_token == per_token
+    assert plan.kv_tokens == plan.kv_tokens_fit == 1000
+    assert not plan.fits  # with kv_cache_tokens 0 the cache needs one prefill chunk: 2048
+    assert "KV cache for 2048 tokens" in plan.reasons[0]
+    text = "runtime: {kv_cache_tokens: 500, prefill_chunk: 256}\n"
+    rules = f"rules:\n  - {{match: {EXPERTS}, device: cpu}}\n  - {{device: gpu}}\n"
+    plan = plan_memory(config, parse_placement(rules + text, config), vram, BIG)
+    assert (plan.kv_tokens, plan.fits) == (500, True)
+    assert plan.row("KV cache").gpu_bytes == 500 * per_token
+    check_fits(plan)
+    plan = plan_memory(
+        config, parse_placement(rules + text.replace("500", "2000"), config), vram, BIG
+    )
+    assert (plan.kv_tokens, plan.kv_tokens_needed, plan.fits) == (1000, 2000, False)
+    assert "for 2000 tokens" in plan.reasons[0] and "DOES NOT FIT" in plan.table()
+    with pytest.raises(PlanError, match=r"does not fit: GPU needs .* GiB budget"):
+        check_fits(plan)
+    plan = plan_memory(config, base, BIG, 4 * GIB)
+    assert not plan.fits and plan.reasons[0].startswith("RAM needs")
+
+
+def test_tied_embeddings_count_once():
+    config = ModelConfig.from_hf(tiny_v3_config(tie_word_embeddings=True))
+    plan = plan_memory(config, placement(config, "bf16"), BIG, BIG)
+    assert plan.row("lm_head").gpu_bytes == 0 and plan.row("lm_head").detail == "tied"
+
+
+@pytest.fixture(scope="module")
+def v3_dir(tmp_path_factory) -> Path:
+    """DeepSeek-V3's config.json and a full index (163 shards, FP8, MTP layer 61); no weights."""
+    return write_v3_index(tmp_path_factory.mktemp("v3"), json.loads(V3_CONFIG.read_text()))
+
+
+def test_v3_all_on_gpu_equals_index_total(tmp_path, v3_dir):
+    """Everything on the GPU in FP8 is the published checkpoint's bytes less the MTP layer."""
+    config = ModelConfig.from_hf(v3_dir)
+    without_mtp = write_v3_index(tmp_path, json.loads(V3_CONFIG.read_text()), mtp=False)
+    total = read_index(without_mtp)["metadata"]["total_size"]
+    everything = parse_placement("rules: [{device: gpu, format: fp8}]", config)
+    assert plan_memory(config, everything, BIG, BIG).gpu_weight_bytes == total
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["plan", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_v3_24gb(v3_dir, capsys):
+    yaml = str(ROOT / "configs" / "deepseek-v3-24gb.yaml")
+    code, out, _ = run(
+        capsys, "--model", str(v3_dir), "--placement", yaml, "--vram", "24", "--ram", "512"
+    )
+    assert code == 0, out
+    for text in ("routed experts (CPU)", "14848 experts, int4", "KV cache", "MTP layer(s) 61"):
+        assert text in out
+    assert out.splitlines()[-1].startswith("FITS: GPU 21.")
+    code, out, _ = run(
+        capsys,
+        "--model",
+        str(v3_dir),
+        "--placement",
+        yaml,
+        "--vram",
+        "24",
+        "--ram",
+        "512",
+        "--json",
+    )
+    plan = json.loads(out)
+    assert code == 0 and plan["fits"] and plan["kv_tokens"] >= 32768
+    assert plan["kv_tokens_fit"] >= 32768 and plan["vram_bytes"] == 24 * GIB
+    code, out, _ = run(
+        capsys, "--model", str(v3_dir), "--placement", yaml, "--vram", "8", "--ram", "512"
+    )
+    assert code == 1
+    assert out.splitlines()[-1].startswith("DOES NOT FIT: GPU needs 17.")
+    code, out, _ = run(
+        capsys, "--model", str(v3_dir), "--placement", yaml, "--vram", "24", "--ram", "256"
+    )
+    assert code == 1 and "RAM needs 342.56 GiB of CPU experts" in out
+
+
+def test_cli_default_placement_and_errors(tmp_path, capsys):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(tiny_v3_config()))
+    code, out, _ = run(capsys, "--model", str(model), "--vram", "2", "--ram", "64")
+    assert code == 0 and "placement: <default>" in out and "FITS" in out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - device: gpu\n    format: fp4\n")
+    code, _, err = run(capsys, "--model", str(model), "--placement", str(bad))
+    assert code == 2 and err.startswith(f"hetero: error: {bad}:3: rules[0].format: 'fp4'")
+    code, _, err = run(capsys, "--model", str(tmp_path), "--vram", "2")
+    assert code == 2 and "config.json: no such file" in err
+    code, _, err = run(capsys, "--model", str(model), "--vram", "-1")
+    assert code == 2 and "--vram" in err
