@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -38,6 +39,15 @@ class EngineConfig:
 
 
 @dataclass
+class EngineStats:
+    """Seconds the worker computed and the callers waited, for benchmarks (reset freely)."""
+
+    busy_s: float = 0.0  # written by the worker thread only
+    wait_s: float = 0.0  # written by the calling thread only
+    jobs: int = 0
+
+
+@dataclass
 class Job:
     """A submitted call: its future and, for CUDA inputs, where the result must go."""
 
@@ -57,6 +67,7 @@ class CPUExperts:
         self.layers = layers
         self.config = config or EngineConfig()
         self.threads = min(self.config.num_threads(), numba.config.NUMBA_NUM_THREADS)
+        self.stats = EngineStats()
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
@@ -93,7 +104,9 @@ class CPUExperts:
         return Job(future, x.device, x.dtype)
 
     def wait(self, job: Job) -> torch.Tensor:
+        start = time.perf_counter()
         y = job.future.result()  # [T, H] fp32 on the host (pinned for CUDA callers)
+        self.stats.wait_s += time.perf_counter() - start
         return y.to(job.device, non_blocking=True).to(job.dtype)
 
     def forward(
@@ -107,9 +120,12 @@ class CPUExperts:
     def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool) -> torch.Tensor:
         if ready is not None:
             ready.synchronize()
+        start = time.perf_counter()
         x, ids, weights = (t.numpy() for t in host)
         out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
         self._compute(self.layers[layer], x, ids, weights, out.numpy())
+        self.stats.busy_s += time.perf_counter() - start
+        self.stats.jobs += 1
         return out
 
     def _compute(

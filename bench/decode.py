@@ -1,0 +1,255 @@
+"""Decode throughput of the hybrid runtime: routed experts on the CPU (INT4), the rest on the GPU.
+
+For batch sizes B it times decode steps in these modes, on the same model and cache:
+  sequential  each MoE layer waits for its CPU experts before any GPU expert work (no overlap)
+  overlap     CPU experts run while the GPU computes the shared experts
+  defer{d}    overlap + each token's d lowest-weight CPU experts added one layer late
+and, for reference, `gpu_only` (CPU experts replaced by zeros: the GPU side alone) and `cpu_only`
+(the engine's compute time per step in the sequential mode: the CPU side alone).
+
+Workloads (random weights built in memory): `v3-slice` is DeepSeek-V3 at full width with a few
+layers (1 dense + N MoE); its per-token time is extrapolated to 61 layers (3 dense + 58 MoE) as
+  t61 = t_gpu_only * 61 / L + (t_step - t_gpu_only) * 58 / N_moe.
+`v2-lite` is the whole DeepSeek-V2-Lite shape (27 layers). JSON lines on stdout.
+`--baseline` instead times transformers' DeepseekV3ForCausalLM with one MoE layer whose experts
+accelerate's device_map keeps on the CPU (streamed to the GPU every step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.cpu_moe import random_layer  # noqa: E402
+from hetero.config import ModelConfig  # noqa: E402
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
+from hetero.cpu_experts.formats import Format  # noqa: E402
+from hetero.model import ForwardBatch, Transformer  # noqa: E402
+from hetero.model.moe import RoutedRun  # noqa: E402
+from hetero.sched.hybrid import HybridExperts  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
+WORKLOADS = {
+    "v3-slice": ("deepseek-v3", {"first_k_dense_replace": 1}),
+    "v2-lite": ("deepseek-v2-lite", {}),
+}
+PROMPT = 16  # tokens of context each sequence has before the timed steps
+
+
+def slice_config(workload: str, moe_layers: int | None) -> dict:
+    name, overrides = WORKLOADS[workload]
+    d = json.loads((MODELS / name / "config.json").read_text())
+    d.update(overrides)
+    if moe_layers:
+        d["num_hidden_layers"] = d["first_k_dense_replace"] + moe_layers
+    d.pop("quantization_config", None)
+    return d
+
+
+@torch.no_grad()
+def random_model(config: ModelConfig, device: str, dtype: torch.dtype) -> Transformer:
+    """All non-expert weights random (scaled so activations stay O(1)); no routed experts."""
+    with torch.device("meta"):
+        model = Transformer(config, resident={L: () for L in config.moe_layers})
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            p.fill_(1.0)
+        elif p.ndim == 2:
+            p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    return model.to(dtype).eval()
+
+
+class ZeroExperts:
+    """The GPU side alone: routed experts contribute nothing and cost nothing."""
+
+    def submit(self, x, ids, weights) -> RoutedRun:
+        y = torch.zeros_like(x)
+        return RoutedRun(lambda: y)
+
+
+def set_mode(model, config, engine, mode: str) -> None:
+    for L in config.moe_layers:
+        moe = model.model.layers[L].mlp
+        if mode == "gpu_only":
+            moe.routed = ZeroExperts()
+            continue
+        d = int(mode[5:]) if mode.startswith("defer") else 0
+        moe.routed = HybridExperts(
+            moe.experts,
+            layer=L,
+            engine=engine,
+            num_experts=config.n_routed_experts,
+            deferred=d,
+            overlap=mode != "sequential",
+        )
+
+
+def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str) -> dict:
+    """`steps` decode steps of B sequences from context length `start`; ms per step and stats."""
+    gen = torch.Generator().manual_seed(B)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ms = []
+    engine.stats.busy_s = engine.stats.wait_s = 0.0
+    for i in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (B,), generator=gen).to(device)
+        batch = ForwardBatch.build(list(range(B)), [1] * B, [start + i + 1] * B, device)
+        sync()
+        t0 = time.perf_counter()
+        model(ids, batch, cache, last_only=True)
+        sync()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    wall = sum(ms) / 1e3
+    ms.sort()
+    return {
+        "ms": round(ms[len(ms) // 2], 3),
+        "cpu_busy": round(engine.stats.busy_s / wall, 3),
+        "cpu_ms": round(engine.stats.busy_s / steps * 1e3, 3),
+        "wait_ms": round(engine.stats.wait_s / steps * 1e3, 3),
+    }
+
+
+def run(args) -> None:
+    config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers))
+    device = args.device
+    model = random_model(config, device, torch.bfloat16)
+    fmt = Format.parse(args.format)
+    H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+    layers = {L: random_layer(fmt, H, I, E, seed=L) for L in config.moe_layers}
+    engine = CPUExperts(layers, EngineConfig(threads=args.threads))
+    L, M = config.num_hidden_layers, len(config.moe_layers)
+    base = {
+        "bench": "decode",
+        "workload": args.workload,
+        "layers": L,
+        "moe_layers": M,
+        "format": str(fmt),
+        "cpu_threads": engine.threads,
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+    }
+    modes = ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
+    for B in args.batch:
+        cache = model.new_cache(B, PROMPT + (len(modes) + 1) * (args.steps + 2) + 1)
+        lens = [PROMPT] * B
+        batch = ForwardBatch.build(list(range(B)), lens, lens, device)
+        set_mode(model, config, engine, "overlap")
+        model(torch.randint(0, config.vocab_size, (B * PROMPT,)).to(device), batch, cache)
+        pos, rows = PROMPT, {}
+        for mode in modes:
+            set_mode(model, config, engine, mode)
+            time_steps(model, engine, cache, B, pos, 2, device)  # warm-up
+            pos += 2
+            rows[mode] = time_steps(model, engine, cache, B, pos, args.steps, device)
+            pos += args.steps
+        gpu, cpu_alone = rows["gpu_only"]["ms"], rows["sequential"]["cpu_ms"]
+        for mode, r in rows.items():
+            out = {**base, "batch": B, "mode": mode, **r}
+            if mode != "gpu_only":
+                out["vs_cpu_alone"] = round(r["ms"] / cpu_alone, 3)
+                out["speedup_vs_sequential"] = round(rows["sequential"]["ms"] / r["ms"], 3)
+                out["per_layer"] = {
+                    "gpu_ms": round(gpu / L, 3),
+                    "cpu_ms": round(r["cpu_ms"] / M, 3),
+                    "wait_ms": round(r["wait_ms"] / M, 3),
+                }
+            if args.workload == "v3-slice":
+                t61 = gpu * 61 / L + (r["ms"] - gpu) * 58 / M
+                out["v3_ms_per_step"] = round(t61, 1)
+                out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
+            else:
+                out["tokens_per_s"] = round(1e3 * B / r["ms"], 2)
+            print(json.dumps(out), flush=True)
+    engine.close()
+
+
+@torch.no_grad()
+def baseline(args) -> None:
+    """transformers + accelerate device_map: the routed experts of the MoE layer on "cpu"."""
+    from accelerate import dispatch_model
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    d = slice_config("v3-slice", 1)
+    cfg = DeepseekV3Config.from_dict(d)
+    with torch.device("meta"):
+        hf = DeepseekV3ForCausalLM(cfg)
+    hf = hf.to(torch.bfloat16)
+    experts = "model.layers.1.mlp.experts"
+    device_map = {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0, "model.rotary_emb": 0}
+    device_map["model.layers.0"] = 0
+    for name, _ in hf.model.layers[1].named_children():
+        device_map[f"model.layers.1.{name}"] = 0
+    for name, _ in hf.model.layers[1].mlp.named_children():
+        device_map[f"model.layers.1.mlp.{name}"] = "cpu" if name == "experts" else 0
+    del device_map["model.layers.1.mlp"]
+    hf.to_empty(device="cpu")
+    for name, p in hf.named_parameters():
+        if name.startswith(experts):
+            p.data.fill_(0.01)  # 22 GB: a fill, not a random draw
+        elif "norm" in name:
+            p.data.fill_(1.0)
+        else:
+            p.data.normal_(0, 0.02)
+    for name, b in hf.named_buffers():
+        if "correction_bias" in name:
+            b.zero_()
+    hf = dispatch_model(hf.eval(), device_map=device_map, main_device=0)
+    ids = torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda")
+    out = hf(input_ids=ids, use_cache=True)
+    times = []
+    for _ in range(args.steps):
+        nxt = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step = sorted(times)[len(times) // 2]
+    print(
+        json.dumps(
+            {
+                "bench": "decode",
+                "workload": "v3-slice",
+                "mode": "transformers_device_map",
+                "layers": 2,
+                "moe_layers": 1,
+                "batch": 1,
+                "ms": round(step * 1e3, 1),
+                "v3_tokens_per_s_upper_bound": round(1 / (step * 58), 4),
+                "note": "one MoE layer's step time x 58 MoE layers (dense layers left out)",
+            }
+        ),
+        flush=True,
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--workload", choices=WORKLOADS, default="v3-slice")
+    p.add_argument("--moe-layers", type=int, default=3, help="v3-slice: MoE layers after 1 dense")
+    p.add_argument("--format", default="int4")
+    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16])
+    p.add_argument("--defer", type=lambda s: [int(d) for d in s.split(",")], default=[1, 2, 3, 4])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--baseline", action="store_true", help="time transformers' device_map")
+    args = p.parse_args()
+    if args.workload == "v2-lite":
+        args.moe_layers = None
+    baseline(args) if args.baseline else run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Loads a checkpoint as the placement says: GPU modules on `device`, the routed experts of each
+MoE layer split between GPU-resident modules and the CPU engine (packed from the checkpoint, or
+memory-mapped from a store written by `hetero convert`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from hetero.config import ModelConfig
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+from hetero.cpu_experts.formats import Format, PackedExperts
+from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
+from hetero.loader import FP8_DTYPE, Checkpoint, load_weights
+from hetero.model import Transformer
+from hetero.placement import Placement, default_placement
+from hetero.registry import ROUTED_EXPERTS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HybridOptions:
+    device: str | torch.device = "cpu"
+    dtype: torch.dtype = torch.bfloat16
+    attention: str = "absorbed"
+    store: str | Path | None = None  # a `hetero convert` store; None: pack at load
+    overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
+    gemm_min_tokens: int = EngineConfig.gemm_min_tokens
+    int8_activations: bool = EngineConfig.int8_activations
+    progress: bool = True
+
+
+@dataclass
+class Hybrid:
+    """The loaded model and the CPU engine it calls; `close()` stops the engine's thread."""
+
+    model: Transformer
+    engine: CPUExperts | None
+    placement: Placement
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def load_hybrid(
+    path: str | Path, placement: Placement | None = None, options: HybridOptions | None = None
+) -> Hybrid:
+    opts = options or HybridOptions()
+    config = ModelConfig.from_hf(path)
+    ckpt = Checkpoint(path, config.fp8_block or (128, 128))
+    placement = placement or default_placement(config, fp8_checkpoint=ckpt_is_fp8(ckpt))
+    resident = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
+    with torch.device("meta"):
+        model = Transformer(config, attention=opts.attention, resident=resident)
+    load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
+    model.model.rotary.to_empty(device=opts.device)
+    cpu_layers = {
+        L: placement.experts(L).cpu_format
+        for L in config.moe_layers
+        if len(resident[L]) < config.n_routed_experts
+    }
+    engine = None
+    if cpu_layers:
+        packed = _cpu_experts(path, ckpt, config, cpu_layers, opts)
+        engine_config = EngineConfig(
+            threads=placement.runtime.cpu_threads,
+            gemm_min_tokens=opts.gemm_min_tokens,
+            int8_activations=opts.int8_activations,
+        )
+        engine = CPUExperts(packed, engine_config)
+    for L in config.moe_layers:
+        moe = model.model.layers[L].mlp
+        if L in cpu_layers:
+            moe.routed = ROUTED_EXPERTS.get("hybrid")(
+                moe.experts,
+                layer=L,
+                engine=engine,
+                num_experts=config.n_routed_experts,
+                deferred=placement.experts(L).deferred,
+                overlap=opts.overlap,
+            )
+    return Hybrid(model.eval(), engine, placement)
+
+
+def _routed(name: str) -> bool:
+    """Routed-expert tensors are the CPU engine's (packed separately), not the model's."""
+    return ".mlp.experts." in name
+
+
+def ckpt_is_fp8(ckpt: Checkpoint) -> bool:
+    return any(info.dtype == FP8_DTYPE for info in ckpt.tensors.values())
+
+
+def _cpu_experts(
+    path: str | Path,
+    ckpt: Checkpoint,
+    config: ModelConfig,
+    layers: dict[int, str],
+    opts: HybridOptions,
+) -> dict[int, PackedExperts]:
+    """The CPU part of each layer in its format: every expert of the layer is packed (the GPU's
+    too), so the engine indexes experts by their ids and the GPU set can change without a repack."""
+    if opts.store is not None:
+        store = ExpertStore.open(opts.store, config, path)
+        out = {}
+        for L, spec in layers.items():
+            out[L] = store.layer(L)
+            if out[L].fmt != Format.parse(spec):
+                raise StoreError(
+                    f"{opts.store}: layer {L} is stored as {out[L].fmt}, the placement asks for "
+                    f"{spec} (convert again with --cpu-format {spec})"
+                )
+        return out
+    bar = tqdm(layers.items(), desc="packing experts", unit="layer", disable=not opts.progress)
+    return {L: pack_layer(ckpt, config, L, Format.parse(spec)) for L, spec in bar}

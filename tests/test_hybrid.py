@@ -1,0 +1,166 @@
+"""The hybrid model (CPU engine experts + the "GPU" side, here the CPU) against the reference
+model on the same weights: exact with d = 0, and equal to a plain-torch deferral with d > 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetero.config import ModelConfig
+from hetero.cpu_experts.formats import unpack_expert
+from hetero.loader import load_model
+from hetero.model import ForwardBatch
+from hetero.model.moe import torch_routed_experts
+from hetero.placement import parse_placement
+from hetero.sched.hybrid import select_deferred
+from hetero.sched.runtime import HybridOptions, load_hybrid
+from hetero.testing import write_tiny_v2, write_tiny_v3
+
+TOL = 1e-5  # fp32 on both sides: rounding only
+PROMPTS = ([5, 9, 2, 33, 7, 1, 12], [3, 4])
+STEPS = 4
+
+
+def placement(config: ModelConfig, cpu_format: str, gpu_experts: str, deferred: int):
+    text = (
+        "rules:\n"
+        f"  - {{match: '\\.mlp\\.experts$', device: cpu, format: {cpu_format},"
+        f" gpu_experts: {gpu_experts}, deferred: {deferred}}}\n"
+        "  - {device: gpu, format: bf16}\n"
+    )
+    return parse_placement(text, config, "<test>")
+
+
+@pytest.fixture(scope="module")
+def v2(tmp_path_factory):
+    return write_tiny_v2(tmp_path_factory.mktemp("v2"))
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return write_tiny_v3(tmp_path_factory.mktemp("v3"))
+
+
+def load(path, cpu_format, gpu_experts="[0, 3]", deferred=0, **kw):
+    config = ModelConfig.from_hf(path)
+    opts = HybridOptions(dtype=torch.float32, gemm_min_tokens=10**9, progress=False, **kw)
+    return load_hybrid(path, placement(config, cpu_format, gpu_experts, deferred), opts)
+
+
+def reference(path, hybrid):
+    """The reference model in fp32 with each CPU expert's weights as the CPU engine holds them."""
+    model = load_model(path, device="cpu", dtype=torch.float32, progress=False)
+    for L, packed in hybrid.engine.layers.items():
+        on_gpu = hybrid.model.model.layers[L].mlp.experts.keys()
+        for e, expert in model.model.layers[L].mlp.experts.items():
+            if e in on_gpu:
+                continue
+            gate, up, down = unpack_expert(packed, int(e))
+            expert.gate_proj.weight.data.copy_(gate)
+            expert.up_proj.weight.data.copy_(up)
+            expert.down_proj.weight.data.copy_(down)
+    return model
+
+
+def run(forward, model) -> list[torch.Tensor]:
+    """Prefill two prompts together, then greedy decode steps; every step's logits."""
+    cache = model.new_cache(len(PROMPTS), 64)
+    lens = [len(p) for p in PROMPTS]
+    batch = ForwardBatch.build([0, 1], lens, lens)
+    logits = [forward(torch.tensor([t for p in PROMPTS for t in p]), batch, cache)]
+    for _ in range(STEPS):
+        nxt = logits[-1][batch.last_token_indices].argmax(-1)  # [B]
+        lens = [n + 1 for n in lens]
+        batch = ForwardBatch.build([0, 1], [1, 1], lens)
+        logits.append(forward(nxt, batch, cache))
+    return logits
+
+
+def assert_same(a: list[torch.Tensor], b: list[torch.Tensor], tol: float = TOL) -> None:
+    for step, (x, y) in enumerate(zip(a, b)):
+        err = ((x - y).norm() / y.norm()).item()
+        assert err < tol, f"step {step}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("fixture, cpu_format", [("v2", "bf16"), ("v3", "int8"), ("v3", "int4")])
+def test_no_deferral_is_the_model(request, fixture, cpu_format):
+    path = request.getfixturevalue(fixture)
+    hybrid = load(path, cpu_format)
+    try:
+        ref = reference(path, hybrid)
+        assert_same(run(hybrid.model, hybrid.model), run(ref, ref))
+    finally:
+        hybrid.close()
+
+
+def test_all_experts_on_cpu_and_sequential_mode(v3):
+    """No GPU experts, and the sequential (non-overlapped) baseline: the same numbers."""
+    hybrid = load(v3, "int8", gpu_experts="0", overlap=False)
+    try:
+        ref = reference(v3, hybrid)
+        assert_same(run(hybrid.model, hybrid.model), run(ref, ref))
+    finally:
+        hybrid.close()
+
+
+def deferred_forward(model, d: int, gpu: set[int]):
+    """Deferral in plain torch: of a token's CPU experts, the d lowest-weighted are added after
+    the next MoE layer's output (after the last one, before the final norm)."""
+
+    def lowest(weights, ids):  # [T, k] bool, written without select_deferred
+        later = torch.zeros_like(ids, dtype=torch.bool)
+        for t in range(ids.shape[0]):
+            cpu = [j for j in range(ids.shape[1]) if int(ids[t, j]) not in gpu]
+            for j in sorted(cpu, key=lambda j: float(weights[t, j]))[:d]:
+                later[t, j] = True
+        return later
+
+    @torch.inference_mode()
+    def forward(input_ids, batch, cache):
+        dec = model.model
+        x, carry = dec.embed_tokens(input_ids), None
+        for block in dec.layers:
+            x = x + block.self_attn(block.input_layernorm(x), batch, cache, dec.rotary)
+            h = block.post_attention_layernorm(x)
+            if not block.is_moe:
+                x = x + block.mlp(h)
+                continue
+            moe = block.mlp
+            weights, ids = moe.gate(h)
+            later = lowest(weights, ids)
+            y = torch_routed_experts(moe.experts, h, ids.masked_fill(later, -1), weights)
+            y = y + moe.shared_experts(h)
+            if carry is not None:
+                y = y + carry
+            carry = torch_routed_experts(moe.experts, h, ids.masked_fill(~later, -1), weights)
+            x = x + y
+        if carry is not None:
+            x = x + carry
+        return model.lm_head(dec.norm(x)).float()
+
+    return forward
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_deferral_equals_plain_torch_reference(v3, d):
+    hybrid = load(v3, "int8", deferred=d)
+    try:
+        ref = reference(v3, hybrid)
+        got = run(hybrid.model, hybrid.model)
+        assert_same(got, run(deferred_forward(ref, d, {0, 3}), ref))
+        exact = run(ref, ref)  # and deferral does change the numbers
+        assert ((got[0] - exact[0]).norm() / exact[0].norm()).item() > 1e-4
+    finally:
+        hybrid.close()
+
+
+def test_select_deferred():
+    weights = torch.tensor([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
+    eligible = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    got = select_deferred(weights, eligible, 2)
+    assert got.tolist() == [[False, True, False, True], [True, False, True, False]]
+    got = select_deferred(weights, eligible, 1)
+    assert got.tolist() == [[False, True, False, False], [False, False, True, False]]
+    assert not select_deferred(weights, eligible, 0).any()
+    none = torch.zeros_like(eligible)
+    assert not select_deferred(weights, none, 3).any()  # nothing eligible: nothing deferred
