@@ -25,7 +25,7 @@ def placement(config: ModelConfig, cpu_format: str, gpu_experts: str, deferred: 
     text = (
         "rules:\n"
         f"  - {{match: '\\.mlp\\.experts$', device: cpu, format: {cpu_format},"
-        f" gpu_experts: {gpu_experts}, deferred: {deferred}}}\n"
+        f" gpu_experts: {gpu_experts}, gpu_format: bf16, deferred: {deferred}}}\n"
         "  - {device: gpu, format: bf16}\n"
     )
     return parse_placement(text, config, "<test>")
@@ -51,11 +51,11 @@ def reference(path, hybrid):
     """The reference model in fp32 with each CPU expert's weights as the CPU engine holds them."""
     model = load_model(path, device="cpu", dtype=torch.float32, progress=False)
     for L, packed in hybrid.engine.layers.items():
-        on_gpu = hybrid.model.model.layers[L].mlp.experts.keys()
+        rows = hybrid.model.model.layers[L].mlp.routed.rows  # expert id -> engine row, -1: GPU
         for e, expert in model.model.layers[L].mlp.experts.items():
-            if e in on_gpu:
+            if rows[int(e)] < 0:
                 continue
-            gate, up, down = unpack_expert(packed, int(e))
+            gate, up, down = unpack_expert(packed, int(rows[int(e)]))
             expert.gate_proj.weight.data.copy_(gate)
             expert.up_proj.weight.data.copy_(up)
             expert.down_proj.weight.data.copy_(down)
@@ -164,3 +164,21 @@ def test_select_deferred():
     assert not select_deferred(weights, eligible, 0).any()
     none = torch.zeros_like(eligible)
     assert not select_deferred(weights, none, 3).any()  # nothing eligible: nothing deferred
+
+
+def test_plan_counts_what_loads(v3):
+    """The memory plan's GPU weights and CPU experts are the bytes the hybrid load allocates."""
+    from hetero.plan import plan_memory
+
+    config = ModelConfig.from_hf(v3)
+    p = placement(config, "int4", "[0, 3]", 1)
+    plan = plan_memory(config, p, vram_bytes=2**34, ram_bytes=2**34)
+    opts = HybridOptions(dtype=torch.bfloat16, progress=False)
+    hybrid = load_hybrid(v3, p, opts)
+    try:
+        gpu = sum(t.nbytes for t in hybrid.model.state_dict().values())
+        cpu = sum(a.nbytes for L in hybrid.engine.layers.values() for a in L.arrays().values())
+        assert plan.gpu_weight_bytes == gpu
+        assert plan.row("routed experts (CPU)").ram_bytes == cpu
+    finally:
+        hybrid.close()

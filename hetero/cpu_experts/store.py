@@ -16,7 +16,7 @@ import logging
 import math
 import mmap
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,13 +84,22 @@ def _expert_names(layer: int, e: int) -> list[str]:
     return [p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"]
 
 
-def pack_layer(ckpt: Checkpoint, config: ModelConfig, layer: int, fmt: Format) -> PackedExperts:
-    """The routed experts of MoE layer `layer`, packed in `fmt`, EXPERT_CHUNK experts at a time
-    into arrays allocated once, so at most one chunk is ever in fp32."""
+def pack_layer(
+    ckpt: Checkpoint,
+    config: ModelConfig,
+    layer: int,
+    fmt: Format,
+    experts: Sequence[int] | None = None,
+) -> PackedExperts:
+    """The routed experts of MoE layer `layer` (all, or `experts` in that order), packed in `fmt`,
+    EXPERT_CHUNK experts at a time into arrays allocated once, so at most one chunk is ever in
+    fp32."""
     if not config.is_moe_layer(layer):
         raise StoreError(f"{ckpt.path}: layer {layer} is not a MoE layer ({config.moe_layers})")
-    E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
-    for e in range(E):
+    H, I = config.hidden_size, config.moe_intermediate_size
+    ids = list(range(config.n_routed_experts) if experts is None else experts)
+    E = len(ids)
+    for e in ids:
         for name, shape in zip(_expert_names(layer, e), ((I, H), (I, H), (H, I))):
             info = ckpt.tensors.get(name)
             if info is None or info.shape != shape:
@@ -100,16 +109,16 @@ def pack_layer(ckpt: Checkpoint, config: ModelConfig, layer: int, fmt: Format) -
                 )
     out = {k: np.empty(s, d) for k, (d, s) in layout(fmt, E, H, I).items()}
     for e0 in range(0, E, EXPERT_CHUNK):
-        experts = range(e0, min(e0 + EXPERT_CHUNK, E))
-        names = [n for e in experts for n in _expert_names(layer, e)]
+        chunk = ids[e0 : e0 + EXPERT_CHUNK]
+        names = [n for e in chunk for n in _expert_names(layer, e)]
         w = ckpt.load_group(names, dict.fromkeys(names, torch.float32))
         gate, up, down = (
-            torch.stack([w[_expert_names(layer, e)[m]] for e in experts]) for m in range(3)
+            torch.stack([w[_expert_names(layer, e)[m]] for e in chunk]) for m in range(3)
         )  # [e, I, H], [e, I, H], [e, H, I]
         del w
         part = pack_experts(gate, up, down, fmt)
         for k, a in part.arrays().items():
-            dst = out[k][e0 : e0 + len(experts)]
+            dst = out[k][e0 : e0 + len(chunk)]
             if a.shape != dst.shape or a.dtype != dst.dtype:  # layout() and formats.py disagree
                 raise RuntimeError(f"{fmt}: {k} packs as {a.dtype}{a.shape}, not {dst.dtype}")
             dst[...] = a

@@ -45,9 +45,10 @@ class CPUPending:
 
 class HybridExperts:
     """Routed experts of one MoE layer: `experts` (the GPU-resident ones, as modules) on the
-    model's device, the rest in `engine` (layer `layer`). `deferred`: CPU experts a token hands
-    to the next layer; `overlap=False` waits for the CPU before any GPU work (the sequential
-    baseline of bench/decode.py)."""
+    model's device, the rest in `engine` (layer `layer`), whose rows are the experts `cpu_rows`
+    lists (default: all, row e = expert e). `deferred`: CPU experts a token hands to the next
+    layer; `overlap=False` waits for the CPU before any GPU work (the sequential baseline of
+    bench/decode.py)."""
 
     def __init__(
         self,
@@ -56,6 +57,7 @@ class HybridExperts:
         layer: int,
         engine: CPUExperts,
         num_experts: int,
+        cpu_rows: tuple[int, ...] | None = None,
         deferred: int = 0,
         overlap: bool = True,
     ) -> None:
@@ -66,21 +68,26 @@ class HybridExperts:
         self.overlap = overlap
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[[int(e) for e in experts.keys()]] = True
-        self.on_gpu = on_gpu  # [E], moved to the inputs' device on first use
+        rows = torch.full((num_experts,), -1, dtype=torch.long)  # expert id -> engine row
+        cpu_rows = range(num_experts) if cpu_rows is None else cpu_rows
+        rows[list(cpu_rows)] = torch.arange(len(cpu_rows))
+        rows[on_gpu] = -1
+        self.on_gpu, self.rows = on_gpu, rows  # [E] each, moved to the inputs' device on first use
         self.any_on_gpu = bool(on_gpu.any())
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
         """x [T, H], ids/weights [T, k] from the router."""
         if self.on_gpu.device != ids.device:
-            self.on_gpu = self.on_gpu.to(ids.device)
+            self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
         gpu = self.on_gpu[ids]  # [T, k]
         later = select_deferred(weights, ~gpu, self.deferred)  # [T, k]
-        now = self.engine.submit(self.layer, x, ids.masked_fill(gpu | later, -1), weights)
+        rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
+        now = self.engine.submit(self.layer, x, rows.masked_fill(later, -1), weights)
         if not self.overlap:
             y_cpu = self.engine.wait(now)
         pending = None
         if self.deferred:
-            job = self.engine.submit(self.layer, x, ids.masked_fill(~later, -1), weights)
+            job = self.engine.submit(self.layer, x, rows.masked_fill(~later, -1), weights)
             pending = CPUPending(self.engine, job)
         y = torch.zeros_like(x)
         if self.any_on_gpu:

@@ -17,7 +17,7 @@ from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.loader import FP8_DTYPE, Checkpoint, load_weights
 from hetero.model import Transformer
-from hetero.placement import Placement, default_placement
+from hetero.placement import ExpertPlacement, Placement, default_placement
 from hetero.registry import ROUTED_EXPERTS
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,8 @@ def load_hybrid(
         model = Transformer(config, attention=opts.attention, resident=resident)
     load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
     model.model.rotary.to_empty(device=opts.device)
-    cpu_layers = {
-        L: placement.experts(L).cpu_format
-        for L in config.moe_layers
-        if len(resident[L]) < config.n_routed_experts
-    }
+    E = config.n_routed_experts
+    cpu_layers = {L: placement.experts(L) for L in config.moe_layers if len(resident[L]) < E}
     engine = None
     if cpu_layers:
         packed = _cpu_experts(path, ckpt, config, cpu_layers, opts)
@@ -81,8 +78,9 @@ def load_hybrid(
                 moe.experts,
                 layer=L,
                 engine=engine,
-                num_experts=config.n_routed_experts,
-                deferred=placement.experts(L).deferred,
+                num_experts=E,
+                cpu_rows=None if opts.store is not None else cpu_layers[L].cpu_experts(E),
+                deferred=cpu_layers[L].deferred,
                 overlap=opts.overlap,
             )
     return Hybrid(model.eval(), engine, placement)
@@ -101,15 +99,17 @@ def _cpu_experts(
     path: str | Path,
     ckpt: Checkpoint,
     config: ModelConfig,
-    layers: dict[int, str],
+    layers: dict[int, ExpertPlacement],
     opts: HybridOptions,
 ) -> dict[int, PackedExperts]:
-    """The CPU part of each layer in its format: every expert of the layer is packed (the GPU's
-    too), so the engine indexes experts by their ids and the GPU set can change without a repack."""
+    """The CPU experts of each layer in their format: packed at load (only the CPU's, rows in
+    expert order), or a store's memory map of all of them (pages of GPU experts never touched)."""
+    E = config.n_routed_experts
     if opts.store is not None:
         store = ExpertStore.open(opts.store, config, path)
         out = {}
-        for L, spec in layers.items():
+        for L, p in layers.items():
+            spec = p.cpu_format
             out[L] = store.layer(L)
             if out[L].fmt != Format.parse(spec):
                 raise StoreError(
@@ -118,4 +118,6 @@ def _cpu_experts(
                 )
         return out
     bar = tqdm(layers.items(), desc="packing experts", unit="layer", disable=not opts.progress)
-    return {L: pack_layer(ckpt, config, L, Format.parse(spec)) for L, spec in bar}
+    return {
+        L: pack_layer(ckpt, config, L, Format.parse(p.cpu_format), p.cpu_experts(E)) for L, p in bar
+    }
