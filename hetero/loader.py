@@ -20,6 +20,8 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from hetero.config import ModelConfig
+from hetero.model.fp8 import block_dequantize as dequantize_fp8
+from hetero.model.fp8 import block_quantize
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,9 @@ class Checkpoint:
     def load_group(
         self, names: list[str], dtypes: dict[str, torch.dtype]
     ) -> dict[str, torch.Tensor]:
-        """Tensors as their `dtypes`, FP8 dequantized. Each shard is opened for this group only, so
-        its mapping (and the page cache it pins in our RSS) goes away with the group."""
+        """Tensors as their `dtypes`, FP8 dequantized; a dtype of float8_e4m3fn keeps (or makes)
+        FP8 blocks and adds the name's `weight_scale_inv`. Each shard is opened for this group
+        only, so its mapping (and the page cache it pins in our RSS) goes away with the group."""
         wanted = set(names) | {
             n + SCALE_SUFFIX for n in names if self.tensors[n].dtype == FP8_DTYPE
         }
@@ -105,9 +108,15 @@ class Checkpoint:
         out = {}
         for n in names:
             t = raw.pop(n)
-            if self.tensors[n].dtype == FP8_DTYPE:
-                t = dequantize_fp8(t, raw.pop(n + SCALE_SUFFIX), self.fp8_block)
-            out[n] = t.to(dtypes[n])
+            fp8_in, fp8_out = self.tensors[n].dtype == FP8_DTYPE, dtypes[n] == torch.float8_e4m3fn
+            if fp8_in and fp8_out:
+                out[n], out[n + SCALE_SUFFIX] = t, raw.pop(n + SCALE_SUFFIX).float()
+            elif fp8_out:
+                out[n], out[n + SCALE_SUFFIX] = block_quantize(t, self.fp8_block)
+            else:
+                if fp8_in:
+                    t = dequantize_fp8(t, raw.pop(n + SCALE_SUFFIX), self.fp8_block)
+                out[n] = t.to(dtypes[n])
         return out
 
 
@@ -147,18 +156,6 @@ class _open:
 
     def __exit__(self, *exc) -> None:
         self.handle.__exit__(*exc)
-
-
-def dequantize_fp8(
-    w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]
-) -> torch.Tensor:
-    """W = W_fp8 * scale per block; w [O, I], scale_inv [ceil(O/bo), ceil(I/bi)] -> fp32 [O, I].
-
-    Edge blocks may be partial (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
-    O, I = w.shape
-    bo, bi = block
-    scale = scale_inv.float().repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :I]
-    return w.float() * scale
 
 
 def expected_tensors(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -253,17 +250,24 @@ def load_weights(
     """Fills a model built on the meta device, group by group, so peak RAM stays near its size.
     `elsewhere(name)`: checkpoint tensors another part loads (e.g. CPU experts), not reported."""
     expected = expected_tensors(model)
+    scales = {n for n in expected if n.endswith(SCALE_SUFFIX)}  # of FP8Linear modules
+    fp8 = {n.removesuffix(SCALE_SUFFIX) for n in scales}
+    expected = {n: s for n, s in expected.items() if n not in scales}  # they come with weights
     validate(ckpt, config, expected, elsewhere)
     names = [n for n in expected if n in ckpt.tensors]
     bar = tqdm(list(groups(names)), desc="loading", unit="layer", disable=not progress)
     for _, group in bar:
-        dtypes = {
-            n: torch.float32 if n.endswith("e_score_correction_bias") else dtype for n in group
-        }
+        dtypes = {n: _dtype(n, fp8, dtype) for n in group}
         for name, t in ckpt.load_group(group, dtypes).items():
             _assign(model, name, t.to(device))
     if config.tie_word_embeddings and "lm_head.weight" not in ckpt.tensors:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _dtype(name: str, fp8: set[str], dtype: torch.dtype) -> torch.dtype:
+    if name in fp8:
+        return torch.float8_e4m3fn
+    return torch.float32 if name.endswith("e_score_correction_bias") else dtype
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -10,6 +10,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import unpack_expert
 from hetero.loader import load_model
 from hetero.model import ForwardBatch
+from hetero.model.fp8 import FP8Linear
 from hetero.model.moe import torch_routed_experts
 from hetero.placement import parse_placement
 from hetero.sched.hybrid import select_deferred
@@ -21,12 +22,12 @@ PROMPTS = ([5, 9, 2, 33, 7, 1, 12], [3, 4])
 STEPS = 4
 
 
-def placement(config: ModelConfig, cpu_format: str, gpu_experts: str, deferred: int):
+def placement(config: ModelConfig, cpu_format, gpu_experts, deferred, gpu="bf16"):
     text = (
         "rules:\n"
         f"  - {{match: '\\.mlp\\.experts$', device: cpu, format: {cpu_format},"
-        f" gpu_experts: {gpu_experts}, gpu_format: bf16, deferred: {deferred}}}\n"
-        "  - {device: gpu, format: bf16}\n"
+        f" gpu_experts: {gpu_experts}, gpu_format: {gpu}, deferred: {deferred}}}\n"
+        f"  - {{device: gpu, format: {gpu}}}\n"
     )
     return parse_placement(text, config, "<test>")
 
@@ -41,10 +42,10 @@ def v3(tmp_path_factory):
     return write_tiny_v3(tmp_path_factory.mktemp("v3"))
 
 
-def load(path, cpu_format, gpu_experts="[0, 3]", deferred=0, **kw):
+def load(path, cpu_format, gpu_experts="[0, 3]", deferred=0, gpu="bf16", **kw):
     config = ModelConfig.from_hf(path)
     opts = HybridOptions(dtype=torch.float32, gemm_min_tokens=10**9, progress=False, **kw)
-    return load_hybrid(path, placement(config, cpu_format, gpu_experts, deferred), opts)
+    return load_hybrid(path, placement(config, cpu_format, gpu_experts, deferred, gpu), opts)
 
 
 def reference(path, hybrid):
@@ -166,15 +167,37 @@ def test_select_deferred():
     assert not select_deferred(weights, none, 3).any()  # nothing eligible: nothing deferred
 
 
-def test_plan_counts_what_loads(v3):
+def test_fp8_on_the_gpu(request):
+    """FP8 GPU weights: an FP8 checkpoint's blocks kept as they are give the reference model's
+    numbers; a bf16 checkpoint is quantized at load: its prefill logits stay near (e4m3 keeps 3
+    mantissa bits, ~8% on this random model's logits; a wrong scale or layout gives ~100%)."""
+    v3, v2 = request.getfixturevalue("v3"), request.getfixturevalue("v2")
+    hybrid = load(v3, "int8", gpu="fp8")
+    try:
+        assert isinstance(hybrid.model.model.layers[1].self_attn.kv_b_proj, FP8Linear)
+        ref = reference(v3, hybrid)
+        assert_same(run(hybrid.model, hybrid.model), run(ref, ref))
+    finally:
+        hybrid.close()
+    hybrid = load(v2, "bf16", gpu="fp8")
+    try:
+        ref = reference(v2, hybrid)
+        assert_same(run(hybrid.model, hybrid.model)[:1], run(ref, ref)[:1], tol=0.15)
+    finally:
+        hybrid.close()
+
+
+@pytest.mark.parametrize("fixture, gpu", [("v3", "bf16"), ("v3", "fp8"), ("v2", "fp8")])
+def test_plan_counts_what_loads(request, fixture, gpu):
     """The memory plan's GPU weights and CPU experts are the bytes the hybrid load allocates."""
     from hetero.plan import plan_memory
 
-    config = ModelConfig.from_hf(v3)
-    p = placement(config, "int4", "[0, 3]", 1)
+    path = request.getfixturevalue(fixture)
+    config = ModelConfig.from_hf(path)
+    p = placement(config, "int4", "[0, 3]", 1, gpu)
     plan = plan_memory(config, p, vram_bytes=2**34, ram_bytes=2**34)
     opts = HybridOptions(dtype=torch.bfloat16, progress=False)
-    hybrid = load_hybrid(v3, p, opts)
+    hybrid = load_hybrid(path, p, opts)
     try:
         gpu = sum(t.nbytes for t in hybrid.model.state_dict().values())
         cpu = sum(a.nbytes for L in hybrid.engine.layers.values() for a in L.arrays().values())

@@ -13,6 +13,7 @@ from torch import nn
 
 from hetero.config import ModelConfig
 from hetero.model.batch import ForwardBatch, KVCache
+from hetero.model.fp8 import dense_weight
 from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
 
@@ -58,7 +59,9 @@ class MLA(nn.Module):
 
     def wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj split into W_UK [heads, nope, kv_rank] and W_UV [heads, v, kv_rank]."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        dtype = self.kv_a_layernorm.weight.dtype  # norms are always in the model's dtype
+        w = dense_weight(self.kv_b_proj, dtype)
+        w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
 
 

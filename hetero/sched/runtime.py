@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -17,6 +18,7 @@ from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.loader import FP8_DTYPE, Checkpoint, load_weights
 from hetero.model import Transformer
+from hetero.model.fp8 import to_fp8
 from hetero.placement import ExpertPlacement, Placement, default_placement
 from hetero.registry import ROUTED_EXPERTS
 
@@ -58,6 +60,7 @@ def load_hybrid(
     resident = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
     with torch.device("meta"):
         model = Transformer(config, attention=opts.attention, resident=resident)
+    to_fp8(model, partial(_is_fp8, placement, config), config.fp8_block or (128, 128))
     load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
     model.model.rotary.to_empty(device=opts.device)
     E = config.n_routed_experts
@@ -84,6 +87,21 @@ def load_hybrid(
                 overlap=opts.overlap,
             )
     return Hybrid(model.eval(), engine, placement)
+
+
+def _is_fp8(placement: Placement, config: ModelConfig, name: str) -> bool:
+    """Whether the Linear layers directly under module `name` are FP8 by the placement."""
+    parts = name.split(".")
+    if len(parts) < 4 or parts[:2] != ["model", "layers"]:
+        return False  # embed_tokens, lm_head, norm: always in the model's dtype
+    L, rest = int(parts[2]), ".".join(parts[3:])
+    if rest.startswith("mlp.experts."):
+        return placement.experts(L).gpu_format == "fp8"
+    if rest == "mlp" and config.is_moe_layer(L):
+        return False  # a MoE block: its Linear layers are below experts and shared_experts
+    if rest in ("self_attn", "mlp", "mlp.shared_experts"):
+        return placement.module(name)[1] == "fp8"
+    return False
 
 
 def _routed(name: str) -> bool:

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from hetero.config import ModelConfig
+from hetero.model.fp8 import block_quantize
 
-FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # Linears DeepSeek-V3 stores as FP8; embed, lm_head, router, eh_proj and the MTP head stay BF16.
 FP8_LINEARS = frozenset(
     {
@@ -125,22 +125,7 @@ def _init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x * (gain / math.sqrt(shape[1]))
 
 
-def fp8_block_quantize(
-    w: torch.Tensor, block: tuple[int, int] = (128, 128)
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """W [N, K] -> (float8_e4m3fn [N, K], fp32 scale_inv [ceil(N/bn), ceil(K/bk)]) with
-    W ~= W_fp8 * scale per block; scale = amax(block) / 448; edge blocks may be partial."""
-    N, K = w.shape
-    bn, bk = block
-    nb, kb = -(-N // bn), -(-K // bk)
-    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=w.device)
-    padded[:N, :K] = w.float()
-    blocks = padded.view(nb, bn, kb, bk)
-    amax = blocks.abs().amax(dim=(1, 3))  # [nb, kb]; zero padding never raises the max
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
-    q = q.view(nb * bn, kb * bk)[:N, :K].to(torch.float8_e4m3fn).contiguous()
-    return q, scale
+fp8_block_quantize = block_quantize  # the runtime's own, for writing FP8 test checkpoints
 
 
 def fp8_block_dequantize(

@@ -1,0 +1,87 @@
+"""FP8 weights on the GPU: DeepSeek-V3's checkpoint format kept as is (float8_e4m3fn + a float32
+scale per 128x128 block), half the bytes of bf16.
+
+`FP8Linear` dequantizes its weight at each call and runs a plain matmul: the simple path, and the
+reference for the fused FP8 GEMM kernels that replace it later behind the same module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
+    """W = W_fp8 * scale per block: w [O, I], scale_inv [ceil(O/bo), ceil(I/bi)] -> fp32 [O, I].
+    Edge blocks may be partial (DeepSeek-V3's kv_a_proj_with_mqa has 576 rows)."""
+    O, I = w.shape
+    bo, bi = block
+    scale = scale_inv.float().repeat_interleave(bo, 0)[:O].repeat_interleave(bi, 1)[:, :I]
+    return w.float() * scale
+
+
+def block_quantize(
+    w: torch.Tensor, block: tuple[int, int] = (128, 128)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (float8_e4m3fn [N, K], fp32 scale_inv [ceil(N/bn), ceil(K/bk)]) with
+    W ~= W_fp8 * scale per block; scale = amax(block) / 448; edge blocks may be partial."""
+    N, K = w.shape
+    bn, bk = block
+    nb, kb = -(-N // bn), -(-K // bk)
+    padded = torch.zeros(nb * bn, kb * bk, dtype=torch.float32, device=w.device)
+    padded[:N, :K] = w.float()
+    blocks = padded.view(nb, bn, kb, bk)
+    amax = blocks.abs().amax(dim=(1, 3))  # [nb, kb]; zero padding never raises the max
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX)
+    q = q.view(nb * bn, kb * bk)[:N, :K].to(torch.float8_e4m3fn).contiguous()
+    return q, scale
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T with W stored as FP8 blocks; parameter names as in the checkpoint."""
+
+    def __init__(
+        self, in_features: int, out_features: int, block: tuple[int, int] = (128, 128)
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.block = in_features, out_features, block
+        scale_shape = (-(-out_features // block[0]), -(-in_features // block[1]))
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), requires_grad=False
+        )
+        self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        return block_dequantize(self.weight, self.weight_scale_inv, self.block).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dense_weight(x.dtype))
+
+
+def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [out, in] of an nn.Linear or FP8Linear, in `dtype`."""
+    if isinstance(linear, FP8Linear):
+        return linear.dense_weight(dtype)
+    return linear.weight.to(dtype)
+
+
+def to_fp8(model: nn.Module, chosen: Callable[[str], bool], block: tuple[int, int]) -> int:
+    """Replaces, in place, each nn.Linear whose parent module's name `chosen` accepts by an
+    FP8Linear (on the same device, e.g. meta before loading). Returns how many."""
+    targets = [
+        (parent, child_name, child)
+        for name, parent in model.named_modules()
+        if chosen(name)
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    for parent, child_name, child in targets:
+        with torch.device(child.weight.device):
+            fp8 = FP8Linear(child.in_features, child.out_features, block)
+        setattr(parent, child_name, fp8)
+    return len(targets)
