@@ -33,6 +33,7 @@ from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.model import ForwardBatch, Transformer  # noqa: E402
+from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8  # noqa: E402
 from hetero.model.moe import RoutedRun  # noqa: E402
 from hetero.sched.hybrid import HybridExperts  # noqa: E402
 
@@ -55,13 +56,22 @@ def slice_config(workload: str, moe_layers: int | None) -> dict:
 
 
 @torch.no_grad()
-def random_model(config: ModelConfig, device: str, dtype: torch.dtype) -> Transformer:
-    """All non-expert weights random (scaled so activations stay O(1)); no routed experts."""
+def random_model(config: ModelConfig, device: str, dtype: torch.dtype, fp8: bool) -> Transformer:
+    """All non-expert weights random (scaled so activations stay O(1)); no routed experts.
+    `fp8`: the Linear layers of attention, dense MLPs and shared experts as FP8 blocks."""
     with torch.device("meta"):
         model = Transformer(config, resident={L: () for L in config.moe_layers})
+    if fp8:
+        to_fp8(model, lambda n: n.count(".") == 3 or n.endswith("shared_experts"), (128, 128))
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            w = torch.randn(m.weight.shape, device=device, generator=gen)
+            m.weight.data, m.weight_scale_inv.data = block_quantize(w / math.sqrt(w.shape[1]))
     for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale_inv"):
+            continue
         if name.endswith("norm.weight") or "layernorm" in name:
             p.fill_(1.0)
         elif p.ndim == 2:
@@ -69,7 +79,10 @@ def random_model(config: ModelConfig, device: str, dtype: torch.dtype) -> Transf
     for name, b in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             b.zero_()
-    return model.to(dtype).eval()
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
+            p.data = p.data.to(dtype)
+    return model.eval()
 
 
 class ZeroExperts:
@@ -124,7 +137,7 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
 def run(args) -> None:
     config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers))
     device = args.device
-    model = random_model(config, device, torch.bfloat16)
+    model = random_model(config, device, torch.bfloat16, args.gpu_format == "fp8")
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     layers = {L: random_layer(fmt, H, I, E, seed=L) for L in config.moe_layers}
@@ -136,6 +149,7 @@ def run(args) -> None:
         "layers": L,
         "moe_layers": M,
         "format": str(fmt),
+        "gpu_format": args.gpu_format,
         "cpu_threads": engine.threads,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
@@ -238,7 +252,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workload", choices=WORKLOADS, default="v3-slice")
     p.add_argument("--moe-layers", type=int, default=3, help="v3-slice: MoE layers after 1 dense")
-    p.add_argument("--format", default="int4")
+    p.add_argument("--format", default="int4", help="CPU experts")
+    p.add_argument("--gpu-format", choices=("fp8", "bf16"), default="fp8")
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16])
     p.add_argument("--defer", type=lambda s: [int(d) for d in s.split(",")], default=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=16)
