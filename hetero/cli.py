@@ -44,7 +44,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from hetero.generate import SamplingParams, generate
-    from hetero.loader import load_model
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -53,13 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.dtype != "auto"
         else ("bfloat16" if device.startswith("cuda") else "float32")
     )
-    model = load_model(
-        model_dir,
-        device=device,
-        dtype=getattr(torch, dtype),
-        attention=args.attention,
-        progress=not args.json,
-    )
+    model, closer = _load(args, model_dir, device, getattr(torch, dtype), progress=not args.json)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
@@ -79,12 +72,83 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_token_ids=tuple(sorted(stop)),
     )
-    output_ids = generate(model, [prompt_ids], params)[0]
+    try:
+        output_ids = generate(model, [prompt_ids], params)[0]
+    finally:
+        closer()
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
     else:
         print(text)
+    return 0
+
+
+def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progress: bool):
+    """The model as `--placement` says (CPU experts + the device), or all of it on the device;
+    the memory plan is checked first, so an impossible one fails before any weight is read.
+    Returns (model, close)."""
+    from hetero.config import ModelConfig
+    from hetero.loader import load_model
+    from hetero.placement import load_placement, parse_placement
+    from hetero.plan import (
+        GIB,
+        check_fits,
+        cuda_vram_bytes,
+        machine_ram_bytes,
+        plan_memory,
+        read_index,
+    )
+    from hetero.sched.runtime import HybridOptions, load_hybrid
+
+    config = ModelConfig.from_hf(model_dir)
+    if args.placement:
+        placement = load_placement(args.placement, config, getattr(args, "profile", None))
+    else:
+        placement = parse_placement("rules:\n  - {device: gpu}\n", config, "<all on --device>")
+    rt, ram = placement.runtime, machine_ram_bytes()
+    ram = int(rt.ram_gb * GIB) if rt.ram_gb else ram
+    if device.startswith("cuda"):
+        vram = int(rt.vram_gb * GIB) if rt.vram_gb else cuda_vram_bytes()
+    else:
+        vram = ram  # the "GPU" side is this host's memory too
+    check_fits(plan_memory(config, placement, vram, ram, read_index(model_dir), dtype=dtype))
+    if not args.placement:
+        model = load_model(
+            model_dir, device=device, dtype=dtype, attention=args.attention, progress=progress
+        )
+        return model, lambda: None
+    opts = HybridOptions(
+        device=device, dtype=dtype, attention=args.attention, store=args.store, progress=progress
+    )
+    hybrid = load_hybrid(model_dir, placement, opts)
+    return hybrid.model, hybrid.close
+
+
+def cmd_profile_experts(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from hetero.sched.profile import profile_experts, read_prompts
+
+    model_dir = Path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        prompts = read_prompts(args.prompts)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--prompts: {e}") from None
+    model, closer = _load(args, model_dir, device, dtype, progress=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids = [tokenizer.encode(p) for p in prompts]
+        profile = profile_experts(model, ids, args.max_tokens)
+    finally:
+        closer()
+    profile = {"model": str(model_dir.resolve()), **profile}
+    Path(args.out).write_text(json.dumps(profile) + "\n")
+    n = len(profile["layers"])
+    print(f"{args.out}: {profile['tokens']} tokens, expert counts of {n} MoE layers")
     return 0
 
 
@@ -170,7 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     g.add_argument("--dtype", choices=DTYPES, default="auto")
     g.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    _placement_args(g)
     g.set_defaults(func=cmd_generate)
+    f = sub.add_parser("profile-experts", help="count each MoE layer's expert choices on prompts")
+    f.add_argument("--model", required=True, help="HF checkpoint directory")
+    f.add_argument("--prompts", required=True, help="text file (a prompt a line) or .jsonl")
+    f.add_argument("--out", required=True, help="the profile JSON to write")
+    f.add_argument("--max-tokens", type=int, default=16, help="greedy tokens after each prompt")
+    f.add_argument("--device", help="cpu, cuda ... (default: cuda when present)")
+    f.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    _placement_args(f)
+    f.set_defaults(func=cmd_profile_experts)
     c = sub.add_parser("convert", help="pack a checkpoint's routed experts for the CPU, once")
     c.add_argument("--model", required=True, help="HF checkpoint directory")
     c.add_argument("--out", required=True, help="the expert store directory to write")
@@ -192,6 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def _placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--placement",
+        help="placement YAML: routed experts on the CPU engine (default: all on "
+        "--device, the reference path)",
+    )
+    p.add_argument("--store", help="expert store written by `hetero convert` (default: pack now)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -83,3 +83,67 @@ def test_console_script_default_model(tmp_path):
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     assert json.loads(first.stdout) == json.loads(second.stdout)
     assert len(json.loads(first.stdout)["output_ids"]) <= 4
+
+
+def write_placement(path, cpu_format="bf16", extra=""):
+    path.write_text(
+        "rules:\n"
+        f"  - {{match: '\\.mlp\\.experts$', device: cpu, format: {cpu_format}{extra}}}\n"
+        "  - {device: gpu, format: bf16}\n"
+    )
+    return path
+
+
+def test_generate_with_cpu_experts(tiny_v2, tmp_path, capsys):
+    """--placement runs the routed experts on the CPU engine; bf16 experts of a bf16 checkpoint
+    give the reference path's greedy tokens."""
+    yaml = write_placement(tmp_path / "p.yaml")
+    args = ("--max-tokens", "8", "--device", "cpu", "--dtype", "float32")
+    hybrid = generate_json(capsys, tiny_v2, "def f(x):", *args, "--placement", str(yaml))
+    plain = generate_json(capsys, tiny_v2, "def f(x):", *args)
+    assert hybrid["output_ids"] == plain["output_ids"]
+
+
+def test_impossible_plan_is_refused_before_loading(tiny_v3, tmp_path, capsys):
+    """A placement whose memory plan does not fit fails with the numbers, before any shard is
+    read (here the shards are gone: reading one would be a different error)."""
+    model = tmp_path / "m"
+    model.mkdir()
+    for f in tiny_v3.iterdir():
+        if f.suffix != ".safetensors":
+            (model / f.name).write_bytes(f.read_bytes())
+    yaml = tmp_path / "p.yaml"
+    yaml.write_text(write_placement(yaml).read_text() + "runtime: {ram_gb: 0.001}\n")
+    code, out, err = run_cli(
+        capsys, "generate", "--model", str(model), "--prompt", "x", "--placement", str(yaml)
+    )
+    assert code == 2 and out == ""
+    assert "does not fit" in err and "GiB" in err and "safetensors" not in err
+
+
+def test_profile_experts_feeds_placement(tiny_v3, tmp_path, capsys):
+    from hetero.config import ModelConfig
+    from hetero.placement import load_placement
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def f(x):\n\nimport os\nclass A:\n")
+    out = tmp_path / "profile.json"
+    code, _, _ = run_cli(
+        capsys, "profile-experts", "--model", str(tiny_v3), "--prompts", str(prompts),
+        "--out", str(out), "--max-tokens", "3", "--device", "cpu",
+    )  # fmt: skip
+    assert code == 0
+    profile = json.loads(out.read_text())
+    config = ModelConfig.from_hf(tiny_v3)
+    assert sorted(map(int, profile["layers"])) == list(config.moe_layers)
+    tok = AutoTokenizer.from_pretrained(tiny_v3)
+    lines = [p for p in prompts.read_text().splitlines() if p]
+    tokens = sum(len(tok.encode(p)) + 3 - 1 for p in lines)  # the last sampled token is not fed
+    assert profile["tokens"] == tokens
+    k = config.num_experts_per_tok
+    assert all(sum(c) == tokens * k for c in profile["layers"].values())
+    yaml = write_placement(tmp_path / "p.yaml", "int8", ", gpu_experts: {hottest: 2}")
+    placement = load_placement(yaml, config, out)
+    for L, counts in profile["layers"].items():
+        hot = sorted(range(len(counts)), key=lambda e: (-counts[e], e))[:2]
+        assert placement.experts(int(L)).gpu_experts == tuple(sorted(hot))
