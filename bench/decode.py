@@ -189,6 +189,42 @@ def run(args) -> None:
 
 
 @torch.no_grad()
+def prefill_crossover(args) -> None:
+    """One V3 MoE layer's CPU experts for T tokens: the CPU engine against streaming the packed
+    layer to the GPU (`streamed_experts`); where the second wins, long prefill should stream."""
+    config = ModelConfig.from_hf(slice_config("v3-slice", 1))
+    H, I, E, k = (
+        config.hidden_size,
+        config.moe_intermediate_size,
+        config.n_routed_experts,
+        config.num_experts_per_tok,
+    )
+    fmt = Format.parse(args.format)
+    engine = CPUExperts({1: random_layer(fmt, H, I, E, seed=1)}, EngineConfig(threads=args.threads))
+    experts = torch.nn.ModuleDict()
+    for stream in (False, True):
+        routed = HybridExperts(
+            experts, layer=1, engine=engine, num_experts=E, stream_min_tokens=1 if stream else 0
+        )
+        for T in args.prefill:
+            gen = torch.Generator().manual_seed(T)
+            x = torch.randn(T, H, generator=gen).to(args.device, torch.bfloat16)
+            ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices.to(args.device)
+            w = torch.rand(T, k, generator=gen).to(args.device)
+            times = []
+            for _ in range(3):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                routed.submit(x, ids, w).result()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t0) * 1e3)
+            row = {"bench": "prefill_layer", "format": str(fmt), "tokens": T}
+            row |= {"path": "gpu_stream" if stream else "cpu", "ms": round(min(times), 1)}
+            print(json.dumps(row), flush=True)
+    engine.close()
+
+
+@torch.no_grad()
 def baseline(args) -> None:
     """transformers + accelerate device_map: the routed experts of the MoE layer on "cpu"."""
     from accelerate import dispatch_model
@@ -260,10 +296,18 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--baseline", action="store_true", help="time transformers' device_map")
+    p.add_argument(
+        "--prefill",
+        type=lambda s: [int(t) for t in s.split(",")],
+        help="instead: one V3 layer's CPU experts at these token counts, CPU vs GPU streaming",
+    )
     args = p.parse_args()
     if args.workload == "v2-lite":
         args.moe_layers = None
-    baseline(args) if args.baseline else run(args)
+    if args.prefill:
+        prefill_crossover(args)
+    else:
+        baseline(args) if args.baseline else run(args)
 
 
 if __name__ == "__main__":

@@ -205,3 +205,32 @@ def test_plan_counts_what_loads(request, fixture, gpu):
         assert plan.row("routed experts (CPU)").ram_bytes == cpu
     finally:
         hybrid.close()
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8", "bf16"])
+def test_streamed_experts_equal_the_engine(spec):
+    """Long prefill's path (the packed layer dequantized where x lives) computes what the CPU
+    engine computes, here both on the CPU in fp32."""
+    from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+    from hetero.cpu_experts.formats import Format, pack_experts
+    from hetero.sched.hybrid import streamed_experts
+
+    g = torch.Generator().manual_seed(0)
+    E, I, H = 6, 64, 128
+    layer = pack_experts(
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, H, I, generator=g),
+        Format.parse(spec),
+    )
+    x = torch.randn(20, H, generator=g)
+    rows = torch.rand(20, E, generator=g).topk(3, dim=-1).indices
+    rows[::4, 0] = -1  # experts computed elsewhere
+    w = torch.rand(20, 3, generator=g)
+    engine = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))
+    try:
+        want = engine.forward(0, x, rows, w)
+    finally:
+        engine.close()
+    got = streamed_experts(layer, x, rows, w)
+    assert ((got - want).norm() / want.norm()).item() < TOL

@@ -151,15 +151,31 @@ def _int4_search(g: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def dequantize(q: np.ndarray, s: np.ndarray, fmt: Format, K: int) -> torch.Tensor:
     """The simple inverse of `quantize`: fp32 [..., K]."""
+    return dequantize_tensors(as_tensor(q), as_tensor(s), fmt, K, torch.float32)
+
+
+def as_tensor(a: np.ndarray) -> torch.Tensor:
+    """A packed array as a torch tensor without a copy (uint16 bf16 bits become bfloat16)."""
+    if a.dtype == np.uint16:
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
+def dequantize_tensors(
+    q: torch.Tensor, s: torch.Tensor, fmt: Format, K: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`dequantize` on tensors of any device (e.g. packed experts copied to the GPU) -> [..., K]
+    in `dtype`; q and s as `as_tensor` gives them."""
     if fmt.name == "bf16":
-        return bits_to_float(q)
+        return q.to(dtype)
     G = fmt.group(K)
+    lead = q.shape[:-1]
     if fmt.name == "int8":
-        w = torch.from_numpy(q).float().reshape(*q.shape[:-1], K // G, G)
-        return (w * torch.from_numpy(s)[..., None]).reshape(*q.shape[:-1], K)
-    b = torch.from_numpy(q).reshape(*q.shape[:-1], K // G, G // 2).int()
-    w = torch.cat([(b & 15) - 8, (b >> 4) - 8], dim=-1).float()  # [..., K/G, G]
-    return (w * bits_to_float(s)[..., None]).reshape(*q.shape[:-1], K)
+        w = q.to(dtype).reshape(*lead, K // G, G)
+        return (w * s.to(dtype)[..., None]).reshape(*lead, K)
+    b = q.reshape(*lead, K // G, G // 2).to(torch.int16)
+    w = torch.cat([(b & 15) - 8, (b >> 4) - 8], dim=-1).to(dtype)  # [..., K/G, G]
+    return (w * s.to(dtype)[..., None]).reshape(*lead, K)
 
 
 def pack_experts(

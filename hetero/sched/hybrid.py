@@ -14,10 +14,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hetero.cpu_experts.engine import CPUExperts, Job
+from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tensors
 from hetero.model.moe import RoutedRun, torch_routed_experts
+
+
+def streamed_experts(
+    layer: PackedExperts, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """The CPU's experts computed on x's device instead: the packed layer crosses PCIe (int4 is
+    a quarter of bf16's bytes), each used expert is dequantized there and applied to its tokens.
+    For long prefill, where the CPU is compute-bound. x [T, H], rows/weights [T, k] (-1: skip)."""
+    dev, dtype = x.device, x.dtype
+    w13, s13, w2, s2 = (as_tensor(a).to(dev, non_blocking=True) for a in layer.arrays().values())
+    y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+    for r in rows.unique().tolist():
+        if r < 0:
+            continue
+        t, slot = torch.nonzero(rows == r, as_tuple=True)  # [n], [n]
+        gate_up = dequantize_tensors(w13[r], s13[r], layer.fmt, layer.hidden, dtype)  # [I, 2, H]
+        down = dequantize_tensors(w2[r], s2[r], layer.fmt, layer.inter, dtype)  # [H, I]
+        gu = x[t] @ gate_up.flatten(0, 1).T  # [n, 2I], gate and up interleaved by row
+        h = F.silu(gu[:, 0::2]) * gu[:, 1::2]
+        y.index_add_(0, t, (h @ down.T).float() * weights[t, slot, None].float())
+    return y.to(dtype)
 
 
 def select_deferred(weights: torch.Tensor, eligible: torch.Tensor, d: int) -> torch.Tensor:
@@ -60,8 +83,10 @@ class HybridExperts:
         cpu_rows: tuple[int, ...] | None = None,
         deferred: int = 0,
         overlap: bool = True,
+        stream_min_tokens: int = 0,
     ) -> None:
         self.experts = experts
+        self.stream_min_tokens = stream_min_tokens  # 0: never stream the CPU's experts
         self.layer = layer
         self.engine = engine
         self.deferred = deferred
@@ -82,6 +107,11 @@ class HybridExperts:
         gpu = self.on_gpu[ids]  # [T, k]
         later = select_deferred(weights, ~gpu, self.deferred)  # [T, k]
         rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
+        if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
+            y = streamed_experts(self.engine.layers[self.layer], x, rows, weights)
+            if self.any_on_gpu:
+                y = y + torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+            return RoutedRun(lambda: y)  # long prefill: exact, nothing deferred
         now = self.engine.submit(self.layer, x, rows.masked_fill(later, -1), weights)
         if not self.overlap:
             y_cpu = self.engine.wait(now)
