@@ -34,6 +34,7 @@ class HybridOptions:
     overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
     int8_activations: bool = EngineConfig.int8_activations
+    stream_min_tokens: int = 0  # CUDA: batches this long stream the CPU experts to the GPU
     progress: bool = True
 
 
@@ -85,6 +86,7 @@ def load_hybrid(
                 cpu_rows=None if opts.store is not None else cpu_layers[L].cpu_experts(E),
                 deferred=cpu_layers[L].deferred,
                 overlap=opts.overlap,
+                stream_min_tokens=opts.stream_min_tokens,
             )
     return Hybrid(model.eval(), engine, placement)
 
