@@ -35,6 +35,7 @@ from hetero.testing.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
 log = logging.getLogger("train_demo")
 
 BIGRAM_K = 0.01  # add-k smoothing of the baseline; near the best k for an 8K vocabulary
+TIMING_STEPS = 60  # the speed is measured over steps 10..TIMING_STEPS
 FINISH_RESERVE = 0.08  # of --minutes kept for evaluation, saving and completions
 PROMPTS = ("def __init__(self", "import ")
 CHAT_REQUEST = "Return the absolute path of a file."
@@ -60,10 +61,11 @@ class Settings:
     n_group: int = 4
     topk_group: int = 2
     context: int = 512
-    batch_size: int = 64
+    batch_size: int = 32
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 200
+    warmup_steps: int = 100
+    epochs: float = 10.0  # the data is small: more epochs only memorize it
     weight_decay: float = 0.1
     dropout: float = 0.1  # residual and embedding dropout, training only
     grad_clip: float = 1.0
@@ -222,61 +224,75 @@ def heldout_nll(model, ids: torch.Tensor, labels: torch.Tensor, batch: int) -> t
     return total / max(1, count), count
 
 
+def batches(docs: list[dc.Document], s: Settings, seed: int):
+    """(epoch, input_ids, labels) [B, T] forever: each epoch packs the documents anew."""
+    epoch = 0
+    while True:
+        ids, labels = dc.shuffled_rows(docs, s.context, seed, epoch)
+        for i in range(0, len(ids) - s.batch_size + 1, s.batch_size):
+            yield epoch, ids[i : i + s.batch_size], labels[i : i + s.batch_size]
+        epoch += 1
+
+
 def train(model, docs, heldout, s: Settings, args, deadline: float, result: dict) -> None:
-    """The loop: packed rows in a seeded order per epoch until --max-steps or the deadline."""
+    """The loop. Its length (the lr schedule's horizon) is `s.epochs` of data, or --max-steps if
+    fewer; after TIMING_STEPS it is cut to what fits before the deadline at the measured speed,
+    so a slow device still ends its schedule. The deadline itself is a hard stop."""
     device = model.device
     opt = optimizer(model, s)
     balance = RoutingBias(model, s.bias_update_speed)
     model.train()
-    start = time.monotonic()
-    step, epoch, tokens, window, curve = 0, 0, 0, [], []
-    losses, last_log, last_tokens, imbalance = [], start, 0, 0.0
-    while True:
-        ids, labels = dc.shuffled_rows(docs, s.context, args.seed, epoch)
-        for i in range(0, len(ids) - s.batch_size + 1, s.batch_size):
+    rows = sum(len(d.ids) for d in docs) // s.context
+    horizon = max(1, int(s.epochs * (rows // s.batch_size)))
+    horizon = min(horizon, args.max_steps or horizon)
+    log.info("schedule: %d steps of %d x %d tokens", horizon, s.batch_size, s.context)
+    start = last_log = time.monotonic()
+    tokens, last_tokens, imbalance, window, losses, curve = 0, 0, 0.0, [], [], []
+    for step, (epoch, x, y) in enumerate(batches(docs, s, args.seed)):
+        now = time.monotonic()
+        if step >= horizon or now >= deadline:
+            break
+        if step == 10:
+            timing_start = now
+        if step == TIMING_STEPS:
+            per_step = (now - timing_start) / (TIMING_STEPS - 10)
+            fit = step + int(0.95 * (deadline - now) / per_step)
+            if fit < horizon:
+                log.info("schedule: %d steps fit in the time left, not %d", fit, horizon)
+                horizon = fit
+        for group in opt.param_groups:
+            group["lr"] = lr_at(s, step, step / horizon)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast(device):
+            loss = model(input_ids=x, labels=y, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        imbalance = balance.update()
+        window.append(loss.detach())
+        tokens += x.numel()
+        if (step + 1) % s.log_every == 0:
+            losses.append(float(torch.stack(window).mean()))
+            window.clear()
             now = time.monotonic()
-            if (args.max_steps and step >= args.max_steps) or now >= deadline:
-                result.update(steps=step, epochs=round(epoch + i / len(ids), 3), tokens_seen=tokens)
-                result.update(train_seconds=round(now - start, 1), loss_curve=curve)
-                result["train_loss_first"] = losses[0]
-                result["train_loss_final"] = sum(losses[-20:]) / len(losses[-20:])
-                result["tokens_per_second"] = round(tokens / max(1e-9, now - start))
-                return
-            if args.max_steps:
-                progress = step / args.max_steps
-            else:
-                progress = (now - start) / max(1e-9, deadline - start)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(s, step, progress)
-            x = ids[i : i + s.batch_size].to(device, non_blocking=True)
-            y = labels[i : i + s.batch_size].to(device, non_blocking=True)
-            with autocast(device):
-                loss = model(input_ids=x, labels=y, use_cache=False).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            imbalance = balance.update()
-            window.append(loss.detach())
-            step, tokens = step + 1, tokens + x.numel()
-            if step % s.log_every == 0:
-                mean = float(torch.stack(window).mean())
-                losses.append(mean)
-                window.clear()
-                now = time.monotonic()
-                rate = (tokens - last_tokens) / (now - last_log)
-                last_log, last_tokens = now, tokens
-                point = {"step": step, "loss": round(mean, 4), "tokens": tokens}
-                if s.eval_every and step % s.eval_every == 0:
-                    point["heldout_loss"] = round(heldout_nll(model, *heldout, 64)[0], 4)
-                curve.append(point)
-                log.info(
-                    "step %d epoch %d loss %.4f%s lr %.2e  %.0f tok/s  load max/mean %.2f  %.0fs",
-                    step, epoch, mean,
-                    f" heldout {point['heldout_loss']:.4f}" if "heldout_loss" in point else "",
-                    opt.param_groups[0]["lr"], rate, imbalance, now - start,
-                )  # fmt: skip
-        epoch += 1
+            rate, last_log, last_tokens = (tokens - last_tokens) / (now - last_log), now, tokens
+            point = {"step": step + 1, "loss": round(losses[-1], 4), "tokens": tokens}
+            if s.eval_every and (step + 1) % s.eval_every == 0:
+                point["heldout_loss"] = round(heldout_nll(model, *heldout, 64)[0], 4)
+            curve.append(point)
+            log.info(
+                "step %d epoch %d loss %.4f%s lr %.2e  %.0f tok/s  load max/mean %.2f  %.0fs",
+                step + 1, epoch, losses[-1],
+                f" heldout {point['heldout_loss']:.4f}" if "heldout_loss" in point else "",
+                opt.param_groups[0]["lr"], rate, imbalance, now - start,
+            )  # fmt: skip
+    seconds = time.monotonic() - start
+    result.update(steps=tokens // x.numel(), tokens_seen=tokens, loss_curve=curve)
+    result.update(epochs=round(tokens / (rows * s.context), 3), train_seconds=round(seconds, 1))
+    result["tokens_per_second"] = round(tokens / seconds)
+    result["train_loss_first"] = losses[0]
+    result["train_loss_final"] = sum(losses[-20:]) / len(losses[-20:])
 
 
 def save(model, out: Path, tokenizer, s: Settings) -> None:
@@ -320,6 +336,16 @@ def completions(model, out: Path, max_new_tokens: int) -> dict[str, str]:
     return result
 
 
+def with_overrides(s: Settings, pairs: list[str]) -> Settings:
+    changes = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in Settings.__dataclass_fields__:
+            raise SystemExit(f"--set {pair}: no setting {key!r} (settings: {', '.join(asdict(s))})")
+        changes[key] = type(getattr(s, key))(value)
+    return replace(s, **changes)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
@@ -329,9 +355,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="a few hundred K parameters, for tests")
     p.add_argument("--limit-files", type=int, default=0, help="use this many training files")
-    p.add_argument("--batch-size", type=int, default=0, help="override the preset's batch size")
-    p.add_argument("--lr", type=float, default=0.0, help="override the preset's peak lr")
-    p.add_argument("--log-every", type=int, default=0, help="override the preset's log interval")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a Settings field, e.g. --set batch_size=64 --set lr=1e-3",
+    )
     p.add_argument("--experts", default=None, help="transformers' experts_implementation")
     return p.parse_args(argv)
 
@@ -342,12 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     t0 = time.monotonic()
     s = TINY if args.tiny else Settings()
-    s = replace(
-        s,
-        batch_size=args.batch_size or s.batch_size,
-        lr=args.lr or s.lr,
-        log_every=args.log_every or s.log_every,
-    )
+    s = with_overrides(s, args.set)
     device = torch.device(args.device)
     torch.set_float32_matmul_precision("high")
     args.out.mkdir(parents=True, exist_ok=True)
