@@ -303,14 +303,17 @@ def pack(docs: list[Document], ctx: int, *, pad_last: bool) -> tuple[torch.Tenso
     return ids[: n * ctx].view(n, ctx), labels[: n * ctx].view(n, ctx)
 
 
-def shuffled_rows(
-    docs: list[Document], ctx: int, seed: int, epoch: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One epoch of training rows: documents in a seeded order per epoch, then packed, so rows
-    start at different offsets in each epoch."""
-    order = list(range(len(docs)))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return pack([docs[i] for i in order], ctx, pad_last=False)
+def batches(docs: list[Document], ctx: int, batch: int, seed: int):
+    """(epoch, input_ids, labels) [batch, ctx] forever. Each epoch shuffles the documents (seeded)
+    and packs them anew, so rows start at different offsets in each epoch."""
+    epoch = 0
+    while True:
+        order = list(range(len(docs)))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        ids, labels = pack([docs[i] for i in order], ctx, pad_last=False)
+        for i in range(0, len(ids) - batch + 1, batch):
+            yield epoch, ids[i : i + batch], labels[i : i + batch]
+        epoch += 1
 
 
 # --- bigram baseline ---------------------------------------------------------------------------
