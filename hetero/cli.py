@@ -52,7 +52,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.dtype != "auto"
         else ("bfloat16" if device.startswith("cuda") else "float32")
     )
-    model, closer = _load(args, model_dir, device, getattr(torch, dtype), progress=not args.json)
+    model, closer, chunk = _load(
+        args, model_dir, device, getattr(torch, dtype), progress=not args.json
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
@@ -73,7 +75,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop_token_ids=tuple(sorted(stop)),
     )
     try:
-        output_ids = generate(model, [prompt_ids], params)[0]
+        output_ids = generate(model, [prompt_ids], params, chunk)[0]
     finally:
         closer()
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
@@ -87,7 +89,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progress: bool):
     """The model as `--placement` says (CPU experts + the device), or all of it on the device;
     the memory plan is checked first, so an impossible one fails before any weight is read.
-    Returns (model, close)."""
+    Returns (model, close, prefill chunk)."""
     from hetero.config import ModelConfig
     from hetero.loader import load_model
     from hetero.placement import load_placement, parse_placement
@@ -117,12 +119,12 @@ def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progres
         model = load_model(
             model_dir, device=device, dtype=dtype, attention=args.attention, progress=progress
         )
-        return model, lambda: None
+        return model, lambda: None, 0
     opts = HybridOptions(
         device=device, dtype=dtype, attention=args.attention, store=args.store, progress=progress
     )
     hybrid = load_hybrid(model_dir, placement, opts)
-    return hybrid.model, hybrid.close
+    return hybrid.model, hybrid.close, rt.prefill_chunk
 
 
 def cmd_profile_experts(args: argparse.Namespace) -> int:
@@ -138,7 +140,7 @@ def cmd_profile_experts(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
     except (OSError, ValueError) as e:
         raise UsageError(f"--prompts: {e}") from None
-    model, closer = _load(args, model_dir, device, dtype, progress=True)
+    model, closer, _ = _load(args, model_dir, device, dtype, progress=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = [tokenizer.encode(p) for p in prompts]

@@ -37,9 +37,11 @@ def sample(
 
 
 def generate(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, prefill_chunk: int = 0
 ) -> list[list[int]]:
-    """Completions (token ids, stop token included when hit) for each prompt."""
+    """Completions (token ids, stop token included when hit) for each prompt. `prefill_chunk`:
+    at most this many prompt tokens of a sequence a step (0: the whole prompt at once), so a
+    long prompt's activations stay bounded."""
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -47,22 +49,28 @@ def generate(
     generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
     outputs: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))
-    lens = [len(p) for p in prompts]
-    feed = [list(p) for p in prompts]  # tokens each active sequence brings to the next step
+    lens = [0] * len(prompts)  # tokens of each sequence in the cache after this step
+    feed = [list(p) for p in prompts]  # tokens each active sequence still has to bring
     while active and params.max_tokens > 0:
+        step = {i: feed[i][: prefill_chunk or len(feed[i])] for i in active}
+        for i in active:
+            lens[i] += len(step[i])
         batch = ForwardBatch.build(
-            active, [len(feed[i]) for i in active], [lens[i] for i in active], device
+            active, [len(step[i]) for i in active], [lens[i] for i in active], device
         )
-        input_ids = torch.tensor([t for i in active for t in feed[i]], device=device)
+        input_ids = torch.tensor([t for i in active for t in step[i]], device=device)
         next_ids = sample(
             model(input_ids, batch, cache, last_only=True), params, generator
         ).tolist()
         still = []
         for i, tok in zip(active, next_ids):
+            feed[i] = feed[i][len(step[i]) :]
+            if feed[i]:  # still in its prompt: this step's sample is not an output
+                still.append(i)
+                continue
             outputs[i].append(tok)
-            done = tok in params.stop_token_ids or len(outputs[i]) >= params.max_tokens
-            if not done:
-                feed[i], lens[i] = [tok], lens[i] + 1
+            if tok not in params.stop_token_ids and len(outputs[i]) < params.max_tokens:
+                feed[i] = [tok]
                 still.append(i)
         active = still
     return outputs

@@ -234,3 +234,16 @@ def test_streamed_experts_equal_the_engine(spec):
         engine.close()
     got = streamed_experts(layer, x, rows, w)
     assert ((got - want).norm() / want.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (576, 200)])
+def test_fp8_linear_matches_block_dequantize(shape):
+    from hetero.model.fp8 import block_dequantize, block_quantize
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    layer = FP8Linear(shape[1], shape[0])
+    layer.weight.data, layer.weight_scale_inv.data = block_quantize(w)
+    want = block_dequantize(layer.weight, layer.weight_scale_inv, (128, 128))
+    assert torch.equal(layer.dense_weight(torch.float32), want)
+    x = torch.randn(3, shape[1])
+    assert torch.allclose(layer(x), x @ want.T, rtol=1e-5, atol=1e-5)

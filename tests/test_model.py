@@ -108,10 +108,12 @@ def test_logits_match_transformers(checkpoint, attention):
             assert rel_err(steps[s][i], ref_logits[s + 1][0]) < TOL, f"prompt {i} step {s}"
 
 
-def test_greedy_generation_matches_transformers(checkpoint):
+@pytest.mark.parametrize("prefill_chunk", [0, 4])
+def test_greedy_generation_matches_transformers(checkpoint, prefill_chunk):
+    """Also with prompts fed 4 tokens a step (chunked prefill attends to the cached part)."""
     path, prompts, runs = checkpoint
     model = load_model(path, dtype=torch.float32, progress=False)
-    outputs = generate(model, prompts, SamplingParams(max_tokens=STEPS))
+    outputs = generate(model, prompts, SamplingParams(max_tokens=STEPS), prefill_chunk)
     assert outputs == [tokens for _, tokens in runs]
 
 

@@ -49,10 +49,11 @@ class MLA(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        q_pe = rotary(q_pe, batch.positions)
+        longest = max(batch.ctx_lens, default=0)
+        q_pe = rotary(q_pe, batch.positions, longest)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
-        k_pe = rotary(k_pe[:, None, :], batch.positions)[:, 0]  # [T, rope_dim]
+        k_pe = rotary(k_pe[:, None, :], batch.positions, longest)[:, 0]  # [T, rope_dim]
         cache.write(self.layer, batch, latent, k_pe)
         o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
         return self.o_proj(o.flatten(1))

@@ -57,7 +57,11 @@ class FP8Linear(nn.Module):
         self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        return block_dequantize(self.weight, self.weight_scale_inv, self.block).to(dtype)
+        (O, I), (bo, bi) = self.weight.shape, self.block
+        if O % bo or I % bi:  # partial edge blocks: the general form
+            return block_dequantize(self.weight, self.weight_scale_inv, self.block).to(dtype)
+        w = self.weight.view(O // bo, bo, I // bi, bi).float()  # scales broadcast, not expanded
+        return (w * self.weight_scale_inv[:, None, :, None]).to(dtype).view(O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
