@@ -154,6 +154,44 @@ def cmd_profile_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from hetero.config import ModelConfig
+    from hetero.eval import evaluate, standard_placements, table, token_windows
+    from hetero.loader import load_model
+    from hetero.placement import load_placement
+    from hetero.sched.runtime import HybridOptions, load_hybrid
+
+    model_dir = Path(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    config = ModelConfig.from_hf(model_dir)
+    placements = {p: load_placement(p, config) for p in args.placement or ()}
+    if args.sweep or not placements:
+        placements |= standard_placements(config)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    try:
+        windows = token_windows(tokenizer, args.text, args.context)[: args.max_windows]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--text: {e}") from None
+    if not windows:
+        raise UsageError("--text: no window of at least 2 tokens")
+    reference = load_model(model_dir, device=device, dtype=dtype, progress=False)
+    opts = HybridOptions(device=device, dtype=dtype, progress=False)
+    hybrids = {name: load_hybrid(model_dir, p, opts) for name, p in placements.items()}
+    try:
+        candidates = {name: h.model for name, h in hybrids.items()}
+        results = evaluate(reference, candidates, windows, args.batch_size, tqdm)
+    finally:
+        for h in hybrids.values():
+            h.close()
+    print(json.dumps(results, indent=2) if args.json else table(results))
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from hetero.config import ModelConfig
     from hetero.cpu_experts.formats import Format
@@ -247,6 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
     _placement_args(f)
     f.set_defaults(func=cmd_profile_experts)
+    e = sub.add_parser(
+        "eval", help="perplexity, KL and greedy agreement of placements against the reference"
+    )
+    e.add_argument("--model", required=True, help="HF checkpoint directory")
+    e.add_argument("--text", nargs="+", required=True, help="text files to score")
+    e.add_argument("--placement", action="append", help="a placement YAML to score (repeatable)")
+    e.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also (default: only) the standard rows: formats, deferral d=1,2, fp8 non-experts",
+    )
+    e.add_argument("--context", type=int, default=512, help="tokens a window")
+    e.add_argument("--max-windows", type=int, help="score at most this many windows")
+    e.add_argument("--batch-size", type=int, default=8, help="windows a forward pass")
+    e.add_argument("--device", help="cpu, cuda ... (default: cuda when present)")
+    e.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
     c = sub.add_parser("convert", help="pack a checkpoint's routed experts for the CPU, once")
     c.add_argument("--model", required=True, help="HF checkpoint directory")
     c.add_argument("--out", required=True, help="the expert store directory to write")
