@@ -39,33 +39,26 @@ def default_model_dir() -> Path:
     return path
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _session(args: argparse.Namespace, progress: bool):
+    """Model (as _load places it), tokenizer, sampling parameters and prefill chunk of a
+    generate or chat command; `close` stops the CPU engine."""
     import torch
     from transformers import AutoTokenizer
 
-    from hetero.generate import SamplingParams, generate
+    from hetero.config import ModelConfig
+    from hetero.generate import SamplingParams
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = (
-        args.dtype
-        if args.dtype != "auto"
-        else ("bfloat16" if device.startswith("cuda") else "float32")
-    )
-    model, closer, chunk = _load(
-        args, model_dir, device, getattr(torch, dtype), progress=not args.json
-    )
+    auto = "bfloat16" if device.startswith("cuda") else "float32"
+    dtype = getattr(torch, args.dtype if args.dtype != "auto" else auto)
+    ModelConfig.from_hf(model_dir)  # a missing or bad config.json is the error to show first
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({e})") from None
-    if args.chat:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
-        )
-        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
-    else:
-        prompt_ids = tokenizer.encode(args.prompt)
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({why})") from None
+    model, close, chunk = _load(args, model_dir, device, dtype, progress)
     stop = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -74,15 +67,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop_token_ids=tuple(sorted(stop)),
     )
+    return model, close, chunk, tokenizer, params
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from hetero.generate import generate
+
+    model, close, chunk, tokenizer, params = _session(args, progress=not args.json)
+    if args.chat:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
+        )
+        prompt_ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
     try:
         output_ids = generate(model, [prompt_ids], params, chunk)[0]
     finally:
-        closer()
+        close()
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
     else:
         print(text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from hetero.chat import chat_loop
+
+    model, close, chunk, tokenizer, params = _session(args, progress=True)
+    try:
+        chat_loop(model, tokenizer, params, prefill_chunk=chunk, system=args.system)
+    finally:
+        close()
     return 0
 
 
@@ -257,23 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="complete one prompt and print the text")
-    g.add_argument(
-        "--model", help="HF checkpoint directory (default: a small model hetero writes itself)"
-    )
     g.add_argument("--prompt", required=True)
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
     g.add_argument(
         "--chat", action="store_true", help="wrap the prompt in the model's chat template"
     )
     g.add_argument(
         "--json", action="store_true", help="print {prompt_ids, output_ids, text} as JSON"
     )
-    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    g.add_argument("--dtype", choices=DTYPES, default="auto")
-    g.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    _model_args(g, max_tokens=32, temperature=0.0)
+    h = sub.add_parser("chat", help="talk to the model in the terminal")
+    h.add_argument("--system", help="a system message to start the conversation with")
+    _model_args(h, max_tokens=256, temperature=0.7)
+    _placement_args(h)
+    h.set_defaults(func=cmd_chat)
     _placement_args(g)
     g.set_defaults(func=cmd_generate)
     f = sub.add_parser("profile-experts", help="count each MoE layer's expert choices on prompts")
@@ -324,6 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
     return parser
+
+
+def _model_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument(
+        "--model", help="HF checkpoint directory (default: a small model hetero writes itself)"
+    )
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0 if temperature == 0 else 0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:

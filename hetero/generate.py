@@ -6,6 +6,7 @@ simple reference that `hetero generate` and the tests use.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,18 @@ def sample(
 def generate(
     model: Transformer, prompts: list[list[int]], params: SamplingParams, prefill_chunk: int = 0
 ) -> list[list[int]]:
-    """Completions (token ids, stop token included when hit) for each prompt. `prefill_chunk`:
+    """Completions (token ids, stop token included when hit) for each prompt."""
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for step in stream(model, prompts, params, prefill_chunk):
+        for i, tok in step:
+            outputs[i].append(tok)
+    return outputs
+
+
+def stream(
+    model: Transformer, prompts: list[list[int]], params: SamplingParams, prefill_chunk: int = 0
+) -> Iterator[list[tuple[int, int]]]:
+    """Yields, step by step, the (prompt index, token) pairs that step produced. `prefill_chunk`:
     at most this many prompt tokens of a sequence a step (0: the whole prompt at once), so a
     long prompt's activations stay bounded."""
     if any(not p for p in prompts):
@@ -47,7 +59,7 @@ def generate(
     device = model.lm_head.weight.device
     cache = model.new_cache(len(prompts), max(map(len, prompts)) + params.max_tokens)
     generator = torch.Generator().manual_seed(params.seed) if params.temperature > 0 else None
-    outputs: list[list[int]] = [[] for _ in prompts]
+    produced = [0] * len(prompts)
     active = list(range(len(prompts)))
     lens = [0] * len(prompts)  # tokens of each sequence in the cache after this step
     feed = [list(p) for p in prompts]  # tokens each active sequence still has to bring
@@ -62,15 +74,16 @@ def generate(
         next_ids = sample(
             model(input_ids, batch, cache, last_only=True), params, generator
         ).tolist()
-        still = []
+        still, out = [], []
         for i, tok in zip(active, next_ids):
             feed[i] = feed[i][len(step[i]) :]
             if feed[i]:  # still in its prompt: this step's sample is not an output
                 still.append(i)
                 continue
-            outputs[i].append(tok)
-            if tok not in params.stop_token_ids and len(outputs[i]) < params.max_tokens:
+            out.append((i, tok))
+            produced[i] += 1
+            if tok not in params.stop_token_ids and produced[i] < params.max_tokens:
                 feed[i] = [tok]
                 still.append(i)
         active = still
-    return outputs
+        yield out
