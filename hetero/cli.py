@@ -24,8 +24,13 @@ class UsageError(ValueError):
 
 
 def default_model_dir() -> Path:
-    """The small checkpoint hetero writes itself when no model is given (random weights)."""
+    """The shipped demo model; without it (a checkout before the weights landed), a small random
+    checkpoint hetero writes itself once."""
+    from hetero.demo import demo_dir
     from hetero.testing import write_tiny_v3
+
+    if (shipped := demo_dir()) is not None:
+        return shipped
 
     cache = Path(os.environ.get("HETERO_CACHE", Path.home() / ".cache" / "hetero"))
     path = cache / "tiny-v3"
