@@ -230,6 +230,11 @@ def baseline(args) -> None:
     from accelerate import dispatch_model
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
+    t_start = time.perf_counter()
+
+    def stage(what: str) -> None:  # to stderr: a run cut off by its time limit says where
+        print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     d = slice_config("v3-slice", 1)
     cfg = DeepseekV3Config.from_dict(d)
     with torch.device("meta"):
@@ -243,6 +248,7 @@ def baseline(args) -> None:
     for name, _ in hf.model.layers[1].mlp.named_children():
         device_map[f"model.layers.1.mlp.{name}"] = "cpu" if name == "experts" else 0
     del device_map["model.layers.1.mlp"]
+    stage("building on the host")
     hf.to_empty(device="cpu")
     for name, p in hf.named_parameters():
         if name.startswith(experts):
@@ -254,9 +260,12 @@ def baseline(args) -> None:
     for name, b in hf.named_buffers():
         if "correction_bias" in name:
             b.zero_()
+    stage("dispatching")
     hf = dispatch_model(hf.eval(), device_map=device_map, main_device=0)
-    ids = torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda")
+    stage("prefill")
+    ids = torch.randint(0, cfg.vocab_size, (1, 4), device="cuda")
     out = hf(input_ids=ids, use_cache=True)
+    stage("decoding")
     times = []
     for _ in range(args.steps):
         nxt = out.logits[:, -1:].argmax(-1)
@@ -265,6 +274,7 @@ def baseline(args) -> None:
         out = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
+        stage(f"step {len(times)}: {times[-1]:.2f} s")
     step = sorted(times)[len(times) // 2]
     print(
         json.dumps(
