@@ -18,8 +18,8 @@ import numba
 import numpy as np
 import torch
 
-from hetero.cpu_experts import ops
-from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts import kernels, ops
+from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class CPUExperts:
         self.stats = EngineStats()
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
+        self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
 
@@ -116,6 +117,25 @@ class CPUExperts:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+    def stage(self, layer: int) -> list[torch.Tensor]:
+        """Layer `layer`'s packed arrays copied, by the engine's threads, into one reusable
+        host buffer (pinned when CUDA is present, so they reach the GPU at full PCIe speed);
+        torch tensors of the arrays' dtypes and shapes. Valid until the next `stage` call."""
+        return self._pool.submit(self._stage, self.layers[layer]).result()
+
+    def _stage(self, packed: PackedExperts) -> list[torch.Tensor]:
+        arrays = list(packed.arrays().values())
+        total = sum(a.nbytes for a in arrays)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=_has_cuda())
+        out, offset = [], 0
+        for a in arrays:
+            dst = self._staging[offset : offset + a.nbytes]
+            kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dst.numpy())
+            out.append(as_tensor(dst.numpy().view(a.dtype).reshape(a.shape)))
+            offset += a.nbytes
+        return out
 
     def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool) -> torch.Tensor:
         if ready is not None:
@@ -164,6 +184,10 @@ class CPUExperts:
         else:
             c = self.config
             ops.moe_gemv(layer, x, weights, g, out, c.rows_per_item, c.int8_activations)
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
 
 
 def _ptrs(*tensors: torch.Tensor) -> set[int]:

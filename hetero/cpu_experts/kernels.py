@@ -261,6 +261,14 @@ def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2,
 
 
 @njit(parallel=True, **JIT)
+def copy_bytes(src, dst):
+    """dst[:] = src for uint8 arrays [N], by all threads (one core copies at ~10 GB/s)."""
+    n, chunk = src.shape[0], 1 << 20
+    for c in prange((n + chunk - 1) // chunk):
+        dst[c * chunk : min((c + 1) * chunk, n)] = src[c * chunk : min((c + 1) * chunk, n)]
+
+
+@njit(parallel=True, **JIT)
 def combine(pos, y, out):
     """out[t] = sum of y over the pairs of token t (pos [T, k], -1 for skipped slots)."""
     T, k = pos.shape

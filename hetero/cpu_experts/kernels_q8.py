@@ -68,6 +68,54 @@ def _is_row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
+def _emit_dots(builder, w_p, s_p, tokens, blocks, shift) -> list:
+    """IR of the row dot for each token of `tokens` [(xq, xs, xa) pointers]: the row's bytes
+    are unpacked and its scales widened once a block for all of them."""
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16)) for _ in tokens]
+    c15, c4 = (ir.Constant(V_B, [v] * 64) for v in (15, 4))
+    to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
+    undef16 = ir.Constant(V_F32, ir.Undefined)
+    with cgutils.for_range(builder, blocks) as loop:
+        b = loop.index
+        wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
+        lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+        x0 = builder.mul(b, ir.Constant(I64, BLOCK))
+        # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
+        quarter = ir.Constant(V4_F32, ir.Undefined)
+        for c in range(4):
+            k = builder.add(x0, ir.Constant(I64, 32 * c))
+            bits = builder.zext(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), I32)
+            f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
+            quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
+        sw = builder.shuffle_vector(quarter, ir.Constant(V4_F32, ir.Undefined), to16)
+        for (xq_p, xs_p, xa_p), acc in zip(tokens, accs):
+            xl = _load(builder, xq_p, x0, V_B)
+            xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
+            start = _load(builder, xa_p, builder.mul(b, ir.Constant(I64, 16)), V_I32, 4)
+            dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
+            sa = builder.insert_element(
+                undef16, builder.load(builder.gep(xs_p, [b])), ir.Constant(I32, 0)
+            )
+            sa16 = builder.shuffle_vector(sa, undef16, ir.Constant(V_I32, [0] * 16))
+            scale = builder.fmul(sw, sa16, flags=("fast",))
+            term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
+            builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
+    totals = []
+    for acc in accs:
+        v = builder.load(acc)
+        total = builder.extract_element(v, ir.Constant(I32, 0))
+        for i in range(1, 16):
+            total = builder.fadd(
+                total, builder.extract_element(v, ir.Constant(I32, i)), flags=("fast",)
+            )
+        totals.append(total)
+    return totals
+
+
+def _i64(builder, v):
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
 @intrinsic
 def q4_row_dot(typingctx, w, s, xq, xs, xa, gshift):
     """sum_k w[k] x[k]: packed int4 row w [K/2] u8 with bf16 scales s [K/G] (G = 1 << gshift),
@@ -89,50 +137,56 @@ def q4_row_dot(typingctx, w, s, xq, xs, xa, gshift):
         w_a, s_a, xq_a, xs_a, xa_a = (
             context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
         )
-        shift = builder.sext(args[5], I64) if args[5].type.width < 64 else args[5]
-        blocks = builder.extract_value(xs_a.shape, 0)
-        w_p, xq_p = (builder.bitcast(a.data, I8.as_pointer()) for a in (w_a, xq_a))
+        token = (
+            builder.bitcast(xq_a.data, I8.as_pointer()),
+            builder.bitcast(xs_a.data, F32.as_pointer()),
+            builder.bitcast(xa_a.data, I32.as_pointer()),
+        )
+        w_p = builder.bitcast(w_a.data, I8.as_pointer())
         s_p = builder.bitcast(s_a.data, I16.as_pointer())
-        xs_p = builder.bitcast(xs_a.data, F32.as_pointer())
-        xa_p = builder.bitcast(xa_a.data, I32.as_pointer())
-        acc_ptr = cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16))
-        c15, c4 = (ir.Constant(V_B, [v] * 64) for v in (15, 4))
-        to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
-        with cgutils.for_range(builder, blocks) as loop:
-            b = loop.index
-            wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
-            lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
-            x0 = builder.mul(b, ir.Constant(I64, BLOCK))
-            xl = _load(builder, xq_p, x0, V_B)
-            xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
-            start = _load(builder, xa_p, builder.mul(b, ir.Constant(I64, 16)), V_I32, 4)
-            dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
-            # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
-            quarter = ir.Constant(V4_F32, ir.Undefined)
-            for c in range(4):
-                k = builder.add(x0, ir.Constant(I64, 32 * c))
-                bits = builder.zext(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), I32)
-                f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
-                quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
-            sw = builder.shuffle_vector(quarter, ir.Constant(V4_F32, ir.Undefined), to16)
-            sa = builder.load(builder.gep(xs_p, [b]))
-            sa16 = builder.shuffle_vector(
-                builder.insert_element(ir.Constant(V_F32, ir.Undefined), sa, ir.Constant(I32, 0)),
-                ir.Constant(V_F32, ir.Undefined),
-                ir.Constant(V_I32, [0] * 16),
-            )
-            scale = builder.fmul(sw, sa16, flags=("fast",))
-            term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
-            builder.store(builder.fadd(builder.load(acc_ptr), term, flags=("fast",)), acc_ptr)
-        acc = builder.load(acc_ptr)
-        total = builder.extract_element(acc, ir.Constant(I32, 0))
-        for i in range(1, 16):
-            total = builder.fadd(
-                total, builder.extract_element(acc, ir.Constant(I32, i)), flags=("fast",)
-            )
-        return total
+        blocks = builder.extract_value(xs_a.shape, 0)
+        return _emit_dots(builder, w_p, s_p, [token], blocks, _i64(builder, args[5]))[0]
 
     return types.float32(w, s, xq, xs, xa, gshift), codegen
+
+
+def _is_table(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 and a.dtype == dtype
+
+
+@intrinsic
+def q4_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
+    """`q4_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
+    K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked once for all four."""
+    ok = _is_row(w, types.uint8) and _is_row(s, types.uint16)
+    ok = ok and all(
+        _is_table(a, d) for a, d in ((xq, types.int8), (xs, types.float32), (xa, types.int32))
+    )
+    idx = (t0, t1, t2, t3, gshift)
+    if not (ok and all(isinstance(t, types.Integer) for t in idx)):
+        return None
+    ret = types.UniTuple(types.float32, 4)
+
+    def codegen(context, builder, sig, args):
+        w_a, s_a, xq_a, xs_a, xa_a = (
+            context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
+        )
+        rows = [builder.extract_value(a.shape, 1) for a in (xq_a, xs_a, xa_a)]
+        bases = (
+            builder.bitcast(xq_a.data, I8.as_pointer()),
+            builder.bitcast(xs_a.data, F32.as_pointer()),
+            builder.bitcast(xa_a.data, I32.as_pointer()),
+        )
+        tokens = []
+        for t in args[5:9]:
+            t = _i64(builder, t)
+            tokens.append(tuple(builder.gep(p, [builder.mul(t, n)]) for p, n in zip(bases, rows)))
+        w_p = builder.bitcast(w_a.data, I8.as_pointer())
+        s_p = builder.bitcast(s_a.data, I16.as_pointer())
+        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], _i64(builder, args[9]))
+        return context.make_tuple(builder, ret, totals)
+
+    return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift), codegen
 
 
 @njit(**JIT)
@@ -184,13 +238,26 @@ def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
     nb = (I + rows - 1) // rows
     for item in prange(A * nb):
         a, r0 = item // nb, (item % nb) * rows
-        e = experts[a]
+        e, end = experts[a], ptr[a + 1]
         for r in range(r0, min(r0 + rows, I)):
-            for p in range(ptr[a], ptr[a + 1]):
-                t = pair_token[p]
-                g = q4_row_dot(w13[e, r, 0], s13[e, r, 0], xq[t], xs[t], xa[t], sh13)
-                u = q4_row_dot(w13[e, r, 1], s13[e, r, 1], xq[t], xs[t], xa[t], sh13)
-                h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
+            wg, sg, wu, su = w13[e, r, 0], s13[e, r, 0], w13[e, r, 1], s13[e, r, 1]
+            p = ptr[a]
+            while p + 4 <= end:  # four tokens a pass over the row: it is unpacked once
+                t0, t1, t2, t3 = (
+                    pair_token[p],
+                    pair_token[p + 1],
+                    pair_token[p + 2],
+                    pair_token[p + 3],
+                )
+                g = q4_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13)
+                u = q4_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13)
+                for j in range(4):
+                    h[p + j, r] = _silu_mul(g[j], u[j])
+                p += 4
+            for q in range(p, end):
+                t = pair_token[q]
+                g1 = q4_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13)
+                h[q, r] = _silu_mul(g1, q4_row_dot(wu, su, xq[t], xs[t], xa[t], sh13))
     hq = np.empty((P, I), np.int8)
     hs = np.empty((P, I // BLOCK), np.float32)
     ha = np.empty((P, I // BLOCK * 16), np.int32)
@@ -199,11 +266,23 @@ def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
     nb = (H + rows - 1) // rows
     for item in prange(A * nb):
         a, r0 = item // nb, (item % nb) * rows
-        e = experts[a]
+        e, end = experts[a], ptr[a + 1]
         for r in range(r0, min(r0 + rows, H)):
-            for p in range(ptr[a], ptr[a + 1]):
-                wt = weights[pair_token[p], pair_slot[p]]
-                y[p, r] = q4_row_dot(w2[e, r], s2[e, r], hq[p], hs[p], ha[p], sh2) * wt
+            wd, sd = w2[e, r], s2[e, r]
+            p = ptr[a]
+            while p + 4 <= end:
+                d = q4_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2)
+                for j in range(4):
+                    y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
+                p += 4
+            for q in range(p, end):
+                wt = weights[pair_token[q], pair_slot[q]]
+                y[q, r] = q4_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2) * wt
+
+
+@njit(inline="always", **JIT)
+def _silu_mul(g, u):
+    return g / (np.float32(1.0) + np.exp(-g)) * u
 
 
 @njit(inline="always", **JIT)

@@ -23,13 +23,19 @@ from hetero.model.moe import RoutedRun, torch_routed_experts
 
 
 def streamed_experts(
-    layer: PackedExperts, x: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor
+    layer: PackedExperts,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    host: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The CPU's experts computed on x's device instead: the packed layer crosses PCIe (int4 is
     a quarter of bf16's bytes), each used expert is dequantized there and applied to its tokens.
-    For long prefill, where the CPU is compute-bound. x [T, H], rows/weights [T, k] (-1: skip)."""
+    For long prefill, where the CPU is compute-bound. x [T, H], rows/weights [T, k] (-1: skip);
+    `host`: the layer's arrays already staged in pinned memory (CPUExperts.stage)."""
     dev, dtype = x.device, x.dtype
-    w13, s13, w2, s2 = (as_tensor(a).to(dev, non_blocking=True) for a in layer.arrays().values())
+    host = host or [as_tensor(a) for a in layer.arrays().values()]
+    w13, s13, w2, s2 = (a.to(dev, non_blocking=True) for a in host)
     y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
     for r in rows.unique().tolist():
         if r < 0:
@@ -108,7 +114,8 @@ class HybridExperts:
         later = select_deferred(weights, ~gpu, self.deferred)  # [T, k]
         rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
-            y = streamed_experts(self.engine.layers[self.layer], x, rows, weights)
+            packed = self.engine.layers[self.layer]
+            y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer))
             if self.any_on_gpu:
                 y = y + torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
             return RoutedRun(lambda: y)  # long prefill: exact, nothing deferred
