@@ -167,6 +167,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
     p.add_argument("--iters", type=int, default=0, help="0: enough for ~1 s per point")
     p.add_argument("--gemm-min-tokens", type=int, default=EngineConfig.gemm_min_tokens)
+    p.add_argument("--gemm-min-tokens-q8", type=int, default=EngineConfig.gemm_min_tokens_q8)
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument(
@@ -187,6 +188,7 @@ def main() -> None:
         "read_gbps": bw,
         "rows_per_item": args.rows_per_item,
         "gemm_min_tokens": args.gemm_min_tokens,
+        "gemm_min_tokens_q8": args.gemm_min_tokens_q8,
         "int8_activations": not args.fp32_activations,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
@@ -202,6 +204,7 @@ def main() -> None:
             EngineConfig(
                 threads=threads,
                 gemm_min_tokens=args.gemm_min_tokens,
+                gemm_min_tokens_q8=args.gemm_min_tokens_q8,
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
             ),
