@@ -47,7 +47,9 @@ def engine(request, weights):
         )
     layer = pack_experts(*weights, Format.parse(spec))
     assert ops.q8_activations(layer) == bool(q8)
-    eng = CPUExperts({3: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))
+    eng = CPUExperts(
+        {3: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    )
     yield eng, layer
     eng.close()
 
@@ -113,7 +115,9 @@ def test_int8_activations_cost_little(spec):
     exact = (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
     outs = []
     for q8 in (True, False):
-        config = EngineConfig(threads=2, gemm_min_tokens=10**9, int8_activations=q8)
+        config = EngineConfig(
+            threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9, int8_activations=q8
+        )
         eng = CPUExperts({0: layer}, config)
         outs.append(eng.forward(0, x, ids, w))
         eng.close()
@@ -177,7 +181,9 @@ def test_caller_keeps_running_python_while_kernel_runs():
         torch.randn(E2, H2, I2, generator=g),
         Format.parse("bf16"),
     )
-    eng = CPUExperts({0: layer}, EngineConfig(threads=1, gemm_min_tokens=10**9))
+    eng = CPUExperts(
+        {0: layer}, EngineConfig(threads=1, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    )
     x, ids = torch.randn(T, H2, generator=g), torch.arange(T * 4).view(T, 4) % E2
     old = sys.getswitchinterval()
     sys.setswitchinterval(60.0)

@@ -53,7 +53,9 @@ def test_quantization_costs_in_order(tiny_v2, text):
         rows
     )
     names = ["bf16 experts", "int8 experts", "int4 experts", "deferral d=1 (bf16 experts)"]
-    opts = HybridOptions(dtype=torch.float32, progress=False, gemm_min_tokens=10**9)
+    opts = HybridOptions(
+        dtype=torch.float32, progress=False, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9
+    )
     hybrids = {n: load_hybrid(tiny_v2, rows[n], opts) for n in names}
     try:
         tok = AutoTokenizer.from_pretrained(tiny_v2)

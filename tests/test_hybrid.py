@@ -44,7 +44,9 @@ def v3(tmp_path_factory):
 
 def load(path, cpu_format, gpu_experts="[0, 3]", deferred=0, gpu="bf16", **kw):
     config = ModelConfig.from_hf(path)
-    opts = HybridOptions(dtype=torch.float32, gemm_min_tokens=10**9, progress=False, **kw)
+    opts = HybridOptions(
+        dtype=torch.float32, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9, progress=False, **kw
+    )
     return load_hybrid(path, placement(config, cpu_format, gpu_experts, deferred, gpu), opts)
 
 
@@ -227,7 +229,9 @@ def test_streamed_experts_equal_the_engine(spec):
     rows = torch.rand(20, E, generator=g).topk(3, dim=-1).indices
     rows[::4, 0] = -1  # experts computed elsewhere
     w = torch.rand(20, 3, generator=g)
-    engine = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))
+    engine = CPUExperts(
+        {0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    )
     try:
         want = engine.forward(0, x, rows, w)
         staged = engine.stage(0)  # the arrays copied into the engine's (pinnable) buffer

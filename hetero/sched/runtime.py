@@ -33,6 +33,7 @@ class HybridOptions:
     store: str | Path | None = None  # a `hetero convert` store; None: pack at load
     overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
+    gemm_min_tokens_q8: int = EngineConfig.gemm_min_tokens_q8
     int8_activations: bool = EngineConfig.int8_activations
     stream_min_tokens: int = 0  # CUDA: batches this long stream the CPU experts to the GPU
     progress: bool = True
@@ -72,6 +73,7 @@ def load_hybrid(
         engine_config = EngineConfig(
             threads=placement.runtime.cpu_threads,
             gemm_min_tokens=opts.gemm_min_tokens,
+            gemm_min_tokens_q8=opts.gemm_min_tokens_q8,
             int8_activations=opts.int8_activations,
         )
         engine = CPUExperts(packed, engine_config)
