@@ -92,6 +92,8 @@ def naive_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache)
 def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
     w_uk, w_uv = mla.wkv_b()
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, kv_rank]
+    if batch.is_decode:
+        return torch.einsum("thc,hdc->thd", _decode_latent(mla, q_lat, q_pe, batch, cache), w_uv)
     out_lat = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.kv_rank)
     for rows, slot, ctx_len, mask in _per_sequence(batch):
         latent, k_pe = cache.read(mla.layer, slot, ctx_len)
@@ -101,6 +103,19 @@ def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCac
         probs = _softmax(scores * mla.softmax_scale, mask)
         out_lat[rows] = torch.einsum("ths,sc->thc", probs, latent)
     return torch.einsum("thc,hdc->thd", out_lat, w_uv)  # [T, h, v]
+
+
+def _decode_latent(mla: MLA, q_lat, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    """One new token a sequence: every sequence at once over the longest context, the rest of
+    each row masked, instead of a loop of small ops per sequence. q_lat [B, h, c] -> [B, h, c]."""
+    S = max(batch.ctx_lens)
+    latent = cache.latent[mla.layer, batch.token_slots, :S].to(q_lat.dtype)  # [B, S, c]
+    k_pe = cache.rope[mla.layer, batch.token_slots, :S].to(q_lat.dtype)  # [B, S, r]
+    scores = torch.einsum("bhc,bsc->bhs", q_lat, latent)
+    scores += torch.einsum("bhr,bsr->bhs", q_pe, k_pe)
+    future = torch.arange(S, device=q_lat.device)[None, :] > batch.positions[:, None]  # [B, S]
+    probs = _softmax(scores * mla.softmax_scale, future)
+    return torch.einsum("bhs,bsc->bhc", probs, latent)
 
 
 def _softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

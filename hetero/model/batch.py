@@ -42,6 +42,11 @@ class ForwardBatch:
         )
 
     @property
+    def is_decode(self) -> bool:
+        """One new token for every sequence (then tokens and sequences are the same axis)."""
+        return all(q == 1 for q in self.q_lens)
+
+    @property
     def last_token_indices(self) -> torch.Tensor:
         """[B] index into the flattened tokens of each sequence's last new token."""
         ends = torch.tensor(self.q_lens, device=self.positions.device).cumsum(0)
