@@ -155,7 +155,7 @@ def run(args) -> None:
     }
     modes = ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
     for B in args.batch:
-        cache = model.new_cache(B, PROMPT + (len(modes) + 1) * (args.steps + 2) + 1)
+        cache = model.new_cache(B, PROMPT + (len(modes) + 1) * (args.steps + 2) + 3)
         lens = [PROMPT] * B
         batch = ForwardBatch.build(list(range(B)), lens, lens, device)
         set_mode(model, config, engine, "overlap")
@@ -167,6 +167,9 @@ def run(args) -> None:
             pos += 2
             rows[mode] = time_steps(model, engine, cache, B, pos, args.steps, device)
             pos += args.steps
+        if args.profile:
+            profile_step(model, config, engine, cache, B, pos, device, args.profile)
+            pos += 2
         gpu, cpu_alone = rows["gpu_only"]["ms"], rows["sequential"]["cpu_ms"]
         for mode, r in rows.items():
             out = {**base, "batch": B, "mode": mode, **r}
@@ -186,6 +189,20 @@ def run(args) -> None:
                 out["tokens_per_s"] = round(1e3 * B / r["ms"], 2)
             print(json.dumps(out), flush=True)
     engine.close()
+
+
+def profile_step(model, config, engine, cache, B, pos, device, out_dir) -> None:
+    """torch.profiler tables (CPU and CUDA time by op) of one gpu_only and one overlap step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for i, mode in enumerate(("gpu_only", "overlap")):
+        set_mode(model, config, engine, mode)
+        with profile(activities=activities) as prof:
+            time_steps(model, engine, cache, B, pos + i, 1, device)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (Path(out_dir) / f"profile_b{B}_{mode}.txt").write_text(table)
 
 
 @torch.no_grad()
@@ -306,6 +323,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--baseline", action="store_true", help="time transformers' device_map")
+    p.add_argument("--profile", help="a directory for torch.profiler tables of one step")
     p.add_argument(
         "--prefill",
         type=lambda s: [int(t) for t in s.split(",")],

@@ -253,6 +253,8 @@ def test_fp8_linear_matches_block_dequantize(shape):
     assert torch.equal(layer.dense_weight(torch.float32), want)
     x = torch.randn(3, shape[1])
     assert torch.allclose(layer(x), x @ want.T, rtol=1e-5, atol=1e-5)
+    half = layer.dense_weight(torch.bfloat16).float()  # 16-bit path: the scale rounds to bf16
+    assert ((half - want).norm() / want.norm()).item() < 5e-3
 
 
 @pytest.mark.gpu

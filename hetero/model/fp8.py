@@ -60,8 +60,13 @@ class FP8Linear(nn.Module):
         (O, I), (bo, bi) = self.weight.shape, self.block
         if O % bo or I % bi:  # partial edge blocks: the general form
             return block_dequantize(self.weight, self.weight_scale_inv, self.block).to(dtype)
-        w = self.weight.view(O // bo, bo, I // bi, bi).float()  # scales broadcast, not expanded
-        return (w * self.weight_scale_inv[:, None, :, None]).to(dtype).view(O, I)
+        w = self.weight.view(O // bo, bo, I // bi, bi)  # scales broadcast, not expanded
+        if dtype in (torch.bfloat16, torch.float16):
+            # straight to 16 bits (fp8 -> bf16 is exact): half the bytes of an fp32 detour, for
+            # a scale rounded to bf16 (<= 0.4%, against e4m3's own ~3% per weight)
+            scale = self.weight_scale_inv.to(dtype)[:, None, :, None]
+            return (w.to(dtype) * scale).view(O, I)
+        return (w.float() * self.weight_scale_inv[:, None, :, None]).to(dtype).view(O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.dense_weight(x.dtype))
