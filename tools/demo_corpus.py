@@ -21,18 +21,16 @@ from typing import NamedTuple
 
 import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 
+from hetero.testing import tokenizer as testing_tokenizer
 from hetero.testing.tokenizer import (
     ASSISTANT,
     BOS,
     BOS_ID,
     CHAT_TEMPLATE,
-    EOS,
     EOS_ID,
-    PAD,
     PAD_ID,
-    SPECIAL_TOKENS,
 )
 
 # Tests, GUI code, generated tables (codec maps, the pydoc topic strings) and installed packages.
@@ -131,44 +129,12 @@ def _spread(items: list[str], n: int) -> list[str]:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with DeepSeek-V3's special tokens first (bos 0, eos 1, pad 2); encoding with
-    special tokens prepends bos, as DeepSeek's tokenizer does."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Lines as the training "documents": a whole file would be one pre-tokenizer call.
-    lines = (line for text in texts for line in text.splitlines(keepends=True))
-    tok.train_from_iterator(lines, trainer=trainer)
-    if tok.get_vocab_size() != vocab_size:
-        raise RuntimeError(f"trained {tok.get_vocab_size()} tokens, wanted {vocab_size}")
-    if [tok.token_to_id(t) for t in (BOS, EOS, PAD)] != [BOS_ID, EOS_ID, PAD_ID]:
-        raise RuntimeError("special tokens do not start with bos, eos, pad = 0, 1, 2")
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
-    )
-    return tok
+    """The test tokenizer's recipe (hetero.testing.tokenizer) on these texts."""
+    return testing_tokenizer.train_tokenizer(vocab_size, texts)
 
 
 def tokenizer_config(model_max_length: int) -> dict:
-    """tokenizer_config.json for transformers' PreTrainedTokenizerFast, DeepSeek-V3's template."""
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": BOS,
-        "eos_token": EOS,
-        "pad_token": PAD,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "legacy": True,
-        "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
-    }
+    return testing_tokenizer.tokenizer_config(model_max_length)
 
 
 # --- chat examples -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -73,8 +74,10 @@ def stdlib_corpus(max_chars: int = CORPUS_CHARS) -> str:
     return text
 
 
-def train_tokenizer(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE with vocab_size entries, special tokens included; prepends bos."""
+def train_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Tokenizer:
+    """Byte-level BPE with vocab_size entries, DeepSeek-V3's special tokens first (bos 0, eos 1,
+    pad 2); encoding prepends bos, as DeepSeek's tokenizer does. `texts`: the training text
+    (default: the fixed standard-library corpus above)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -84,9 +87,10 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    text = stdlib_corpus()
+    texts = [stdlib_corpus()] if texts is None else texts
     # Lines as the training "documents": one big string would be one pre-tokenizer call.
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer, length=None)
+    lines = (line for text in texts for line in text.splitlines(keepends=True))
+    tok.train_from_iterator(lines, trainer=trainer)
     if tok.get_vocab_size() != vocab_size:
         raise RuntimeError(f"trained {tok.get_vocab_size()} tokens, wanted {vocab_size}")
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
@@ -99,12 +103,9 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: int = 512) -> None:
-    """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads offline."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(vocab_size).save(str(out / "tokenizer.json"), pretty=False)
-    config = {
+def tokenizer_config(model_max_length: int) -> dict:
+    """tokenizer_config.json for transformers' PreTrainedTokenizerFast, DeepSeek-V3's template."""
+    return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
         "eos_token": EOS,
@@ -116,4 +117,12 @@ def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: i
         "model_max_length": model_max_length,
         "chat_template": CHAT_TEMPLATE,
     }
+
+
+def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: int = 512) -> None:
+    """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(vocab_size).save(str(out / "tokenizer.json"), pretty=False)
+    config = tokenizer_config(model_max_length)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
