@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU machine's measurements, in stages that each fit one device call (<10 min):
+#   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
+# stages: gpu-tests | decode | baseline | v2-lite | cpu-sweep | prefill | train-demo
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+day=$(date +%F)
+for stage in "$@"; do
+  echo "== $stage ($(date +%T))"
+  case $stage in
+    gpu-tests)  # the tests marked gpu, log committed under tests/logs/
+      timeout 300 python3 -m pytest -m gpu -v tests 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;
+    decode)  # v3-slice: sequential / overlap / deferral, batch 1, 4, 16, plus profiler tables
+      timeout 280 python3 bench/decode.py --workload v3-slice --moe-layers 3 --batch 1,4,16 \
+        --steps 12 --profile "$OUT/profile" > "$OUT/decode_v3slice.jsonl" 2> "$OUT/decode.err"
+      tail -3 "$OUT/decode.err" ;;
+    baseline)  # transformers + accelerate device_map, experts on "cpu"
+      timeout 400 python3 bench/decode.py --baseline --steps 2 > "$OUT/baseline.jsonl" \
+        2> "$OUT/baseline.err"; tail -5 "$OUT/baseline.err" ;;
+    v2-lite)
+      timeout 280 python3 bench/decode.py --workload v2-lite --batch 1,4,16 --steps 12 \
+        > "$OUT/decode_v2lite.jsonl" 2> "$OUT/v2lite.err"; tail -3 "$OUT/v2lite.err" ;;
+    cpu-sweep)  # int4 on int8 activations: GEMV-all against the GEMM path at 64..1024 tokens
+      for q8 in 32 100000; do
+        timeout 200 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1,16,64,256,1024 \
+          --no-naive --gemm-min-tokens-q8 $q8 >> "$OUT/cpu_moe_q8_sweep.jsonl"
+      done ;;
+    prefill)  # one V3 layer's CPU experts: engine vs streaming through pinned staging
+      timeout 200 python3 bench/decode.py --prefill 64,128,256,512,1024,2048 \
+        > "$OUT/prefill.jsonl" 2> "$OUT/prefill.err"; tail -3 "$OUT/prefill.err" ;;
+    train-demo)  # ~3 min; the weights come back in parts under the 16 MiB file limit
+      timeout 540 python3 tools/train_demo.py --out /tmp/demo 2>&1 | tee "$OUT/train_demo.log" | tail -20
+      split -b 15m /tmp/demo/model.safetensors "$OUT/model.safetensors.part."
+      tar czf "$OUT/demo_meta.tgz" -C /tmp/demo --exclude model.safetensors . ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
