@@ -15,8 +15,9 @@ from hetero.cpu_experts.formats import Format, pack_experts, unpack_expert
 
 E, I, H = 8, 64, 128
 SPECS = ["bf16", "int8", "int8-g32", "int4", "int4-g64"]
-# int4 with H and I multiples of 128 runs on int8 activations (kernels_q8): its own shapes
-Q8_SPECS = ["int4@q8", "int4-g64@q8", "int4-g128@q8"]
+# int4 and int8 (per row, g128) with H and I multiples of 128 run on int8 activations
+# (kernels_q8): their own shapes
+Q8_SPECS = ["int4@q8", "int4-g64@q8", "int4-g128@q8", "int8@q8", "int8-g128@q8"]
 Q8_H, Q8_I = 256, 128
 FP32_TOL = 1e-5  # GEMV path: fp32 accumulation, so rounding only
 
@@ -229,7 +230,7 @@ def test_numba_disk_cache_is_used(tmp_path):
             "w = torch.randn(4, 128, 128), torch.randn(4, 128, 128), torch.randn(4, 128, 128)",
             "layer = pack_experts(*w, Format.parse('int4'))",  # kernels_q8
             "CPUExperts({0: layer}, EngineConfig(threads=1)).close()",
-            "stats = [k.moe_gemv.stats, q.moe_gemv_q4.stats]",
+            "stats = [k.moe_gemv.stats, q.moe_gemv_q8.stats]",
             "print(sum(sum(s.cache_hits.values()) for s in stats),",
             "      sum(sum(s.cache_misses.values()) for s in stats))",
         ]

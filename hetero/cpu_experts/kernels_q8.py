@@ -1,4 +1,4 @@
-"""numba kernels of the int4 experts on int8 activations (AVX-512 VNNI where the CPU has it).
+"""numba kernels of int4 and int8 experts on int8 activations (AVX-512 VNNI where the CPU has it).
 
 Why: with fp32 activations each int4 weight costs an unpack, an int->float conversion and an FMA,
 so a Xeon core consumes ~7 G weights/s and 16 cores cannot keep up with RAM. Quantizing the
@@ -11,6 +11,10 @@ Layout. A packed int4 row (formats.py) stores byte j of group g as w[g*G + j] | 
 same order: per block, 64 int8 for the low nibbles, then 64 for the high ones. A 32-bit lane of a
 block covers 4 bytes, i.e. 8 weights of one scale group; the nibbles are unsigned (q + 8), so each
 lane starts from -8 * (sum of its 8 activations), precomputed once per token.
+
+int8 rows (a scale per row or per 128 of K) take the same path with the activations in natural
+order: a block's two 64-byte halves are XORed with 0x80 (w + 128, unsigned), so each lane starts
+from -128 * (sum of its 8 activations).
 
 Self-contained on purpose: numba's disk cache is keyed by the defining file only.
 """
@@ -68,24 +72,33 @@ def _is_row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
-def _emit_dots(builder, w_p, s_p, tokens, blocks, shift) -> list:
+def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool) -> list:
     """IR of the row dot for each token of `tokens` [(xq, xs, xa) pointers]: the row's bytes
-    are unpacked and its scales widened once a block for all of them."""
+    are unpacked and its scales widened once a block for all of them. `int8`: an int8 row with
+    f32 scales (else packed int4 with bf16 scales)."""
     accs = [cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16)) for _ in tokens]
-    c15, c4 = (ir.Constant(V_B, [v] * 64) for v in (15, 4))
+    c15, c4, c128 = (ir.Constant(V_B, [v] * 64) for v in (15, 4, 128))
     to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
     undef16 = ir.Constant(V_F32, ir.Undefined)
     with cgutils.for_range(builder, blocks) as loop:
         b = loop.index
-        wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
-        lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
         x0 = builder.mul(b, ir.Constant(I64, BLOCK))
+        if int8:  # two 64-byte halves, made unsigned: w + 128
+            lo = builder.xor(_load(builder, w_p, x0, V_B), c128)
+            hi = builder.xor(_load(builder, w_p, builder.add(x0, ir.Constant(I64, 64)), V_B), c128)
+        else:
+            wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
+            lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
         # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
         quarter = ir.Constant(V4_F32, ir.Undefined)
         for c in range(4):
             k = builder.add(x0, ir.Constant(I64, 32 * c))
-            bits = builder.zext(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), I32)
-            f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
+            at = builder.gep(s_p, [builder.lshr(k, shift)])
+            if int8:
+                f = builder.load(at)
+            else:
+                bits = builder.zext(builder.load(at), I32)
+                f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
             quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
         sw = builder.shuffle_vector(quarter, ir.Constant(V4_F32, ir.Undefined), to16)
         for (xq_p, xs_p, xa_p), acc in zip(tokens, accs):
@@ -116,21 +129,29 @@ def _i64(builder, v):
     return builder.sext(v, I64) if v.type.width < 64 else v
 
 
+def _weights_kind(w, s) -> bool | None:
+    """int8 (True) or packed int4 (False) rows by their arrays' dtypes; None if neither."""
+    if _is_row(w, types.uint8) and _is_row(s, types.uint16):
+        return False
+    if _is_row(w, types.int8) and _is_row(s, types.float32):
+        return True
+    return None
+
+
+def _is_table(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 and a.dtype == dtype
+
+
 @intrinsic
-def q4_row_dot(typingctx, w, s, xq, xs, xa, gshift):
-    """sum_k w[k] x[k]: packed int4 row w [K/2] u8 with bf16 scales s [K/G] (G = 1 << gshift),
-    activations as `quantize_row` leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
-    ok = all(
-        _is_row(a, d)
-        for a, d in (
-            (w, types.uint8),
-            (s, types.uint16),
-            (xq, types.int8),
-            (xs, types.float32),
-            (xa, types.int32),
-        )
-    )
-    if not (ok and isinstance(gshift, types.Integer)):
+def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift):
+    """sum_k w[k] x[k] for one row: packed int4 w [K/2] u8 with bf16 scales s [K/G], or int8
+    w [K] with f32 scales s [K/G] (G = 1 << gshift), against activations as `quantize_row`
+    leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
+    int8 = _weights_kind(w, s)
+    acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
+    if int8 is None or not all(_is_row(a, d) for a, d in acts):
+        return None
+    if not isinstance(gshift, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
@@ -143,27 +164,23 @@ def q4_row_dot(typingctx, w, s, xq, xs, xa, gshift):
             builder.bitcast(xa_a.data, I32.as_pointer()),
         )
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
-        s_p = builder.bitcast(s_a.data, I16.as_pointer())
+        s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
         blocks = builder.extract_value(xs_a.shape, 0)
-        return _emit_dots(builder, w_p, s_p, [token], blocks, _i64(builder, args[5]))[0]
+        shift = _i64(builder, args[5])
+        return _emit_dots(builder, w_p, s_p, [token], blocks, shift, int8)[0]
 
     return types.float32(w, s, xq, xs, xa, gshift), codegen
 
 
-def _is_table(a, dtype) -> bool:
-    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 and a.dtype == dtype
-
-
 @intrinsic
-def q4_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
-    """`q4_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
+def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
+    """`q8_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
     K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked once for all four."""
-    ok = _is_row(w, types.uint8) and _is_row(s, types.uint16)
-    ok = ok and all(
-        _is_table(a, d) for a, d in ((xq, types.int8), (xs, types.float32), (xa, types.int32))
-    )
-    idx = (t0, t1, t2, t3, gshift)
-    if not (ok and all(isinstance(t, types.Integer) for t in idx)):
+    int8 = _weights_kind(w, s)
+    acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
+    if int8 is None or not all(_is_table(a, d) for a, d in acts):
+        return None
+    if not all(isinstance(t, types.Integer) for t in (t0, t1, t2, t3, gshift)):
         return None
     ret = types.UniTuple(types.float32, 4)
 
@@ -182,20 +199,22 @@ def q4_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
             t = _i64(builder, t)
             tokens.append(tuple(builder.gep(p, [builder.mul(t, n)]) for p, n in zip(bases, rows)))
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
-        s_p = builder.bitcast(s_a.data, I16.as_pointer())
-        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], _i64(builder, args[9]))
+        s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
+        shift = _i64(builder, args[9])
+        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8)
         return context.make_tuple(builder, ret, totals)
 
     return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift), codegen
 
 
 @njit(**JIT)
-def quantize_row(x, gshift, xq, xs, xa):
+def quantize_row(x, gshift, offset, xq, xs, xa):
     """x [K] f32 -> int8 in the block order of a packed int4 row of group 1 << gshift.
 
     xq [K] i8: per block of 128 k, the values under its 64 low nibbles, then its 64 high ones;
     xs [K/128] f32: the block scales (amax / 127); xa [K/128 * 16] i32: each lane's start value,
-    -8 * the sum of the 8 activations it multiplies (the nibbles' offset)."""
+    -offset * the sum of the 8 activations it multiplies (the weights' unsigned offset: 8 for
+    int4 nibbles, 128 for int8, whose order is natural: gshift 7)."""
     half = (1 << gshift) // 2
     for blk in range(xs.shape[0]):
         xb = x[blk * BLOCK : (blk + 1) * BLOCK]
@@ -216,24 +235,27 @@ def quantize_row(x, gshift, xq, xs, xa):
             total = np.int32(0)
             for i in range(4):
                 total += np.int32(qb[4 * lane + i]) + np.int32(qb[64 + 4 * lane + i])
-            xa[blk * 16 + lane] = np.int32(-8) * total
+            xa[blk * 16 + lane] = -offset * total
 
 
 @njit(parallel=True, **JIT)
-def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows):
-    """The routed int4 experts of one layer on int8 activations (see moe_gemv in kernels.py).
+def moe_gemv_q8(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset):
+    """The routed experts of one layer on int8 activations (see moe_gemv in kernels.py): packed
+    int4 (offset 8) or int8 (offset 128, a scale per row or per 128) weights.
 
     x [T, H] f32; H and I multiples of 128. y [P, H] f32: each pair's weighted output (summed per
     token by kernels.combine)."""
     T, H = x.shape
     A, I, P = experts.shape[0], w13.shape[1], pair_token.shape[0]
-    sh13 = _log2(H // s13.shape[3])
-    sh2 = _log2(I // s2.shape[2])
+    sh13, sh2 = _scale_shift(H, s13.shape[3]), _scale_shift(I, s2.shape[2])
+    # activation order: an int4 group's nibble layout (G <= 128), or natural for int8
+    q13 = _log2(H // s13.shape[3]) if offset == 8 else 7
+    q2 = _log2(I // s2.shape[2]) if offset == 8 else 7
     xq = np.empty((T, H), np.int8)
     xs = np.empty((T, H // BLOCK), np.float32)
     xa = np.empty((T, H // BLOCK * 16), np.int32)
     for t in prange(T):
-        quantize_row(x[t], sh13, xq[t], xs[t], xa[t])
+        quantize_row(x[t], q13, offset, xq[t], xs[t], xa[t])
     h = np.empty((P, I), np.float32)  # silu(gate) * up of each pair
     nb = (I + rows - 1) // rows
     for item in prange(A * nb):
@@ -249,20 +271,20 @@ def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
                     pair_token[p + 2],
                     pair_token[p + 3],
                 )
-                g = q4_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13)
-                u = q4_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13)
+                g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13)
+                u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13)
                 for j in range(4):
                     h[p + j, r] = _silu_mul(g[j], u[j])
                 p += 4
             for q in range(p, end):
                 t = pair_token[q]
-                g1 = q4_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13)
-                h[q, r] = _silu_mul(g1, q4_row_dot(wu, su, xq[t], xs[t], xa[t], sh13))
+                g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13)
+                h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh13))
     hq = np.empty((P, I), np.int8)
     hs = np.empty((P, I // BLOCK), np.float32)
     ha = np.empty((P, I // BLOCK * 16), np.int32)
     for p in prange(P):
-        quantize_row(h[p], sh2, hq[p], hs[p], ha[p])
+        quantize_row(h[p], q2, offset, hq[p], hs[p], ha[p])
     nb = (H + rows - 1) // rows
     for item in prange(A * nb):
         a, r0 = item // nb, (item % nb) * rows
@@ -271,13 +293,19 @@ def moe_gemv_q4(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
             wd, sd = w2[e, r], s2[e, r]
             p = ptr[a]
             while p + 4 <= end:
-                d = q4_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2)
+                d = q8_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2)
                 for j in range(4):
                     y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
                 p += 4
             for q in range(p, end):
                 wt = weights[pair_token[q], pair_slot[q]]
-                y[q, r] = q4_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2) * wt
+                y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2) * wt
+
+
+@njit(inline="always", **JIT)
+def _scale_shift(K, groups):
+    """log2 of the scale group along K; one scale a row (group K, any K): a shift past any k."""
+    return 62 if groups == 1 else _log2(K // groups)
 
 
 @njit(inline="always", **JIT)

@@ -33,9 +33,14 @@ def group_by_expert(ids: np.ndarray, num_experts: int) -> Grouping:
 
 
 def q8_activations(layer: PackedExperts) -> bool:
-    """int4 layers whose sizes allow it run on int8 activations (kernels_q8)."""
-    G, K = layer.fmt.group_size, (layer.hidden, layer.inter)
-    return layer.fmt.name == "int4" and G <= kernels_q8.BLOCK and all(n % 128 == 0 for n in K)
+    """Layers whose format and sizes allow it run on int8 activations (kernels_q8): int4 with
+    groups up to 128, int8 with a scale per row or per 128; H and I multiples of 128."""
+    G, sizes = layer.fmt.group_size, (layer.hidden, layer.inter)
+    if not all(n % kernels_q8.BLOCK == 0 for n in sizes):
+        return False
+    if layer.fmt.name == "int4":
+        return G <= kernels_q8.BLOCK
+    return layer.fmt.name == "int8" and G in (0, kernels_q8.BLOCK)
 
 
 def moe_gemv(
@@ -49,8 +54,8 @@ def moe_gemv(
 ) -> None:
     """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba).
 
-    With `int8_activations`, int4 layers whose H and I are multiples of 128 quantize the
-    activations to int8 first (kernels_q8)."""
+    With `int8_activations`, layers `q8_activations` accepts quantize the activations to int8
+    first (kernels_q8)."""
     T, H = x.shape
     if H != layer.hidden or out.shape != (T, H):
         raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
@@ -58,9 +63,10 @@ def moe_gemv(
         raise ValueError("x and weights must be contiguous float32")
     if int8_activations and q8_activations(layer):
         y = np.empty((g.pair_token.shape[0], H), np.float32)  # [P, H]
-        kernels_q8.moe_gemv_q4(
+        offset = 8 if layer.fmt.name == "int4" else 128  # the weights' unsigned offset
+        kernels_q8.moe_gemv_q8(
             x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot,
-            layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item,
+            layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item, offset,
         )  # fmt: skip
         kernels.combine(g.pos, y, out)
         return
