@@ -244,3 +244,18 @@ def test_numba_disk_cache_is_used(tmp_path):
     ]
     first, second = (tuple(map(int, r.stdout.split())) for r in runs)
     assert first[1] >= 2 and second == (first[1], 0)
+
+
+def test_software_prefetch_changes_nothing_but_timing():
+    """Prefetching past a row (even past the array: prefetches never fault) gives equal output."""
+    g = torch.Generator().manual_seed(8)
+    w = [torch.randn(E, Q8_I, Q8_H, generator=g) for _ in range(2)]
+    layer = pack_experts(*w, torch.randn(E, Q8_H, Q8_I, generator=g), Format.parse("int4"))
+    x, ids, wt = routing(21, 3, seed=9, hidden=Q8_H)
+    outs = []
+    for ahead in (0, 1 << 20):
+        config = EngineConfig(threads=2, gemm_min_tokens_q8=10**9, prefetch_bytes=ahead)
+        eng = CPUExperts({0: layer}, config)
+        outs.append(eng.forward(0, x, ids, wt))
+        eng.close()
+    assert torch.equal(outs[0], outs[1])

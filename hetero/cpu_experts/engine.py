@@ -32,7 +32,8 @@ class EngineConfig:
     # faster than the GEMM path at 2-8 tokens an expert on this 2-core box; device sweep pending
     gemm_min_tokens_q8: int = 32
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
-    int8_activations: bool = True  # int4 GEMV on int8 activations (VNNI), see kernels_q8
+    int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
+    prefetch_bytes: int = 0  # kernels_q8 software prefetch distance (0: hardware prefetch only)
 
     def num_threads(self) -> int:
         if self.threads:
@@ -179,6 +180,7 @@ class CPUExperts:
                 out,
                 self.config.rows_per_item,
                 self.config.int8_activations,
+                self.config.prefetch_bytes,
             )
             y, xt = torch.from_numpy(out), torch.from_numpy(x)
             for a in np.flatnonzero(heavy):
@@ -189,7 +191,9 @@ class CPUExperts:
                 y.index_add_(0, tokens, ye * w)
         else:
             c = self.config
-            ops.moe_gemv(layer, x, weights, g, out, c.rows_per_item, c.int8_activations)
+            ops.moe_gemv(
+                layer, x, weights, g, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
+            )
 
 
 def _has_cuda() -> bool:

@@ -72,10 +72,16 @@ def _is_row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
-def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool) -> list:
+def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> list:
     """IR of the row dot for each token of `tokens` [(xq, xs, xa) pointers]: the row's bytes
     are unpacked and its scales widened once a block for all of them. `int8`: an int8 row with
-    f32 scales (else packed int4 with bf16 scales)."""
+    f32 scales (else packed int4 with bf16 scales). `ahead`: bytes past each line read that are
+    prefetched into L2 (the next rows of the work item lie right after this one; 0: no use)."""
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+        "llvm.prefetch.p0",
+    )  # fmt: skip
+    hint = [ir.Constant(I32, v) for v in (0, 2, 1)]  # read, L2, data
     accs = [cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16)) for _ in tokens]
     c15, c4, c128 = (ir.Constant(V_B, [v] * 64) for v in (15, 4, 128))
     to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
@@ -86,9 +92,14 @@ def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool) -> list:
         if int8:  # two 64-byte halves, made unsigned: w + 128
             lo = builder.xor(_load(builder, w_p, x0, V_B), c128)
             hi = builder.xor(_load(builder, w_p, builder.add(x0, ir.Constant(I64, 64)), V_B), c128)
+            lines = [x0, builder.add(x0, ir.Constant(I64, 64))]
         else:
-            wv = _load(builder, w_p, builder.mul(b, ir.Constant(I64, 64)), V_B)
+            line = builder.mul(b, ir.Constant(I64, 64))
+            wv = _load(builder, w_p, line, V_B)
             lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+            lines = [line]
+        for line in lines:
+            builder.call(prefetch, [builder.gep(w_p, [builder.add(line, ahead)]), *hint])
         # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
         quarter = ir.Constant(V4_F32, ir.Undefined)
         for c in range(4):
@@ -143,7 +154,7 @@ def _is_table(a, dtype) -> bool:
 
 
 @intrinsic
-def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift):
+def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
     """sum_k w[k] x[k] for one row: packed int4 w [K/2] u8 with bf16 scales s [K/G], or int8
     w [K] with f32 scales s [K/G] (G = 1 << gshift), against activations as `quantize_row`
     leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
@@ -151,7 +162,7 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift):
     acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
     if int8 is None or not all(_is_row(a, d) for a, d in acts):
         return None
-    if not isinstance(gshift, types.Integer):
+    if not (isinstance(gshift, types.Integer) and isinstance(ahead, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
@@ -166,21 +177,21 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift):
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
         s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
         blocks = builder.extract_value(xs_a.shape, 0)
-        shift = _i64(builder, args[5])
-        return _emit_dots(builder, w_p, s_p, [token], blocks, shift, int8)[0]
+        shift, far = _i64(builder, args[5]), _i64(builder, args[6])
+        return _emit_dots(builder, w_p, s_p, [token], blocks, shift, int8, far)[0]
 
-    return types.float32(w, s, xq, xs, xa, gshift), codegen
+    return types.float32(w, s, xq, xs, xa, gshift, ahead), codegen
 
 
 @intrinsic
-def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
+def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
     """`q8_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
     K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked once for all four."""
     int8 = _weights_kind(w, s)
     acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
     if int8 is None or not all(_is_table(a, d) for a, d in acts):
         return None
-    if not all(isinstance(t, types.Integer) for t in (t0, t1, t2, t3, gshift)):
+    if not all(isinstance(t, types.Integer) for t in (t0, t1, t2, t3, gshift, ahead)):
         return None
     ret = types.UniTuple(types.float32, 4)
 
@@ -200,11 +211,11 @@ def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift):
             tokens.append(tuple(builder.gep(p, [builder.mul(t, n)]) for p, n in zip(bases, rows)))
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
         s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
-        shift = _i64(builder, args[9])
-        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8)
+        shift, far = _i64(builder, args[9]), _i64(builder, args[10])
+        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8, far)
         return context.make_tuple(builder, ret, totals)
 
-    return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift), codegen
+    return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead), codegen
 
 
 @njit(**JIT)
@@ -239,9 +250,12 @@ def quantize_row(x, gshift, offset, xq, xs, xa):
 
 
 @njit(parallel=True, **JIT)
-def moe_gemv_q8(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset):
+def moe_gemv_q8(
+    x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead
+):
     """The routed experts of one layer on int8 activations (see moe_gemv in kernels.py): packed
-    int4 (offset 8) or int8 (offset 128, a scale per row or per 128) weights.
+    int4 (offset 8) or int8 (offset 128, a scale per row or per 128) weights; `ahead`: software
+    prefetch distance in bytes (0: none).
 
     x [T, H] f32; H and I multiples of 128. y [P, H] f32: each pair's weighted output (summed per
     token by kernels.combine)."""
@@ -271,15 +285,15 @@ def moe_gemv_q8(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
                     pair_token[p + 2],
                     pair_token[p + 3],
                 )
-                g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13)
-                u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13)
+                g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13, ahead)
+                u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13, ahead)
                 for j in range(4):
                     h[p + j, r] = _silu_mul(g[j], u[j])
                 p += 4
             for q in range(p, end):
                 t = pair_token[q]
-                g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13)
-                h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh13))
+                g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13, ahead)
+                h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh13, ahead))
     hq = np.empty((P, I), np.int8)
     hs = np.empty((P, I // BLOCK), np.float32)
     ha = np.empty((P, I // BLOCK * 16), np.int32)
@@ -293,13 +307,13 @@ def moe_gemv_q8(x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s
             wd, sd = w2[e, r], s2[e, r]
             p = ptr[a]
             while p + 4 <= end:
-                d = q8_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2)
+                d = q8_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2, ahead)
                 for j in range(4):
                     y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
                 p += 4
             for q in range(p, end):
                 wt = weights[pair_token[q], pair_slot[q]]
-                y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2) * wt
+                y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2, ahead) * wt
 
 
 @njit(inline="always", **JIT)

@@ -51,6 +51,7 @@ def moe_gemv(
     out: np.ndarray,
     rows_per_item: int = 16,
     int8_activations: bool = True,
+    prefetch_bytes: int = 0,
 ) -> None:
     """out [T, H] = the routed experts of `g` applied to x [T, H] (GEMV kernel, all in numba).
 
@@ -66,7 +67,7 @@ def moe_gemv(
         offset = 8 if layer.fmt.name == "int4" else 128  # the weights' unsigned offset
         kernels_q8.moe_gemv_q8(
             x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot,
-            layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item, offset,
+            layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item, offset, prefetch_bytes,
         )  # fmt: skip
         kernels.combine(g.pos, y, out)
         return
