@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's measurements, in stages that each fit one device call (<10 min):
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
-# stages: gpu-tests | decode | baseline | v2-lite | cpu-sweep | prefill | train-demo
+# stages: gpu-tests | decode | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
+#   train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -22,9 +23,12 @@ for stage in "$@"; do
     v2-lite)
       timeout 280 python3 bench/decode.py --workload v2-lite --batch 1,4,16 --steps 12 \
         > "$OUT/decode_v2lite.jsonl" 2> "$OUT/v2lite.err"; tail -3 "$OUT/v2lite.err" ;;
+    cpu-prefetch)  # software prefetch distances at decode sizes
+      for ahead in 0 512 2048; do
+        timeout 150 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16 \
+          --no-naive --prefetch-bytes $ahead >> "$OUT/cpu_moe_prefetch.jsonl"
+      done ;;
     cpu-sweep)  # int4, int8 on int8 activations: GEMV-all against the GEMM path, 1..1024 tokens
-      timeout 200 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1,16 --no-naive \
-        --prefetch-bytes 1024 >> "$OUT/cpu_moe_prefetch.jsonl"
       for q8 in 32 100000; do
         timeout 280 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16,64,256,1024 \
           --no-naive --gemm-min-tokens-q8 $q8 >> "$OUT/cpu_moe_q8_sweep.jsonl"
