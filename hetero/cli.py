@@ -102,6 +102,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from hetero.chat import chat_loop
 
     model, close, chunk, tokenizer, params = _session(args, progress=True)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    where = f"{args.model or 'the built-in model'}, {n:.1f}M parameters on the device"
+    print(f"hetero chat: {where}; replies up to {params.max_tokens} tokens")
     try:
         chat_loop(model, tokenizer, params, prefill_chunk=chunk, system=args.system)
     finally:
