@@ -304,3 +304,21 @@ def test_cuda_streamed_prefill_equals_engine(v3):
         finally:
             h.close()
     assert_same(runs[1], runs[0], tol=1e-3)  # the engine's GEMM path rounds x to bf16
+
+
+def test_store_gives_the_same_model(v3, tmp_path):
+    """CPU experts memory-mapped from a `hetero convert` store (all experts, GPU ones never
+    read) equal those packed at load (only the CPU's); a store in another format is refused."""
+    from hetero.cpu_experts.formats import Format
+    from hetero.cpu_experts.store import StoreError, convert
+
+    store = convert(v3, tmp_path / "store", Format.parse("int8"), progress=False)
+    packed, mapped = load(v3, "int8"), load(v3, "int8", store=store)
+    try:
+        assert mapped.engine.layers[1].num_experts == ModelConfig.from_hf(v3).n_routed_experts
+        assert_same(run(mapped.model, mapped.model), run(packed.model, packed.model), tol=1e-6)
+    finally:
+        packed.close()
+        mapped.close()
+    with pytest.raises(StoreError, match="int4"):
+        load(v3, "int4", store=store)

@@ -13,6 +13,7 @@ Per format (K = the input dim of the matrix, G = group size along K):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,10 +156,14 @@ def dequantize(q: np.ndarray, s: np.ndarray, fmt: Format, K: int) -> torch.Tenso
 
 
 def as_tensor(a: np.ndarray) -> torch.Tensor:
-    """A packed array as a torch tensor without a copy (uint16 bf16 bits become bfloat16)."""
-    if a.dtype == np.uint16:
-        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(a)
+    """A packed array as a torch tensor without a copy (uint16 bf16 bits become bfloat16).
+    A store's arrays are read-only memory maps: torch warns about those, and hetero only reads
+    them, so the warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        if a.dtype == np.uint16:
+            return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(a)
 
 
 def dequantize_tensors(

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hetero.cpu_experts import kernels, kernels_q8
-from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 
 class Grouping(NamedTuple):
@@ -101,7 +101,7 @@ class DequantBuffers(NamedTuple):
 
 
 def _bf16(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
+    return as_tensor(bits)
 
 
 def expert_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
@@ -121,15 +121,15 @@ def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _int8_gemm(layer: PackedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
     I = layer.inter
-    w13 = torch.from_numpy(layer.w13[e]).view(2 * I, -1)  # [2I, H] int8
-    s13 = torch.from_numpy(layer.s13[e]).view(1, 2 * I)
+    w13 = as_tensor(layer.w13[e]).view(2 * I, -1)  # [2I, H] int8
+    s13 = as_tensor(layer.s13[e]).view(1, 2 * I)
     n = x.shape[0]
     xq, xs = _quantize_rows(_pad_rows(x))  # oneDNN's int8 matmul wants a few rows at least
     gu = (torch._int_mm(xq, w13.T)[:n].float() * xs[:n] * s13).view(n, I, 2)
     h = F.silu(gu[..., 0]) * gu[..., 1]  # [n, I]
     hq, hs = _quantize_rows(_pad_rows(h))
-    w2 = torch.from_numpy(layer.w2[e])  # [H, I] int8
-    return torch._int_mm(hq, w2.T)[:n].float() * hs[:n] * torch.from_numpy(layer.s2[e]).view(1, -1)
+    w2 = as_tensor(layer.w2[e])  # [H, I] int8
+    return torch._int_mm(hq, w2.T)[:n].float() * hs[:n] * as_tensor(layer.s2[e]).view(1, -1)
 
 
 def _pad_rows(x: torch.Tensor, multiple: int = 32) -> torch.Tensor:
