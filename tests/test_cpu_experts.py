@@ -259,3 +259,16 @@ def test_software_prefetch_changes_nothing_but_timing():
         outs.append(eng.forward(0, x, ids, wt))
         eng.close()
     assert torch.equal(outs[0], outs[1])
+
+
+def test_engine_shortens_the_gil_switch_interval(weights):
+    before = sys.getswitchinterval()
+    try:
+        sys.setswitchinterval(0.005)  # Python's default
+        layer = pack_experts(*weights, Format.parse("int8"))
+        CPUExperts({0: layer}, EngineConfig(threads=1)).close()
+        assert sys.getswitchinterval() == pytest.approx(EngineConfig.gil_switch_s)
+        CPUExperts({0: layer}, EngineConfig(threads=1, gil_switch_s=0.01)).close()
+        assert sys.getswitchinterval() == pytest.approx(EngineConfig.gil_switch_s)  # never up
+    finally:
+        sys.setswitchinterval(before)

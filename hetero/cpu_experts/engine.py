@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +35,10 @@ class EngineConfig:
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     prefetch_bytes: int = 0  # kernels_q8 software prefetch distance (0: hardware prefetch only)
+    # Python's GIL switch interval, lowered to this for the process (0: leave it). The worker
+    # needs the GIL for a few steps of every job; with the default 5 ms, a caller busy launching
+    # GPU work in Python can hold each of those steps back by up to 5 ms.
+    gil_switch_s: float = 2e-4
 
     def num_threads(self) -> int:
         if self.threads:
@@ -72,6 +77,8 @@ class CPUExperts:
         self.config = config or EngineConfig()
         self.threads = min(self.config.num_threads(), numba.config.NUMBA_NUM_THREADS)
         self.stats = EngineStats()
+        if self.config.gil_switch_s:
+            sys.setswitchinterval(min(sys.getswitchinterval(), self.config.gil_switch_s))
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
         self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
