@@ -113,44 +113,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progress: bool):
-    """The model as `--placement` says (CPU experts + the device), or all of it on the device;
-    the memory plan is checked first, so an impossible one fails before any weight is read.
-    Returns (model, close, prefill chunk)."""
-    from hetero.config import ModelConfig
-    from hetero.loader import load_model
-    from hetero.placement import load_placement, parse_placement
-    from hetero.plan import (
-        GIB,
-        check_fits,
-        cuda_vram_bytes,
-        machine_ram_bytes,
-        plan_memory,
-        read_index,
-    )
-    from hetero.sched.runtime import HybridOptions, load_hybrid
+    """(model, close, prefill chunk) as `hetero.sched.runtime.load_for_device` places it."""
+    from hetero.sched.runtime import HybridOptions, load_for_device
 
-    config = ModelConfig.from_hf(model_dir)
-    if args.placement:
-        placement = load_placement(args.placement, config, getattr(args, "profile", None))
-    else:
-        placement = parse_placement("rules:\n  - {device: gpu}\n", config, "<all on --device>")
-    rt, ram = placement.runtime, machine_ram_bytes()
-    ram = int(rt.ram_gb * GIB) if rt.ram_gb else ram
-    if device.startswith("cuda"):
-        vram = int(rt.vram_gb * GIB) if rt.vram_gb else cuda_vram_bytes()
-    else:
-        vram = ram  # the "GPU" side is this host's memory too
-    check_fits(plan_memory(config, placement, vram, ram, read_index(model_dir), dtype=dtype))
-    if not args.placement:
-        model = load_model(
-            model_dir, device=device, dtype=dtype, attention=args.attention, progress=progress
-        )
-        return model, lambda: None, 0
     opts = HybridOptions(
         device=device, dtype=dtype, attention=args.attention, store=args.store, progress=progress
     )
-    hybrid = load_hybrid(model_dir, placement, opts)
-    return hybrid.model, hybrid.close, rt.prefill_chunk
+    return load_for_device(model_dir, args.placement, opts, getattr(args, "profile", None))
 
 
 def cmd_profile_experts(args: argparse.Namespace) -> int:

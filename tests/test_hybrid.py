@@ -322,3 +322,20 @@ def test_store_gives_the_same_model(v3, tmp_path):
         mapped.close()
     with pytest.raises(StoreError, match="int4"):
         load(v3, "int4", store=store)
+
+
+def test_default_placement_when_the_model_does_not_fit_the_gpu(v3):
+    """Without a placement file the whole model goes to the device if it fits; on a GPU too
+    small for it, the default placement puts the routed experts on the CPU."""
+    from hetero.plan import GIB
+    from hetero.sched.runtime import choose_placement
+
+    config = ModelConfig.from_hf(v3)
+    dtype = torch.bfloat16
+    p, plan, hybrid = choose_placement(config, None, None, True, 80 * GIB, 64 * GIB, dtype)
+    assert not hybrid and plan.fits and p.experts(1).gpu_experts == tuple(range(16))
+    tight = int(1.5 * GIB + plan.gpu_weight_bytes // 2)  # the reserve and half the weights
+    p, plan, hybrid = choose_placement(config, None, None, True, tight, 64 * GIB, dtype)
+    assert hybrid and p.source == "<default>" and len(p.experts(1).gpu_experts) < 16
+    _, plan, hybrid = choose_placement(config, None, None, False, tight, tight, dtype)
+    assert not hybrid and not plan.fits  # on the CPU nothing moves: the plan's check refuses

@@ -19,7 +19,15 @@ from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.loader import FP8_DTYPE, Checkpoint, load_weights
 from hetero.model import Transformer
 from hetero.model.fp8 import to_fp8
-from hetero.placement import ExpertPlacement, Placement, default_placement
+from hetero.placement import (
+    ExpertPlacement,
+    Placement,
+    RuntimeSettings,
+    default_placement,
+    load_placement,
+    parse_placement,
+)
+from hetero.plan import is_fp8_checkpoint
 from hetero.registry import ROUTED_EXPERTS
 
 log = logging.getLogger(__name__)
@@ -106,6 +114,52 @@ def _is_fp8(placement: Placement, config: ModelConfig, name: str) -> bool:
     if rest in ("self_attn", "mlp", "mlp.shared_experts"):
         return placement.module(name)[1] == "fp8"
     return False
+
+
+def load_for_device(
+    path: str | Path,
+    placement_file: str | Path | None,
+    options: HybridOptions,
+    profile: str | Path | None = None,
+):
+    """What `hetero generate/chat` load, as `choose_placement` decides, after checking the
+    memory plan (before any weight is read). Returns (model, close, prefill chunk)."""
+    from hetero.loader import load_model
+    from hetero.plan import GIB, check_fits, cuda_vram_bytes, machine_ram_bytes, read_index
+
+    config, index, opts = ModelConfig.from_hf(path), read_index(path), options
+    given = load_placement(placement_file, config, profile) if placement_file else None
+    rt = given.runtime if given else RuntimeSettings()
+    ram = int(rt.ram_gb * GIB) if rt.ram_gb else machine_ram_bytes()
+    on_gpu = str(opts.device).startswith("cuda")
+    vram = (int(rt.vram_gb * GIB) if rt.vram_gb else cuda_vram_bytes()) if on_gpu else ram
+    placement, plan, hybrid = choose_placement(config, index, given, on_gpu, vram, ram, opts.dtype)
+    check_fits(plan)
+    if not hybrid:
+        model = load_model(
+            path, device=opts.device, dtype=opts.dtype, attention=opts.attention,
+            progress=opts.progress,
+        )  # fmt: skip
+        return model, lambda: None, 0
+    loaded = load_hybrid(path, placement, opts)
+    return loaded.model, loaded.close, placement.runtime.prefill_chunk
+
+
+def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dtype):
+    """-> (placement, its memory plan, whether it needs the hybrid runtime). A given placement
+    is used as it is. Without one: the whole model on the device (the plain model) when that
+    plan fits, else on a GPU the default placement, routed experts on the CPU."""
+    from hetero.plan import plan_memory
+
+    if given is not None:
+        return given, plan_memory(config, given, vram, ram, index, dtype=dtype), True
+    whole = parse_placement("rules:\n  - {device: gpu}\n", config, "<all on the device>")
+    plan = plan_memory(config, whole, vram, ram, index, dtype=dtype)
+    if plan.fits or not on_gpu:
+        return whole, plan, False
+    placement = default_placement(config, vram, is_fp8_checkpoint(config, index))
+    log.info("the model does not fit the GPU whole: default placement, routed experts on the CPU")
+    return placement, plan_memory(config, placement, vram, ram, index, dtype=dtype), True
 
 
 def _routed(name: str) -> bool:
