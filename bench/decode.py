@@ -243,27 +243,41 @@ def prefill_crossover(args) -> None:
 
 @torch.no_grad()
 def baseline(args) -> None:
-    """transformers + accelerate device_map: the routed experts of the MoE layer on "cpu"."""
+    """transformers + accelerate device_map, the user's alternative: a slice of the workload (1
+    dense + 1 MoE layer) whose routed experts device_map keeps on "cpu", which streams them to
+    the GPU at every step; the step's time per MoE layer is extrapolated to the whole model."""
     from accelerate import dispatch_model
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+    )
 
     t_start = time.perf_counter()
 
     def stage(what: str) -> None:  # to stderr: a run cut off by its time limit says where
         print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
 
-    d = slice_config("v3-slice", 1)
-    cfg = DeepseekV3Config.from_dict(d)
+    d = slice_config(args.workload, None)
+    moe_layers = d["num_hidden_layers"] - d["first_k_dense_replace"]  # of the whole model
+    if args.workload == "v3-slice":
+        moe_layers = 58  # DeepSeek-V3's
+    d["num_hidden_layers"] = d["first_k_dense_replace"] + 1
+    v3 = d["model_type"] == "deepseek_v3"
+    cfg = (DeepseekV3Config if v3 else DeepseekV2Config).from_dict(d)
     with torch.device("meta"):
-        hf = DeepseekV3ForCausalLM(cfg)
+        hf = (DeepseekV3ForCausalLM if v3 else DeepseekV2ForCausalLM)(cfg)
     hf = hf.to(torch.bfloat16)
     experts = "model.layers.1.mlp.experts"
-    device_map = {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0, "model.rotary_emb": 0}
-    device_map["model.layers.0"] = 0
+    gpu = 0 if args.device.startswith("cuda") else "cpu"  # "cpu": a smoke run without a GPU
+    sync = torch.cuda.synchronize if gpu == 0 else (lambda: None)
+    device_map = {"model.embed_tokens": gpu, "model.norm": gpu, "lm_head": gpu}
+    device_map |= {"model.rotary_emb": gpu, "model.layers.0": gpu}
     for name, _ in hf.model.layers[1].named_children():
-        device_map[f"model.layers.1.{name}"] = 0
+        device_map[f"model.layers.1.{name}"] = gpu
     for name, _ in hf.model.layers[1].mlp.named_children():
-        device_map[f"model.layers.1.mlp.{name}"] = "cpu" if name == "experts" else 0
+        device_map[f"model.layers.1.mlp.{name}"] = "cpu" if name == "experts" else gpu
     del device_map["model.layers.1.mlp"]
     stage("building on the host")
     hf.to_empty(device="cpu")
@@ -278,18 +292,18 @@ def baseline(args) -> None:
         if "correction_bias" in name:
             b.zero_()
     stage("dispatching")
-    hf = dispatch_model(hf.eval(), device_map=device_map, main_device=0)
+    hf = dispatch_model(hf.eval(), device_map=device_map, main_device=gpu)
     stage("prefill")
-    ids = torch.randint(0, cfg.vocab_size, (1, 4), device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (1, 4), device=args.device)
     out = hf(input_ids=ids, use_cache=True)
     stage("decoding")
     times = []
     for _ in range(args.steps):
         nxt = out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         out = hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
         stage(f"step {len(times)}: {times[-1]:.2f} s")
     step = sorted(times)[len(times) // 2]
@@ -297,14 +311,14 @@ def baseline(args) -> None:
         json.dumps(
             {
                 "bench": "decode",
-                "workload": "v3-slice",
+                "workload": args.workload,
                 "mode": "transformers_device_map",
                 "layers": 2,
                 "moe_layers": 1,
                 "batch": 1,
                 "ms": round(step * 1e3, 1),
-                "v3_tokens_per_s_upper_bound": round(1 / (step * 58), 4),
-                "note": "one MoE layer's step time x 58 MoE layers (dense layers left out)",
+                "full_model_tokens_per_s_upper_bound": round(1 / (step * moe_layers), 4),
+                "note": f"the slice's step time x {moe_layers} MoE layers (dense layers left out)",
             }
         ),
         flush=True,
@@ -322,7 +336,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--baseline", action="store_true", help="time transformers' device_map")
+    p.add_argument(
+        "--baseline", action="store_true", help="then, in the same run, transformers' device_map"
+    )
+    p.add_argument("--baseline-only", action="store_true", help="only transformers' device_map")
     p.add_argument("--profile", help="a directory for torch.profiler tables of one step")
     p.add_argument(
         "--prefill",
@@ -334,8 +351,11 @@ def main() -> None:
         args.moe_layers = None
     if args.prefill:
         prefill_crossover(args)
-    else:
-        baseline(args) if args.baseline else run(args)
+        return
+    if not args.baseline_only:
+        run(args)
+    if args.baseline or args.baseline_only:
+        baseline(args)
 
 
 if __name__ == "__main__":

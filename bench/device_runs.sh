@@ -13,16 +13,18 @@ for stage in "$@"; do
   case $stage in
     gpu-tests)  # the tests marked gpu, log committed under tests/logs/
       timeout 300 python3 -m pytest -m gpu -v tests 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;
-    decode)  # v3-slice: sequential / overlap / deferral, batch 1, 4, 16, plus profiler tables
-      timeout 280 python3 bench/decode.py --workload v3-slice --moe-layers 3 --batch 1,4,16 \
-        --steps 12 --profile "$OUT/profile" > "$OUT/decode_v3slice.jsonl" 2> "$OUT/decode.err"
+    decode)  # v3-slice: sequential / overlap / deferral at batch 1, 4, 16, profiler tables, and
+      # in the same run transformers' device_map baseline
+      timeout 540 python3 bench/decode.py --workload v3-slice --moe-layers 3 --batch 1,4,16 \
+        --steps 12 --profile "$OUT/profile" --baseline > "$OUT/decode_v3slice.jsonl" \
+        2> "$OUT/decode.err"
       tail -3 "$OUT/decode.err" ;;
-    baseline)  # transformers + accelerate device_map, experts on "cpu"
-      timeout 400 python3 bench/decode.py --baseline --steps 2 > "$OUT/baseline.jsonl" \
+    baseline)  # only transformers + accelerate device_map, experts on "cpu"
+      timeout 400 python3 bench/decode.py --baseline-only --steps 2 > "$OUT/baseline.jsonl" \
         2> "$OUT/baseline.err"; tail -5 "$OUT/baseline.err" ;;
     v2-lite)
-      timeout 280 python3 bench/decode.py --workload v2-lite --batch 1,4,16 --steps 12 \
-        > "$OUT/decode_v2lite.jsonl" 2> "$OUT/v2lite.err"; tail -3 "$OUT/v2lite.err" ;;
+      timeout 540 python3 bench/decode.py --workload v2-lite --batch 1,4,16 --steps 12 \
+        --baseline > "$OUT/decode_v2lite.jsonl" 2> "$OUT/v2lite.err"; tail -3 "$OUT/v2lite.err" ;;
     cpu-prefetch)  # software prefetch distances at decode sizes
       for ahead in 0 512 2048; do
         timeout 150 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16 \
