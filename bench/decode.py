@@ -35,6 +35,7 @@ from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.model import ForwardBatch, Transformer  # noqa: E402
 from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8  # noqa: E402
 from hetero.model.moe import RoutedRun  # noqa: E402
+from hetero.sched.graphs import GraphedDecoder  # noqa: E402
 from hetero.sched.hybrid import HybridExperts  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
@@ -110,8 +111,9 @@ def set_mode(model, config, engine, mode: str) -> None:
         )
 
 
-def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str) -> dict:
-    """`steps` decode steps of B sequences from context length `start`; ms per step and stats."""
+def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str, graphed=None):
+    """`steps` decode steps of B sequences from context length `start`; ms per step and stats.
+    `graphed`: a GraphedDecoder over `cache` to step with instead of the model."""
     gen = torch.Generator().manual_seed(B)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     ms = []
@@ -121,7 +123,10 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
         batch = ForwardBatch.build(list(range(B)), [1] * B, [start + i + 1] * B, device)
         sync()
         t0 = time.perf_counter()
-        model(ids, batch, cache, last_only=True)
+        if graphed is None:
+            model(ids, batch, cache, last_only=True)
+        else:
+            graphed.step(ids, batch.positions)
         sync()
         ms.append((time.perf_counter() - t0) * 1e3)
     wall = sum(ms) / 1e3
@@ -150,6 +155,7 @@ def run(args) -> None:
         "moe_layers": M,
         "format": str(fmt),
         "gpu_format": args.gpu_format,
+        "graphs": args.graphs,
         "cpu_threads": engine.threads,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
@@ -160,12 +166,15 @@ def run(args) -> None:
         batch = ForwardBatch.build(list(range(B)), lens, lens, device)
         set_mode(model, config, engine, "overlap")
         model(torch.randint(0, config.vocab_size, (B * PROMPT,)).to(device), batch, cache)
+        graphed = None
+        if args.graphs:  # CUDA graphs on a GPU; the same segments eagerly elsewhere
+            graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
         pos, rows = PROMPT, {}
         for mode in modes:
             set_mode(model, config, engine, mode)
-            time_steps(model, engine, cache, B, pos, 2, device)  # warm-up
+            time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm-up
             pos += 2
-            rows[mode] = time_steps(model, engine, cache, B, pos, args.steps, device)
+            rows[mode] = time_steps(model, engine, cache, B, pos, args.steps, device, graphed)
             pos += args.steps
         if args.profile:
             profile_step(model, config, engine, cache, B, pos, device, args.profile)
@@ -341,6 +350,9 @@ def main() -> None:
     )
     p.add_argument("--baseline-only", action="store_true", help="only transformers' device_map")
     p.add_argument("--profile", help="a directory for torch.profiler tables of one step")
+    p.add_argument(
+        "--graphs", action="store_true", help="decode steps from per-layer CUDA graph segments"
+    )
     p.add_argument(
         "--prefill",
         type=lambda s: [int(t) for t in s.split(",")],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's measurements, in stages that each fit one device call (<10 min):
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
-# stages: gpu-tests | decode | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
+# stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   train-demo
 set -uo pipefail
 OUT=${OUT:-out}
@@ -19,6 +19,10 @@ for stage in "$@"; do
         --steps 12 --profile "$OUT/profile" --baseline > "$OUT/decode_v3slice.jsonl" \
         2> "$OUT/decode.err"
       tail -3 "$OUT/decode.err" ;;
+    decode-graphs)  # the same modes with each layer's GPU segments replayed from CUDA graphs
+      timeout 280 python3 bench/decode.py --workload v3-slice --moe-layers 3 --batch 1,4,16 \
+        --steps 12 --graphs > "$OUT/decode_v3slice_graphs.jsonl" 2> "$OUT/decode_graphs.err"
+      tail -3 "$OUT/decode_graphs.err" ;;
     baseline)  # only transformers + accelerate device_map, experts on "cpu"
       timeout 400 python3 bench/decode.py --baseline-only --steps 2 > "$OUT/baseline.jsonl" \
         2> "$OUT/baseline.err"; tail -5 "$OUT/baseline.err" ;;

@@ -1,0 +1,128 @@
+"""Decode steps with each layer's GPU work replayed from CUDA graphs.
+
+Eager PyTorch spends ~150 small ops a layer in Python; on the GPU machine that is 3-6 ms a layer
+against ~0.15 ms of GPU work (bench/results/2026-11-23-h100x1-hybrid_decode.md). Here, for a
+fixed batch of B sequences, each layer is cut where the CPU experts are handed over:
+
+  segment 1 (a graph): input norm, MLA attention over the whole cache (masked by position, so
+      shapes never change), residual, post-attention norm, and the router (or a dense MLP);
+  Python: the routed experts are submitted (CPU engine, GPU-resident experts);
+  segment 2 (a graph): the shared experts, while the CPU works;
+  Python: the CPU sum, the shared experts and the previous layer's deferred experts are added
+      in MoE.forward's order.
+
+With `graphs=False` the same segments run eagerly on any device: the tests compare that path to
+the plain model on the CPU, and the GPU tests compare the graphs to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hetero.model import ForwardBatch, Transformer
+from hetero.model.batch import KVCache
+
+
+class Segment:
+    """fn() over static buffers; with graphs, warmed up once on a side stream, then captured and
+    replayed (its outputs are the same tensors every time)."""
+
+    def __init__(self, fn: Callable[[], object], graphs: bool, pool) -> None:
+        self.fn, self.graphs, self.pool = fn, graphs, pool
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out = None
+
+    def __call__(self):
+        if not self.graphs:
+            return self.fn()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.fn()  # allocator and library warm-up before capture
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=self.pool):
+                self.out = self.fn()
+        self.graph.replay()
+        return self.out
+
+
+class GraphedDecoder:
+    """`step(input_ids [B], positions [B]) -> logits [B, V]`: one decode step of sequences
+    0..B-1 of `cache` (filled by the model's own prefill), each at `positions[i]`."""
+
+    def __init__(self, model: Transformer, cache: KVCache, graphs: bool = True) -> None:
+        self.model, self.cache = model, cache
+        B, S = cache.latent.shape[1], cache.max_len
+        device = model.lm_head.weight.device
+        self.ids = torch.zeros(B, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, dtype=torch.long, device=device)
+        slots = torch.arange(B, device=device)
+        # every sequence "as long as the cache": attention reads all S positions, masked by
+        # position, so no shape depends on the step
+        self.batch = ForwardBatch(self.positions, slots, tuple(range(B)), (1,) * B, (S,) * B)
+        H, dtype = model.config.hidden_size, model.lm_head.weight.dtype
+        layers = model.model.layers
+        self.x = [torch.zeros(B, H, dtype=dtype, device=device) for _ in range(len(layers) + 1)]
+        pool = torch.cuda.graph_pool_handle() if graphs else None
+        self.embed = Segment(lambda: model.model.embed_tokens(self.ids), graphs, pool)
+        self.attn = [Segment(self._attention(i), graphs, pool) for i in range(len(layers))]
+        self.shared = [
+            Segment(self._shared(i), graphs, pool) if self._has_shared(i) else None
+            for i in range(len(layers))
+        ]
+        self.head = Segment(
+            lambda: model.lm_head(model.model.norm(self.x[-1])).float(), graphs, pool
+        )
+        self._h: list[torch.Tensor | None] = [None] * len(layers)  # segment 1's norm output
+
+    def _has_shared(self, i: int) -> bool:
+        block = self.model.model.layers[i]
+        return block.is_moe and block.mlp.shared_experts is not None
+
+    def _attention(self, i: int) -> Callable[[], tuple]:
+        block, rotary = self.model.model.layers[i], self.model.model.rotary
+
+        def segment():
+            x = self.x[i]
+            x = x + block.self_attn(block.input_layernorm(x), self.batch, self.cache, rotary)
+            h = block.post_attention_layernorm(x)
+            if not block.is_moe:
+                return (x + block.mlp(h),)
+            weights, ids = block.mlp.gate(h)
+            return x, h, weights, ids
+
+        return segment
+
+    def _shared(self, i: int) -> Callable[[], torch.Tensor]:
+        moe = self.model.model.layers[i].mlp
+        return lambda: moe.shared_experts(self._h[i])
+
+    @torch.inference_mode()
+    def step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(input_ids)
+        self.positions.copy_(positions)
+        self.x[0].copy_(self.embed())
+        pending = None
+        for i, block in enumerate(self.model.model.layers):
+            out = self.attn[i]()
+            if not block.is_moe:
+                self.x[i + 1].copy_(out[0])
+                continue
+            x, h, weights, ids = out
+            self._h[i] = h
+            run = block.mlp.routed.submit(h, ids, weights)  # CPU experts start here
+            shared = self.shared[i]() if self.shared[i] is not None else None
+            y = run.result()  # MoE.forward's order: routed, + shared, + deferred
+            if shared is not None:
+                y = y + shared
+            if pending is not None:
+                y = y + pending.result()
+            pending = run.deferred
+            self.x[i + 1].copy_(x + y)
+        if pending is not None:
+            self.x[-1].add_(pending.result())
+        return self.head().clone()

@@ -1,0 +1,91 @@
+"""Decode steps cut into graph segments (hetero.sched.graphs) against the plain model: eagerly on
+the CPU here, as CUDA graphs on the GPU (marked gpu)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from hetero.config import ModelConfig
+from hetero.loader import load_model
+from hetero.model import ForwardBatch
+from hetero.placement import parse_placement
+from hetero.sched.graphs import GraphedDecoder
+from hetero.sched.runtime import HybridOptions, load_hybrid
+from hetero.testing import write_tiny_v3
+
+PROMPTS = ([5, 9, 2, 33, 7, 1, 12], [3, 4], [8, 8, 8])
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def v3(tmp_path_factory):
+    return write_tiny_v3(tmp_path_factory.mktemp("v3"))
+
+
+def hybrid(path, device, deferred):
+    config = ModelConfig.from_hf(path)
+    text = (
+        "rules:\n  - {match: '\\.mlp\\.experts$', device: cpu, format: int8, gpu_experts: [2],"
+        f" gpu_format: bf16, deferred: {deferred}}}\n  - {{device: gpu, format: bf16}}\n"
+    )
+    opts = HybridOptions(
+        device=device, dtype=torch.float32, progress=False,
+        gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9,
+    )  # fmt: skip
+    return load_hybrid(path, parse_placement(text, config), opts)
+
+
+def decode_both(model, device, graphs):
+    """Prefill with the model, then the same greedy steps with the plain model (on a copy of the
+    cache) and with the segmented decoder: their logits at each step."""
+    B = len(PROMPTS)
+    lens = [len(p) for p in PROMPTS]
+    cache = model.new_cache(B, 32)
+    batch = ForwardBatch.build(list(range(B)), lens, lens, device)
+    ids = torch.tensor([t for p in PROMPTS for t in p], device=device)
+    nxt = model(ids, batch, cache, last_only=True).argmax(-1)
+    plain_cache = copy.deepcopy(cache)
+    decoder = GraphedDecoder(model, cache, graphs=graphs)
+    pairs = []
+    for _ in range(STEPS):
+        positions = torch.tensor(lens, device=device)
+        lens = [n + 1 for n in lens]
+        step = ForwardBatch.build(list(range(B)), [1] * B, lens, device)
+        want = model(nxt, step, plain_cache, last_only=True)
+        got = decoder.step(nxt, positions)
+        pairs.append((got.cpu(), want.cpu()))
+        nxt = want.argmax(-1)
+    return pairs
+
+
+def assert_close(pairs, tol):
+    for i, (got, want) in enumerate(pairs):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < tol, f"step {i}: {err:.2e}"
+
+
+def test_segments_equal_the_model(v3):
+    model = load_model(v3, dtype=torch.float32, progress=False)
+    assert_close(decode_both(model, "cpu", graphs=False), 1e-5)
+
+
+@pytest.mark.parametrize("deferred", [0, 2])
+def test_segments_with_cpu_experts_and_deferral(v3, deferred):
+    h = hybrid(v3, "cpu", deferred)
+    try:
+        assert_close(decode_both(h.model, "cpu", graphs=False), 1e-5)
+    finally:
+        h.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deferred", [0, 2])
+def test_cuda_graphs_equal_the_model(v3, deferred):
+    h = hybrid(v3, "cuda", deferred)
+    try:
+        assert_close(decode_both(h.model, "cuda", graphs=True), 1e-4)
+    finally:
+        h.close()
