@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     threads: int = 0  # 0: all cores but one (that one drives the GPU)
     gemm_min_tokens: int = 4  # an expert with at least this many tokens takes the GEMM path (swept)
-    # the same for int4 on int8 activations, whose GEMV unpacks a row once for 4 tokens: 2-3x
-    # faster than the GEMM path at 2-8 tokens an expert on this 2-core box; device sweep pending
+    # the same for layers on int8 activations (kernels_q8), whose GEMV unpacks a row once for 4
+    # tokens: 2-3x faster than the GEMM path at 2-8 tokens an expert on a 2-core AMD box (int4);
+    # the device sweep is pending
     gemm_min_tokens_q8: int = 32
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
