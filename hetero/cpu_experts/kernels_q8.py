@@ -100,18 +100,9 @@ def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> l
             lines = [line]
         for line in lines:
             builder.call(prefetch, [builder.gep(w_p, [builder.add(line, ahead)]), *hint])
-        # the scale of each 32-k quarter of the block: s[(128 b + 32 c) >> gshift]
-        quarter = ir.Constant(V4_F32, ir.Undefined)
-        for c in range(4):
-            k = builder.add(x0, ir.Constant(I64, 32 * c))
-            at = builder.gep(s_p, [builder.lshr(k, shift)])
-            if int8:
-                f = builder.load(at)
-            else:
-                bits = builder.zext(builder.load(at), I32)
-                f = builder.bitcast(builder.shl(bits, ir.Constant(I32, 16)), F32)
-            quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
-        sw = builder.shuffle_vector(quarter, ir.Constant(V4_F32, ir.Undefined), to16)
+        sw = builder.shuffle_vector(
+            _block_scales(builder, s_p, b, x0, shift, int8), ir.Constant(V4_F32, ir.Undefined), to16
+        )
         for (xq_p, xs_p, xa_p), acc in zip(tokens, accs):
             xl = _load(builder, xq_p, x0, V_B)
             xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
@@ -134,6 +125,68 @@ def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> l
             )
         totals.append(total)
     return totals
+
+
+def _block_scales(builder, s_p, b, x0, shift, int8: bool):
+    """<4 x float>: the scale of each 32-k quarter of block b, s[(128 b + 32 c) >> gshift].
+    The common groups get their own short paths (LLVM hoists the test out of the loop): group
+    32 of int4 loads the four bf16 scales at once, group 128 and per-row scales splat one."""
+
+    def widen(value, n):  # bf16 bits (i16 or <n x i16>) -> f32; f32 as is
+        if int8:
+            return value
+        ty = I32 if n == 1 else ir.VectorType(I32, n)
+        shifted = builder.shl(builder.zext(value, ty), ir.Constant(ty, 16) if n == 1 else
+                              ir.Constant(ty, [16] * n))  # fmt: skip
+        return builder.bitcast(shifted, F32 if n == 1 else ir.VectorType(F32, n))
+
+    def splat(f):
+        v = builder.insert_element(ir.Constant(V4_F32, ir.Undefined), f, ir.Constant(I32, 0))
+        return builder.shuffle_vector(
+            v, ir.Constant(V4_F32, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), [0] * 4)
+        )
+
+    def generic():
+        quarter = ir.Constant(V4_F32, ir.Undefined)
+        for c in range(4):
+            k = builder.add(x0, ir.Constant(I64, 32 * c))
+            f = widen(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), 1)
+            quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
+        return quarter
+
+    cases = [
+        (builder.icmp_unsigned(">=", shift, ir.Constant(I64, 62)),
+         lambda: splat(widen(builder.load(s_p), 1))),  # one scale a row
+        (builder.icmp_unsigned("==", shift, ir.Constant(I64, 7)),
+         lambda: splat(widen(builder.load(builder.gep(s_p, [b])), 1))),  # group 128
+    ]  # fmt: skip
+    if not int8:  # int4 group 32: the block's four scales are adjacent
+        four = ir.VectorType(I16, 4)
+        at = builder.bitcast(
+            builder.gep(s_p, [builder.mul(b, ir.Constant(I64, 4))]), four.as_pointer()
+        )
+        cases.append((builder.icmp_unsigned("==", shift, ir.Constant(I64, 5)),
+                      lambda: widen(builder.load(at, align=2), 4)))  # fmt: skip
+    return _select(builder, cases, generic)
+
+
+def _select(builder, cases, otherwise):
+    """The value of the first case whose condition holds, else otherwise(): branches and a phi,
+    so each path's loads happen only where they are in bounds."""
+    if not cases:
+        return otherwise()
+    (cond, make), rest = cases[0], cases[1:]
+    with builder.if_else(cond) as (then, other):
+        with then:
+            a = make()
+            a_block = builder.block
+        with other:
+            b = _select(builder, rest, otherwise)
+            b_block = builder.block
+    phi = builder.phi(a.type)
+    phi.add_incoming(a, a_block)
+    phi.add_incoming(b, b_block)
+    return phi
 
 
 def _i64(builder, v):
