@@ -171,6 +171,7 @@ def main() -> None:
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
+    p.add_argument("--hugepages", action="store_true", help="weights in transparent huge pages")
     p.add_argument(
         "--fp32-activations", action="store_true", help="int4 GEMV on fp32, not int8, activations"
     )
@@ -192,6 +193,7 @@ def main() -> None:
         "gemm_min_tokens_q8": args.gemm_min_tokens_q8,
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
+        "hugepages": args.hugepages,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
     gen = torch.Generator().manual_seed(0)
@@ -210,6 +212,7 @@ def main() -> None:
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
+                hugepages=args.hugepages,
             ),
         )
         for T in tokens:

@@ -29,11 +29,15 @@ for stage in "$@"; do
     v2-lite)
       timeout 540 python3 bench/decode.py --workload v2-lite --batch 1,4,16 --steps 12 \
         --baseline > "$OUT/decode_v2lite.jsonl" 2> "$OUT/v2lite.err"; tail -3 "$OUT/v2lite.err" ;;
-    cpu-prefetch)  # software prefetch distances at decode sizes
+    cpu-prefetch)  # software prefetch distances and huge pages at decode sizes
+      cat /sys/kernel/mm/transparent_hugepage/enabled | tee "$OUT/thp.txt"
       for ahead in 0 512 2048; do
-        timeout 150 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16 \
+        timeout 120 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16 \
           --no-naive --prefetch-bytes $ahead >> "$OUT/cpu_moe_prefetch.jsonl"
-      done ;;
+      done
+      timeout 120 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16 \
+        --no-naive --hugepages >> "$OUT/cpu_moe_prefetch.jsonl"
+      grep AnonHugePages /proc/meminfo | tee -a "$OUT/thp.txt" ;;
     cpu-sweep)  # int4, int8 on int8 activations: GEMV-all against the GEMM path, 1..1024 tokens
       for q8 in 32 100000; do
         timeout 280 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,16,64,256,1024 \

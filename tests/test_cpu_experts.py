@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,3 +275,20 @@ def test_engine_shortens_the_gil_switch_interval(weights):
         )  # never up
     finally:
         sys.setswitchinterval(before)
+
+
+def test_hugepage_copies_change_nothing_but_timing(weights):
+    from hetero.cpu_experts.engine import HUGE_PAGE, in_hugepages
+
+    layer = pack_experts(*weights, Format.parse("int4"))
+    moved = in_hugepages(layer)
+    for a, b in zip(layer.arrays().values(), moved.arrays().values()):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+        assert b.ctypes.data % HUGE_PAGE == 0  # each array starts on a huge page
+    x, ids, w = routing(13, 2)
+    outs = []
+    for huge in (False, True):
+        eng = CPUExperts({0: layer}, EngineConfig(threads=2, hugepages=huge))
+        outs.append(eng.forward(0, x, ids, w))
+        eng.close()
+    assert torch.equal(outs[0], outs[1])

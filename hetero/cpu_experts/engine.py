@@ -8,6 +8,7 @@ per call), many tokens -> dequantize + oneDNN matmul (compute-bound). Overlap is
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import sys
 import threading
@@ -23,6 +24,7 @@ from hetero.cpu_experts import kernels, ops
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
+HUGE_PAGE = 2 << 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class EngineConfig:
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     prefetch_bytes: int = 0  # kernels_q8 software prefetch distance (0: hardware prefetch only)
+    # copy the weights into 2 MB transparent huge pages at load: streaming 4 KB pages costs a
+    # TLB walk every page (off until measured; a store's memory map is then read once, eagerly)
+    hugepages: bool = False
     # Python's GIL switch interval, lowered to this for the process (0: leave it). The worker
     # needs the GIL for a few steps of every job; with the default 5 ms, a caller busy launching
     # GPU work in Python can hold each of those steps back by up to 5 ms.
@@ -74,9 +79,11 @@ class CPUExperts:
     ) -> None:
         if not layers:
             raise ValueError("CPUExperts needs at least one layer")
-        self.layers = layers
         self.config = config or EngineConfig()
         self.threads = min(self.config.num_threads(), numba.config.NUMBA_NUM_THREADS)
+        if self.config.hugepages:
+            layers = {L: in_hugepages(p) for L, p in layers.items()}
+        self.layers = layers
         self.stats = EngineStats()
         if self.config.gil_switch_s:
             sys.setswitchinterval(min(sys.getswitchinterval(), self.config.gil_switch_s))
@@ -202,6 +209,25 @@ class CPUExperts:
             ops.moe_gemv(
                 layer, x, weights, g, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
             )
+
+
+def in_hugepages(packed: PackedExperts) -> PackedExperts:
+    """The layer's arrays copied into anonymous memory advised for transparent huge pages
+    (MADV_HUGEPAGE: taken where the kernel allows THP on request)."""
+
+    def copy(a: np.ndarray) -> np.ndarray:
+        size = -(-max(a.nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
+        buf = mmap.mmap(-1, size + HUGE_PAGE)  # page-aligned only: room to start on a 2 MB one
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        whole = np.frombuffer(buf, dtype=np.uint8)  # keeps buf alive
+        start = -whole.ctypes.data % HUGE_PAGE
+        out = whole[start : start + a.nbytes]
+        kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
+        return out.view(a.dtype).reshape(a.shape)
+
+    arrays = {k: copy(a) for k, a in packed.arrays().items()}
+    return PackedExperts(packed.fmt, **arrays)
 
 
 def _has_cuda() -> bool:
