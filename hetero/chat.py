@@ -46,6 +46,7 @@ def chat_loop(
     out: TextIO | None = None,
     prefill_chunk: int = 0,
     system: str | None = None,
+    graphs: bool = False,
 ) -> int:
     """Reads user turns with `read` until /exit or end of input; returns the turns answered."""
     import sys
@@ -75,7 +76,7 @@ def chat_loop(
         detok = Detokenizer(tokenizer)
         out.write("hetero> ")
         try:
-            for step in stream(model, [ids], params, prefill_chunk):
+            for step in stream(model, [ids], params, prefill_chunk, graphs):
                 for _, token in step:
                     if token not in stop:
                         out.write(detok.push(token))

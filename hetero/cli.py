@@ -87,7 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         prompt_ids = tokenizer.encode(args.prompt)
     try:
-        output_ids = generate(model, [prompt_ids], params, chunk)[0]
+        output_ids = generate(model, [prompt_ids], params, chunk, args.cuda_graphs)[0]
     finally:
         close()
     text = tokenizer.decode(output_ids, skip_special_tokens=True)
@@ -106,7 +106,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     where = f"{args.model or 'the built-in model'}, {n:.1f}M parameters on the device"
     print(f"hetero chat: {where}; replies up to {params.max_tokens} tokens")
     try:
-        chat_loop(model, tokenizer, params, prefill_chunk=chunk, system=args.system)
+        chat_loop(
+            model, tokenizer, params, prefill_chunk=chunk, system=args.system,
+            graphs=args.cuda_graphs,
+        )  # fmt: skip
     finally:
         close()
     return 0
@@ -328,6 +331,9 @@ def _model_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="decode steps from per-layer CUDA graphs"
+    )
 
 
 def _placement_args(p: argparse.ArgumentParser) -> None:

@@ -38,22 +38,32 @@ def sample(
 
 
 def generate(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, prefill_chunk: int = 0
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    prefill_chunk: int = 0,
+    graphs: bool = False,
 ) -> list[list[int]]:
     """Completions (token ids, stop token included when hit) for each prompt."""
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in stream(model, prompts, params, prefill_chunk):
+    for step in stream(model, prompts, params, prefill_chunk, graphs):
         for i, tok in step:
             outputs[i].append(tok)
     return outputs
 
 
 def stream(
-    model: Transformer, prompts: list[list[int]], params: SamplingParams, prefill_chunk: int = 0
+    model: Transformer,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    prefill_chunk: int = 0,
+    graphs: bool = False,
 ) -> Iterator[list[tuple[int, int]]]:
     """Yields, step by step, the (prompt index, token) pairs that step produced. `prefill_chunk`:
     at most this many prompt tokens of a sequence a step (0: the whole prompt at once), so a
-    long prompt's activations stay bounded."""
+    long prompt's activations stay bounded. `graphs`: once every prompt is in, decode steps run
+    from hetero.sched.graphs (CUDA graphs on a GPU; its eager segments elsewhere) over all the
+    batch's slots, finished ones included (their outputs are dropped)."""
     if any(not p for p in prompts):
         raise ValueError("every prompt needs at least one token")
     device = model.lm_head.weight.device
@@ -63,17 +73,30 @@ def stream(
     active = list(range(len(prompts)))
     lens = [0] * len(prompts)  # tokens of each sequence in the cache after this step
     feed = [list(p) for p in prompts]  # tokens each active sequence still has to bring
+    last = [p[-1] for p in prompts]  # each sequence's latest token (fed again once finished)
+    decoder = None
     while active and params.max_tokens > 0:
+        # decoding: every prompt already in the cache, one new token a sequence
+        decoding = graphs and all(lens[i] >= len(p) for i, p in enumerate(prompts))
         step = {i: feed[i][: prefill_chunk or len(feed[i])] for i in active}
         for i in active:
             lens[i] += len(step[i])
-        batch = ForwardBatch.build(
-            active, [len(step[i]) for i in active], [lens[i] for i in active], device
-        )
-        input_ids = torch.tensor([t for i in active for t in step[i]], device=device)
-        next_ids = sample(
-            model(input_ids, batch, cache, last_only=True), params, generator
-        ).tolist()
+            last[i] = step[i][-1]
+        if decoding:
+            if decoder is None:
+                from hetero.sched.graphs import GraphedDecoder
+
+                decoder = GraphedDecoder(model, cache, graphs=device.type == "cuda")
+            ids = torch.tensor(last, device=device)
+            positions = torch.tensor([n - 1 for n in lens], device=device)
+            logits = decoder.step(ids, positions)[torch.tensor(active, device=device)]
+        else:
+            batch = ForwardBatch.build(
+                active, [len(step[i]) for i in active], [lens[i] for i in active], device
+            )
+            input_ids = torch.tensor([t for i in active for t in step[i]], device=device)
+            logits = model(input_ids, batch, cache, last_only=True)
+        next_ids = sample(logits, params, generator).tolist()
         still, out = [], []
         for i, tok in zip(active, next_ids):
             feed[i] = feed[i][len(step[i]) :]

@@ -89,3 +89,20 @@ def test_cuda_graphs_equal_the_model(v3, deferred):
         assert_close(decode_both(h.model, "cuda", graphs=True), 1e-4)
     finally:
         h.close()
+
+
+def test_generate_through_the_segments(v3):
+    """generate(graphs=True) decodes from the segments once every prompt is in: the same tokens,
+    with a sequence that stops early (its slot keeps stepping, its outputs dropped) and with
+    chunked prefill."""
+    from hetero.generate import SamplingParams, generate
+
+    model = load_model(v3, dtype=torch.float32, progress=False)
+    prompts = [list(p) for p in PROMPTS]
+    early = generate(model, prompts, SamplingParams(max_tokens=10))[1][3]
+    for stop in ((), (early,)):
+        params = SamplingParams(max_tokens=10, stop_token_ids=stop)
+        want = generate(model, prompts, params)
+        assert generate(model, prompts, params, graphs=True) == want
+        assert generate(model, prompts, params, prefill_chunk=2, graphs=True) == want
+    assert len(want[1]) == 4  # the early stop happened
