@@ -106,3 +106,16 @@ def test_generate_through_the_segments(v3):
         assert generate(model, prompts, params, graphs=True) == want
         assert generate(model, prompts, params, prefill_chunk=2, graphs=True) == want
     assert len(want[1]) == 4  # the early stop happened
+
+
+@pytest.mark.gpu
+def test_cuda_generate_through_graphs(v3):
+    from hetero.generate import SamplingParams, generate
+
+    h = hybrid(v3, "cuda", 1)
+    try:
+        prompts = [list(p) for p in PROMPTS]
+        params = SamplingParams(max_tokens=8)
+        assert generate(h.model, prompts, params, graphs=True) == generate(h.model, prompts, params)
+    finally:
+        h.close()
