@@ -212,16 +212,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    import torch
+
     from hetero.config import ModelConfig
-    from hetero.placement import RuntimeSettings, default_placement, load_placement
-    from hetero.plan import (
-        GIB,
-        cuda_vram_bytes,
-        is_fp8_checkpoint,
-        machine_ram_bytes,
-        plan_memory,
-        read_index,
-    )
+    from hetero.placement import RuntimeSettings, load_placement
+    from hetero.plan import GIB, budgets, read_index
+    from hetero.sched.runtime import choose_placement
 
     for flag, value in (("--vram", args.vram), ("--ram", args.ram)):
         if value is not None and value <= 0:
@@ -231,18 +227,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config = ModelConfig.from_hf(args.model)
     index = read_index(args.model)
     placement = load_placement(args.placement, config, args.profile) if args.placement else None
-    runtime = placement.runtime if placement else RuntimeSettings()
+    vram, ram = budgets(placement.runtime if placement else RuntimeSettings(), args.vram, args.ram)
     notes = []
-    vram_gb = args.vram or runtime.vram_gb
-    vram = int(vram_gb * GIB) if vram_gb else cuda_vram_bytes()
     if vram is None:
         vram = 24 * GIB
         notes.append("no CUDA device here and no --vram: a 24 GiB GPU is assumed")
-    ram_gb = args.ram or runtime.ram_gb
-    ram = int(ram_gb * GIB) if ram_gb else machine_ram_bytes()
-    if placement is None:
-        placement = default_placement(config, vram, is_fp8_checkpoint(config, index))
-    plan = plan_memory(config, placement, vram, ram, index)
+    # what generate/chat would load: the given placement, the whole model, or the default
+    _, plan, _ = choose_placement(config, index, placement, True, vram, ram, torch.bfloat16)
     plan = replace(plan, notes=(*plan.notes, *notes))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
     return 0 if plan.fits else 1

@@ -24,6 +24,7 @@ from types import MappingProxyType
 from typing import Any
 
 from hetero.config import ModelConfig
+from hetero.loader import LAYER_RE
 from hetero.placement_yaml import (
     DEFAULT_CPU_FORMAT,
     GPU_FORMATS,
@@ -35,7 +36,6 @@ from hetero.placement_yaml import (
 
 # fp8 applies to nn.Linear weights only; these stay in the model dtype whatever their rule says.
 DTYPE_ONLY = re.compile(r"^(model\.embed_tokens|lm_head|model\.norm)$|\.mlp\.gate$")
-LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 EXPERTS_SUFFIX = ".mlp.experts"
 EXPERTS_REGEX = r"\.mlp\.experts$"
 DEFAULT_KV_TOKENS = 32768  # what default_placement keeps room for before GPU experts

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -28,8 +28,8 @@ from torch import nn
 
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
-from hetero.loader import INDEX, CheckpointError
-from hetero.placement import Placement
+from hetero.loader import INDEX, LAYER_RE, CheckpointError
+from hetero.placement import Placement, RuntimeSettings
 
 GIB = 1 << 30
 # CUDA context (~0.5 GiB), cuBLAS/Triton workspaces, one prefill chunk's activations, rotary
@@ -38,7 +38,6 @@ GPU_RESERVE_BYTES = 3 * GIB // 2
 # Python + torch + CUDA's host side, pinned staging buffers, one layer streaming in at load time.
 RAM_RESERVE_BYTES = 4 * GIB
 KV_ROW, GPU_RESERVE_ROW, RAM_RESERVE_ROW = "KV cache", "GPU reserve", "host reserve"
-LAYER_RE = re.compile(r"model\.layers\.(\d+)\.")
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -195,8 +194,7 @@ def gpu_expert_bytes(config: ModelConfig, fmt: str, dtype: torch.dtype = torch.b
 
 def cpu_expert_bytes(config: ModelConfig, spec: str) -> int:
     """One routed expert as pack_experts lays it out: w13 + s13 + w2 + s2 in Format `spec`."""
-    fmt, H, I = Format.parse(spec), config.hidden_size, config.moe_intermediate_size
-    return 2 * I * fmt.bytes_per_row(H) + H * fmt.bytes_per_row(I)
+    return Format.parse(spec).expert_bytes(config.hidden_size, config.moe_intermediate_size)
 
 
 def _tensor_bytes(config, name: str, numel: int, linear, fmt: str, dtype) -> int:
@@ -216,13 +214,11 @@ def _block_tensors(config: ModelConfig, layer: int) -> list[tuple[str, str, str,
     from hetero.model.layers import RMSNorm
 
     with torch.device("meta"):
-        block = Block(config, layer, "absorbed", "torch")
+        block = Block(config, layer, "absorbed", "torch", resident=())  # no routed experts
     kinds = {n: type(m) for n, m in block.named_modules()}
     out = []
     for name, t in block.state_dict(keep_vars=True).items():
         module = name.rpartition(".")[0]
-        if module.startswith("mlp.experts."):
-            continue
         if kinds[module] is RMSNorm:
             row, owner = "norms", "self_attn"  # placed with self_attn, always in dtype
         elif module.startswith("self_attn"):
@@ -285,9 +281,9 @@ def _weight_rows(config: ModelConfig, placement: Placement, dtype: torch.dtype) 
 
 def _notes(config: ModelConfig, placement: Placement, index: dict | None) -> list[str]:
     notes = []
-    fp8 = is_fp8_checkpoint(config, index)
+    names = (index or {}).get("weight_map", {})
+    fp8 = is_fp8_checkpoint(config, names)
     if index is not None:
-        names = index.get("weight_map", {})
         L = config.num_hidden_layers
         mtp = sorted({int(m.group(1)) for n in names if (m := LAYER_RE.match(n))} - set(range(L)))
         if mtp:
@@ -347,10 +343,19 @@ def read_index(model_dir: str | Path) -> dict | None:
     return index
 
 
-def is_fp8_checkpoint(config: ModelConfig, index: dict | None = None) -> bool:
-    """FP8 weights: a quantization_config, or `weight_scale_inv` tensors in the index."""
-    names = (index or {}).get("weight_map", {})
+def is_fp8_checkpoint(config: ModelConfig, names: Iterable[str] = ()) -> bool:
+    """FP8 weights: a quantization_config, or `weight_scale_inv` among the tensor names."""
     return config.fp8_block is not None or any(n.endswith("weight_scale_inv") for n in names)
+
+
+def budgets(
+    runtime: RuntimeSettings, vram_gb: float | None = None, ram_gb: float | None = None
+) -> tuple[int | None, int]:
+    """(VRAM, RAM) bytes to plan for: the flag, else the placement's runtime setting, else this
+    machine's (VRAM: CUDA device 0's, None without CUDA)."""
+    vram_gb, ram_gb = vram_gb or runtime.vram_gb, ram_gb or runtime.ram_gb
+    vram = int(vram_gb * GIB) if vram_gb else cuda_vram_bytes()
+    return vram, int(ram_gb * GIB) if ram_gb else machine_ram_bytes()
 
 
 def machine_ram_bytes() -> int:

@@ -15,7 +15,6 @@ from hetero.placement import (
     RuntimeSettings,
     default_placement,
     load_placement,
-    module_names,
     parse_placement,
     read_profile,
 )
@@ -51,13 +50,17 @@ def test_every_shipped_config_is_tested():
 
 
 @pytest.mark.parametrize("file,name", [(f, m) for f, models in SHIPPED.items() for m in models])
-def test_shipped_config_loads(file, name):
+def test_shipped_config_loads_and_fits(file, name):
+    """Each shipped placement loads against its model and fits the GPU it is named for (24 GiB
+    otherwise), with a host of 1 TiB."""
+    from hetero.plan import GIB, plan_memory
+
     config = model(name)
     p = load_placement(ROOT / "configs" / file, config)
-    assert set(p.modules) == set(module_names(config))
-    assert sorted(p.routed) == list(config.moe_layers)
-    for name_, (device, _) in p.modules.items():
-        assert device == "gpu" or name_.endswith(".mlp.experts")
+    m = re.search(r"(\d+)gb", file)
+    vram = int(m.group(1)) if m else 24
+    plan = plan_memory(config, p, vram * GIB, 1024 * GIB)
+    assert plan.fits, plan.reasons
 
 
 def test_v3_configs():
@@ -237,7 +240,7 @@ ERRORS = [
         "rules:\n  - match: '\\.experts$'\n    device: cpu\n    format: int3\n" + OK_TAIL,
         "rules[0].format",
         "int3",
-        "'int3' is not a CPU format (int4, int4-g64",
+        "unknown CPU expert format 'int3' (valid: bf16, int8, int4)",
     ),
     (
         "rules:\n  - match: '\\.experts$'\n    device: cpu\n    format: int4-g64\n" + OK_TAIL,

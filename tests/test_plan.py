@@ -227,7 +227,12 @@ def test_cli_default_placement_and_errors(tmp_path, capsys):
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(tiny_v3_config()))
+    # no --placement: what generate/chat would load, the whole model when it fits the GPU...
     code, out, _ = run(capsys, "--model", str(model), "--vram", "2", "--ram", "64")
+    assert code == 0 and "placement: <all on the device>" in out and "FITS" in out
+    # ...else the default placement, routed experts on the CPU
+    v3 = ROOT / "tests" / "data" / "models" / "deepseek-v3"
+    code, out, _ = run(capsys, "--model", str(v3), "--vram", "24", "--ram", "512")
     assert code == 0 and "placement: <default>" in out and "FITS" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - device: gpu\n    format: fp4\n")

@@ -59,6 +59,10 @@ class Format:
     def group(self, K: int) -> int:
         return self.group_size or K
 
+    def expert_bytes(self, H: int, I: int) -> int:
+        """Bytes of one expert's three matrices (gate and up [I, H], down [H, I]) packed."""
+        return 2 * I * self.bytes_per_row(H) + H * self.bytes_per_row(I)
+
     def bytes_per_row(self, K: int) -> int:
         """Bytes the kernels read for one row of K weights, scales included."""
         if self.name == "bf16":
@@ -92,8 +96,7 @@ class PackedExperts:
 
     def expert_bytes(self) -> int:
         """Bytes one expert's three matrices occupy (what one use of it reads)."""
-        H, I = self.hidden, self.inter
-        return 2 * I * self.fmt.bytes_per_row(H) + H * self.fmt.bytes_per_row(I)
+        return self.fmt.expert_bytes(self.hidden, self.inter)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"w13": self.w13, "s13": self.s13, "w2": self.w2, "s2": self.s2}

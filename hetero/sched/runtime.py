@@ -16,7 +16,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
-from hetero.loader import FP8_DTYPE, Checkpoint, load_weights
+from hetero.loader import Checkpoint, load_weights
 from hetero.model import Transformer
 from hetero.model.fp8 import to_fp8
 from hetero.placement import (
@@ -66,11 +66,12 @@ def load_hybrid(
     opts = options or HybridOptions()
     config = ModelConfig.from_hf(path)
     ckpt = Checkpoint(path, config.fp8_block or (128, 128))
-    placement = placement or default_placement(config, fp8_checkpoint=ckpt_is_fp8(ckpt))
+    fp8 = is_fp8_checkpoint(config, ckpt.tensors)
+    placement = placement or default_placement(config, fp8_checkpoint=fp8)
     resident = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
     with torch.device("meta"):
         model = Transformer(config, attention=opts.attention, resident=resident)
-    to_fp8(model, partial(_is_fp8, placement, config), config.fp8_block or (128, 128))
+    to_fp8(model, partial(_is_fp8, placement), config.fp8_block or (128, 128))
     load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
     model.model.rotary.to_empty(device=opts.device)
     E = config.n_routed_experts
@@ -101,19 +102,13 @@ def load_hybrid(
     return Hybrid(model.eval(), engine, placement)
 
 
-def _is_fp8(placement: Placement, config: ModelConfig, name: str) -> bool:
-    """Whether the Linear layers directly under module `name` are FP8 by the placement."""
-    parts = name.split(".")
-    if len(parts) < 4 or parts[:2] != ["model", "layers"]:
-        return False  # embed_tokens, lm_head, norm: always in the model's dtype
-    L, rest = int(parts[2]), ".".join(parts[3:])
-    if rest.startswith("mlp.experts."):
-        return placement.experts(L).gpu_format == "fp8"
-    if rest == "mlp" and config.is_moe_layer(L):
-        return False  # a MoE block: its Linear layers are below experts and shared_experts
-    if rest in ("self_attn", "mlp", "mlp.shared_experts"):
-        return placement.module(name)[1] == "fp8"
-    return False
+def _is_fp8(placement: Placement, name: str) -> bool:
+    """Whether the Linear layers directly under module `name` are FP8 by the placement: a GPU
+    expert by its layer's gpu_format, anything else by its placement entry (modules that are
+    not placement modules hold no Linear of their own)."""
+    if ".mlp.experts." in name:
+        return placement.experts(int(name.split(".")[2])).gpu_format == "fp8"
+    return placement.modules.get(name, ("", ""))[1] == "fp8"
 
 
 def load_for_device(
@@ -125,14 +120,13 @@ def load_for_device(
     """What `hetero generate/chat` load, as `choose_placement` decides, after checking the
     memory plan (before any weight is read). Returns (model, close, prefill chunk)."""
     from hetero.loader import load_model
-    from hetero.plan import GIB, check_fits, cuda_vram_bytes, machine_ram_bytes, read_index
+    from hetero.plan import budgets, check_fits, read_index
 
     config, index, opts = ModelConfig.from_hf(path), read_index(path), options
     given = load_placement(placement_file, config, profile) if placement_file else None
-    rt = given.runtime if given else RuntimeSettings()
-    ram = int(rt.ram_gb * GIB) if rt.ram_gb else machine_ram_bytes()
+    vram, ram = budgets(given.runtime if given else RuntimeSettings())
     on_gpu = str(opts.device).startswith("cuda")
-    vram = (int(rt.vram_gb * GIB) if rt.vram_gb else cuda_vram_bytes()) if on_gpu else ram
+    vram = vram if on_gpu else ram  # on the CPU the "GPU" side is this host's memory too
     placement, plan, hybrid = choose_placement(config, index, given, on_gpu, vram, ram, opts.dtype)
     check_fits(plan)
     if not hybrid:
@@ -157,7 +151,8 @@ def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dt
     plan = plan_memory(config, whole, vram, ram, index, dtype=dtype)
     if plan.fits or not on_gpu:
         return whole, plan, False
-    placement = default_placement(config, vram, is_fp8_checkpoint(config, index))
+    fp8 = is_fp8_checkpoint(config, (index or {}).get("weight_map", {}))
+    placement = default_placement(config, vram, fp8)
     log.info("the model does not fit the GPU whole: default placement, routed experts on the CPU")
     return placement, plan_memory(config, placement, vram, ram, index, dtype=dtype), True
 
@@ -165,10 +160,6 @@ def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dt
 def _routed(name: str) -> bool:
     """Routed-expert tensors are the CPU engine's (packed separately), not the model's."""
     return ".mlp.experts." in name
-
-
-def ckpt_is_fp8(ckpt: Checkpoint) -> bool:
-    return any(info.dtype == FP8_DTYPE for info in ckpt.tensors.values())
 
 
 def _cpu_experts(
