@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from hetero.config import ConfigError
 from hetero.loader import Checkpoint, CheckpointError, dequantize_fp8, load_model
-from hetero.testing import fp8_block_dequantize, fp8_block_quantize, write_tiny_v2
+from hetero.testing import fp8_block_quantize, write_tiny_v2
 
 LAYER_TENSOR = "model.layers.1.mlp.experts.3.up_proj.weight"
 
@@ -108,8 +108,7 @@ def test_fp8_dequantize_partial_edge_blocks(shape):
     w = torch.randn(shape) * torch.rand(shape[0], 1) * 3
     q, scale = fp8_block_quantize(w)
     ours = dequantize_fp8(q, scale, (128, 128))
-    torch.testing.assert_close(ours, fp8_block_dequantize(q, scale), rtol=0, atol=0)
-    # an explicit loop over blocks, partial ones included
+    # against an explicit loop over blocks, partial ones included
     for i in range(scale.shape[0]):
         for j in range(scale.shape[1]):
             blk = (slice(128 * i, 128 * (i + 1)), slice(128 * j, 128 * (j + 1)))

@@ -147,12 +147,11 @@ class CPUExperts:
         arrays = list(packed.arrays().values())
         total = sum(a.nbytes for a in arrays)
         if self._staging is None or self._staging.numel() < total:
-            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=_has_cuda())
+            pin = torch.cuda.is_available()
+            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         out, offset = [], 0
         for a in arrays:
-            dst = self._staging[offset : offset + a.nbytes]
-            kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), dst.numpy())
-            out.append(as_tensor(dst.numpy().view(a.dtype).reshape(a.shape)))
+            out.append(as_tensor(_copy_into(a, self._staging[offset:].numpy())))
             offset += a.nbytes
         return out
 
@@ -184,31 +183,21 @@ class CPUExperts:
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
         g = ops.group_by_expert(ids, layer.num_experts)
-        heavy = g.counts() >= threshold
-        if heavy.any():
+        heavy = np.flatnonzero(g.counts() >= threshold)  # experts for the GEMM path
+        light = g
+        if heavy.size:
             gemv_ids = np.where(np.isin(ids, g.experts[heavy]), -1, ids)
-            ops.moe_gemv(
-                layer,
-                x,
-                weights,
-                ops.group_by_expert(gemv_ids, layer.num_experts),
-                out,
-                self.config.rows_per_item,
-                self.config.int8_activations,
-                self.config.prefetch_bytes,
-            )
-            y, xt = torch.from_numpy(out), torch.from_numpy(x)
-            for a in np.flatnonzero(heavy):
-                pairs = slice(g.ptr[a], g.ptr[a + 1])
-                tokens = torch.from_numpy(g.pair_token[pairs])
-                w = torch.from_numpy(weights[g.pair_token[pairs], g.pair_slot[pairs]])[:, None]
-                ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
-                y.index_add_(0, tokens, ye * w)
-        else:
-            c = self.config
-            ops.moe_gemv(
-                layer, x, weights, g, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
-            )
+            light = ops.group_by_expert(gemv_ids, layer.num_experts)
+        ops.moe_gemv(
+            layer, x, weights, light, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
+        )
+        y, xt = torch.from_numpy(out), torch.from_numpy(x)
+        for a in heavy:
+            pairs = slice(g.ptr[a], g.ptr[a + 1])
+            tokens = torch.from_numpy(g.pair_token[pairs])
+            w = torch.from_numpy(weights[g.pair_token[pairs], g.pair_slot[pairs]])[:, None]
+            ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
+            y.index_add_(0, tokens, ye * w)
 
 
 def in_hugepages(packed: PackedExperts) -> PackedExperts:
@@ -221,17 +210,18 @@ def in_hugepages(packed: PackedExperts) -> PackedExperts:
         if hasattr(mmap, "MADV_HUGEPAGE"):
             buf.madvise(mmap.MADV_HUGEPAGE)
         whole = np.frombuffer(buf, dtype=np.uint8)  # keeps buf alive
-        start = -whole.ctypes.data % HUGE_PAGE
-        out = whole[start : start + a.nbytes]
-        kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
-        return out.view(a.dtype).reshape(a.shape)
+        return _copy_into(a, whole[-whole.ctypes.data % HUGE_PAGE :])
 
     arrays = {k: copy(a) for k, a in packed.arrays().items()}
     return PackedExperts(packed.fmt, **arrays)
 
 
-def _has_cuda() -> bool:
-    return torch.cuda.is_available()
+def _copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """a copied, by all the engine's threads, to the start of the bytes dst; that copy as an
+    array shaped and typed like a."""
+    out = dst[: a.nbytes]
+    kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
+    return out.view(a.dtype).reshape(a.shape)
 
 
 def _ptrs(*tensors: torch.Tensor) -> set[int]:

@@ -100,10 +100,6 @@ class DequantBuffers(NamedTuple):
         return cls(np.empty((2 * I, H), np.uint16), np.empty((H, I), np.uint16))
 
 
-def _bf16(bits: np.ndarray) -> torch.Tensor:
-    return as_tensor(bits)
-
-
 def expert_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffers) -> torch.Tensor:
     """One expert on many tokens, x [n, H] fp32 -> [n, H] fp32, through oneDNN (AMX where the CPU
     has it). Per-row int8 weights go straight into int8 x int8 -> int32 matmuls on per-token
@@ -144,6 +140,6 @@ def _bf16_gemm(layer: PackedExperts, e: int, x: torch.Tensor, buf: DequantBuffer
         kernels.dequantize_rows(w13, layer.s13[e].reshape(2 * I, -1), buf.w13)
         kernels.dequantize_rows(w2, layer.s2[e], buf.w2)
         w13, w2 = buf.w13, buf.w2
-    gu = (x @ _bf16(w13).T).view(-1, I, 2)  # [n, I, 2]: rows alternate gate, up
+    gu = (x @ as_tensor(w13).T).view(-1, I, 2)  # [n, I, 2]: rows alternate gate, up
     h = F.silu(gu[..., 0]) * gu[..., 1]  # [n, I]
-    return (h @ _bf16(w2).T).float()
+    return (h @ as_tensor(w2).T).float()

@@ -44,11 +44,17 @@ class Block(nn.Module):
         pending: Pending | None = None,
     ) -> tuple[torch.Tensor, Pending | None]:
         """-> (x, experts deferred to the next layer); a dense layer passes `pending` on."""
-        x = x + self.self_attn(self.input_layernorm(x), batch, cache, rotary)
+        x = self.attend(x, batch, cache, rotary)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), pending
         y, pending = self.mlp(self.post_attention_layernorm(x), pending)
         return x + y, pending
+
+    def attend(
+        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary
+    ) -> torch.Tensor:
+        """The attention half: x + MLA(norm(x))."""
+        return x + self.self_attn(self.input_layernorm(x), batch, cache, rotary)
 
 
 class Decoder(nn.Module):

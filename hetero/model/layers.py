@@ -73,13 +73,9 @@ class Rotary(nn.Module):
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
-    def tables(
-        self, positions: torch.Tensor, needed: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def tables(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`needed`: a bound on max(positions) + 1 known on the host (the batch's longest
         context), so that no step waits for the GPU to read positions back."""
-        if needed is None:
-            needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             self._extend(max(needed, 2 * self.cos.shape[0], 256), positions.device)
         return self.cos[positions], self.sin[positions]  # [T, rope_dim/2] each
@@ -90,9 +86,7 @@ class Rotary(nn.Module):
         self.cos = freqs.cos() * self.rope.attention_factor
         self.sin = freqs.sin() * self.rope.attention_factor
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, needed: int | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
         """x [T, heads, rope_dim] rotated at its tokens' positions [T]; same layout out."""
         cos, sin = self.tables(positions, needed)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rope_dim/2]

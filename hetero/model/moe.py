@@ -106,12 +106,21 @@ class MoE(nn.Module):
         weights, ids = self.gate(x)  # [T, k] each
         run = self.routed.submit(x, ids, weights)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
-        y = run.result()
-        if shared is not None:
-            y = y + shared
-        if pending is not None:
-            y = y + pending.result()
-        return y, run.deferred
+        return finish(run, shared, pending)
+
+
+def finish(
+    run: RoutedRun, shared: torch.Tensor | None, pending: Pending | None
+) -> tuple[torch.Tensor, Pending | None]:
+    """A MoE layer's output once its routed experts are in flight: their sum, + the shared
+    experts, + the previous layer's deferred experts (in that order, wherever it is computed);
+    and the work this layer defers."""
+    y = run.result()
+    if shared is not None:
+        y = y + shared
+    if pending is not None:
+        y = y + pending.result()
+    return y, run.deferred
 
 
 def torch_routed_experts(

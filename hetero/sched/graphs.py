@@ -23,6 +23,7 @@ import torch
 
 from hetero.model import ForwardBatch, Transformer
 from hetero.model.batch import KVCache
+from hetero.model.moe import finish
 
 
 class Segment:
@@ -87,8 +88,7 @@ class GraphedDecoder:
         block, rotary = self.model.model.layers[i], self.model.model.rotary
 
         def segment():
-            x = self.x[i]
-            x = x + block.self_attn(block.input_layernorm(x), self.batch, self.cache, rotary)
+            x = block.attend(self.x[i], self.batch, self.cache, rotary)
             h = block.post_attention_layernorm(x)
             if not block.is_moe:
                 return (x + block.mlp(h),)
@@ -116,12 +116,7 @@ class GraphedDecoder:
             self._h[i] = h
             run = block.mlp.routed.submit(h, ids, weights)  # CPU experts start here
             shared = self.shared[i]() if self.shared[i] is not None else None
-            y = run.result()  # MoE.forward's order: routed, + shared, + deferred
-            if shared is not None:
-                y = y + shared
-            if pending is not None:
-                y = y + pending.result()
-            pending = run.deferred
+            y, pending = finish(run, shared, pending)
             self.x[i + 1].copy_(x + y)
         if pending is not None:
             self.x[-1].add_(pending.result())

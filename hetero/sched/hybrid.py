@@ -126,9 +126,11 @@ class HybridExperts:
         if self.deferred:
             job = self.engine.submit(self.layer, x, rows.masked_fill(~later, -1), weights)
             pending = CPUPending(self.engine, job)
-        y = torch.zeros_like(x)
-        if self.any_on_gpu:
-            y = torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+        y = (
+            torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+            if self.any_on_gpu
+            else torch.zeros_like(x)
+        )
         if not self.overlap:
             return RoutedRun(lambda: y + y_cpu, pending)
         return RoutedRun(lambda: y + self.engine.wait(now), pending)

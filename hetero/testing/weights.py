@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from hetero.config import ModelConfig
-from hetero.model.fp8 import block_quantize
+from hetero.model.fp8 import block_dequantize, block_quantize
 
 # Linears DeepSeek-V3 stores as FP8; embed, lm_head, router, eh_proj and the MTP head stay BF16.
 FP8_LINEARS = frozenset(
@@ -125,13 +125,13 @@ def _init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return x * (gain / math.sqrt(shape[1]))
 
 
-fp8_block_quantize = block_quantize  # the runtime's own, for writing FP8 test checkpoints
+def fp8_block_quantize(w: torch.Tensor, block: tuple[int, int] = (128, 128)):
+    """The runtime's own (hetero.model.fp8), for writing FP8 test checkpoints."""
+    return block_quantize(w, block)
 
 
 def fp8_block_dequantize(
     w_fp8: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128)
 ) -> torch.Tensor:
-    """The reference inverse: fp32 [N, K] = W_fp8 * scale_inv expanded over its blocks."""
-    N, K = w_fp8.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)
-    return w_fp8.float() * scale[:, :K]
+    """The runtime's own inverse, fp32 [N, K] (tests/test_loader.py checks it block by block)."""
+    return block_dequantize(w_fp8, scale_inv, block)
