@@ -14,16 +14,15 @@ import random
 import sys
 import sysconfig
 import textwrap
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from hetero.testing import tokenizer as testing_tokenizer
 from hetero.testing.tokenizer import (
     ASSISTANT,
     BOS,
@@ -52,6 +51,7 @@ EXCLUDED_DIRS = frozenset(
 )
 HELDOUT_EVERY = 20  # one file in 20, by the hash of its path
 IGNORE = -100  # label of a token that is not trained on (transformers' ignore_index)
+BIGRAM_K = 0.01  # add-k smoothing of the baseline; near the best k for an 8K vocabulary
 MAX_ANSWER_LINES = 60
 MAX_REQUEST_CHARS = 160
 
@@ -123,18 +123,6 @@ def load_corpus(root: str | Path | None = None, limit_files: int | None = None) 
 def _spread(items: list[str], n: int) -> list[str]:
     step = max(1, len(items) // n)
     return items[::step][:n]
-
-
-# --- tokenizer ---------------------------------------------------------------------------------
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """The test tokenizer's recipe (hetero.testing.tokenizer) on these texts."""
-    return testing_tokenizer.train_tokenizer(vocab_size, texts)
-
-
-def tokenizer_config(model_max_length: int) -> dict:
-    return testing_tokenizer.tokenizer_config(model_max_length)
 
 
 # --- chat examples -----------------------------------------------------------------------------
@@ -282,11 +270,24 @@ def batches(docs: list[Document], ctx: int, batch: int, seed: int):
         epoch += 1
 
 
+def next_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token loss of logits [N, T, V] over the trained targets of labels [N, T]
+    (position t predicts labels[:, t + 1]), and how many targets there were."""
+    targets = labels[:, 1:].flatten()
+    logits = logits[:, :-1].flatten(0, 1).float()
+    total = F.cross_entropy(logits, targets, ignore_index=IGNORE, reduction="sum")
+    return float(total), int((targets != IGNORE).sum())
+
+
 # --- bigram baseline ---------------------------------------------------------------------------
 
 
 def bigram_perplexity(
-    train_docs: list[Document], ids: torch.Tensor, labels: torch.Tensor, vocab: int, k: float
+    train_docs: list[Document],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    vocab: int,
+    k: float = BIGRAM_K,
 ) -> float:
     """Add-k bigram P(b | a) = (c(a, b) + k) / (c(a) + k * vocab), counted over consecutive
     tokens of the training documents, scored on the targets of (ids, labels) [N, T] that the

@@ -18,162 +18,28 @@ import logging
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from collections import deque
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import transformers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, GenerationConfig
+from transformers import DeepseekV3ForCausalLM
 
 # Runnable from a plain checkout: this folder (demo_corpus) and the repository (hetero).
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 import demo_corpus as dc  # noqa: E402
+from demo_model import TINY, RoutingBias, Settings, add_dropout, model_config, routers, save  # noqa: E402
 
 from hetero.config import ModelConfig  # noqa: E402
-from hetero.testing.tokenizer import BOS_ID, EOS_ID, PAD_ID  # noqa: E402
+from hetero.testing.tokenizer import train_tokenizer  # noqa: E402
 
 log = logging.getLogger("train_demo")
 
-BIGRAM_K = 0.01  # add-k smoothing of the baseline; near the best k for an 8K vocabulary
 TIMING_STEPS = 60  # the speed is measured over steps 10..TIMING_STEPS
 FINISH_RESERVE = 0.08  # of --minutes kept for evaluation, saving and completions
 PROMPTS = ("def __init__(self", "import ")
 CHAT_REQUEST = "Return the absolute path of a file."
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What shapes the model and its training; stored in training.json."""
-
-    vocab_size: int = 8192
-    hidden_size: int = 384
-    intermediate_size: int = 1024  # the dense layer
-    moe_intermediate_size: int = 96
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 4
-    q_lora_rank: int = 128
-    kv_lora_rank: int = 128
-    qk_nope_head_dim: int = 64
-    qk_rope_head_dim: int = 32
-    v_head_dim: int = 64
-    n_routed_experts: int = 16
-    num_experts_per_tok: int = 4
-    n_group: int = 4
-    topk_group: int = 2
-    context: int = 512
-    batch_size: int = 32
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    epochs: float = 12.0  # ~2.7M tokens: held-out loss stops improving at ~12 (H100 sweep)
-    weight_decay: float = 0.1
-    dropout: float = 0.2  # residual and embedding dropout, training only
-    grad_clip: float = 1.0
-    bias_update_speed: float = 1e-3  # DeepSeek-V3's u for the routing correction bias
-    chat_fraction: float = 0.25
-    log_every: int = 50
-    eval_every: int = 250  # held-out loss during training, for the log only
-    completion_tokens: int = 64
-
-
-TINY = Settings(
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    moe_intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    q_lora_rank=32,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=16,
-    n_routed_experts=8,
-    num_experts_per_tok=2,
-    context=64,
-    batch_size=8,
-    lr=3e-3,
-    warmup_steps=2,
-    log_every=1,
-    eval_every=0,
-    completion_tokens=8,
-)
-MODEL_FIELDS = tuple(Settings.__dataclass_fields__)[:15]
-
-
-def model_config(s: Settings) -> DeepseekV3Config:
-    return DeepseekV3Config(
-        **{k: getattr(s, k) for k in MODEL_FIELDS},
-        num_key_value_heads=s.num_attention_heads,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        topk_method="noaux_tc",
-        scoring_func="sigmoid",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        num_nextn_predict_layers=0,
-        max_position_embeddings=2048,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
-
-
-def routers(model: DeepseekV3ForCausalLM) -> list[torch.nn.Module]:
-    return [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, "gate")]
-
-
-class RoutingBias:
-    """DeepSeek-V3's auxiliary-loss-free balancing: count the tokens each routed expert gets during
-    a step, then move its correction bias by u against its deviation from the mean load."""
-
-    def __init__(self, model: DeepseekV3ForCausalLM, speed: float) -> None:
-        self.gates = routers(model)
-        self.speed = speed
-        E = model.config.n_routed_experts
-        self.loads = [torch.zeros(E, device=model.device) for _ in self.gates]
-        for gate, load in zip(self.gates, self.loads):
-            gate.register_forward_hook(self._hook(load))
-
-    @staticmethod
-    def _hook(load: torch.Tensor):
-        def record(gate, inputs, output) -> None:
-            if gate.training:  # output: router_logits, topk_weights, topk_indices [T, k]
-                ids = output[2].flatten()
-                load.index_add_(0, ids, torch.ones_like(ids, dtype=load.dtype))
-
-        return record
-
-    @torch.no_grad()
-    def update(self) -> float:
-        """Applies the rule after an optimizer step; returns the mean max/mean load ratio."""
-        imbalance = 0.0
-        for gate, load in zip(self.gates, self.loads):
-            gate.e_score_correction_bias += self.speed * torch.sign(load.mean() - load)
-            imbalance += float(load.max() / load.mean().clamp(min=1)) / len(self.gates)
-            load.zero_()
-        return imbalance
-
-
-def add_dropout(model: DeepseekV3ForCausalLM, p: float) -> None:
-    """Dropout on the embeddings and on each attention and MLP output before the residual add, as
-    GPT-2 has: the corpus is ~2.7M tokens and a run sees it about twelve times. transformers'
-    DeepseekV3 has no such dropout, so hooks add it; they act in train mode only and leave the
-    saved model as it is."""
-
-    def drop(module, inputs, output):
-        if isinstance(output, tuple):  # attention: (output, weights)
-            return (F.dropout(output[0], p, module.training), *output[1:])
-        return F.dropout(output, p, module.training)
-
-    if p > 0:
-        model.model.embed_tokens.register_forward_hook(drop)
-        for layer in model.model.layers:
-            layer.self_attn.register_forward_hook(drop)
-            layer.mlp.register_forward_hook(drop)
 
 
 def lr_at(s: Settings, step: int, progress: float) -> float:
@@ -208,10 +74,9 @@ def heldout_nll(model, ids: torch.Tensor, labels: torch.Tensor, batch: int) -> t
     for i in range(0, len(ids), batch):
         x, y = ids[i : i + batch].to(device), labels[i : i + batch].to(device)
         with autocast(device):
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].flatten(0, 1).float()
-        targets = y[:, 1:].flatten()
-        total += float(F.cross_entropy(logits, targets, ignore_index=dc.IGNORE, reduction="sum"))
-        count += int((targets != dc.IGNORE).sum())
+            logits = model(input_ids=x, use_cache=False).logits
+        part, n = dc.next_token_nll(logits, y)
+        total, count = total + part, count + n
     model.train(was_training)
     return total / max(1, count), count
 
@@ -229,7 +94,8 @@ def train(model, docs, heldout, s: Settings, args, deadline: float, result: dict
     horizon = min(horizon, args.max_steps or horizon)
     log.info("schedule: %d steps of %d x %d tokens", horizon, s.batch_size, s.context)
     start = last_log = time.monotonic()
-    tokens, last_tokens, imbalances, window, losses, curve = 0, 0, [], [], [], []
+    tokens, last_tokens, steps, window, losses, curve = 0, 0, 0, [], [], []
+    imbalances: deque[torch.Tensor] = deque(maxlen=50)
     for step, (epoch, x, y) in enumerate(dc.batches(docs, s.context, s.batch_size, args.seed)):
         now = time.monotonic()
         if step >= horizon or now >= deadline:
@@ -253,7 +119,7 @@ def train(model, docs, heldout, s: Settings, args, deadline: float, result: dict
         opt.zero_grad(set_to_none=True)
         imbalances.append(balance.update())
         window.append(loss.detach())
-        tokens += x.numel()
+        tokens, steps = tokens + x.numel(), steps + 1
         if (step + 1) % s.log_every == 0:
             losses.append(float(torch.stack(window).mean()))
             window.clear()
@@ -267,37 +133,19 @@ def train(model, docs, heldout, s: Settings, args, deadline: float, result: dict
                 "step %d epoch %d loss %.4f%s lr %.2e  %.0f tok/s  load max/mean %.2f  %.0fs",
                 step + 1, epoch, losses[-1],
                 f" heldout {point['heldout_loss']:.4f}" if "heldout_loss" in point else "",
-                opt.param_groups[0]["lr"], rate, imbalances[-1], now - start,
+                opt.param_groups[0]["lr"], rate, float(imbalances[-1]), now - start,
             )  # fmt: skip
+    if not steps:
+        raise SystemExit("no training step fit in --minutes")
+    if window:  # the steps after the last log point
+        losses.append(float(torch.stack(window).mean()))
     seconds = time.monotonic() - start
-    result.update(steps=tokens // x.numel(), tokens_seen=tokens, loss_curve=curve)
+    result.update(steps=steps, tokens_seen=tokens, loss_curve=curve)
     result.update(epochs=round(tokens / (rows * s.context), 3), train_seconds=round(seconds, 1))
     result["tokens_per_second"] = round(tokens / seconds)
     result["train_loss_first"] = losses[0]
     result["train_loss_final"] = sum(losses[-3:]) / len(losses[-3:])
-    result["load_max_over_mean_final"] = round(sum(imbalances[-50:]) / len(imbalances[-50:]), 3)
-
-
-def save(model, out: Path, tokenizer, s: Settings) -> None:
-    """BF16 weights in one model.safetensors (the routing biases stay fp32 as DeepSeek publishes
-    them), config.json, generation_config.json, tokenizer.json, tokenizer_config.json."""
-    biases = {n: b.detach().float().cpu() for n, b in model.named_buffers() if "correction" in n}
-    model = model.to("cpu", torch.bfloat16)
-    for name, bias in biases.items():
-        module, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(module), attr, bias)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
-    )
-    model.save_pretrained(out, max_shard_size="10GB")
-    config = json.loads((out / "config.json").read_text()) | {"dtype": "bfloat16"}
-    config.pop("torch_dtype", None)  # the spelling of older transformers versions
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    ModelConfig.from_hf(out)  # hetero must read what we ship
-    tokenizer.save(str(out / "tokenizer.json"), pretty=False)
-    tok_config = dc.tokenizer_config(model_max_length=config["max_position_embeddings"])
-    text = json.dumps(tok_config, indent=2, ensure_ascii=False)
-    (out / "tokenizer_config.json").write_text(text + "\n")
+    result["load_max_over_mean_final"] = round(float(torch.stack(list(imbalances)).mean()), 3)
 
 
 @torch.no_grad()
@@ -351,7 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
 
     corpus = dc.load_corpus(limit_files=args.limit_files or None)
-    tokenizer = dc.train_tokenizer((corpus.texts[f] for f in corpus.train), s.vocab_size)
+    tokenizer = train_tokenizer(s.vocab_size, (corpus.texts[f] for f in corpus.train))
     docs, data_stats = dc.training_documents(tokenizer, corpus, s.chat_fraction, args.seed)
     held_docs = dc.plain_documents(tokenizer, [corpus.texts[f] for f in corpus.heldout])
     heldout = dc.pack(held_docs, s.context, pad_last=True)
@@ -377,18 +225,18 @@ def main(argv: list[str] | None = None) -> dict:
     }
     deadline = t0 + args.minutes * 60 * (1 - FINISH_RESERVE)
     train(model, docs, heldout, s, args, deadline, result)
-    save(model, args.out, tokenizer, s)
+    save(model, args.out, tokenizer)
     del model
 
     trained = DeepseekV3ForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(device)
     nll, count = heldout_nll(trained, *heldout, 64)
-    bigram = dc.bigram_perplexity(docs, *heldout, s.vocab_size, BIGRAM_K)
+    bigram = dc.bigram_perplexity(docs, *heldout, s.vocab_size)
     result["heldout"] = {
         "tokens": count,
         "loss": round(nll, 4),
         "perplexity": round(math.exp(nll), 3),
         "bigram_perplexity": round(bigram, 3),
-        "bigram_k": BIGRAM_K,
+        "bigram_k": dc.BIGRAM_K,
         "ratio_to_bigram": round(math.exp(nll) / bigram, 4),
     }
     log.info("held-out: %s", result["heldout"])

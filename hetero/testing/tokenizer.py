@@ -120,9 +120,15 @@ def tokenizer_config(model_max_length: int) -> dict:
 
 
 def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: int = 512) -> None:
+    """A tokenizer trained on the fixed corpus, saved with `save_tokenizer`."""
+    save_tokenizer(train_tokenizer(vocab_size), out_dir, model_max_length)
+
+
+def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -> None:
     """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads offline."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(vocab_size).save(str(out / "tokenizer.json"), pretty=False)
+    tok.save(str(out / "tokenizer.json"), pretty=False)
     config = tokenizer_config(model_max_length)
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    text = json.dumps(config, indent=2, ensure_ascii=False)
+    (out / "tokenizer_config.json").write_text(text + "\n")
