@@ -25,7 +25,7 @@ from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
-from hetero.cpu_experts.formats import Format, PackedExperts  # noqa: E402
+from hetero.cpu_experts.formats import Format, PackedExperts, as_tensor  # noqa: E402
 
 SHAPES = {  # hidden, moe_intermediate, experts, top-k
     "v3": (7168, 2048, 256, 8),
@@ -70,10 +70,6 @@ def random_bytes(shape, dtype, seed) -> np.ndarray:
 def random_bf16(shape, seed) -> np.ndarray:
     """bf16 bits of |w| in [2^-8, 2^-6) with random signs: finite, realistic magnitudes."""
     return (random_bytes(shape, np.uint16, seed) & 0x80FF) | 0x3B80
-
-
-def _bf16(bits: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)
 
 
 def rates(ms: float, bytes_read: float, bw: float, H: int, I: int, T: int, k: int) -> dict:
@@ -240,11 +236,7 @@ def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
         "down": torch.empty(E, H, I, dtype=torch.bfloat16),
     }
     for t in w.values():
-        t.view(torch.int16).copy_(
-            torch.from_numpy((random_bytes(t.shape, np.uint16, 3) & 0x80FF) | 0x3B80).view(
-                torch.int16
-            )
-        )
+        t.copy_(as_tensor(random_bf16(t.shape, 3)))
     out = {}
     for T in tokens:
         x = torch.randn(T, H, generator=gen, dtype=torch.bfloat16)

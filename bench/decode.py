@@ -8,8 +8,9 @@ and, for reference, `gpu_only` (CPU experts replaced by zeros: the GPU side alon
 (the engine's compute time per step in the sequential mode: the CPU side alone).
 
 Workloads (random weights built in memory): `v3-slice` is DeepSeek-V3 at full width with a few
-layers (1 dense + N MoE); its per-token time is extrapolated to 61 layers (3 dense + 58 MoE) as
-  t61 = t_gpu_only * 61 / L + (t_step - t_gpu_only) * 58 / N_moe.
+layers (1 dense + N MoE); its per-token time is extrapolated to the whole model (DeepSeek-V3:
+61 layers, 58 of them MoE, read from its config) as
+  t_full = t_gpu_only * layers / L + (t_step - t_gpu_only) * moe_layers / N_moe.
 `v2-lite` is the whole DeepSeek-V2-Lite shape (27 layers). JSON lines on stdout.
 `--baseline` instead times transformers' DeepseekV3ForCausalLM with one MoE layer whose experts
 accelerate's device_map keeps on the CPU (streamed to the GPU every step).
@@ -22,6 +23,7 @@ import json
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,8 +37,10 @@ from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.model import ForwardBatch, Transformer  # noqa: E402
 from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8  # noqa: E402
 from hetero.model.moe import RoutedRun  # noqa: E402
+from hetero.placement import parse_placement  # noqa: E402
 from hetero.sched.graphs import GraphedDecoder  # noqa: E402
 from hetero.sched.hybrid import HybridExperts  # noqa: E402
+from hetero.sched.runtime import is_fp8_module  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
 WORKLOADS = {
@@ -44,6 +48,12 @@ WORKLOADS = {
     "v2-lite": ("deepseek-v2-lite", {}),
 }
 PROMPT = 16  # tokens of context each sequence has before the timed steps
+
+
+def full_layers(workload: str) -> tuple[int, int]:
+    """(layers, MoE layers) of the whole published model the workload stands for."""
+    config = ModelConfig.from_hf(MODELS / WORKLOADS[workload][0])
+    return config.num_hidden_layers, len(config.moe_layers)
 
 
 def slice_config(workload: str, moe_layers: int | None) -> dict:
@@ -62,8 +72,10 @@ def random_model(config: ModelConfig, device: str, dtype: torch.dtype, fp8: bool
     `fp8`: the Linear layers of attention, dense MLPs and shared experts as FP8 blocks."""
     with torch.device("meta"):
         model = Transformer(config, resident={L: () for L in config.moe_layers})
-    if fp8:
-        to_fp8(model, lambda n: n.count(".") == 3 or n.endswith("shared_experts"), (128, 128))
+    if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
+        experts = "{match: '\\.mlp\\.experts$', device: cpu}"
+        text = f"rules:\n  - {experts}\n  - {{device: gpu, format: fp8}}\n"
+        to_fp8(model, partial(is_fp8_module, parse_placement(text, config)), (128, 128))
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     for m in model.modules():
@@ -191,7 +203,8 @@ def run(args) -> None:
                     "wait_ms": round(r["wait_ms"] / M, 3),
                 }
             if args.workload == "v3-slice":
-                t61 = gpu * 61 / L + (r["ms"] - gpu) * 58 / M
+                full, full_moe = full_layers(args.workload)
+                t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
             else:
@@ -269,9 +282,7 @@ def baseline(args) -> None:
         print(f"[{time.perf_counter() - t_start:7.1f} s] {what}", file=sys.stderr, flush=True)
 
     d = slice_config(args.workload, None)
-    moe_layers = d["num_hidden_layers"] - d["first_k_dense_replace"]  # of the whole model
-    if args.workload == "v3-slice":
-        moe_layers = 58  # DeepSeek-V3's
+    moe_layers = full_layers(args.workload)[1]
     d["num_hidden_layers"] = d["first_k_dense_replace"] + 1
     v3 = d["model_type"] == "deepseek_v3"
     cfg = (DeepseekV3Config if v3 else DeepseekV2Config).from_dict(d)

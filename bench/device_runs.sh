@@ -47,9 +47,10 @@ for stage in "$@"; do
       timeout 200 python3 bench/decode.py --prefill 64,128,256,512,1024,2048 \
         > "$OUT/prefill.jsonl" 2> "$OUT/prefill.err"; tail -3 "$OUT/prefill.err" ;;
     train-demo)  # ~3 min; the weights come back in parts under the 16 MiB file limit
-      timeout 540 python3 tools/train_demo.py --out /tmp/demo 2>&1 | tee "$OUT/train_demo.log" | tail -20
-      split -b 15m /tmp/demo/model.safetensors "$OUT/model.safetensors.part."
-      tar czf "$OUT/demo_meta.tgz" -C /tmp/demo --exclude model.safetensors . ;;
+      timeout 540 python3 tools/train_demo.py --out /tmp/demo 2>&1 | tee "$OUT/train_demo.log" \
+        | tail -20 \
+        && split -b 15m /tmp/demo/model.safetensors "$OUT/model.safetensors.part." \
+        && tar czf "$OUT/demo_meta.tgz" -C /tmp/demo --exclude model.safetensors . ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -71,7 +71,7 @@ def load_hybrid(
     resident = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
     with torch.device("meta"):
         model = Transformer(config, attention=opts.attention, resident=resident)
-    to_fp8(model, partial(_is_fp8, placement), config.fp8_block or (128, 128))
+    to_fp8(model, partial(is_fp8_module, placement), config.fp8_block or (128, 128))
     load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
     model.model.rotary.to_empty(device=opts.device)
     E = config.n_routed_experts
@@ -102,7 +102,7 @@ def load_hybrid(
     return Hybrid(model.eval(), engine, placement)
 
 
-def _is_fp8(placement: Placement, name: str) -> bool:
+def is_fp8_module(placement: Placement, name: str) -> bool:
     """Whether the Linear layers directly under module `name` are FP8 by the placement: a GPU
     expert by its layer's gpu_format, anything else by its placement entry (modules that are
     not placement modules hold no Linear of their own)."""
