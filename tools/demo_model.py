@@ -71,24 +71,8 @@ TINY = Settings(
     eval_every=0,
     completion_tokens=8,
 )
-# the Settings that are DeepseekV3Config fields (named, not sliced: order may change)
-MODEL_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "moe_intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "q_lora_rank",
-    "kv_lora_rank",
-    "qk_nope_head_dim",
-    "qk_rope_head_dim",
-    "v_head_dim",
-    "n_routed_experts",
-    "num_experts_per_tok",
-    "n_group",
-    "topk_group",
-)
+# the Settings that are DeepseekV3Config fields (by name: adding a training setting stays safe)
+MODEL_FIELDS = tuple(f for f in Settings.__dataclass_fields__ if f in DeepseekV3Config().to_dict())
 
 
 def model_config(s: Settings) -> DeepseekV3Config:
