@@ -90,6 +90,7 @@ class CPUExperts:
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
         self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
+        self._staged: torch.cuda.Event | None = None  # the copies out of _staging
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
 
@@ -137,13 +138,22 @@ class CPUExperts:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def stage(self, layer: int) -> list[torch.Tensor]:
-        """Layer `layer`'s packed arrays copied, by the engine's threads, into one reusable
-        host buffer (pinned when CUDA is present, so they reach the GPU at full PCIe speed);
-        torch tensors of the arrays' dtypes and shapes. Valid until the next `stage` call."""
-        return self._pool.submit(self._stage, self.layers[layer]).result()
+    def stage(self, layer: int, device: torch.device) -> list[torch.Tensor]:
+        """Layer `layer`'s packed arrays on `device` (torch tensors of the arrays' dtypes and
+        shapes): the engine's threads copy them into one reusable host buffer (pinned when CUDA
+        is present, so they cross PCIe at full speed), then asynchronous copies on the current
+        stream take them to `device`. The buffer is overwritten by the next call only after
+        those copies are done (an event guards it)."""
+        host = self._pool.submit(self._stage, self.layers[layer]).result()
+        out = [h.to(device, non_blocking=True) for h in host]
+        if torch.device(device).type == "cuda":
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        return out
 
     def _stage(self, packed: PackedExperts) -> list[torch.Tensor]:
+        if self._staged is not None:
+            self._staged.synchronize()  # the previous layer's copies have left the buffer
         arrays = list(packed.arrays().values())
         total = sum(a.nbytes for a in arrays)
         if self._staging is None or self._staging.numel() < total:

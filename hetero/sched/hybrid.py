@@ -27,15 +27,15 @@ def streamed_experts(
     x: torch.Tensor,
     rows: torch.Tensor,
     weights: torch.Tensor,
-    host: list[torch.Tensor] | None = None,
+    arrays: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The CPU's experts computed on x's device instead: the packed layer crosses PCIe (int4 is
     a quarter of bf16's bytes), each used expert is dequantized there and applied to its tokens.
     For long prefill, where the CPU is compute-bound. x [T, H], rows/weights [T, k] (-1: skip);
-    `host`: the layer's arrays already staged in pinned memory (CPUExperts.stage)."""
+    `arrays`: the layer's arrays already on x's device (CPUExperts.stage)."""
     dev, dtype = x.device, x.dtype
-    host = host or [as_tensor(a) for a in layer.arrays().values()]
-    w13, s13, w2, s2 = (a.to(dev, non_blocking=True) for a in host)
+    arrays = arrays or [as_tensor(a).to(dev) for a in layer.arrays().values()]
+    w13, s13, w2, s2 = arrays
     y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
     for r in rows.unique().tolist():
         if r < 0:
@@ -115,7 +115,7 @@ class HybridExperts:
         rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
             packed = self.engine.layers[self.layer]
-            y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer))
+            y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer, x.device))
             if self.any_on_gpu:
                 y = y + torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
             return RoutedRun(lambda: y)  # long prefill: exact, nothing deferred
