@@ -144,6 +144,8 @@ MEMORY_PROBE = textwrap.dedent("""
     import json, re, sys, psutil, torch
     from hetero.loader import load_model
     torch.set_num_threads(1)
+    import torch._dynamo  # imported by torch on the first meta-device init (with triton, if
+    # installed): ~100 MB of code that is not the loader's
     before = psutil.Process().memory_info().rss
     model = load_model(sys.argv[1], dtype=torch.bfloat16, progress=False)
     # VmHWM: this process's own peak (ru_maxrss would carry the parent's over fork + exec)

@@ -37,7 +37,9 @@ class EngineConfig:
     gemm_min_tokens_q8: int = 32
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
-    prefetch_bytes: int = 0  # kernels_q8 software prefetch distance (0: hardware prefetch only)
+    # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB
+    # took int4 at 1 token from 59% to 72% of read bandwidth, int8 from 72% to 88%
+    prefetch_bytes: int = 4096
     # copy the weights into 2 MB transparent huge pages at load: streaming 4 KB pages costs a
     # TLB walk every page (off until measured; a store's memory map is then read once, eagerly)
     hugepages: bool = False

@@ -1,8 +1,9 @@
 """FP8 weights on the GPU: DeepSeek-V3's checkpoint format kept as is (float8_e4m3fn + a float32
 scale per 128x128 block), half the bytes of bf16.
 
-`FP8Linear` dequantizes its weight at each call and runs a plain matmul: the simple path, and the
-reference for the fused FP8 GEMM kernels that replace it later behind the same module."""
+`FP8Linear` multiplies a few tokens (decode) on CUDA with `hetero.gpu.fp8_gemm`, which reads the
+FP8 weight as stored; otherwise (prefill, CPU) it dequantizes the weight and runs a plain matmul,
+the simple path and the kernel's reference."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
+KERNEL_MAX_TOKENS = 64  # up to this many rows of x, CUDA uses the FP8 kernel (memory-bound)
 
 
 def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
@@ -69,6 +71,10 @@ class FP8Linear(nn.Module):
         return (w.float() * self.weight_scale_inv[:, None, :, None]).to(dtype).view(O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.numel() <= KERNEL_MAX_TOKENS * self.in_features:
+            from hetero.gpu.fp8_gemm import fp8_gemm  # triton: only where CUDA is
+
+            return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block)
         return F.linear(x, self.dense_weight(x.dtype))
 
 

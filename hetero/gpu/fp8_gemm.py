@@ -1,0 +1,123 @@
+"""y = x W^T for a few tokens, with W in DeepSeek-V3's FP8 format (float8_e4m3fn + one float32
+scale per 128x128 block) read as it is stored.
+
+Decode multiplies 1-64 tokens by each weight: the GPU time is the weight's bytes. Dequantizing W
+to bf16 first (FP8Linear's simple path) reads 1 byte, writes 2 and reads 2 again per weight; this
+kernel reads the 1 byte. Each program owns BLOCK_N output rows and a share of the K blocks
+(split-K when the rows alone make too few programs to keep every SM reading), multiplies one
+128-wide K block at a time on the tensor cores and scales the block's partial sums by the block's
+scale (one per row group): y[m, n] = sum_kb s[n // 128, kb] * sum_{k in kb} x[m, k] W_fp8[n, k].
+Split-K partials go to an fp32 buffer [split, M, N] and are summed in order (deterministic)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 64  # output rows a program owns: a [64, 128] fp8 tile is 8 KB a step
+
+
+@triton.jit
+def _fp8_gemm(
+    x_ptr,
+    w_ptr,
+    s_ptr,
+    y_ptr,  # x [M, K], W [N, K] fp8, s [ceil(N/SN), ceil(K/BK)], y [S, M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wn,
+    stride_sn,
+    SN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.arange(0, BLOCK_K)  # [BK]
+    row_ok, tok_ok = rows < N, toks < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
+        kb = split * PER_SPLIT + i
+        k = kb * BLOCK_K + cols
+        x = tl.load(
+            x_ptr + toks[:, None] * stride_xm + k[None, :],
+            mask=tok_ok[:, None] & (k[None, :] < K),
+            other=0.0,
+        )  # [BM, BK]
+        w = tl.load(
+            w_ptr + rows[:, None] * stride_wn + k[None, :],
+            mask=row_ok[:, None] & (k[None, :] < K),
+            other=0.0,
+        )  # [BN, BK] fp8
+        s = tl.load(  # [BN]
+            s_ptr + (rows // SN) * stride_sn + kb, mask=row_ok & (kb * BLOCK_K < K), other=0.0
+        )
+        # in fp32 on the tensor cores: tf32 holds bf16 activations and e4m3 weights exactly
+        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+        acc += part * s[None, :]
+    out = y_ptr + split * M * N + toks[:, None] * N + rows[None, :]
+    tl.store(out, acc, mask=tok_ok[:, None] & row_ok[None, :])
+
+
+def fp8_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    programs: int | None = None,
+) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)]
+    fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default: 4 per
+    SM on CUDA), reached by splitting K when the rows alone give fewer."""
+    N, K = weight.shape
+    bn, bk = block
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    BLOCK_M = max(16, min(64, triton.next_power_of_2(M)))
+    n_tiles, m_tiles, k_blocks = (
+        triton.cdiv(N, BLOCK_N),
+        triton.cdiv(M, BLOCK_M),
+        triton.cdiv(K, bk),
+    )
+    if programs is None:
+        programs = 4 * _sm_count(x.device) if x.is_cuda else 1
+    split = max(1, min(k_blocks, programs // (n_tiles * m_tiles)))
+    per_split = triton.cdiv(k_blocks, split)
+    split = triton.cdiv(k_blocks, per_split)  # no empty splits
+    y = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    _fp8_gemm[(n_tiles, m_tiles, split)](
+        x2,
+        weight,
+        scale,
+        y,
+        M,
+        N,
+        K,
+        x2.stride(0),
+        weight.stride(0),
+        scale.stride(0),
+        SN=bn,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=bk,
+        PER_SPLIT=per_split,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=4,
+    )
+    y = y[0] if split == 1 else y.sum(0)
+    return y.to(x.dtype).view(*lead, N)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
