@@ -43,7 +43,9 @@ class HybridOptions:
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
     gemm_min_tokens_q8: int = EngineConfig.gemm_min_tokens_q8
     int8_activations: bool = EngineConfig.int8_activations
-    stream_min_tokens: int = 0  # CUDA: batches this long stream the CPU experts to the GPU
+    # CUDA: batches this long stream the CPU experts to the GPU instead (0: never). The H100
+    # machine's crossover for a V3 layer was ~450 tokens (bench/decode.py --prefill)
+    stream_min_tokens: int = 512
     progress: bool = True
 
 
