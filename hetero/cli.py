@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _model_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument(
-        "--model", help="HF checkpoint directory (default: a small model hetero writes itself)"
+        "--model", help="HF checkpoint directory (default: the demo model in hetero/demo/)"
     )
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")

@@ -65,24 +65,34 @@ def test_bad_model_is_one_line_error(tmp_path, capsys, naive):
 
 
 def test_console_script_default_model(tmp_path):
-    """`hetero generate` with no model writes its own small checkpoint once and reuses it."""
+    """`hetero generate` with no model runs the demo model shipped in the package: the same
+    output as naming it, and nothing written to the cache."""
+    from hetero.demo import demo_dir
+
+    assert demo_dir() is not None  # the weights ship in hetero/demo/
     env = dict(os.environ, HETERO_CACHE=str(tmp_path))
-    cmd = [
-        sys.executable,
-        "-m",
-        "hetero.cli",
-        "generate",
-        "--prompt",
-        "def",
-        "--max-tokens",
-        "4",
-        "--json",
-    ]
-    first = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    assert (tmp_path / "tiny-v3" / "config.json").exists()
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    assert json.loads(first.stdout) == json.loads(second.stdout)
-    assert len(json.loads(first.stdout)["output_ids"]) <= 4
+    cmd = [sys.executable, "-m", "hetero.cli", "generate", "--prompt", "def"]
+    cmd += ["--max-tokens", "4", "--json"]
+    default = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    named = cmd + ["--model", str(demo_dir())]
+    named = subprocess.run(named, env=env, capture_output=True, text=True, check=True)
+    assert json.loads(default.stdout) == json.loads(named.stdout)
+    assert len(json.loads(default.stdout)["output_ids"]) == 4 and not any(tmp_path.iterdir())
+
+
+def test_default_model_without_the_demo_weights(tmp_path, monkeypatch):
+    """A source tree without the demo weights writes a small random checkpoint once and
+    reuses it."""
+    import hetero.demo
+    from hetero.cli import default_model_dir
+
+    monkeypatch.setattr(hetero.demo, "demo_dir", lambda: None)
+    monkeypatch.setenv("HETERO_CACHE", str(tmp_path))
+    path = default_model_dir()
+    assert path == tmp_path / "tiny-v3" and (path / "config.json").exists()
+    written = (path / "config.json").stat().st_mtime_ns
+    assert default_model_dir() == path
+    assert (path / "config.json").stat().st_mtime_ns == written
 
 
 def write_placement(path, cpu_format="bf16", extra=""):
