@@ -9,6 +9,16 @@ from hetero.generate import SamplingParams, stream
 from hetero.model import Transformer
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
+QUIT = "(/exit or Ctrl-D quits)"
+
+
+def line_editing() -> None:
+    """Arrow keys, history and Ctrl-A/E for `input()`: without readline loaded a terminal's
+    arrow keys arrive as escape sequences and become part of the message (^[[D)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:  # a Python built without it
+        pass
 
 
 class Detokenizer:
@@ -56,6 +66,8 @@ def chat_loop(
     budget = max(1, model.config.max_position_embeddings - params.max_tokens)
     stop = set(params.stop_token_ids)
     turns = 0
+    if read is input:
+        line_editing()
     out.write(HELP + "\n")
     while True:
         try:
@@ -63,6 +75,9 @@ def chat_loop(
         except EOFError:
             out.write("\n")
             return turns
+        except KeyboardInterrupt:  # at the prompt: drop the line, as a shell or Python's REPL does
+            out.write("\n" + QUIT + "\n")
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):

@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError, StoreError, UsageError, PlacementError, PlanError) as e:
         print(f"hetero: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or scoring: no traceback
+        print(file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

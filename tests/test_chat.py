@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hetero.chat import Detokenizer, chat_loop, prompt_ids
+from hetero.chat import QUIT, Detokenizer, chat_loop, prompt_ids
 from hetero.generate import SamplingParams, generate
 from hetero.loader import load_model
 
@@ -51,6 +51,26 @@ def test_a_reply_is_the_greedy_completion_of_the_template(setup):
     assert "(conversation cleared)" in lines
 
 
+def test_ctrl_c_at_the_prompt_drops_the_line(setup):
+    model, tok = setup
+    params = SamplingParams(max_tokens=4, stop_token_ids=(tok.eos_token_id,))
+    feed = iter(["", KeyboardInterrupt, "/exit", "never read"])
+
+    def read(prompt: str) -> str:
+        line = next(feed)
+        if line is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return line
+
+    out = io.StringIO()
+    try:
+        assert chat_loop(model, tok, params, read, out) == 0
+    except KeyboardInterrupt:  # uncaught, it would stop pytest itself
+        pytest.fail("Ctrl-C at the prompt ended the chat")
+    assert QUIT in out.getvalue() and "hetero> " not in out.getvalue()
+    assert next(feed) == "never read"  # /exit ended it
+
+
 def test_detokenizer_never_splits_a_character(setup):
     _, tok = setup
     ids = tok.encode("naïve café → ok", add_special_tokens=False)
@@ -73,30 +93,44 @@ def test_old_turns_are_dropped_to_fit(setup):
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_in_a_terminal(tiny_v3):
-    """The console command in a pseudo-terminal, typed at as a person would."""
+    """The console command in a pseudo-terminal, typed at as a person would: a question, Ctrl-C
+    at the prompt (no traceback), and `/eit` corrected with the arrow keys into `/exit`."""
     import pty
     import select
+    import signal
     import subprocess
     import time
 
     leader, follower = pty.openpty()
     cmd = [sys.executable, "-m", "hetero.cli", "chat", "--model", str(tiny_v3)]
     cmd += ["--max-tokens", "8", "--device", "cpu"]
-    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower)
+    env = {**os.environ, "TERM": "xterm"}
+    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, env=env)
     os.close(follower)
     seen, deadline = b"", time.time() + 120
 
-    def until(marker: bytes, count: int = 1) -> None:
+    def until(marker: bytes, count: int = 1, within: float = 120) -> bool:
         nonlocal seen
-        while seen.count(marker) < count and time.time() < deadline:
-            if select.select([leader], [], [], 1)[0]:
-                seen += os.read(leader, 4096)
+        end = min(deadline, time.time() + within)
+        while seen.count(marker) < count and time.time() < end:
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    seen += os.read(leader, 4096)
+                except OSError:  # EIO: the program has ended
+                    break
+        return seen.count(marker) >= count
 
-    until(b"you> ")
+    assert until(b"you> "), seen
     os.write(leader, b"def add(a, b):\n")
-    until(b"hetero> ")
-    until(b"you> ", 2)  # the next prompt, after the reply
-    os.write(leader, b"/exit\n")
+    assert until(b"hetero> ") and until(b"you> ", 2), seen  # the reply, then the next prompt
+    # Ctrl-C while the prompt waits; again if the first came before readline began to wait
+    # (between writing the prompt and select(), Python only notices a signal at the next key)
+    for _ in range(10):
+        proc.send_signal(signal.SIGINT)
+        if until(QUIT.encode(), within=1):
+            break
+    assert until(QUIT.encode()) and until(b"you> ", 3), seen
+    os.write(leader, b"/eit\x1b[D\x1b[Dx\n")  # two Left arrows, then the missing x
     assert proc.wait(timeout=60) == 0
     text = seen.decode(errors="replace")
-    assert text.count("you> ") >= 2 and "hetero> " in text and "Traceback" not in text
+    assert text.count("hetero> ") == 1 and QUIT in text and "Traceback" not in text
