@@ -194,6 +194,11 @@ class CPUExperts:
         threshold = threshold if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
+        if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
+            ops.moe_layer(
+                layer, x, ids, weights, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
+            )
+            return
         g = ops.group_by_expert(ids, layer.num_experts)
         heavy = np.flatnonzero(g.counts() >= threshold)  # experts for the GEMM path
         light = g

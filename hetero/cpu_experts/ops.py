@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetero.cpu_experts import kernels, kernels_q8
+from hetero.cpu_experts import fused, kernels, kernels_q8
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 
@@ -86,6 +86,34 @@ def moe_gemv(
         out,
         rows_per_item,
     )
+
+
+def moe_layer(
+    layer: PackedExperts,
+    x: np.ndarray,
+    ids: np.ndarray,
+    weights: np.ndarray,
+    out: np.ndarray,
+    rows_per_item: int = 16,
+    int8_activations: bool = True,
+    prefetch_bytes: int = 0,
+) -> None:
+    """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once):
+    out [T, H] = the experts ids [T, k] (-1: skipped) name, weighted, applied to x [T, H]."""
+    T, H = x.shape
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if H != layer.hidden or out.shape != (T, H) or ids.shape != weights.shape:
+        raise ValueError(f"x {x.shape}, ids {ids.shape}, weights {weights.shape}, out {out.shape}")
+    if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("x and weights must be contiguous float32")
+    if ids.size and ids.max() >= layer.num_experts:
+        raise ValueError(f"expert id {ids.max()} out of range for {layer.num_experts} experts")
+    args = (x, ids, weights, layer.num_experts, layer.w13, layer.s13, layer.w2, layer.s2, out)
+    if int8_activations and q8_activations(layer):
+        offset = 8 if layer.fmt.name == "int4" else 128  # the weights' unsigned offset
+        fused.moe_layer_q8(*args, rows_per_item, offset, prefetch_bytes)
+    else:
+        fused.moe_layer(*args, rows_per_item)
 
 
 class DequantBuffers(NamedTuple):

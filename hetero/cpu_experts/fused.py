@@ -1,0 +1,42 @@
+"""A decode job's whole GEMV path in one numba call: group by expert, the experts, the per-token
+sum.
+
+Why one call: the engine's worker thread needs the GIL back after every numba call, and the
+caller's thread holds it while it drives the GPU; each return can wait up to Python's switch
+interval. With ~4 calls and their Python glue, a job took 1.1 ms alone and 2.4 ms beside a
+Python thread that kept the GIL busy (one numba thread on this 2-core machine); fused, it needs
+the GIL once.
+
+No disk cache: these wrappers call kernels defined in other files, and numba's cache would not
+notice when those change. They are small and compile in the engine's warm-up, reusing the
+cached kernels they call.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv
+from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
+
+JIT = {"nogil": True, "cache": False}
+
+
+@njit(**JIT)
+def moe_layer_q8(x, ids, weights, num_experts, w13, s13, w2, s2, out, rows, offset, ahead):
+    """out [T, H] = the routed experts of ids [T, k] (-1: skipped) on int8 activations
+    (kernels_q8.moe_gemv_q8's formats and sizes)."""
+    experts, ptr, pair_token, pair_slot, pos = group_by_expert(ids, num_experts)
+    y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
+    moe_gemv_q8(
+        x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead
+    )
+    combine(pos, y, out)
+
+
+@njit(**JIT)
+def moe_layer(x, ids, weights, num_experts, w13, s13, w2, s2, out, rows):
+    """out [T, H] = the routed experts of ids [T, k] on fp32 activations (kernels.moe_gemv)."""
+    experts, ptr, pair_token, pair_slot, pos = group_by_expert(ids, num_experts)
+    moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, out, rows)
