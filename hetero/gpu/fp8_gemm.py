@@ -43,6 +43,7 @@ def _fp8_gemm(
     cols = tl.arange(0, BLOCK_K)  # [BK]
     row_ok, tok_ok = rows < N, toks < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    last = tl.cdiv(K, BLOCK_K) - 1  # the last K block (a scale column)
     for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
         kb = split * PER_SPLIT + i
         k = kb * BLOCK_K + cols
@@ -56,9 +57,8 @@ def _fp8_gemm(
             mask=row_ok[:, None] & (k[None, :] < K),
             other=0.0,
         )  # [BN, BK] fp8
-        s = tl.load(  # [BN]
-            s_ptr + (rows // SN) * stride_sn + kb, mask=row_ok & (kb * BLOCK_K < K), other=0.0
-        )
+        # past K, x and W load as 0 and any in-bounds scale will do: the last block's
+        s = tl.load(s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok)  # [BN]
         # in fp32 on the tensor cores: tf32 holds bf16 activations and e4m3 weights exactly
         part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
         acc += part * s[None, :]
