@@ -2,7 +2,7 @@
 # The GPU machine's measurements, in stages that each fit one device call (<10 min):
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
-#   train-demo
+#   fp8-gemm | decode-depth | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,7 +19,7 @@ for stage in "$@"; do
         --steps 12 --profile "$OUT/profile" --baseline > "$OUT/decode_v3slice.jsonl" \
         2> "$OUT/decode.err"
       tail -3 "$OUT/decode.err" ;;
-    decode-graphs)  # the same modes with each layer's GPU segments replayed from CUDA graphs
+    decode-graphs)  # the same modes with each layer's GPU segments replayed from CUDA graphs (~60 s)
       timeout 280 python3 bench/decode.py --workload v3-slice --moe-layers 3 --batch 1,4,16 \
         --steps 12 --graphs > "$OUT/decode_v3slice_graphs.jsonl" 2> "$OUT/decode_graphs.err"
       tail -3 "$OUT/decode_graphs.err" ;;
@@ -46,6 +46,16 @@ for stage in "$@"; do
     prefill)  # one V3 layer's CPU experts: engine vs streaming through pinned staging
       timeout 200 python3 bench/decode.py --prefill 64,128,256,512,1024,2048 \
         > "$OUT/prefill.jsonl" 2> "$OUT/prefill.err"; tail -3 "$OUT/prefill.err" ;;
+    decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost (~2 min)
+      for m in 3 6; do
+        timeout 150 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
+          --steps 12 --graphs > "$OUT/decode_depth$m.jsonl" 2>> "$OUT/decode_depth.err"
+      done
+      python3 bench/extrapolate.py "$OUT/decode_depth3.jsonl" "$OUT/decode_depth6.jsonl" \
+        | tee "$OUT/decode_depths.jsonl" ;;
+    fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
+      timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
+      tail -3 "$OUT/fp8_gemm.err" ;;
     train-demo)  # ~3 min; the weights come back in parts under the 16 MiB file limit
       timeout 540 python3 tools/train_demo.py --out /tmp/demo 2>&1 | tee "$OUT/train_demo.log" \
         | tail -20 \
