@@ -1,4 +1,4 @@
-"""`hetero generate | convert | plan` (and, as later issues land, serve | chat | bench)."""
+"""`hetero generate | chat | convert | plan | profile-experts | eval` (serve comes with its issue)."""
 
 from __future__ import annotations
 
