@@ -1,4 +1,4 @@
-"""`hetero generate | chat | convert | plan | profile-experts | eval` (serve comes with its issue)."""
+"""`hetero generate | chat | convert | plan | profile-experts | eval` (serve: a later issue)."""
 
 from __future__ import annotations
 
