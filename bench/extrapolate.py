@@ -54,8 +54,7 @@ def main() -> None:
     layers, moe = full_layers("v3-slice")
     for key in sorted(a.keys() & b.keys()):
         batch, mode = key
-        gpu_only = a.get((batch, "gpu_only"), a[key])
-        out = extrapolate(a[key], b[key], gpu_only, layers, moe)
+        out = extrapolate(a[key], b[key], a[(batch, "gpu_only")], layers, moe)
         out["v3_tokens_per_s"] = round(1e3 * batch / out["v3_ms_per_step"], 2)
         out["single_depth_v3_tokens_per_s"] = a[key].get("v3_tokens_per_s")
         print(json.dumps({"bench": "decode_depths", "batch": batch, "mode": mode, **out}))

@@ -26,10 +26,29 @@ class Grouping(NamedTuple):
 
 
 def group_by_expert(ids: np.ndarray, num_experts: int) -> Grouping:
+    return Grouping(*kernels.group_by_expert(_checked_ids(ids, num_experts), num_experts))
+
+
+def _checked_ids(ids: np.ndarray, num_experts: int) -> np.ndarray:
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.size and ids.max() >= num_experts:
         raise ValueError(f"expert id {ids.max()} out of range for {num_experts} experts")
-    return Grouping(*kernels.group_by_expert(ids, num_experts))
+    return ids
+
+
+def _check(layer: PackedExperts, x: np.ndarray, weights: np.ndarray, out: np.ndarray) -> None:
+    T, H = x.shape
+    if H != layer.hidden or out.shape != (T, H):
+        raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
+    if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
+        raise ValueError("x and weights must be contiguous float32")
+
+
+def _q8_offset(layer: PackedExperts, int8_activations: bool) -> int | None:
+    """The weights' unsigned offset when the layer runs on int8 activations, else None."""
+    if not (int8_activations and q8_activations(layer)):
+        return None
+    return 8 if layer.fmt.name == "int4" else 128
 
 
 def q8_activations(layer: PackedExperts) -> bool:
@@ -57,14 +76,10 @@ def moe_gemv(
 
     With `int8_activations`, layers `q8_activations` accepts quantize the activations to int8
     first (kernels_q8)."""
-    T, H = x.shape
-    if H != layer.hidden or out.shape != (T, H):
-        raise ValueError(f"x {x.shape} / out {out.shape} do not match hidden size {layer.hidden}")
-    if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError("x and weights must be contiguous float32")
-    if int8_activations and q8_activations(layer):
-        y = np.empty((g.pair_token.shape[0], H), np.float32)  # [P, H]
-        offset = 8 if layer.fmt.name == "int4" else 128  # the weights' unsigned offset
+    _check(layer, x, weights, out)
+    offset = _q8_offset(layer, int8_activations)
+    if offset is not None:
+        y = np.empty((g.pair_token.shape[0], layer.hidden), np.float32)  # [P, H]
         kernels_q8.moe_gemv_q8(
             x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot,
             layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item, offset, prefetch_bytes,
@@ -100,17 +115,13 @@ def moe_layer(
 ) -> None:
     """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once):
     out [T, H] = the experts ids [T, k] (-1: skipped) name, weighted, applied to x [T, H]."""
-    T, H = x.shape
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    if H != layer.hidden or out.shape != (T, H) or ids.shape != weights.shape:
-        raise ValueError(f"x {x.shape}, ids {ids.shape}, weights {weights.shape}, out {out.shape}")
-    if x.dtype != np.float32 or weights.dtype != np.float32 or not x.flags.c_contiguous:
-        raise ValueError("x and weights must be contiguous float32")
-    if ids.size and ids.max() >= layer.num_experts:
-        raise ValueError(f"expert id {ids.max()} out of range for {layer.num_experts} experts")
+    _check(layer, x, weights, out)
+    ids = _checked_ids(ids, layer.num_experts)
+    if ids.shape != weights.shape:
+        raise ValueError(f"ids {ids.shape} and weights {weights.shape} differ")
     args = (x, ids, weights, layer.num_experts, layer.w13, layer.s13, layer.w2, layer.s2, out)
-    if int8_activations and q8_activations(layer):
-        offset = 8 if layer.fmt.name == "int4" else 128  # the weights' unsigned offset
+    offset = _q8_offset(layer, int8_activations)
+    if offset is not None:
         fused.moe_layer_q8(*args, rows_per_item, offset, prefetch_bytes)
     else:
         fused.moe_layer(*args, rows_per_item)
