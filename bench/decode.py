@@ -129,7 +129,7 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
     gen = torch.Generator().manual_seed(B)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     ms = []
-    engine.stats.busy_s = engine.stats.wait_s = 0.0
+    engine.stats.busy_s = engine.stats.wait_s = engine.stats.compute_s = 0.0
     for i in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (B,), generator=gen).to(device)
         batch = ForwardBatch.build(list(range(B)), [1] * B, [start + i + 1] * B, device)
@@ -147,6 +147,7 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
         "ms": round(ms[len(ms) // 2], 3),
         "cpu_busy": round(engine.stats.busy_s / wall, 3),
         "cpu_ms": round(engine.stats.busy_s / steps * 1e3, 3),
+        "cpu_compute_ms": round(engine.stats.compute_s / steps * 1e3, 3),
         "wait_ms": round(engine.stats.wait_s / steps * 1e3, 3),
     }
 
@@ -191,9 +192,15 @@ def run(args) -> None:
         if args.profile:
             profile_step(model, config, engine, cache, B, pos, device, args.profile)
             pos += 2
+        if args.trace:
+            rows["trace"] = trace_steps(model, config, engine, cache, B, pos, device, graphed, args)
+            pos += args.steps
         gpu, cpu_alone = rows["gpu_only"]["ms"], rows["sequential"]["cpu_ms"]
         for mode, r in rows.items():
             out = {**base, "batch": B, "mode": mode, **r}
+            if mode == "trace":
+                print(json.dumps(out), flush=True)
+                continue
             if mode != "gpu_only":
                 out["vs_cpu_alone"] = round(r["ms"] / cpu_alone, 3)
                 out["speedup_vs_sequential"] = round(rows["sequential"]["ms"] / r["ms"], 3)
@@ -211,6 +218,24 @@ def run(args) -> None:
                 out["tokens_per_s"] = round(1e3 * B / r["ms"], 2)
             print(json.dumps(out), flush=True)
     engine.close()
+
+
+def trace_steps(model, config, engine, cache, B, pos, device, graphed, args) -> dict:
+    """The engine's timeline over `args.steps` steps of the deepest deferral mode, written to
+    `args.trace` (with the batch size in the name) and summarized per step."""
+    import threading
+
+    from bench.timeline import summarize, write_chrome_trace
+
+    mode = f"defer{max(args.defer)}" if args.defer else "overlap"
+    set_mode(model, config, engine, mode)
+    engine.stats.trace = []
+    time_steps(model, engine, cache, B, pos, args.steps, device, graphed)
+    events, engine.stats.trace = engine.stats.trace, None
+    worker = {t.ident: t.name for t in threading.enumerate()}
+    path = Path(args.trace).with_suffix(f".b{B}.json")
+    write_chrome_trace(events, path, {**worker, threading.get_ident(): "caller"})
+    return {"traced_mode": mode, "trace_file": str(path), **summarize(events, args.steps)}
 
 
 def profile_step(model, config, engine, cache, B, pos, device, out_dir) -> None:
@@ -361,6 +386,7 @@ def main() -> None:
     )
     p.add_argument("--baseline-only", action="store_true", help="only transformers' device_map")
     p.add_argument("--profile", help="a directory for torch.profiler tables of one step")
+    p.add_argument("--trace", help="FILE: the CPU engine's timeline of the deepest deferral")
     p.add_argument(
         "--graphs", action="store_true", help="decode steps from per-layer CUDA graph segments"
     )

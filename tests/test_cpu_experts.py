@@ -208,12 +208,43 @@ def test_caller_keeps_running_python_while_kernel_runs():
         job = eng.submit(0, x, ids, torch.ones(T, 4))
         time.sleep(0.05)  # blocks, so the worker takes the GIL and enters the kernel
         total = sum(i for i in range(200_000))  # Python work on this thread...
-        in_flight = not job.future.done()  # ...done while the kernel is still running
+        in_flight = not job.parts[0].done()  # ...done while the kernel is still running
     finally:
         sys.setswitchinterval(old)
     eng.wait(job)
     eng.close()
     assert total > 0 and in_flight
+
+
+def test_split_job_parts(weights):
+    """A job split on the worker into parts: each part is its slots' sum, part by part; a split
+    that fails, or gives the wrong number of parts, fails every wait with its error."""
+    layer = pack_experts(*weights, Format.parse("int8"))
+    eng = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))  # GEMV only:
+    try:  # parts then differ from the whole by fp32 rounding alone
+        x, ids, wt = routing(9, 4, seed=5)
+        first = torch.zeros_like(ids, dtype=torch.bool)
+        first[:, :2] = True
+
+        def split(i, w):
+            assert isinstance(i, np.ndarray) and i.shape == (9, 4)
+            return np.where(first.numpy(), i, -1), np.where(first.numpy(), -1, i)
+
+        job = eng.submit(0, x, ids, wt, split, parts=2)
+        a, b = eng.wait(job, 1), eng.wait(job, 0)
+        torch.testing.assert_close(a, eng.forward(0, x, ids.masked_fill(first, -1), wt))
+        torch.testing.assert_close(b, eng.forward(0, x, ids.masked_fill(~first, -1), wt))
+        torch.testing.assert_close(a + b, eng.forward(0, x, ids, wt), rtol=1e-5, atol=1e-3)
+        job = eng.submit(0, x, ids, wt, split, parts=3)
+        for part in range(3):
+            with pytest.raises(ValueError, match="split gave 2 parts, the job has 3"):
+                eng.wait(job, part)
+        job = eng.submit(0, x, ids, wt, lambda i, w: 1 / 0, parts=2)
+        with pytest.raises(ZeroDivisionError):
+            eng.wait(job, 1)
+        assert eng.forward(0, x, ids, wt).shape == x.shape  # the worker lives on
+    finally:
+        eng.close()
 
 
 def test_warm_up_compiles_at_load(weights):
@@ -275,6 +306,33 @@ def test_software_prefetch_changes_nothing_but_timing():
         outs.append(eng.forward(0, x, ids, wt))
         eng.close()
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_q8_dataflow_schedule_changes_nothing(fmt):
+    """kernels_q8 hands out its work items dynamically, down rows waiting on their expert's gate/
+    up rows: any thread count (more iterations than numba threads included) and any item size
+    give bit-equal outputs, since each output value is still one row dot."""
+    from hetero.cpu_experts import kernels_q8
+
+    g = torch.Generator().manual_seed(12)
+    w = [torch.randn(E, Q8_I, Q8_H, generator=g) for _ in range(2)]
+    layer = pack_experts(*w, torch.randn(E, Q8_H, Q8_I, generator=g), Format.parse(fmt))
+    x, ids, wt = (t.numpy() for t in routing(13, 3, seed=3, hidden=Q8_H))
+    ids[0, 1] = -1  # a skipped slot
+    grouping = ops.group_by_expert(ids, E)
+    offset = 8 if fmt == "int4" else 128
+    outs = []
+    for threads, rows in [(1, 16), (2, 1), (2, 16), (7, 3), (3, 10_000)]:
+        y = np.full((grouping.pair_token.shape[0], Q8_H), np.nan, np.float32)
+        kernels_q8.moe_gemv_q8(
+            x, wt, grouping.experts, grouping.ptr, grouping.pair_token, grouping.pair_slot,
+            layer.w13, layer.s13, layer.w2, layer.s2, y, rows, offset, 0, threads,
+        )  # fmt: skip
+        outs.append(y)
+    assert not np.isnan(outs[0]).any()
+    for y in outs[1:]:
+        np.testing.assert_array_equal(y, outs[0])
 
 
 def test_engine_shortens_the_gil_switch_interval(weights):

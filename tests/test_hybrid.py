@@ -3,6 +3,7 @@ model on the same weights: exact with d = 0, and equal to a plain-torch deferral
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,15 +159,16 @@ def test_deferral_equals_plain_torch_reference(v3, d):
 
 
 def test_select_deferred():
-    weights = torch.tensor([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]])
-    eligible = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    weights = np.array([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]], np.float32)
+    eligible = np.array([[True, True, True, True], [True, False, True, False]])
     got = select_deferred(weights, eligible, 2)
     assert got.tolist() == [[False, True, False, True], [True, False, True, False]]
     got = select_deferred(weights, eligible, 1)
     assert got.tolist() == [[False, True, False, False], [False, False, True, False]]
     assert not select_deferred(weights, eligible, 0).any()
-    none = torch.zeros_like(eligible)
+    none = np.zeros_like(eligible)
     assert not select_deferred(weights, none, 3).any()  # nothing eligible: nothing deferred
+    assert select_deferred(weights, eligible, 9).tolist() == eligible.tolist()  # d > k
 
 
 def test_fp8_on_the_gpu(request):

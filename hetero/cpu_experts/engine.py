@@ -13,6 +13,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -57,18 +58,27 @@ class EngineConfig:
 
 @dataclass
 class EngineStats:
-    """Seconds the worker computed and the callers waited, for benchmarks (reset freely)."""
+    """Seconds the worker spent and the callers waited, for benchmarks (reset freely)."""
 
-    busy_s: float = 0.0  # written by the worker thread only
+    busy_s: float = 0.0  # a job's whole run on the worker (its input copy's wait included)
+    compute_s: float = 0.0  # of which in the kernels
     wait_s: float = 0.0  # written by the calling thread only
     jobs: int = 0
+    # when a list: (name, thread id, start ns, end ns) of each submit, input wait, part computed
+    # and caller's wait, on time.perf_counter_ns's clock (bench/decode.py --trace)
+    trace: list | None = None
+
+    def mark(self, name: str, start_ns: int) -> None:
+        if self.trace is not None:
+            self.trace.append((name, threading.get_ident(), start_ns, time.perf_counter_ns()))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """A submitted call: its future and, for CUDA inputs, where the result must go."""
+    """A submitted call: a future per part (see `CPUExperts.submit`) and, for CUDA inputs,
+    where the results must go."""
 
-    future: Future
+    parts: tuple[Future, ...]
     device: torch.device
     dtype: torch.dtype
 
@@ -109,10 +119,23 @@ class CPUExperts:
         self._compute(layer, x, ids, w, out, gemm_min_tokens=2**62)
         self._compute(layer, x, ids, w, out, gemm_min_tokens=1)
 
-    def submit(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> Job:
+    def submit(
+        self,
+        layer: int,
+        x: torch.Tensor,
+        ids: torch.Tensor,
+        weights: torch.Tensor,
+        split: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]] | None = None,
+        parts: int = 1,
+    ) -> Job:
         """x [T, H], ids [T, k] (-1: not a CPU expert), weights [T, k] -> a Job for `wait`.
 
-        CUDA inputs are copied into pinned host memory without blocking the caller's stream."""
+        CUDA inputs are copied into pinned host memory without blocking the caller's stream.
+        `split(ids, weights)`, run on the worker once the inputs are there, divides the slots
+        into `parts` parts: an ids array [T, k] each (-1: not in this part). They are computed
+        in order, each ready for `wait(job, part)` as soon as it is done (a layer's deferred
+        experts: one input copy, one job, no round trip through the caller in between)."""
+        start = time.perf_counter_ns()
         if layer not in self.layers:
             raise KeyError(f"layer {layer} has no CPU experts (have {sorted(self.layers)})")
         host = [x.float(), ids.long(), weights.float()]
@@ -123,13 +146,16 @@ class CPUExperts:
             ready.record()
         else:  # the caller may reuse its buffers while the job is in flight
             host = [t.clone() if t.data_ptr() in _ptrs(x, ids, weights) else t for t in host]
-        future = self._pool.submit(self._run, layer, host, ready, x.is_cuda)
-        return Job(future, x.device, x.dtype)
+        job = Job(tuple(Future() for _ in range(parts)), x.device, x.dtype)
+        self._pool.submit(self._run, layer, host, ready, x.is_cuda, split, job)
+        self.stats.mark("submit", start)
+        return job
 
-    def wait(self, job: Job) -> torch.Tensor:
-        start = time.perf_counter()
-        y = job.future.result()  # [T, H] fp32 on the host (pinned for CUDA callers)
-        self.stats.wait_s += time.perf_counter() - start
+    def wait(self, job: Job, part: int = 0) -> torch.Tensor:
+        start = time.perf_counter_ns()
+        y = job.parts[part].result()  # [T, H] fp32 on the host (pinned for CUDA callers)
+        self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
+        self.stats.mark("wait", start)
         return y.to(job.device, non_blocking=True).to(job.dtype)
 
     def forward(
@@ -167,16 +193,30 @@ class CPUExperts:
             offset += a.nbytes
         return out
 
-    def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool) -> torch.Tensor:
-        if ready is not None:
-            ready.synchronize()
-        start = time.perf_counter()
-        x, ids, weights = (t.numpy() for t in host)
-        out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
-        self._compute(self.layers[layer], x, ids, weights, out.numpy())
-        self.stats.busy_s += time.perf_counter() - start
-        self.stats.jobs += 1
-        return out
+    def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool, split, job: Job):
+        start = time.perf_counter_ns()
+        try:
+            if ready is not None:
+                ready.synchronize()
+                self.stats.mark("input", start)
+            x, ids, weights = (t.numpy() for t in host)
+            parts = (ids,) if split is None else tuple(split(ids, weights))
+            if len(parts) != len(job.parts):
+                raise ValueError(f"split gave {len(parts)} parts, the job has {len(job.parts)}")
+            for part, future in zip(parts, job.parts):
+                t0 = time.perf_counter_ns()
+                out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
+                self._compute(self.layers[layer], x, part, weights, out.numpy())
+                self.stats.compute_s += (time.perf_counter_ns() - t0) / 1e9
+                self.stats.mark(f"L{layer}", t0)
+                future.set_result(out)
+        except BaseException as e:  # every waiter hears of it
+            for future in job.parts:
+                if not future.done():
+                    future.set_exception(e)
+        finally:
+            self.stats.busy_s += (time.perf_counter_ns() - start) / 1e9
+            self.stats.jobs += 1
 
     def _compute(
         self,

@@ -15,7 +15,7 @@ cached kernels they call.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import get_num_threads, njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv
 from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
@@ -30,8 +30,9 @@ def moe_layer_q8(x, ids, weights, num_experts, w13, s13, w2, s2, out, rows, offs
     experts, ptr, pair_token, pair_slot, pos = group_by_expert(ids, num_experts)
     y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
     moe_gemv_q8(
-        x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead
-    )
+        x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead,
+        get_num_threads(),
+    )  # fmt: skip
     combine(pos, y, out)
 
 

@@ -30,6 +30,7 @@ from numba.extending import intrinsic
 
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale and per 64-byte block of a packed int4 row
+LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 
 I8, I16, I32, I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
 F32 = ir.FloatType()
@@ -271,6 +272,51 @@ def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
     return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead), codegen
 
 
+@intrinsic
+def atomic_add(typingctx, a, i, v):
+    """a[i] += v as one atomic step (sequentially consistent); the value before. a: int64 [n]."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.atomic_rmw("add", at, _i64(builder, args[2]), "seq_cst")
+
+    return types.int64(a, i, v), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, a, i):
+    """a[i], read atomically (acquire: what its writer did before its release is visible)."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.load_atomic(at, "acquire", 8)
+
+    return types.int64(a, i), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """x86's `pause` in a spin loop (spares the sibling hyperthread and the memory bus)."""
+
+    def codegen(context, builder, sig, args):
+        if llvm.get_process_triple().startswith(("x86_64", "i686")):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+            )
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
 @njit(**JIT)
 def quantize_row(x, gshift, offset, xq, xs, xa):
     """x [K] f32 -> int8 in the block order of a packed int4 row of group 1 << gshift.
@@ -304,14 +350,24 @@ def quantize_row(x, gshift, offset, xq, xs, xa):
 
 @njit(parallel=True, **JIT)
 def moe_gemv_q8(
-    x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead
-):
+    x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead,
+    threads,
+):  # fmt: skip
     """The routed experts of one layer on int8 activations (see moe_gemv in kernels.py): packed
     int4 (offset 8) or int8 (offset 128, a scale per row or per 128) weights; `ahead`: software
-    prefetch distance in bytes (0: none).
+    prefetch distance in bytes (0: none); `threads`: numba's thread count (get_num_threads()
+    in the caller: called in here, it would keep numba from caching the kernel).
 
     x [T, H] f32; H and I multiples of 128. y [P, H] f32: each pair's weighted output (summed per
-    token by kernels.combine)."""
+    token by kernels.combine).
+
+    One parallel region, no barrier: the work is items of `rows` gate/up rows of an expert (A x
+    nb1), then of as many bytes of down rows (A x nb2). Each phase's items are split into one
+    contiguous range per thread (long sequential reads); a thread takes its own range's items
+    in order, then takes what is left of the others' ranges (an atomic counter per range), so a
+    slow core (this runs in VMs) delays only the items it holds. An expert's down items wait
+    (spinning) until its last gate/up item is done and has quantized its h.
+    """
     T, H = x.shape
     A, I, P = experts.shape[0], w13.shape[1], pair_token.shape[0]
     sh13, sh2 = _scale_shift(H, s13.shape[3]), _scale_shift(I, s2.shape[2])
@@ -321,52 +377,86 @@ def moe_gemv_q8(
     xq = np.empty((T, H), np.int8)
     xs = np.empty((T, H // BLOCK), np.float32)
     xa = np.empty((T, H // BLOCK * 16), np.int32)
-    for t in prange(T):
-        quantize_row(x[t], q13, offset, xq[t], xs[t], xa[t])
     h = np.empty((P, I), np.float32)  # silu(gate) * up of each pair
-    nb = (I + rows - 1) // rows
-    for item in prange(A * nb):
-        a, r0 = item // nb, (item % nb) * rows
-        e, end = experts[a], ptr[a + 1]
-        for r in range(r0, min(r0 + rows, I)):
-            wg, sg, wu, su = w13[e, r, 0], s13[e, r, 0], w13[e, r, 1], s13[e, r, 1]
-            p = ptr[a]
-            while p + 4 <= end:  # four tokens a pass over the row: it is unpacked once
-                t0, t1, t2, t3 = (
-                    pair_token[p],
-                    pair_token[p + 1],
-                    pair_token[p + 2],
-                    pair_token[p + 3],
-                )
-                g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh13, ahead)
-                u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh13, ahead)
-                for j in range(4):
-                    h[p + j, r] = _silu_mul(g[j], u[j])
-                p += 4
-            for q in range(p, end):
-                t = pair_token[q]
-                g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh13, ahead)
-                h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh13, ahead))
     hq = np.empty((P, I), np.int8)
     hs = np.empty((P, I // BLOCK), np.float32)
     ha = np.empty((P, I // BLOCK * 16), np.int32)
-    for p in prange(P):
-        quantize_row(h[p], q2, offset, hq[p], hs[p], ha[p])
-    nb = (H + rows - 1) // rows
-    for item in prange(A * nb):
-        a, r0 = item // nb, (item % nb) * rows
-        e, end = experts[a], ptr[a + 1]
-        for r in range(r0, min(r0 + rows, H)):
-            wd, sd = w2[e, r], s2[e, r]
-            p = ptr[a]
-            while p + 4 <= end:
-                d = q8_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh2, ahead)
-                for j in range(4):
-                    y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
-                p += 4
-            for q in range(p, end):
-                wt = weights[pair_token[q], pair_slot[q]]
-                y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh2, ahead) * wt
+    rows2 = max(1, rows * 2 * w13.shape[3] // w2.shape[2])  # down rows of a gate/up item's bytes
+    nb1, nb2 = (I + rows - 1) // rows, (H + rows2 - 1) // rows2
+    n = threads
+    # state[LINE * c]: one counter a cache line. c = 0: tokens taken, 1: tokens quantized,
+    # 2 + a: expert a's gate/up items done (nb1 + 1 once its h is quantized), 2 + A + v: items
+    # taken of range v of phase 1, 2 + A + n + v: of phase 2
+    state = np.zeros(LINE * (2 + A + 2 * n), np.int64)
+    for j in prange(n):
+        while True:
+            t = atomic_add(state, 0, 1)
+            if t >= T:
+                break
+            quantize_row(x[t], q13, offset, xq[t], xs[t], xa[t])
+            atomic_add(state, LINE, 1)
+        while atomic_load(state, LINE) < T:
+            spin_pause()
+        for v in range(j, j + n):  # own range first, then the others'
+            v %= n
+            lo, hi = A * nb1 * v // n, A * nb1 * (v + 1) // n
+            i = lo + atomic_add(state, LINE * (2 + A + v), 1)
+            while i < hi:
+                a, r0 = i // nb1, i % nb1 * rows
+                _gate_up(w13[experts[a]], s13[experts[a]], xq, xs, xa, pair_token, ptr[a],
+                         ptr[a + 1], r0, min(r0 + rows, I), h, sh13, ahead)  # fmt: skip
+                if atomic_add(state, LINE * (2 + a), 1) == nb1 - 1:  # the expert's last item
+                    for p in range(ptr[a], ptr[a + 1]):
+                        quantize_row(h[p], q2, offset, hq[p], hs[p], ha[p])
+                    atomic_add(state, LINE * (2 + a), 1)
+                i = lo + atomic_add(state, LINE * (2 + A + v), 1)
+        for v in range(j, j + n):
+            v %= n
+            lo, hi = A * nb2 * v // n, A * nb2 * (v + 1) // n
+            i = lo + atomic_add(state, LINE * (2 + A + n + v), 1)
+            while i < hi:
+                a, r0 = i // nb2, i % nb2 * rows2
+                while atomic_load(state, LINE * (2 + a)) <= nb1:
+                    spin_pause()
+                _down(w2[experts[a]], s2[experts[a]], hq, hs, ha, weights, pair_token, pair_slot,
+                      ptr[a], ptr[a + 1], r0, min(r0 + rows2, H), y, sh2, ahead)  # fmt: skip
+                i = lo + atomic_add(state, LINE * (2 + A + n + v), 1)
+
+
+@njit(inline="always", **JIT)
+def _gate_up(w13, s13, xq, xs, xa, pair_token, start, end, r0, r1, h, sh, ahead):
+    """h[p, r] = silu(gate_r x_t) * up_r x_t for the expert's pairs p in [start, end), t their
+    tokens, rows r in [r0, r1) of w13 [I, 2, .]."""
+    for r in range(r0, r1):
+        wg, sg, wu, su = w13[r, 0], s13[r, 0], w13[r, 1], s13[r, 1]
+        p = start
+        while p + 4 <= end:  # four tokens a pass over the row: it is unpacked once
+            t0, t1, t2, t3 = pair_token[p], pair_token[p + 1], pair_token[p + 2], pair_token[p + 3]
+            g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh, ahead)
+            u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh, ahead)
+            for j in range(4):
+                h[p + j, r] = _silu_mul(g[j], u[j])
+            p += 4
+        for q in range(p, end):
+            t = pair_token[q]
+            g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh, ahead)
+            h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh, ahead))
+
+
+@njit(inline="always", **JIT)
+def _down(w2, s2, hq, hs, ha, weights, pair_token, pair_slot, start, end, r0, r1, y, sh, ahead):
+    """y[p, r] = weight_p * (down_r h_p) for pairs p in [start, end), rows [r0, r1) of w2 [H, .]."""
+    for r in range(r0, r1):
+        wd, sd = w2[r], s2[r]
+        p = start
+        while p + 4 <= end:
+            d = q8_row_dot4(wd, sd, hq, hs, ha, p, p + 1, p + 2, p + 3, sh, ahead)
+            for j in range(4):
+                y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
+            p += 4
+        for q in range(p, end):
+            wt = weights[pair_token[q], pair_slot[q]]
+            y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh, ahead) * wt
 
 
 @njit(inline="always", **JIT)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ def moe_gemv(
         kernels_q8.moe_gemv_q8(
             x, weights, g.experts, g.ptr, g.pair_token, g.pair_slot,
             layer.w13, layer.s13, layer.w2, layer.s2, y, rows_per_item, offset, prefetch_bytes,
+            numba.get_num_threads(),
         )  # fmt: skip
         kernels.combine(g.pos, y, out)
         return

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,27 +50,29 @@ def streamed_experts(
     return y.to(dtype)
 
 
-def select_deferred(weights: torch.Tensor, eligible: torch.Tensor, d: int) -> torch.Tensor:
+def select_deferred(weights: np.ndarray, eligible: np.ndarray, d: int) -> np.ndarray:
     """Per token, the `d` lowest-weight slots among the eligible ones (fewer if fewer are).
 
     weights [T, k] float, eligible [T, k] bool -> deferred [T, k] bool."""
     if d <= 0:
-        return torch.zeros_like(eligible)
-    masked = weights.float().masked_fill(~eligible, float("inf"))
-    lowest = masked.topk(min(d, weights.shape[1]), dim=-1, largest=False).indices  # [T, d]
-    picked = torch.zeros_like(eligible).scatter_(1, lowest, True)
+        return np.zeros_like(eligible)
+    masked = np.where(eligible, weights, np.inf)
+    lowest = np.argsort(masked, axis=1, kind="stable")[:, :d]  # [T, d]
+    picked = np.zeros_like(eligible)
+    np.put_along_axis(picked, lowest, True, axis=1)
     return picked & eligible
 
 
 @dataclass(frozen=True)
 class CPUPending:
-    """Deferred CPU experts in flight; `result()` waits for their sum [T, H]."""
+    """Deferred CPU experts in flight (part 1 of the layer's job); `result()` waits for their
+    sum [T, H]."""
 
     engine: CPUExperts
     job: Job
 
     def result(self) -> torch.Tensor:
-        return self.engine.wait(self.job)
+        return self.engine.wait(self.job, part=1)
 
 
 class HybridExperts:
@@ -104,33 +107,46 @@ class HybridExperts:
         rows[list(cpu_rows)] = torch.arange(len(cpu_rows))
         rows[on_gpu] = -1
         self.on_gpu, self.rows = on_gpu, rows  # [E] each, moved to the inputs' device on first use
+        self.rows_np = np.append(rows.numpy(), -1)  # [E + 1]: index -1 (a skipped slot) -> -1
         self.any_on_gpu = bool(on_gpu.any())
+
+    def split(self, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
+        """On the engine's thread: router ids [T, k] -> engine rows of the slots computed now,
+        and (with deferral) of those deferred, -1 elsewhere (GPU experts, skipped slots)."""
+        rows = self.rows_np[ids]  # [T, k]
+        if not self.deferred:
+            return (rows,)
+        later = select_deferred(weights, rows >= 0, self.deferred)  # [T, k]
+        return np.where(later, -1, rows), np.where(later, rows, -1)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
         """x [T, H], ids/weights [T, k] from the router."""
         if self.on_gpu.device != ids.device:
             self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
-        gpu = self.on_gpu[ids]  # [T, k]
-        later = select_deferred(weights, ~gpu, self.deferred)  # [T, k]
-        rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
-            packed = self.engine.layers[self.layer]
-            y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer, x.device))
-            if self.any_on_gpu:
-                y = y + torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
-            return RoutedRun(lambda: y)  # long prefill: exact, nothing deferred
-        now = self.engine.submit(self.layer, x, rows.masked_fill(later, -1), weights)
+            return self._streamed(x, ids, weights)
+        # first the CPU's job, so that its input copy is queued right behind the router
+        parts = 2 if self.deferred else 1
+        job = self.engine.submit(self.layer, x, ids, weights, self.split, parts)
         if not self.overlap:
-            y_cpu = self.engine.wait(now)
-        pending = None
-        if self.deferred:
-            job = self.engine.submit(self.layer, x, rows.masked_fill(~later, -1), weights)
-            pending = CPUPending(self.engine, job)
-        y = (
-            torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
-            if self.any_on_gpu
-            else torch.zeros_like(x)
-        )
+            y_cpu = self.engine.wait(job)
+        pending = CPUPending(self.engine, job) if self.deferred else None
+        y = self._gpu_experts(x, ids, weights)
         if not self.overlap:
             return RoutedRun(lambda: y + y_cpu, pending)
-        return RoutedRun(lambda: y + self.engine.wait(now), pending)
+        return RoutedRun(lambda: y + self.engine.wait(job), pending)
+
+    def _gpu_experts(self, x, ids, weights) -> torch.Tensor:
+        if not self.any_on_gpu:
+            return torch.zeros_like(x)
+        gpu = self.on_gpu[ids]  # [T, k]
+        return torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+
+    def _streamed(self, x, ids, weights) -> RoutedRun:
+        """Long prefill: the CPU's experts streamed to the GPU and computed there (exact, nothing
+        deferred)."""
+        rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
+        packed = self.engine.layers[self.layer]
+        y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer, x.device))
+        y = y + self._gpu_experts(x, ids, weights) if self.any_on_gpu else y
+        return RoutedRun(lambda: y)

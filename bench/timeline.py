@@ -1,0 +1,41 @@
+"""The CPU engine's timeline (EngineStats.trace) as a Chrome/Perfetto trace and as numbers.
+
+Events are (name, thread id, start ns, end ns): "submit" and "wait" on the caller's thread,
+"input" (the worker waiting for a job's inputs to reach pinned memory) and "L<layer>" (a part
+computed) on the worker. Open the JSON in https://ui.perfetto.dev or chrome://tracing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_chrome_trace(events: list[tuple], path: str | Path, names: dict[int, str]) -> None:
+    """`names`: thread id -> a label (threads not named keep their id)."""
+    t0 = min(e[2] for e in events)
+    out = [
+        {"name": name, "ph": "X", "pid": 0, "tid": names.get(tid, str(tid)),
+         "ts": (start - t0) / 1e3, "dur": (end - start) / 1e3}
+        for name, tid, start, end in events
+    ]  # fmt: skip
+    Path(path).write_text(json.dumps({"traceEvents": out}))
+
+
+def summarize(events: list[tuple], steps: int) -> dict:
+    """Per step, in ms: the worker's compute, its idle time between computes (waiting for work
+    or for inputs), the inputs' wait, and the caller's waits."""
+    computes = sorted((s, e) for name, _, s, e in events if name.startswith("L"))
+    idle = sum(max(0, b[0] - a[1]) for a, b in zip(computes, computes[1:]))
+
+    def total(pick) -> float:
+        return sum(e - s for name, _, s, e in events if pick(name))
+
+    per_step = {
+        "compute": total(lambda n: n.startswith("L")),
+        "worker_idle": idle,
+        "input_wait": total(lambda n: n == "input"),
+        "caller_wait": total(lambda n: n == "wait"),
+        "submit": total(lambda n: n == "submit"),
+    }
+    return {f"{k}_ms": round(v / 1e6 / steps, 3) for k, v in per_step.items()}
