@@ -2,7 +2,7 @@
 # The GPU machine's measurements, in stages that each fit one device call (<10 min):
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
-#   fp8-gemm | decode-depth | train-demo
+#   fp8-gemm | decode-depth | cpu-decode | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -49,10 +49,14 @@ for stage in "$@"; do
     decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost (~2 min)
       for m in 3 6; do
         timeout 150 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
-          --steps 12 --graphs > "$OUT/decode_depth$m.jsonl" 2>> "$OUT/decode_depth.err"
+          --steps 12 --graphs --trace "$OUT/trace_depth$m" > "$OUT/decode_depth$m.jsonl" \
+          2>> "$OUT/decode_depth.err"
       done
       python3 bench/extrapolate.py "$OUT/decode_depth3.jsonl" "$OUT/decode_depth6.jsonl" \
         | tee "$OUT/decode_depths.jsonl" ;;
+    cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
+      timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
+        > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;
