@@ -30,7 +30,9 @@ def rows(path: str) -> dict[tuple[int, str], dict]:
     return {
         (r["batch"], r["mode"]): r
         for r in found
-        if r.get("workload") == "v3-slice" and r.get("mode") != "transformers_device_map"
+        if r.get("workload") == "v3-slice"
+        and "ms" in r  # not a trace row
+        and r.get("mode") != "transformers_device_map"
     }
 
 
