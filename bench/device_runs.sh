@@ -46,11 +46,11 @@ for stage in "$@"; do
     prefill)  # one V3 layer's CPU experts: engine vs streaming through pinned staging
       timeout 200 python3 bench/decode.py --prefill 64,128,256,512,1024,2048 \
         > "$OUT/prefill.jsonl" 2> "$OUT/prefill.err"; tail -3 "$OUT/prefill.err" ;;
-    decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost (~2 min)
+    decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost (~5 min)
       for m in 3 6; do
-        timeout 150 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
-          --steps 12 --graphs --trace "$OUT/trace_depth$m" > "$OUT/decode_depth$m.jsonl" \
-          2>> "$OUT/decode_depth.err"
+        timeout 270 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
+          --steps 12 --rounds 3 --defer 2,3,4 --graphs --trace "$OUT/trace_depth$m" \
+          > "$OUT/decode_depth$m.jsonl" 2>> "$OUT/decode_depth.err"
       done
       python3 bench/extrapolate.py "$OUT/decode_depth3.jsonl" "$OUT/decode_depth6.jsonl" \
         | tee "$OUT/decode_depths.jsonl" ;;

@@ -208,7 +208,7 @@ def test_caller_keeps_running_python_while_kernel_runs():
         job = eng.submit(0, x, ids, torch.ones(T, 4))
         time.sleep(0.05)  # blocks, so the worker takes the GIL and enters the kernel
         total = sum(i for i in range(200_000))  # Python work on this thread...
-        in_flight = not job.parts[0].done()  # ...done while the kernel is still running
+        in_flight = not job.done[0]  # ...done while the kernel is still running
     finally:
         sys.setswitchinterval(old)
     eng.wait(job)

@@ -26,6 +26,7 @@ from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
+SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms (prefill jobs)
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,13 @@ class EngineStats:
 
 @dataclass(frozen=True)
 class Job:
-    """A submitted call: a future per part (see `CPUExperts.submit`) and, for CUDA inputs,
-    where the results must go."""
+    """A submitted call: its parts' sums `outs` [parts, T, H] fp32 on the host (pinned for CUDA
+    callers), `done[p]` > 0 once part p is written, the worker's future (its errors), and where
+    the results must go."""
 
-    parts: tuple[Future, ...]
+    outs: torch.Tensor
+    done: np.ndarray  # [parts] int64
+    future: Future
     device: torch.device
     dtype: torch.dtype
 
@@ -115,9 +119,9 @@ class CPUExperts:
         that no request ever waits for a compiler."""
         torch.set_num_threads(self.threads)
         x = np.zeros((1, layer.hidden), np.float32)
-        ids, w, out = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32), np.empty_like(x)
-        self._compute(layer, x, ids, w, out, gemm_min_tokens=2**62)
-        self._compute(layer, x, ids, w, out, gemm_min_tokens=1)
+        ids, w, out = np.zeros((1, 1, 1), np.int64), np.ones((1, 1), np.float32), x[None].copy()
+        for threshold in (2**62, 1):
+            self._compute(layer, x, ids, w, out, np.zeros(1, np.int64), threshold)
 
     def submit(
         self,
@@ -146,17 +150,27 @@ class CPUExperts:
             ready.record()
         else:  # the caller may reuse its buffers while the job is in flight
             host = [t.clone() if t.data_ptr() in _ptrs(x, ids, weights) else t for t in host]
-        job = Job(tuple(Future() for _ in range(parts)), x.device, x.dtype)
-        self._pool.submit(self._run, layer, host, ready, x.is_cuda, split, job)
+        outs = torch.empty((parts, *x.shape), dtype=torch.float32, pin_memory=x.is_cuda)
+        done = np.zeros(parts, np.int64)
+        future = self._pool.submit(self._run, layer, host, ready, split, outs.numpy(), done)
         self.stats.mark("submit", start)
-        return job
+        return Job(outs, done, future, x.device, x.dtype)
 
     def wait(self, job: Job, part: int = 0) -> torch.Tensor:
+        """Part `part` of the job's sum, on the caller's device. Polls the part's flag (letting
+        go of the GIL each time round): part 0 of a decode job is taken as soon as the kernel
+        has written it, while the worker goes on with the deferred part."""
         start = time.perf_counter_ns()
-        y = job.parts[part].result()  # [T, H] fp32 on the host (pinned for CUDA callers)
+        spin_until = start + SPIN_NS
+        while not job.done[part]:
+            if job.future.done():
+                job.future.result()  # the worker's error, if it had one
+                if not job.done[part]:
+                    raise RuntimeError(f"the job ended without computing part {part}")
+            time.sleep(0 if time.perf_counter_ns() < spin_until else 1e-4)  # long jobs: nap
         self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
         self.stats.mark("wait", start)
-        return y.to(job.device, non_blocking=True).to(job.dtype)
+        return job.outs[part].to(job.device, non_blocking=True).to(job.dtype)
 
     def forward(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -193,27 +207,20 @@ class CPUExperts:
             offset += a.nbytes
         return out
 
-    def _run(self, layer: int, host: list[torch.Tensor], ready, pin: bool, split, job: Job):
+    def _run(self, layer: int, host, ready, split, outs: np.ndarray, done: np.ndarray) -> None:
         start = time.perf_counter_ns()
         try:
             if ready is not None:
                 ready.synchronize()
                 self.stats.mark("input", start)
             x, ids, weights = (t.numpy() for t in host)
-            parts = (ids,) if split is None else tuple(split(ids, weights))
-            if len(parts) != len(job.parts):
-                raise ValueError(f"split gave {len(parts)} parts, the job has {len(job.parts)}")
-            for part, future in zip(parts, job.parts):
-                t0 = time.perf_counter_ns()
-                out = torch.empty(x.shape, dtype=torch.float32, pin_memory=pin)
-                self._compute(self.layers[layer], x, part, weights, out.numpy())
-                self.stats.compute_s += (time.perf_counter_ns() - t0) / 1e9
-                self.stats.mark(f"L{layer}", t0)
-                future.set_result(out)
-        except BaseException as e:  # every waiter hears of it
-            for future in job.parts:
-                if not future.done():
-                    future.set_exception(e)
+            parts = ids[None] if split is None else np.stack(split(ids, weights))  # [n, T, k]
+            if parts.shape[0] != outs.shape[0]:
+                raise ValueError(f"split gave {parts.shape[0]} parts, the job has {len(outs)}")
+            t0 = time.perf_counter_ns()
+            self._compute(self.layers[layer], x, parts, weights, outs, done)
+            self.stats.compute_s += (time.perf_counter_ns() - t0) / 1e9
+            self.stats.mark(f"L{layer}", t0)
         finally:
             self.stats.busy_s += (time.perf_counter_ns() - start) / 1e9
             self.stats.jobs += 1
@@ -222,12 +229,14 @@ class CPUExperts:
         self,
         layer: PackedExperts,
         x: np.ndarray,
-        ids: np.ndarray,
+        parts: np.ndarray,
         weights: np.ndarray,
-        out: np.ndarray,
+        outs: np.ndarray,
+        done: np.ndarray,
         gemm_min_tokens: int | None = None,
     ) -> None:
-        """The policy: GEMV for experts with few tokens, GEMM for the rest; out [T, H] fp32."""
+        """The policy: GEMV for experts with few tokens, GEMM for the rest. parts [n, T, k]:
+        each part's expert ids; outs [n, T, H] fp32 and done [n] as in ops.moe_layer."""
         c = self.config
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
@@ -236,9 +245,17 @@ class CPUExperts:
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
             ops.moe_layer(
-                layer, x, ids, weights, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
-            )
+                layer, x, parts, weights, outs, done, c.rows_per_item, c.int8_activations,
+                c.prefetch_bytes,
+            )  # fmt: skip
             return
+        for ids, out, part in zip(parts, outs, range(len(done))):
+            self._compute_mixed(layer, x, ids, weights, out, threshold)
+            done[part] += 1
+
+    def _compute_mixed(self, layer, x, ids, weights, out, threshold: int) -> None:
+        """One part with the GEMM path for experts of `threshold` tokens or more."""
+        c = self.config
         g = ops.group_by_expert(ids, layer.num_experts)
         heavy = np.flatnonzero(g.counts() >= threshold)  # experts for the GEMM path
         light = g

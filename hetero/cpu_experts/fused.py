@@ -1,11 +1,13 @@
-"""A decode job's whole GEMV path in one numba call: group by expert, the experts, the per-token
-sum.
+"""A decode job's whole GEMV path in one numba call: for each part of the job (a layer's experts
+now, then its deferred ones), group by expert, the experts, the per-token sum.
 
 Why one call: the engine's worker thread needs the GIL back after every numba call, and the
 caller's thread holds it while it drives the GPU; each return can wait up to Python's switch
 interval. With ~4 calls and their Python glue, a job took 1.1 ms alone and 2.4 ms beside a
 Python thread that kept the GIL busy (one numba thread on this 2-core machine); fused, it needs
-the GIL once.
+the GIL once. A part's end is published in `done[part]` (an atomic add after its sum is
+written): the caller polls it, and takes part 0 while part 1 is still being computed, with no
+thread handoff or GIL in between.
 
 No disk cache: these wrappers call kernels defined in other files, and numba's cache would not
 notice when those change. They are small and compile in the engine's warm-up, reusing the
@@ -18,26 +20,33 @@ import numpy as np
 from numba import get_num_threads, njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv
-from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
+from hetero.cpu_experts.kernels_q8 import atomic_add, moe_gemv_q8
 
 JIT = {"nogil": True, "cache": False}
 
 
 @njit(**JIT)
-def moe_layer_q8(x, ids, weights, num_experts, w13, s13, w2, s2, out, rows, offset, ahead):
-    """out [T, H] = the routed experts of ids [T, k] (-1: skipped) on int8 activations
-    (kernels_q8.moe_gemv_q8's formats and sizes)."""
-    experts, ptr, pair_token, pair_slot, pos = group_by_expert(ids, num_experts)
-    y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
-    moe_gemv_q8(
-        x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset, ahead,
-        get_num_threads(),
-    )  # fmt: skip
-    combine(pos, y, out)
+def moe_layer_q8(x, parts, weights, num_experts, w13, s13, w2, s2, outs, done, rows, offset, ahead):
+    """outs[p] [T, H] = the routed experts of parts[p] [T, k] (-1: skipped) on int8
+    activations (kernels_q8.moe_gemv_q8's formats and sizes), then done[p] += 1, part by part."""
+    for part in range(parts.shape[0]):
+        experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
+        y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
+        moe_gemv_q8(
+            x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset,
+            ahead, get_num_threads(),
+        )  # fmt: skip
+        combine(pos, y, outs[part])
+        atomic_add(done, part, 1)
 
 
 @njit(**JIT)
-def moe_layer(x, ids, weights, num_experts, w13, s13, w2, s2, out, rows):
-    """out [T, H] = the routed experts of ids [T, k] on fp32 activations (kernels.moe_gemv)."""
-    experts, ptr, pair_token, pair_slot, pos = group_by_expert(ids, num_experts)
-    moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, out, rows)
+def moe_layer(x, parts, weights, num_experts, w13, s13, w2, s2, outs, done, rows):
+    """`moe_layer_q8` on fp32 activations (kernels.moe_gemv)."""
+    for part in range(parts.shape[0]):
+        experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
+        moe_gemv(
+            x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2, s2, outs[part],
+            rows,
+        )  # fmt: skip
+        atomic_add(done, part, 1)

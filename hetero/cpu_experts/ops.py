@@ -108,25 +108,33 @@ def moe_gemv(
 def moe_layer(
     layer: PackedExperts,
     x: np.ndarray,
-    ids: np.ndarray,
+    parts: np.ndarray,
     weights: np.ndarray,
-    out: np.ndarray,
+    outs: np.ndarray,
+    done: np.ndarray,
     rows_per_item: int = 16,
     int8_activations: bool = True,
     prefetch_bytes: int = 0,
 ) -> None:
-    """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once):
-    out [T, H] = the experts ids [T, k] (-1: skipped) name, weighted, applied to x [T, H]."""
-    _check(layer, x, weights, out)
-    ids = _checked_ids(ids, layer.num_experts)
-    if ids.shape != weights.shape:
-        raise ValueError(f"ids {ids.shape} and weights {weights.shape} differ")
-    args = (x, ids, weights, layer.num_experts, layer.w13, layer.s13, layer.w2, layer.s2, out)
+    """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once),
+    part by part: outs[p] [T, H] = the experts parts[p] [T, k] (-1: skipped) name, weighted by
+    weights [T, k], applied to x [T, H]; done[p] (int64) goes up by one once outs[p] is written."""
+    n = parts.shape[0]
+    _check(layer, x, weights, outs[0] if n else x)
+    parts = _checked_ids(parts, layer.num_experts)
+    if parts.shape[1:] != weights.shape or outs.shape != (n, *x.shape) or done.shape != (n,):
+        raise ValueError(
+            f"parts {parts.shape}, weights {weights.shape}, outs {outs.shape}, done {done.shape}"
+            f" do not fit x {x.shape}"
+        )
+    if done.dtype != np.int64 or not outs.flags.c_contiguous:
+        raise ValueError("done must be int64 and outs contiguous")
+    args = (x, parts, weights, layer.num_experts, layer.w13, layer.s13, layer.w2, layer.s2, outs)
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
-        fused.moe_layer_q8(*args, rows_per_item, offset, prefetch_bytes)
+        fused.moe_layer_q8(*args, done, rows_per_item, offset, prefetch_bytes)
     else:
-        fused.moe_layer(*args, rows_per_item)
+        fused.moe_layer(*args, done, rows_per_item)
 
 
 class DequantBuffers(NamedTuple):
