@@ -68,13 +68,17 @@ def slice_config(workload: str, moe_layers: int | None) -> dict:
 
 
 @torch.no_grad()
-def random_model(config: ModelConfig, device: str, dtype: torch.dtype, fp8: bool) -> Transformer:
-    """All non-expert weights random (scaled so activations stay O(1)); no routed experts.
-    `fp8`: the Linear layers of attention, dense MLPs and shared experts as FP8 blocks."""
+def random_model(
+    config: ModelConfig, device: str, dtype: torch.dtype, fp8: bool, gpu_experts: int = 0
+) -> Transformer:
+    """All non-expert weights random (scaled so activations stay O(1)); of the routed experts,
+    the first `gpu_experts` of each layer as GPU modules (as configs/deepseek-v3-80gb.yaml
+    keeps 20). `fp8`: all their Linear layers as FP8 blocks."""
+    resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
     with torch.device("meta"):
-        model = Transformer(config, resident={L: () for L in config.moe_layers})
+        model = Transformer(config, resident=resident)
     if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
-        experts = "{match: '\\.mlp\\.experts$', device: cpu}"
+        experts = f"{{match: '\\.mlp\\.experts$', device: cpu, gpu_experts: {gpu_experts}}}"
         text = f"rules:\n  - {experts}\n  - {{device: gpu, format: fp8}}\n"
         to_fp8(model, partial(is_fp8_module, parse_placement(text, config)), (128, 128))
     model.to_empty(device=device)
@@ -153,9 +157,10 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
     }
 
 
-def time_cpu_alone(engine, config, B: int, steps: int) -> float:
+def time_cpu_alone(engine, config, B: int, steps: int, gpu_experts: int) -> float:
     """ms of a step's CPU experts with nothing else running: each MoE layer's B tokens on
-    top-k experts drawn afresh (what the engine computes in a step, host to host)."""
+    top-k experts drawn afresh, those below `gpu_experts` left to the GPU (what the engine
+    computes in a step, host to host)."""
     from bench.cpu_moe import draw_routing
 
     gen = torch.Generator().manual_seed(B + 1)
@@ -164,6 +169,7 @@ def time_cpu_alone(engine, config, B: int, steps: int) -> float:
     for _ in range(steps + 1):
         calls = [(L, torch.randn(B, H, generator=gen), *draw_routing(B, E, k, gen))
                  for L in config.moe_layers]  # fmt: skip
+        calls = [(L, x, ids.masked_fill(ids < gpu_experts, -1), w) for L, x, ids, w in calls]
         t0 = time.perf_counter()
         for L, x, ids, w in calls:
             engine.forward(L, x, ids, w)
@@ -180,7 +186,7 @@ def median_round(rounds: list[dict]) -> dict:
 def run(args) -> None:
     config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers))
     device = args.device
-    model = random_model(config, device, torch.bfloat16, args.gpu_format == "fp8")
+    model = random_model(config, device, torch.bfloat16, args.gpu_format == "fp8", args.gpu_experts)
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     layers = {L: random_layer(fmt, H, I, E, seed=L) for L in config.moe_layers}
@@ -194,6 +200,7 @@ def run(args) -> None:
         "format": str(fmt),
         "gpu_format": args.gpu_format,
         "graphs": args.graphs,
+        "gpu_experts": args.gpu_experts,
         "cpu_threads": engine.threads,
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
@@ -210,7 +217,7 @@ def run(args) -> None:
             graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
         pos, rounds = PROMPT, {mode: [] for mode in modes}
         for _ in range(args.rounds):  # rounds of all modes: a machine's slow spell hits them all
-            cpu_alone = time_cpu_alone(engine, config, B, args.steps)
+            cpu_alone = time_cpu_alone(engine, config, B, args.steps, args.gpu_experts)
             for mode in modes:
                 set_mode(model, config, engine, mode)
                 time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm-up
@@ -406,6 +413,7 @@ def main() -> None:
     p.add_argument("--moe-layers", type=int, default=3, help="v3-slice: MoE layers after 1 dense")
     p.add_argument("--format", default="int4", help="CPU experts")
     p.add_argument("--gpu-format", choices=("fp8", "bf16"), default="fp8")
+    p.add_argument("--gpu-experts", type=int, default=0, help="v3-slice: GPU experts a layer")
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16])
     p.add_argument("--defer", type=lambda s: [int(d) for d in s.split(",")], default=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=16)

@@ -46,14 +46,18 @@ for stage in "$@"; do
     prefill)  # one V3 layer's CPU experts: engine vs streaming through pinned staging
       timeout 200 python3 bench/decode.py --prefill 64,128,256,512,1024,2048 \
         > "$OUT/prefill.jsonl" 2> "$OUT/prefill.err"; tail -3 "$OUT/prefill.err" ;;
-    decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost (~5 min)
-      for m in 3 6; do
-        timeout 270 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
-          --steps 12 --rounds 3 --defer 2,3,4 --graphs --trace "$OUT/trace_depth$m" \
-          > "$OUT/decode_depth$m.jsonl" 2>> "$OUT/decode_depth.err"
-      done
-      python3 bench/extrapolate.py "$OUT/decode_depth3.jsonl" "$OUT/decode_depth6.jsonl" \
-        | tee "$OUT/decode_depths.jsonl" ;;
+    decode-depth)  # batch 1 at 3 and 6 MoE layers: V3 from a MoE layer's marginal cost, all
+      # experts on the CPU and with the 80 GB config's 20 GPU experts a layer (~6 min)
+      for g in 0 20; do
+        for m in 3 6; do
+          timeout 200 python3 bench/decode.py --workload v3-slice --moe-layers $m --batch 1 \
+            --steps 12 --rounds 2 --defer 2,3,4 --graphs --gpu-experts $g \
+            --trace "$OUT/trace_g${g}_depth$m" > "$OUT/decode_g${g}_depth$m.jsonl" \
+            2>> "$OUT/decode_depth.err"
+        done
+        python3 bench/extrapolate.py "$OUT/decode_g${g}_depth3.jsonl" \
+          "$OUT/decode_g${g}_depth6.jsonl" | tee "$OUT/decode_g${g}_depths.jsonl"
+      done ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
         > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;
