@@ -216,32 +216,27 @@ def test_caller_keeps_running_python_while_kernel_runs():
     assert total > 0 and in_flight
 
 
-def test_split_job_parts(weights):
-    """A job split on the worker into parts: each part is its slots' sum, part by part; a split
-    that fails, or gives the wrong number of parts, fails every wait with its error."""
+@pytest.mark.parametrize("T", [3, 9])  # GEMV path in one call; GEMM path part by part
+def test_job_parts_and_rows(weights, T):
+    """A deferred job: part 1 is each token's lowest-weight CPU slot, part 0 the rest, and the
+    two add up to the whole layer; `rows` maps experts to engine rows (-1: not the CPU's)."""
     layer = pack_experts(*weights, Format.parse("int8"))
-    eng = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))  # GEMV only:
-    try:  # parts then differ from the whole by fp32 rounding alone
-        x, ids, wt = routing(9, 4, seed=5)
-        first = torch.zeros_like(ids, dtype=torch.bool)
-        first[:, :2] = True
-
-        def split(i, w):
-            assert isinstance(i, np.ndarray) and i.shape == (9, 4)
-            return np.where(first.numpy(), i, -1), np.where(first.numpy(), -1, i)
-
-        job = eng.submit(0, x, ids, wt, split, parts=2)
-        a, b = eng.wait(job, 1), eng.wait(job, 0)
-        torch.testing.assert_close(a, eng.forward(0, x, ids.masked_fill(first, -1), wt))
-        torch.testing.assert_close(b, eng.forward(0, x, ids.masked_fill(~first, -1), wt))
-        torch.testing.assert_close(a + b, eng.forward(0, x, ids, wt), rtol=1e-5, atol=1e-3)
-        job = eng.submit(0, x, ids, wt, split, parts=3)
-        for part in range(3):
-            with pytest.raises(ValueError, match="split gave 2 parts, the job has 3"):
-                eng.wait(job, part)
-        job = eng.submit(0, x, ids, wt, lambda i, w: 1 / 0, parts=2)
-        with pytest.raises(ZeroDivisionError):
-            eng.wait(job, 1)
+    eng = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=6))
+    try:
+        x, ids, wt = routing(T, 4, seed=5)
+        rows = np.arange(E)
+        job = eng.submit(0, x, ids, wt, rows, deferred=1)
+        later, now = eng.wait(job, 1), eng.wait(job, 0)
+        low = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, wt.argmin(1, keepdim=True), True)
+        torch.testing.assert_close(later, eng.forward(0, x, ids.masked_fill(~low, -1), wt))
+        torch.testing.assert_close(now, eng.forward(0, x, ids.masked_fill(low, -1), wt))
+        # rows: expert 2 is elsewhere (-1), the others' rows shifted by one place
+        shifted = np.array([1, 2, -1, 4, 5, 6, 7, 0])
+        got = eng.wait(eng.submit(0, x, ids, wt, shifted))
+        moved = torch.from_numpy(np.append(shifted, -1))[ids]  # ids -1 stay -1
+        torch.testing.assert_close(got, eng.forward(0, x, moved, wt))
+        with pytest.raises(ValueError, match="below layer 0's 8 experts"):
+            eng.submit(0, x, ids, wt, rows + 1)
         assert eng.forward(0, x, ids, wt).shape == x.shape  # the worker lives on
     finally:
         eng.close()

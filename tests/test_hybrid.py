@@ -14,7 +14,6 @@ from hetero.model import ForwardBatch
 from hetero.model.fp8 import FP8Linear
 from hetero.model.moe import torch_routed_experts
 from hetero.placement import parse_placement
-from hetero.sched.hybrid import select_deferred
 from hetero.sched.runtime import HybridOptions, load_hybrid
 from hetero.testing import write_tiny_v2, write_tiny_v3
 
@@ -158,17 +157,27 @@ def test_deferral_equals_plain_torch_reference(v3, d):
         hybrid.close()
 
 
-def test_select_deferred():
+def test_split_parts_defers_the_lowest_weights():
+    from hetero.cpu_experts.kernels import split_parts
+
     weights = np.array([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]], np.float32)
-    eligible = np.array([[True, True, True, True], [True, False, True, False]])
-    got = select_deferred(weights, eligible, 2)
-    assert got.tolist() == [[False, True, False, True], [True, False, True, False]]
-    got = select_deferred(weights, eligible, 1)
-    assert got.tolist() == [[False, True, False, False], [False, False, True, False]]
-    assert not select_deferred(weights, eligible, 0).any()
-    none = np.zeros_like(eligible)
-    assert not select_deferred(weights, none, 3).any()  # nothing eligible: nothing deferred
-    assert select_deferred(weights, eligible, 9).tolist() == eligible.tolist()  # d > k
+    ids = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
+    rows = np.array([10, 11, 12, 13])
+    now, later = split_parts(ids, weights, rows, 2)
+    assert later.tolist() == [[-1, 11, -1, 13], [-1, -1, 12, 13]]
+    assert now.tolist() == [[10, -1, 12, -1], [10, 11, -1, -1]]
+    gpu = np.array([10, -1, 12, -1])  # experts 1 and 3 elsewhere: never in a part
+    now, later = split_parts(ids, weights, gpu, 1)
+    assert later.tolist() == [[-1, -1, 12, -1], [-1, -1, 12, -1]]
+    assert now.tolist() == [[10, -1, -1, -1], [10, -1, -1, -1]]
+    (only,) = split_parts(ids, weights, rows, 0)  # no deferral: one part, all slots
+    assert only.tolist() == [[10, 11, 12, 13]] * 2
+    none = np.full((2, 4), -1)
+    assert (split_parts(none, weights, rows, 3) == -1).all()  # skipped slots stay skipped
+    now, later = split_parts(ids, weights, rows, 9)  # d > k: every CPU slot deferred
+    assert (now == -1).all() and later.tolist() == [[10, 11, 12, 13]] * 2
+    ties = np.ones((1, 4), np.float32)
+    assert split_parts(ids[:1], ties, rows, 2)[1].tolist() == [[10, 11, -1, -1]]  # earlier
 
 
 def test_fp8_on_the_gpu(request):

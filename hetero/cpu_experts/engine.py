@@ -13,7 +13,6 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -109,6 +108,7 @@ class CPUExperts:
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
         self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
         self._staged: torch.cuda.Event | None = None  # the copies out of _staging
+        self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
 
@@ -121,9 +121,10 @@ class CPUExperts:
         that no request ever waits for a compiler."""
         torch.set_num_threads(self.threads)
         x = np.zeros((1, layer.hidden), np.float32)
-        ids, w, out = np.zeros((1, 1, 1), np.int64), np.ones((1, 1), np.float32), x[None].copy()
+        ids, w, out = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32), x[None].copy()
+        rows = np.arange(layer.num_experts)
         for threshold in (2**62, 1):
-            self._compute(layer, x, ids, w, out, np.zeros(1, np.int64), threshold)
+            self._compute(layer, x, ids, w, rows, 0, out, np.zeros(1, np.int64), threshold)
 
     def submit(
         self,
@@ -131,19 +132,28 @@ class CPUExperts:
         x: torch.Tensor,
         ids: torch.Tensor,
         weights: torch.Tensor,
-        split: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, ...]] | None = None,
-        parts: int = 1,
+        rows: np.ndarray | None = None,
+        deferred: int = 0,
     ) -> Job:
-        """x [T, H], ids [T, k] (-1: not a CPU expert), weights [T, k] -> a Job for `wait`.
+        """x [T, H], ids [T, k] (-1: none), weights [T, k] -> a Job for `wait`.
 
-        CUDA inputs are copied into pinned host memory without blocking the caller's stream.
-        `split(ids, weights)`, run on the worker once the inputs are there, divides the slots
-        into `parts` parts: an ids array [T, k] each (-1: not in this part). They are computed
-        in order, each ready for `wait(job, part)` as soon as it is done (a layer's deferred
-        experts: one input copy, one job, no round trip through the caller in between)."""
+        `rows` [E] int64: the engine row of each expert id, -1 for experts computed elsewhere
+        (default: expert e is row e). `deferred` d > 0: the job has two parts, part 1 each
+        token's d lowest-weight CPU slots, part 0 the rest; both are computed in one kernel
+        call, part 0 first, each ready for `wait(job, part)` as soon as it is written.
+        CUDA inputs are copied into pinned host memory without blocking the caller's stream."""
         start = time.perf_counter_ns()
         if layer not in self.layers:
             raise KeyError(f"layer {layer} has no CPU experts (have {sorted(self.layers)})")
+        if rows is None:
+            rows = self._identity.setdefault(layer, np.arange(self.layers[layer].num_experts))
+        elif (
+            rows.dtype != np.int64 or rows.ndim != 1 or rows.max() >= self.layers[layer].num_experts
+        ):
+            raise ValueError(
+                f"rows must be int64 [E] below layer {layer}'s {self.layers[layer].num_experts} "
+                f"experts (got {rows.dtype} {rows.shape}, max {rows.max()})"
+            )
         host = [x.float(), ids.long(), weights.float()]
         ready = None
         if x.is_cuda:
@@ -152,9 +162,11 @@ class CPUExperts:
             ready.record()
         else:  # the caller may reuse its buffers while the job is in flight
             host = [t.clone() if t.data_ptr() in _ptrs(x, ids, weights) else t for t in host]
+        parts = 2 if deferred > 0 else 1
         outs = torch.empty((parts, *x.shape), dtype=torch.float32, pin_memory=x.is_cuda)
         done = np.zeros(parts, np.int64)
-        future = self._pool.submit(self._run, layer, host, ready, split, outs.numpy(), done)
+        args = (layer, host, ready, rows, deferred, outs.numpy(), done)
+        future = self._pool.submit(self._run, *args)
         self.stats.mark("submit", start)
         return Job(outs, done, future, x.device, x.dtype)
 
@@ -209,18 +221,15 @@ class CPUExperts:
             offset += a.nbytes
         return out
 
-    def _run(self, layer: int, host, ready, split, outs: np.ndarray, done: np.ndarray) -> None:
+    def _run(self, layer: int, host, ready, rows, deferred: int, outs, done) -> None:
         start = time.perf_counter_ns()
         try:
             if ready is not None:
                 ready.synchronize()
                 self.stats.mark("input", start)
             x, ids, weights = (t.numpy() for t in host)
-            parts = ids[None] if split is None else np.stack(split(ids, weights))  # [n, T, k]
-            if parts.shape[0] != outs.shape[0]:
-                raise ValueError(f"split gave {parts.shape[0]} parts, the job has {len(outs)}")
             t0 = time.perf_counter_ns()
-            self._compute(self.layers[layer], x, parts, weights, outs, done)
+            self._compute(self.layers[layer], x, ids, weights, rows, deferred, outs, done)
             self.stats.compute_s += (time.perf_counter_ns() - t0) / 1e9
             self.stats.mark(f"L{layer}", t0)
         finally:
@@ -231,14 +240,16 @@ class CPUExperts:
         self,
         layer: PackedExperts,
         x: np.ndarray,
-        parts: np.ndarray,
+        ids: np.ndarray,
         weights: np.ndarray,
+        rows: np.ndarray,
+        deferred: int,
         outs: np.ndarray,
         done: np.ndarray,
         gemm_min_tokens: int | None = None,
     ) -> None:
-        """The policy: GEMV for experts with few tokens, GEMM for the rest. parts [n, T, k]:
-        each part's expert ids; outs [n, T, H] fp32 and done [n] as in ops.moe_layer."""
+        """The policy: GEMV for experts with few tokens, GEMM for the rest. The job's parts
+        (kernels.split_parts) go to outs [n, T, H] fp32, flagged in done [n] (ops.moe_layer)."""
         c = self.config
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
@@ -247,12 +258,13 @@ class CPUExperts:
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
             ops.moe_layer(
-                layer, x, parts, weights, outs, done, c.rows_per_item, c.int8_activations,
-                c.prefetch_bytes,
+                layer, x, ids, weights, rows, deferred, outs, done, c.rows_per_item,
+                c.int8_activations, c.prefetch_bytes,
             )  # fmt: skip
             return
-        for ids, out, part in zip(parts, outs, range(len(done))):
-            self._compute_mixed(layer, x, ids, weights, out, threshold)
+        parts = kernels.split_parts(np.ascontiguousarray(ids, np.int64), weights, rows, deferred)
+        for part in range(len(parts)):
+            self._compute_mixed(layer, x, parts[part], weights, outs[part], threshold)
             done[part] += 1
 
     def _compute_mixed(self, layer, x, ids, weights, out, threshold: int) -> None:

@@ -1,5 +1,6 @@
-"""A decode job's whole GEMV path in one numba call: for each part of the job (a layer's experts
-now, then its deferred ones), group by expert, the experts, the per-token sum.
+"""A decode job's whole GEMV path in one numba call: the router's ids split into the job's parts
+(a layer's experts now, then its deferred ones), and for each part: group by expert, the
+experts, the per-token sum.
 
 Why one call: the engine's worker thread needs the GIL back after every numba call, and the
 caller's thread holds it while it drives the GPU; each return can wait up to Python's switch
@@ -19,16 +20,21 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit
 
-from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv
+from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv, split_parts
 from hetero.cpu_experts.kernels_q8 import atomic_add, moe_gemv_q8
 
 JIT = {"nogil": True, "cache": False}
 
 
 @njit(**JIT)
-def moe_layer_q8(x, parts, weights, num_experts, w13, s13, w2, s2, outs, done, rows, offset, ahead):
-    """outs[p] [T, H] = the routed experts of parts[p] [T, k] (-1: skipped) on int8
-    activations (kernels_q8.moe_gemv_q8's formats and sizes), then done[p] += 1, part by part."""
+def moe_layer_q8(
+    x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
+    ahead,
+):  # fmt: skip
+    """outs[p] [T, H] = the routed experts of part p of ids [T, k] (kernels.split_parts by
+    rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's formats and sizes),
+    then done[p] += 1, part by part."""
+    parts = split_parts(ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
         y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
@@ -41,8 +47,9 @@ def moe_layer_q8(x, parts, weights, num_experts, w13, s13, w2, s2, outs, done, r
 
 
 @njit(**JIT)
-def moe_layer(x, parts, weights, num_experts, w13, s13, w2, s2, outs, done, rows):
+def moe_layer(x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows):
     """`moe_layer_q8` on fp32 activations (kernels.moe_gemv)."""
+    parts = split_parts(ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
         moe_gemv(

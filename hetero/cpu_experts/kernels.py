@@ -185,6 +185,29 @@ def _row_dot(w, s, x, G):
 
 
 @njit(**JIT)
+def split_parts(ids, weights, rows, deferred):
+    """A job's parts: ids [T, k] router experts (-1: none) -> parts [n, T, k] engine rows (-1:
+    not in that part). rows [E]: each expert's engine row (-1: computed elsewhere). With
+    `deferred` d > 0 (n = 2), part 1 holds each token's d lowest-weight slots that have a row
+    (between equal weights, the earlier slot), part 0 the rest; else n = 1."""
+    T, k = ids.shape
+    parts = np.full((2 if deferred > 0 else 1, T, k), -1, np.int64)
+    for t in range(T):
+        for j in range(k):
+            if ids[t, j] >= 0:
+                parts[0, t, j] = rows[ids[t, j]]
+        for _ in range(min(deferred, k)):
+            low = -1
+            for j in range(k):
+                if parts[0, t, j] >= 0 and (low < 0 or weights[t, j] < weights[t, low]):
+                    low = j
+            if low < 0:
+                break
+            parts[1, t, low], parts[0, t, low] = parts[0, t, low], -1
+    return parts
+
+
+@njit(**JIT)
 def group_by_expert(ids, num_experts):
     """Sorts the (token, slot) pairs of ids [T, k] by expert; ids < 0 are skipped.
 

@@ -108,8 +108,10 @@ def moe_gemv(
 def moe_layer(
     layer: PackedExperts,
     x: np.ndarray,
-    parts: np.ndarray,
+    ids: np.ndarray,
     weights: np.ndarray,
+    rows: np.ndarray,
+    deferred: int,
     outs: np.ndarray,
     done: np.ndarray,
     rows_per_item: int = 16,
@@ -117,24 +119,30 @@ def moe_layer(
     prefetch_bytes: int = 0,
 ) -> None:
     """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once),
-    part by part: outs[p] [T, H] = the experts parts[p] [T, k] (-1: skipped) name, weighted by
-    weights [T, k], applied to x [T, H]; done[p] (int64) goes up by one once outs[p] is written."""
-    n = parts.shape[0]
-    _check(layer, x, weights, outs[0] if n else x)
-    parts = _checked_ids(parts, layer.num_experts)
-    if parts.shape[1:] != weights.shape or outs.shape != (n, *x.shape) or done.shape != (n,):
+    part by part (kernels.split_parts of ids [T, k] by `rows` [E] and `deferred`): outs[p]
+    [T, H] = the experts of part p, weighted by weights [T, k], applied to x [T, H]; done[p]
+    (int64) goes up by one once outs[p] is written."""
+    n = 2 if deferred > 0 else 1
+    _check(layer, x, weights, outs[0])
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if ids.shape != weights.shape or outs.shape != (n, *x.shape) or done.shape != (n,):
         raise ValueError(
-            f"parts {parts.shape}, weights {weights.shape}, outs {outs.shape}, done {done.shape}"
-            f" do not fit x {x.shape}"
+            f"ids {ids.shape}, weights {weights.shape}, outs {outs.shape}, done {done.shape}"
+            f" do not fit x {x.shape} and {n} part(s)"
         )
-    if done.dtype != np.int64 or not outs.flags.c_contiguous:
-        raise ValueError("done must be int64 and outs contiguous")
-    args = (x, parts, weights, layer.num_experts, layer.w13, layer.s13, layer.w2, layer.s2, outs)
+    if done.dtype != np.int64 or rows.dtype != np.int64 or not outs.flags.c_contiguous:
+        raise ValueError("done and rows must be int64, outs contiguous")
+    if ids.size and ids.max() >= rows.shape[0]:
+        raise ValueError(f"expert id {ids.max()} out of range for {rows.shape[0]} experts")
+    if rows.size and rows.max() >= layer.num_experts:
+        raise ValueError(f"engine row {rows.max()} out of range for {layer.num_experts} experts")
+    args = (x, ids, weights, rows, deferred, layer.num_experts)
+    args += (layer.w13, layer.s13, layer.w2, layer.s2, outs, done, rows_per_item)
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
-        fused.moe_layer_q8(*args, done, rows_per_item, offset, prefetch_bytes)
+        fused.moe_layer_q8(*args, offset, prefetch_bytes)
     else:
-        fused.moe_layer(*args, done, rows_per_item)
+        fused.moe_layer(*args)
 
 
 class DequantBuffers(NamedTuple):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,19 +47,6 @@ def streamed_experts(
         h = F.silu(gu[:, 0::2]) * gu[:, 1::2]
         y.index_add_(0, t, (h @ down.T).float() * weights[t, slot, None].float())
     return y.to(dtype)
-
-
-def select_deferred(weights: np.ndarray, eligible: np.ndarray, d: int) -> np.ndarray:
-    """Per token, the `d` lowest-weight slots among the eligible ones (fewer if fewer are).
-
-    weights [T, k] float, eligible [T, k] bool -> deferred [T, k] bool."""
-    if d <= 0:
-        return np.zeros_like(eligible)
-    masked = np.where(eligible, weights, np.inf)
-    lowest = np.argsort(masked, axis=1, kind="stable")[:, :d]  # [T, d]
-    picked = np.zeros_like(eligible)
-    np.put_along_axis(picked, lowest, True, axis=1)
-    return picked & eligible
 
 
 @dataclass(frozen=True)
@@ -107,17 +93,8 @@ class HybridExperts:
         rows[list(cpu_rows)] = torch.arange(len(cpu_rows))
         rows[on_gpu] = -1
         self.on_gpu, self.rows = on_gpu, rows  # [E] each, moved to the inputs' device on first use
-        self.rows_np = np.append(rows.numpy(), -1)  # [E + 1]: index -1 (a skipped slot) -> -1
+        self.rows_np = rows.numpy()  # the same, for the engine
         self.any_on_gpu = bool(on_gpu.any())
-
-    def split(self, ids: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, ...]:
-        """On the engine's thread: router ids [T, k] -> engine rows of the slots computed now,
-        and (with deferral) of those deferred, -1 elsewhere (GPU experts, skipped slots)."""
-        rows = self.rows_np[ids]  # [T, k]
-        if not self.deferred:
-            return (rows,)
-        later = select_deferred(weights, rows >= 0, self.deferred)  # [T, k]
-        return np.where(later, -1, rows), np.where(later, rows, -1)
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
         """x [T, H], ids/weights [T, k] from the router."""
@@ -125,9 +102,9 @@ class HybridExperts:
             self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
             return self._streamed(x, ids, weights)
-        # first the CPU's job, so that its input copy is queued right behind the router
-        parts = 2 if self.deferred else 1
-        job = self.engine.submit(self.layer, x, ids, weights, self.split, parts)
+        # first the CPU's job, so that its input copy is queued right behind the router; the
+        # engine's kernel picks each token's deferred slots (kernels.split_parts)
+        job = self.engine.submit(self.layer, x, ids, weights, self.rows_np, self.deferred)
         if not self.overlap:
             y_cpu = self.engine.wait(job)
         pending = CPUPending(self.engine, job) if self.deferred else None
