@@ -110,7 +110,7 @@ def deferred_forward(model, d: int, gpu: set[int]):
     """Deferral in plain torch: of a token's CPU experts, the d lowest-weighted are added after
     the next MoE layer's output (after the last one, before the final norm)."""
 
-    def lowest(weights, ids):  # [T, k] bool, written without select_deferred
+    def lowest(weights, ids):  # [T, k] bool, written without kernels.split_parts
         later = torch.zeros_like(ids, dtype=torch.bool)
         for t in range(ids.shape[0]):
             cpu = [j for j in range(ids.shape[1]) if int(ids[t, j]) not in gpu]
