@@ -9,7 +9,7 @@ import torch
 from hetero.model.fp8 import FP8Linear, block_dequantize, block_quantize
 
 pytest.importorskip("triton")
-from hetero.gpu.fp8_gemm import fp8_gemm  # noqa: E402
+from hetero.gpu.fp8_gemm import fp8_expert_gemm, fp8_gemm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,6 +52,76 @@ def test_fp8_gemm_keeps_leading_dims_and_strides():
     got = fp8_gemm(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=2)
     assert got.shape == (2, 3, 96)
     assert rel(got.cpu(), reference(x.reshape(6, 256), q, s).view(2, 3, 96)) < 1e-5
+
+
+@pytest.mark.parametrize("programs", [1, 16])  # no split; split-K
+def test_fp8_expert_gemm_uses_each_rows_expert(programs):
+    g = torch.Generator().manual_seed(programs)
+    N, K, E = 200, 300, 3
+    qs = [block_quantize(torch.randn(N, K, generator=g)) for _ in range(E)]
+    w, s = torch.stack([q for q, _ in qs]), torch.stack([sc for _, sc in qs])
+    experts = torch.tensor([2, -1, 0, 2, 1], dtype=torch.int32)
+    x = torch.randn(5, K, generator=g)
+    got = fp8_expert_gemm(x.to(DEVICE), experts.to(DEVICE), w.to(DEVICE), s.to(DEVICE),
+                          programs=programs).cpu()  # fmt: skip
+    assert got.shape == (5, N)
+    for m, e in enumerate(experts.tolist()):
+        if e < 0:
+            assert (got[m] == 0).all()  # no expert: zeros, whatever the buffer held
+        else:
+            assert rel(got[m], reference(x[m : m + 1], *qs[e])[0]) < 1e-5
+
+
+def fp8_experts(H: int, I: int, ids: tuple[int, ...]):
+    from torch import nn
+
+    from hetero.model.fp8 import to_fp8
+    from hetero.model.layers import MLP
+
+    experts = nn.ModuleDict({str(e): MLP(H, I) for e in ids})
+    to_fp8(experts, lambda name: True, (128, 128))
+    for m in experts.modules():
+        if isinstance(m, FP8Linear):
+            w = torch.randn(m.out_features, m.in_features) / m.in_features**0.5
+            m.weight.data, m.weight_scale_inv.data = block_quantize(w)
+    return experts.to(DEVICE)
+
+
+def stacked_against_loop(H, I, E, resident, ids, dtype, tol):
+    from hetero.gpu.experts import StackedFP8Experts
+    from hetero.model.moe import torch_routed_experts
+
+    experts = fp8_experts(H, I, resident)
+    T, k = ids.shape
+    x = torch.randn(T, H, device=DEVICE).to(dtype)
+    weights = torch.rand(T, k, device=DEVICE)
+    on_gpu = torch.isin(ids, torch.tensor(resident, device=DEVICE))
+    want = torch_routed_experts(experts, x, ids.masked_fill(~on_gpu, -1), weights)
+    assert StackedFP8Experts.supports(experts)
+    got = StackedFP8Experts(experts, E)(x, ids, weights)
+    assert got.dtype == dtype and rel(got, want.float()) < tol
+    again = torch_routed_experts(experts, x, ids.masked_fill(~on_gpu, -1), weights)
+    assert torch.equal(again, want)  # the modules now read the stacks: same numbers
+    return got, want
+
+
+def test_stacked_fp8_experts_equal_the_module_loop():
+    """A layer's GPU experts stacked and run over the tokens x top-k slots give what the
+    per-expert loop gives on the same FP8 modules, which still work (views of the stacks)."""
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 6, -1], [4, 4, 0, 1], [3, 5, 7, 0]], device=DEVICE)
+    got, want = stacked_against_loop(256, 128, 8, (1, 4, 6), ids, torch.float32, 1e-5)
+    assert (got[2] == 0).all() and want[2].abs().sum() == 0  # token 2 has no GPU expert
+
+
+@pytest.mark.gpu
+def test_cuda_stacked_fp8_experts_at_v3_width():
+    """DeepSeek-V3's expert shapes, bf16 activations, 20 resident experts of 256 (the 80 GB
+    config), 4 tokens x top-8: the kernel path against the module loop."""
+    torch.manual_seed(1)
+    ids = torch.stack([torch.randperm(256)[:8] for _ in range(4)]).to(DEVICE)
+    ids[:, :2] = torch.tensor([[3, 17], [0, 19], [5, 5 + 200], [11, 12]])  # some on the GPU
+    stacked_against_loop(7168, 2048, 256, tuple(range(20)), ids, torch.bfloat16, 1e-2)
 
 
 @pytest.mark.gpu

@@ -24,24 +24,37 @@ def _fp8_gemm(
     w_ptr,
     s_ptr,
     y_ptr,  # x [M, K], W [N, K] fp8, s [ceil(N/SN), ceil(K/BK)], y [S, M, N]
+    e_ptr,  # PER_ROW_EXPERT: [M] the expert of each row of x (-1: none, its y row is 0)
     M,
     N,
     K,
     stride_xm,
     stride_wn,
     stride_sn,
+    stride_we,  # PER_ROW_EXPERT: W [E, N, K] and s [E, ., .], their strides between experts
+    stride_se,
     SN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PER_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
+    PER_ROW_EXPERT: tl.constexpr,
 ):
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
     cols = tl.arange(0, BLOCK_K)  # [BK]
-    row_ok, tok_ok = rows < N, toks < M
+    row_ok = rows < N
+    if PER_ROW_EXPERT:  # one row of x a program (lane 0 of the tile), with its expert's W
+        lane = tl.arange(0, BLOCK_M)
+        toks = pid_m + lane * 0  # [BM]
+        e = tl.load(e_ptr + pid_m)
+        tok_ok, row_ok = (lane == 0) & (e >= 0), row_ok & (e >= 0)
+        w_ptr += tl.maximum(e, 0).to(tl.int64) * stride_we
+        s_ptr += tl.maximum(e, 0).to(tl.int64) * stride_se
+    else:
+        toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        tok_ok = toks < M
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     last = tl.cdiv(K, BLOCK_K) - 1  # the last K block (a scale column)
     for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
@@ -58,12 +71,17 @@ def _fp8_gemm(
             other=0.0,
         )  # [BN, BK] fp8
         # past K, x and W load as 0 and any in-bounds scale will do: the last block's
-        s = tl.load(s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok)  # [BN]
+        s = tl.load(
+            s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok, other=0.0
+        )  # [BN]
         # in fp32 on the tensor cores: tf32 holds bf16 activations and e4m3 weights exactly
         part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
         acc += part * s[None, :]
     out = y_ptr + split * M * N + toks[:, None] * N + rows[None, :]
-    tl.store(out, acc, mask=tok_ok[:, None] & row_ok[None, :])
+    if PER_ROW_EXPERT:  # a row without an expert stores its zeros
+        tl.store(out, acc, mask=(lane == 0)[:, None] & (rows < N)[None, :])
+    else:
+        tl.store(out, acc, mask=tok_ok[:, None] & row_ok[None, :])
 
 
 def fp8_gemm(
@@ -77,46 +95,59 @@ def fp8_gemm(
     fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default: 4 per
     SM on CUDA), reached by splitting K when the rows alone give fewer."""
     N, K = weight.shape
-    bn, bk = block
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
+    y = _launch(x2, None, weight, scale, block, programs)
+    return y.view(*lead, N)
+
+
+def fp8_expert_gemm(
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    programs: int | None = None,
+) -> torch.Tensor:
+    """Row m of x [M, K] times expert experts[m]'s weight: weight [E, N, K] fp8, scale [E,
+    ceil(N/bn), ceil(K/bk)] -> y [M, N] in x's dtype; rows with expert -1 give zeros. For a
+    layer's GPU-resident experts at decode: a fixed number of rows (tokens x top-k), no host
+    sync, so it can be captured in a CUDA graph."""
+    if weight.ndim != 3 or experts.shape != x.shape[:1]:
+        raise ValueError(f"weight {tuple(weight.shape)} / experts {tuple(experts.shape)}")
+    return _launch(x, experts, weight, scale, block, programs)
+
+
+def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
+    N, K = weight.shape[-2:]
+    bn, bk = block
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    BLOCK_M = max(16, min(64, triton.next_power_of_2(M)))
+    per_row = experts is not None
+    BLOCK_M = 16 if per_row else max(16, min(64, triton.next_power_of_2(M)))
     n_tiles, m_tiles, k_blocks = (
         triton.cdiv(N, BLOCK_N),
-        triton.cdiv(M, BLOCK_M),
+        M if per_row else triton.cdiv(M, BLOCK_M),
         triton.cdiv(K, bk),
     )
     if programs is None:
-        programs = 4 * _sm_count(x.device) if x.is_cuda else 1
-    split = max(1, min(k_blocks, programs // (n_tiles * m_tiles)))
+        programs = 4 * _sm_count(x2.device) if x2.is_cuda else 1
+    split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
-    y = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
-    _fp8_gemm[(n_tiles, m_tiles, split)](
-        x2,
-        weight,
-        scale,
-        y,
-        M,
-        N,
-        K,
-        x2.stride(0),
-        weight.stride(0),
-        scale.stride(0),
-        SN=bn,
-        BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N,
-        BLOCK_K=bk,
-        PER_SPLIT=per_split,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=4,
-    )
+    y = torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
+    if M:
+        _fp8_gemm[(n_tiles, m_tiles, split)](
+            x2, weight, scale, y, experts if per_row else y, M, N, K,
+            x2.stride(0), weight.stride(-2), scale.stride(-2),
+            weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
+            SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=bk, PER_SPLIT=per_split,
+            PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
+            num_warps=4, num_stages=4,
+        )  # fmt: skip
     y = y[0] if split == 1 else y.sum(0)
-    return y.to(x.dtype).view(*lead, N)
+    return y.to(x2.dtype)
 
 
 def _sm_count(device: torch.device) -> int:

@@ -19,6 +19,7 @@ from torch import nn
 
 from hetero.cpu_experts.engine import CPUExperts, Job
 from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tensors
+from hetero.model.fp8 import KERNEL_MAX_TOKENS
 from hetero.model.moe import RoutedRun, torch_routed_experts
 
 
@@ -95,6 +96,7 @@ class HybridExperts:
         self.on_gpu, self.rows = on_gpu, rows  # [E] each, moved to the inputs' device on first use
         self.rows_np = rows.numpy()  # the same, for the engine
         self.any_on_gpu = bool(on_gpu.any())
+        self._stacked = None  # StackedFP8Experts once built, False where it does not apply
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
         """x [T, H], ids/weights [T, k] from the router."""
@@ -116,6 +118,14 @@ class HybridExperts:
     def _gpu_experts(self, x, ids, weights) -> torch.Tensor:
         if not self.any_on_gpu:
             return torch.zeros_like(x)
+        if x.is_cuda and x.shape[0] <= KERNEL_MAX_TOKENS and self._stacked is not False:
+            if self._stacked is None:  # triton only where CUDA is
+                from hetero.gpu.experts import StackedFP8Experts
+
+                ok = StackedFP8Experts.supports(self.experts)
+                self._stacked = StackedFP8Experts(self.experts, len(self.rows)) if ok else False
+            if self._stacked:  # decode: no host sync, a few launches for all GPU experts
+                return self._stacked(x, ids, weights)
         gpu = self.on_gpu[ids]  # [T, k]
         return torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
 
