@@ -49,7 +49,9 @@ def _fp8_gemm(
         lane = tl.arange(0, BLOCK_M)
         toks = pid_m + lane * 0  # [BM]
         e = tl.load(e_ptr + pid_m)
-        tok_ok, row_ok = (lane == 0) & (e >= 0), row_ok & (e >= 0)
+        # the masks from vector loads of e: Triton 3.9's interpreter rejects scalar & vector
+        tok_ok = (lane == 0) & (tl.load(e_ptr + toks) >= 0)
+        row_ok = row_ok & (tl.load(e_ptr + pid_m + rows * 0) >= 0)
         w_ptr += tl.maximum(e, 0).to(tl.int64) * stride_we
         s_ptr += tl.maximum(e, 0).to(tl.int64) * stride_se
     else:
