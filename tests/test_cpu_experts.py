@@ -242,6 +242,26 @@ def test_job_parts_and_rows(weights, T):
         eng.close()
 
 
+def test_host_views_share_one_buffer_without_overlap():
+    from hetero.cpu_experts.engine import _host_views
+
+    like = [torch.empty(3, 5), torch.empty(3, 2, dtype=torch.long), torch.empty(0, 7),
+            torch.empty(2, 3, 5)]  # fmt: skip
+    views = _host_views(like, pin=False)
+    base = views[0].untyped_storage().data_ptr()
+    spans = []
+    for v, t in zip(views, like):
+        assert v.shape == t.shape and v.dtype == t.dtype and v.is_contiguous()
+        assert v.untyped_storage().data_ptr() == base
+        if v.numel():  # (an empty view's pointer means nothing)
+            assert v.data_ptr() % 64 == 0
+            spans.append((v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()))
+    for v, value in zip(views, (1, 2, 3, 4)):
+        v.fill_(value)
+    assert all((v == value).all() for v, value in zip(views, (1, 2, 3, 4)))  # no overlap
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+
+
 def test_warm_up_compiles_at_load(weights):
     """After construction, the first request runs without compiling (the kernels are typed)."""
     from hetero.cpu_experts import kernels

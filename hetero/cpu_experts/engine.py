@@ -154,16 +154,17 @@ class CPUExperts:
                 f"rows must be int64 [E] below layer {layer}'s {self.layers[layer].num_experts} "
                 f"experts (got {rows.dtype} {rows.shape}, max {rows.max()})"
             )
-        host = [x.float(), ids.long(), weights.float()]
+        inputs = [x.float(), ids.long(), weights.float()]
+        parts = 2 if deferred > 0 else 1
+        # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
+        # not four); the copies also free the caller to reuse its tensors at once
+        *host, outs = _host_views([*inputs, torch.empty((parts, *x.shape))], pin=x.is_cuda)
+        for h, t in zip(host, inputs):
+            h.copy_(t, non_blocking=x.is_cuda)
         ready = None
         if x.is_cuda:
-            host = [_pinned_like(t).copy_(t, non_blocking=True) for t in host]
             ready = torch.cuda.Event()
             ready.record()
-        else:  # the caller may reuse its buffers while the job is in flight
-            host = [t.clone() if t.data_ptr() in _ptrs(x, ids, weights) else t for t in host]
-        parts = 2 if deferred > 0 else 1
-        outs = torch.empty((parts, *x.shape), dtype=torch.float32, pin_memory=x.is_cuda)
         done = np.zeros(parts, np.int64)
         args = (layer, host, ready, rows, deferred, outs.numpy(), done)
         future = self._pool.submit(self._run, *args)
@@ -312,10 +313,12 @@ def _copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return out.view(a.dtype).reshape(a.shape)
 
 
-def _ptrs(*tensors: torch.Tensor) -> set[int]:
-    return {t.data_ptr() for t in tensors}
-
-
-def _pinned_like(t: torch.Tensor) -> torch.Tensor:
-    """A pinned host tensor shaped like t (torch caches pinned blocks, so this is cheap)."""
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+def _host_views(like: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
+    """Host tensors shaped and typed like `like` (whose values are not read), all views of one
+    buffer, pinned if `pin`; each view starts on a 64-byte boundary."""
+    sizes = [t.numel() * t.element_size() for t in like]
+    starts = [0]
+    for n in sizes:
+        starts.append(starts[-1] + -(-n // 64) * 64)
+    buf = torch.empty(max(starts[-1], 1), dtype=torch.uint8, pin_memory=pin)
+    return [buf[a : a + n].view(t.dtype).view(t.shape) for t, a, n in zip(like, starts, sizes)]
