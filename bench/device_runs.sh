@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's measurements, in stages that each fit one device call (<10 min):
-#   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out)
+#   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out; PACK=1: as one
+#   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | cpu-decode | train-demo
 set -uo pipefail
@@ -72,3 +73,6 @@ for stage in "$@"; do
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv /tmp/results.tgz "$OUT/"
+fi
