@@ -247,7 +247,7 @@ def test_host_views_share_one_buffer_without_overlap():
 
     like = [torch.empty(3, 5), torch.empty(3, 2, dtype=torch.long), torch.empty(0, 7),
             torch.empty(2, 3, 5)]  # fmt: skip
-    views = _host_views(like, pin=False)
+    views = _host_views([(t.shape, t.dtype) for t in like], pin=False)
     base = views[0].untyped_storage().data_ptr()
     spans = []
     for v, t in zip(views, like):

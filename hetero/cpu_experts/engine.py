@@ -8,6 +8,7 @@ per call), many tokens -> dequantize + oneDNN matmul (compute-bound). Overlap is
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import os
 import sys
@@ -158,7 +159,8 @@ class CPUExperts:
         parts = 2 if deferred > 0 else 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
-        *host, outs = _host_views([*inputs, torch.empty((parts, *x.shape))], pin=x.is_cuda)
+        specs = [(t.shape, t.dtype) for t in inputs] + [((parts, *x.shape), torch.float32)]
+        *host, outs = _host_views(specs, pin=x.is_cuda)
         for h, t in zip(host, inputs):
             h.copy_(t, non_blocking=x.is_cuda)
         ready = None
@@ -313,12 +315,14 @@ def _copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return out.view(a.dtype).reshape(a.shape)
 
 
-def _host_views(like: list[torch.Tensor], pin: bool) -> list[torch.Tensor]:
-    """Host tensors shaped and typed like `like` (whose values are not read), all views of one
-    buffer, pinned if `pin`; each view starts on a 64-byte boundary."""
-    sizes = [t.numel() * t.element_size() for t in like]
+def _host_views(specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool) -> list[torch.Tensor]:
+    """Host tensors of these (shape, dtype), all views of one buffer, pinned if `pin`; each view
+    starts on a 64-byte boundary."""
+    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
     starts = [0]
     for n in sizes:
         starts.append(starts[-1] + -(-n // 64) * 64)
     buf = torch.empty(max(starts[-1], 1), dtype=torch.uint8, pin_memory=pin)
-    return [buf[a : a + n].view(t.dtype).view(t.shape) for t, a, n in zip(like, starts, sizes)]
+    return [
+        buf[a : a + n].view(dtype).view(shape) for (shape, dtype), a, n in zip(specs, starts, sizes)
+    ]
