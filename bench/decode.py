@@ -6,7 +6,8 @@ For batch sizes B it times decode steps in these modes, on the same model and ca
   defer{d}    overlap + each token's d lowest-weight CPU experts added one layer late
 and, for reference, `gpu_only` (CPU experts replaced by zeros: the GPU side alone) and, in every
 row, `cpu_alone_ms` (the engine alone on a step's tokens, host to host: the CPU side alone).
-`--rounds R` times all modes R times over and reports each mode's median round.
+`--rounds R` times all modes R times over (rounds after the first in a shuffled order) and
+reports each mode's median round.
 
 Workloads (random weights built in memory): `v3-slice` is DeepSeek-V3 at full width with a few
 layers (1 dense + N MoE); its per-token time is extrapolated to the whole model (DeepSeek-V3:
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from functools import partial
@@ -216,9 +218,10 @@ def run(args) -> None:
         if args.graphs:  # CUDA graphs on a GPU; the same segments eagerly elsewhere
             graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
         pos, rounds = PROMPT, {mode: [] for mode in modes}
-        for _ in range(args.rounds):  # rounds of all modes: a machine's slow spell hits them all
+        order = random.Random(B)  # rounds of all modes, each in its own order: a VM's slow
+        for r in range(args.rounds):  # spell then hits every mode, not always the same one
             cpu_alone = time_cpu_alone(engine, config, B, args.steps, args.gpu_experts)
-            for mode in modes:
+            for mode in modes if r == 0 else order.sample(modes, len(modes)):
                 set_mode(model, config, engine, mode)
                 time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm-up
                 pos += 2
