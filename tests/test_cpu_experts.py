@@ -262,6 +262,41 @@ def test_host_views_share_one_buffer_without_overlap():
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+@pytest.mark.parametrize("spec", ["int4@q8", "int8"])  # both fused wrappers
+def test_decode_kernel_waits_for_its_inputs_flag(weights, spec):
+    """The decode kernel starts once `ready` is set (as the CUDA stream sets it after the input
+    copies), reports the time it waited, and gives up with an error if it never comes."""
+    import threading
+
+    from hetero.cpu_experts.engine import _cycle_rate
+
+    fmt, q8 = (spec[:-3], True) if spec.endswith("@q8") else (spec, False)
+    g = torch.Generator().manual_seed(4)
+    w = [torch.randn(E, Q8_I, Q8_H, generator=g) for _ in range(2)]
+    layer = pack_experts(*w, torch.randn(E, Q8_H, Q8_I, generator=g), Format.parse(fmt))
+    x, ids, wt = (t.numpy() for t in routing(3, 2, seed=6, hidden=Q8_H))
+    rows = np.arange(E)
+
+    def run(ready, max_spins=1 << 30):
+        outs, done = np.zeros((1, 3, Q8_H), np.float32), np.zeros(1, np.int64)
+        waited = ops.moe_layer(layer, x, ids, wt, rows, 0, outs, done, 16, q8, 0, ready, max_spins)
+        return outs, done, waited
+
+    want, _, _ = run(None)
+    ready, result = np.zeros(1, np.int64), {}
+    worker = threading.Thread(target=lambda: result.update(out=run(ready)))
+    worker.start()
+    time.sleep(0.05)
+    assert worker.is_alive()  # still waiting
+    ready[0] = 1
+    worker.join(30)
+    outs, done, waited = result["out"]
+    np.testing.assert_array_equal(outs, want)
+    assert done[0] == 1 and waited / _cycle_rate() >= 0.04
+    with pytest.raises(RuntimeError, match="inputs did not arrive"):
+        run(np.zeros(1, np.int64), max_spins=1000)
+
+
 def test_warm_up_compiles_at_load(weights):
     """After construction, the first request runs without compiling (the kernels are typed)."""
     from hetero.cpu_experts import kernels

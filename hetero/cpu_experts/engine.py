@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from hetero.cpu_experts import kernels, ops
+from hetero.cpu_experts import kernels, kernels_q8, ops
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,10 @@ class EngineStats:
     # and caller's wait, on time.perf_counter_ns's clock (bench/decode.py --trace)
     trace: list | None = None
 
-    def mark(self, name: str, start_ns: int) -> None:
+    def mark(self, name: str, start_ns: int, end_ns: int | None = None) -> None:
         if self.trace is not None:
-            self.trace.append((name, threading.get_ident(), start_ns, time.perf_counter_ns()))
+            end_ns = time.perf_counter_ns() if end_ns is None else end_ns
+            self.trace.append((name, threading.get_ident(), start_ns, end_ns))
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,8 @@ class CPUExperts:
         self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
         self._staged: torch.cuda.Event | None = None  # the copies out of _staging
         self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
+        self._ones: dict[torch.device, torch.Tensor] = {}  # the `arrived` flag's source
+        self._cycles_per_s = _cycle_rate()  # kernels_q8.cycle_counter's ticks a second
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
 
@@ -125,7 +128,8 @@ class CPUExperts:
         ids, w, out = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32), x[None].copy()
         rows = np.arange(layer.num_experts)
         for threshold in (2**62, 1):
-            self._compute(layer, x, ids, w, rows, 0, out, np.zeros(1, np.int64), threshold)
+            done = np.zeros(1, np.int64)
+            self._compute(layer, x, ids, w, rows, 0, out, done, gemm_min_tokens=threshold)
 
     def submit(
         self,
@@ -159,16 +163,21 @@ class CPUExperts:
         parts = 2 if deferred > 0 else 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
-        specs = [(t.shape, t.dtype) for t in inputs] + [((parts, *x.shape), torch.float32)]
-        *host, outs = _host_views(specs, pin=x.is_cuda)
+        specs = [(t.shape, t.dtype) for t in inputs]
+        specs += [((parts, *x.shape), torch.float32), ((1,), torch.int64)]
+        *host, outs, arrived = _host_views(specs, pin=x.is_cuda)
         for h, t in zip(host, inputs):
             h.copy_(t, non_blocking=x.is_cuda)
         ready = None
-        if x.is_cuda:
+        if x.is_cuda:  # the stream sets `arrived` after the inputs' copies (the decode kernel
+            # polls it); the event serves the GEMM path
+            arrived.copy_(self._one(x.device), non_blocking=True)
             ready = torch.cuda.Event()
             ready.record()
+        else:
+            arrived.fill_(1)
         done = np.zeros(parts, np.int64)
-        args = (layer, host, ready, rows, deferred, outs.numpy(), done)
+        args = (layer, host, (ready, arrived.numpy()), rows, deferred, outs.numpy(), done)
         future = self._pool.submit(self._run, *args)
         self.stats.mark("submit", start)
         return Job(outs, done, future, x.device, x.dtype)
@@ -224,17 +233,23 @@ class CPUExperts:
             offset += a.nbytes
         return out
 
+    def _one(self, device: torch.device) -> torch.Tensor:
+        if device not in self._ones:
+            self._ones[device] = torch.ones(1, dtype=torch.int64, device=device)
+        return self._ones[device]
+
     def _run(self, layer: int, host, ready, rows, deferred: int, outs, done) -> None:
         start = time.perf_counter_ns()
         try:
-            if ready is not None:
-                ready.synchronize()
-                self.stats.mark("input", start)
             x, ids, weights = (t.numpy() for t in host)
             t0 = time.perf_counter_ns()
-            self._compute(self.layers[layer], x, ids, weights, rows, deferred, outs, done)
-            self.stats.compute_s += (time.perf_counter_ns() - t0) / 1e9
-            self.stats.mark(f"L{layer}", t0)
+            args = (x, ids, weights, rows, deferred, outs, done, ready)
+            waited = int(self._compute(self.layers[layer], *args) * 1e9)  # for the inputs: idle
+            self.stats.compute_s += (time.perf_counter_ns() - t0 - waited) / 1e9
+            self.stats.busy_s -= waited / 1e9
+            if waited:
+                self.stats.mark("input", t0, t0 + waited)
+            self.stats.mark(f"L{layer}", t0 + waited)
         finally:
             self.stats.busy_s += (time.perf_counter_ns() - start) / 1e9
             self.stats.jobs += 1
@@ -249,10 +264,14 @@ class CPUExperts:
         deferred: int,
         outs: np.ndarray,
         done: np.ndarray,
+        ready: tuple = (None, None),
         gemm_min_tokens: int | None = None,
     ) -> None:
         """The policy: GEMV for experts with few tokens, GEMM for the rest. The job's parts
-        (kernels.split_parts) go to outs [n, T, H] fp32, flagged in done [n] (ops.moe_layer)."""
+        (kernels.split_parts) go to outs [n, T, H] fp32, flagged in done [n] (ops.moe_layer).
+        `ready`: (CUDA event, int64 [1] flag) of the inputs' copies; the GEMV kernel polls the
+        flag, the GEMM path waits on the event. Returns the seconds spent waiting for them."""
+        event, arrived = ready
         c = self.config
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
@@ -260,15 +279,20 @@ class CPUExperts:
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
-            ops.moe_layer(
+            cycles = ops.moe_layer(
                 layer, x, ids, weights, rows, deferred, outs, done, c.rows_per_item,
-                c.int8_activations, c.prefetch_bytes,
+                c.int8_activations, c.prefetch_bytes, arrived,
             )  # fmt: skip
-            return
+            return cycles / self._cycles_per_s
+        waited = time.perf_counter()
+        if event is not None:
+            event.synchronize()
+        waited = time.perf_counter() - waited
         parts = kernels.split_parts(np.ascontiguousarray(ids, np.int64), weights, rows, deferred)
         for part in range(len(parts)):
             self._compute_mixed(layer, x, parts[part], weights, outs[part], threshold)
             done[part] += 1
+        return waited
 
     def _compute_mixed(self, layer, x, ids, weights, out, threshold: int) -> None:
         """One part with the GEMM path for experts of `threshold` tokens or more."""
@@ -313,6 +337,14 @@ def _copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
     out = dst[: a.nbytes]
     kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
     return out.view(a.dtype).reshape(a.shape)
+
+
+def _cycle_rate() -> float:
+    """Ticks a second of the CPU's cycle counter (constant-rate TSC), measured over 20 ms."""
+    kernels_q8.read_cycles()  # compiled (or loaded) first
+    t0, c0 = time.perf_counter(), kernels_q8.read_cycles()
+    time.sleep(0.02)
+    return (kernels_q8.read_cycles() - c0) / (time.perf_counter() - t0)
 
 
 def _host_views(specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool) -> list[torch.Tensor]:

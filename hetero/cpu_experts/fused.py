@@ -8,7 +8,9 @@ interval. With ~4 calls and their Python glue, a job took 1.1 ms alone and 2.4 m
 Python thread that kept the GIL busy (one numba thread on this 2-core machine); fused, it needs
 the GIL once. A part's end is published in `done[part]` (an atomic add after its sum is
 written): the caller polls it, and takes part 0 while part 1 is still being computed, with no
-thread handoff or GIL in between.
+thread handoff or GIL in between. The inputs' arrival is a flag too (`ready`, written by the
+caller, or by the CUDA stream right after the inputs' copies), polled here: the worker goes
+from its queue into the kernel without waiting on a CUDA event (and for the GIL after it).
 
 No disk cache: these wrappers call kernels defined in other files, and numba's cache would not
 notice when those change. They are small and compile in the engine's warm-up, reusing the
@@ -21,19 +23,42 @@ import numpy as np
 from numba import get_num_threads, njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv, split_parts
-from hetero.cpu_experts.kernels_q8 import atomic_add, moe_gemv_q8
+from hetero.cpu_experts.kernels_q8 import (
+    atomic_add,
+    atomic_load,
+    cycle_counter,
+    moe_gemv_q8,
+    spin_pause,
+)
 
 JIT = {"nogil": True, "cache": False}
 
 
 @njit(**JIT)
+def wait_inputs(ready, max_spins):
+    """Spins until ready[0] != 0 (the inputs' copies have landed), at most max_spins pauses:
+    the cycles it waited, or -1 if they never came."""
+    start, spins = cycle_counter(), 0
+    while atomic_load(ready, 0) == 0:
+        spin_pause()
+        spins += 1
+        if spins >= max_spins:
+            return -1
+    return cycle_counter() - start
+
+
+@njit(**JIT)
 def moe_layer_q8(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
-    ahead,
+    ahead, ready, max_spins,
 ):  # fmt: skip
-    """outs[p] [T, H] = the routed experts of part p of ids [T, k] (kernels.split_parts by
-    rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's formats and sizes),
-    then done[p] += 1, part by part."""
+    """Once ready[0] != 0: outs[p] [T, H] = the routed experts of part p of ids [T, k]
+    (kernels.split_parts by rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's
+    formats and sizes), then done[p] += 1, part by part. Returns the cycles spent waiting for
+    the inputs (-1: they never came)."""
+    waited = wait_inputs(ready, max_spins)
+    if waited < 0:
+        return waited
     parts = split_parts(ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
@@ -44,11 +69,18 @@ def moe_layer_q8(
         )  # fmt: skip
         combine(pos, y, outs[part])
         atomic_add(done, part, 1)
+    return waited
 
 
 @njit(**JIT)
-def moe_layer(x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows):
+def moe_layer(
+    x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, ready,
+    max_spins,
+):  # fmt: skip
     """`moe_layer_q8` on fp32 activations (kernels.moe_gemv)."""
+    waited = wait_inputs(ready, max_spins)
+    if waited < 0:
+        return waited
     parts = split_parts(ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
@@ -57,3 +89,4 @@ def moe_layer(x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2,
             rows,
         )  # fmt: skip
         atomic_add(done, part, 1)
+    return waited

@@ -194,6 +194,8 @@ def split_parts(ids, weights, rows, deferred):
     parts = np.full((2 if deferred > 0 else 1, T, k), -1, np.int64)
     for t in range(T):
         for j in range(k):
+            if ids[t, j] >= rows.shape[0]:
+                raise ValueError("an expert id is out of range of the rows map")
             if ids[t, j] >= 0:
                 parts[0, t, j] = rows[ids[t, j]]
         for _ in range(min(deferred, k)):

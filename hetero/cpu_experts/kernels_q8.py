@@ -317,6 +317,24 @@ def spin_pause(typingctx):
     return types.none(), codegen
 
 
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's cycle counter (rdtsc on x86): cheap timestamps inside a kernel."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(I64, []), "llvm.readcyclecounter"
+        )
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@njit(**JIT)
+def read_cycles():
+    return cycle_counter()
+
+
 @njit(**JIT)
 def quantize_row(x, gshift, offset, xq, xs, xa):
     """x [K] f32 -> int8 in the block order of a packed int4 row of group 1 << gshift.

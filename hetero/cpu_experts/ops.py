@@ -117,11 +117,15 @@ def moe_layer(
     rows_per_item: int = 16,
     int8_activations: bool = True,
     prefetch_bytes: int = 0,
-) -> None:
+    ready: np.ndarray | None = None,
+    max_spins: int = 1 << 30,
+) -> int:
     """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once),
     part by part (kernels.split_parts of ids [T, k] by `rows` [E] and `deferred`): outs[p]
     [T, H] = the experts of part p, weighted by weights [T, k], applied to x [T, H]; done[p]
-    (int64) goes up by one once outs[p] is written."""
+    (int64) goes up by one once outs[p] is written. `ready` int64 [1]: the kernel first waits
+    (spinning, at most `max_spins` pauses: tens of seconds) until ready[0] != 0, for inputs
+    still being copied in; None: they are there. Returns the CPU cycles it waited (rdtsc)."""
     n = 2 if deferred > 0 else 1
     _check(layer, x, weights, outs[0])
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -132,7 +136,9 @@ def moe_layer(
         )
     if done.dtype != np.int64 or rows.dtype != np.int64 or not outs.flags.c_contiguous:
         raise ValueError("done and rows must be int64, outs contiguous")
-    if ids.size and ids.max() >= rows.shape[0]:
+    if ready is None:
+        ready = np.ones(1, np.int64)
+    if ready[0] and ids.size and ids.max() >= rows.shape[0]:  # (in flight: the kernel checks)
         raise ValueError(f"expert id {ids.max()} out of range for {rows.shape[0]} experts")
     if rows.size and rows.max() >= layer.num_experts:
         raise ValueError(f"engine row {rows.max()} out of range for {layer.num_experts} experts")
@@ -140,9 +146,12 @@ def moe_layer(
     args += (layer.w13, layer.s13, layer.w2, layer.s2, outs, done, rows_per_item)
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
-        fused.moe_layer_q8(*args, offset, prefetch_bytes)
+        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, ready, max_spins)
     else:
-        fused.moe_layer(*args)
+        waited = fused.moe_layer(*args, ready, max_spins)
+    if waited < 0:
+        raise RuntimeError(f"a CPU expert job's inputs did not arrive ({max_spins} spins)")
+    return waited
 
 
 class DequantBuffers(NamedTuple):
