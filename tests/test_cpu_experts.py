@@ -277,9 +277,9 @@ def test_decode_kernel_waits_for_its_inputs_flag(weights, spec):
     x, ids, wt = (t.numpy() for t in routing(3, 2, seed=6, hidden=Q8_H))
     rows = np.arange(E)
 
-    def run(ready, max_spins=1 << 30):
+    def run(ready, max_wait=1 << 40):
         outs, done = np.zeros((1, 3, Q8_H), np.float32), np.zeros(1, np.int64)
-        waited = ops.moe_layer(layer, x, ids, wt, rows, 0, outs, done, 16, q8, 0, ready, max_spins)
+        waited = ops.moe_layer(layer, x, ids, wt, rows, 0, outs, done, 16, q8, 0, ready, max_wait)
         return outs, done, waited
 
     want, _, _ = run(None)
@@ -294,7 +294,7 @@ def test_decode_kernel_waits_for_its_inputs_flag(weights, spec):
     np.testing.assert_array_equal(outs, want)
     assert done[0] == 1 and waited / _cycle_rate() >= 0.04
     with pytest.raises(RuntimeError, match="inputs did not arrive"):
-        run(np.zeros(1, np.int64), max_spins=1000)
+        run(np.zeros(1, np.int64), max_wait=int(0.01 * _cycle_rate()))
 
 
 def test_warm_up_compiles_at_load(weights):

@@ -26,6 +26,7 @@ from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
+INPUT_TIMEOUT_S = 60.0  # a decode job whose inputs take longer than this to land is an error
 SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms (prefill jobs)
 
 
@@ -279,9 +280,10 @@ class CPUExperts:
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
+            timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
             cycles = ops.moe_layer(
                 layer, x, ids, weights, rows, deferred, outs, done, c.rows_per_item,
-                c.int8_activations, c.prefetch_bytes, arrived,
+                c.int8_activations, c.prefetch_bytes, arrived, timeout,
             )  # fmt: skip
             return cycles / self._cycles_per_s
         waited = time.perf_counter()

@@ -35,14 +35,13 @@ JIT = {"nogil": True, "cache": False}
 
 
 @njit(**JIT)
-def wait_inputs(ready, max_spins):
-    """Spins until ready[0] != 0 (the inputs' copies have landed), at most max_spins pauses:
-    the cycles it waited, or -1 if they never came."""
-    start, spins = cycle_counter(), 0
+def wait_inputs(ready, max_cycles):
+    """Spins until ready[0] != 0 (the inputs' copies have landed), for at most max_cycles of
+    the cycle counter: the cycles it waited, or -1 if they never came."""
+    start = cycle_counter()
     while atomic_load(ready, 0) == 0:
         spin_pause()
-        spins += 1
-        if spins >= max_spins:
+        if cycle_counter() - start > max_cycles:
             return -1
     return cycle_counter() - start
 
@@ -50,13 +49,13 @@ def wait_inputs(ready, max_spins):
 @njit(**JIT)
 def moe_layer_q8(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
-    ahead, ready, max_spins,
+    ahead, ready, max_cycles,
 ):  # fmt: skip
     """Once ready[0] != 0: outs[p] [T, H] = the routed experts of part p of ids [T, k]
     (kernels.split_parts by rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's
     formats and sizes), then done[p] += 1, part by part. Returns the cycles spent waiting for
     the inputs (-1: they never came)."""
-    waited = wait_inputs(ready, max_spins)
+    waited = wait_inputs(ready, max_cycles)
     if waited < 0:
         return waited
     parts = split_parts(ids, weights, rows_of, deferred)
@@ -75,10 +74,10 @@ def moe_layer_q8(
 @njit(**JIT)
 def moe_layer(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, ready,
-    max_spins,
+    max_cycles,
 ):  # fmt: skip
     """`moe_layer_q8` on fp32 activations (kernels.moe_gemv)."""
-    waited = wait_inputs(ready, max_spins)
+    waited = wait_inputs(ready, max_cycles)
     if waited < 0:
         return waited
     parts = split_parts(ids, weights, rows_of, deferred)

@@ -118,14 +118,14 @@ def moe_layer(
     int8_activations: bool = True,
     prefetch_bytes: int = 0,
     ready: np.ndarray | None = None,
-    max_spins: int = 1 << 30,
+    max_wait_cycles: int = 1 << 40,
 ) -> int:
     """`group_by_expert` + `moe_gemv` in one numba call (fused.py: the GIL is taken back once),
     part by part (kernels.split_parts of ids [T, k] by `rows` [E] and `deferred`): outs[p]
     [T, H] = the experts of part p, weighted by weights [T, k], applied to x [T, H]; done[p]
     (int64) goes up by one once outs[p] is written. `ready` int64 [1]: the kernel first waits
-    (spinning, at most `max_spins` pauses: tens of seconds) until ready[0] != 0, for inputs
-    still being copied in; None: they are there. Returns the CPU cycles it waited (rdtsc)."""
+    (spinning, at most `max_wait_cycles` of the CPU's cycle counter) until ready[0] != 0, for
+    inputs still being copied in; None: they are there. Returns the cycles it waited."""
     n = 2 if deferred > 0 else 1
     _check(layer, x, weights, outs[0])
     ids = np.ascontiguousarray(ids, dtype=np.int64)
@@ -146,11 +146,11 @@ def moe_layer(
     args += (layer.w13, layer.s13, layer.w2, layer.s2, outs, done, rows_per_item)
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
-        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, ready, max_spins)
+        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, ready, max_wait_cycles)
     else:
-        waited = fused.moe_layer(*args, ready, max_spins)
+        waited = fused.moe_layer(*args, ready, max_wait_cycles)
     if waited < 0:
-        raise RuntimeError(f"a CPU expert job's inputs did not arrive ({max_spins} spins)")
+        raise RuntimeError(f"a CPU expert job's inputs did not arrive ({max_wait_cycles} cycles)")
     return waited
 
 
