@@ -47,6 +47,15 @@ def wait_inputs(ready, max_cycles):
 
 
 @njit(**JIT)
+def ready_parts(ready, max_cycles, ids, weights, rows_of, deferred):
+    """(cycles waited for the inputs, the job's parts [n, T, k]); no parts if they never came."""
+    waited = wait_inputs(ready, max_cycles)
+    if waited < 0:
+        return waited, np.empty((0,) + ids.shape, np.int64)
+    return waited, split_parts(ids, weights, rows_of, deferred)
+
+
+@njit(**JIT)
 def moe_layer_q8(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
     ahead, ready, max_cycles,
@@ -55,10 +64,7 @@ def moe_layer_q8(
     (kernels.split_parts by rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's
     formats and sizes), then done[p] += 1, part by part. Returns the cycles spent waiting for
     the inputs (-1: they never came)."""
-    waited = wait_inputs(ready, max_cycles)
-    if waited < 0:
-        return waited
-    parts = split_parts(ids, weights, rows_of, deferred)
+    waited, parts = ready_parts(ready, max_cycles, ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
         y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
@@ -77,10 +83,7 @@ def moe_layer(
     max_cycles,
 ):  # fmt: skip
     """`moe_layer_q8` on fp32 activations (kernels.moe_gemv)."""
-    waited = wait_inputs(ready, max_cycles)
-    if waited < 0:
-        return waited
-    parts = split_parts(ids, weights, rows_of, deferred)
+    waited, parts = ready_parts(ready, max_cycles, ids, weights, rows_of, deferred)
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
         moe_gemv(
