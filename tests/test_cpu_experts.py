@@ -235,7 +235,7 @@ def test_job_parts_and_rows(weights, T):
         got = eng.wait(eng.submit(0, x, ids, wt, shifted))
         moved = torch.from_numpy(np.append(shifted, -1))[ids]  # ids -1 stay -1
         torch.testing.assert_close(got, eng.forward(0, x, moved, wt))
-        with pytest.raises(ValueError, match="below layer 0's 8 experts"):
+        with pytest.raises(ValueError, match="engine rows below 8"):
             eng.submit(0, x, ids, wt, rows + 1)
         assert eng.forward(0, x, ids, wt).shape == x.shape  # the worker lives on
     finally:

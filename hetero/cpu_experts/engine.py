@@ -64,7 +64,7 @@ class EngineConfig:
 class EngineStats:
     """Seconds the worker spent and the callers waited, for benchmarks (reset freely)."""
 
-    busy_s: float = 0.0  # a job's whole run on the worker (its input copy's wait included)
+    busy_s: float = 0.0  # a job's run on the worker, but for the wait for its inputs
     compute_s: float = 0.0  # of which in the kernels
     wait_s: float = 0.0  # written by the calling thread only
     jobs: int = 0
@@ -127,10 +127,10 @@ class CPUExperts:
         torch.set_num_threads(self.threads)
         x = np.zeros((1, layer.hidden), np.float32)
         ids, w, out = np.zeros((1, 1), np.int64), np.ones((1, 1), np.float32), x[None].copy()
-        rows = np.arange(layer.num_experts)
+        rows, arrived = np.arange(layer.num_experts), np.ones(1, np.int64)
         for threshold in (2**62, 1):
             done = np.zeros(1, np.int64)
-            self._compute(layer, x, ids, w, rows, 0, out, done, gemm_min_tokens=threshold)
+            self._compute(layer, x, ids, w, rows, 0, out, done, arrived, threshold)
 
     def submit(
         self,
@@ -153,13 +153,8 @@ class CPUExperts:
             raise KeyError(f"layer {layer} has no CPU experts (have {sorted(self.layers)})")
         if rows is None:
             rows = self._identity.setdefault(layer, np.arange(self.layers[layer].num_experts))
-        elif (
-            rows.dtype != np.int64 or rows.ndim != 1 or rows.max() >= self.layers[layer].num_experts
-        ):
-            raise ValueError(
-                f"rows must be int64 [E] below layer {layer}'s {self.layers[layer].num_experts} "
-                f"experts (got {rows.dtype} {rows.shape}, max {rows.max()})"
-            )
+        else:
+            ops.check_rows(rows, self.layers[layer].num_experts)
         inputs = [x.float(), ids.long(), weights.float()]
         parts = 2 if deferred > 0 else 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
@@ -169,16 +164,12 @@ class CPUExperts:
         *host, outs, arrived = _host_views(specs, pin=x.is_cuda)
         for h, t in zip(host, inputs):
             h.copy_(t, non_blocking=x.is_cuda)
-        ready = None
-        if x.is_cuda:  # the stream sets `arrived` after the inputs' copies (the decode kernel
-            # polls it); the event serves the GEMM path
+        if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
             arrived.copy_(self._one(x.device), non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
         else:
             arrived.fill_(1)
         done = np.zeros(parts, np.int64)
-        args = (layer, host, (ready, arrived.numpy()), rows, deferred, outs.numpy(), done)
+        args = (layer, host, arrived.numpy(), rows, deferred, outs.numpy(), done)
         future = self._pool.submit(self._run, *args)
         self.stats.mark("submit", start)
         return Job(outs, done, future, x.device, x.dtype)
@@ -239,20 +230,19 @@ class CPUExperts:
             self._ones[device] = torch.ones(1, dtype=torch.int64, device=device)
         return self._ones[device]
 
-    def _run(self, layer: int, host, ready, rows, deferred: int, outs, done) -> None:
-        start = time.perf_counter_ns()
+    def _run(self, layer: int, host, arrived, rows, deferred: int, outs, done) -> None:
+        start, waited = time.perf_counter_ns(), 0  # waited: ns idle before the inputs landed
         try:
             x, ids, weights = (t.numpy() for t in host)
             t0 = time.perf_counter_ns()
-            args = (x, ids, weights, rows, deferred, outs, done, ready)
-            waited = int(self._compute(self.layers[layer], *args) * 1e9)  # for the inputs: idle
+            args = (x, ids, weights, rows, deferred, outs, done, arrived)
+            waited = int(self._compute(self.layers[layer], *args) * 1e9)
             self.stats.compute_s += (time.perf_counter_ns() - t0 - waited) / 1e9
-            self.stats.busy_s -= waited / 1e9
             if waited:
                 self.stats.mark("input", t0, t0 + waited)
             self.stats.mark(f"L{layer}", t0 + waited)
         finally:
-            self.stats.busy_s += (time.perf_counter_ns() - start) / 1e9
+            self.stats.busy_s += (time.perf_counter_ns() - start - waited) / 1e9
             self.stats.jobs += 1
 
     def _compute(
@@ -265,36 +255,32 @@ class CPUExperts:
         deferred: int,
         outs: np.ndarray,
         done: np.ndarray,
-        ready: tuple = (None, None),
+        arrived: np.ndarray,
         gemm_min_tokens: int | None = None,
-    ) -> None:
+    ) -> float:
         """The policy: GEMV for experts with few tokens, GEMM for the rest. The job's parts
         (kernels.split_parts) go to outs [n, T, H] fp32, flagged in done [n] (ops.moe_layer).
-        `ready`: (CUDA event, int64 [1] flag) of the inputs' copies; the GEMV kernel polls the
-        flag, the GEMM path waits on the event. Returns the seconds spent waiting for them."""
-        event, arrived = ready
+        Both first wait (spinning) for the inputs' flag `arrived` int64 [1]; returns the seconds
+        that took."""
         c = self.config
+        timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
         threshold = threshold if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
-            timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
             cycles = ops.moe_layer(
                 layer, x, ids, weights, rows, deferred, outs, done, c.rows_per_item,
                 c.int8_activations, c.prefetch_bytes, arrived, timeout,
             )  # fmt: skip
             return cycles / self._cycles_per_s
-        waited = time.perf_counter()
-        if event is not None:
-            event.synchronize()
-        waited = time.perf_counter() - waited
+        cycles = ops.wait_inputs(arrived, timeout)
         parts = kernels.split_parts(np.ascontiguousarray(ids, np.int64), weights, rows, deferred)
         for part in range(len(parts)):
             self._compute_mixed(layer, x, parts[part], weights, outs[part], threshold)
             done[part] += 1
-        return waited
+        return cycles / self._cycles_per_s
 
     def _compute_mixed(self, layer, x, ids, weights, out, threshold: int) -> None:
         """One part with the GEMM path for experts of `threshold` tokens or more."""

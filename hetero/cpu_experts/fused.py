@@ -10,7 +10,8 @@ the GIL once. A part's end is published in `done[part]` (an atomic add after its
 written): the caller polls it, and takes part 0 while part 1 is still being computed, with no
 thread handoff or GIL in between. The inputs' arrival is a flag too (`ready`, written by the
 caller, or by the CUDA stream right after the inputs' copies), polled here: the worker goes
-from its queue into the kernel without waiting on a CUDA event (and for the GIL after it).
+from its queue into the kernel without waiting on a CUDA event (and for the GIL after it);
+the GEMM path waits with `wait_inputs` alone.
 
 No disk cache: these wrappers call kernels defined in other files, and numba's cache would not
 notice when those change. They are small and compile in the engine's warm-up, reusing the

@@ -134,14 +134,13 @@ def moe_layer(
             f"ids {ids.shape}, weights {weights.shape}, outs {outs.shape}, done {done.shape}"
             f" do not fit x {x.shape} and {n} part(s)"
         )
-    if done.dtype != np.int64 or rows.dtype != np.int64 or not outs.flags.c_contiguous:
-        raise ValueError("done and rows must be int64, outs contiguous")
+    if done.dtype != np.int64 or not outs.flags.c_contiguous:
+        raise ValueError("done must be int64, outs contiguous")
     if ready is None:
         ready = np.ones(1, np.int64)
     if ready[0] and ids.size and ids.max() >= rows.shape[0]:  # (in flight: the kernel checks)
         raise ValueError(f"expert id {ids.max()} out of range for {rows.shape[0]} experts")
-    if rows.size and rows.max() >= layer.num_experts:
-        raise ValueError(f"engine row {rows.max()} out of range for {layer.num_experts} experts")
+    check_rows(rows, layer.num_experts)
     args = (x, ids, weights, rows, deferred, layer.num_experts)
     args += (layer.w13, layer.s13, layer.w2, layer.s2, outs, done, rows_per_item)
     offset = _q8_offset(layer, int8_activations)
@@ -149,9 +148,28 @@ def moe_layer(
         waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, ready, max_wait_cycles)
     else:
         waited = fused.moe_layer(*args, ready, max_wait_cycles)
+    return _arrived(waited, max_wait_cycles)
+
+
+def wait_inputs(ready: np.ndarray, max_wait_cycles: int) -> int:
+    """Spins, without the GIL, until ready[0] != 0 (see `moe_layer`); the cycles it waited."""
+    return _arrived(fused.wait_inputs(ready, max_wait_cycles), max_wait_cycles)
+
+
+def _arrived(waited: int, max_wait_cycles: int) -> int:
     if waited < 0:
         raise RuntimeError(f"a CPU expert job's inputs did not arrive ({max_wait_cycles} cycles)")
     return waited
+
+
+def check_rows(rows: np.ndarray, num_experts: int) -> None:
+    """rows [E]: an engine row (< num_experts) or -1 for each expert id."""
+    if rows.dtype != np.int64 or rows.ndim != 1 or (rows.size and rows.max() >= num_experts):
+        top = rows.max() if rows.size else None
+        raise ValueError(
+            f"rows must be int64 [E] with engine rows below {num_experts} (got {rows.dtype} "
+            f"{rows.shape}, max {top})"
+        )
 
 
 class DequantBuffers(NamedTuple):
