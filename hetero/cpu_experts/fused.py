@@ -24,13 +24,8 @@ import numpy as np
 from numba import get_num_threads, njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv, split_parts
-from hetero.cpu_experts.kernels_q8 import (
-    atomic_add,
-    atomic_load,
-    cycle_counter,
-    moe_gemv_q8,
-    spin_pause,
-)
+from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
+from hetero.cpu_experts.simd_q8 import atomic_add, atomic_load, cycle_counter, spin_pause
 
 JIT = {"nogil": True, "cache": False}
 

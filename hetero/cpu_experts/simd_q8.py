@@ -1,0 +1,325 @@
+"""The LLVM IR of kernels_q8's inner loops, written with llvmlite as numba intrinsics: the int8 x
+(int4 | int8) row dots (`vpdpbusd` where the CPU has AVX-512 VNNI), and the atomics, `pause` and
+cycle counter that its dataflow schedule and the engine's input wait use.
+
+Layout. A packed int4 row (formats.py) stores byte j of group g as w[g*G + j] | w[g*G + G/2 + j]
+<< 4. A 64-byte block of the row thus holds 128 consecutive k; the activations are stored in the
+same order: per block, 64 int8 for the low nibbles, then 64 for the high ones. A 32-bit lane of a
+block covers 4 bytes, i.e. 8 weights of one scale group; the nibbles are unsigned (q + 8), so each
+lane starts from -8 * (sum of its 8 activations), precomputed once per token.
+
+int8 rows (a scale per row or per 128 of K) take the same path with the activations in natural
+order: a block's two 64-byte halves are XORed with 0x80 (w + 128, unsigned), so each lane starts
+from -128 * (sum of its 8 activations).
+
+numba's disk cache is keyed by the defining file only, and these intrinsics are compiled into
+kernels_q8's cached kernels: kernels_q8.SIMD_Q8_SHA256 names this file's hash (a test checks it),
+so changing this file means changing that line, which rebuilds the cache.
+"""
+
+from __future__ import annotations
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+BLOCK = 128  # k per activation scale and per 64-byte block of a packed int4 row
+
+I8, I16, I32, I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
+F32 = ir.FloatType()
+V_B, V_I32, V_F32, V4_F32 = (
+    ir.VectorType(I8, 64),
+    ir.VectorType(I32, 16),
+    ir.VectorType(F32, 16),
+    ir.VectorType(F32, 4),
+)
+
+
+def has_vnni() -> bool:
+    return "+avx512vnni" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+def _dot4(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.Value:
+    """acc[l] + sum_{i<4} a[4l+i] * b[4l+i] for unsigned bytes a and signed bytes b (vpdpbusd)."""
+    if has_vnni():
+        fn = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(V_I32, [V_I32, V_I32, V_I32]),
+            "llvm.x86.avx512.vpdpbusd.512",
+        )
+        return builder.call(fn, [acc, builder.bitcast(a, V_I32), builder.bitcast(b, V_I32)])
+    v64 = ir.VectorType(I32, 64)  # portable IR, same integers: LLVM picks the instructions
+    prod = builder.mul(builder.zext(a, v64), builder.sext(b, v64))
+    for i in range(4):
+        lane = builder.shuffle_vector(
+            prod, ir.Constant(v64, ir.Undefined), ir.Constant(V_I32, [4 * l + i for l in range(16)])
+        )
+        acc = builder.add(acc, lane)
+    return acc
+
+
+def _load(builder, base, offset, vty, align=1):
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vty.as_pointer()), align=align)
+
+
+def _is_row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
+
+
+def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> list:
+    """IR of the row dot for each token of `tokens` [(xq, xs, xa) pointers]: the row's bytes
+    are unpacked and its scales widened once a block for all of them. `int8`: an int8 row with
+    f32 scales (else packed int4 with bf16 scales). `ahead`: bytes past each line read that are
+    prefetched into L2 (the next rows of the work item lie right after this one; 0: no use)."""
+    prefetch = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
+        "llvm.prefetch.p0",
+    )  # fmt: skip
+    hint = [ir.Constant(I32, v) for v in (0, 2, 1)]  # read, L2, data
+    accs = [cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16)) for _ in tokens]
+    c15, c4, c128 = (ir.Constant(V_B, [v] * 64) for v in (15, 4, 128))
+    to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
+    undef16 = ir.Constant(V_F32, ir.Undefined)
+    with cgutils.for_range(builder, blocks) as loop:
+        b = loop.index
+        x0 = builder.mul(b, ir.Constant(I64, BLOCK))
+        if int8:  # two 64-byte halves, made unsigned: w + 128
+            lo = builder.xor(_load(builder, w_p, x0, V_B), c128)
+            hi = builder.xor(_load(builder, w_p, builder.add(x0, ir.Constant(I64, 64)), V_B), c128)
+            lines = [x0, builder.add(x0, ir.Constant(I64, 64))]
+        else:
+            line = builder.mul(b, ir.Constant(I64, 64))
+            wv = _load(builder, w_p, line, V_B)
+            lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+            lines = [line]
+        for line in lines:
+            builder.call(prefetch, [builder.gep(w_p, [builder.add(line, ahead)]), *hint])
+        sw = builder.shuffle_vector(
+            _block_scales(builder, s_p, b, x0, shift, int8), ir.Constant(V4_F32, ir.Undefined), to16
+        )
+        for (xq_p, xs_p, xa_p), acc in zip(tokens, accs):
+            xl = _load(builder, xq_p, x0, V_B)
+            xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
+            start = _load(builder, xa_p, builder.mul(b, ir.Constant(I64, 16)), V_I32, 4)
+            dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
+            sa = builder.insert_element(
+                undef16, builder.load(builder.gep(xs_p, [b])), ir.Constant(I32, 0)
+            )
+            sa16 = builder.shuffle_vector(sa, undef16, ir.Constant(V_I32, [0] * 16))
+            scale = builder.fmul(sw, sa16, flags=("fast",))
+            term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
+            builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
+    totals = []
+    for acc in accs:
+        v = builder.load(acc)
+        total = builder.extract_element(v, ir.Constant(I32, 0))
+        for i in range(1, 16):
+            total = builder.fadd(
+                total, builder.extract_element(v, ir.Constant(I32, i)), flags=("fast",)
+            )
+        totals.append(total)
+    return totals
+
+
+def _block_scales(builder, s_p, b, x0, shift, int8: bool):
+    """<4 x float>: the scale of each 32-k quarter of block b, s[(128 b + 32 c) >> gshift].
+    The common groups get their own short paths (LLVM hoists the test out of the loop): group
+    32 of int4 loads the four bf16 scales at once, group 128 and per-row scales splat one."""
+
+    def widen(value, n):  # bf16 bits (i16 or <n x i16>) -> f32; f32 as is
+        if int8:
+            return value
+        ty = I32 if n == 1 else ir.VectorType(I32, n)
+        shifted = builder.shl(builder.zext(value, ty), ir.Constant(ty, 16) if n == 1 else
+                              ir.Constant(ty, [16] * n))  # fmt: skip
+        return builder.bitcast(shifted, F32 if n == 1 else ir.VectorType(F32, n))
+
+    def splat(f):
+        v = builder.insert_element(ir.Constant(V4_F32, ir.Undefined), f, ir.Constant(I32, 0))
+        return builder.shuffle_vector(
+            v, ir.Constant(V4_F32, ir.Undefined), ir.Constant(ir.VectorType(I32, 4), [0] * 4)
+        )
+
+    def generic():
+        quarter = ir.Constant(V4_F32, ir.Undefined)
+        for c in range(4):
+            k = builder.add(x0, ir.Constant(I64, 32 * c))
+            f = widen(builder.load(builder.gep(s_p, [builder.lshr(k, shift)])), 1)
+            quarter = builder.insert_element(quarter, f, ir.Constant(I32, c))
+        return quarter
+
+    cases = [
+        (builder.icmp_unsigned(">=", shift, ir.Constant(I64, 62)),
+         lambda: splat(widen(builder.load(s_p), 1))),  # one scale a row
+        (builder.icmp_unsigned("==", shift, ir.Constant(I64, 7)),
+         lambda: splat(widen(builder.load(builder.gep(s_p, [b])), 1))),  # group 128
+    ]  # fmt: skip
+    if not int8:  # int4 group 32: the block's four scales are adjacent
+        four = ir.VectorType(I16, 4)
+        at = builder.bitcast(
+            builder.gep(s_p, [builder.mul(b, ir.Constant(I64, 4))]), four.as_pointer()
+        )
+        cases.append((builder.icmp_unsigned("==", shift, ir.Constant(I64, 5)),
+                      lambda: widen(builder.load(at, align=2), 4)))  # fmt: skip
+    return _select(builder, cases, generic)
+
+
+def _select(builder, cases, otherwise):
+    """The value of the first case whose condition holds, else otherwise(): branches and a phi,
+    so each path's loads happen only where they are in bounds."""
+    if not cases:
+        return otherwise()
+    (cond, make), rest = cases[0], cases[1:]
+    with builder.if_else(cond) as (then, other):
+        with then:
+            a = make()
+            a_block = builder.block
+        with other:
+            b = _select(builder, rest, otherwise)
+            b_block = builder.block
+    phi = builder.phi(a.type)
+    phi.add_incoming(a, a_block)
+    phi.add_incoming(b, b_block)
+    return phi
+
+
+def _i64(builder, v):
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+def _weights_kind(w, s) -> bool | None:
+    """int8 (True) or packed int4 (False) rows by their arrays' dtypes; None if neither."""
+    if _is_row(w, types.uint8) and _is_row(s, types.uint16):
+        return False
+    if _is_row(w, types.int8) and _is_row(s, types.float32):
+        return True
+    return None
+
+
+def _is_table(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 2 and a.dtype == dtype
+
+
+@intrinsic
+def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
+    """sum_k w[k] x[k] for one row: packed int4 w [K/2] u8 with bf16 scales s [K/G], or int8
+    w [K] with f32 scales s [K/G] (G = 1 << gshift), against activations as `quantize_row`
+    leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
+    int8 = _weights_kind(w, s)
+    acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
+    if int8 is None or not all(_is_row(a, d) for a, d in acts):
+        return None
+    if not (isinstance(gshift, types.Integer) and isinstance(ahead, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w_a, s_a, xq_a, xs_a, xa_a = (
+            context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
+        )
+        token = (
+            builder.bitcast(xq_a.data, I8.as_pointer()),
+            builder.bitcast(xs_a.data, F32.as_pointer()),
+            builder.bitcast(xa_a.data, I32.as_pointer()),
+        )
+        w_p = builder.bitcast(w_a.data, I8.as_pointer())
+        s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
+        blocks = builder.extract_value(xs_a.shape, 0)
+        shift, far = _i64(builder, args[5]), _i64(builder, args[6])
+        return _emit_dots(builder, w_p, s_p, [token], blocks, shift, int8, far)[0]
+
+    return types.float32(w, s, xq, xs, xa, gshift, ahead), codegen
+
+
+@intrinsic
+def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
+    """`q8_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
+    K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked once for all four."""
+    int8 = _weights_kind(w, s)
+    acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
+    if int8 is None or not all(_is_table(a, d) for a, d in acts):
+        return None
+    if not all(isinstance(t, types.Integer) for t in (t0, t1, t2, t3, gshift, ahead)):
+        return None
+    ret = types.UniTuple(types.float32, 4)
+
+    def codegen(context, builder, sig, args):
+        w_a, s_a, xq_a, xs_a, xa_a = (
+            context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
+        )
+        rows = [builder.extract_value(a.shape, 1) for a in (xq_a, xs_a, xa_a)]
+        bases = (
+            builder.bitcast(xq_a.data, I8.as_pointer()),
+            builder.bitcast(xs_a.data, F32.as_pointer()),
+            builder.bitcast(xa_a.data, I32.as_pointer()),
+        )
+        tokens = []
+        for t in args[5:9]:
+            t = _i64(builder, t)
+            tokens.append(tuple(builder.gep(p, [builder.mul(t, n)]) for p, n in zip(bases, rows)))
+        w_p = builder.bitcast(w_a.data, I8.as_pointer())
+        s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
+        shift, far = _i64(builder, args[9]), _i64(builder, args[10])
+        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8, far)
+        return context.make_tuple(builder, ret, totals)
+
+    return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead), codegen
+
+
+@intrinsic
+def atomic_add(typingctx, a, i, v):
+    """a[i] += v as one atomic step (sequentially consistent); the value before. a: int64 [n]."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.atomic_rmw("add", at, _i64(builder, args[2]), "seq_cst")
+
+    return types.int64(a, i, v), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, a, i):
+    """a[i], read atomically (acquire: what its writer did before its release is visible)."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.load_atomic(at, "acquire", 8)
+
+    return types.int64(a, i), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """x86's `pause` in a spin loop (spares the sibling hyperthread and the memory bus)."""
+
+    def codegen(context, builder, sig, args):
+        if llvm.get_process_triple().startswith(("x86_64", "i686")):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+            )
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's cycle counter (rdtsc on x86): cheap timestamps inside a kernel."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(I64, []), "llvm.readcyclecounter"
+        )
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
