@@ -207,6 +207,7 @@ def run(args) -> None:
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
     modes = ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
+    full, full_moe = full_layers(args.workload)  # of the model the workload stands for
     for B in args.batch:
         length = PROMPT + (len(modes) * args.rounds + 2) * (args.steps + 2) + 3
         cache = model.new_cache(B, length)
@@ -219,9 +220,9 @@ def run(args) -> None:
             graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
         pos, rounds = PROMPT, {mode: [] for mode in modes}
         order = random.Random(B)  # rounds of all modes, each in its own order: a VM's slow
-        for r in range(args.rounds):  # spell then hits every mode, not always the same one
+        for round_ in range(args.rounds):  # spell then hits every mode, not always the same one
             cpu_alone = time_cpu_alone(engine, config, B, args.steps, args.gpu_experts)
-            for mode in modes if r == 0 else order.sample(modes, len(modes)):
+            for mode in modes if round_ == 0 else order.sample(modes, len(modes)):
                 set_mode(model, config, engine, mode)
                 time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm-up
                 pos += 2
@@ -250,7 +251,6 @@ def run(args) -> None:
                     "wait_ms": round(r["wait_ms"] / M, 3),
                 }
             if args.workload == "v3-slice":
-                full, full_moe = full_layers(args.workload)
                 t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
