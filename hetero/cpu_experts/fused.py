@@ -13,21 +13,27 @@ caller, or by the CUDA stream right after the inputs' copies), polled here: the 
 from its queue into the kernel without waiting on a CUDA event (and for the GIL after it);
 the GEMM path waits with `wait_inputs` alone.
 
-No disk cache: these wrappers call kernels defined in other files, and numba's cache would not
-notice when those change. They are small and compile in the engine's warm-up, reusing the
-cached kernels they call.
+Disk-cached like the kernels they call, which live in other files: numba keys a cache by the
+defining file alone, so DEPENDS names those files' hashes (tests/test_cpu_engine.py checks
+them) and a change there is a change here too.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit
+from numba import njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv, split_parts
 from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
 from hetero.cpu_experts.simd_q8 import atomic_add, atomic_load, cycle_counter, spin_pause
 
-JIT = {"nogil": True, "cache": False}
+JIT = {"nogil": True, "cache": True}
+# what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
+DEPENDS = {
+    "kernels.py": "be66012f25d0439d",
+    "kernels_q8.py": "3ea0e16d79a53393",
+    "simd_q8.py": "8265d2e58426e217",
+}
 
 
 @njit(**JIT)
@@ -54,7 +60,7 @@ def ready_parts(ready, max_cycles, ids, weights, rows_of, deferred):
 @njit(**JIT)
 def moe_layer_q8(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
-    ahead, ready, max_cycles,
+    ahead, threads, ready, max_cycles,
 ):  # fmt: skip
     """Once ready[0] != 0: outs[p] [T, H] = the routed experts of part p of ids [T, k]
     (kernels.split_parts by rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's
@@ -66,7 +72,7 @@ def moe_layer_q8(
         y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
         moe_gemv_q8(
             x, weights, experts, ptr, pair_token, pair_slot, w13, s13, w2, s2, y, rows, offset,
-            ahead, get_num_threads(),
+            ahead, threads,
         )  # fmt: skip
         combine(pos, y, outs[part])
         atomic_add(done, part, 1)

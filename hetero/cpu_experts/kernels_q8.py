@@ -8,8 +8,8 @@ conversion and one FMA per 128 weights. The row dots and the other intrinsics ar
 (the weights' and activations' layout is described there).
 
 numba's disk cache is keyed by the defining file only: the kernels here inline simd_q8.py's
-intrinsics, so SIMD_Q8_SHA256 names that file's hash (tests/test_cpu_experts.py checks it) and a
-change there is a change here too.
+intrinsics, so DEPENDS names that file's hash (tests/test_cpu_engine.py checks it) and a change
+there is a change here too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from hetero.cpu_experts.simd_q8 import (
     spin_pause,
 )
 
-SIMD_Q8_SHA256 = "cf9515c23f0d7a50"  # of simd_q8.py, its first 16 hex digits
+# what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
+DEPENDS = {"simd_q8.py": "8265d2e58426e217"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 

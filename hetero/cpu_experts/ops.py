@@ -145,7 +145,8 @@ def moe_layer(
     args += (layer.w13, layer.s13, layer.w2, layer.s2, outs, done, rows_per_item)
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
-        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, ready, max_wait_cycles)
+        threads = numba.get_num_threads()  # (as an argument: the kernels stay cacheable)
+        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, threads, ready, max_wait_cycles)
     else:
         waited = fused.moe_layer(*args, ready, max_wait_cycles)
     return _arrived(waited, max_wait_cycles)

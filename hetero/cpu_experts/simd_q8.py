@@ -13,8 +13,8 @@ order: a block's two 64-byte halves are XORed with 0x80 (w + 128, unsigned), so 
 from -128 * (sum of its 8 activations).
 
 numba's disk cache is keyed by the defining file only, and these intrinsics are compiled into
-kernels_q8's cached kernels: kernels_q8.SIMD_Q8_SHA256 names this file's hash (a test checks it),
-so changing this file means changing that line, which rebuilds the cache.
+kernels_q8's and fused's cached kernels: their DEPENDS name this file's hash (a test checks it),
+so changing this file means changing those lines, which rebuilds the caches.
 """
 
 from __future__ import annotations
