@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from hetero.cpu_experts import amx  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format, PackedExperts, as_tensor  # noqa: E402
 
@@ -164,6 +165,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=0, help="0: enough for ~1 s per point")
     p.add_argument("--gemm-min-tokens", type=int, default=EngineConfig.gemm_min_tokens)
     p.add_argument("--gemm-min-tokens-q8", type=int, default=EngineConfig.gemm_min_tokens_q8)
+    p.add_argument("--gemm-min-tokens-amx", type=int, default=EngineConfig.gemm_min_tokens_amx)
+    p.add_argument("--no-amx", action="store_true", help="no AMX GEMM path (where the CPU has it)")
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
@@ -187,6 +190,8 @@ def main() -> None:
         "rows_per_item": args.rows_per_item,
         "gemm_min_tokens": args.gemm_min_tokens,
         "gemm_min_tokens_q8": args.gemm_min_tokens_q8,
+        "amx": not args.no_amx and amx.has_amx(),
+        "gemm_min_tokens_amx": args.gemm_min_tokens_amx,
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
         "hugepages": args.hugepages,
@@ -205,6 +210,8 @@ def main() -> None:
                 threads=threads,
                 gemm_min_tokens=args.gemm_min_tokens,
                 gemm_min_tokens_q8=args.gemm_min_tokens_q8,
+                amx=not args.no_amx,
+                gemm_min_tokens_amx=args.gemm_min_tokens_amx,
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,

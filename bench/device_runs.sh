@@ -3,7 +3,7 @@
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out; PACK=1: as one
 #   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
-#   fp8-gemm | decode-depth | cpu-decode | train-demo
+#   fp8-gemm | decode-depth | cpu-decode | cpu-amx | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -62,6 +62,13 @@ for stage in "$@"; do
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
         > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;
+    cpu-amx)  # the AMX GEMM path: its tests on the real tile instructions, then prefill sizes
+      # against the naive loop (~4 min)
+      (lscpu; grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort | uniq -c) > "$OUT/cpu_info.txt" 2>&1
+      timeout 200 python3 -m pytest -v tests/test_cpu_amx.py 2>&1 | tee "$OUT/$day-amx-tests.log" \
+        | tail -5
+      timeout 360 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 16,64,256,1024 \
+        > "$OUT/cpu_moe_amx.jsonl" 2> "$OUT/cpu_moe_amx.err"; tail -3 "$OUT/cpu_moe_amx.err" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;

@@ -23,7 +23,7 @@ def weights():
     return expert_weights()
 
 
-@pytest.mark.parametrize("module", ["kernels_q8", "fused"])
+@pytest.mark.parametrize("module", ["kernels_q8", "fused", "kernels_amx"])
 def test_cached_kernels_name_the_hashes_of_what_they_compile_in(module):
     """numba caches a module's kernels by its own file alone; the kernels of these modules
     compile in code from other files, so a change there must come with a new hash in DEPENDS

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 import torch
 
-from hetero.cpu_experts import kernels, kernels_q8, ops
+from hetero.cpu_experts import amx, kernels, kernels_q8, ops
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ class EngineConfig:
     # tokens: 2-3x faster than the GEMM path at 2-8 tokens an expert on a 2-core AMD box (int4);
     # the device sweep is pending
     gemm_min_tokens_q8: int = 32
+    # where the CPU has AMX tiles (kernels_amx: int4/int8 layers), experts with at least this
+    # many tokens take the AMX GEMM path instead of both of the above
+    amx: bool = True
+    gemm_min_tokens_amx: int = 16
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB
@@ -109,6 +113,7 @@ class CPUExperts:
             sys.setswitchinterval(min(sys.getswitchinterval(), self.config.gil_switch_s))
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
+        self._amx_scratch: dict[str, np.ndarray] = {}  # the AMX path's buffers (worker only)
         self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
         self._staged: torch.cuda.Event | None = None  # the copies out of _staging
         self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
@@ -162,6 +167,9 @@ class CPUExperts:
         specs = [(t.shape, t.dtype) for t in inputs]
         specs += [((parts, *x.shape), torch.float32), ((1,), torch.int64)]
         *host, outs, arrived = _host_views(specs, pin=x.is_cuda)
+        # the buffer is uninitialized (pinned blocks are recycled): a 1 left in `arrived` by an
+        # earlier job would start the kernel on inputs not copied yet
+        arrived.zero_()
         for h, t in zip(host, inputs):
             h.copy_(t, non_blocking=x.is_cuda)
         if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
@@ -266,6 +274,8 @@ class CPUExperts:
         timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
+        if self._use_amx(layer):
+            threshold = c.gemm_min_tokens_amx
         threshold = threshold if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
@@ -294,6 +304,11 @@ class CPUExperts:
         ops.moe_gemv(
             layer, x, weights, light, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
         )
+        if heavy.size and self._use_amx(layer):
+            heavy_ids = np.where(np.isin(ids, g.experts[heavy]), ids, -1)
+            heavy_g = ops.group_by_expert(heavy_ids, layer.num_experts)
+            ops.moe_gemm_amx(layer, x, weights, heavy_g, out, self._amx_scratch)
+            return
         y, xt = torch.from_numpy(out), torch.from_numpy(x)
         for a in heavy:
             pairs = slice(g.ptr[a], g.ptr[a + 1])
@@ -301,6 +316,9 @@ class CPUExperts:
             w = torch.from_numpy(weights[g.pair_token[pairs], g.pair_slot[pairs]])[:, None]
             ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
             y.index_add_(0, tokens, ye * w)
+
+    def _use_amx(self, layer: PackedExperts) -> bool:
+        return self.config.amx and ops.amx_ok(layer) and amx.enable()
 
 
 def in_hugepages(packed: PackedExperts) -> PackedExperts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numba
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetero.cpu_experts import fused, kernels, kernels_q8
+from hetero.cpu_experts import amx, fused, kernels, kernels_amx, kernels_q8
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 
@@ -171,6 +172,83 @@ def check_rows(rows: np.ndarray, num_experts: int) -> None:
             f"rows must be int64 [E] with engine rows below {num_experts} (got {rows.dtype} "
             f"{rows.shape}, max {top})"
         )
+
+
+def amx_ok(layer: PackedExperts) -> bool:
+    """Layers `moe_gemm_amx` takes: int4 and int8 with H and I multiples of 128 (any group)."""
+    sizes = (layer.hidden, layer.inter)
+    return layer.fmt.name in ("int4", "int8") and all(n % kernels_amx.BLOCK == 0 for n in sizes)
+
+
+def moe_gemm_amx(
+    layer: PackedExperts,
+    x: np.ndarray,
+    weights: np.ndarray,
+    g: Grouping,
+    out: np.ndarray,
+    scratch: dict[str, np.ndarray] | None = None,
+) -> None:
+    """out [T, H] += the routed experts of `g` applied to x [T, H], on AMX tiles (kernels_amx;
+    an exact emulation where the CPU has no AMX: tests only). For experts with many tokens.
+    `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
+    first touch would cost tens of ms a call)."""
+    scratch = {} if scratch is None else scratch
+    _check(layer, x, weights, out)
+    if not amx_ok(layer):
+        raise ValueError(f"the AMX path takes int4/int8 layers with H, I % 128 == 0, not {layer}")
+    amx.enable()
+    H, I, A = layer.hidden, layer.inter, g.experts.shape[0]
+    if A == 0:
+        return
+    tiles = -(-g.counts() // kernels_amx.TM)  # [A] token tiles of each expert
+    first = np.concatenate([[0], np.cumsum(tiles)]).astype(np.int64)  # [A + 1]
+    U = int(first[-1])
+    pairs = np.full((U, kernels_amx.TM), -1, np.int64)  # [U, 16] pair of each token column
+    a_of = np.repeat(np.arange(A), g.counts())  # [P]
+    local = np.arange(g.pair_token.shape[0]) - g.ptr[a_of]
+    pairs.reshape(-1)[first[a_of] * kernels_amx.TM + local] = np.arange(local.shape[0])
+    tokens = np.where(pairs >= 0, g.pair_token[np.maximum(pairs, 0)], -1)  # [U, 16]
+    scale = np.ascontiguousarray(weights[g.pair_token, g.pair_slot], np.float32)  # [P]
+    offset = 8 if layer.fmt.name == "int4" else 0
+    threads = numba.get_num_threads()
+    G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
+    xb, xs, xsum = _b_tiles(x, tokens, G13, scratch, "x")
+    h = _scratch(scratch, "h", (U, kernels_amx.TM, I), np.float32)
+    flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
+    kernels_amx.gate_up(*flat, H, I, G13, offset, _config(G13), g.experts, first, xb.reshape(-1),
+                        xs, xsum, h, threads)  # fmt: skip
+    columns = np.where(pairs >= 0, np.arange(U * kernels_amx.TM).reshape(U, -1), -1)
+    hb, hs, hsum = _b_tiles(h.reshape(U * kernels_amx.TM, I), columns, G2, scratch, "h")
+    y = _scratch(scratch, "y", (g.pair_token.shape[0], H), np.float32)
+    flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
+    kernels_amx.down(*flat, H, I, G2, offset, _config(G2), g.experts, first, hb.reshape(-1), hs,
+                     hsum, pairs, scale, y, threads)  # fmt: skip
+    kernels_amx.add_pairs(g.pos, y, out)
+
+
+def _config(G: int) -> np.ndarray:
+    return kernels_amx.tile_config(kernels_amx.tile_k(G)[0])
+
+
+def _b_tiles(
+    src: np.ndarray, index: np.ndarray, G: int, scratch: dict[str, np.ndarray], name: str
+) -> tuple[np.ndarray, ...]:
+    """kernels_amx.quantize_tiles of the rows index [U, 16] of src [N, K] (-1: zeros)."""
+    (U, _), K = index.shape, src.shape[1]
+    kt, rr = kernels_amx.tile_k(G)
+    xb = _scratch(scratch, name + "b", (U, K // kt, kt // 4, 64), np.int8)
+    xs = _scratch(scratch, name + "s", (U, K // kernels_amx.BLOCK, kernels_amx.TM), np.float32)
+    xsum = _scratch(scratch, name + "sum", (U, K // rr, kernels_amx.TM), np.int32)
+    kernels_amx.quantize_tiles(src, index, kt, rr, xb, xs, xsum)
+    return xb, xs, xsum
+
+
+def _scratch(scratch: dict[str, np.ndarray], name: str, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialized array of this shape from scratch[name], grown (x1.5) when too small."""
+    n = math.prod(shape) * np.dtype(dtype).itemsize
+    if name not in scratch or scratch[name].nbytes < n:
+        scratch[name] = np.empty(n * 3 // 2 if name in scratch else n, np.uint8)
+    return scratch[name][:n].view(dtype).reshape(shape)
 
 
 class DequantBuffers(NamedTuple):

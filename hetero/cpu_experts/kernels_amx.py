@@ -1,0 +1,331 @@
+"""The GEMM path of the routed experts on AMX tiles: experts with many tokens (prefill).
+
+Why: at 1024 tokens a V3 layer's experts get ~32 tokens each, and the work is compute-bound
+(0.72 TFLOP a layer call). The VNNI row dots of kernels_q8 top out near 2 TOP/s on 16 cores and
+oneDNN's bf16 matmuls at ~1.4 TFLOP/s on 32-row shapes, with a dequantized copy of each expert
+first; AMX's `tdpbusd` multiplies int8 tiles 8x faster than VNNI, on the packed weights as they
+are: an int4 row's nibbles are its unsigned bytes (q + 8), int8 rows its signed ones.
+
+Shapes. A weight tile A is 16 rows x KT of k (KT = 32 or 64 bytes); an activation tile B is KT
+of k x 16 tokens in VNNI order; the product C [16 rows x 16 tokens] is int32. Weights have a
+scale per row and group of G along k, activations a scale per token and 128 of k (as
+kernels_q8): C is taken out of the tile unit and scaled every RR = min(G, 128) of k,
+acc += (C - offset * sum(x)) * s_w[row] * s_x[token], where `offset` (8 for int4 nibbles, 0 for
+int8) makes the unsigned bytes signed. An int4 group of G holds its k as G/2 bytes, the low
+nibbles first (formats.py), so unpacking a group gives its k in natural order.
+
+Flow of one call (`moe_gemm`), over the experts given (each with its pairs' tokens):
+1. quantize each expert's tokens, 16 a tile, into B tiles (`quantize_tiles`);
+2. gate/up: items of 16 rows of w13 (8 gate/up pairs) x all the expert's token tiles, taken by
+   the threads from a shared counter; h = silu(gate) * up, in f32;
+3. quantize h into B tiles; 4. down: items of 16 rows of w2 -> y [pair, H], times the pair's
+   router weight; 5. out[token] += its pairs' y.
+
+DEPENDS names the files whose code the cached kernels here compile in (tests check the hashes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from hetero.cpu_experts import amx
+from hetero.cpu_experts.kernels import bf16_to_f32
+from hetero.cpu_experts.simd_q8 import atomic_add
+
+DEPENDS = {
+    "amx.py": "770a879cbb6c3062",
+    "kernels.py": "be66012f25d0439d",
+    "simd_q8.py": "8265d2e58426e217",
+}
+JIT = {"nogil": True, "fastmath": True, "cache": True}
+TM = 16  # tokens a B tile, rows an A tile
+BLOCK = 128  # k per activation scale
+A0, A1, B0, B1, C = 1, 2, 3, 4, 0  # tile numbers
+
+
+def tile_config(kt: int) -> np.ndarray:
+    b = (kt // 4, 64)  # B tiles: KT/4 rows of 16 tokens x 4 k
+    return amx.config({C: (TM, 64), A0: (TM, kt), A1: (TM, kt), B0: b, B1: b})
+
+
+def _scale(s, i):
+    """Scale i of a flat scale array (bf16 bits or f32) as f32."""
+
+
+@overload(_scale, inline="always")
+def _scale_impl(s, i):
+    if s.dtype == types.uint16:
+        return lambda s, i: bf16_to_f32(s[i])
+    return lambda s, i: np.float32(s[i])
+
+
+@njit(**JIT)
+def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
+    """B tiles of the rows index [U, 16] of src [N, K] f32 (-1: a zero column).
+
+    xb [U, K/KT, KT/4, 64] i8: tile u's k-chunk c, VNNI order (row kk holds k = 4 kk .. 4 kk + 3
+    of each of the 16 tokens); xs [U, K/128, 16] f32: per token and 128 of k, amax / 127;
+    xsum [U, K/RR, 16] i32: the sum of the quantized values over each RR of k."""
+    U, K = index.shape[0], src.shape[1]
+    for u in prange(U):
+        xb[u] = 0
+        xsum[u] = 0
+        for m in range(TM):
+            row = index[u, m]
+            if row < 0:
+                xs[u, :, m] = 0.0
+                continue
+            x = src[row]
+            for b in range(K // BLOCK):
+                amax = np.float32(0.0)
+                for i in range(BLOCK):
+                    amax = max(amax, abs(x[b * BLOCK + i]))
+                xs[u, b, m] = amax / np.float32(127.0)
+            for c in range(K // kt):  # (loops in k order: no division a value)
+                scale = xs[u, c * kt // BLOCK, m]
+                inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+                total = np.int32(0)
+                for kk in range(kt // 4):
+                    for j in range(4):
+                        q = np.int32(np.rint(x[c * kt + 4 * kk + j] * inv))
+                        xb[u, c, kk, 4 * m + j] = q
+                        total += q
+                xsum[u, c * kt // rr, m] += total
+
+
+@njit(inline="always", **JIT)
+def _rows_times_tiles(
+    tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt, acc, ab, cbuf, sw
+):  # fmt: skip
+    """acc[t, n, m] = sum over k of weight row row0 + n times token m of tile u0 + t, for the
+    16 rows from row0 of w (flat: int4 bytes K/2 a row, or int8 K a row) and nt token tiles."""
+    int8 = offset == 0
+    rowb = K if int8 else K // 2
+    nk = rr // kt
+    bt = kt // 4 * 64  # bytes of a B tile
+    ng = K // G
+    acc[: nt * TM * TM] = 0.0
+    for q in range(K // rr):
+        k0 = q * rr
+        if int8:  # A straight from the weights
+            amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)
+            if nk == 2:
+                amx.tile_load(tiles, A1, w, row0 * rowb + k0 + kt, rowb)
+        else:  # unpack one group a row (rr = G): low nibbles, then high, natural k
+            unpack_rows(w, row0 * rowb + k0 // 2, rowb, ab, rr)
+            amx.tile_load(tiles, A0, ab, 0, rr)
+            if nk == 2:
+                amx.tile_load(tiles, A1, ab, kt, rr)
+        for r in range(TM):
+            sw[r] = _scale(s, (row0 + r) * ng + k0 // G)
+        b = k0 // BLOCK
+        for t in range(nt):
+            u = u0 + t
+            chunk = (u * (K // kt) + q * nk) * bt
+            amx.tile_zero(tiles, C)
+            amx.tile_load(tiles, B0, xb, chunk, 64)
+            if int8:
+                amx.tile_dp_bssd(tiles, C, A0, B0)
+            else:
+                amx.tile_dp_busd(tiles, C, A0, B0)
+            if nk == 2:
+                amx.tile_load(tiles, B1, xb, chunk + bt, 64)
+                if int8:
+                    amx.tile_dp_bssd(tiles, C, A1, B1)
+                else:
+                    amx.tile_dp_busd(tiles, C, A1, B1)
+            amx.tile_store(tiles, C, cbuf, 0, 64)
+            rescale(cbuf, acc[t * TM * TM : (t + 1) * TM * TM], xs[u, b], xsum[u, q], sw, offset)
+
+
+I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+
+
+def _row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and a.dtype == dtype
+
+
+def _vec(builder, ptr, offset, n, ty):
+    """A <n x ty> pointer `offset` elements past ptr."""
+    return builder.bitcast(builder.gep(ptr, [offset]), ir.VectorType(ty, n).as_pointer())
+
+
+def _splat(builder, f):
+    """<16 x float> of the float f."""
+    v16 = ir.VectorType(F32, 16)
+    one = builder.insert_element(ir.Constant(v16, ir.Undefined), f, I32(0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+
+
+@intrinsic
+def unpack_rows(typingctx, w, start, rowb, ab, rr):
+    """ab [16, rr] u8 = the 16 int4 rows' groups from byte `start` of w (rows `rowb` bytes
+    apart), one group of rr k a row: its low nibbles, then its high ones (rr: 32, 64 or 128)."""
+    if not ((_row(w, types.uint8) or _row(w, types.int8)) and _row(ab, types.uint8)):
+        return None  # (int8 rows type-check here too: the kernels branch on the format)
+    if not all(isinstance(t, types.Integer) for t in (start, rowb, rr)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w_p, ab_p = (
+            builder.bitcast(context.make_array(t)(context, builder, a).data, I8.as_pointer())
+            for t, a in ((sig.args[0], args[0]), (sig.args[3], args[3]))
+        )
+        start_, rowb_, rr_ = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4)
+        )
+        end = builder.append_basic_block("unpacked")
+        switch = builder.switch(rr_, end)
+        for half in (16, 32, 64):
+            block = builder.append_basic_block(f"half{half}")
+            switch.add_case(I64(2 * half), block)
+            builder.position_at_end(block)
+            bytes_ = ir.VectorType(I8, half)
+            low, four = ir.Constant(bytes_, [15] * half), ir.Constant(bytes_, [4] * half)
+            for r in range(TM):
+                src = builder.add(start_, builder.mul(rowb_, I64(r)))
+                v = builder.load(_vec(builder, w_p, src, half, I8), align=1)
+                for part, value in enumerate((builder.and_(v, low), builder.lshr(v, four))):
+                    dst = _vec(builder, ab_p, I64((2 * r + part) * half), half, I8)
+                    builder.store(value, dst, align=1)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return types.none(w, start, rowb, ab, rr), codegen
+
+
+@intrinsic
+def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
+    """acc [16 x 16] += (C - offset * xsum) * sw[row] * xs[token] for the int32 C tile cbuf
+    [16 x 16] (rows x tokens): xs [16] f32, xsum [16] i32, sw [16] f32."""
+    rows = ((cbuf, types.int32), (acc, types.float32), (xs, types.float32))
+    if not all(_row(a, d) for a, d in rows + ((xsum, types.int32), (sw, types.float32))):
+        return None
+    if not isinstance(offset, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        c_p, acc_p, xs_p, xsum_p, sw_p = (
+            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:5], args[:5])
+        )
+        fast = ("fast",)
+        v16 = ir.VectorType(F32, 16)
+        xs_v = builder.load(_vec(builder, xs_p, I64(0), 16, F32), align=4)
+        sums = builder.sitofp(builder.load(_vec(builder, xsum_p, I64(0), 16, I32), align=4), v16)
+        off_v = _splat(builder, context.cast(builder, args[5], sig.args[5], types.float32))
+        corr = builder.fmul(builder.fmul(sums, off_v, flags=fast), xs_v, flags=fast)
+        for n in range(TM):
+            c = builder.sitofp(builder.load(_vec(builder, c_p, I64(16 * n), 16, I32), align=4), v16)
+            t = builder.fsub(builder.fmul(c, xs_v, flags=fast), corr, flags=fast)
+            s_v = _splat(builder, builder.load(builder.gep(sw_p, [I64(n)])))
+            at = _vec(builder, acc_p, I64(16 * n), 16, F32)
+            new = builder.fadd(
+                builder.load(at, align=4), builder.fmul(t, s_v, flags=fast), flags=fast
+            )
+            builder.store(new, at, align=4)
+        return context.get_dummy_value()
+
+    return types.none(cbuf, acc, xs, xsum, sw, offset), codegen
+
+
+@njit(parallel=True, **JIT)
+def gate_up(w13, s13, H, I, G, offset, cfg, experts, first_tile, xb, xs, xsum, h, threads):
+    """Step 2: h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat
+    (rows [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U."""
+    kt, rr = tile_k(G)
+    A = experts.shape[0]
+    slabs = 2 * I // TM
+    counter = np.zeros(16, np.int64)
+    most = _most_tiles(first_tile)
+    for _ in prange(threads):
+        tiles, ab, cbuf, sw = _scratch()
+        acc = np.empty(most * TM * TM, np.float32)
+        amx.tile_config(tiles, cfg)
+        i = atomic_add(counter, 0, 1)
+        while i < A * slabs:
+            a, slab = i // slabs, i % slabs
+            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
+            row0 = experts[a] * 2 * I + slab * TM
+            _rows_times_tiles(tiles, w13, s13, row0, H, G, kt, rr, offset, xb, xs, xsum, u0,
+                              nt, acc, ab, cbuf, sw)  # fmt: skip
+            for t in range(nt):
+                for j in range(TM // 2):
+                    r = slab * TM // 2 + j
+                    for m in range(TM):
+                        g = acc[t * TM * TM + 2 * j * TM + m]
+                        up = acc[t * TM * TM + (2 * j + 1) * TM + m]
+                        h[u0 + t, m, r] = g / (np.float32(1.0) + np.exp(-g)) * up
+            i = atomic_add(counter, 0, 1)
+        amx.tile_release(tiles)
+
+
+@njit(parallel=True, **JIT)
+def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs, scale, y,
+         threads):  # fmt: skip
+    """Step 4: y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each
+    token column (-1: padding)."""
+    kt, rr = tile_k(G)
+    A = experts.shape[0]
+    slabs = H // TM
+    counter = np.zeros(16, np.int64)
+    most = _most_tiles(first_tile)
+    for _ in prange(threads):
+        tiles, ab, cbuf, sw = _scratch()
+        acc = np.empty(most * TM * TM, np.float32)
+        amx.tile_config(tiles, cfg)
+        i = atomic_add(counter, 0, 1)
+        while i < A * slabs:
+            a, slab = i // slabs, i % slabs
+            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
+            row0 = experts[a] * H + slab * TM
+            _rows_times_tiles(tiles, w2, s2, row0, I, G, kt, rr, offset, hb, hs, hsum, u0,
+                              nt, acc, ab, cbuf, sw)  # fmt: skip
+            for t in range(nt):
+                for m in range(TM):
+                    p = pairs[u0 + t, m]
+                    if p >= 0:
+                        for n in range(TM):
+                            y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
+            i = atomic_add(counter, 0, 1)
+        amx.tile_release(tiles)
+
+
+@njit(parallel=True, **JIT)
+def add_pairs(pos, y, out):
+    """out[t] += sum of y over the pairs of token t (pos [T, k], -1 for slots not here)."""
+    T, k = pos.shape
+    for t in prange(T):
+        for j in range(k):
+            if pos[t, j] >= 0:
+                out[t, :] += y[pos[t, j]]
+
+
+@njit(**JIT)
+def tile_k(G):
+    """(KT, RR) for weights with a scale every G of k: k a tile product and k between two
+    rescales (RR <= 128, the activation block; 2 tiles at most)."""
+    rr = min(G, BLOCK)
+    return min(rr, 64), rr
+
+
+@njit(inline="always", **JIT)
+def _most_tiles(first_tile):
+    most = 1
+    for a in range(first_tile.shape[0] - 1):
+        most = max(most, first_tile[a + 1] - first_tile[a])
+    return most
+
+
+@njit(inline="always", **JIT)
+def _scratch():
+    """A thread's tile state (emulation) and buffers: unpacked A rows, one C tile, 16 scales."""
+    return (
+        np.zeros(amx.TILES_BYTES, np.uint8),
+        np.empty(TM * BLOCK, np.uint8),
+        np.empty(TM * TM, np.int32),
+        np.empty(TM, np.float32),
+    )

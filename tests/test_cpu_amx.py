@@ -1,0 +1,140 @@
+"""The AMX GEMM path (kernels_amx) and its tile intrinsics (amx.py) against plain references.
+
+On a CPU without AMX the intrinsics compile to their emulation, so these tests check the
+kernels' data layout and arithmetic everywhere; on an AMX Xeon the same tests run the tile
+instructions (tests/logs/ holds that run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numba import njit
+from test_cpu_experts import E, int8_blocks, reference, rel_err, routing
+
+from hetero.cpu_experts import amx, kernels_amx, ops
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+from hetero.cpu_experts.formats import Format, pack_experts
+
+H, I = 256, 128  # multiples of 128, as the AMX path needs
+FP32_TOL = 1e-5  # integer products are exact: fp32 rounding of the rescaled sums only
+
+
+@njit
+def _tile_product(tiles, cfg, a, b, c, signed):
+    """c (int32 [16, 16]) += a [16, K] . b (VNNI order), through tiles 1, 3 and 0."""
+    amx.tile_config(tiles, cfg)
+    amx.tile_load(tiles, 0, c, 0, 64)
+    amx.tile_load(tiles, 1, a, 0, a.shape[0] // 16)
+    amx.tile_load(tiles, 3, b, 0, 64)
+    if signed:
+        amx.tile_dp_bssd(tiles, 0, 1, 3)
+    else:
+        amx.tile_dp_busd(tiles, 0, 1, 3)
+    amx.tile_store(tiles, 0, c, 0, 64)
+    amx.tile_release(tiles)
+
+
+@pytest.mark.parametrize("k, signed", [(64, False), (32, False), (64, True)])
+def test_tile_product_equals_integer_matmul(k, signed):
+    amx.enable()  # (on an AMX CPU: the tile state, else tile instructions fault)
+    rng = np.random.default_rng(k)
+    a = rng.integers(-128 if signed else 0, 128 if signed else 256, (16, k))
+    b = rng.integers(-128, 128, (k, 16))
+    c0 = rng.integers(-1000, 1000, (16, 16)).astype(np.int32)
+    vnni = b.reshape(k // 4, 4, 16).transpose(0, 2, 1).reshape(-1)  # row kk: 4 k of each column
+    cfg = amx.config({0: (16, 64), 1: (16, k), 3: (k // 4, 64)})
+    c = c0.reshape(-1).copy()
+    a_bytes = a.astype(np.int8 if signed else np.uint8).reshape(-1)
+    _tile_product(
+        np.zeros(amx.TILES_BYTES, np.uint8), cfg, a_bytes, vnni.astype(np.int8), c, signed
+    )
+    assert np.array_equal(c.reshape(16, 16), c0 + a @ b)
+
+
+def test_bad_tile_shape_is_refused():
+    with pytest.raises(ValueError, match="tile 2: 17 rows"):
+        amx.config({2: (17, 64)})
+
+
+def layer_of(spec: str, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(E, I, H, generator=g), torch.randn(E, I, H, generator=g)
+    return pack_experts(*w, torch.randn(E, H, I, generator=g), Format.parse(spec))
+
+
+def amx_reference(layer, x, ids, w):
+    """The per-expert loop, activations rounded as the AMX path rounds them (int8 a 128)."""
+    if ops.q8_activations(layer):
+        return reference(layer, x, ids, w)
+    return reference(layer, int8_blocks(x), ids, w)  # (h's rounding is not modelled here)
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4-g64", "int4-g128", "int8", "int8-g128"])
+def test_layer_equals_reference(spec):
+    """37 tokens on 8 experts, top 3: ~14 an expert, some over 16 (two token tiles); the
+    output is added to what `out` holds."""
+    layer = layer_of(spec)
+    x, ids, w = routing(37, 3, seed=4, hidden=H)
+    ids[0, 2] = -1  # a skipped slot
+    out = np.ones((37, H), np.float32)
+    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), ops.group_by_expert(ids.numpy(), E), out)
+    ref = amx_reference(layer, x, ids.clamp_min(-1), w) + 1
+    assert rel_err(torch.from_numpy(out), ref) < FP32_TOL
+
+
+def test_int8_groups_of_32_round_activations_only():
+    """int8-g32 rescales every 32 k; its reference has fp32 activations, so only the int8
+    activations' ~1% error separates them."""
+    layer = layer_of("int8-g32")
+    x, ids, w = routing(20, 2, seed=5, hidden=H)
+    out = np.zeros((20, H), np.float32)
+    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), ops.group_by_expert(ids.numpy(), E), out)
+    assert rel_err(torch.from_numpy(out), reference(layer, x, ids, w)) < 3e-2
+
+
+def test_edge_cases():
+    """No experts, one token, all tokens on one expert (5 tiles), k = 1."""
+    layer = layer_of("int4")
+    x, _, w = routing(70, 1, seed=6, hidden=H)
+    none, every = torch.full((70, 1), -1), torch.zeros(70, 1, dtype=torch.long)
+    scratch = {}  # the buffers an engine keeps between calls: grown, then reused
+    for ids in (none, every):
+        out = np.zeros((70, H), np.float32)
+        g = ops.group_by_expert(ids.numpy(), E)
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, scratch)
+        if ids is none:
+            assert not out.any()
+        else:
+            assert rel_err(torch.from_numpy(out), reference(layer, x, ids, w)) < FP32_TOL
+    one = np.zeros((1, H), np.float32)
+    ids = torch.tensor([[5]])
+    g = ops.group_by_expert(ids.numpy(), E)
+    ops.moe_gemm_amx(layer, x[:1].numpy(), w[:1].numpy(), g, one, scratch)
+    assert rel_err(torch.from_numpy(one), reference(layer, x[:1], ids, w[:1])) < FP32_TOL
+
+
+def test_unsupported_layers_are_refused():
+    layer = layer_of("bf16")
+    x, ids, w = routing(4, 2, hidden=H)
+    with pytest.raises(ValueError, match="AMX path takes int4/int8"):
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), ops.group_by_expert(ids.numpy(), E),
+                         np.zeros((4, H), np.float32))  # fmt: skip
+
+
+def test_tile_k_and_rescale_interval():
+    assert [kernels_amx.tile_k(g) for g in (32, 64, 128, 7168)] == [
+        (32, 32), (64, 64), (64, 128), (64, 128)
+    ]  # fmt: skip
+
+
+@pytest.mark.skipif(not amx.has_amx(), reason="needs a CPU with AMX (runs on the GPU machine)")
+def test_engine_takes_the_amx_path_where_the_cpu_has_it():
+    """On an AMX Xeon the engine sends experts of >= gemm_min_tokens_amx tokens to the tiles:
+    the result matches the AMX reference, not the bf16 GEMM path's rounding."""
+    layer = layer_of("int4")
+    assert amx.enable()
+    eng = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens_amx=4))
+    x, ids, w = routing(48, 3, seed=7, hidden=H)
+    assert rel_err(eng.forward(0, x, ids, w), amx_reference(layer, x, ids, w)) < FP32_TOL
+    eng.close()
