@@ -223,8 +223,15 @@ def main() -> None:
             routes = [draw_routing(T, E, k, gen) for _ in range(64)]
             bytes_read = np.mean([len(r[0].unique()) for r in routes]) * layer.expert_bytes()
             iters = args.iters or max(5, min(200, int(2000 / max(1, T))))
+            engine.stats.amx_s.clear()
+            jobs = engine.stats.jobs
             ms = time_routed(partial(engine.forward, 0), x, routes, iters)
             row = {**base, "format": str(fmt), "tokens": T, **rates(ms, bytes_read, bw, H, I, T, k)}
+            if engine.stats.amx_s:  # the AMX path's steps, ms a call
+                calls = engine.stats.jobs - jobs
+                row["amx_ms"] = {
+                    n: round(1e3 * t / calls, 2) for n, t in engine.stats.amx_s.items()
+                }
             if T in naive:
                 row["naive_ms"] = naive[T]
                 row["speedup_vs_naive"] = round(naive[T] / ms, 2)

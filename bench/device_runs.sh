@@ -67,8 +67,13 @@ for stage in "$@"; do
       (lscpu; grep -o 'amx[a-z_0-9]*' /proc/cpuinfo | sort | uniq -c) > "$OUT/cpu_info.txt" 2>&1
       timeout 200 python3 -m pytest -v tests/test_cpu_amx.py 2>&1 | tee "$OUT/$day-amx-tests.log" \
         | tail -5
-      timeout 360 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128,int8 --tokens 16,64,256,1024 \
-        > "$OUT/cpu_moe_amx.jsonl" 2> "$OUT/cpu_moe_amx.err"; tail -3 "$OUT/cpu_moe_amx.err" ;;
+      timeout 300 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128,int8 \
+        --tokens 64,256,1024 > "$OUT/cpu_moe_amx.jsonl" 2> "$OUT/cpu_moe_amx.err"
+      tail -3 "$OUT/cpu_moe_amx.err"
+      for ahead in 0 16384; do  # the AMX path's weight prefetch distance (default 4096)
+        timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1024 --no-naive \
+          --prefetch-bytes $ahead >> "$OUT/cpu_moe_amx_prefetch.jsonl" 2>> "$OUT/cpu_moe_amx.err"
+      done ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;

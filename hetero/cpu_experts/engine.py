@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
@@ -72,6 +72,7 @@ class EngineStats:
     compute_s: float = 0.0  # of which in the kernels
     wait_s: float = 0.0  # written by the calling thread only
     jobs: int = 0
+    amx_s: dict = field(default_factory=dict)  # the AMX path's seconds by step (ops.moe_gemm_amx)
     # when a list: (name, thread id, start ns, end ns) of each submit, input wait, part computed
     # and caller's wait, on time.perf_counter_ns's clock (bench/decode.py --trace)
     trace: list | None = None
@@ -307,7 +308,10 @@ class CPUExperts:
         if heavy.size and self._use_amx(layer):
             heavy_ids = np.where(np.isin(ids, g.experts[heavy]), ids, -1)
             heavy_g = ops.group_by_expert(heavy_ids, layer.num_experts)
-            ops.moe_gemm_amx(layer, x, weights, heavy_g, out, self._amx_scratch)
+            ops.moe_gemm_amx(
+                layer, x, weights, heavy_g, out, self._amx_scratch, c.prefetch_bytes,
+                self.stats.amx_s,
+            )  # fmt: skip
             return
         y, xt = torch.from_numpy(out), torch.from_numpy(x)
         for a in heavy:

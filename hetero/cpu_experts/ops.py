@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import numba
@@ -187,11 +188,14 @@ def moe_gemm_amx(
     g: Grouping,
     out: np.ndarray,
     scratch: dict[str, np.ndarray] | None = None,
+    prefetch_bytes: int = 4096,
+    times: dict[str, float] | None = None,
 ) -> None:
     """out [T, H] += the routed experts of `g` applied to x [T, H], on AMX tiles (kernels_amx;
     an exact emulation where the CPU has no AMX: tests only). For experts with many tokens.
     `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
-    first touch would cost tens of ms a call)."""
+    first touch would cost tens of ms a call). `prefetch_bytes`: how far ahead each weight row
+    is prefetched; `times`: filled with each step's seconds."""
     scratch = {} if scratch is None else scratch
     _check(layer, x, weights, out)
     if not amx_ok(layer):
@@ -200,30 +204,51 @@ def moe_gemm_amx(
     H, I, A = layer.hidden, layer.inter, g.experts.shape[0]
     if A == 0:
         return
-    tiles = -(-g.counts() // kernels_amx.TM)  # [A] token tiles of each expert
+    clock = _Clock(times)
+    TM = kernels_amx.TM
+    tiles = -(-g.counts() // TM)  # [A] token tiles of each expert
     first = np.concatenate([[0], np.cumsum(tiles)]).astype(np.int64)  # [A + 1]
     U = int(first[-1])
-    pairs = np.full((U, kernels_amx.TM), -1, np.int64)  # [U, 16] pair of each token column
+    pairs = np.full((U, TM), -1, np.int64)  # [U, 16] pair of each token column
     a_of = np.repeat(np.arange(A), g.counts())  # [P]
     local = np.arange(g.pair_token.shape[0]) - g.ptr[a_of]
-    pairs.reshape(-1)[first[a_of] * kernels_amx.TM + local] = np.arange(local.shape[0])
+    pairs.reshape(-1)[first[a_of] * TM + local] = np.arange(local.shape[0])
     tokens = np.where(pairs >= 0, g.pair_token[np.maximum(pairs, 0)], -1)  # [U, 16]
     scale = np.ascontiguousarray(weights[g.pair_token, g.pair_slot], np.float32)  # [P]
     offset = 8 if layer.fmt.name == "int4" else 0
     threads = numba.get_num_threads()
     G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
+    clock.lap("plan")
     xb, xs, xsum = _b_tiles(x, tokens, G13, scratch, "x")
-    h = _scratch(scratch, "h", (U, kernels_amx.TM, I), np.float32)
+    h = _scratch(scratch, "h", (U, TM, I), np.float32)
+    clock.lap("quantize_x")
     flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
     kernels_amx.gate_up(*flat, H, I, G13, offset, _config(G13), g.experts, first, xb.reshape(-1),
-                        xs, xsum, h, threads)  # fmt: skip
-    columns = np.where(pairs >= 0, np.arange(U * kernels_amx.TM).reshape(U, -1), -1)
-    hb, hs, hsum = _b_tiles(h.reshape(U * kernels_amx.TM, I), columns, G2, scratch, "h")
+                        xs, xsum, h, prefetch_bytes, threads)  # fmt: skip
+    clock.lap("gate_up")
+    columns = np.where(pairs >= 0, np.arange(U * TM).reshape(U, -1), -1)
+    hb, hs, hsum = _b_tiles(h.reshape(U * TM, I), columns, G2, scratch, "h")
     y = _scratch(scratch, "y", (g.pair_token.shape[0], H), np.float32)
+    clock.lap("quantize_h")
     flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
     kernels_amx.down(*flat, H, I, G2, offset, _config(G2), g.experts, first, hb.reshape(-1), hs,
-                     hsum, pairs, scale, y, threads)  # fmt: skip
+                     hsum, pairs, scale, y, prefetch_bytes, threads)  # fmt: skip
+    clock.lap("down")
     kernels_amx.add_pairs(g.pos, y, out)
+    clock.lap("add")
+
+
+class _Clock:
+    """Adds each lap's seconds to times[name] (nothing if times is None)."""
+
+    def __init__(self, times: dict[str, float] | None) -> None:
+        self.times, self.t = times, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.times is not None:
+            now = time.perf_counter()
+            self.times[name] = self.times.get(name, 0.0) + now - self.t
+            self.t = now
 
 
 def _config(G: int) -> np.ndarray:
