@@ -3,7 +3,7 @@
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out; PACK=1: as one
 #   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
-#   fp8-gemm | decode-depth | cpu-decode | cpu-amx | train-demo
+#   fp8-gemm | decode-depth | decode-gpu-experts | cpu-decode | cpu-amx | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -59,6 +59,14 @@ for stage in "$@"; do
         python3 bench/extrapolate.py "$OUT/decode_g${g}_depth3.jsonl" \
           "$OUT/decode_g${g}_depth6.jsonl" | tee "$OUT/decode_g${g}_depths.jsonl"
       done ;;
+    decode-gpu-experts)  # batch 1, 6 MoE layers: all experts on the CPU against the 80 GB
+      # config's 20 GPU experts a layer (stacked FP8 kernel), in one VM (~3 min)
+      for g in 0 20; do
+        timeout 150 python3 bench/decode.py --workload v3-slice --moe-layers 6 --batch 1 \
+          --steps 12 --rounds 2 --defer 2 --graphs --gpu-experts $g \
+          > "$OUT/decode_g${g}_depth6.jsonl" 2>> "$OUT/decode_gpu_experts.err"
+      done
+      tail -3 "$OUT/decode_gpu_experts.err" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
         > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;

@@ -94,12 +94,14 @@ def test_int8_groups_of_32_round_activations_only():
 
 
 def test_edge_cases():
-    """No experts, one token, all tokens on one expert (5 tiles), k = 1."""
+    """No experts, one token, all tokens on one expert (5 token tiles: a group of 4 in flight,
+    then 1), 3 and 2 tiles, k = 1."""
     layer = layer_of("int4")
     x, _, w = routing(70, 1, seed=6, hidden=H)
     none, every = torch.full((70, 1), -1), torch.zeros(70, 1, dtype=torch.long)
+    split = torch.where(torch.arange(70)[:, None] < 40, 1, 2)  # 3 token tiles and 2
     scratch = {}  # the buffers an engine keeps between calls: grown, then reused
-    for ids in (none, every):
+    for ids in (none, every, split):
         out = np.zeros((70, H), np.float32)
         g = ops.group_by_expert(ids.numpy(), E)
         ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, scratch)

@@ -27,29 +27,55 @@ DEPENDS names the files whose code the cached kernels here compile in (tests che
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import overload
 
 from hetero.cpu_experts import amx
 from hetero.cpu_experts.kernels import bf16_to_f32
+from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
 from hetero.cpu_experts.simd_q8 import atomic_add
 
 DEPENDS = {
+    "simd_amx.py": "fcebcb743732a0e8",
     "amx.py": "770a879cbb6c3062",
     "kernels.py": "be66012f25d0439d",
     "simd_q8.py": "8265d2e58426e217",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
-TM = 16  # tokens a B tile, rows an A tile
 BLOCK = 128  # k per activation scale
-A0, A1, B0, B1, C = 1, 2, 3, 4, 0  # tile numbers
+A0, A1, B0, B1 = 1, 2, 3, 4  # tile numbers: weights, activations
+CS = (0, 5, 6, 7)  # products: four token tiles in flight (each waits ~200 cycles on its C)
+GROUP = len(CS)
 
 
 def tile_config(kt: int) -> np.ndarray:
     b = (kt // 4, 64)  # B tiles: KT/4 rows of 16 tokens x 4 k
-    return amx.config({C: (TM, 64), A0: (TM, kt), A1: (TM, kt), B0: b, B1: b})
+    return amx.config({A0: (TM, kt), A1: (TM, kt), B0: b, B1: b} | {c: (TM, 64) for c in CS})
+
+
+def _product_into(c: int, b: int, b2: int):
+    """An inline function: tile c = A0 . B (+ A1 . B' when nk == 2) for one token tile, its B
+    tiles from byte `at` of xb (B' the next, bt bytes on) loaded into tiles b (and b2)."""
+
+    @njit(inline="always", nogil=True, fastmath=True)
+    def product(tiles, int8, nk, xb, at, bt):
+        amx.tile_zero(tiles, c)
+        amx.tile_load(tiles, b, xb, at, 64)
+        if int8:
+            amx.tile_dp_bssd(tiles, c, A0, b)
+        else:
+            amx.tile_dp_busd(tiles, c, A0, b)
+        if nk == 2:
+            amx.tile_load(tiles, b2, xb, at + bt, 64)
+            if int8:
+                amx.tile_dp_bssd(tiles, c, A1, b2)
+            else:
+                amx.tile_dp_busd(tiles, c, A1, b2)
+
+    return product
+
+
+_P0, _P1, _P2, _P3 = (_product_into(c, *bs) for c, bs in zip(CS, [(B0, B1), (B1, B0)] * 2))
 
 
 def _scale(s, i):
@@ -63,7 +89,7 @@ def _scale_impl(s, i):
     return lambda s, i: np.float32(s[i])
 
 
-@njit(**JIT)
+@njit(parallel=True, **JIT)
 def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
     """B tiles of the rows index [U, 16] of src [N, K] f32 (-1: a zero column).
 
@@ -132,136 +158,28 @@ def _rows_times_tiles(
         for r in range(TM):
             sw[r] = _scale(s, (row0 + r) * ng + k0 // G)
         b = k0 // BLOCK
-        for t in range(nt):
-            u = u0 + t
-            chunk = (u * (K // kt) + q * nk) * bt
-            amx.tile_zero(tiles, C)
-            amx.tile_load(tiles, B0, xb, chunk, 64)
-            if int8:
-                amx.tile_dp_bssd(tiles, C, A0, B0)
-            else:
-                amx.tile_dp_busd(tiles, C, A0, B0)
-            if nk == 2:
-                amx.tile_load(tiles, B1, xb, chunk + bt, 64)
-                if int8:
-                    amx.tile_dp_bssd(tiles, C, A1, B1)
-                else:
-                    amx.tile_dp_busd(tiles, C, A1, B1)
-            amx.tile_store(tiles, C, cbuf, 0, 64)
-            rescale(cbuf, acc[t * TM * TM : (t + 1) * TM * TM], xs[u, b], xsum[u, q], sw, offset)
-
-
-I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
-
-
-def _row(a, dtype) -> bool:
-    return isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and a.dtype == dtype
-
-
-def _vec(builder, ptr, offset, n, ty):
-    """A <n x ty> pointer `offset` elements past ptr."""
-    return builder.bitcast(builder.gep(ptr, [offset]), ir.VectorType(ty, n).as_pointer())
-
-
-def _splat(builder, f):
-    """<16 x float> of the float f."""
-    v16 = ir.VectorType(F32, 16)
-    one = builder.insert_element(ir.Constant(v16, ir.Undefined), f, I32(0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
-
-
-@intrinsic
-def unpack_rows(typingctx, w, start, rowb, ab, rr):
-    """ab [16, rr] u8 = the 16 int4 rows' groups from byte `start` of w (rows `rowb` bytes
-    apart), one group of rr k a row: its low nibbles, then its high ones (rr: 32, 64 or 128)."""
-    if not ((_row(w, types.uint8) or _row(w, types.int8)) and _row(ab, types.uint8)):
-        return None  # (int8 rows type-check here too: the kernels branch on the format)
-    if not all(isinstance(t, types.Integer) for t in (start, rowb, rr)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        w_p, ab_p = (
-            builder.bitcast(context.make_array(t)(context, builder, a).data, I8.as_pointer())
-            for t, a in ((sig.args[0], args[0]), (sig.args[3], args[3]))
-        )
-        start_, rowb_, rr_ = (
-            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4)
-        )
-        end = builder.append_basic_block("unpacked")
-        switch = builder.switch(rr_, end)
-        for half in (16, 32, 64):
-            block = builder.append_basic_block(f"half{half}")
-            switch.add_case(I64(2 * half), block)
-            builder.position_at_end(block)
-            bytes_ = ir.VectorType(I8, half)
-            low, four = ir.Constant(bytes_, [15] * half), ir.Constant(bytes_, [4] * half)
-            for r in range(TM):
-                src = builder.add(start_, builder.mul(rowb_, I64(r)))
-                v = builder.load(_vec(builder, w_p, src, half, I8), align=1)
-                for part, value in enumerate((builder.and_(v, low), builder.lshr(v, four))):
-                    dst = _vec(builder, ab_p, I64((2 * r + part) * half), half, I8)
-                    builder.store(value, dst, align=1)
-            builder.branch(end)
-        builder.position_at_end(end)
-        return context.get_dummy_value()
-
-    return types.none(w, start, rowb, ab, rr), codegen
-
-
-@intrinsic
-def prefetch_rows(typingctx, a, start, stride):
-    """Prefetches (into L2) the line at byte `start` of a and those 15 more `stride` bytes apart."""
-    if not (isinstance(a, types.Array) and a.layout == "C"):
-        return None
-    if not (isinstance(start, types.Integer) and isinstance(stride, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        fnty = ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        base = builder.bitcast(data, I8.as_pointer())
-        start_, stride_ = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2))
-        for r in range(TM):
-            at = builder.gep(base, [builder.add(start_, builder.mul(stride_, I64(r)))])
-            builder.call(fn, [at, I32(0), I32(2), I32(1)])  # read, L2, data
-        return context.get_dummy_value()
-
-    return types.none(a, start, stride), codegen
-
-
-@intrinsic
-def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
-    """acc [16 x 16] += (C - offset * xsum) * sw[row] * xs[token] for the int32 C tile cbuf
-    [16 x 16] (rows x tokens): xs [16] f32, xsum [16] i32, sw [16] f32."""
-    rows = ((cbuf, types.int32), (acc, types.float32), (xs, types.float32))
-    if not all(_row(a, d) for a, d in rows + ((xsum, types.int32), (sw, types.float32))):
-        return None
-    if not isinstance(offset, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        c_p, acc_p, xs_p, xsum_p, sw_p = (
-            context.make_array(t)(context, builder, a).data for t, a in zip(sig.args[:5], args[:5])
-        )
-        fast = ("fast",)
-        v16 = ir.VectorType(F32, 16)
-        xs_v = builder.load(_vec(builder, xs_p, I64(0), 16, F32), align=4)
-        sums = builder.sitofp(builder.load(_vec(builder, xsum_p, I64(0), 16, I32), align=4), v16)
-        off_v = _splat(builder, context.cast(builder, args[5], sig.args[5], types.float32))
-        corr = builder.fmul(builder.fmul(sums, off_v, flags=fast), xs_v, flags=fast)
-        for n in range(TM):
-            c = builder.sitofp(builder.load(_vec(builder, c_p, I64(16 * n), 16, I32), align=4), v16)
-            t = builder.fsub(builder.fmul(c, xs_v, flags=fast), corr, flags=fast)
-            s_v = _splat(builder, builder.load(builder.gep(sw_p, [I64(n)])))
-            at = _vec(builder, acc_p, I64(16 * n), 16, F32)
-            new = builder.fadd(
-                builder.load(at, align=4), builder.fmul(t, s_v, flags=fast), flags=fast
-            )
-            builder.store(new, at, align=4)
-        return context.get_dummy_value()
-
-    return types.none(cbuf, acc, xs, xsum, sw, offset), codegen
+        for g0 in range(0, nt, GROUP):  # the products of up to 4 token tiles overlap
+            n = min(GROUP, nt - g0)
+            step = K // kt * bt  # bytes of one token tile's B tiles
+            at = ((u0 + g0) * (K // kt) + q * nk) * bt
+            _P0(tiles, int8, nk, xb, at, bt)
+            if n > 1:
+                _P1(tiles, int8, nk, xb, at + step, bt)
+            if n > 2:
+                _P2(tiles, int8, nk, xb, at + 2 * step, bt)
+            if n > 3:
+                _P3(tiles, int8, nk, xb, at + 3 * step, bt)
+            amx.tile_store(tiles, CS[0], cbuf, 0, 64)
+            if n > 1:
+                amx.tile_store(tiles, CS[1], cbuf, 4 * TM * TM, 64)
+            if n > 2:
+                amx.tile_store(tiles, CS[2], cbuf, 8 * TM * TM, 64)
+            if n > 3:
+                amx.tile_store(tiles, CS[3], cbuf, 12 * TM * TM, 64)
+            for i in range(n):
+                u, c = u0 + g0 + i, cbuf[i * TM * TM : (i + 1) * TM * TM]
+                a = acc[(g0 + i) * TM * TM : (g0 + i + 1) * TM * TM]
+                rescale(c, a, xs[u, b], xsum[u, q], sw, offset)
 
 
 @njit(parallel=True, **JIT)
@@ -356,10 +274,10 @@ def _most_tiles(first_tile):
 
 @njit(inline="always", **JIT)
 def _scratch():
-    """A thread's tile state (emulation) and buffers: unpacked A rows, one C tile, 16 scales."""
+    """A thread's tile state (emulation) and buffers: unpacked A rows, 4 C tiles, 16 scales."""
     return (
         np.zeros(amx.TILES_BYTES, np.uint8),
         np.empty(TM * BLOCK, np.uint8),
-        np.empty(TM * TM, np.int32),
+        np.empty(GROUP * TM * TM, np.int32),
         np.empty(TM, np.float32),
     )
