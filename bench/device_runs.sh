@@ -63,7 +63,7 @@ for stage in "$@"; do
       # config's 20 GPU experts a layer (stacked FP8 kernel), in one VM (~3 min)
       for g in 0 20; do
         timeout 150 python3 bench/decode.py --workload v3-slice --moe-layers 6 --batch 1 \
-          --steps 12 --rounds 2 --defer 2 --graphs --gpu-experts $g \
+          --steps 12 --rounds 2 --defer 2,3 --graphs --gpu-experts $g \
           > "$OUT/decode_g${g}_depth6.jsonl" 2>> "$OUT/decode_gpu_experts.err"
       done
       tail -3 "$OUT/decode_gpu_experts.err" ;;
@@ -78,9 +78,9 @@ for stage in "$@"; do
       timeout 300 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128,int8 \
         --tokens 64,256,1024 > "$OUT/cpu_moe_amx.jsonl" 2> "$OUT/cpu_moe_amx.err"
       tail -3 "$OUT/cpu_moe_amx.err"
-      for ahead in 0 16384; do  # the AMX path's weight prefetch distance (default 4096)
-        timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1024 --no-naive \
-          --prefetch-bytes $ahead >> "$OUT/cpu_moe_amx_prefetch.jsonl" 2>> "$OUT/cpu_moe_amx.err"
+      for min in 4 8; do  # fewer tokens an expert on the tiles (default 16)
+        timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 256,1024 --no-naive \
+          --gemm-min-tokens-amx $min >> "$OUT/cpu_moe_amx_min.jsonl" 2>> "$OUT/cpu_moe_amx.err"
       done ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"

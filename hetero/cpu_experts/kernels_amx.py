@@ -134,12 +134,16 @@ def _rows_times_tiles(
     prefetchers follow."""
     int8 = offset == 0
     rowb = K if int8 else K // 2
-    nk = rr // kt
+    nk, nq = rr // kt, K // rr
     bt = kt // 4 * 64  # bytes of a B tile
     ng = K // G
     sb = s.itemsize * ng  # scale bytes a row
-    acc[: nt * TM * TM] = 0.0
-    for q in range(K // rr):
+    half = TM * rr  # ab: two buffers of unpacked A rows, chunk q in half q % 2
+    ctiles = nt * TM * TM  # cbuf: two sets of nt C tiles, chunk q's in set q % 2
+    acc[:ctiles] = 0.0
+    if not int8:
+        unpack_rows(w, row0 * rowb, rowb, ab, rr)
+    for q in range(nq):
         k0 = q * rr
         at = k0 if int8 else k0 // 2  # byte of the row
         if ahead > 0 and at % 64 == 0:
@@ -150,14 +154,13 @@ def _rows_times_tiles(
             amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)
             if nk == 2:
                 amx.tile_load(tiles, A1, w, row0 * rowb + k0 + kt, rowb)
-        else:  # unpack one group a row (rr = G): low nibbles, then high, natural k
-            unpack_rows(w, row0 * rowb + k0 // 2, rowb, ab, rr)
-            amx.tile_load(tiles, A0, ab, 0, rr)
+        else:  # A from the rows unpacked during the last chunk (one group a row: rr = G)
+            amx.tile_load(tiles, A0, ab, q % 2 * half, rr)
             if nk == 2:
-                amx.tile_load(tiles, A1, ab, kt, rr)
+                amx.tile_load(tiles, A1, ab, q % 2 * half + kt, rr)
         for r in range(TM):
-            sw[r] = _scale(s, (row0 + r) * ng + k0 // G)
-        b = k0 // BLOCK
+            sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)
+        cq = q % 2 * ctiles * 4  # bytes
         for g0 in range(0, nt, GROUP):  # the products of up to 4 token tiles overlap
             n = min(GROUP, nt - g0)
             step = K // kt * bt  # bytes of one token tile's B tiles
@@ -169,17 +172,32 @@ def _rows_times_tiles(
                 _P2(tiles, int8, nk, xb, at + 2 * step, bt)
             if n > 3:
                 _P3(tiles, int8, nk, xb, at + 3 * step, bt)
-            amx.tile_store(tiles, CS[0], cbuf, 0, 64)
+            c0 = cq + g0 * TM * TM * 4
+            amx.tile_store(tiles, CS[0], cbuf, c0, 64)
             if n > 1:
-                amx.tile_store(tiles, CS[1], cbuf, 4 * TM * TM, 64)
+                amx.tile_store(tiles, CS[1], cbuf, c0 + 4 * TM * TM, 64)
             if n > 2:
-                amx.tile_store(tiles, CS[2], cbuf, 8 * TM * TM, 64)
+                amx.tile_store(tiles, CS[2], cbuf, c0 + 8 * TM * TM, 64)
             if n > 3:
-                amx.tile_store(tiles, CS[3], cbuf, 12 * TM * TM, 64)
-            for i in range(n):
-                u, c = u0 + g0 + i, cbuf[i * TM * TM : (i + 1) * TM * TM]
-                a = acc[(g0 + i) * TM * TM : (g0 + i + 1) * TM * TM]
-                rescale(c, a, xs[u, b], xsum[u, q], sw, offset)
+                amx.tile_store(tiles, CS[3], cbuf, c0 + 12 * TM * TM, 64)
+        # work that the tile unit's results need not wait for: a tile store reaches ordinary
+        # loads only once it has left the core (hundreds of cycles), so chunk q - 1's sums are
+        # rescaled now, and the next chunk's rows unpacked
+        if not int8 and q + 1 < nq:
+            unpack_rows(w, row0 * rowb + (k0 + rr) // 2, rowb, ab[(q + 1) % 2 * half :], rr)
+        if q > 0:
+            _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q - 1, (q - 1) * rr // BLOCK)
+    _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, nq - 1, (nq - 1) * rr // BLOCK)
+
+
+@njit(inline="always", **JIT)
+def _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q, b):
+    """acc of the nt token tiles += chunk q's C tiles (set q % 2 of cbuf), rescaled."""
+    base = q % 2 * nt * TM * TM
+    for t in range(nt):
+        c = cbuf[base + t * TM * TM : base + (t + 1) * TM * TM]
+        a = acc[t * TM * TM : (t + 1) * TM * TM]
+        rescale(c, a, xs[u0 + t, b], xsum[u0 + t, q], sw[q % 2], offset)
 
 
 @njit(parallel=True, **JIT)
@@ -194,8 +212,9 @@ def gate_up(
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, cbuf, sw = _scratch()
+        tiles, ab, sw = _scratch()
         acc = np.empty(most * TM * TM, np.float32)
+        cbuf = np.empty(2 * most * TM * TM, np.int32)
         amx.tile_config(tiles, cfg)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
@@ -226,8 +245,9 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, cbuf, sw = _scratch()
+        tiles, ab, sw = _scratch()
         acc = np.empty(most * TM * TM, np.float32)
+        cbuf = np.empty(2 * most * TM * TM, np.int32)
         amx.tile_config(tiles, cfg)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
@@ -274,10 +294,10 @@ def _most_tiles(first_tile):
 
 @njit(inline="always", **JIT)
 def _scratch():
-    """A thread's tile state (emulation) and buffers: unpacked A rows, 4 C tiles, 16 scales."""
+    """A thread's tile state (emulation) and buffers: unpacked A rows and the 16 rows' scales,
+    each for two chunks."""
     return (
         np.zeros(amx.TILES_BYTES, np.uint8),
-        np.empty(TM * BLOCK, np.uint8),
-        np.empty(GROUP * TM * TM, np.int32),
-        np.empty(TM, np.float32),
+        np.empty(2 * TM * BLOCK, np.uint8),
+        np.empty((2, TM), np.float32),
     )
