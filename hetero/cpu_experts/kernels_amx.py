@@ -14,11 +14,11 @@ acc += (C - offset * sum(x)) * s_w[row] * s_x[token], where `offset` (8 for int4
 int8) makes the unsigned bytes signed. An int4 group of G holds its k as G/2 bytes, the low
 nibbles first (formats.py), so unpacking a group gives its k in natural order.
 
-Flow of one call (ops.moe_gemm_amx), over the experts given (each with its pairs' tokens):
+Flow of one call (`moe_gemm`), over the experts given (each with its pairs' tokens):
 1. quantize each expert's tokens, 16 a tile, into B tiles (`quantize_tiles`);
-2. gate/up: items of 32 rows of w13 (16 gate/up pairs) x all the expert's token tiles, taken by
+2. gate/up: items of 16 rows of w13 (8 gate/up pairs) x all the expert's token tiles, taken by
    the threads from a shared counter; h = silu(gate) * up, in f32;
-3. quantize h into B tiles; 4. down: items of 32 rows of w2 -> y [pair, H], times the pair's
+3. quantize h into B tiles; 4. down: items of 16 rows of w2 -> y [pair, H], times the pair's
    router weight; 5. out[token] += its pairs' y.
 
 DEPENDS names the files whose code the cached kernels here compile in (tests check the hashes).
@@ -43,33 +43,39 @@ DEPENDS = {
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale
-A0, A1, B0, B1 = 1, 2, 3, 4  # tiles: rows 0-15 and 16-31 of an item; two token tiles
-C00, C10, C01, C11 = 0, 5, 6, 7  # products: C[row half][token tile], 2 x 2 in flight
-ROWS = 2 * TM  # weight rows an item
+A0, A1, B0, B1 = 1, 2, 3, 4  # tile numbers: weights, activations
+CS = (0, 5, 6, 7)  # products: four token tiles in flight (each waits ~200 cycles on its C)
+GROUP = len(CS)
 
 
 def tile_config(kt: int) -> np.ndarray:
     b = (kt // 4, 64)  # B tiles: KT/4 rows of 16 tokens x 4 k
-    cs = {c: (TM, 64) for c in (C00, C10, C01, C11)}
-    return amx.config({A0: (TM, kt), A1: (TM, kt), B0: b, B1: b} | cs)
+    return amx.config({A0: (TM, kt), A1: (TM, kt), B0: b, B1: b} | {c: (TM, 64) for c in CS})
 
 
-def _dp_into(c: int, a: int, b: int):
-    """An inline function: tile c += tile a . tile b (signed weights: int8, else int4 nibbles)."""
+def _product_into(c: int, b: int, b2: int):
+    """An inline function: tile c = A0 . B (+ A1 . B' when nk == 2) for one token tile, its B
+    tiles from byte `at` of xb (B' the next, bt bytes on) loaded into tiles b (and b2)."""
 
     @njit(inline="always", nogil=True, fastmath=True)
-    def dp(tiles, int8):
+    def product(tiles, int8, nk, xb, at, bt):
+        amx.tile_zero(tiles, c)
+        amx.tile_load(tiles, b, xb, at, 64)
         if int8:
-            amx.tile_dp_bssd(tiles, c, a, b)
+            amx.tile_dp_bssd(tiles, c, A0, b)
         else:
-            amx.tile_dp_busd(tiles, c, a, b)
+            amx.tile_dp_busd(tiles, c, A0, b)
+        if nk == 2:
+            amx.tile_load(tiles, b2, xb, at + bt, 64)
+            if int8:
+                amx.tile_dp_bssd(tiles, c, A1, b2)
+            else:
+                amx.tile_dp_busd(tiles, c, A1, b2)
 
-    return dp
+    return product
 
 
-_D00, _D10, _D01, _D11 = (
-    _dp_into(C00, A0, B0), _dp_into(C10, A1, B0), _dp_into(C01, A0, B1), _dp_into(C11, A1, B1)
-)  # fmt: skip
+_P0, _P1, _P2, _P3 = (_product_into(c, *bs) for c, bs in zip(CS, [(B0, B1), (B1, B0)] * 2))
 
 
 def _scale(s, i):
@@ -122,71 +128,63 @@ def _rows_times_tiles(
     tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt, acc, ab, cbuf, sw, ahead
 ):  # fmt: skip
     """acc[t, n, m] = sum over k of weight row row0 + n times token m of tile u0 + t, for the
-    32 rows from row0 of w (flat: int4 bytes K/2 a row, or int8 K a row) and nt token tiles.
-
-    Tiles: 2 x 2 blocks (rows 0-15 and 16-31 x two token tiles), so that each tile loaded feeds
-    two products (a load costs more than a product: bench/amx_micro.py). A chunk's C tiles are
-    read back (rescaled) only after the next chunk's products are issued, and the next chunk's
-    int4 rows are unpacked meanwhile: a tile store reaches ordinary loads only once it has left
-    the core. `ahead`: bytes of each row prefetched ahead of use (0: none); the rows are read
-    side by side, a line each at a time, more streams than the hardware prefetchers follow."""
+    16 rows from row0 of w (flat: int4 bytes K/2 a row, or int8 K a row) and nt token tiles.
+    `ahead`: bytes of each row prefetched ahead of use (0: none). The 16 rows are read side by
+    side, a line each at a time: 256 streams over 16 threads, more than the hardware
+    prefetchers follow."""
     int8 = offset == 0
     rowb = K if int8 else K // 2
     nk, nq = rr // kt, K // rr
     bt = kt // 4 * 64  # bytes of a B tile
-    step = K // kt * bt  # bytes of one token tile's B tiles
     ng = K // G
     sb = s.itemsize * ng  # scale bytes a row
-    half = ROWS * rr  # ab: two buffers of unpacked rows, chunk q in half q % 2
-    ctiles = nt * 2 * TM * TM  # cbuf: two sets of C tiles [nt, 2 row halves], chunk q's in q % 2
+    half = TM * rr  # ab: two buffers of unpacked A rows, chunk q in half q % 2
+    ctiles = nt * TM * TM  # cbuf: two sets of nt C tiles, chunk q's in set q % 2
     acc[:ctiles] = 0.0
     if not int8:
         unpack_rows(w, row0 * rowb, rowb, ab, rr)
-        unpack_rows(w, (row0 + TM) * rowb, rowb, ab[TM * rr :], rr)
     for q in range(nq):
         k0 = q * rr
         at = k0 if int8 else k0 // 2  # byte of the row
         if ahead > 0 and at % 64 == 0:
             prefetch_rows(w, row0 * rowb + at + ahead, rowb)
-            prefetch_rows(w, (row0 + TM) * rowb + at + ahead, rowb)
             if (at * sb // rowb) % 64 == 0:
                 prefetch_rows(s, row0 * sb + (at + ahead) * sb // rowb, sb)
-                prefetch_rows(s, (row0 + TM) * sb + (at + ahead) * sb // rowb, sb)
-        for r in range(ROWS):
+        if int8:  # A straight from the weights
+            amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)
+            if nk == 2:
+                amx.tile_load(tiles, A1, w, row0 * rowb + k0 + kt, rowb)
+        else:  # A from the rows unpacked during the last chunk (one group a row: rr = G)
+            amx.tile_load(tiles, A0, ab, q % 2 * half, rr)
+            if nk == 2:
+                amx.tile_load(tiles, A1, ab, q % 2 * half + kt, rr)
+        for r in range(TM):
             sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)
         cq = q % 2 * ctiles * 4  # bytes
-        for t in range(0, nt, 2):
-            two = t + 1 < nt
-            amx.tile_zero(tiles, C00)
-            amx.tile_zero(tiles, C10)
-            if two:
-                amx.tile_zero(tiles, C01)
-                amx.tile_zero(tiles, C11)
-            for kh in range(nk):
-                if int8:  # A straight from the weights
-                    amx.tile_load(tiles, A0, w, row0 * rowb + k0 + kh * kt, rowb)
-                    amx.tile_load(tiles, A1, w, (row0 + TM) * rowb + k0 + kh * kt, rowb)
-                else:  # from the rows unpacked during the last chunk (one group a row)
-                    amx.tile_load(tiles, A0, ab, q % 2 * half + kh * kt, rr)
-                    amx.tile_load(tiles, A1, ab, q % 2 * half + TM * rr + kh * kt, rr)
-                b0 = ((u0 + t) * (K // kt) + q * nk + kh) * bt
-                amx.tile_load(tiles, B0, xb, b0, 64)
-                _D00(tiles, int8)
-                _D10(tiles, int8)
-                if two:
-                    amx.tile_load(tiles, B1, xb, b0 + step, 64)
-                    _D01(tiles, int8)
-                    _D11(tiles, int8)
-            c0 = cq + t * 2 * TM * TM * 4  # C tiles of token tile t: [row half] 1 KB each
-            amx.tile_store(tiles, C00, cbuf, c0, 64)
-            amx.tile_store(tiles, C10, cbuf, c0 + 4 * TM * TM, 64)
-            if two:
-                amx.tile_store(tiles, C01, cbuf, c0 + 8 * TM * TM, 64)
-                amx.tile_store(tiles, C11, cbuf, c0 + 12 * TM * TM, 64)
+        for g0 in range(0, nt, GROUP):  # the products of up to 4 token tiles overlap
+            n = min(GROUP, nt - g0)
+            step = K // kt * bt  # bytes of one token tile's B tiles
+            at = ((u0 + g0) * (K // kt) + q * nk) * bt
+            _P0(tiles, int8, nk, xb, at, bt)
+            if n > 1:
+                _P1(tiles, int8, nk, xb, at + step, bt)
+            if n > 2:
+                _P2(tiles, int8, nk, xb, at + 2 * step, bt)
+            if n > 3:
+                _P3(tiles, int8, nk, xb, at + 3 * step, bt)
+            c0 = cq + g0 * TM * TM * 4
+            amx.tile_store(tiles, CS[0], cbuf, c0, 64)
+            if n > 1:
+                amx.tile_store(tiles, CS[1], cbuf, c0 + 4 * TM * TM, 64)
+            if n > 2:
+                amx.tile_store(tiles, CS[2], cbuf, c0 + 8 * TM * TM, 64)
+            if n > 3:
+                amx.tile_store(tiles, CS[3], cbuf, c0 + 12 * TM * TM, 64)
+        # work that the tile unit's results need not wait for: a tile store reaches ordinary
+        # loads only once it has left the core (hundreds of cycles), so chunk q - 1's sums are
+        # rescaled now, and the next chunk's rows unpacked
         if not int8 and q + 1 < nq:
-            nxt = row0 * rowb + (k0 + rr) // 2
-            unpack_rows(w, nxt, rowb, ab[(q + 1) % 2 * half :], rr)
-            unpack_rows(w, nxt + TM * rowb, rowb, ab[(q + 1) % 2 * half + TM * rr :], rr)
+            unpack_rows(w, row0 * rowb + (k0 + rr) // 2, rowb, ab[(q + 1) % 2 * half :], rr)
         if q > 0:
             _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q - 1, (q - 1) * rr // BLOCK)
     _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, nq - 1, (nq - 1) * rr // BLOCK)
@@ -194,13 +192,12 @@ def _rows_times_tiles(
 
 @njit(inline="always", **JIT)
 def _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q, b):
-    """acc [nt, 32, 16] += chunk q's C tiles (set q % 2 of cbuf), rescaled."""
-    base = q % 2 * nt * 2 * TM * TM
+    """acc of the nt token tiles += chunk q's C tiles (set q % 2 of cbuf), rescaled."""
+    base = q % 2 * nt * TM * TM
     for t in range(nt):
-        for hf in range(2):
-            i = (2 * t + hf) * TM * TM
-            c, a = cbuf[base + i : base + i + TM * TM], acc[i : i + TM * TM]
-            rescale(c, a, xs[u0 + t, b], xsum[u0 + t, q], sw[q % 2, hf * TM :], offset)
+        c = cbuf[base + t * TM * TM : base + (t + 1) * TM * TM]
+        a = acc[t * TM * TM : (t + 1) * TM * TM]
+        rescale(c, a, xs[u0 + t, b], xsum[u0 + t, q], sw[q % 2], offset)
 
 
 @njit(parallel=True, **JIT)
@@ -211,25 +208,27 @@ def gate_up(
     (rows [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U."""
     kt, rr = tile_k(G)
     A = experts.shape[0]
-    slabs = 2 * I // ROWS
+    slabs = 2 * I // TM
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, sw, acc, cbuf = _scratch(most)
+        tiles, ab, sw = _scratch()
+        acc = np.empty(most * TM * TM, np.float32)
+        cbuf = np.empty(2 * most * TM * TM, np.int32)
         amx.tile_config(tiles, cfg)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * 2 * I + slab * ROWS
+            row0 = experts[a] * 2 * I + slab * TM
             _rows_times_tiles(tiles, w13, s13, row0, H, G, kt, rr, offset, xb, xs, xsum, u0,
                               nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
-            for t in range(nt):  # acc [nt, 32 rows, 16 tokens]: rows 2j, 2j + 1 gate, up of r
-                for j in range(ROWS // 2):
-                    r = slab * ROWS // 2 + j
+            for t in range(nt):
+                for j in range(TM // 2):
+                    r = slab * TM // 2 + j
                     for m in range(TM):
-                        g = acc[(t * ROWS + 2 * j) * TM + m]
-                        up = acc[(t * ROWS + 2 * j + 1) * TM + m]
+                        g = acc[t * TM * TM + 2 * j * TM + m]
+                        up = acc[t * TM * TM + (2 * j + 1) * TM + m]
                         h[u0 + t, m, r] = g / (np.float32(1.0) + np.exp(-g)) * up
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
@@ -242,25 +241,27 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
     token column (-1: padding)."""
     kt, rr = tile_k(G)
     A = experts.shape[0]
-    slabs = H // ROWS
+    slabs = H // TM
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, sw, acc, cbuf = _scratch(most)
+        tiles, ab, sw = _scratch()
+        acc = np.empty(most * TM * TM, np.float32)
+        cbuf = np.empty(2 * most * TM * TM, np.int32)
         amx.tile_config(tiles, cfg)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * H + slab * ROWS
+            row0 = experts[a] * H + slab * TM
             _rows_times_tiles(tiles, w2, s2, row0, I, G, kt, rr, offset, hb, hs, hsum, u0,
                               nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
             for t in range(nt):
                 for m in range(TM):
                     p = pairs[u0 + t, m]
                     if p >= 0:
-                        for n in range(ROWS):
-                            y[p, slab * ROWS + n] = acc[(t * ROWS + n) * TM + m] * scale[p]
+                        for n in range(TM):
+                            y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
@@ -292,14 +293,11 @@ def _most_tiles(first_tile):
 
 
 @njit(inline="always", **JIT)
-def _scratch(most):
-    """A thread's tile state (emulation) and buffers, for items of up to `most` token tiles:
-    unpacked A rows and the rows' scales, two chunks of each; the f32 sums [most, 32, 16]; the C
-    tiles of two chunks."""
+def _scratch():
+    """A thread's tile state (emulation) and buffers: unpacked A rows and the 16 rows' scales,
+    each for two chunks."""
     return (
         np.zeros(amx.TILES_BYTES, np.uint8),
-        np.empty(2 * ROWS * BLOCK, np.uint8),
-        np.empty((2, ROWS), np.float32),
-        np.empty(most * ROWS * TM, np.float32),
-        np.empty(2 * most * ROWS * TM, np.int32),
+        np.empty(2 * TM * BLOCK, np.uint8),
+        np.empty((2, TM), np.float32),
     )
