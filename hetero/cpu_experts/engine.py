@@ -161,25 +161,29 @@ class CPUExperts:
             rows = self._identity.setdefault(layer, np.arange(self.layers[layer].num_experts))
         else:
             ops.check_rows(rows, self.layers[layer].num_experts)
-        inputs = [x.float(), ids.long(), weights.float()]
         parts = 2 if deferred > 0 else 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
-        specs = [(t.shape, t.dtype) for t in inputs]
+        specs = [(x.shape, torch.float32), (ids.shape, torch.int64), (weights.shape, torch.float32)]
         specs += [((parts, *x.shape), torch.float32), ((1,), torch.int64)]
         *host, outs, arrived = _host_views(specs, pin=x.is_cuda)
         # the buffer is uninitialized (pinned blocks are recycled): a 1 left in `arrived` by an
         # earlier job would start the kernel on inputs not copied yet
         arrived.zero_()
-        for h, t in zip(host, inputs):
-            h.copy_(t, non_blocking=x.is_cuda)
+        self.stats.mark("alloc", start)
+        # queued before its inputs are copied: the worker waits on `arrived` inside the kernel,
+        # so it starts as soon as the copies land, not once this Python returns
+        done = np.zeros(parts, np.int64)
+        args = (layer, host, arrived.numpy(), rows, deferred, outs.numpy(), done)
+        future = self._pool.submit(self._run, *args)
+        copies = time.perf_counter_ns()
+        for h, t in zip(host, (x, ids, weights)):
+            h.copy_(t, non_blocking=x.is_cuda)  # (copy_ converts the dtype)
         if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
             arrived.copy_(self._one(x.device), non_blocking=True)
         else:
             arrived.fill_(1)
-        done = np.zeros(parts, np.int64)
-        args = (layer, host, arrived.numpy(), rows, deferred, outs.numpy(), done)
-        future = self._pool.submit(self._run, *args)
+        self.stats.mark("copies", copies)
         self.stats.mark("submit", start)
         return Job(outs, done, future, x.device, x.dtype)
 
