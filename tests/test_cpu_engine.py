@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cpu_experts import Q8_H, Q8_I, E, expert_weights, routing
+from test_cpu_experts import FP32_TOL, Q8_H, Q8_I, E, expert_weights, reference, rel_err, routing
 
 from hetero.cpu_experts import ops
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
@@ -94,11 +94,11 @@ def test_job_parts_and_rows(weights, T):
 
 
 def test_host_views_share_one_buffer_without_overlap():
-    from hetero.cpu_experts.engine import _host_views
+    from hetero.cpu_experts.host_buffers import host_views
 
     like = [torch.empty(3, 5), torch.empty(3, 2, dtype=torch.long), torch.empty(0, 7),
             torch.empty(2, 3, 5)]  # fmt: skip
-    views = _host_views([(t.shape, t.dtype) for t in like], pin=False)
+    views = host_views([(t.shape, t.dtype) for t in like], pin=False)
     base = views[0].untyped_storage().data_ptr()
     spans = []
     for v, t in zip(views, like):
@@ -241,3 +241,25 @@ def test_hugepage_copies_change_nothing_but_timing(weights):
         outs.append(eng.forward(0, x, ids, w))
         eng.close()
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.gpu
+def test_cuda_jobs_recycle_their_pinned_buffers(weights):
+    """A CUDA caller's job buffer goes back to the engine once every part has been waited for
+    and the copy out of it has run: the next job of the same shape reuses it, its flag zeroed
+    first (a recycled 1 would start the kernel on stale inputs), and results stay exact."""
+    layer = pack_experts(*weights, Format.parse("int4"))
+    eng = CPUExperts({0: layer}, EngineConfig(threads=2))
+    try:
+        outs, ptrs = [], []
+        for seed in range(4):
+            x, ids, wt = (t.cuda() for t in routing(3, 2, seed=seed))
+            job = eng.submit(0, x, ids, wt, deferred=1)
+            ptrs.append(job.outs.data_ptr())
+            outs.append((eng.wait(job, 0) + eng.wait(job, 1)).cpu())
+            torch.cuda.synchronize()
+            ref = reference(layer, x.cpu(), ids.cpu(), wt.cpu())
+            assert rel_err(outs[-1], ref) < FP32_TOL
+        assert len(set(ptrs)) < len(ptrs)  # buffers were reused
+    finally:
+        eng.close()

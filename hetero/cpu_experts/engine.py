@@ -8,7 +8,6 @@ per call), many tokens -> dequantize + oneDNN matmul (compute-bound). Overlap is
 from __future__ import annotations
 
 import logging
-import math
 import mmap
 import os
 import sys
@@ -23,6 +22,7 @@ import torch
 
 from hetero.cpu_experts import amx, kernels, kernels_q8, ops
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
+from hetero.cpu_experts.host_buffers import PinnedBuffers, Specs, host_views
 
 log = logging.getLogger(__name__)
 HUGE_PAGE = 2 << 20
@@ -94,6 +94,9 @@ class Job:
     future: Future
     device: torch.device
     dtype: torch.dtype
+    specs: Specs  # its host buffer's layout, and the buffer's views (recycled for CUDA callers
+    buffer: list[torch.Tensor]  # once every part has been waited for)
+    waited: np.ndarray  # [parts] bool
 
 
 class CPUExperts:
@@ -119,6 +122,7 @@ class CPUExperts:
         self._staged: torch.cuda.Event | None = None  # the copies out of _staging
         self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
         self._ones: dict[torch.device, torch.Tensor] = {}  # the `arrived` flag's source
+        self._pinned = PinnedBuffers()  # CUDA callers' job buffers, recycled
         self._cycles_per_s = _cycle_rate()  # kernels_q8.cycle_counter's ticks a second
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
@@ -164,9 +168,11 @@ class CPUExperts:
         parts = 2 if deferred > 0 else 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
-        specs = [(x.shape, torch.float32), (ids.shape, torch.int64), (weights.shape, torch.float32)]
-        specs += [((parts, *x.shape), torch.float32), ((1,), torch.int64)]
-        *host, outs, arrived = _host_views(specs, pin=x.is_cuda)
+        specs = ((tuple(x.shape), torch.float32), (tuple(ids.shape), torch.int64),
+                 (tuple(weights.shape), torch.float32), ((parts, *x.shape), torch.float32),
+                 ((1,), torch.int64))  # fmt: skip
+        buffer = self._pinned.take(specs) if x.is_cuda else host_views(specs, pin=False)
+        *host, outs, arrived = buffer
         # the buffer is uninitialized (pinned blocks are recycled): a 1 left in `arrived` by an
         # earlier job would start the kernel on inputs not copied yet
         arrived.zero_()
@@ -185,7 +191,7 @@ class CPUExperts:
             arrived.fill_(1)
         self.stats.mark("copies", copies)
         self.stats.mark("submit", start)
-        return Job(outs, done, future, x.device, x.dtype)
+        return Job(outs, done, future, x.device, x.dtype, specs, buffer, np.zeros(parts, bool))
 
     def wait(self, job: Job, part: int = 0) -> torch.Tensor:
         """Part `part` of the job's sum, on the caller's device. Polls the part's flag (letting
@@ -201,7 +207,13 @@ class CPUExperts:
             time.sleep(0 if time.perf_counter_ns() < spin_until else 1e-4)  # long jobs: nap
         self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
         self.stats.mark("wait", start)
-        return job.outs[part].to(job.device, non_blocking=True).to(job.dtype)
+        out = job.outs[part].to(job.device, non_blocking=True).to(job.dtype)
+        job.waited[part] = True
+        if job.device.type == "cuda" and job.waited.all():  # (a CPU caller's out is the buffer)
+            event = torch.cuda.Event()
+            event.record()  # after the copy out of it
+            self._pinned.give(job.specs, job.buffer, event)
+        return out
 
     def forward(
         self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
@@ -359,16 +371,3 @@ def _cycle_rate() -> float:
     t0, c0 = time.perf_counter(), kernels_q8.read_cycles()
     time.sleep(0.02)
     return (kernels_q8.read_cycles() - c0) / (time.perf_counter() - t0)
-
-
-def _host_views(specs: list[tuple[tuple[int, ...], torch.dtype]], pin: bool) -> list[torch.Tensor]:
-    """Host tensors of these (shape, dtype), all views of one buffer, pinned if `pin`; each view
-    starts on a 64-byte boundary."""
-    sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
-    starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + -(-n // 64) * 64)
-    buf = torch.empty(max(starts[-1], 1), dtype=torch.uint8, pin_memory=pin)
-    return [
-        buf[a : a + n].view(dtype).view(shape) for (shape, dtype), a, n in zip(specs, starts, sizes)
-    ]
