@@ -352,3 +352,13 @@ def test_default_placement_when_the_model_does_not_fit_the_gpu(v3):
     assert hybrid and p.source == "<default>" and len(p.experts(1).gpu_experts) < 16
     _, plan, hybrid = choose_placement(config, None, None, False, tight, tight, dtype)
     assert not hybrid and not plan.fits  # on the CPU nothing moves: the plan's check refuses
+
+
+def test_streaming_starts_later_where_the_cpu_has_amx_tiles():
+    """Long prefills stream the CPU's experts to the GPU from a length that depends on the CPU:
+    AMX tiles compute a V3 layer at 1024 tokens faster than streaming it."""
+    from hetero.cpu_experts import amx
+    from hetero.sched.runtime import default_stream_min_tokens
+
+    assert default_stream_min_tokens(False) == 512
+    assert default_stream_min_tokens(True) == (1536 if amx.has_amx() else 512)

@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from hetero.config import ModelConfig
+from hetero.cpu_experts import amx
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
@@ -42,11 +43,22 @@ class HybridOptions:
     overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
     gemm_min_tokens_q8: int = EngineConfig.gemm_min_tokens_q8
+    gemm_min_tokens_amx: int = EngineConfig.gemm_min_tokens_amx
+    amx: bool = EngineConfig.amx
     int8_activations: bool = EngineConfig.int8_activations
-    # CUDA: batches this long stream the CPU experts to the GPU instead (0: never). The H100
-    # machine's crossover for a V3 layer was ~450 tokens (bench/decode.py --prefill)
-    stream_min_tokens: int = 512
+    # CUDA: batches this long stream the CPU experts to the GPU instead (0: never; None: by the
+    # CPU, `default_stream_min_tokens`)
+    stream_min_tokens: int | None = None
     progress: bool = True
+
+
+def default_stream_min_tokens(use_amx: bool) -> int:
+    """From how many tokens a V3 layer's CPU experts are faster streamed to the GPU (~0.45 s a
+    layer at any length on the H100 machine) than computed on the CPU. Without AMX tiles the
+    CPU crossed at ~450 tokens. With them it took 0.29-0.41 s at 1024 tokens (int4-g32),
+    so the crossover is estimated at ~1500: 2048 tokens were not measured
+    (bench/results/2026-11-23-h100x1-cpu_moe.md)."""
+    return 1536 if use_amx and amx.has_amx() else 512
 
 
 @dataclass
@@ -85,6 +97,8 @@ def load_hybrid(
             threads=placement.runtime.cpu_threads,
             gemm_min_tokens=opts.gemm_min_tokens,
             gemm_min_tokens_q8=opts.gemm_min_tokens_q8,
+            gemm_min_tokens_amx=opts.gemm_min_tokens_amx,
+            amx=opts.amx,
             int8_activations=opts.int8_activations,
         )
         engine = CPUExperts(packed, engine_config)
@@ -99,7 +113,11 @@ def load_hybrid(
                 cpu_rows=None if opts.store is not None else cpu_layers[L].cpu_experts(E),
                 deferred=cpu_layers[L].deferred,
                 overlap=opts.overlap,
-                stream_min_tokens=opts.stream_min_tokens,
+                stream_min_tokens=(
+                    default_stream_min_tokens(opts.amx)
+                    if opts.stream_min_tokens is None
+                    else opts.stream_min_tokens
+                ),
             )
     return Hybrid(model.eval(), engine, placement)
 
