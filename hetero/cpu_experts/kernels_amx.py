@@ -212,10 +212,7 @@ def gate_up(
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, sw = _scratch()
-        acc = np.empty(most * TM * TM, np.float32)
-        cbuf = np.empty(2 * most * TM * TM, np.int32)
-        amx.tile_config(tiles, cfg)
+        tiles, ab, sw, acc, cbuf = _thread_state(cfg, most)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
@@ -245,10 +242,7 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, sw = _scratch()
-        acc = np.empty(most * TM * TM, np.float32)
-        cbuf = np.empty(2 * most * TM * TM, np.int32)
-        amx.tile_config(tiles, cfg)
+        tiles, ab, sw, acc, cbuf = _thread_state(cfg, most)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
@@ -293,11 +287,16 @@ def _most_tiles(first_tile):
 
 
 @njit(inline="always", **JIT)
-def _scratch():
-    """A thread's tile state (emulation) and buffers: unpacked A rows and the 16 rows' scales,
-    each for two chunks."""
+def _thread_state(cfg, most):
+    """A thread's tiles, configured (their state kept in memory where emulated), and buffers for
+    items of up to `most` token tiles: unpacked A rows and the 16 rows' scales, two chunks of
+    each; the f32 sums [most, 16, 16]; the C tiles of two chunks."""
+    tiles = np.zeros(amx.TILES_BYTES, np.uint8)
+    amx.tile_config(tiles, cfg)
     return (
-        np.zeros(amx.TILES_BYTES, np.uint8),
+        tiles,
         np.empty(2 * TM * BLOCK, np.uint8),
         np.empty((2, TM), np.float32),
+        np.empty(most * TM * TM, np.float32),
+        np.empty(2 * most * TM * TM, np.int32),
     )
