@@ -124,10 +124,13 @@ def test_unsupported_layers_are_refused():
                          np.zeros((4, H), np.float32))  # fmt: skip
 
 
-def test_tile_k_and_rescale_interval():
-    assert [kernels_amx.tile_k(g) for g in (32, 64, 128, 7168)] == [
-        (32, 32), (64, 64), (64, 128), (64, 128)
-    ]  # fmt: skip
+@pytest.mark.parametrize("G", [32, 64, 128, 7168])
+def test_tile_k_and_rescale_interval(G):
+    """Sums are rescaled every min(G, 128) of k (the activations' block), never across a weight
+    group, in at most two tile products (the kernel's A0/A1) of at most 64 bytes of k."""
+    kt, rr = kernels_amx.tile_k(G)
+    assert rr == min(G, 128) and G % rr == 0 and rr % kt == 0
+    assert kt <= 64 and rr // kt <= 2
 
 
 @pytest.mark.skipif(not amx.has_amx(), reason="needs a CPU with AMX (runs on the GPU machine)")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from hetero.config import ModelConfig
-from hetero.cpu_experts.formats import unpack_expert
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+from hetero.cpu_experts.formats import Format, pack_experts, unpack_expert
 from hetero.loader import load_model
 from hetero.model import ForwardBatch
 from hetero.model.fp8 import FP8Linear
@@ -354,11 +355,20 @@ def test_default_placement_when_the_model_does_not_fit_the_gpu(v3):
     assert not hybrid and not plan.fits  # on the CPU nothing moves: the plan's check refuses
 
 
-def test_streaming_starts_later_where_the_cpu_has_amx_tiles():
-    """Long prefills stream the CPU's experts to the GPU from a length that depends on the CPU:
-    AMX tiles compute a V3 layer at 1024 tokens faster than streaming it."""
+def test_streaming_starts_later_where_the_engine_uses_amx_tiles():
+    """Long prefills stream the CPU's experts to the GPU from a length that depends on whether
+    the engine computes that layer's busy experts on AMX tiles (faster than streaming at 1024
+    tokens), which needs both the CPU and an int4/int8 layer."""
     from hetero.cpu_experts import amx
     from hetero.sched.runtime import default_stream_min_tokens
 
-    assert default_stream_min_tokens(False) == 512
-    assert default_stream_min_tokens(True) == (1536 if amx.has_amx() else 512)
+    assert default_stream_min_tokens(True) > 1024 > default_stream_min_tokens(False)
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(2, 128, 256, generator=g) for _ in range(2)]
+    down = torch.randn(2, 256, 128, generator=g)
+    layers = {spec: pack_experts(*w, down, Format.parse(spec)) for spec in ("int4", "bf16")}
+    eng = CPUExperts({0: layers["int4"], 1: layers["bf16"]}, EngineConfig(threads=1))
+    try:
+        assert eng.uses_amx(0) == amx.has_amx() and not eng.uses_amx(1)
+    finally:
+        eng.close()

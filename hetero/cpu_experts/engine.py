@@ -291,7 +291,7 @@ class CPUExperts:
         timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
         q8 = c.int8_activations and ops.q8_activations(layer)
         threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
-        if self._use_amx(layer):
+        if self._tiles(layer):
             threshold = c.gemm_min_tokens_amx
         threshold = threshold if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
@@ -316,14 +316,13 @@ class CPUExperts:
         heavy = np.flatnonzero(g.counts() >= threshold)  # experts for the GEMM path
         light = g
         if heavy.size:
-            gemv_ids = np.where(np.isin(ids, g.experts[heavy]), -1, ids)
-            light = ops.group_by_expert(gemv_ids, layer.num_experts)
+            on_gemm = np.isin(ids, g.experts[heavy])  # [T, k]
+            light = ops.group_by_expert(np.where(on_gemm, -1, ids), layer.num_experts)
         ops.moe_gemv(
             layer, x, weights, light, out, c.rows_per_item, c.int8_activations, c.prefetch_bytes
         )
-        if heavy.size and self._use_amx(layer):
-            heavy_ids = np.where(np.isin(ids, g.experts[heavy]), ids, -1)
-            heavy_g = ops.group_by_expert(heavy_ids, layer.num_experts)
+        if heavy.size and self._tiles(layer):
+            heavy_g = ops.group_by_expert(np.where(on_gemm, ids, -1), layer.num_experts)
             ops.moe_gemm_amx(
                 layer, x, weights, heavy_g, out, self._amx_scratch, c.prefetch_bytes,
                 self.stats.amx_s,
@@ -337,7 +336,11 @@ class CPUExperts:
             ye = ops.expert_gemm(layer, int(g.experts[a]), xt[tokens], self._buffers)
             y.index_add_(0, tokens, ye * w)
 
-    def _use_amx(self, layer: PackedExperts) -> bool:
+    def uses_amx(self, layer: int) -> bool:
+        """Whether layer `layer`'s experts with many tokens go to AMX tiles (kernels_amx)."""
+        return self._tiles(self.layers[layer])
+
+    def _tiles(self, layer: PackedExperts) -> bool:
         return self.config.amx and ops.amx_ok(layer) and amx.enable()
 
 

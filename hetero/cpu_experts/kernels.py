@@ -294,11 +294,13 @@ def copy_bytes(src, dst):
 
 
 @njit(parallel=True, **JIT)
-def combine(pos, y, out):
-    """out[t] = sum of y over the pairs of token t (pos [T, k], -1 for skipped slots)."""
+def combine(pos, y, out, add=False):
+    """out[t] = sum of y over the pairs of token t (pos [T, k], -1 for skipped slots); with
+    `add`, out[t] += that sum."""
     T, k = pos.shape
     for t in prange(T):
-        out[t, :] = 0.0
+        if not add:
+            out[t, :] = 0.0
         for j in range(k):
             if pos[t, j] >= 0:
                 out[t, :] += y[pos[t, j]]

@@ -14,12 +14,12 @@ acc += (C - offset * sum(x)) * s_w[row] * s_x[token], where `offset` (8 for int4
 int8) makes the unsigned bytes signed. An int4 group of G holds its k as G/2 bytes, the low
 nibbles first (formats.py), so unpacking a group gives its k in natural order.
 
-Flow of one call (`moe_gemm`), over the experts given (each with its pairs' tokens):
+Flow of one call (ops.moe_gemm_amx), over the experts given (each with its pairs' tokens):
 1. quantize each expert's tokens, 16 a tile, into B tiles (`quantize_tiles`);
 2. gate/up: items of 16 rows of w13 (8 gate/up pairs) x all the expert's token tiles, taken by
    the threads from a shared counter; h = silu(gate) * up, in f32;
 3. quantize h into B tiles; 4. down: items of 16 rows of w2 -> y [pair, H], times the pair's
-   router weight; 5. out[token] += its pairs' y.
+   router weight; 5. out[token] += its pairs' y (kernels.combine).
 
 DEPENDS names the files whose code the cached kernels here compile in (tests check the hashes).
 """
@@ -38,7 +38,7 @@ from hetero.cpu_experts.simd_q8 import atomic_add
 DEPENDS = {
     "simd_amx.py": "fcebcb743732a0e8",
     "amx.py": "770a879cbb6c3062",
-    "kernels.py": "be66012f25d0439d",
+    "kernels.py": "9c1a563e6fb86ce8",
     "simd_q8.py": "8265d2e58426e217",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -258,16 +258,6 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
                             y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
-
-
-@njit(parallel=True, **JIT)
-def add_pairs(pos, y, out):
-    """out[t] += sum of y over the pairs of token t (pos [T, k], -1 for slots not here)."""
-    T, k = pos.shape
-    for t in prange(T):
-        for j in range(k):
-            if pos[t, j] >= 0:
-                out[t, :] += y[pos[t, j]]
 
 
 @njit(**JIT)

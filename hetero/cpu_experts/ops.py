@@ -234,7 +234,7 @@ def moe_gemm_amx(
     kernels_amx.down(*flat, H, I, G2, offset, _config(G2), g.experts, first, hb.reshape(-1), hs,
                      hsum, pairs, scale, y, prefetch_bytes, threads)  # fmt: skip
     clock.lap("down")
-    kernels_amx.add_pairs(g.pos, y, out)
+    kernels.combine(g.pos, y, out, add=True)
     clock.lap("add")
 
 

@@ -13,7 +13,6 @@ import torch
 from tqdm import tqdm
 
 from hetero.config import ModelConfig
-from hetero.cpu_experts import amx
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
@@ -52,13 +51,13 @@ class HybridOptions:
     progress: bool = True
 
 
-def default_stream_min_tokens(use_amx: bool) -> int:
+def default_stream_min_tokens(tiles: bool) -> int:
     """From how many tokens a V3 layer's CPU experts are faster streamed to the GPU (~0.45 s a
     layer at any length on the H100 machine) than computed on the CPU. Without AMX tiles the
-    CPU crossed at ~450 tokens. With them it took 0.29-0.41 s at 1024 tokens (int4-g32),
-    so the crossover is estimated at ~1500: 2048 tokens were not measured
-    (bench/results/2026-11-23-h100x1-cpu_moe.md)."""
-    return 1536 if use_amx and amx.has_amx() else 512
+    CPU crossed at ~450 tokens. With them (`tiles`: CPUExperts.uses_amx) it took 0.29-0.41 s
+    at 1024 tokens (int4-g32), so the crossover is estimated at ~1500: 2048 tokens were not
+    measured (bench/results/2026-11-23-h100x1-cpu_moe.md)."""
+    return 1536 if tiles else 512
 
 
 @dataclass
@@ -114,7 +113,7 @@ def load_hybrid(
                 deferred=cpu_layers[L].deferred,
                 overlap=opts.overlap,
                 stream_min_tokens=(
-                    default_stream_min_tokens(opts.amx)
+                    default_stream_min_tokens(engine.uses_amx(L))
                     if opts.stream_min_tokens is None
                     else opts.stream_min_tokens
                 ),
