@@ -2,13 +2,18 @@
 are wrong; only their times matter), one V3 layer at T=1024, interleaved in one process. Needs a
 CPU with AMX.
 
-    python bench/amx_ablate.py > amx_ablate.jsonl
+    python bench/amx_ablate.py [--tiles bf16] > amx_ablate.jsonl
 
-variants: full; no_rescale (C tiles never read back); no_unpack (int4 rows not unpacked: stale
-A tiles); no_scales (weight scales not loaded); no_tile_ops (every tile instruction a no-op:
-the vector work alone); only_tile_ops (no rescale, unpack or scales: the tile work alone).
+int8 tiles (kernels_amx): full; no_rescale (C tiles never read back); no_unpack (int4 rows not
+unpacked: stale A tiles); no_scales (weight scales not loaded); no_tile_ops (every tile
+instruction a no-op: the vector work alone); only_tile_ops (no rescale, unpack or scales: the
+tile work alone).
+bf16 tiles (kernels_amx_bf16): full; b3 (three B tiles in rotation, three token tiles' sums at a
+time instead of two and four); no_unpack (the tile work alone); no_tile_ops (the vector work
+alone).
 """
 
+import argparse
 import importlib
 import json
 import sys
@@ -23,14 +28,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cpu_moe import SHAPES, draw_routing, random_layer  # noqa: E402
 
-from hetero.cpu_experts import amx, kernels_amx, ops  # noqa: E402
+from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 
-src = (
-    (ROOT / "hetero/cpu_experts/kernels_amx.py")
-    .read_text()
-    .replace('"cache": True', '"cache": False')
-)
+p = argparse.ArgumentParser()
+p.add_argument("--tiles", choices=("int8", "bf16"), default="int8")
+TILES = p.parse_args().tiles
+ORIGINAL = kernels_amx_bf16 if TILES == "bf16" else kernels_amx
+src = Path(ORIGINAL.__file__).read_text().replace('"cache": True', '"cache": False')
 NOOP = "\nfrom numba import njit as _nj\n@_nj\ndef _noop(*a):\n    return\n"
 
 
@@ -39,35 +44,78 @@ def variant(name, text):
     return importlib.import_module(f"amxv_{name}")
 
 
-variants = {"full": src}
-variants["no_rescale"] = src.replace(
-    "    base = q % 2 * nt * TM * TM\n", "    return\n    base = q % 2 * nt * TM * TM\n"
-)
-variants["no_unpack"] = src.replace(
-    "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows",
-    "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale"
-    + NOOP
-    + "unpack_rows = _noop\n",
-)
-variants["no_scales"] = src.replace(
-    "sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0"
-)
-t = src
-for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_busd", "tile_dp_bssd"):
-    t = t.replace(f"amx.{op}(", "_noop(")
-variants["no_tile_ops"] = t.replace(
-    "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
-)
-variants["only_tile_ops"] = (
-    variants["no_rescale"]
-    .replace(
+def int8_variants(src: str) -> dict[str, str]:
+    variants = {"full": src}
+    variants["no_rescale"] = src.replace(
+        "    base = q % 2 * nt * TM * TM\n", "    return\n    base = q % 2 * nt * TM * TM\n"
+    )
+    variants["no_unpack"] = src.replace(
         "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows",
         "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale"
         + NOOP
         + "unpack_rows = _noop\n",
     )
-    .replace("sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0")
-)
+    variants["no_scales"] = src.replace(
+        "sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0"
+    )
+    t = src
+    for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_busd", "tile_dp_bssd"):
+        t = t.replace(f"amx.{op}(", "_noop(")
+    variants["no_tile_ops"] = t.replace(
+        "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
+    )
+    variants["only_tile_ops"] = (
+        variants["no_rescale"]
+        .replace(
+            "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows",
+            "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale"
+            + NOOP
+            + "unpack_rows = _noop\n",
+        )
+        .replace("sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0")
+    )
+    return variants
+
+
+def bf16_variants(src: str) -> dict[str, str]:
+    variants = {"full": src}
+    b3 = (
+        src.replace("A0, A1, B0, B1 = 1, 2, 3, 4", "A0, A1, B0, B1, B2 = 1, 2, 3, 4, 7")
+        .replace("CS = (0, 5, 6, 7)", "CS = (0, 5, 6)")
+        .replace("for t in (A0, A1, B0, B1, *CS)", "for t in (A0, A1, B0, B1, B2, *CS)")
+        .replace(
+            "amx.tile_load(tiles, B0, xb, at + 2 * step, 64)\n"
+            "            amx.tile_dp_bf16ps(tiles, CS[2], a, B0)",
+            "amx.tile_load(tiles, B2, xb, at + 2 * step, 64)\n"
+            "            amx.tile_dp_bf16ps(tiles, CS[2], a, B2)",
+        )
+    )
+    cut = (
+        "        if n > 3:\n"
+        "            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)\n"
+        "            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)\n",
+        "        amx.tile_zero(tiles, CS[3])\n",
+        "        if n > 3:\n"
+        "            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)\n",
+    )
+    for text in cut:
+        assert text in b3, text
+        b3 = b3.replace(text, "")
+    variants["b3"] = b3
+    variants["no_unpack"] = src.replace(
+        "from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16",
+        "from hetero.cpu_experts.simd_amx import prefetch_rows" + NOOP + "unpack_bf16 = _noop\n",
+    )
+    t = src
+    for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_bf16ps"):
+        t = t.replace(f"amx.{op}(", "_noop(")
+    variants["no_tile_ops"] = t.replace(
+        "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
+    )
+    return variants
+
+
+variants = (bf16_variants if TILES == "bf16" else int8_variants)(src)
 for k, v in variants.items():
     assert k == "full" or v != src, k
 mods = {k: variant(k, v) for k, v in variants.items()}
@@ -86,21 +134,22 @@ for spec in ["int4", "int4-g128"]:
             ids, w = draw_routing(T, E, k, gen)
             g = ops.group_by_expert(ids.numpy(), E)
             out = np.zeros((T, H), np.float32)
-            ops.kernels_amx = mod
+            setattr(ops, ORIGINAL.__name__.rpartition(".")[2], mod)
             times = {}
             t0 = time.perf_counter()
-            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, 4096, times)
+            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, 4096, times, TILES)
             if it:
                 res[name].append((time.perf_counter() - t0) * 1e3)
                 for s_, v in times.items():
                     steps[name][s_] = steps[name].get(s_, 0) + v * 1e3 / 3
-    ops.kernels_amx = kernels_amx
+    setattr(ops, ORIGINAL.__name__.rpartition(".")[2], ORIGINAL)
     for name in mods:
         print(
             json.dumps(
                 {
                     "format": spec,
                     "tokens": T,
+                    "tiles": TILES,
                     "variant": name,
                     "ms": round(float(np.median(res[name])), 1),
                     "gate_up_ms": round(steps[name]["gate_up"], 1),

@@ -167,6 +167,12 @@ def main() -> None:
     p.add_argument("--gemm-min-tokens-q8", type=int, default=EngineConfig.gemm_min_tokens_q8)
     p.add_argument("--gemm-min-tokens-amx", type=int, default=EngineConfig.gemm_min_tokens_amx)
     p.add_argument("--no-amx", action="store_true", help="no AMX GEMM path (where the CPU has it)")
+    p.add_argument(
+        "--amx-int4-tiles",
+        default="auto",
+        help="int4 on the AMX path: auto, bf16 or int8 tiles, or several (comma-separated: "
+        "each int4 format is run with each)",
+    )
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
@@ -201,8 +207,10 @@ def main() -> None:
     naive = {}
     if not args.no_naive:
         naive = measure_naive(H, I, E, k, tokens, gen, args.iters, bw, base)
-    for spec in args.format.split(","):
-        fmt = Format.parse(spec)
+    int4_tiles = args.amx_int4_tiles.split(",")
+    runs = [(Format.parse(spec), t) for spec in args.format.split(",") for t in int4_tiles]
+    runs = [(fmt, t) for fmt, t in runs if fmt.name == "int4" or t == int4_tiles[0]]
+    for fmt, tiles in runs:
         layer = random_layer(fmt, H, I, E)
         engine = CPUExperts(
             {0: layer},
@@ -212,6 +220,7 @@ def main() -> None:
                 gemm_min_tokens_q8=args.gemm_min_tokens_q8,
                 amx=not args.no_amx,
                 gemm_min_tokens_amx=args.gemm_min_tokens_amx,
+                amx_int4_tiles=tiles,
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
@@ -227,6 +236,8 @@ def main() -> None:
             jobs = engine.stats.jobs
             ms = time_routed(partial(engine.forward, 0), x, routes, iters)
             row = {**base, "format": str(fmt), "tokens": T, **rates(ms, bytes_read, bw, H, I, T, k)}
+            if fmt.name == "int4" and base["amx"]:
+                row["amx_int4_tiles"] = tiles
             if engine.stats.amx_s:  # the AMX path's steps, ms a call
                 calls = engine.stats.jobs - jobs
                 row["amx_ms"] = {

@@ -1,4 +1,5 @@
-"""The AMX GEMM path (kernels_amx) and its tile intrinsics (amx.py) against plain references.
+"""The AMX GEMM path (kernels_amx, kernels_amx_bf16) and its tile intrinsics (amx.py) against
+plain references.
 
 On a CPU without AMX the intrinsics compile to their emulation, so these tests check the
 kernels' data layout and arithmetic everywhere; on an AMX Xeon the same tests run the tile
@@ -9,15 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from numba import njit
-from test_cpu_experts import E, int8_blocks, reference, rel_err, routing
+from test_cpu_experts import E, int8_blocks, reference, rel_err, routing, unpack_expert
 
 from hetero.cpu_experts import amx, kernels_amx, ops
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, pack_experts
 
 H, I = 256, 128  # multiples of 128, as the AMX path needs
-FP32_TOL = 1e-5  # integer products are exact: fp32 rounding of the rescaled sums only
+FP32_TOL = 1e-5  # products are exact (int8) or of rounded bf16 operands: fp32 rounding only
 
 
 @njit
@@ -52,6 +54,33 @@ def test_tile_product_equals_integer_matmul(k, signed):
     assert np.array_equal(c.reshape(16, 16), c0 + a @ b)
 
 
+@njit
+def _bf16_product(tiles, cfg, a, b, c):
+    amx.tile_config(tiles, cfg)
+    amx.tile_load(tiles, 0, c, 0, 64)
+    amx.tile_load(tiles, 1, a, 0, 64)
+    amx.tile_load(tiles, 3, b, 0, 64)
+    amx.tile_dp_bf16ps(tiles, 0, 1, 3)
+    amx.tile_store(tiles, 0, c, 0, 64)
+    amx.tile_release(tiles)
+
+
+def test_bf16_tile_product_equals_matmul():
+    """tdpbf16ps: C [16 x 16] f32 += A [16 x 32] . B [32 x 16], bf16, B's rows holding pairs."""
+    amx.enable()
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(16, 32, generator=g), torch.randn(32, 16, generator=g)
+    a, b = a.bfloat16(), b.bfloat16()
+    c0 = torch.randn(16, 16, generator=g)
+    pairs = b.view(16, 2, 16).transpose(1, 2).contiguous()  # row kk: (k = 2 kk, 2 kk + 1) a column
+    bits = (t.view(torch.int16).numpy().view(np.uint16).reshape(-1) for t in (a, pairs))
+    c = c0.numpy().reshape(-1).copy()
+    cfg = amx.config({0: (16, 64), 1: (16, 64), 3: (16, 64)})
+    _bf16_product(np.zeros(amx.TILES_BYTES, np.uint8), cfg, *bits, c)
+    expected = c0.double() + a.double() @ b.double()
+    assert rel_err(torch.from_numpy(c).view(16, 16).double(), expected) < 1e-6
+
+
 def test_bad_tile_shape_is_refused():
     with pytest.raises(ValueError, match="tile 2: 17 rows"):
         amx.config({2: (17, 64)})
@@ -63,23 +92,46 @@ def layer_of(spec: str, seed: int = 2):
     return pack_experts(*w, torch.randn(E, H, I, generator=g), Format.parse(spec))
 
 
-def amx_reference(layer, x, ids, w):
-    """The per-expert loop, activations rounded as the AMX path rounds them (int8 a 128)."""
+def amx_reference(layer, x, ids, w, int4_tiles="auto"):
+    """The per-expert loop, with the AMX path's rounding: int8 activations a 128 on int8 tiles;
+    on bf16 tiles (int4-g32 by default) weights, activations and h rounded to bf16."""
+    if int4_tiles == "auto":
+        int4_tiles = "bf16" if layer.fmt.group_size == 32 else "int8"
+    if layer.fmt.name == "int4" and int4_tiles == "bf16":
+        return bf16_tile_reference(layer, x, ids, w)
     if ops.q8_activations(layer):
         return reference(layer, x, ids, w)
     return reference(layer, int8_blocks(x), ids, w)  # (h's rounding is not modelled here)
 
 
-@pytest.mark.parametrize("spec", ["int4", "int4-g64", "int4-g128", "int8", "int8-g128"])
-def test_layer_equals_reference(spec):
+def bf16_tile_reference(layer, x, ids, w):
+    def bf16(t):
+        return t.bfloat16().float()
+
+    y = torch.zeros(x.shape[0], layer.hidden)
+    experts = {e: [bf16(m) for m in unpack_expert(layer, e)] for e in ids.unique().tolist()}
+    for t, j in zip(*torch.nonzero(ids >= 0, as_tuple=True)):
+        gate, up, down = experts[int(ids[t, j])]
+        h = bf16(F.silu(gate @ bf16(x[t])) * (up @ bf16(x[t])))
+        y[t] += w[t, j] * (down @ h)
+    return y
+
+
+@pytest.mark.parametrize(
+    "spec, tiles",
+    [(f"int4{g}", t) for g in ("", "-g64", "-g128") for t in ("bf16", "int8", "auto")]
+    + [("int8", "auto"), ("int8-g128", "auto")],
+)
+def test_layer_equals_reference(spec, tiles):
     """37 tokens on 8 experts, top 3: ~14 an expert, some over 16 (two token tiles); the
     output is added to what `out` holds."""
     layer = layer_of(spec)
     x, ids, w = routing(37, 3, seed=4, hidden=H)
     ids[0, 2] = -1  # a skipped slot
     out = np.ones((37, H), np.float32)
-    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), ops.group_by_expert(ids.numpy(), E), out)
-    ref = amx_reference(layer, x, ids.clamp_min(-1), w) + 1
+    g = ops.group_by_expert(ids.numpy(), E)
+    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int4_tiles=tiles)
+    ref = amx_reference(layer, x, ids.clamp_min(-1), w, tiles) + 1
     assert rel_err(torch.from_numpy(out), ref) < FP32_TOL
 
 
@@ -93,7 +145,8 @@ def test_int8_groups_of_32_round_activations_only():
     assert rel_err(torch.from_numpy(out), reference(layer, x, ids, w)) < 3e-2
 
 
-def test_edge_cases():
+@pytest.mark.parametrize("tiles", ["bf16", "int8"])
+def test_edge_cases(tiles):
     """No experts, one token, all tokens on one expert (5 token tiles: a group of 4 in flight,
     then 1), 3 and 2 tiles, k = 1."""
     layer = layer_of("int4")
@@ -104,24 +157,26 @@ def test_edge_cases():
     for ids in (none, every, split):
         out = np.zeros((70, H), np.float32)
         g = ops.group_by_expert(ids.numpy(), E)
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, scratch)
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, scratch, int4_tiles=tiles)
         if ids is none:
             assert not out.any()
         else:
-            assert rel_err(torch.from_numpy(out), reference(layer, x, ids, w)) < FP32_TOL
+            assert rel_err(torch.from_numpy(out), amx_reference(layer, x, ids, w, tiles)) < FP32_TOL
     one = np.zeros((1, H), np.float32)
     ids = torch.tensor([[5]])
     g = ops.group_by_expert(ids.numpy(), E)
-    ops.moe_gemm_amx(layer, x[:1].numpy(), w[:1].numpy(), g, one, scratch)
-    assert rel_err(torch.from_numpy(one), reference(layer, x[:1], ids, w[:1])) < FP32_TOL
+    ops.moe_gemm_amx(layer, x[:1].numpy(), w[:1].numpy(), g, one, scratch, int4_tiles=tiles)
+    assert rel_err(torch.from_numpy(one), amx_reference(layer, x[:1], ids, w[:1], tiles)) < FP32_TOL
 
 
 def test_unsupported_layers_are_refused():
     layer = layer_of("bf16")
     x, ids, w = routing(4, 2, hidden=H)
+    g, out = ops.group_by_expert(ids.numpy(), E), np.zeros((4, H), np.float32)
     with pytest.raises(ValueError, match="AMX path takes int4/int8"):
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), ops.group_by_expert(ids.numpy(), E),
-                         np.zeros((4, H), np.float32))  # fmt: skip
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out)
+    with pytest.raises(ValueError, match="int4_tiles must be auto, bf16 or int8, not 'fp8'"):
+        ops.moe_gemm_amx(layer_of("int4"), x.numpy(), w.numpy(), g, out, int4_tiles="fp8")
 
 
 @pytest.mark.parametrize("G", [32, 64, 128, 7168])

@@ -4,14 +4,16 @@ AMX (Sapphire Rapids and later Xeons) adds eight tile registers of up to 16 rows
 a tile unit that multiplies them: `tdpbusd` C[16 x 16] i32 += A[16 x 64] u8 . B[64 x 16] s8 in
 16 cycles, 1024 multiply-adds a cycle and core, 8x what AVX-512 VNNI reaches. B is stored in
 "VNNI" order: row kk of a B tile holds, for each of its 16 columns n, the 4 values k = 4 kk..4 kk
-+ 3 (so a B tile is KT/4 rows of 64 bytes for KT values of k).
++ 3 (so a B tile is KT/4 rows of 64 bytes for KT values of k). `tdpbf16ps` does the same on
+bf16 pairs into f32: C[16 x 16] f32 += A[16 x 32] . B[32 x 16], B rows holding 2 k a column.
 
 Each intrinsic takes `tiles`, a uint8 scratch array of TILES_BYTES per thread, and literal tile
 numbers (LLVM encodes them in the instruction). On a CPU with AMX they compile to the tile
 instructions and ignore `tiles`; elsewhere to numba code that keeps the eight tiles and the
-configuration in `tiles` and computes the same integers (the tests run the kernels that way, on
-any CPU). The choice is made at compile time from the host's features, which are part of numba's
-cache key, so a cache never crosses the two.
+configuration in `tiles` and computes the same integers, or for bf16 the same sums up to the
+order of f32 rounding (the tests run the kernels that way, on any CPU). The choice is made at
+compile time from the host's features, which are part of numba's cache key, so a cache never
+crosses the two.
 
 Linux hands AMX's 8 KB of tile state to a process only on request: `enable()` asks once per
 process (arch_prctl), before the first kernel that uses tiles.
@@ -28,6 +30,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from hetero.cpu_experts.kernels import bf16_to_f32
 
 ROWS, COLSB = 16, 64  # the largest tile: 16 rows of 64 bytes
 TILE = ROWS * COLSB
@@ -119,6 +123,25 @@ def _emu_dp(tiles, c, a, b, a_signed, b_signed):
                     y = y - 256 if b_signed and y > 127 else y
                     total += x * y
             ct[m * 16 + n] += total
+
+
+def _emu_bf16ps(tiles, c, a, b):
+    """C[m, n] += sum over k of A[m, k] B[k, n] (bf16, B in pairs: row kk of B holds k = 2 kk,
+    2 kk + 1 of each column), into f32, as tdpbf16ps."""
+    rows, colsb = _shape(tiles, c)
+    k2 = _shape(tiles, a)[1] // 4
+    ct = tiles[CFG + c * TILE : CFG + (c + 1) * TILE].view(np.float32)
+    at = tiles[CFG + a * TILE : CFG + (a + 1) * TILE].view(np.uint16)
+    bt = tiles[CFG + b * TILE : CFG + (b + 1) * TILE].view(np.uint16)
+    half = COLSB // 2  # bf16 a tile row
+    for m in range(rows):
+        for n in range(colsb // 4):
+            total = ct[m * 16 + n]
+            for kk in range(k2):
+                for j in range(2):
+                    x = bf16_to_f32(at[m * half + 2 * kk + j])
+                    total += x * bf16_to_f32(bt[kk * half + 2 * n + j])
+            ct[m * 16 + n] = total
 
 
 def _emu_busd(tiles, c, a, b):
@@ -239,8 +262,8 @@ tile_store = _memory_op("llvm.x86.tilestored64", _emu_store)
 
 
 def _dot_op(name, emu):
-    """tile_dp_*(tiles, c, a, b): C += A . B on bytes into int32 (a: rows of A, b: B in VNNI
-    order); busd: A unsigned, B signed; bssd: both signed."""
+    """tile_dp_*(tiles, c, a, b): C += A . B (a: rows of A, b: B in VNNI order); on bytes into
+    int32: busd A unsigned and B signed, bssd both signed; bf16ps: on bf16 pairs into f32."""
 
     def typer(typingctx, tiles, c, a, b):
         if not (_is_scratch(tiles) and all(_tile_number(x) is not None for x in (c, a, b))):
@@ -259,3 +282,4 @@ def _dot_op(name, emu):
 
 tile_dp_busd = _dot_op("llvm.x86.tdpbusd", _emu_busd)
 tile_dp_bssd = _dot_op("llvm.x86.tdpbssd", _emu_bssd)
+tile_dp_bf16ps = _dot_op("llvm.x86.tdpbf16ps", _emu_bf16ps)

@@ -42,6 +42,11 @@ class EngineConfig:
     # many tokens take the AMX GEMM path instead of both of the above
     amx: bool = True
     gemm_min_tokens_amx: int = 16
+    # int4 layers on the AMX path: "bf16" (dequantized a tile at a time, f32 sums in the tile
+    # unit: kernels_amx_bf16), "int8" (the nibbles on int8 tiles, rescaled every group) or
+    # "auto": bf16 for group 32, int8 for 64 and 128 (H100 machine, V3 layer, T=1024: g32
+    # 337-381 ms on bf16 against 431 on int8; g64 449 against 284, g128 443 against 255)
+    amx_int4_tiles: str = "auto"
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB
@@ -325,7 +330,7 @@ class CPUExperts:
             heavy_g = ops.group_by_expert(np.where(on_gemm, ids, -1), layer.num_experts)
             ops.moe_gemm_amx(
                 layer, x, weights, heavy_g, out, self._amx_scratch, c.prefetch_bytes,
-                self.stats.amx_s,
+                self.stats.amx_s, c.amx_int4_tiles,
             )  # fmt: skip
             return
         y, xt = torch.from_numpy(out), torch.from_numpy(x)

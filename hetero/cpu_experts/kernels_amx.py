@@ -36,8 +36,8 @@ from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
 from hetero.cpu_experts.simd_q8 import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "fcebcb743732a0e8",
-    "amx.py": "770a879cbb6c3062",
+    "simd_amx.py": "01e5dbdcce75046c",
+    "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
     "simd_q8.py": "8265d2e58426e217",
 }
@@ -220,13 +220,7 @@ def gate_up(
             row0 = experts[a] * 2 * I + slab * TM
             _rows_times_tiles(tiles, w13, s13, row0, H, G, kt, rr, offset, xb, xs, xsum, u0,
                               nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
-            for t in range(nt):
-                for j in range(TM // 2):
-                    r = slab * TM // 2 + j
-                    for m in range(TM):
-                        g = acc[t * TM * TM + 2 * j * TM + m]
-                        up = acc[t * TM * TM + (2 * j + 1) * TM + m]
-                        h[u0 + t, m, r] = g / (np.float32(1.0) + np.exp(-g)) * up
+            silu_rows(acc, h, u0, nt, slab)
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
@@ -250,14 +244,34 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
             row0 = experts[a] * H + slab * TM
             _rows_times_tiles(tiles, w2, s2, row0, I, G, kt, rr, offset, hb, hs, hsum, u0,
                               nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
-            for t in range(nt):
-                for m in range(TM):
-                    p = pairs[u0 + t, m]
-                    if p >= 0:
-                        for n in range(TM):
-                            y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
+            down_rows(acc, y, pairs, scale, u0, nt, slab)
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
+
+
+@njit(inline="always", **JIT)
+def silu_rows(acc, h, u0, nt, slab):
+    """h[u0 + t, m, 8 slab + j] = silu(gate) * up from the sums acc [nt, 16 rows, 16 tokens] of
+    gate/up rows 16 slab.. (they alternate gate, up)."""
+    for t in range(nt):
+        for j in range(TM // 2):
+            r = slab * TM // 2 + j
+            for m in range(TM):
+                g = acc[t * TM * TM + 2 * j * TM + m]
+                up = acc[t * TM * TM + (2 * j + 1) * TM + m]
+                h[u0 + t, m, r] = g / (np.float32(1.0) + np.exp(-g)) * up
+
+
+@njit(inline="always", **JIT)
+def down_rows(acc, y, pairs, scale, u0, nt, slab):
+    """y[p, 16 slab + n] = the sums acc [nt, 16 rows, 16 tokens] of down rows 16 slab.., times
+    the router weight scale[p] of each token column's pair p (pairs [U, 16], -1: padding)."""
+    for t in range(nt):
+        for m in range(TM):
+            p = pairs[u0 + t, m]
+            if p >= 0:
+                for n in range(TM):
+                    y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
 
 
 @njit(**JIT)

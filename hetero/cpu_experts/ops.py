@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hetero.cpu_experts import amx, fused, kernels, kernels_amx, kernels_q8
+from hetero.cpu_experts import amx, fused, kernels, kernels_amx, kernels_amx_bf16, kernels_q8
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 
@@ -190,9 +190,12 @@ def moe_gemm_amx(
     scratch: dict[str, np.ndarray] | None = None,
     prefetch_bytes: int = 4096,
     times: dict[str, float] | None = None,
+    int4_tiles: str = "auto",
 ) -> None:
     """out [T, H] += the routed experts of `g` applied to x [T, H], on AMX tiles (kernels_amx;
     an exact emulation where the CPU has no AMX: tests only). For experts with many tokens.
+    `int4_tiles`: int4 layers on "bf16" tiles (kernels_amx_bf16), "int8" ones, or "auto": bf16
+    for group 32 (rescaling int8 sums every 32 k costs more than dequantizing), int8 above.
     `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
     first touch would cost tens of ms a call). `prefetch_bytes`: how far ahead each weight row
     is prefetched; `times`: filled with each step's seconds."""
@@ -219,6 +222,16 @@ def moe_gemm_amx(
     threads = numba.get_num_threads()
     G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
     clock.lap("plan")
+    if int4_tiles not in ("auto", "bf16", "int8"):
+        raise ValueError(f"int4_tiles must be auto, bf16 or int8, not {int4_tiles!r}")
+    if int4_tiles == "auto":
+        int4_tiles = "bf16" if G13 == 32 else "int8"
+    if layer.fmt.name == "int4" and int4_tiles == "bf16":
+        y = _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch,
+                               prefetch_bytes, clock)  # fmt: skip
+        kernels.combine(g.pos, y, out, add=True)
+        clock.lap("add")
+        return
     xb, xs, xsum = _b_tiles(x, tokens, G13, scratch, "x")
     h = _scratch(scratch, "h", (U, TM, I), np.float32)
     clock.lap("quantize_x")
@@ -236,6 +249,32 @@ def moe_gemm_amx(
     clock.lap("down")
     kernels.combine(g.pos, y, out, add=True)
     clock.lap("add")
+
+
+def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefetch_bytes, clock):
+    """y [P, H]: each pair's expert output times its router weight, on bf16 tiles."""
+    H, I, TM = layer.hidden, layer.inter, kernels_amx.TM
+    U, threads = tokens.shape[0], numba.get_num_threads()
+    G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
+    TK, cfg = kernels_amx_bf16.TK, kernels_amx_bf16.tile_config()
+    xb = _scratch(scratch, "xb16", (U, H // TK, TK // 2, 2 * TM), np.uint16)
+    kernels_amx_bf16.pack_tiles(x, tokens, xb)
+    h = _scratch(scratch, "h", (U, TM, I), np.float32)
+    clock.lap("quantize_x")
+    flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
+    kernels_amx_bf16.gate_up(*flat, H, I, G13, cfg, g.experts, first, xb.reshape(-1), h,
+                             prefetch_bytes, threads)  # fmt: skip
+    clock.lap("gate_up")
+    columns = np.where(pairs >= 0, np.arange(U * TM).reshape(U, -1), -1)
+    hb = _scratch(scratch, "hb16", (U, I // TK, TK // 2, 2 * TM), np.uint16)
+    kernels_amx_bf16.pack_tiles(h.reshape(U * TM, I), columns, hb)
+    y = _scratch(scratch, "y", (g.pair_token.shape[0], H), np.float32)
+    clock.lap("quantize_h")
+    flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
+    kernels_amx_bf16.down(*flat, H, I, G2, cfg, g.experts, first, hb.reshape(-1), pairs, scale,
+                          y, prefetch_bytes, threads)  # fmt: skip
+    clock.lap("down")
+    return y
 
 
 class _Clock:

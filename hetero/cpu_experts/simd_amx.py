@@ -6,13 +6,29 @@ DEPENDS names this file's hash (a test checks it)."""
 from __future__ import annotations
 
 from llvmlite import ir
+from llvmlite.ir.types import _BaseFloatType
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
 TM = 16  # tokens a B tile, rows an A tile (and of a C tile)
 
-I8, I32, I64, F32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
+I8, I16, I32, I64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32 = ir.FloatType()
+
+
+class BFloat(_BaseFloatType):
+    """LLVM's bfloat, which llvmlite lacks: `fptrunc` to it is `vcvtneps2bf16` (round to
+    nearest even) on AVX-512 BF16 CPUs, an integer sequence elsewhere."""
+
+    null = "0.0"
+    intrinsic_name = "bf16"
+
+    def __str__(self) -> str:
+        return "bfloat"
+
+
+BFloat._create_instance()
 
 
 def _row(a, dtype) -> bool:
@@ -24,11 +40,11 @@ def _vec(builder, ptr, offset, n, ty):
     return builder.bitcast(builder.gep(ptr, [offset]), ir.VectorType(ty, n).as_pointer())
 
 
-def _splat(builder, f):
-    """<16 x float> of the float f."""
-    v16 = ir.VectorType(F32, 16)
-    one = builder.insert_element(ir.Constant(v16, ir.Undefined), f, I32(0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, 16), [0] * 16))
+def _splat(builder, f, n=16):
+    """<n x float> of the float f."""
+    vn = ir.VectorType(F32, n)
+    one = builder.insert_element(ir.Constant(vn, ir.Undefined), f, I32(0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, n), [0] * n))
 
 
 @intrinsic
@@ -123,3 +139,61 @@ def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
         return context.get_dummy_value()
 
     return types.none(cbuf, acc, xs, xsum, sw, offset), codegen
+
+
+@intrinsic
+def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
+    """The 16 int4 rows' groups from byte `start` of w (rows `rowb` bytes apart), one group of g
+    k a row (32, 64 or 128), dequantized to bf16 bits in ab (uint16): chunk c (32 k) of row r
+    at element ab_at + (16 c + r) * 32, so each 32-k chunk of the 16 rows is one 1 KB A tile.
+    Row r's scale is s[s_at + r * s_step] (bf16 bits); a weight is (nibble - 8) * scale."""
+    if not (_row(w, types.uint8) and _row(s, types.uint16) and _row(ab, types.uint16)):
+        return None
+    if not all(isinstance(t, types.Integer) for t in (start, rowb, s_at, s_step, ab_at, g)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        w_p, s_p, ab_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 3, 6)
+        )
+        w_p = builder.bitcast(w_p, I8.as_pointer())
+        start_, rowb_, s_at_, s_step_, ab_at_, g_ = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 5, 7, 8)
+        )
+        fast = ("fast",)
+        end = builder.append_basic_block("unpacked")
+        switch = builder.switch(g_, end)
+        for group in (32, 64, 128):
+            block = builder.append_basic_block(f"g{group}")
+            switch.add_case(I64(group), block)
+            builder.position_at_end(block)
+            half = group // 2
+            bytes_, vf = ir.VectorType(I8, half), ir.VectorType(F32, group)
+            low, four = ir.Constant(bytes_, [15] * half), ir.Constant(bytes_, [4] * half)
+            both = ir.Constant(ir.VectorType(I32, group), list(range(group)))
+            for r in range(TM):
+                src = builder.add(start_, builder.mul(rowb_, I64(r)))
+                v = builder.load(_vec(builder, w_p, src, half, I8), align=1)
+                q = builder.shuffle_vector(builder.and_(v, low), builder.lshr(v, four), both)
+                at_s = builder.add(s_at_, builder.mul(s_step_, I64(r)))
+                bits = builder.load(builder.gep(s_p, [at_s]))
+                scale = builder.bitcast(builder.shl(builder.zext(bits, I32), I32(16)), F32)
+                sv = _splat(builder, scale, group)
+                y = builder.fsub(
+                    builder.fmul(builder.uitofp(q, vf), sv, flags=fast),
+                    builder.fmul(sv, ir.Constant(vf, [8.0] * group), flags=fast),
+                    flags=fast,
+                )
+                b = builder.bitcast(builder.fptrunc(y, ir.VectorType(BFloat(), group)),
+                                    ir.VectorType(I16, group))  # fmt: skip
+                for c in range(group // 32):
+                    chunk = builder.shuffle_vector(
+                        b, b, ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32)))
+                    )
+                    at = builder.add(ab_at_, I64((16 * c + r) * 32))
+                    builder.store(chunk, _vec(builder, ab_p, at, 32, I16), align=2)
+            builder.branch(end)
+        builder.position_at_end(end)
+        return context.get_dummy_value()
+
+    return types.none(w, start, rowb, s, s_at, s_step, ab, ab_at, g), codegen

@@ -1,0 +1,188 @@
+"""The GEMM path of int4 experts on AMX bf16 tiles: weights dequantized to bf16 a tile at a time,
+activations in bf16, f32 sums kept in the tile unit across all of k.
+
+Why not int8 tiles for int4 (kernels_amx): there, the int32 sums must leave the tile unit and be
+rescaled at every weight group (32 of k for int4-g32), and on the H100 machine's Xeon those
+stores, reloads and rescales took as long as the products themselves without overlapping them
+(bench/amx_ablate.py). `tdpbf16ps` accumulates in f32, so a weight's scale is applied when its
+nibble is unpacked (one multiply-add per weight, vector work that does not wait on the tile
+unit) and the sums are stored once an item. A bf16 product covers 32 of k against int8's 64, for
+the same 16 cycles; the activations are not quantized (bf16 is also the more accurate).
+
+Shapes. A weight tile A is 16 rows x 32 k (bf16, 64 bytes a row), unpacked from the packed
+nibbles into a per-thread buffer holding all of an item's k (kt chunks, 1 KB each, 224 KB for
+V3's K = 7168: in L2); an activation tile B is 32 k x 16 tokens, pairs of k a column (row kk
+holds k = 2 kk, 2 kk + 1 of each token); C is 16 rows x 16 tokens f32. Items are 16 weight rows x
+all of an expert's token tiles, four token tiles' C in the tile unit at a time (more: another
+pass over the unpacked rows). The flow of a call is kernels_amx's (ops.moe_gemm_amx).
+
+DEPENDS names the files whose code the cached kernels here compile in (tests check the hashes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from hetero.cpu_experts import amx
+from hetero.cpu_experts.kernels_amx import TM, _most_tiles, down_rows, silu_rows
+from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
+from hetero.cpu_experts.simd_q8 import atomic_add
+
+DEPENDS = {
+    "simd_amx.py": "01e5dbdcce75046c",
+    "amx.py": "2f565178e8129c46",
+    "kernels.py": "9c1a563e6fb86ce8",
+    "kernels_amx.py": "fce2bc9be881316a",
+    "simd_q8.py": "8265d2e58426e217",
+}
+JIT = {"nogil": True, "fastmath": True, "cache": True}
+TK = 32  # k a product
+SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)
+TILE_BYTES = TM * 64
+A0, A1, B0, B1 = 1, 2, 3, 4  # tile numbers: weights (chunks alternate), activations
+CS = (0, 5, 6, 7)  # the sums of four token tiles
+
+
+def tile_config() -> np.ndarray:
+    return amx.config({t: (TM, 64) for t in (A0, A1, B0, B1, *CS)})
+
+
+@njit(parallel=True, **JIT)
+def pack_tiles(src, index, xb):
+    """B tiles of the rows index [U, 16] of src [N, K] f32 (-1: a zero column), as bf16 bits
+    rounded to nearest even: xb [U, K/32, 16, 32] uint16, tile u's chunk c, row kk holding
+    k = 32 c + 2 kk, + 1 of token m at 2 m, 2 m + 1."""
+    U, K = index.shape[0], src.shape[1]
+    bits = src.view(np.uint32)
+    for u in prange(U):
+        for m in range(TM):
+            row = index[u, m]
+            for c in range(K // TK):
+                for kk in range(TK // 2):
+                    for j in range(2):
+                        if row < 0:
+                            xb[u, c, kk, 2 * m + j] = 0
+                        else:
+                            b = bits[row, c * TK + 2 * kk + j]
+                            xb[u, c, kk, 2 * m + j] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+
+
+def _products_with(a: int):
+    """An inline function: C of token tiles 0..n-1 (up to 4) += weight tile `a` . their B
+    tiles, from byte `at` of xb, `step` bytes apart (B tiles alternate between two registers)."""
+
+    @njit(inline="always", nogil=True, fastmath=True)
+    def products(tiles, xb, at, step, n):
+        amx.tile_load(tiles, B0, xb, at, 64)
+        amx.tile_dp_bf16ps(tiles, CS[0], a, B0)
+        if n > 1:
+            amx.tile_load(tiles, B1, xb, at + step, 64)
+            amx.tile_dp_bf16ps(tiles, CS[1], a, B1)
+        if n > 2:
+            amx.tile_load(tiles, B0, xb, at + 2 * step, 64)
+            amx.tile_dp_bf16ps(tiles, CS[2], a, B0)
+        if n > 3:
+            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)
+            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)
+
+    return products
+
+
+_WITH_A0, _WITH_A1 = _products_with(A0), _products_with(A1)
+
+
+@njit(inline="always", **JIT)
+def _unpack_slice(w, s, row0, K, G, sl, ab, ahead):
+    """Slice sl (128 of k) of the 16 rows from row0 of w (int4, K/2 bytes a row, scales s a
+    group) into ab, prefetching `ahead` bytes further on."""
+    rowb, ng = K // 2, K // G
+    k0 = sl * SLICE
+    if ahead > 0:
+        prefetch_rows(w, row0 * rowb + k0 // 2 + ahead, rowb)
+    for g in range(k0 // G, (k0 + SLICE) // G):
+        unpack_bf16(w, row0 * rowb + g * G // 2, rowb, s, row0 * ng + g, ng, ab,
+                    g * G // TK * TM * TK, G)  # fmt: skip
+
+
+@njit(inline="always", **JIT)
+def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
+    """acc[t, n, m] = sum over k of weight row row0 + n (int4 w, bf16 scales s) times token m of
+    tile u0 + t, for the 16 rows from row0 and nt token tiles (xb: their B tiles, flat bytes).
+    The rows are unpacked a slice ahead of the products that use them, into ab (all of k)."""
+    nc = K // TK
+    step = nc * TILE_BYTES  # bytes of one token tile's B tiles
+    for g0 in range(0, nt, len(CS)):
+        n = min(len(CS), nt - g0)
+        amx.tile_zero(tiles, CS[0])
+        amx.tile_zero(tiles, CS[1])
+        amx.tile_zero(tiles, CS[2])
+        amx.tile_zero(tiles, CS[3])
+        first = g0 == 0
+        if first:
+            _unpack_slice(w, s, row0, K, G, 0, ab, ahead)
+        at = (u0 + g0) * step
+        for sl in range(K // SLICE):
+            for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
+                amx.tile_load(tiles, A0, ab, c * TILE_BYTES, 64)
+                _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
+                amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
+                _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
+            if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
+                _unpack_slice(w, s, row0, K, G, sl + 1, ab, ahead)
+        amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
+        if n > 1:
+            amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
+        if n > 2:
+            amx.tile_store(tiles, CS[2], acc, (g0 + 2) * TM * TM * 4, 64)
+        if n > 3:
+            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)
+
+
+@njit(parallel=True, **JIT)
+def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads):
+    """h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat (rows
+    [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U; xb: pack_tiles."""
+    A, slabs = experts.shape[0], 2 * I // TM
+    counter = np.zeros(16, np.int64)
+    most = _most_tiles(first_tile)
+    for _ in prange(threads):
+        tiles, ab, acc = _thread_state(cfg, H, most)
+        i = atomic_add(counter, 0, 1)
+        while i < A * slabs:
+            a, slab = i // slabs, i % slabs
+            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
+            row0 = experts[a] * 2 * I + slab * TM
+            _rows_times_tiles(tiles, w13, s13, row0, H, G, xb, u0, nt, acc, ab, ahead)
+            silu_rows(acc, h, u0, nt, slab)
+            i = atomic_add(counter, 0, 1)
+        amx.tile_release(tiles)
+
+
+@njit(parallel=True, **JIT)
+def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads):
+    """y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each token
+    column (-1: padding); hb: pack_tiles of h."""
+    A, slabs = experts.shape[0], H // TM
+    counter = np.zeros(16, np.int64)
+    most = _most_tiles(first_tile)
+    for _ in prange(threads):
+        tiles, ab, acc = _thread_state(cfg, I, most)
+        i = atomic_add(counter, 0, 1)
+        while i < A * slabs:
+            a, slab = i // slabs, i % slabs
+            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
+            row0 = experts[a] * H + slab * TM
+            _rows_times_tiles(tiles, w2, s2, row0, I, G, hb, u0, nt, acc, ab, ahead)
+            down_rows(acc, y, pairs, scale, u0, nt, slab)
+            i = atomic_add(counter, 0, 1)
+        amx.tile_release(tiles)
+
+
+@njit(inline="always", **JIT)
+def _thread_state(cfg, K, most):
+    """A thread's tiles, configured, the unpacked rows of an item (K of k, bf16 bits) and the
+    f32 sums [most, 16, 16] of its token tiles."""
+    tiles = np.zeros(amx.TILES_BYTES, np.uint8)
+    amx.tile_config(tiles, cfg)
+    return tiles, np.empty(K * TM, np.uint16), np.empty(most * TM * TM, np.float32)
