@@ -31,8 +31,8 @@ JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_q8.py": "3ea0e16d79a53393",
-    "simd_q8.py": "8265d2e58426e217",
+    "kernels_q8.py": "7f9f3d3c31244253",
+    "simd_q8.py": "1c368588b29fd580",
 }
 
 

@@ -39,7 +39,7 @@ DEPENDS = {
     "simd_amx.py": "01e5dbdcce75046c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "simd_q8.py": "8265d2e58426e217",
+    "simd_q8.py": "1c368588b29fd580",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

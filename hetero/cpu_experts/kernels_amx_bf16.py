@@ -33,8 +33,8 @@ DEPENDS = {
     "simd_amx.py": "01e5dbdcce75046c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_amx.py": "fce2bc9be881316a",
-    "simd_q8.py": "8265d2e58426e217",
+    "kernels_amx.py": "3da1be40192b1617",
+    "simd_q8.py": "1c368588b29fd580",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 TK = 32  # k a product

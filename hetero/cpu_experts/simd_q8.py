@@ -126,7 +126,8 @@ def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> l
 def _block_scales(builder, s_p, b, x0, shift, int8: bool):
     """<4 x float>: the scale of each 32-k quarter of block b, s[(128 b + 32 c) >> gshift].
     The common groups get their own short paths (LLVM hoists the test out of the loop): group
-    32 of int4 loads the four bf16 scales at once, group 128 and per-row scales splat one."""
+    32 of int4 loads the four bf16 scales at once, group 64 two, group 128 and per-row scales
+    splat one."""
 
     def widen(value, n):  # bf16 bits (i16 or <n x i16>) -> f32; f32 as is
         if int8:
@@ -163,6 +164,22 @@ def _block_scales(builder, s_p, b, x0, shift, int8: bool):
         )
         cases.append((builder.icmp_unsigned("==", shift, ir.Constant(I64, 5)),
                       lambda: widen(builder.load(at, align=2), 4)))  # fmt: skip
+        # group 64: the block's two scales are adjacent, each for two quarters (the generic
+        # path's four scalar loads made int4-g64 decode 5-12% slower than g32 on the H100
+        # machine, though it reads 6% fewer bytes)
+        two = ir.VectorType(I16, 2)
+        at2 = builder.bitcast(
+            builder.gep(s_p, [builder.mul(b, ir.Constant(I64, 2))]), two.as_pointer()
+        )
+
+        def pairs():
+            v = widen(builder.load(at2, align=2), 2)
+            return builder.shuffle_vector(
+                v, ir.Constant(ir.VectorType(F32, 2), ir.Undefined),
+                ir.Constant(ir.VectorType(I32, 4), [0, 0, 1, 1]),
+            )  # fmt: skip
+
+        cases.append((builder.icmp_unsigned("==", shift, ir.Constant(I64, 6)), pairs))
     return _select(builder, cases, generic)
 
 
