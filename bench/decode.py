@@ -254,6 +254,10 @@ def run(args) -> None:
                 t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
+                # the CPU's share of V3's step by the same estimate: its time a MoE layer times
+                # V3's MoE layers (the slice's own cpu_busy charges its fixed part, the LM head
+                # and the first layers that wait for the new token, to 6 layers, not 58)
+                out["v3_cpu_busy"] = round(r["cpu_ms"] / M * full_moe / t61, 3)
             else:
                 out["tokens_per_s"] = round(1e3 * B / r["ms"], 2)
             print(json.dumps(out), flush=True)
