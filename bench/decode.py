@@ -152,6 +152,7 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
     ms.sort()
     return {
         "ms": round(ms[len(ms) // 2], 3),
+        "mean_ms": round(wall / steps * 1e3, 3),
         "cpu_busy": round(engine.stats.busy_s / wall, 3),
         "cpu_ms": round(engine.stats.busy_s / steps * 1e3, 3),
         "cpu_compute_ms": round(engine.stats.compute_s / steps * 1e3, 3),
@@ -254,10 +255,12 @@ def run(args) -> None:
                 t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
-                # the CPU's share of V3's step by the same estimate: its time a MoE layer times
-                # V3's MoE layers (the slice's own cpu_busy charges its fixed part, the LM head
-                # and the first layers that wait for the new token, to 6 layers, not 58)
-                out["v3_cpu_busy"] = round(r["cpu_ms"] / M * full_moe / t61, 3)
+                # the CPU's share of V3's step by the same estimate, on mean step times (as
+                # cpu_ms): its time a MoE layer times V3's MoE layers (the slice's own cpu_busy
+                # charges its fixed part, the LM head and the first layers that wait for the
+                # new token, to M layers, not 58)
+                mean61 = gpu * full / L + (r["mean_ms"] - gpu) * full_moe / M
+                out["v3_cpu_busy"] = round(r["cpu_ms"] / M * full_moe / mean61, 3)
             else:
                 out["tokens_per_s"] = round(1e3 * B / r["ms"], 2)
             print(json.dumps(out), flush=True)
