@@ -193,7 +193,7 @@ def run(args) -> None:
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     layers = {L: random_layer(fmt, H, I, E, seed=L) for L in config.moe_layers}
-    engine = CPUExperts(layers, EngineConfig(threads=args.threads))
+    engine = CPUExperts(layers, EngineConfig(threads=args.threads, ring=not args.no_ring))
     L, M = config.num_hidden_layers, len(config.moe_layers)
     base = {
         "bench": "decode",
@@ -205,6 +205,7 @@ def run(args) -> None:
         "graphs": args.graphs,
         "gpu_experts": args.gpu_experts,
         "cpu_threads": engine.threads,
+        "ring": bool(engine._ring_tokens),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
     modes = ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
@@ -347,6 +348,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--rounds", type=int, default=1, help="all modes this many times; medians")
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
+    p.add_argument("--no-ring", action="store_true", help="decode jobs through the worker's queue")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--baseline", action="store_true", help="then, in the same run, transformers' device_map"

@@ -23,7 +23,9 @@ def weights():
     return expert_weights()
 
 
-@pytest.mark.parametrize("module", ["kernels_q8", "fused", "kernels_amx"])
+@pytest.mark.parametrize(
+    "module", ["kernels_q8", "fused", "kernels_amx", "kernels_amx_bf16", "ring"]
+)
 def test_cached_kernels_name_the_hashes_of_what_they_compile_in(module):
     """numba caches a module's kernels by its own file alone; the kernels of these modules
     compile in code from other files, so a change there must come with a new hash in DEPENDS
@@ -227,7 +229,7 @@ def test_engine_shortens_the_gil_switch_interval(weights):
 
 
 def test_hugepage_copies_change_nothing_but_timing(weights):
-    from hetero.cpu_experts.engine import HUGE_PAGE, in_hugepages
+    from hetero.cpu_experts.host_buffers import HUGE_PAGE, in_hugepages
 
     layer = pack_experts(*weights, Format.parse("int4"))
     moved = in_hugepages(layer)
@@ -244,15 +246,17 @@ def test_hugepage_copies_change_nothing_but_timing(weights):
 
 
 @pytest.mark.gpu
-def test_cuda_jobs_recycle_their_pinned_buffers(weights):
-    """A CUDA caller's job buffer goes back to the engine once every part has been waited for
-    and the copy out of it has run: the next job of the same shape reuses it, its flag zeroed
-    first (a recycled 1 would start the kernel on stale inputs), and results stay exact."""
+@pytest.mark.parametrize("ring", [False, True])
+def test_cuda_jobs_recycle_their_pinned_buffers(weights, ring):
+    """A CUDA caller's job buffer (a pinned block, or a slot of the decode ring) goes back to
+    the engine once every part has been waited for and the copy out of it has run: later jobs
+    reuse it, its flag zeroed first (a recycled 1 would start the kernel on stale inputs), and
+    results stay exact."""
     layer = pack_experts(*weights, Format.parse("int4"))
-    eng = CPUExperts({0: layer}, EngineConfig(threads=2))
+    eng = CPUExperts({0: layer}, EngineConfig(threads=2, ring=ring))
     try:
         outs, ptrs = [], []
-        for seed in range(4):
+        for seed in range(6):  # (the ring has 4 slots)
             x, ids, wt = (t.cuda() for t in routing(3, 2, seed=seed))
             job = eng.submit(0, x, ids, wt, deferred=1)
             ptrs.append(job.outs.data_ptr())

@@ -3,18 +3,18 @@
 Policy lives here: per expert, few tokens -> the GEMV kernel (bandwidth-bound, weights read once
 per call), many tokens -> dequantize + oneDNN matmul (compute-bound). Overlap is submit / wait:
 `job = cpu.submit(layer, x, ids, w)` returns at once; `y = cpu.wait(job)` blocks for the result.
+Decode-sized jobs go through a ring of preallocated slots that one numba loop serves with no
+Python between jobs (ring.py); the rest through the worker's queue, one Python call each.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numba
 import numpy as np
@@ -22,10 +22,11 @@ import torch
 
 from hetero.cpu_experts import amx, fused, kernels, kernels_q8, ops
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
-from hetero.cpu_experts.host_buffers import PinnedBuffers, Specs, host_views
+from hetero.cpu_experts.host_buffers import PinnedBuffers, copy_into, host_views, in_hugepages
+from hetero.cpu_experts.jobs import EngineConfig, EngineStats, Job
+from hetero.cpu_experts.ring import YIELD, DecodeRing, RingFuture
 
 log = logging.getLogger(__name__)
-HUGE_PAGE = 2 << 20
 INPUT_TIMEOUT_S = 60.0  # a decode job whose inputs take longer than this to land is an error
 SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms (prefill jobs)
 # a caller polls in numba, without the GIL, this long at a time: the worker's Python between two
@@ -34,80 +35,7 @@ SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms
 # switch interval forced a handover: ~20 us each time, 50-120 us between two layers on the H100
 # machine's traces
 SPIN_SLICE_S = 1e-4
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    threads: int = 0  # 0: all cores but one (that one drives the GPU)
-    gemm_min_tokens: int = 4  # an expert with at least this many tokens takes the GEMM path (swept)
-    # the same for layers on int8 activations (kernels_q8), whose GEMV unpacks a row once for 4
-    # tokens: 2-3x faster than the GEMM path at 2-8 tokens an expert on a 2-core AMD box (int4);
-    # the device sweep is pending
-    gemm_min_tokens_q8: int = 32
-    # where the CPU has AMX tiles (kernels_amx: int4/int8 layers), experts with at least this
-    # many tokens take the AMX GEMM path instead of both of the above
-    amx: bool = True
-    gemm_min_tokens_amx: int = 16
-    # int4 layers on the AMX path: "bf16" (dequantized a tile at a time, f32 sums in the tile
-    # unit: kernels_amx_bf16), "int8" (the nibbles on int8 tiles, rescaled every group) or
-    # "auto": bf16 for group 32, int8 for 64 and 128 (H100 machine, V3 layer, T=1024: g32
-    # 337-381 ms on bf16 against 431 on int8; g64 449 against 284, g128 443 against 255)
-    amx_int4_tiles: str = "auto"
-    rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
-    int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
-    # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB
-    # took int4 at 1 token from 59% to 72% of read bandwidth, int8 from 72% to 88%
-    prefetch_bytes: int = 4096
-    # copy the weights into 2 MB transparent huge pages at load: streaming 4 KB pages costs a
-    # TLB walk every page (off until measured; a store's memory map is then read once, eagerly)
-    hugepages: bool = False
-    # Python's GIL switch interval, lowered to this for the process (0: leave it). The worker
-    # needs the GIL a few times a job (a future, an event wait, the kernel's call); while the
-    # caller is busy launching GPU work in Python, each can wait a whole interval: 5 ms by
-    # default, and at 0.2 ms the H100 machine's traces still showed ~0.25 ms a layer with all
-    # cores idle. Forced switches happen only while a thread waits, so a short one costs little.
-    gil_switch_s: float = 2e-5
-
-    def num_threads(self) -> int:
-        if self.threads:
-            return self.threads
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 2) - 1)
-
-
-@dataclass
-class EngineStats:
-    """Seconds the worker spent and the callers waited, for benchmarks (reset freely)."""
-
-    busy_s: float = 0.0  # a job's run on the worker, but for the wait for its inputs
-    compute_s: float = 0.0  # of which in the kernels
-    wait_s: float = 0.0  # written by the calling thread only
-    jobs: int = 0
-    amx_s: dict = field(default_factory=dict)  # the AMX path's seconds by step (ops.moe_gemm_amx)
-    # when a list: (name, thread id, start ns, end ns) of each submit, input wait, part computed
-    # and caller's wait, on time.perf_counter_ns's clock (bench/decode.py --trace)
-    trace: list | None = None
-
-    def mark(self, name: str, start_ns: int, end_ns: int | None = None) -> None:
-        if self.trace is not None:
-            end_ns = time.perf_counter_ns() if end_ns is None else end_ns
-            self.trace.append((name, threading.get_ident(), start_ns, end_ns))
-
-
-@dataclass(frozen=True)
-class Job:
-    """A submitted call: its parts' sums `outs` [parts, T, H] fp32 on the host (pinned for CUDA
-    callers), `done[p]` > 0 once part p is written, the worker's future (its errors), and where
-    the results must go."""
-
-    outs: torch.Tensor
-    done: np.ndarray  # [parts] int64
-    future: Future
-    device: torch.device
-    dtype: torch.dtype
-    specs: Specs  # its host buffer's layout, and the buffer's views (recycled for CUDA callers
-    buffer: list[torch.Tensor]  # once every part has been waited for)
-    waited: np.ndarray  # [parts] bool
+RING_IDLE_S = 5e-3  # a ring's server returns to Python after this long without a job
 
 
 class CPUExperts:
@@ -135,12 +63,17 @@ class CPUExperts:
         self._ones: dict[torch.device, torch.Tensor] = {}  # the `arrived` flag's source
         self._pinned = PinnedBuffers()  # CUDA callers' job buffers, recycled
         self._cycles_per_s = _cycle_rate()  # kernels_q8.cycle_counter's ticks a second
+        self._clock = (kernels_q8.read_cycles(), time.perf_counter_ns())  # cycles <-> ns
+        self._rings: dict[int, DecodeRing] = {}  # by experts a token
+        self._ring_tokens = self._ring_size()  # 0: no ring
+        self._worker = 0  # the worker thread's id
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
 
     def _init_worker(self) -> None:
         numba.set_num_threads(self.threads)  # numba's setting is per calling thread
         threading.current_thread().name = "hetero-cpu-experts"
+        self._worker = threading.get_ident()
 
     def _warm_up(self, layer: PackedExperts) -> None:
         """Compiles (or loads from numba's disk cache) every kernel on the real array types, so
@@ -153,6 +86,12 @@ class CPUExperts:
             done = np.zeros(1, np.int64)
             self._compute(layer, x, ids, w, rows, 0, out, done, arrived, threshold)
         fused.wait_inputs(done, 1)  # `wait`'s poll, called from Python
+        if self._ring_tokens:  # the ring's server, on a throwaway ring of one slot's job
+            ring = DecodeRing(self.layers, 1, 1, pin=False)
+            ring.fill(ring.take(), next(iter(self.layers)), 1, 0, rows)
+            ring.arrived.fill_(1)
+            ring.publish()
+            self._serve(ring, idle_s=0.0)
 
     def submit(
         self,
@@ -178,6 +117,11 @@ class CPUExperts:
         else:
             ops.check_rows(rows, self.layers[layer].num_experts)
         parts = 2 if deferred > 0 else 1
+        ring = self._ring_for(layer, x, ids)
+        if ring is not None:
+            return self._submit_ring(ring, layer, x, ids, weights, rows, deferred, start)
+        for r in self._rings.values():  # a job off the ring: its server makes way
+            r.ctrl[YIELD] = 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
         specs = ((tuple(x.shape), torch.float32), (tuple(ids.shape), torch.int64),
@@ -203,7 +147,82 @@ class CPUExperts:
             arrived.fill_(1)
         self.stats.mark("copies", copies)
         self.stats.mark("submit", start)
-        return Job(outs, done, future, x.device, x.dtype, specs, buffer, np.zeros(parts, bool))
+        recycle = partial(self._pinned.give, specs, buffer) if x.is_cuda else None
+        return Job(outs, done, future, x.device, x.dtype, np.zeros(parts, bool), recycle)
+
+    def _submit_ring(self, ring, layer, x, ids, weights, rows, deferred, start) -> Job:
+        s, T, parts = ring.take(), x.shape[0], 2 if deferred > 0 else 1
+        ring.fill(s, layer, T, deferred, rows)
+        self.stats.mark("alloc", start)
+        for h, t in zip((ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T]), (x, ids, weights)):
+            h.copy_(t, non_blocking=x.is_cuda)
+        if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
+            ring.arrived[s, :1].copy_(self._one(x.device), non_blocking=True)
+        else:
+            ring.arrived[s, :1].fill_(1)
+        future = RingFuture(ring, s, ring.seq)
+        if ring.publish():
+            self._pool.submit(self._serve, ring)
+        self.stats.mark("submit", start)
+        done = partial(self._ring_done, ring, s, layer)
+        outs = ring.outs[s, :parts, :T]
+        return Job(outs, ring.done[s, :parts], future, x.device, x.dtype, np.zeros(parts, bool),
+                   done, shared=True)  # fmt: skip
+
+    def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> DecodeRing | None:
+        """The ring for this job if it takes one and a slot is free."""
+        if not 0 < x.shape[0] <= self._ring_tokens or ids.ndim != 2:
+            return None
+        k = ids.shape[1]
+        if k not in self._rings:
+            pin = torch.cuda.is_available()  # (for CUDA callers, whoever comes first)
+            self._rings[k] = DecodeRing(self.layers, self._ring_tokens, k, pin)
+        ring = self._rings[k]
+        return ring if ring.take() is not None else None
+
+    def _ring_size(self) -> int:
+        """Tokens a ring job may have: below every layer's GEMM threshold (0: no ring, where
+        the config says so or the layers differ in type or do not take int8 activations)."""
+        c = self.config
+        if not (c.ring and c.int8_activations and DecodeRing.supports(self.layers)):
+            return 0
+        if any(ops._q8_offset(p, True) is None for p in self.layers.values()):
+            return 0
+        lowest = min(c.gemm_min_tokens_amx if self._tiles(p) else c.gemm_min_tokens_q8
+                     for p in self.layers.values())  # fmt: skip
+        return max(0, min(lowest - 1, 32))
+
+    def _serve(self, ring: DecodeRing, idle_s: float = RING_IDLE_S) -> None:
+        """The ring's server, on the worker thread; a job that fails there fails alone."""
+        c, layer = self.config, next(iter(self.layers.values()))
+        rate = self._cycles_per_s
+        args = (c.rows_per_item, ops._q8_offset(layer, True), c.prefetch_bytes,
+                int(INPUT_TIMEOUT_S * rate), int(idle_s * rate))  # fmt: skip
+        while True:
+            try:
+                ring.run(*args)
+                return
+            except Exception as e:  # noqa: BLE001 (the job's caller gets it from `wait`)
+                log.error("a CPU expert job failed on the ring: %s", e)
+                if not ring.fail_head(e):
+                    return
+
+    def _ring_done(self, ring: DecodeRing, s: int, layer: int, event) -> None:
+        """A ring job waited for in full: its slot back to the ring, its times to the stats."""
+        start, arrived, end = (int(v) for v in ring.stamps[s, :3])
+        ring.release(s, event)
+        if end < arrived:  # (it failed)
+            return
+        busy = (end - arrived) / self._cycles_per_s
+        self.stats.busy_s += busy
+        self.stats.compute_s += busy
+        self.stats.jobs += 1
+        if self.stats.trace is not None:
+            c0, ns0 = self._clock
+            ns = [ns0 + int((c - c0) / self._cycles_per_s * 1e9) for c in (start, arrived, end)]
+            if ns[1] > ns[0]:
+                self.stats.mark("input", ns[0], ns[1], self._worker)
+            self.stats.mark(f"L{layer}", ns[1], ns[2], self._worker)
 
     def wait(self, job: Job, part: int = 0) -> torch.Tensor:
         """Part `part` of the job's sum, on the caller's device. Polls the part's flag (without
@@ -222,11 +241,15 @@ class CPUExperts:
         self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
         self.stats.mark("wait", start)
         out = job.outs[part].to(job.device, non_blocking=True).to(job.dtype)
+        if job.shared and out.data_ptr() == job.outs[part].data_ptr():
+            out = out.clone()  # (a CPU caller: the slot is the next job's)
         job.waited[part] = True
-        if job.device.type == "cuda" and job.waited.all():  # (a CPU caller's out is the buffer)
-            event = torch.cuda.Event()
-            event.record()  # after the copy out of it
-            self._pinned.give(job.specs, job.buffer, event)
+        if job.recycle is not None and job.waited.all():
+            event = None
+            if job.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()  # after the copy out of it
+            job.recycle(event)
         return out
 
     def forward(
@@ -243,6 +266,8 @@ class CPUExperts:
         is present, so they cross PCIe at full speed), then asynchronous copies on the current
         stream take them to `device`. The buffer is overwritten by the next call only after
         those copies are done (an event guards it)."""
+        for r in self._rings.values():
+            r.ctrl[YIELD] = 1
         host = self._pool.submit(self._stage, self.layers[layer]).result()
         out = [h.to(device, non_blocking=True) for h in host]
         if torch.device(device).type == "cuda":
@@ -260,7 +285,7 @@ class CPUExperts:
             self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         out, offset = [], 0
         for a in arrays:
-            out.append(as_tensor(_copy_into(a, self._staging[offset:].numpy())))
+            out.append(as_tensor(copy_into(a, self._staging[offset:].numpy())))
             offset += a.nbytes
         return out
 
@@ -271,6 +296,8 @@ class CPUExperts:
 
     def _run(self, layer: int, host, arrived, rows, deferred: int, outs, done) -> None:
         start, waited = time.perf_counter_ns(), 0  # waited: ns idle before the inputs landed
+        for r in self._rings.values():
+            r.ctrl[YIELD] = 0
         try:
             x, ids, weights = (t.numpy() for t in host)
             t0 = time.perf_counter_ns()
@@ -356,30 +383,6 @@ class CPUExperts:
 
     def _tiles(self, layer: PackedExperts) -> bool:
         return self.config.amx and ops.amx_ok(layer) and amx.enable()
-
-
-def in_hugepages(packed: PackedExperts) -> PackedExperts:
-    """The layer's arrays copied into anonymous memory advised for transparent huge pages
-    (MADV_HUGEPAGE: taken where the kernel allows THP on request)."""
-
-    def copy(a: np.ndarray) -> np.ndarray:
-        size = -(-max(a.nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
-        buf = mmap.mmap(-1, size + HUGE_PAGE)  # page-aligned only: room to start on a 2 MB one
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        whole = np.frombuffer(buf, dtype=np.uint8)  # keeps buf alive
-        return _copy_into(a, whole[-whole.ctypes.data % HUGE_PAGE :])
-
-    arrays = {k: copy(a) for k, a in packed.arrays().items()}
-    return PackedExperts(packed.fmt, **arrays)
-
-
-def _copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """a copied, by all the engine's threads, to the start of the bytes dst; that copy as an
-    array shaped and typed like a."""
-    out = dst[: a.nbytes]
-    kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
-    return out.view(a.dtype).reshape(a.shape)
 
 
 def _cycle_rate() -> float:

@@ -31,8 +31,8 @@ JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_q8.py": "7f9f3d3c31244253",
-    "simd_q8.py": "1c368588b29fd580",
+    "kernels_q8.py": "d4cf441978563020",
+    "simd_q8.py": "e9ae5c1cbf94195a",
 }
 
 
@@ -60,13 +60,15 @@ def ready_parts(ready, max_cycles, ids, weights, rows_of, deferred):
 @njit(**JIT)
 def moe_layer_q8(
     x, ids, weights, rows_of, deferred, num_experts, w13, s13, w2, s2, outs, done, rows, offset,
-    ahead, threads, ready, max_cycles,
+    ahead, threads, ready, max_cycles, stamps,
 ):  # fmt: skip
     """Once ready[0] != 0: outs[p] [T, H] = the routed experts of part p of ids [T, k]
     (kernels.split_parts by rows_of and deferred) on int8 activations (kernels_q8.moe_gemv_q8's
     formats and sizes), then done[p] += 1, part by part. Returns the cycles spent waiting for
-    the inputs (-1: they never came)."""
+    the inputs (-1: they never came). stamps int64 [3+]: [1] the cycle counter once the inputs
+    are there, [2] once the sums are written, before the last part is published."""
     waited, parts = ready_parts(ready, max_cycles, ids, weights, rows_of, deferred)
+    stamps[1] = cycle_counter()
     for part in range(parts.shape[0]):
         experts, ptr, pair_token, pair_slot, pos = group_by_expert(parts[part], num_experts)
         y = np.empty((pair_token.shape[0], x.shape[1]), np.float32)  # [P, H]
@@ -75,6 +77,8 @@ def moe_layer_q8(
             ahead, threads,
         )  # fmt: skip
         combine(pos, y, outs[part])
+        if part == parts.shape[0] - 1:
+            stamps[2] = cycle_counter()
         atomic_add(done, part, 1)
     return waited
 

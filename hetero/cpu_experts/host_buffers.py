@@ -8,10 +8,16 @@ job's input copies, and so the CPU's start, wait for it."""
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 
+import numpy as np
 import torch
 
+from hetero.cpu_experts import kernels
+from hetero.cpu_experts.formats import PackedExperts
+
+HUGE_PAGE = 2 << 20
 Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype) of each view
 
 
@@ -52,3 +58,27 @@ class PinnedBuffers:
             free = self._free.setdefault(specs, [])
             if len(free) < self.keep:
                 free.append((views, event))
+
+
+def in_hugepages(packed: PackedExperts) -> PackedExperts:
+    """The layer's arrays copied into anonymous memory advised for transparent huge pages
+    (MADV_HUGEPAGE: taken where the kernel allows THP on request)."""
+
+    def copy(a: np.ndarray) -> np.ndarray:
+        size = -(-max(a.nbytes, 1) // HUGE_PAGE) * HUGE_PAGE
+        buf = mmap.mmap(-1, size + HUGE_PAGE)  # page-aligned only: room to start on a 2 MB one
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        whole = np.frombuffer(buf, dtype=np.uint8)  # keeps buf alive
+        return copy_into(a, whole[-whole.ctypes.data % HUGE_PAGE :])
+
+    arrays = {k: copy(a) for k, a in packed.arrays().items()}
+    return PackedExperts(packed.fmt, **arrays)
+
+
+def copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """a copied, by all the engine's threads, to the start of the bytes dst; that copy as an
+    array shaped and typed like a."""
+    out = dst[: a.nbytes]
+    kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
+    return out.view(a.dtype).reshape(a.shape)

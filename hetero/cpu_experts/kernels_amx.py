@@ -39,7 +39,7 @@ DEPENDS = {
     "simd_amx.py": "01e5dbdcce75046c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "simd_q8.py": "1c368588b29fd580",
+    "simd_q8.py": "e9ae5c1cbf94195a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

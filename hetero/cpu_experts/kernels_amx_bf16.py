@@ -33,8 +33,8 @@ DEPENDS = {
     "simd_amx.py": "01e5dbdcce75046c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_amx.py": "3da1be40192b1617",
-    "simd_q8.py": "1c368588b29fd580",
+    "kernels_amx.py": "80b3b11377b100ed",
+    "simd_q8.py": "e9ae5c1cbf94195a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 TK = 32  # k a product

@@ -28,7 +28,7 @@ from hetero.cpu_experts.simd_q8 import (
 )
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "1c368588b29fd580"}
+DEPENDS = {"simd_q8.py": "e9ae5c1cbf94195a"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 

@@ -148,7 +148,10 @@ def moe_layer(
     offset = _q8_offset(layer, int8_activations)
     if offset is not None:
         threads = numba.get_num_threads()  # (as an argument: the kernels stay cacheable)
-        waited = fused.moe_layer_q8(*args, offset, prefetch_bytes, threads, ready, max_wait_cycles)
+        stamps = np.zeros(3, np.int64)
+        waited = fused.moe_layer_q8(
+            *args, offset, prefetch_bytes, threads, ready, max_wait_cycles, stamps
+        )
     else:
         waited = fused.moe_layer(*args, ready, max_wait_cycles)
     return _arrived(waited, max_wait_cycles)

@@ -301,6 +301,24 @@ def atomic_add(typingctx, a, i, v):
 
 
 @intrinsic
+def atomic_cas(typingctx, a, i, old, new):
+    """If a[i] == old, a[i] = new, as one atomic step (sequentially consistent); whether it was."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+    if not (isinstance(old, types.Integer) and isinstance(new, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        pair = builder.cmpxchg(at, _i64(builder, args[2]), _i64(builder, args[3]), "seq_cst",
+                               "seq_cst")  # fmt: skip
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(a, i, old, new), codegen
+
+
+@intrinsic
 def atomic_load(typingctx, a, i):
     """a[i], read atomically (acquire: what its writer did before its release is visible)."""
     if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):

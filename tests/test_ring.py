@@ -1,0 +1,109 @@
+"""The decode ring (ring.py): jobs served by one numba loop give what the worker's queue gives,
+whatever the mix of jobs, and its server comes and goes with the work."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hetero.cpu_experts import engine as engine_mod
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+from hetero.cpu_experts.formats import Format, pack_experts
+from hetero.cpu_experts.ring import ACTIVE, SLOTS
+
+H, I, E, K = 256, 128, 16, 4
+
+
+@pytest.fixture(scope="module")
+def engines():
+    g = torch.Generator().manual_seed(0)
+    layers = {
+        L: pack_experts(
+            *(torch.randn(E, *s, generator=g) for s in ((I, H), (I, H), (H, I))),
+            Format.parse("int4"),
+        )  # fmt: skip
+        for L in (3, 4, 5)
+    }
+    ring = CPUExperts(layers, EngineConfig(threads=2))
+    plain = CPUExperts(layers, EngineConfig(threads=2, ring=False))
+    yield ring, plain
+    ring.close()
+    plain.close()
+
+
+def job(T: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.rand(T, E, generator=g).topk(K).indices
+    return torch.randn(T, H, generator=g), ids, torch.rand(T, K, generator=g)
+
+
+def test_ring_jobs_equal_the_queue_path(engines):
+    """Decode sizes on the ring, 32+ tokens off it, more jobs in flight than slots (the rest
+    take the queue), with and without deferred parts: bit-equal outputs."""
+    ring, plain = engines
+    assert ring._ring_tokens == 31 and plain._ring_tokens == 0
+    before = {k: r.seq for k, r in ring._rings.items()}
+    for T in (1, 3, 31, 32, 40):
+        x, ids, w = job(T, T)
+        for d in (0, 2):
+            layers = (3, 4, 5) * 2  # 6 jobs in flight, SLOTS = 4
+            a = [ring.submit(L, x, ids, w, deferred=d) for L in layers]
+            b = [plain.submit(L, x, ids, w, deferred=d) for L in layers]
+            for part in range(2 if d else 1):
+                for ja, jb in zip(a, b):
+                    assert torch.equal(ring.wait(ja, part), plain.wait(jb, part)), (T, d, part)
+    served = ring._rings[K].seq - before.get(K, 0)
+    assert SLOTS <= served < 3 * 2 * 6  # some on the ring, some off it
+
+
+def test_a_callers_result_outlives_its_slot(engines):
+    ring, plain = engines
+    x, ids, w = job(2, 7)
+    y = ring.forward(3, x, ids, w)
+    kept = y.clone()
+    for i in range(3 * SLOTS):  # every slot reused
+        ring.forward(4, *job(2, 100 + i))
+    assert torch.equal(y, kept) and torch.equal(y, plain.forward(3, x, ids, w))
+
+
+def test_the_server_idles_out_and_comes_back(engines):
+    ring, plain = engines
+    x, ids, w = job(1, 9)
+    ring.forward(5, x, ids, w)
+    time.sleep(0.05)  # > RING_IDLE_S: the server has returned to Python
+    assert ring._rings[K].ctrl[ACTIVE] == 0
+    assert torch.equal(ring.forward(5, x, ids, w), plain.forward(5, x, ids, w))
+
+
+def test_a_failed_job_fails_alone(engines):
+    """A job the kernel refuses raises its error in `wait`; the ring goes on with the next."""
+    ring, plain = engines
+    x, ids, w = job(2, 11)
+    bad = ring.submit(3, x, ids + E, w)  # expert ids past the layer's experts
+    good = ring.submit(4, x, ids, w)
+    with pytest.raises(ValueError, match="out of range"):
+        ring.wait(bad)
+    assert torch.equal(ring.wait(good), plain.forward(4, x, ids, w))
+
+
+def test_inputs_that_never_land_fail_the_job(engines, monkeypatch):
+    """A CUDA caller's inputs are flagged by its stream; if the flag never comes, the job fails
+    after INPUT_TIMEOUT_S with a clear error (here the flag is withheld by hand)."""
+    ring, _ = engines
+    monkeypatch.setattr(engine_mod, "INPUT_TIMEOUT_S", 0.05)
+    time.sleep(0.05)  # the server picks the timeout up when it starts again
+    x, ids, w = job(1, 13)
+    r = ring._rings[K]
+    s = r.take()
+    r.fill(s, 3, 1, 0, ring._identity.setdefault(3, torch.arange(E).numpy()))
+    future = engine_mod.RingFuture(r, s, r.seq)
+    if r.publish():
+        ring._pool.submit(ring._serve, r)
+    deadline = time.time() + 10
+    while not future.done() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(RuntimeError, match="did not arrive"):
+        future.result()
+    r.release(s, None)
