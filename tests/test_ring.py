@@ -43,9 +43,10 @@ def test_ring_jobs_equal_the_queue_path(engines):
     """Decode sizes on the ring, 32+ tokens off it, more jobs in flight than slots (the rest
     take the queue), with and without deferred parts: bit-equal outputs."""
     ring, plain = engines
-    assert ring._ring_tokens == 31 and plain._ring_tokens == 0
+    top = ring._ring_tokens  # 31 (15 where AMX tiles take experts of 16 tokens)
+    assert top in (15, 31) and plain._ring_tokens == 0
     before = {k: r.seq for k, r in ring._rings.items()}
-    for T in (1, 3, 31, 32, 40):
+    for T in (1, 3, top, top + 1, 40):
         x, ids, w = job(T, T)
         for d in (0, 2):
             layers = (3, 4, 5) * 2  # 6 jobs in flight, SLOTS = 4
