@@ -88,10 +88,14 @@ class CPUExperts:
         fused.wait_inputs(done, 1)  # `wait`'s poll, called from Python
         if self._ring_tokens:  # the ring's server, on a throwaway ring of one slot's job
             ring = DecodeRing(self.layers, 1, 1, pin=False)
-            ring.fill(ring.take(), next(iter(self.layers)), 1, 0, rows)
+            for t in (ring.x, ring.ids, ring.w):
+                t.zero_()  # (expert 0, weight 0)
+            s = ring.take()
+            ring.fill(s, next(iter(self.layers)), 1, 0, rows)
             ring.arrived.fill_(1)
             ring.publish()
             self._serve(ring, idle_s=0.0)
+            RingFuture(ring, s, 0).result()  # (raises what failed)
 
     def submit(
         self,
