@@ -139,42 +139,47 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
             amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads):
     """h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat (rows
     [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U; xb: pack_tiles."""
-    A, slabs = experts.shape[0], 2 * I // TM
-    counter = np.zeros(16, np.int64)
-    most = _most_tiles(first_tile)
-    for _ in prange(threads):
-        tiles, ab, acc = _thread_state(cfg, H, most)
-        i = atomic_add(counter, 0, 1)
-        while i < A * slabs:
-            a, slab = i // slabs, i % slabs
-            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * 2 * I + slab * TM
-            _rows_times_tiles(tiles, w13, s13, row0, H, G, xb, u0, nt, acc, ab, ahead)
-            silu_rows(acc, h, u0, nt, slab)
-            i = atomic_add(counter, 0, 1)
-        amx.tile_release(tiles)
+    pairs, scale, y = (
+        np.empty((0, 0), np.int64),
+        np.empty(0, np.float32),
+        np.empty((0, 0), np.float32),
+    )
+    _items(w13, s13, H, 2 * I, G, cfg, experts, first_tile, xb, ahead, threads, True, h, pairs,
+           scale, y)  # fmt: skip
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads):
     """y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each token
     column (-1: padding); hb: pack_tiles of h."""
-    A, slabs = experts.shape[0], H // TM
+    h = np.empty((0, 0, 0), np.float32)
+    _items(w2, s2, I, H, G, cfg, experts, first_tile, hb, ahead, threads, False, h, pairs, scale, y)
+
+
+@njit(parallel=True, **JIT)
+def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h, pairs, scale,
+           y):  # fmt: skip
+    """Items of 16 of an expert's R rows (K of k) x its token tiles, from a shared counter; their
+    sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
+    A, slabs = experts.shape[0], R // TM
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, acc = _thread_state(cfg, I, most)
+        tiles, ab, acc = _thread_state(cfg, K, most)
         i = atomic_add(counter, 0, 1)
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * H + slab * TM
-            _rows_times_tiles(tiles, w2, s2, row0, I, G, hb, u0, nt, acc, ab, ahead)
-            down_rows(acc, y, pairs, scale, u0, nt, slab)
+            row0 = experts[a] * R + slab * TM
+            _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead)
+            if gate:
+                silu_rows(acc, h, u0, nt, slab)
+            else:
+                down_rows(acc, y, pairs, scale, u0, nt, slab)
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
