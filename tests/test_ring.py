@@ -108,3 +108,22 @@ def test_inputs_that_never_land_fail_the_job(engines, monkeypatch):
     with pytest.raises(RuntimeError, match="did not arrive"):
         future.result()
     r.release(s, None)
+
+
+def test_two_callers_at_once(engines):
+    """Submits from two threads never share a slot: each gets its own job's sums."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ring, plain = engines
+
+    def calls(first: int) -> list[bool]:
+        out = []
+        for i in range(12):
+            x, ids, w = job(1 + i % 3, first + i)
+            out.append(torch.equal(ring.forward(3 + i % 3, x, ids, w),
+                                   plain.forward(3 + i % 3, x, ids, w)))  # fmt: skip
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(calls, (1000, 2000)))
+    assert all(all(r) for r in results)

@@ -65,6 +65,7 @@ class CPUExperts:
         self._cycles_per_s = _cycle_rate()  # kernels_q8.cycle_counter's ticks a second
         self._clock = (kernels_q8.read_cycles(), time.perf_counter_ns())  # cycles <-> ns
         self._rings: dict[int, DecodeRing] = {}  # by experts a token
+        self._ring_lock = threading.Lock()
         self._ring_tokens = self._ring_size()  # 0: no ring
         self._worker = 0  # the worker thread's id
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
@@ -121,9 +122,10 @@ class CPUExperts:
         else:
             ops.check_rows(rows, self.layers[layer].num_experts)
         parts = 2 if deferred > 0 else 1
-        ring = self._ring_for(layer, x, ids)
-        if ring is not None:
-            return self._submit_ring(ring, layer, x, ids, weights, rows, deferred, start)
+        with self._ring_lock:  # (a slot and its sequence number for one caller at a time)
+            ring = self._ring_for(layer, x, ids)
+            if ring is not None:
+                return self._submit_ring(ring, layer, x, ids, weights, rows, deferred, start)
         for r in self._rings.values():  # a job off the ring: its server makes way
             r.ctrl[YIELD] = 1
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
