@@ -127,3 +127,23 @@ def test_two_callers_at_once(engines):
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(calls, (1000, 2000)))
     assert all(all(r) for r in results)
+
+
+def test_a_dropped_job_frees_its_slot(engines):
+    """A caller that drops a job without waiting (an error mid-step) does not keep its slot:
+    once the job has run and is collected, the slot serves again."""
+    import gc
+
+    ring, _ = engines
+    r = ring._rings[K]
+    gc.collect()  # (jobs of the tests before, held by their tracebacks)
+    assert not any(r.busy)
+    x, ids, w = job(1, 21)
+    j = ring.submit(3, x, ids, w, deferred=2)
+    s = j.future.slot
+    while not j.future.done():
+        time.sleep(0.001)
+    assert r.busy[s]
+    del j
+    gc.collect()
+    assert not r.busy[s]

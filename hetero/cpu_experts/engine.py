@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -171,9 +172,10 @@ class CPUExperts:
             self._pool.submit(self._serve, ring)
         self.stats.mark("submit", start)
         done = partial(self._ring_done, ring, s, layer)
-        outs = ring.outs[s, :parts, :T]
-        return Job(outs, ring.done[s, :parts], future, x.device, x.dtype, np.zeros(parts, bool),
-                   done, shared=True)  # fmt: skip
+        outs, waited = ring.outs[s, :parts, :T], np.zeros(parts, bool)
+        job = Job(outs, ring.done[s, :parts], future, x.device, x.dtype, waited, done, shared=True)
+        weakref.finalize(job, ring.abandon, s, future.seq, waited)  # a job dropped unwaited
+        return job
 
     def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> DecodeRing | None:
         """The ring for this job if it takes one and a slot is free."""

@@ -152,6 +152,12 @@ class DecodeRing:
     def release(self, s: int, event: torch.cuda.Event | None) -> None:
         self.busy[s], self.events[s] = False, event
 
+    def abandon(self, s: int, seq: int, waited: np.ndarray) -> None:
+        """A job dropped by its caller before every part was waited for (an error mid-step):
+        its slot is freed once the job has run (nothing copies out of it then)."""
+        if not waited.all() and self.header[s, SEQ] == seq and self.finished(s, seq):
+            self.release(s, None)
+
     def run(self, rows_per_item: int, offset: int, ahead: int, max_cycles: int, idle: int):
         """The server: `serve` on this ring (called on the engine's worker thread)."""
         serve(
