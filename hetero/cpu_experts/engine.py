@@ -22,19 +22,16 @@ import numpy as np
 import torch
 
 from hetero.cpu_experts import amx, fused, kernels, kernels_q8, ops
-from hetero.cpu_experts.formats import PackedExperts, as_tensor
-from hetero.cpu_experts.host_buffers import PinnedBuffers, copy_into, host_views, in_hugepages
+from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts.host_buffers import PinnedBuffers, Staging, host_views, in_hugepages
 from hetero.cpu_experts.jobs import EngineConfig, EngineStats, Job
 from hetero.cpu_experts.ring import YIELD, DecodeRing, RingFuture
 
 log = logging.getLogger(__name__)
 INPUT_TIMEOUT_S = 60.0  # a decode job whose inputs take longer than this to land is an error
 SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms (prefill jobs)
-# a caller polls in numba, without the GIL, this long at a time: the worker's Python between two
-# jobs (the kernel's return, the next job's call) then never waits for the GIL. Polling from
-# Python (time.sleep(0)), the caller took it back before the worker, which got it only when the
-# switch interval forced a handover: ~20 us each time, 50-120 us between two layers on the H100
-# machine's traces
+# a caller polls a part's flag in numba, without the GIL, this long at a time (the worker's
+# Python between two queued jobs then never waits on a polling caller for the GIL)
 SPIN_SLICE_S = 1e-4
 RING_IDLE_S = 5e-3  # a ring's server returns to Python after this long without a job
 
@@ -58,8 +55,7 @@ class CPUExperts:
         any_layer = next(iter(layers.values()))
         self._buffers = ops.DequantBuffers.for_layer(any_layer)  # used by the worker only
         self._amx_scratch: dict[str, np.ndarray] = {}  # the AMX path's buffers (worker only)
-        self._staging: torch.Tensor | None = None  # see `stage`, used by the worker only
-        self._staged: torch.cuda.Event | None = None  # the copies out of _staging
+        self._staging = Staging()  # see `stage`
         self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
         self._ones: dict[torch.device, torch.Tensor] = {}  # the `arrived` flag's source
         self._pinned = PinnedBuffers()  # CUDA callers' job buffers, recycled
@@ -127,8 +123,7 @@ class CPUExperts:
             ring = self._ring_for(layer, x, ids)
             if ring is not None:
                 return self._submit_ring(ring, layer, x, ids, weights, rows, deferred, start)
-        for r in self._rings.values():  # a job off the ring: its server makes way
-            r.ctrl[YIELD] = 1
+        self._yield_rings(1)  # a job off the ring: its server makes way
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
         specs = ((tuple(x.shape), torch.float32), (tuple(ids.shape), torch.int64),
@@ -146,12 +141,7 @@ class CPUExperts:
         args = (layer, host, arrived.numpy(), rows, deferred, outs.numpy(), done)
         future = self._pool.submit(self._run, *args)
         copies = time.perf_counter_ns()
-        for h, t in zip(host, (x, ids, weights)):
-            h.copy_(t, non_blocking=x.is_cuda)  # (copy_ converts the dtype)
-        if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
-            arrived.copy_(self._one(x.device), non_blocking=True)
-        else:
-            arrived.fill_(1)
+        self._copy_inputs(host, arrived, x, ids, weights)
         self.stats.mark("copies", copies)
         self.stats.mark("submit", start)
         recycle = partial(self._pinned.give, specs, buffer) if x.is_cuda else None
@@ -161,12 +151,8 @@ class CPUExperts:
         s, T, parts = ring.take(), x.shape[0], 2 if deferred > 0 else 1
         ring.fill(s, layer, T, deferred, rows)
         self.stats.mark("alloc", start)
-        for h, t in zip((ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T]), (x, ids, weights)):
-            h.copy_(t, non_blocking=x.is_cuda)
-        if x.is_cuda:  # the stream sets `arrived` once the inputs' copies are done
-            ring.arrived[s, :1].copy_(self._one(x.device), non_blocking=True)
-        else:
-            ring.arrived[s, :1].fill_(1)
+        host = (ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T])
+        self._copy_inputs(host, ring.arrived[s, :1], x, ids, weights)
         future = RingFuture(ring, s, ring.seq)
         if ring.publish():
             self._pool.submit(self._serve, ring)
@@ -196,9 +182,7 @@ class CPUExperts:
             return 0
         if any(ops._q8_offset(p, True) is None for p in self.layers.values()):
             return 0
-        lowest = min(c.gemm_min_tokens_amx if self._tiles(p) else c.gemm_min_tokens_q8
-                     for p in self.layers.values())  # fmt: skip
-        return max(0, min(lowest - 1, 32))
+        return max(0, min(min(map(self._threshold, self.layers.values())) - 1, 32))
 
     def _serve(self, ring: DecodeRing, idle_s: float = RING_IDLE_S) -> None:
         """The ring's server, on the worker thread; a job that fails there fails alone."""
@@ -214,6 +198,11 @@ class CPUExperts:
                 log.error("a CPU expert job failed on the ring: %s", e)
                 if not ring.fail_head(e):
                     return
+
+    def _yield_rings(self, flag: int) -> None:
+        """Asks the rings' servers to return to Python once their jobs are done (1), or not."""
+        for r in self._rings.values():
+            r.ctrl[YIELD] = flag
 
     def _ring_done(self, ring: DecodeRing, s: int, layer: int, event) -> None:
         """A ring job waited for in full: its slot back to the ring, its times to the stats."""
@@ -272,40 +261,26 @@ class CPUExperts:
         """Layer `layer`'s packed arrays on `device` (torch tensors of the arrays' dtypes and
         shapes): the engine's threads copy them into one reusable host buffer (pinned when CUDA
         is present, so they cross PCIe at full speed), then asynchronous copies on the current
-        stream take them to `device`. The buffer is overwritten by the next call only after
-        those copies are done (an event guards it)."""
-        for r in self._rings.values():
-            r.ctrl[YIELD] = 1
-        host = self._pool.submit(self._stage, self.layers[layer]).result()
-        out = [h.to(device, non_blocking=True) for h in host]
-        if torch.device(device).type == "cuda":
-            self._staged = torch.cuda.Event()
-            self._staged.record()
-        return out
+        stream take them to `device` (host_buffers.Staging)."""
+        self._yield_rings(1)
+        host = self._pool.submit(self._staging.fill, self.layers[layer]).result()
+        return self._staging.to(host, device)
 
-    def _stage(self, packed: PackedExperts) -> list[torch.Tensor]:
-        if self._staged is not None:
-            self._staged.synchronize()  # the previous layer's copies have left the buffer
-        arrays = list(packed.arrays().values())
-        total = sum(a.nbytes for a in arrays)
-        if self._staging is None or self._staging.numel() < total:
-            pin = torch.cuda.is_available()
-            self._staging = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
-        out, offset = [], 0
-        for a in arrays:
-            out.append(as_tensor(copy_into(a, self._staging[offset:].numpy())))
-            offset += a.nbytes
-        return out
-
-    def _one(self, device: torch.device) -> torch.Tensor:
-        if device not in self._ones:
-            self._ones[device] = torch.ones(1, dtype=torch.int64, device=device)
-        return self._ones[device]
+    def _copy_inputs(self, host, arrived: torch.Tensor, x, ids, weights) -> None:
+        """x, ids, weights into their host views (copy_ converts the dtype), then `arrived`
+        set: by the caller's stream once the copies are done for CUDA inputs."""
+        for h, t in zip(host, (x, ids, weights)):
+            h.copy_(t, non_blocking=x.is_cuda)
+        if not x.is_cuda:
+            arrived.fill_(1)
+            return
+        if x.device not in self._ones:
+            self._ones[x.device] = torch.ones(1, dtype=torch.int64, device=x.device)
+        arrived.copy_(self._ones[x.device], non_blocking=True)
 
     def _run(self, layer: int, host, arrived, rows, deferred: int, outs, done) -> None:
         start, waited = time.perf_counter_ns(), 0  # waited: ns idle before the inputs landed
-        for r in self._rings.values():
-            r.ctrl[YIELD] = 0
+        self._yield_rings(0)  # (this job is running)
         try:
             x, ids, weights = (t.numpy() for t in host)
             t0 = time.perf_counter_ns()
@@ -338,11 +313,7 @@ class CPUExperts:
         that took."""
         c = self.config
         timeout = int(INPUT_TIMEOUT_S * self._cycles_per_s)
-        q8 = c.int8_activations and ops.q8_activations(layer)
-        threshold = c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
-        if self._tiles(layer):
-            threshold = c.gemm_min_tokens_amx
-        threshold = threshold if gemm_min_tokens is None else gemm_min_tokens
+        threshold = self._threshold(layer) if gemm_min_tokens is None else gemm_min_tokens
         x = np.ascontiguousarray(x, np.float32)
         weights = np.ascontiguousarray(weights, np.float32)
         if x.shape[0] < threshold:  # no expert can reach the GEMM path: one numba call (decode)
@@ -388,6 +359,14 @@ class CPUExperts:
     def uses_amx(self, layer: int) -> bool:
         """Whether layer `layer`'s experts with many tokens go to AMX tiles (kernels_amx)."""
         return self._tiles(self.layers[layer])
+
+    def _threshold(self, layer: PackedExperts) -> int:
+        """Tokens from which an expert of this layer takes the GEMM path."""
+        c = self.config
+        if self._tiles(layer):
+            return c.gemm_min_tokens_amx
+        q8 = c.int8_activations and ops.q8_activations(layer)
+        return c.gemm_min_tokens_q8 if q8 else c.gemm_min_tokens
 
     def _tiles(self, layer: PackedExperts) -> bool:
         return self.config.amx and ops.amx_ok(layer) and amx.enable()

@@ -1,5 +1,6 @@
-"""The host memory of the engine's jobs: one allocation a job, its inputs and outputs as views of
-it, pinned for CUDA callers, and recycled once the caller is done with it.
+"""The engine's host memory: a job's inputs and outputs as views of one allocation, pinned for
+CUDA callers and recycled once the caller is done with it (PinnedBuffers); the staging buffer of
+layers streamed to the GPU (Staging); weights copied into transparent huge pages.
 
 Why recycle: on the H100 host a pinned allocation took ~120 us of the caller's time a job (torch's
 caching host allocator), and the caller's submit is on each decode layer's critical path: the
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from hetero.cpu_experts import kernels
-from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 HUGE_PAGE = 2 << 20
 Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype) of each view
@@ -82,3 +83,35 @@ def copy_into(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
     out = dst[: a.nbytes]
     kernels.copy_bytes(np.ascontiguousarray(a).reshape(-1).view(np.uint8), out)
     return out.view(a.dtype).reshape(a.shape)
+
+
+class Staging:
+    """One reusable host buffer for a layer's packed arrays on their way to the GPU (pinned
+    where CUDA is): `fill` copies them in with all the engine's threads (on its worker), `to`
+    queues the copies to the device. The buffer is overwritten only after the copies out of
+    it are done (an event guards it)."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def fill(self, packed: PackedExperts) -> list[torch.Tensor]:
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous layer's copies have left the buffer
+        arrays = list(packed.arrays().values())
+        total = sum(a.nbytes for a in arrays)
+        if self._buffer is None or self._buffer.numel() < total:
+            pin = torch.cuda.is_available()
+            self._buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+        out, offset = [], 0
+        for a in arrays:
+            out.append(as_tensor(copy_into(a, self._buffer[offset:].numpy())))
+            offset += a.nbytes
+        return out
+
+    def to(self, host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+        out = [h.to(device, non_blocking=True) for h in host]
+        if torch.device(device).type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return out

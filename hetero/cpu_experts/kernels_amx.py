@@ -200,39 +200,34 @@ def _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q, b):
         rescale(c, a, xs[u0 + t, b], xsum[u0 + t, q], sw[q % 2], offset)
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def gate_up(
     w13, s13, H, I, G, offset, cfg, experts, first_tile, xb, xs, xsum, h, ahead, threads
 ):  # fmt: skip
     """Step 2: h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat
     (rows [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U."""
-    kt, rr = tile_k(G)
-    A = experts.shape[0]
-    slabs = 2 * I // TM
-    counter = np.zeros(16, np.int64)
-    most = _most_tiles(first_tile)
-    for _ in prange(threads):
-        tiles, ab, sw, acc, cbuf = _thread_state(cfg, most)
-        i = atomic_add(counter, 0, 1)
-        while i < A * slabs:
-            a, slab = i // slabs, i % slabs
-            u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * 2 * I + slab * TM
-            _rows_times_tiles(tiles, w13, s13, row0, H, G, kt, rr, offset, xb, xs, xsum, u0,
-                              nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
-            silu_rows(acc, h, u0, nt, slab)
-            i = atomic_add(counter, 0, 1)
-        amx.tile_release(tiles)
+    pairs, scale = np.empty((0, 0), np.int64), np.empty(0, np.float32)
+    _items(w13, s13, H, 2 * I, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
+           threads, True, h, pairs, scale, np.empty((0, 0), np.float32))  # fmt: skip
 
 
-@njit(parallel=True, **JIT)
+@njit(**JIT)
 def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs, scale, y, ahead,
          threads):  # fmt: skip
     """Step 4: y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each
     token column (-1: padding)."""
+    h = np.empty((0, 0, 0), np.float32)
+    _items(w2, s2, I, H, G, offset, cfg, experts, first_tile, hb, hs, hsum, ahead, threads,
+           False, h, pairs, scale, y)  # fmt: skip
+
+
+@njit(parallel=True, **JIT)
+def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead, threads, gate,
+           h, pairs, scale, y):  # fmt: skip
+    """Items of 16 of an expert's R rows (K of k) x its token tiles, from a shared counter; their
+    sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
     kt, rr = tile_k(G)
-    A = experts.shape[0]
-    slabs = H // TM
+    A, slabs = experts.shape[0], R // TM
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
@@ -241,10 +236,13 @@ def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs,
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
-            row0 = experts[a] * H + slab * TM
-            _rows_times_tiles(tiles, w2, s2, row0, I, G, kt, rr, offset, hb, hs, hsum, u0,
-                              nt, acc, ab, cbuf, sw, ahead)  # fmt: skip
-            down_rows(acc, y, pairs, scale, u0, nt, slab)
+            row0 = experts[a] * R + slab * TM
+            _rows_times_tiles(tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt,
+                              acc, ab, cbuf, sw, ahead)  # fmt: skip
+            if gate:
+                silu_rows(acc, h, u0, nt, slab)
+            else:
+                down_rows(acc, y, pairs, scale, u0, nt, slab)
             i = atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 

@@ -33,7 +33,7 @@ DEPENDS = {
     "simd_amx.py": "01e5dbdcce75046c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_amx.py": "80b3b11377b100ed",
+    "kernels_amx.py": "4d538026b215422d",
     "simd_q8.py": "e9ae5c1cbf94195a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}

@@ -204,6 +204,8 @@ def moe_gemm_amx(
     is prefetched; `times`: filled with each step's seconds."""
     scratch = {} if scratch is None else scratch
     _check(layer, x, weights, out)
+    if int4_tiles not in ("auto", "bf16", "int8"):
+        raise ValueError(f"int4_tiles must be auto, bf16 or int8, not {int4_tiles!r}")
     if not amx_ok(layer):
         raise ValueError(f"the AMX path takes int4/int8 layers with H, I % 128 == 0, not {layer}")
     amx.enable()
@@ -225,8 +227,6 @@ def moe_gemm_amx(
     threads = numba.get_num_threads()
     G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
     clock.lap("plan")
-    if int4_tiles not in ("auto", "bf16", "int8"):
-        raise ValueError(f"int4_tiles must be auto, bf16 or int8, not {int4_tiles!r}")
     if int4_tiles == "auto":
         int4_tiles = "bf16" if G13 == 32 else "int8"
     if layer.fmt.name == "int4" and int4_tiles == "bf16":

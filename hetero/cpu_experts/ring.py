@@ -72,7 +72,7 @@ def serve(ctrl, header, stamps, xs, ids, ws, outs, rows, done, arrived, w13s, s1
             continue
         if atomic_load(ctrl, YIELD) or cycle_counter() - since > idle_cycles:
             atomic_add(ctrl, ACTIVE, -1)
-            if atomic_load(ctrl, TAIL) > head and atomic_cas(ctrl, ACTIVE, 0, 1):
+            if atomic_load(ctrl, TAIL) > head and claim(ctrl):
                 continue
             return
         spin_pause()
@@ -80,9 +80,14 @@ def serve(ctrl, header, stamps, xs, ids, ws, outs, rows, done, arrived, w13s, s1
 
 @njit(**JIT)
 def publish(ctrl):
-    """A filled slot's job handed to the server (TAIL += 1); whether a server must be started
-    (no server was active: ACTIVE is now 1 for the one the caller starts)."""
+    """A filled slot's job handed to the server (TAIL += 1); whether a server must be started."""
     atomic_add(ctrl, TAIL, 1)
+    return claim(ctrl)
+
+
+@njit(**JIT)
+def claim(ctrl):
+    """Whether no server was active (ACTIVE is now 1, for the one the caller starts)."""
     return atomic_cas(ctrl, ACTIVE, 0, 1)
 
 
@@ -97,7 +102,6 @@ class DecodeRing:
                  ((S, tokens, k), torch.float32), ((S, 2, tokens, H), torch.float32),
                  ((S, 8), torch.int64))  # fmt: skip
         self.x, self.ids, self.w, self.outs, self.arrived = host_views(specs, pin)
-        self.tokens, self.k = tokens, k
         self.index = {L: i for i, L in enumerate(layers)}  # engine layer -> position in tuples
         self.arrays = tuple(tuple(getattr(p, n) for p in layers.values()) for n in _ARRAYS)
         self.num_experts = E
@@ -176,12 +180,7 @@ class DecodeRing:
         self.header[s, STATUS] = FAILED
         self.ctrl[HEAD] = head + 1
         self.ctrl[ACTIVE] = 0
-        return self.ctrl[TAIL] > self.ctrl[HEAD] and bool(publish_retry(self.ctrl))
-
-
-@njit(**JIT)
-def publish_retry(ctrl):
-    return atomic_cas(ctrl, ACTIVE, 0, 1)
+        return self.ctrl[TAIL] > self.ctrl[HEAD] and bool(claim(self.ctrl))
 
 
 class RingFuture:
