@@ -13,6 +13,11 @@ Workloads (random weights built in memory): `v3-slice` is DeepSeek-V3 at full wi
 layers (1 dense + N MoE); its per-token time is extrapolated to the whole model (DeepSeek-V3:
 61 layers, 58 of them MoE, read from its config) as
   t_full = t_gpu_only * layers / L + (t_step - t_gpu_only) * moe_layers / N_moe.
+`v3` is the whole DeepSeek-V3 shape (61 layers, 58 MoE): nothing is extrapolated. 58 layers of
+INT4 experts (366 GB) do not fit a 128 GB host, so the MoE layers take their CPU experts in turn
+from `--cpu-layers N` distinct random layers (6.3 GB each at int4-g32). A layer reads ~200 MB of
+experts at batch 1; between two uses of the same arrays N - 1 other layers stream >= 2 GB through
+the 300 MB L3, so the weights still come from RAM, as with 58 distinct layers.
 `v2-lite` is the whole DeepSeek-V2-Lite shape (27 layers). JSON lines on stdout.
 `--baseline` instead times transformers' DeepseekV3ForCausalLM with one MoE layer whose experts
 accelerate's device_map keeps on the CPU (streamed to the GPU every step).
@@ -30,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -48,6 +54,7 @@ from hetero.sched.runtime import is_fp8_module  # noqa: E402
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
 WORKLOADS = {
     "v3-slice": ("deepseek-v3", {"first_k_dense_replace": 1}),
+    "v3": ("deepseek-v3", {}),
     "v2-lite": ("deepseek-v2-lite", {}),
 }
 PROMPT = 16  # tokens of context each sequence has before the timed steps
@@ -192,7 +199,11 @@ def run(args) -> None:
     model = random_model(config, device, torch.bfloat16, args.gpu_format == "fp8", args.gpu_experts)
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
-    layers = {L: random_layer(fmt, H, I, E, seed=L) for L in config.moe_layers}
+    moe = config.moe_layers
+    n = min(args.cpu_layers or len(moe), len(moe))
+    bar = tqdm(moe[:n], desc="random CPU expert layers", unit="layer", file=sys.stderr)
+    distinct = [random_layer(fmt, H, I, E, seed=L) for L in bar]
+    layers = {L: distinct[i % n] for i, L in enumerate(moe)}  # MoE layer i: distinct i % n
     engine = CPUExperts(layers, EngineConfig(threads=args.threads, ring=not args.no_ring))
     L, M = config.num_hidden_layers, len(config.moe_layers)
     base = {
@@ -204,6 +215,7 @@ def run(args) -> None:
         "gpu_format": args.gpu_format,
         "graphs": args.graphs,
         "gpu_experts": args.gpu_experts,
+        "cpu_layers": n,
         "cpu_threads": engine.threads,
         "ring": bool(engine._ring_tokens),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -252,7 +264,7 @@ def run(args) -> None:
                     "cpu_ms": round(r["cpu_ms"] / M, 3),
                     "wait_ms": round(r["wait_ms"] / M, 3),
                 }
-            if args.workload == "v3-slice":
+            if args.workload.startswith("v3"):  # (for `v3` itself: t_full = t_step)
                 t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
@@ -342,7 +354,11 @@ def main() -> None:
     p.add_argument("--moe-layers", type=int, default=3, help="v3-slice: MoE layers after 1 dense")
     p.add_argument("--format", default="int4", help="CPU experts")
     p.add_argument("--gpu-format", choices=("fp8", "bf16"), default="fp8")
-    p.add_argument("--gpu-experts", type=int, default=0, help="v3-slice: GPU experts a layer")
+    p.add_argument("--gpu-experts", type=int, default=0, help="v3*: GPU experts a layer")
+    p.add_argument(
+        "--cpu-layers", type=int, default=0,
+        help="distinct random CPU expert layers, taken in turn by the MoE layers (0: one each)",
+    )  # fmt: skip
     p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16])
     p.add_argument("--defer", type=lambda s: [int(d) for d in s.split(",")], default=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=16)
@@ -365,7 +381,7 @@ def main() -> None:
         help="instead: one V3 layer's CPU experts at these token counts, CPU vs GPU streaming",
     )
     args = p.parse_args()
-    if args.workload == "v2-lite":
+    if args.workload != "v3-slice":
         args.moe_layers = None
     if args.prefill:
         prefill_crossover(args)

@@ -9,7 +9,10 @@ MoE layer. Prints JSON lines.
 layers, so the slice's fixed part (embedding, LM head, sampling, the first layer that waits for
 the token before it) is counted 58/3 times. The difference of two depths holds only what one
 more MoE layer costs: V3 = t(M) + (58 - M) * (t(M') - t(M)) / (M' - M) + the 2 dense layers
-the slice lacks, each costed as the slice's GPU-only time per layer.
+the slice lacks, each costed as the slice's GPU-only time per layer. The CPU's busy time is
+extrapolated the same way (on mean step times, as the engine's busy time is a mean), and
+`v3_cpu_busy` is its share of the step. `bench/decode.py --workload v3` measures the whole
+depth instead.
 """
 
 from __future__ import annotations
@@ -45,7 +48,12 @@ def extrapolate(a: dict, b: dict, gpu_only: dict, layers: int, moe: int) -> dict
     dense = gpu_only["ms"] / gpu_only["layers"]  # a dense layer: GPU only, never waits
     dense_missing = (layers - moe) - (a["layers"] - a["moe_layers"])
     ms = a["ms"] + (moe - a["moe_layers"]) * per_moe + dense_missing * dense
-    return {"per_moe_layer_ms": round(per_moe, 3), "v3_ms_per_step": round(ms, 1)}
+    out = {"per_moe_layer_ms": round(per_moe, 3), "v3_ms_per_step": round(ms, 1)}
+    if "cpu_ms" in a and "cpu_ms" in b:  # the CPU's busy share by the same method, on means
+        more = (moe - a["moe_layers"]) / (b["moe_layers"] - a["moe_layers"])
+        mean = a["mean_ms"] + more * (b["mean_ms"] - a["mean_ms"]) + dense_missing * dense
+        out["v3_cpu_busy"] = round((a["cpu_ms"] + more * (b["cpu_ms"] - a["cpu_ms"])) / mean, 3)
+    return out
 
 
 def main() -> None:

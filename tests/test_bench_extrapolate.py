@@ -8,11 +8,16 @@ from bench.decode import full_layers
 from bench.extrapolate import extrapolate, rows
 
 
-def slice_row(moe: int, fixed: float, per_moe: float, mode: str = "defer2") -> dict:
-    return {
+def slice_row(moe: int, fixed: float, per_moe: float, mode: str = "defer2", cpu=None) -> dict:
+    """cpu: (the CPU's busy ms in the fixed part, a MoE layer's)."""
+    ms = fixed + moe * per_moe
+    row = {
         "bench": "decode", "workload": "v3-slice", "batch": 1, "mode": mode,
-        "layers": moe + 1, "moe_layers": moe, "ms": fixed + moe * per_moe,
+        "layers": moe + 1, "moe_layers": moe, "ms": ms, "mean_ms": ms,
     }  # fmt: skip
+    if cpu:
+        row["cpu_ms"] = cpu[0] + moe * cpu[1]
+    return row
 
 
 def test_two_depths_give_the_marginal_layer_and_charge_the_fixed_part_once(tmp_path):
@@ -27,3 +32,17 @@ def test_two_depths_give_the_marginal_layer_and_charge_the_fixed_part_once(tmp_p
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps(slice_row(3, fixed, per_moe)) + "\n" + json.dumps({"mode": "x"}))
     assert list(rows(str(path))) == [(1, "defer2")]  # other workloads' and baseline rows dropped
+
+
+def test_cpu_busy_charges_the_fixed_part_once():
+    """A slice whose CPU idles through a fixed part (3 ms of its 5) and is busy 2.7 of each MoE
+    layer's 3 ms: at V3's depth the busy share nears 0.9, far above the slice's own."""
+    layers, moe = full_layers("v3-slice")
+    gpu_only = {"ms": 2.0, "layers": 4}
+    a, b = (slice_row(m, 5.0, 3.0, cpu=(2.0, 2.7)) for m in (3, 6))
+    got = extrapolate(a, b, gpu_only, layers, moe)
+    step = 5.0 + moe * 3.0 + (layers - moe - 1) * 0.5
+    assert abs(got["v3_cpu_busy"] - (2.0 + moe * 2.7) / step) < 1e-3
+    assert got["v3_cpu_busy"] > b["cpu_ms"] / b["ms"] + 0.05
+    assert "v3_cpu_busy" not in extrapolate(slice_row(3, 5, 3), slice_row(6, 5, 3), gpu_only,
+                                            layers, moe)  # fmt: skip

@@ -78,6 +78,22 @@ def test_a_callers_result_outlives_its_slot(engines):
     assert torch.equal(y, kept) and torch.equal(y, plain.forward(3, x, ids, w))
 
 
+def test_buffers_made_under_inference_mode_serve_calls_without_it(engines):
+    """The ring (and the queue path's buffers) first needed inside torch.inference_mode, as a
+    model's forward makes them, then used outside it: no "inference tensor" error."""
+    _, plain = engines
+    fresh = CPUExperts(plain.layers, EngineConfig(threads=2))
+    try:
+        x, ids, w = job(2, 13)
+        with torch.inference_mode():
+            first = fresh.forward(3, x, ids, w)
+        assert K in fresh._rings
+        assert torch.equal(fresh.forward(3, x, ids, w), first)  # the same slots, written again
+        assert torch.equal(fresh.forward(4, *job(40, 14)), plain.forward(4, *job(40, 14)))
+    finally:
+        fresh.close()
+
+
 def test_the_server_idles_out_and_comes_back(engines):
     ring, plain = engines
     x, ids, w = job(1, 9)

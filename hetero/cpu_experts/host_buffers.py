@@ -24,15 +24,17 @@ Specs = tuple[tuple[tuple[int, ...], torch.dtype], ...]  # (shape, dtype) of eac
 
 def host_views(specs: Specs, pin: bool) -> list[torch.Tensor]:
     """Host tensors of these (shape, dtype), all views of one buffer, pinned if `pin`; each view
-    starts on a 64-byte boundary."""
+    starts on a 64-byte boundary. Normal tensors even when made under torch.inference_mode (the
+    engine's buffers outlive the call that first needs them, and are written in place by later
+    calls, with or without inference mode)."""
     sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in specs]
     starts = [0]
     for n in sizes:
         starts.append(starts[-1] + -(-n // 64) * 64)
-    buf = torch.empty(max(starts[-1], 1), dtype=torch.uint8, pin_memory=pin)
-    return [
-        buf[a : a + n].view(dtype).view(shape) for (shape, dtype), a, n in zip(specs, starts, sizes)
-    ]
+    with torch.inference_mode(False):
+        buf = torch.empty(max(starts[-1], 1), dtype=torch.uint8, pin_memory=pin)
+        return [buf[a : a + n].view(dtype).view(shape)
+                for (shape, dtype), a, n in zip(specs, starts, sizes)]  # fmt: skip
 
 
 class PinnedBuffers:
@@ -102,7 +104,8 @@ class Staging:
         total = sum(a.nbytes for a in arrays)
         if self._buffer is None or self._buffer.numel() < total:
             pin = torch.cuda.is_available()
-            self._buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
+            with torch.inference_mode(False):  # (as host_views)
+                self._buffer = torch.empty(total, dtype=torch.uint8, pin_memory=pin)
         out, offset = [], 0
         for a in arrays:
             out.append(as_tensor(copy_into(a, self._buffer[offset:].numpy())))
