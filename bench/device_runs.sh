@@ -68,13 +68,13 @@ for stage in "$@"; do
       done
       tail -3 "$OUT/decode_gpu_experts.err" ;;
     decode-full)  # the whole V3 depth (61 layers), nothing extrapolated: the 80 GB config's 20
-      # GPU experts a layer at batch 1 and 4, then all experts on the CPU at batch 1 (~6 min)
+      # GPU experts a layer, then all experts on the CPU, batch 1 (~6 min)
       free -g | tee "$OUT/free.txt"
-      timeout 330 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 20 \
-        --batch 1,4 --steps 12 --rounds 2 --defer 2,3,4 --graphs > "$OUT/decode_v3_g20.jsonl" \
+      timeout 300 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 20 \
+        --batch 1 --steps 12 --rounds 3 --defer 2,3,4 --graphs > "$OUT/decode_v3_g20.jsonl" \
         2> "$OUT/decode_v3_g20.err"; tail -3 "$OUT/decode_v3_g20.err"
-      timeout 240 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 0 \
-        --batch 1 --steps 12 --rounds 2 --defer 2,3,4 --graphs > "$OUT/decode_v3_g0.jsonl" \
+      timeout 270 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 0 \
+        --batch 1 --steps 12 --rounds 3 --defer 2,3,4 --graphs > "$OUT/decode_v3_g0.jsonl" \
         2> "$OUT/decode_v3_g0.err"; tail -3 "$OUT/decode_v3_g0.err" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
