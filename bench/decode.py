@@ -16,8 +16,9 @@ layers (1 dense + N MoE); its per-token time is extrapolated to the whole model 
 `v3` is the whole DeepSeek-V3 shape (61 layers, 58 MoE): nothing is extrapolated. 58 layers of
 INT4 experts (366 GB) do not fit a 128 GB host, so the MoE layers take their CPU experts in turn
 from `--cpu-layers N` distinct random layers (6.3 GB each at int4-g32). A layer reads ~200 MB of
-experts at batch 1; between two uses of the same arrays N - 1 other layers stream >= 2 GB through
-the 300 MB L3, so the weights still come from RAM, as with 58 distinct layers.
+experts at batch 1, 8 of 256 drawn afresh; between two uses of the same arrays N - 1 other layers
+stream (N - 1) x 200 MB through the 300 MB L3, so from N = 4 the weights come from RAM as with 58
+distinct layers (and a fresh draw would find few of its experts cached even then: 8 of 256).
 `v2-lite` is the whole DeepSeek-V2-Lite shape (27 layers). JSON lines on stdout.
 `--baseline` instead times transformers' DeepseekV3ForCausalLM with one MoE layer whose experts
 accelerate's device_map keeps on the CPU (streamed to the GPU every step).

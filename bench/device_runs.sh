@@ -70,10 +70,10 @@ for stage in "$@"; do
     decode-full)  # the whole V3 depth (61 layers), nothing extrapolated: the 80 GB config's 20
       # GPU experts a layer, then all experts on the CPU, batch 1 (~6 min)
       free -g | tee "$OUT/free.txt"
-      timeout 300 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 20 \
+      timeout 300 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts 20 \
         --batch 1 --steps 12 --rounds 3 --defer 2,3,4 --graphs > "$OUT/decode_v3_g20.jsonl" \
         2> "$OUT/decode_v3_g20.err"; tail -3 "$OUT/decode_v3_g20.err"
-      timeout 270 python3 bench/decode.py --workload v3 --cpu-layers 12 --gpu-experts 0 \
+      timeout 270 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts 0 \
         --batch 1 --steps 12 --rounds 3 --defer 2,3,4 --graphs > "$OUT/decode_v3_g0.jsonl" \
         2> "$OUT/decode_v3_g0.err"; tail -3 "$OUT/decode_v3_g0.err" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
