@@ -3,7 +3,8 @@
 #   bash bench/device_runs.sh STAGE...   (results under $OUT, default ./out; PACK=1: as one
 #   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
-#   fp8-gemm | decode-depth | decode-gpu-experts | decode-full | cpu-decode | cpu-amx | train-demo
+#   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
+#   decode-full-ab | cpu-decode | cpu-amx | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -76,6 +77,13 @@ for stage in "$@"; do
       timeout 270 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts 0 \
         --batch 1 --steps 12 --rounds 3 --defer 2,3,4 --graphs > "$OUT/decode_v3_g0.jsonl" \
         2> "$OUT/decode_v3_g0.err"; tail -3 "$OUT/decode_v3_g0.err" ;;
+    decode-full-ab)  # decode-full's two configurations alternated, g0 g20 g0 g20, each its own
+      # process in one VM: a VM's CPU side varied 2x from one process to the next (~6 min)
+      for run in g0 g20 g0 g20; do
+        timeout 140 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts ${run#g} \
+          --batch 1 --steps 12 --rounds 2 --defer 3,4 --graphs >> "$OUT/decode_v3_ab.jsonl" \
+          2>> "$OUT/decode_v3_ab.err"
+      done; grep -c . "$OUT/decode_v3_ab.jsonl" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
         > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;
