@@ -80,8 +80,8 @@ for stage in "$@"; do
     decode-full-ab)  # decode-full's two configurations alternated, g0 g20 g0 g20, each its own
       # process in one VM: a VM's CPU side varied 2x from one process to the next (~6 min)
       for run in g0 g20 g0 g20; do
-        timeout 140 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts ${run#g} \
-          --batch 1 --steps 12 --rounds 2 --defer 3,4 --graphs >> "$OUT/decode_v3_ab.jsonl" \
+        timeout 135 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts ${run#g} \
+          --batch 1 --steps 12 --rounds 2 --defer 3,4 --graphs --settle-s 40 >> "$OUT/decode_v3_ab.jsonl" \
           2>> "$OUT/decode_v3_ab.err"
       done; grep -c . "$OUT/decode_v3_ab.jsonl" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
