@@ -219,7 +219,10 @@ def run(args) -> None:
     bar = tqdm(moe[:n], desc="random CPU expert layers", unit="layer", file=sys.stderr)
     distinct = [random_layer(fmt, H, I, E, seed=L) for L in bar]
     layers = {L: distinct[i % n] for i, L in enumerate(moe)}  # MoE layer i: distinct i % n
-    engine = CPUExperts(layers, EngineConfig(threads=args.threads, ring=not args.no_ring))
+    engine = CPUExperts(layers, EngineConfig(
+        threads=args.threads, ring=not args.no_ring, caller_spin_s=args.caller_spin_s,
+        caller_nap_s=args.caller_nap_s,
+    ))  # fmt: skip
     L, M = config.num_hidden_layers, len(config.moe_layers)
     base = {
         "bench": "decode",
@@ -232,6 +235,7 @@ def run(args) -> None:
         "gpu_experts": args.gpu_experts,
         "cpu_layers": n,
         "cpu_threads": engine.threads,
+        "caller_spin_s": args.caller_spin_s,
         "ring": bool(engine._ring_tokens),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
@@ -381,6 +385,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="all modes this many times; medians")
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--settle-s", type=float, default=60, help="at most this long: see settle()")
+    p.add_argument("--caller-spin-s", type=float, default=EngineConfig.caller_spin_s)
+    p.add_argument("--caller-nap-s", type=float, default=EngineConfig.caller_nap_s)
     p.add_argument("--no-ring", action="store_true", help="decode jobs through the worker's queue")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(

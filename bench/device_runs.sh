@@ -4,7 +4,7 @@
 #   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
-#   decode-full-ab | cpu-decode | cpu-amx | train-demo
+#   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -84,6 +84,14 @@ for stage in "$@"; do
           --batch 1 --steps 12 --rounds 2 --defer 3,4 --graphs --settle-s 40 >> "$OUT/decode_v3_ab.jsonl" \
           2>> "$OUT/decode_v3_ab.err"
       done; grep -c . "$OUT/decode_v3_ab.jsonl" ;;
+    decode-threads)  # whole depth, all-CPU, defer3: 15 engine threads and a spinning caller (the
+      # default) against 16 threads, the caller spinning or napping; alternated (~7 min)
+      for run in 15:5e-3 16:5e-3 16:0 15:5e-3 16:5e-3 16:0; do
+        timeout 95 python3 bench/decode.py --workload v3 --cpu-layers 4 --batch 1 --steps 12 \
+          --rounds 2 --defer 3 --graphs --settle-s 25 --threads ${run%:*} \
+          --caller-spin-s ${run#*:} --caller-nap-s 2e-5 >> "$OUT/decode_v3_threads.jsonl" \
+          2>> "$OUT/decode_v3_threads.err"
+      done; grep -c . "$OUT/decode_v3_threads.jsonl" ;;
     cpu-decode)  # one V3 layer's CPU experts at decode sizes, with the naive loop (~2 min)
       timeout 240 python3 bench/cpu_moe.py --shape v3 --format int4,int8 --tokens 1,4,16 \
         > "$OUT/cpu_moe_decode.jsonl" 2> "$OUT/cpu_moe_decode.err"; tail -3 "$OUT/cpu_moe_decode.err" ;;

@@ -29,7 +29,6 @@ from hetero.cpu_experts.ring import YIELD, DecodeRing, RingFuture
 
 log = logging.getLogger(__name__)
 INPUT_TIMEOUT_S = 60.0  # a decode job whose inputs take longer than this to land is an error
-SPIN_NS = 5_000_000  # a caller polls a part this long, then checks every 0.1 ms (prefill jobs)
 # a caller polls a part's flag in numba, without the GIL, this long at a time (the worker's
 # Python between two queued jobs then never waits on a polling caller for the GIL)
 SPIN_SLICE_S = 1e-4
@@ -223,10 +222,11 @@ class CPUExperts:
 
     def wait(self, job: Job, part: int = 0) -> torch.Tensor:
         """Part `part` of the job's sum, on the caller's device. Polls the part's flag (without
-        the GIL, SPIN_SLICE_S at a time): part 0 of a decode job is taken as soon as the kernel
-        has written it, while the worker goes on with the deferred part."""
+        the GIL, SPIN_SLICE_S at a time, for EngineConfig.caller_spin_s, then napping between
+        polls): part 0 of a decode job is taken as soon as the kernel has written it, while the
+        worker goes on with the deferred part."""
         start = time.perf_counter_ns()
-        spin_until = start + SPIN_NS
+        spin_until = start + int(self.config.caller_spin_s * 1e9)
         flag, cycles = job.done[part : part + 1], int(SPIN_SLICE_S * self._cycles_per_s)
         while fused.wait_inputs(flag, cycles) < 0:
             if job.future.done():
@@ -234,7 +234,8 @@ class CPUExperts:
                 if not job.done[part]:
                     raise RuntimeError(f"the job ended without computing part {part}")
             if time.perf_counter_ns() > spin_until:
-                time.sleep(1e-4)  # long jobs: nap
+                cycles = 0  # from here on one look a nap
+                time.sleep(self.config.caller_nap_s)
         self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
         self.stats.mark("wait", start)
         out = job.outs[part].to(job.device, non_blocking=True).to(job.dtype)

@@ -48,6 +48,10 @@ class EngineConfig:
     # decode jobs through a ring of preallocated slots that one numba loop serves without
     # returning to Python between jobs (ring.py: 130-180 us of Python a job on the H100 host)
     ring: bool = True
+    # a caller's `wait` polls the part's flag this long, then naps `caller_nap_s` between polls:
+    # a spinning caller holds a core, which is why `threads` leaves one free by default
+    caller_spin_s: float = 5e-3
+    caller_nap_s: float = 1e-4
 
     def num_threads(self) -> int:
         if self.threads:
