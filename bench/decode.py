@@ -333,41 +333,6 @@ def profile_step(model, config, engine, cache, B, pos, device, out_dir) -> None:
 
 
 @torch.no_grad()
-def prefill_crossover(args) -> None:
-    """One V3 MoE layer's CPU experts for T tokens: the CPU engine against streaming the packed
-    layer to the GPU (`streamed_experts`); where the second wins, long prefill should stream."""
-    config = ModelConfig.from_hf(slice_config("v3-slice", 1))
-    H, I, E, k = (
-        config.hidden_size,
-        config.moe_intermediate_size,
-        config.n_routed_experts,
-        config.num_experts_per_tok,
-    )
-    fmt = Format.parse(args.format)
-    engine = CPUExperts({1: random_layer(fmt, H, I, E, seed=1)}, EngineConfig(threads=args.threads))
-    experts = torch.nn.ModuleDict()
-    for stream in (False, True):
-        routed = HybridExperts(
-            experts, layer=1, engine=engine, num_experts=E, stream_min_tokens=1 if stream else 0
-        )
-        for T in args.prefill:
-            gen = torch.Generator().manual_seed(T)
-            x = torch.randn(T, H, generator=gen).to(args.device, torch.bfloat16)
-            ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices.to(args.device)
-            w = torch.rand(T, k, generator=gen).to(args.device)
-            times = []
-            for _ in range(3):
-                torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                routed.submit(x, ids, w).result()
-                torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
-            row = {"bench": "prefill_layer", "format": str(fmt), "tokens": T}
-            row |= {"path": "gpu_stream" if stream else "cpu", "ms": round(min(times), 1)}
-            print(json.dumps(row), flush=True)
-    engine.close()
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--workload", choices=WORKLOADS, default="v3-slice")
@@ -407,6 +372,8 @@ def main() -> None:
     if args.workload != "v3-slice":
         args.moe_layers = None
     if args.prefill:
+        from bench.prefill_crossover import prefill_crossover
+
         prefill_crossover(args)
         return
     if not args.baseline_only:
