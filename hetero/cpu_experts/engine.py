@@ -119,9 +119,9 @@ class CPUExperts:
             ops.check_rows(rows, self.layers[layer].num_experts)
         parts = 2 if deferred > 0 else 1
         with self._ring_lock:  # (a slot and its sequence number for one caller at a time)
-            ring = self._ring_for(layer, x, ids)
-            if ring is not None:
-                return self._submit_ring(ring, layer, x, ids, weights, rows, deferred, start)
+            taken = self._ring_for(layer, x, ids)
+            if taken is not None:
+                return self._submit_ring(*taken, layer, x, ids, weights, rows, deferred, start)
         self._yield_rings(1)  # a job off the ring: its server makes way
         # inputs and outputs in one host buffer (pinned for CUDA callers: one allocation a job,
         # not four); the copies also free the caller to reuse its tensors at once
@@ -146,8 +146,8 @@ class CPUExperts:
         recycle = partial(self._pinned.give, specs, buffer) if x.is_cuda else None
         return Job(outs, done, future, x.device, x.dtype, np.zeros(parts, bool), recycle)
 
-    def _submit_ring(self, ring, layer, x, ids, weights, rows, deferred, start) -> Job:
-        s, T, parts = ring.take(), x.shape[0], 2 if deferred > 0 else 1
+    def _submit_ring(self, ring, s, layer, x, ids, weights, rows, deferred, start) -> Job:
+        T, parts = x.shape[0], 2 if deferred > 0 else 1
         ring.fill(s, layer, T, deferred, rows)
         self.stats.mark("alloc", start)
         host = (ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T])
@@ -162,16 +162,16 @@ class CPUExperts:
         weakref.finalize(job, ring.abandon, s, future.seq, waited)  # a job dropped unwaited
         return job
 
-    def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> DecodeRing | None:
-        """The ring for this job if it takes one and a slot is free."""
+    def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor):
+        """(the ring, its free slot) for this job, or None: not ring-sized, or no slot free."""
         if not 0 < x.shape[0] <= self._ring_tokens or ids.ndim != 2:
             return None
         k = ids.shape[1]
         if k not in self._rings:
             pin = torch.cuda.is_available()  # (for CUDA callers, whoever comes first)
             self._rings[k] = DecodeRing(self.layers, self._ring_tokens, k, pin)
-        ring = self._rings[k]
-        return ring if ring.take() is not None else None
+        s = self._rings[k].take()
+        return None if s is None else (self._rings[k], s)
 
     def _ring_size(self) -> int:
         """Tokens a ring job may have: below every layer's GEMM threshold (0: no ring, where

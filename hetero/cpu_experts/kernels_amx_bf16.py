@@ -25,7 +25,18 @@ import numpy as np
 from numba import njit, prange
 
 from hetero.cpu_experts import amx
-from hetero.cpu_experts.kernels_amx import TM, _most_tiles, down_rows, silu_rows
+from hetero.cpu_experts.kernels_amx import (  # tile numbers and epilogues: one set for both
+    A0,
+    A1,
+    B0,
+    B1,
+    CS,
+    JIT,
+    TM,
+    _most_tiles,
+    down_rows,
+    silu_rows,
+)
 from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
 from hetero.cpu_experts.simd_q8 import atomic_add
 
@@ -36,12 +47,9 @@ DEPENDS = {
     "kernels_amx.py": "4d538026b215422d",
     "simd_q8.py": "e9ae5c1cbf94195a",
 }
-JIT = {"nogil": True, "fastmath": True, "cache": True}
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)
 TILE_BYTES = TM * 64
-A0, A1, B0, B1 = 1, 2, 3, 4  # tile numbers: weights (chunks alternate), activations
-CS = (0, 5, 6, 7)  # the sums of four token tiles
 
 
 def tile_config() -> np.ndarray:
