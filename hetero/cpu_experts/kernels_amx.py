@@ -36,7 +36,7 @@ from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
 from hetero.cpu_experts.simd_q8 import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "01e5dbdcce75046c",
+    "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
     "simd_q8.py": "e9ae5c1cbf94195a",

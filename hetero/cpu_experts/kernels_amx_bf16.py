@@ -41,10 +41,10 @@ from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
 from hetero.cpu_experts.simd_q8 import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "01e5dbdcce75046c",
+    "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_amx.py": "4d538026b215422d",
+    "kernels_amx.py": "286c44649734b924",
     "simd_q8.py": "e9ae5c1cbf94195a",
 }
 TK = 32  # k a product

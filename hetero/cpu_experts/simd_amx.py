@@ -31,6 +31,27 @@ class BFloat(_BaseFloatType):
 BFloat._create_instance()
 
 
+def _has_bf16_convert() -> bool:
+    """Whether this host converts f32 to bf16 in one instruction (AVX-512 BF16). Elsewhere LLVM
+    lowers `fptrunc` to bfloat as a call to compiler-rt's __truncsfbf2, which numba's JIT does
+    not link ("LLVM ERROR: Symbol not found": the process aborts)."""
+    from llvmlite import binding as llvm
+
+    return "+avx512bf16" in llvm.get_host_cpu_features().flatten().split(",")
+
+
+def _bf16_bits(builder, y, n: int):
+    """<n x i16> bf16 bits of the <n x float> y, rounded to nearest even (finite y)."""
+    if _has_bf16_convert():
+        b = builder.fptrunc(y, ir.VectorType(BFloat(), n))
+        return builder.bitcast(b, ir.VectorType(I16, n))
+    vi = ir.VectorType(I32, n)
+    bits = builder.bitcast(y, vi)
+    odd = builder.and_(builder.lshr(bits, ir.Constant(vi, [16] * n)), ir.Constant(vi, [1] * n))
+    rounded = builder.add(builder.add(bits, ir.Constant(vi, [0x7FFF] * n)), odd)
+    return builder.trunc(builder.lshr(rounded, ir.Constant(vi, [16] * n)), ir.VectorType(I16, n))
+
+
 def _row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.ndim == 1 and a.layout in "CA" and a.dtype == dtype
 
@@ -184,8 +205,7 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
                     builder.fmul(sv, ir.Constant(vf, [8.0] * group), flags=fast),
                     flags=fast,
                 )
-                b = builder.bitcast(builder.fptrunc(y, ir.VectorType(BFloat(), group)),
-                                    ir.VectorType(I16, group))  # fmt: skip
+                b = _bf16_bits(builder, y, group)
                 for c in range(group // 32):
                     chunk = builder.shuffle_vector(
                         b, b, ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32)))

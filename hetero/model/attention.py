@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hetero.config import ModelConfig
-from hetero.model.batch import ForwardBatch, KVCache
+from hetero.model.batch import Cache, ForwardBatch
 from hetero.model.fp8 import dense_weight
 from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
@@ -40,7 +40,7 @@ class MLA(nn.Module):
         self.attend = MLA_ATTENTION.get(backend)
 
     def forward(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary
+        self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
     ) -> torch.Tensor:
         T = x.shape[0]
         if hasattr(self, "q_proj"):
@@ -67,19 +67,19 @@ class MLA(nn.Module):
 
 
 def _per_sequence(batch: ForwardBatch):
-    """Yields (token range, slot, context length, causal mask [q, ctx]) for each sequence."""
+    """Yields (token range, sequence index, context length, causal mask [q, ctx]) a sequence."""
     start = 0
-    for slot, q_len, ctx_len in zip(batch.slots, batch.q_lens, batch.ctx_lens):
+    for i, (q_len, ctx_len) in enumerate(zip(batch.q_lens, batch.ctx_lens)):
         positions = batch.positions[start : start + q_len]
         mask = torch.arange(ctx_len, device=positions.device)[None, :] > positions[:, None]
-        yield slice(start, start + q_len), slot, ctx_len, mask
+        yield slice(start, start + q_len), i, ctx_len, mask
         start += q_len
 
 
-def naive_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+def naive_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
     out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)
-    for rows, slot, ctx_len, mask in _per_sequence(batch):
-        latent, k_pe = cache.read(mla.layer, slot, ctx_len)  # [S, kv_rank], [S, rope_dim]
+    for rows, i, ctx_len, mask in _per_sequence(batch):
+        latent, k_pe = cache.context(mla.layer, batch, i)  # [S, kv_rank], [S, rope_dim]
         kv = mla.kv_b_proj(latent.to(q_nope.dtype)).view(ctx_len, mla.n_heads, -1)
         k_nope, v = kv.split([mla.nope_dim, mla.v_dim], dim=-1)  # [S, h, nope], [S, h, v]
         scores = torch.einsum("thd,shd->ths", q_nope[rows], k_nope)
@@ -89,14 +89,14 @@ def naive_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache)
     return out
 
 
-def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
     w_uk, w_uv = mla.wkv_b()
     q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, kv_rank]
     if batch.is_decode:
         return torch.einsum("thc,hdc->thd", _decode_latent(mla, q_lat, q_pe, batch, cache), w_uv)
     out_lat = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.kv_rank)
-    for rows, slot, ctx_len, mask in _per_sequence(batch):
-        latent, k_pe = cache.read(mla.layer, slot, ctx_len)
+    for rows, i, _, mask in _per_sequence(batch):
+        latent, k_pe = cache.context(mla.layer, batch, i)
         latent, k_pe = latent.to(q_nope.dtype), k_pe.to(q_nope.dtype)
         scores = torch.einsum("thc,sc->ths", q_lat[rows], latent)
         scores += torch.einsum("thr,sr->ths", q_pe[rows], k_pe)
@@ -105,12 +105,12 @@ def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: KVCac
     return torch.einsum("thc,hdc->thd", out_lat, w_uv)  # [T, h, v]
 
 
-def _decode_latent(mla: MLA, q_lat, q_pe, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+def _decode_latent(mla: MLA, q_lat, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
     """One new token a sequence: every sequence at once over the longest context, the rest of
     each row masked, instead of a loop of small ops per sequence. q_lat [B, h, c] -> [B, h, c]."""
     S = max(batch.ctx_lens)
-    latent = cache.latent[mla.layer, batch.token_slots, :S].to(q_lat.dtype)  # [B, S, c]
-    k_pe = cache.rope[mla.layer, batch.token_slots, :S].to(q_lat.dtype)  # [B, S, r]
+    latent, k_pe = cache.gather(mla.layer, batch, S)  # [B, S, c], [B, S, r]
+    latent, k_pe = latent.to(q_lat.dtype), k_pe.to(q_lat.dtype)
     scores = torch.einsum("bhc,bsc->bhs", q_lat, latent)
     scores += torch.einsum("bhr,bsr->bhs", q_pe, k_pe)
     future = torch.arange(S, device=q_lat.device)[None, :] > batch.positions[:, None]  # [B, S]

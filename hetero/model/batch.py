@@ -1,4 +1,8 @@
-"""What one forward pass needs to know about its batch, and the latent KV cache it reads/writes."""
+"""What one forward pass needs to know about its batch, and the latent KV caches it reads/writes.
+
+Two caches with one interface (`write`, `context`, `gather`): `KVCache`, a contiguous row per
+sequence (the static batch of hetero.generate, and the reference), and `PagedKVCache`, fixed-size
+pages from one pool that the serving engine hands out through per-sequence page tables."""
 
 from __future__ import annotations
 
@@ -13,15 +17,19 @@ from hetero.config import ModelConfig
 class ForwardBatch:
     """A batch of sequences, their new tokens flattened into one [T] axis.
 
-    Sequence i owns cache slot `slots[i]`, brings `q_lens[i]` new tokens and, after this step,
-    has `ctx_lens[i]` tokens in the cache (prefill: q_len == ctx_len; decode: q_len == 1).
+    Sequence i brings `q_lens[i]` new tokens and, after this step, has `ctx_lens[i]` tokens in the
+    cache (prefill: q_len == ctx_len; decode: q_len == 1). In a contiguous cache it owns row
+    `slots[i]`; in a paged one the pages `page_table[i]`, and new token t goes to cache row
+    `slot_mapping[t]` (page * page_size + offset).
     """
 
     positions: torch.Tensor  # [T] position of each new token in its sequence
-    token_slots: torch.Tensor  # [T] cache slot of each new token
+    token_slots: torch.Tensor  # [T] contiguous cache row of each new token's sequence
     slots: tuple[int, ...]
     q_lens: tuple[int, ...]
     ctx_lens: tuple[int, ...]
+    page_table: torch.Tensor | None = None  # [B, P] int32 pages of each sequence (0: padding)
+    slot_mapping: torch.Tensor | None = None  # [T] paged cache row of each new token
 
     @classmethod
     def build(
@@ -41,6 +49,37 @@ class ForwardBatch:
             ctx_lens=tuple(ctx_lens),
         )
 
+    @classmethod
+    def paged(
+        cls,
+        page_tables: list[list[int]],
+        q_lens: list[int],
+        ctx_lens: list[int],
+        page_size: int,
+        device: torch.device | str = "cpu",
+    ) -> ForwardBatch:
+        """Sequence i's pages in order (`page_tables[i]`, enough for ctx_lens[i] tokens)."""
+        positions = [p for q, c in zip(q_lens, ctx_lens) for p in range(c - q, c)]
+        rows = [
+            pages[p // page_size] * page_size + p % page_size
+            for pages, q, c in zip(page_tables, q_lens, ctx_lens)
+            for p in range(c - q, c)
+        ]
+        width = max(map(len, page_tables), default=0)
+        table = [pages + [0] * (width - len(pages)) for pages in page_tables]
+        B = len(q_lens)
+        return cls(
+            positions=torch.tensor(positions, dtype=torch.long, device=device),
+            token_slots=torch.tensor(
+                [i for i, q in enumerate(q_lens) for _ in range(q)], dtype=torch.long, device=device
+            ),  # fmt: skip
+            slots=tuple(range(B)),
+            q_lens=tuple(q_lens),
+            ctx_lens=tuple(ctx_lens),
+            page_table=torch.tensor(table, dtype=torch.int32, device=device).view(B, width),
+            slot_mapping=torch.tensor(rows, dtype=torch.long, device=device),
+        )
+
     @property
     def is_decode(self) -> bool:
         """One new token for every sequence (then tokens and sequences are the same axis)."""
@@ -57,7 +96,7 @@ class KVCache:
     """MLA's compressed cache: per token only the normalized latent and the rotated rope key.
 
     Both attention forms read it: the naive one decompresses K/V from the latent, the absorbed
-    one attends in latent space. Laid out [layer, slot, position, dim]; paging comes later.
+    one attends in latent space. Laid out [layer, slot, position, dim]: a row per sequence.
     """
 
     def __init__(
@@ -88,5 +127,57 @@ class KVCache:
         self.latent[layer, batch.token_slots, batch.positions] = latent.to(self.latent.dtype)
         self.rope[layer, batch.token_slots, batch.positions] = rope.to(self.rope.dtype)
 
-    def read(self, layer: int, slot: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.latent[layer, slot, :length], self.rope[layer, slot, :length]
+    def context(self, layer: int, batch: ForwardBatch, i: int) -> tuple[torch.Tensor, ...]:
+        """Sequence i's whole context: latent [S, c], rope [S, r] (S = ctx_lens[i])."""
+        slot, S = batch.slots[i], batch.ctx_lens[i]
+        return self.latent[layer, slot, :S], self.rope[layer, slot, :S]
+
+    def gather(self, layer: int, batch: ForwardBatch, S: int) -> tuple[torch.Tensor, ...]:
+        """Decode: every sequence's first S positions, latent [B, S, c], rope [B, S, r]."""
+        return self.latent[layer, batch.token_slots, :S], self.rope[layer, batch.token_slots, :S]
+
+
+class PagedKVCache:
+    """The same latent cache in fixed-size pages shared by all sequences: latent
+    [layer, page, page_size, c] and rope [layer, page, page_size, r], so one page of one layer is
+    contiguous (what a kernel reading through int32 page tables wants). Page 0 is never handed to
+    a request: padded rows of a batch write there."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        L, c, r = config.num_hidden_layers, config.kv_lora_rank, config.qk_rope_head_dim
+        self.num_pages, self.page_size = num_pages, page_size
+        self.latent = torch.zeros(L, num_pages, page_size, c, device=device, dtype=dtype)
+        self.rope = torch.zeros(L, num_pages, page_size, r, device=device, dtype=dtype)
+
+    @staticmethod
+    def bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+        return config.num_hidden_layers * per_layer * dtype_bytes
+
+    def write(
+        self, layer: int, batch: ForwardBatch, latent: torch.Tensor, rope: torch.Tensor
+    ) -> None:
+        rows = batch.slot_mapping  # [T]
+        self.latent[layer].view(-1, self.latent.shape[-1])[rows] = latent.to(self.latent.dtype)
+        self.rope[layer].view(-1, self.rope.shape[-1])[rows] = rope.to(self.rope.dtype)
+
+    def context(self, layer: int, batch: ForwardBatch, i: int) -> tuple[torch.Tensor, ...]:
+        S = batch.ctx_lens[i]
+        pages = batch.page_table[i, : -(-S // self.page_size)].long()  # [n]
+        latent = self.latent[layer, pages].flatten(0, 1)[:S]  # [S, c]
+        return latent, self.rope[layer, pages].flatten(0, 1)[:S]
+
+    def gather(self, layer: int, batch: ForwardBatch, S: int) -> tuple[torch.Tensor, ...]:
+        pages = batch.page_table[:, : -(-S // self.page_size)].long()  # [B, n]
+        latent = self.latent[layer][pages].flatten(1, 2)[:, :S]  # [B, S, c]
+        return latent, self.rope[layer][pages].flatten(1, 2)[:, :S]
+
+
+Cache = KVCache | PagedKVCache

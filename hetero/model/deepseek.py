@@ -9,7 +9,7 @@ from torch import nn
 
 from hetero.config import ModelConfig
 from hetero.model.attention import MLA
-from hetero.model.batch import ForwardBatch, KVCache
+from hetero.model.batch import Cache, ForwardBatch, KVCache, PagedKVCache
 from hetero.model.layers import MLP, RMSNorm, Rotary
 from hetero.model.moe import MoE, Pending
 
@@ -39,7 +39,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         batch: ForwardBatch,
-        cache: KVCache,
+        cache: Cache,
         rotary: Rotary,
         pending: Pending | None = None,
     ) -> tuple[torch.Tensor, Pending | None]:
@@ -51,7 +51,7 @@ class Block(nn.Module):
         return x + y, pending
 
     def attend(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, rotary: Rotary
+        self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
     ) -> torch.Tensor:
         """The attention half: x + MLA(norm(x))."""
         return x + self.self_attn(self.input_layernorm(x), batch, cache, rotary)
@@ -71,7 +71,7 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config)
 
-    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
         x = self.embed_tokens(input_ids)  # [T, H]
         pending = None
         for layer in self.layers:
@@ -101,7 +101,7 @@ class Transformer(nn.Module):
 
     @torch.inference_mode()
     def forward(
-        self, input_ids: torch.Tensor, batch: ForwardBatch, cache: KVCache, last_only: bool = False
+        self, input_ids: torch.Tensor, batch: ForwardBatch, cache: Cache, last_only: bool = False
     ) -> torch.Tensor:
         h = self.model(input_ids, batch, cache)
         if last_only:
@@ -111,3 +111,7 @@ class Transformer(nn.Module):
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, num_slots, max_len, device=p.device, dtype=p.dtype)
+
+    def new_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        p = self.lm_head.weight
+        return PagedKVCache(self.config, num_pages, page_size, device=p.device, dtype=p.dtype)

@@ -1,0 +1,185 @@
+"""The step loop (nano-vllm's `llm_engine`): schedule -> run the model -> sample -> outputs.
+
+Not thread-safe; `hetero.engine.handle.EngineHandle` runs it in its own thread for callers."""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from hetero.engine.detokenizer import IncrementalDetokenizer
+from hetero.engine.outputs import RequestOutput, TokenLogprob
+from hetero.engine.pages import PagePool
+from hetero.engine.params import SamplingParams
+from hetero.engine.request import Request
+from hetero.engine.runner import ModelRunner
+from hetero.engine.sampler import SampleOutput, SamplingBatch, sample
+from hetero.engine.scheduler import Scheduler, SchedulerConfig, Work
+from hetero.model import Transformer
+
+
+class RequestError(ValueError):
+    """A request the engine cannot take (too long for the context or the pool, bad params)."""
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    page_size: int = 64  # tokens a KV page
+    kv_cache_tokens: int = 65536  # the pool's size (the memory plan gives the default)
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048  # a step's tokens: decode tokens + prompt chunks
+    max_model_len: int = 0  # a request's prompt + output; 0: the model's context
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.kv_cache_tokens // self.page_size) + 1  # + the padding page
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer,
+        config: ServingConfig = ServingConfig(),
+        eos_ids: tuple[int, ...] = (),
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.vocab_size = model.config.vocab_size
+        self.max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.eos_ids = frozenset(eos_ids)
+        self.pool = PagePool(config.num_pages, config.page_size)
+        self.cache = model.new_paged_cache(config.num_pages, config.page_size)
+        sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(sched, self.pool)
+        self.runner = ModelRunner(model, self.cache)
+        self.requests: dict[str, Request] = {}
+        self.detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Checks the request against the context and the pool (RequestError naming the
+        numbers) and queues it."""
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        try:
+            params.check(self.vocab_size)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        n = len(prompt_ids)
+        if n == 0:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if bad := [t for t in prompt_ids if not 0 <= t < self.vocab_size]:
+            raise RequestError(f"prompt token id {bad[0]} outside [0, {self.vocab_size})")
+        if n + params.max_tokens > self.max_model_len:
+            raise RequestError(
+                f"this model's context is {self.max_model_len} tokens; the prompt has {n} and "
+                f"max_tokens asks for {params.max_tokens} more ({n + params.max_tokens} in all)"
+            )
+        pool_tokens = self.pool.capacity * self.pool.page_size
+        if n + params.max_tokens > pool_tokens:
+            raise RequestError(
+                f"the KV cache holds {pool_tokens} tokens; the prompt has {n} and max_tokens "
+                f"asks for {params.max_tokens} more ({n + params.max_tokens} in all)"
+            )
+        stop_ids = frozenset(params.stop_token_ids)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        req = Request(rid, prompt_ids, params, seed, stop_ids)
+        self.requests[rid] = req
+        self.detok[rid] = IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
+        )
+        self.scheduler.add(req)
+        return rid
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Ends the request now and frees its pages; -> its last output (None if unknown)."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return None
+        self.scheduler.finish(req, "abort")
+        return self._output(req, (), "", None)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[RequestOutput]:
+        work = self.scheduler.schedule()
+        logits = self.runner.run(work)
+        sampled = self.sample([w for w in work if w.samples], logits)
+        return self.postprocess(work, sampled)
+
+    def sample(self, work: list[Work], logits: torch.Tensor) -> SampleOutput:
+        reqs = [w.request for w in work]
+        params = [r.params for r in reqs]
+        needs_history = any(
+            p.repetition_penalty != 1 or p.presence_penalty or p.frequency_penalty for p in params
+        )
+        batch = SamplingBatch.build(
+            params,
+            [r.seed for r in reqs],
+            [r.num_output for r in reqs],
+            [r.tokens[: r.num_prompt] if needs_history else [] for r in reqs],
+            [r.output_ids if needs_history else [] for r in reqs],
+            self.vocab_size,
+            logits.device,
+        )
+        return sample(logits, batch)
+
+    def postprocess(self, work: list[Work], sampled: SampleOutput) -> list[RequestOutput]:
+        sampling = [w.request for w in work if w.samples]
+        tokens = dict(zip((r.id for r in sampling), sampled.tokens.tolist()))
+        logprobs = _logprobs(sampling, sampled)
+        outputs = []
+        for req in self.scheduler.postprocess(work, tokens):
+            detok = self.detok[req.id]
+            delta = detok.push([req.tokens[-1]])
+            text = delta.text
+            if delta.stopped is not None:
+                self.scheduler.finish(req, "stop")
+            elif req.finished:
+                text += detok.flush()
+            outputs.append(self._output(req, (req.tokens[-1],), text, logprobs.get(req.id),
+                                        delta.stopped))  # fmt: skip
+        return outputs
+
+    def _output(self, req, token_ids, text, logprob, stop=None) -> RequestOutput:
+        first = token_ids and req.num_output == 1
+        if req.finished:  # the engine forgets it; its stats stay in what was returned
+            self.requests.pop(req.id, None)
+            self.detok.pop(req.id, None)
+        return RequestOutput(
+            request_id=req.id,
+            token_ids=token_ids,
+            text=text,
+            logprobs=(logprob,) if logprob is not None else None,
+            finish_reason=req.finish_reason,
+            usage=req.usage(),
+            stop=stop,
+            ttft_s=(req.first_token_at - req.arrival) if first else None,
+        )
+
+
+def _logprobs(reqs: list[Request], sampled: SampleOutput) -> dict[str, TokenLogprob]:
+    """The logprobs each request asked for, by request id."""
+    asked = [(i, r) for i, r in enumerate(reqs) if r.params.logprobs is not None]
+    if not asked:
+        return {}
+    lp = sampled.logprobs.tolist()
+    toks = sampled.tokens.tolist()
+    top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+    top_lp = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+    out = {}
+    for i, r in asked:
+        n = r.params.logprobs
+        top = tuple(zip(top_ids[i][:n], top_lp[i][:n])) if n and top_ids else ()
+        out[r.id] = TokenLogprob(toks[i], lp[i], top)
+    return out
