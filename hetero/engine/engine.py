@@ -59,14 +59,9 @@ class Engine:
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
 
-    def add_request(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
-    ) -> str:
-        """Checks the request against the context and the pool (RequestError naming the
-        numbers) and queues it."""
-        rid = request_id or f"req-{next(self._ids)}"
-        if rid in self.requests:
-            raise RequestError(f"request id {rid!r} is already in use")
+    def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """RequestError, naming the numbers, for a request this engine can never serve. Reads
+        only what never changes, so any thread may call it."""
         try:
             params.check(self.vocab_size)
         except ValueError as e:
@@ -76,17 +71,24 @@ class Engine:
             raise RequestError("the prompt is empty: at least one token is needed")
         if bad := [t for t in prompt_ids if not 0 <= t < self.vocab_size]:
             raise RequestError(f"prompt token id {bad[0]} outside [0, {self.vocab_size})")
-        if n + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"this model's context is {self.max_model_len} tokens; the prompt has {n} and "
-                f"max_tokens asks for {params.max_tokens} more ({n + params.max_tokens} in all)"
-            )
-        pool_tokens = self.pool.capacity * self.pool.page_size
-        if n + params.max_tokens > pool_tokens:
-            raise RequestError(
-                f"the KV cache holds {pool_tokens} tokens; the prompt has {n} and max_tokens "
-                f"asks for {params.max_tokens} more ({n + params.max_tokens} in all)"
-            )
+        for limit, what in (
+            (self.max_model_len, "this model's context is"),
+            (self.pool.capacity * self.pool.page_size, "the KV cache holds"),
+        ):
+            if n + params.max_tokens > limit:
+                raise RequestError(
+                    f"{what} {limit} tokens; the prompt has {n} and max_tokens asks for "
+                    f"{params.max_tokens} more ({n + params.max_tokens} in all)"
+                )
+
+    def add_request(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> str:
+        """Checks the request (`check`) and queues it; -> its id."""
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already in use")
+        self.check(prompt_ids, params)
         stop_ids = frozenset(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
@@ -106,6 +108,15 @@ class Engine:
             return None
         self.scheduler.finish(req, "abort")
         return self._output(req, (), "", None)
+
+    def fail_running(self) -> list[RequestOutput]:
+        """After a step raised: its running requests end ("error"), their pages freed; the
+        waiting ones stay queued."""
+        outs = []
+        for req in list(self.scheduler.running):
+            self.scheduler.finish(req, "error")
+            outs.append(self._output(req, (), "", None))
+        return outs
 
     @property
     def has_work(self) -> bool:
@@ -153,6 +164,9 @@ class Engine:
 
     def _output(self, req, token_ids, text, logprob, stop=None) -> RequestOutput:
         first = token_ids and req.num_output == 1
+        tpot = None
+        if req.finished and req.num_output > 1 and req.first_token_at is not None:
+            tpot = (req.last_token_at - req.first_token_at) / (req.num_output - 1)
         if req.finished:  # the engine forgets it; its stats stay in what was returned
             self.requests.pop(req.id, None)
             self.detok.pop(req.id, None)
@@ -165,6 +179,7 @@ class Engine:
             usage=req.usage(),
             stop=stop,
             ttft_s=(req.first_token_at - req.arrival) if first else None,
+            tpot_s=tpot,
         )
 
 

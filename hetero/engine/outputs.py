@@ -17,7 +17,7 @@ class TokenLogprob:
 @dataclass(frozen=True)
 class RequestOutput:
     """A request's new tokens since its last output; `finish_reason` set on its last one
-    ("stop": a stop token or string, "length": max_tokens, "abort")."""
+    ("stop": a stop token or string, "length": max_tokens, "abort", "error")."""
 
     request_id: str
     token_ids: tuple[int, ...]
@@ -27,6 +27,8 @@ class RequestOutput:
     usage: Usage
     stop: str | None = None  # the stop string that ended it
     ttft_s: float | None = None  # on the first output with a token: arrival -> first token
+    tpot_s: float | None = None  # on the last: mean time between its output tokens
+    error: str | None = None  # finish_reason "error": what went wrong
 
     @property
     def finished(self) -> bool:

@@ -1,0 +1,203 @@
+"""The thread-safe face of the engine: its step loop runs in a thread of its own, callers submit
+requests and read each one's outputs as a stream (sync or async), abort them, and read stats.
+
+`submit` checks a request at once (RequestError naming the numbers) and hands it to the loop
+through an inbox; the loop adds and aborts between steps, so no caller ever waits for a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+from hetero.engine.engine import Engine
+from hetero.engine.outputs import RequestOutput
+from hetero.engine.params import SamplingParams
+from hetero.engine.request import Usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    pages_used: int
+    pages_free: int
+    pages_total: int
+    page_size: int
+    prompt_tokens: int  # of admitted requests
+    prefix_hit_tokens: int  # of those, found in the prefix cache
+    generated_tokens: int
+    preemptions: int
+    steps: int
+    cpu_busy: float | None  # the CPU expert engine's busy share since the last stats() call
+
+
+def failed(rid: str, prompt_tokens: int, error: Exception) -> RequestOutput:
+    return RequestOutput(rid, (), "", None, "error", Usage(prompt_tokens, 0, 0), error=str(error))
+
+
+class _Sink:
+    """Where one request's outputs go: a thread queue, or an asyncio queue of the caller's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.loop = loop
+        self.queue: queue.SimpleQueue | asyncio.Queue = (
+            asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        )
+
+    def put(self, out: RequestOutput) -> None:
+        if self.loop is None:
+            self.queue.put(out)
+        elif not self.loop.is_closed():
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
+
+
+class EngineHandle:
+    def __init__(self, engine: Engine, cpu_engine=None, idle_s: float = 0.05) -> None:
+        """`cpu_engine`: the CPU expert engine (CPUExperts) whose busy share stats reports."""
+        self.engine, self.cpu_engine, self.idle_s = engine, cpu_engine, idle_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sinks: dict[str, _Sink] = {}
+        self._lock = threading.Lock()  # guards _sinks and the counters below
+        self._steps = self._generated = 0
+        self._stop = threading.Event()
+        self._busy_mark = (time.perf_counter(), self._cpu_busy_s())
+        self._thread = threading.Thread(target=self._loop, name="hetero-engine", daemon=True)
+        self._thread.start()
+
+    # -- callers (any thread) --------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> str:
+        """Queues a request; -> its id. Its outputs are read with `outputs(id)`, or, when
+        `loop` is given (the caller's asyncio loop), with `async for out in stream(id)`."""
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
+        self.engine.check(prompt_ids, params)
+        rid = request_id or f"req-{uuid.uuid4().hex}"
+        with self._lock:
+            if rid in self._sinks:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self._sinks[rid] = _Sink(loop)
+        self._inbox.put(("add", rid, list(prompt_ids), params))
+        self._wake.set()
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Ends the request (its stream gets a last output, finish_reason "abort") and frees
+        its pages; unknown or finished ids are ignored."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    def outputs(self, request_id: str, timeout: float | None = None) -> Iterator[RequestOutput]:
+        sink = self._sinks[request_id]
+        while True:
+            out = sink.queue.get(timeout=timeout)
+            yield out
+            if out.finished:
+                return
+
+    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        sink = self._sinks[request_id]
+        while True:
+            out = await sink.queue.get()
+            yield out
+            if out.finished:
+                return
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The output token ids of one request, waiting for it (a convenience for scripts)."""
+        rid = self.submit(prompt_ids, params)
+        return [t for out in self.outputs(rid) for t in out.token_ids]
+
+    def stats(self) -> EngineStats:
+        e = self.engine
+        now, busy = time.perf_counter(), self._cpu_busy_s()
+        with self._lock:
+            (t0, b0), self._busy_mark = self._busy_mark, (now, busy)
+            steps, generated = self._steps, self._generated
+        share = None if busy is None else round((busy - b0) / max(now - t0, 1e-9), 4)
+        return EngineStats(
+            running=len(e.scheduler.running),
+            waiting=len(e.scheduler.waiting),
+            pages_used=e.pool.num_used,
+            pages_free=e.pool.num_free,
+            pages_total=e.pool.capacity,
+            page_size=e.pool.page_size,
+            prompt_tokens=e.pool.stats.prompt_tokens,
+            prefix_hit_tokens=e.pool.stats.hit_tokens,
+            generated_tokens=generated,
+            preemptions=e.scheduler.preemptions,
+            steps=steps,
+            cpu_busy=share,
+        )
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stops the loop; requests still in flight end with finish_reason "abort"."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _cpu_busy_s(self) -> float | None:
+        return None if self.cpu_engine is None else self.cpu_engine.stats.busy_s
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        with self._lock:
+            self._generated += sum(len(o.token_ids) for o in outputs)
+            for out in outputs:
+                sink = self._sinks.get(out.request_id)
+                if out.finished:
+                    self._sinks.pop(out.request_id, None)
+                if sink is not None:
+                    sink.put(out)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt, params = cmd
+                try:
+                    self.engine.add_request(prompt, params, rid)
+                except Exception as e:  # checked at submit: only a bug gets here
+                    log.exception("request %s could not be added", rid)
+                    self._deliver([failed(rid, len(prompt), e)])
+            elif (out := self.engine.abort(cmd[1])) is not None:
+                self._deliver([out])
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_work:
+                self._wake.wait(self.idle_s)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:  # a failed step ends its requests, never the engine
+                log.exception("engine step failed; its running requests end with an error")
+                outputs = self.engine.fail_running()
+            with self._lock:
+                self._steps += 1
+            self._deliver(outputs)
+        for rid in list(self.engine.requests):
+            if (out := self.engine.abort(rid)) is not None:
+                self._deliver([out])
