@@ -32,6 +32,8 @@ class ServingConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048  # a step's tokens: decode tokens + prompt chunks
     max_model_len: int = 0  # a request's prompt + output; 0: the model's context
+    # decode steps of up to this many requests replay CUDA graphs (0: never; GPU only)
+    cuda_graph_max_batch: int = 64
 
     @property
     def num_pages(self) -> int:
@@ -54,7 +56,9 @@ class Engine:
         self.cache = model.new_paged_cache(config.num_pages, config.page_size)
         sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
         self.scheduler = Scheduler(sched, self.pool)
-        self.runner = ModelRunner(model, self.cache)
+        on_gpu = self.cache.latent.is_cuda
+        graph_batch = config.cuda_graph_max_batch if on_gpu else 0
+        self.runner = ModelRunner(model, self.cache, self.max_model_len, graph_batch, on_gpu)
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import torch
 
 from hetero.model import ForwardBatch, Transformer
-from hetero.model.batch import KVCache
+from hetero.model.batch import Cache, PagedKVCache
 from hetero.model.moe import finish
 
 
@@ -53,18 +53,33 @@ class Segment:
 
 class GraphedDecoder:
     """`step(input_ids [B], positions [B]) -> logits [B, V]`: one decode step of sequences
-    0..B-1 of `cache` (filled by the model's own prefill), each at `positions[i]`."""
+    0..B-1 of a contiguous `cache` (filled by the model's own prefill), each at `positions[i]`.
 
-    def __init__(self, model: Transformer, cache: KVCache, graphs: bool = True) -> None:
+    With a PagedKVCache the graphs serve `batch` rows whose page tables are `pages` wide:
+    `paged_step` takes each row's page table and new cache row, and rows past its `n` real ones
+    are padding (page 0) whose tokens the routed experts never see."""
+
+    def __init__(
+        self, model: Transformer, cache: Cache, graphs: bool = True, batch: int = 0, pages: int = 0
+    ) -> None:
         self.model, self.cache = model, cache
-        B, S = cache.latent.shape[1], cache.max_len
         device = model.lm_head.weight.device
+        if isinstance(cache, PagedKVCache):
+            B, S = batch, pages * cache.page_size
+            table = torch.zeros(B, pages, dtype=torch.int32, device=device)
+            rows = torch.zeros(B, dtype=torch.long, device=device)
+        else:
+            B, S = cache.latent.shape[1], cache.max_len
+            table = rows = None
         self.ids = torch.zeros(B, dtype=torch.long, device=device)
         self.positions = torch.zeros(B, dtype=torch.long, device=device)
         slots = torch.arange(B, device=device)
-        # every sequence "as long as the cache": attention reads all S positions, masked by
-        # position, so no shape depends on the step
-        self.batch = ForwardBatch(self.positions, slots, tuple(range(B)), (1,) * B, (S,) * B)
+        # every sequence "as long as the cache" (or its page table): attention reads all S
+        # positions, masked by position, so no shape depends on the step
+        self.batch = ForwardBatch(
+            self.positions, slots, tuple(range(B)), (1,) * B, (S,) * B, table, rows
+        )
+        self.n = B  # real rows of the current step
         H, dtype = model.config.hidden_size, model.lm_head.weight.dtype
         layers = model.model.layers
         self.x = [torch.zeros(B, H, dtype=dtype, device=device) for _ in range(len(layers) + 1)]
@@ -102,9 +117,23 @@ class GraphedDecoder:
         return lambda: moe.shared_experts(self._h[i])
 
     @torch.inference_mode()
+    def paged_step(self, input_ids, positions, page_table, cache_rows) -> torch.Tensor:
+        """n = len(input_ids) real rows (<= the graphs' batch): ids, positions [n], page table
+        [n, <= pages] int32, cache rows [n] -> logits [n, V]."""
+        n, width = page_table.shape
+        self.batch.page_table.zero_()
+        self.batch.page_table[:n, :width].copy_(page_table)
+        self.batch.slot_mapping.zero_()
+        self.batch.slot_mapping[:n].copy_(cache_rows)
+        self.ids.zero_()
+        self.positions.zero_()
+        return self.step(input_ids, positions)
+
+    @torch.inference_mode()
     def step(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        self.ids.copy_(input_ids)
-        self.positions.copy_(positions)
+        n = self.n = input_ids.shape[0]
+        self.ids[:n].copy_(input_ids)
+        self.positions[:n].copy_(positions)
         self.x[0].copy_(self.embed())
         pending = None
         for i, block in enumerate(self.model.model.layers):
@@ -114,10 +143,11 @@ class GraphedDecoder:
                 continue
             x, h, weights, ids = out
             self._h[i] = h
-            run = block.mlp.routed.submit(h, ids, weights)  # CPU experts start here
+            run = block.mlp.routed.submit(h[:n], ids[:n], weights[:n])  # CPU experts start here
             shared = self.shared[i]() if self.shared[i] is not None else None
-            y, pending = finish(run, shared, pending)
-            self.x[i + 1].copy_(x + y)
+            y, pending = finish(run, shared[:n] if shared is not None else None, pending)
+            self.x[i + 1].copy_(x)  # padding rows skip the MoE
+            self.x[i + 1][:n].add_(y)
         if pending is not None:
-            self.x[-1].add_(pending.result())
-        return self.head().clone()
+            self.x[-1][:n].add_(pending.result())
+        return self.head()[:n].clone()
