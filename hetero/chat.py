@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from hetero.generate import SamplingParams, stream
-from hetero.model import Transformer
+from hetero.engine.engine import Engine
+from hetero.engine.params import SamplingParams
 
 HELP = "/reset forgets the conversation, /exit (or Ctrl-D) quits, Ctrl-C stops a reply."
 QUIT = "(/exit or Ctrl-D quits)"
@@ -21,22 +21,6 @@ def line_editing() -> None:
         pass
 
 
-class Detokenizer:
-    """Token ids in, new text out: text is held back while it ends inside a UTF-8 character
-    (byte-level BPE splits them), so the terminal never shows a replacement character."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer, self.ids, self.shown = tokenizer, [], 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""
-        new, self.shown = text[self.shown :], len(text)
-        return new
-
-
 def prompt_ids(tokenizer, messages: list[dict], budget: int) -> list[int]:
     """The chat template applied to the conversation, dropping the oldest turns (never the
     last user message) until it fits `budget` tokens."""
@@ -49,22 +33,21 @@ def prompt_ids(tokenizer, messages: list[dict], budget: int) -> list[int]:
 
 
 def chat_loop(
-    model: Transformer,
+    engine: Engine,
     tokenizer,
     params: SamplingParams,
     read: Callable[[str], str] = input,
     out: TextIO | None = None,
-    prefill_chunk: int = 0,
     system: str | None = None,
-    graphs: bool = False,
 ) -> int:
-    """Reads user turns with `read` until /exit or end of input; returns the turns answered."""
+    """Reads user turns with `read` until /exit or end of input; returns the turns answered.
+    Every turn is a request to `engine`, whose prefix cache keeps the earlier turns' pages: a
+    turn prefills only what the last reply and the new message add."""
     import sys
 
     out = out or sys.stdout
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    budget = max(1, model.config.max_position_embeddings - params.max_tokens)
-    stop = set(params.stop_token_ids)
+    budget = max(1, engine.max_model_len - params.max_tokens)
     turns = 0
     if read is input:
         line_editing()
@@ -87,18 +70,27 @@ def chat_loop(
             out.write("(conversation cleared)\n")
             continue
         messages.append({"role": "user", "content": line})
-        ids = prompt_ids(tokenizer, messages, budget)
-        detok = Detokenizer(tokenizer)
+        rid = engine.add_request(prompt_ids(tokenizer, messages, budget), params)
         out.write("hetero> ")
+        reply = []
         try:
-            for step in stream(model, [ids], params, prefill_chunk, graphs):
-                for _, token in step:
-                    if token not in stop:
-                        out.write(detok.push(token))
-                        out.flush()
+            for piece in _replies(engine, rid):
+                reply.append(piece)
+                out.write(piece)
+                out.flush()
         except KeyboardInterrupt:
+            engine.abort(rid)
             out.write(" [stopped]")
         out.write("\n")
-        reply = tokenizer.decode(detok.ids, skip_special_tokens=True)
-        messages.append({"role": "assistant", "content": reply})
+        messages.append({"role": "assistant", "content": "".join(reply)})
         turns += 1
+
+
+def _replies(engine: Engine, rid: str) -> Iterator[str]:
+    """The text of request `rid` as the engine's steps produce it."""
+    while engine.has_work:
+        for o in engine.step():
+            if o.request_id == rid:
+                yield o.text
+                if o.finished:
+                    return

@@ -44,41 +44,55 @@ def default_model_dir() -> Path:
     return path
 
 
-def _session(args: argparse.Namespace, progress: bool):
-    """Model (as _load places it), tokenizer, sampling parameters and prefill chunk of a
-    generate or chat command; `close` stops the CPU engine."""
-    import torch
+def _tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({why})") from None
+
+
+def _session(args: argparse.Namespace, progress: bool, kv_tokens: int | None = None):
+    """(engine, close, tokenizer, sampling parameters) of a generate or chat command: the model
+    as _load places it behind a serving engine whose KV pool holds `kv_tokens` (default: what
+    the memory plan leaves room for, at most the model's context); `close` stops the CPU engine."""
+    import torch
+
     from hetero.config import ModelConfig
-    from hetero.generate import SamplingParams
+    from hetero.engine.engine import Engine, ServingConfig
+    from hetero.engine.params import SamplingParams
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     auto = "bfloat16" if device.startswith("cuda") else "float32"
     dtype = getattr(torch, args.dtype if args.dtype != "auto" else auto)
-    ModelConfig.from_hf(model_dir)  # a missing or bad config.json is the error to show first
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())
-        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({why})") from None
-    model, close, chunk = _load(args, model_dir, device, dtype, progress)
-    stop = set(model.config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
-    params = SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_token_ids=tuple(sorted(stop)),
+    config = ModelConfig.from_hf(model_dir)  # a bad config.json is the error to show first
+    tokenizer = _tokenizer(model_dir)
+    loaded = _load(args, model_dir, device, dtype, progress)
+    stop = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
+    tokens = kv_tokens or min(loaded.kv_tokens or 1, config.max_position_embeddings)
+    serving = ServingConfig(
+        page_size=min(64, tokens),
+        kv_cache_tokens=tokens,
+        max_num_batched_tokens=loaded.prefill_chunk or ServingConfig.max_num_batched_tokens,
+        cuda_graph_max_batch=ServingConfig.cuda_graph_max_batch if args.cuda_graphs else 0,
     )
-    return model, close, chunk, tokenizer, params
+    engine = Engine(loaded.model, tokenizer, serving, eos_ids=tuple(sorted(stop)))
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
+    )
+    return engine, loaded.close, tokenizer, params
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from hetero.generate import generate
+    from hetero.config import ModelConfig
+    from hetero.engine.engine import RequestError
 
-    model, close, chunk, tokenizer, params = _session(args, progress=not args.json)
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    context = ModelConfig.from_hf(model_dir).max_position_embeddings
+    tokenizer = _tokenizer(model_dir)
     if args.chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
@@ -86,11 +100,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         prompt_ids = tokenizer.encode(text, add_special_tokens=False)
     else:
         prompt_ids = tokenizer.encode(args.prompt)
+    need = len(prompt_ids) + args.max_tokens  # the KV pool this one request needs
+    if need > context:  # before any weight is read
+        raise UsageError(
+            f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and "
+            f"--max-tokens asks for {args.max_tokens} more ({need} in all)"
+        )
+    engine, close, tokenizer, params = _session(args, progress=not args.json, kv_tokens=need)
     try:
-        output_ids = generate(model, [prompt_ids], params, chunk, args.cuda_graphs)[0]
+        engine.add_request(prompt_ids, params)
+        output_ids, text = [], ""
+        while engine.has_work:
+            for out in engine.step():
+                output_ids += out.token_ids
+                text += out.text
+    except RequestError as e:
+        raise UsageError(str(e)) from None
     finally:
         close()
-    text = tokenizer.decode(output_ids, skip_special_tokens=True)
     if args.json:
         print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text}))
     else:
@@ -101,22 +128,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from hetero.chat import chat_loop
 
-    model, close, chunk, tokenizer, params = _session(args, progress=True)
-    n = sum(p.numel() for p in model.parameters()) / 1e6
+    engine, close, tokenizer, params = _session(args, progress=True)
+    n = sum(p.numel() for p in engine.model.parameters()) / 1e6
     where = f"{args.model or 'the built-in model'}, {n:.1f}M parameters on the device"
     print(f"hetero chat: {where}; replies up to {params.max_tokens} tokens")
     try:
-        chat_loop(
-            model, tokenizer, params, prefill_chunk=chunk, system=args.system,
-            graphs=args.cuda_graphs,
-        )  # fmt: skip
+        chat_loop(engine, tokenizer, params, system=args.system)
     finally:
         close()
     return 0
 
 
 def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progress: bool):
-    """(model, close, prefill chunk) as `hetero.sched.runtime.load_for_device` places it."""
+    """The model as `hetero.sched.runtime.load_for_device` places it (a `Loaded`)."""
     from hetero.sched.runtime import HybridOptions, load_for_device
 
     opts = HybridOptions(
@@ -138,7 +162,7 @@ def cmd_profile_experts(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
     except (OSError, ValueError) as e:
         raise UsageError(f"--prompts: {e}") from None
-    model, closer, _ = _load(args, model_dir, device, dtype, progress=True)
+    model, closer, *_ = _load(args, model_dir, device, dtype, progress=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = [tokenizer.encode(p) for p in prompts]

@@ -10,8 +10,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hetero.chat import QUIT, Detokenizer, chat_loop, prompt_ids
-from hetero.generate import SamplingParams, generate
+from hetero.chat import QUIT, chat_loop, prompt_ids
+from hetero.engine.engine import Engine, ServingConfig
+from hetero.engine.params import SamplingParams
+from hetero.generate import SamplingParams as StaticParams
+from hetero.generate import generate
 from hetero.loader import load_model
 
 
@@ -20,6 +23,11 @@ def setup(tiny_v3):
     model = load_model(tiny_v3, dtype=torch.float32, progress=False)
     tok = AutoTokenizer.from_pretrained(tiny_v3)
     return model, tok
+
+
+def engine_of(model, tok, page_size=16):
+    config = ServingConfig(page_size=page_size, kv_cache_tokens=512)
+    return Engine(model, tok, config, eos_ids=(tok.eos_token_id,))
 
 
 def scripted(lines):
@@ -36,16 +44,18 @@ def scripted(lines):
 
 def test_a_reply_is_the_greedy_completion_of_the_template(setup):
     model, tok = setup
-    params = SamplingParams(max_tokens=12, stop_token_ids=(tok.eos_token_id,))
+    params = SamplingParams(max_tokens=12, temperature=0)
     out = io.StringIO()
-    turns = chat_loop(model, tok, params, scripted(["def f(x):", "/reset", "", "again"]), out)
+    engine = engine_of(model, tok)
+    turns = chat_loop(engine, tok, params, scripted(["def f(x):", "/reset", "", "again"]), out)
     assert turns == 2
     text = [{"role": "user", "content": "def f(x):"}]
     ids = tok.encode(
         tok.apply_chat_template(text, add_generation_prompt=True, tokenize=False),
         add_special_tokens=False,
     )
-    want = [t for t in generate(model, [ids], params)[0] if t != tok.eos_token_id]
+    static = StaticParams(max_tokens=12, stop_token_ids=(tok.eos_token_id,))
+    want = [t for t in generate(model, [ids], static)[0] if t != tok.eos_token_id]
     lines = out.getvalue().split("\n")  # not splitlines: a random reply may hold \x1c
     assert lines[1] == "hetero> " + tok.decode(want, skip_special_tokens=True)
     assert "(conversation cleared)" in lines
@@ -53,7 +63,7 @@ def test_a_reply_is_the_greedy_completion_of_the_template(setup):
 
 def test_ctrl_c_at_the_prompt_drops_the_line(setup):
     model, tok = setup
-    params = SamplingParams(max_tokens=4, stop_token_ids=(tok.eos_token_id,))
+    params = SamplingParams(max_tokens=4, temperature=0)
     feed = iter(["", KeyboardInterrupt, "/exit", "never read"])
 
     def read(prompt: str) -> str:
@@ -64,19 +74,26 @@ def test_ctrl_c_at_the_prompt_drops_the_line(setup):
 
     out = io.StringIO()
     try:
-        assert chat_loop(model, tok, params, read, out) == 0
+        assert chat_loop(engine_of(model, tok), tok, params, read, out) == 0
     except KeyboardInterrupt:  # uncaught, it would stop pytest itself
         pytest.fail("Ctrl-C at the prompt ended the chat")
     assert QUIT in out.getvalue() and "hetero> " not in out.getvalue()
     assert next(feed) == "never read"  # /exit ended it
 
 
-def test_detokenizer_never_splits_a_character(setup):
-    _, tok = setup
-    ids = tok.encode("naïve café → ok", add_special_tokens=False)
-    d = Detokenizer(tok)
-    pieces = [d.push(i) for i in ids]
-    assert "".join(pieces) == "naïve café → ok" and not any("\ufffd" in p for p in pieces)
+def test_a_second_turn_reuses_the_first_turns_pages(setup):
+    """The engine's prefix cache keeps the conversation: turn 2's prompt starts with turn 1's,
+    whose full pages are not computed again."""
+    model, tok = setup
+    engine = engine_of(model, tok, page_size=4)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    first = [{"role": "user", "content": "def add(a, b):"}]
+    first_ids = prompt_ids(tok, first, budget=400)
+    assert chat_loop(engine, tok, params, scripted(["def add(a, b):", "and sub?"]), io.StringIO())
+    stats = engine.pool.stats
+    assert stats.prompt_tokens > 2 * len(first_ids)  # both turns were admitted
+    assert stats.hit_tokens >= (len(first_ids) - 1) // 4 * 4 > 0
+    assert engine.pool.num_free == engine.pool.capacity  # all pages back (cached ones count)
 
 
 def test_old_turns_are_dropped_to_fit(setup):

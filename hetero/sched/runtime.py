@@ -5,9 +5,11 @@ memory-mapped from a store written by `hetero convert`)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -130,14 +132,22 @@ def is_fp8_module(placement: Placement, name: str) -> bool:
     return placement.modules.get(name, ("", ""))[1] == "fp8"
 
 
+class Loaded(NamedTuple):
+    model: Transformer
+    close: Callable[[], None]  # stops the CPU engine's thread, if any
+    prefill_chunk: int  # tokens a step (the placement's), 0: no limit
+    kv_tokens: int  # the KV cache the memory plan leaves room for
+    cpu_engine: CPUExperts | None
+
+
 def load_for_device(
     path: str | Path,
     placement_file: str | Path | None,
     options: HybridOptions,
     profile: str | Path | None = None,
-):
-    """What `hetero generate/chat` load, as `choose_placement` decides, after checking the
-    memory plan (before any weight is read). Returns (model, close, prefill chunk)."""
+) -> Loaded:
+    """What `hetero generate/chat/serve` load, as `choose_placement` decides, after checking
+    the memory plan (before any weight is read)."""
     from hetero.loader import load_model
     from hetero.plan import budgets, check_fits, read_index
 
@@ -153,9 +163,10 @@ def load_for_device(
             path, device=opts.device, dtype=opts.dtype, attention=opts.attention,
             progress=opts.progress,
         )  # fmt: skip
-        return model, lambda: None, 0
+        return Loaded(model, lambda: None, 0, plan.kv_tokens, None)
     loaded = load_hybrid(path, placement, opts)
-    return loaded.model, loaded.close, placement.runtime.prefill_chunk
+    chunk = placement.runtime.prefill_chunk
+    return Loaded(loaded.model, loaded.close, chunk, plan.kv_tokens, loaded.engine)
 
 
 def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dtype):

@@ -1,0 +1,278 @@
+"""The load side of bench/throughput.py: length distributions, the closed-loop clients, the step
+probe that counts what the CPU expert engine reads, and the summaries of a run."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from hetero.model.fp8 import KERNEL_MAX_TOKENS
+from hetero.model.moe import RoutedRun, torch_routed_experts
+from hetero.sched.hybrid import HybridExperts
+
+DIST_FORMS = {"fixed": "fixed:N", "uniform": "uniform:LO,HI", "lognormal": "lognormal:MEAN,SIGMA"}
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Token counts: `fixed:N`; `uniform:LO,HI` (integers, both ends included); `lognormal:MEAN,
+    SIGMA` (mean MEAN, SIGMA the underlying normal's), rounded, at least 1."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    def draw(self, rng: np.random.Generator, n: int) -> list[int]:
+        if self.kind == "fixed":
+            return [int(self.a)] * n
+        if self.kind == "uniform":
+            return rng.integers(int(self.a), int(self.b) + 1, n).tolist()
+        mu = math.log(self.a) - self.b**2 / 2  # so that the mean is `a`
+        return np.maximum(1, np.rint(rng.lognormal(mu, self.b, n))).astype(int).tolist()
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return f"fixed:{int(self.a)}"
+        if self.kind == "uniform":
+            return f"uniform:{int(self.a)},{int(self.b)}"
+        return f"lognormal:{self.a:g},{self.b:g}"
+
+
+def parse_dist(spec: str) -> Dist:
+    """'fixed:128', 'uniform:64,512', 'lognormal:256,0.5' -> Dist; ValueError saying what's wrong."""
+    kind, _, rest = spec.partition(":")
+    valid = ", ".join(DIST_FORMS.values())
+    if kind not in DIST_FORMS:
+        raise ValueError(f"{spec!r}: unknown distribution {kind!r} (valid: {valid})")
+    parts = rest.split(",") if rest else []
+    if len(parts) != (1 if kind == "fixed" else 2):
+        raise ValueError(f"{spec!r}: write {DIST_FORMS[kind]}")
+    nums = []
+    for p in parts:
+        try:
+            nums.append(float(p) if kind == "lognormal" else int(p))
+        except ValueError:
+            what = "a number" if kind == "lognormal" else "an integer"
+            raise ValueError(f"{spec!r}: {p!r} is not {what} ({DIST_FORMS[kind]})") from None
+    if kind == "fixed" and nums[0] < 1:
+        raise ValueError(f"{spec!r}: N must be >= 1")
+    if kind == "uniform" and not 1 <= nums[0] <= nums[1]:
+        raise ValueError(f"{spec!r}: need 1 <= LO <= HI")
+    if kind == "lognormal" and not (nums[0] >= 1 and 0 <= nums[1] <= 4):
+        raise ValueError(f"{spec!r}: need MEAN >= 1 and 0 <= SIGMA <= 4")
+    return Dist(kind, *nums)
+
+
+def percentiles(values: list[float], scale: float = 1e3) -> dict | None:
+    """p50/p90/p99 of values (seconds) in ms; None when there are none."""
+    if not values:
+        return None
+    p = np.percentile(np.asarray(values) * scale, [50, 90, 99])
+    return {"p50": round(p[0], 3), "p90": round(p[1], 3), "p99": round(p[2], 3)}
+
+
+class StubTokenizer:
+    """The detokenizer's tokenizer for random-weight models, whose ids mean nothing: every id
+    decodes to nothing (no tokenizer matches their vocabularies; this costs no time)."""
+
+    clean_up_tokenization_spaces = False
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+class GPUExperts:
+    """Every routed expert on the GPU: the stacked FP8 kernel up to KERNEL_MAX_TOKENS tokens (as
+    HybridExperts runs its GPU experts), the per-expert loop otherwise."""
+
+    def __init__(self, experts, num_experts: int) -> None:
+        from hetero.gpu.experts import StackedFP8Experts
+
+        self.experts, self.stacked = experts, None
+        if next(experts.parameters()).is_cuda and StackedFP8Experts.supports(experts):
+            self.stacked = StackedFP8Experts(experts, num_experts)
+
+    def submit(self, x, ids, weights) -> RoutedRun:
+        if self.stacked is not None and x.shape[0] <= KERNEL_MAX_TOKENS:
+            y = self.stacked(x, ids, weights)
+        else:
+            y = torch_routed_experts(self.experts, x, ids, weights)
+        return RoutedRun(lambda: y)
+
+
+@dataclass(frozen=True)
+class Req:
+    prompt: list[int]
+    output: int  # max_tokens (ignore_eos: exactly this many)
+
+
+def draw_requests(n, prompt_len: Dist, output_len: Dist, prefix: list[int], vocab, seed) -> list:
+    """n requests: the shared prefix, then random ids up to the drawn length (at least one)."""
+    rng = np.random.default_rng(seed)
+    lens, outs = prompt_len.draw(rng, n), output_len.draw(rng, n)
+    bodies = [rng.integers(0, vocab, max(1, p - len(prefix))).tolist() for p in lens]
+    return [Req(prefix + b, o) for b, o in zip(bodies, outs)]
+
+
+@dataclass
+class Timing:
+    submitted: float
+    stamps: list[float] = field(default_factory=list)  # arrival of each output with tokens
+    tokens: int = 0
+
+    @property
+    def ttft(self) -> float:
+        return self.stamps[0] - self.submitted
+
+    @property
+    def e2e(self) -> float:
+        return self.stamps[-1] - self.submitted
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.stamps[-1] - self.stamps[0]) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+async def _drive(handle, reqs: list[Req], params, concurrency: int) -> list[Timing]:
+    loop = asyncio.get_running_loop()
+    order, timings = iter(range(len(reqs))), [None] * len(reqs)
+
+    async def client() -> None:  # closed loop: the next request when this one finishes
+        for i in order:  # (one iterator shared by the clients: each index goes to one)
+            t = timings[i] = Timing(time.perf_counter())
+            rid = handle.submit(reqs[i].prompt, params(reqs[i].output), loop=loop)
+            async for out in handle.stream(rid):
+                if out.token_ids:
+                    t.stamps.append(time.perf_counter())
+                    t.tokens += len(out.token_ids)
+                if out.finished and out.finish_reason != "length":
+                    raise RuntimeError(f"request {i} ended {out.finish_reason}: {out.error}")
+
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return timings
+
+
+def drive(handle, reqs: list[Req], params, concurrency: int) -> tuple[list[Timing], float]:
+    """Runs reqs with `concurrency` in flight; -> their timings and the wall time."""
+    t0 = time.perf_counter()
+    timings = asyncio.run(_drive(handle, reqs, params, concurrency))
+    return timings, time.perf_counter() - t0
+
+
+class StepProbe:
+    """Per engine step: requests and tokens, and (routed experts on the CPU engine) the bytes of
+    the unique CPU experts each MoE layer's tokens route to, against the engine's busy time.
+
+    It wraps the runner's `run` and each HybridExperts' `submit` (recording the router's ids
+    [T, k] on their device); after the forward, one scatter counts every layer's unique experts
+    and one sync reads the total (the sampler syncs right after anyway). Steps whose layers
+    stream the CPU's experts to the GPU (long prefill) add nothing: the CPU did not read them."""
+
+    def __init__(self, engine, cpu) -> None:
+        self.cpu, self.active, self.ids = cpu, False, []
+        masks, nbytes = [], []
+        for block in engine.model.model.layers if cpu is not None else ():
+            h = getattr(block.mlp, "routed", None)
+            if isinstance(h, HybridExperts):
+                packed = cpu.layers[h.layer]
+                masks.append(torch.from_numpy(h.rows_np >= 0))  # [E] experts the CPU computes
+                nbytes.append(sum(a.nbytes for a in packed.arrays().values()) / packed.num_experts)
+                block.mlp.routed = _Observed(h, len(masks) - 1, self)
+        self.masks, self.nbytes = (torch.stack(masks), torch.tensor(nbytes)) if masks else (None,) * 2
+        self.expert_bytes = max(nbytes, default=0)
+        run = engine.runner.run
+        engine.runner.run = lambda work: self._run(run, work)
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = self.requests = self.tokens = self.decode_steps = 0
+        self.bytes = self.busy = self.decode_bytes = self.decode_busy = 0.0
+
+    def _run(self, run, work):
+        busy0 = self.cpu.stats.busy_s if self.cpu is not None else 0.0
+        self.ids.clear()
+        self.active = True
+        try:
+            logits = run(work)
+        finally:
+            self.active = False
+        nbytes = self._unique_bytes()
+        busy = self.cpu.stats.busy_s - busy0 if self.cpu is not None else 0.0
+        self.steps += 1
+        self.requests += len(work)
+        self.tokens += sum(w.n for w in work)
+        self.bytes, self.busy = self.bytes + nbytes, self.busy + busy
+        if all(w.n == 1 for w in work):  # a decode-only step
+            self.decode_steps += 1
+            self.decode_bytes, self.decode_busy = self.decode_bytes + nbytes, self.decode_busy + busy
+        return logits
+
+    @torch.inference_mode()
+    def _unique_bytes(self) -> float:
+        if not self.ids:
+            return 0.0
+        slots = [s for s, _ in self.ids]
+        ids = torch.stack([i for _, i in self.ids]).flatten(1)  # [M, T*k] (one T a step)
+        dev = ids.device
+        if self.masks.device != dev:
+            self.masks, self.nbytes = self.masks.to(dev), self.nbytes.to(dev)
+        seen = torch.zeros(len(slots), self.masks.shape[1], dtype=torch.bool, device=dev)
+        seen.scatter_(1, ids, True)
+        slots_t = torch.tensor(slots, device=dev)
+        counts = (seen & self.masks[slots_t]).sum(1)  # [M] unique CPU experts a layer
+        return float((counts * self.nbytes[slots_t]).sum())
+
+    def summary(self, wall: float, host_gbps: float | None) -> dict:
+        out = {
+            "steps": self.steps,
+            "mean_batch": round(self.requests / max(self.steps, 1), 2),
+            "mean_step_tokens": round(self.tokens / max(self.steps, 1), 1),
+            "decode_steps": self.decode_steps,
+        }
+        if self.cpu is None:
+            return out
+        gbps = self.bytes / self.busy / 1e9 if self.busy else None
+        dec = self.decode_bytes / self.decode_busy / 1e9 if self.decode_busy else None
+        share = (lambda g: round(g / host_gbps, 3) if g and host_gbps else None)  # noqa: E731
+        return out | {
+            "cpu_busy": round(self.busy / wall, 3),
+            "cpu_expert_mb": round(self.expert_bytes / 2**20, 3),
+            "cpu_unique_gb": round(self.bytes / 1e9, 3),
+            "cpu_read_gbps": gbps and round(gbps, 2),
+            "read_share": share(gbps),
+            "cpu_read_gbps_decode": dec and round(dec, 2),
+            "read_share_decode": share(dec),
+        }
+
+
+class _Observed:
+    """A HybridExperts whose engine-bound ids the probe records while a step runs."""
+
+    def __init__(self, inner: HybridExperts, slot: int, probe: StepProbe) -> None:
+        self.inner, self.slot, self.probe = inner, slot, probe
+
+    def submit(self, x, ids, weights) -> RoutedRun:
+        h = self.inner
+        streamed = x.is_cuda and 0 < h.stream_min_tokens <= x.shape[0]
+        if self.probe.active and not streamed:
+            self.probe.ids.append((self.slot, ids))
+        return h.submit(x, ids, weights)
+
+
+def latency_summary(timings: list[Timing], wall: float) -> dict:
+    tokens = sum(t.tokens for t in timings)
+    return {
+        "output_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "output_tok_s": round(tokens / wall, 2),
+        "req_s": round(len(timings) / wall, 3),
+        "ttft_ms": percentiles([t.ttft for t in timings]),
+        "tpot_ms": percentiles([t.tpot for t in timings if t.tpot is not None]),
+        "e2e_ms": percentiles([t.e2e for t in timings]),
+    }

@@ -1,0 +1,296 @@
+"""Serving throughput of the engine (hetero/engine/): N requests, prompt and output lengths drawn
+from distributions, C of them in flight (closed loop: a new one when one finishes), for each C.
+One JSON line per (workload, concurrency) on stdout, after a `setup` line and a `naive` one.
+
+    python bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 --requests 4x \
+        --prompt-len uniform:64,512 --output-len fixed:128 --shared-prefix 32
+
+Each line: output tok/s, requests/s, TTFT / time per output token / end-to-end latency
+percentiles (ms, from the stream's arrival times), the prefix cache's share of prompt tokens,
+preemptions, the mean running batch, and, when routed experts run on the CPU engine,
+`read_share`: the unique experts of each step's tokens, a MoE layer at a time, in bytes of the
+CPU format, over the engine's busy seconds (the rate at which the CPU side reads its weights,
+if each used expert is read once a step), as a share of the host's read bandwidth measured in
+the same run (bench/cpu_moe.read_bandwidth with the engine's threads). `naive`: the static
+`hetero.generate` loop on the first `--naive` requests one at a time; `vs_naive` compares.
+
+Workloads: `demo` (the shipped demo model; `--placement configs/demo.yaml`: its experts on the
+CPU engine), `v2-lite` and `v3` (whole depth, random weights built as bench/decode.py builds
+them; `v3 --cpu-layers 4`: the MoE layers take their CPU experts in turn from 4 random layers).
+Prompts are random ids (a stub tokenizer for random models); temperature 0, ignore_eos, so
+every request produces exactly its drawn output length. Every level draws new prompts (the
+same shared prefix), so only the prefix is reused across levels, as a system prompt is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.decode import WORKLOADS, random_model, set_mode, slice_config, time_cpu_alone  # noqa: E402
+from bench.serving_load import (  # noqa: E402
+    GPUExperts,
+    StepProbe,
+    StubTokenizer,
+    draw_requests,
+    drive,
+    latency_summary,
+    parse_dist,
+)
+from hetero.config import ModelConfig  # noqa: E402
+from hetero.engine.engine import Engine, ServingConfig  # noqa: E402
+from hetero.engine.handle import EngineHandle  # noqa: E402
+from hetero.engine.params import SamplingParams  # noqa: E402
+
+DEMO = Path(__file__).resolve().parent.parent / "hetero" / "demo"
+DEFER = {"v2-lite": 1, "v3": 3}  # v2-lite: configs/deepseek-v2-lite.yaml's deferral
+GPU_FORMAT = {"v2-lite": "bf16", "v3": "fp8"}  # as the checkpoints are published
+
+
+def load(args) -> tuple:
+    """-> (model, CPU engine or None, tokenizer, close, facts for the JSON lines)."""
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.workload == "demo":
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(DEMO)
+        if args.placement:
+            from hetero.placement import load_placement
+            from hetero.sched.runtime import HybridOptions, load_hybrid
+
+            config = ModelConfig.from_hf(DEMO)
+            placement = load_placement(args.placement, config)
+            opts = HybridOptions(device=args.device, dtype=dtype, progress=False)
+            hybrid = load_hybrid(DEMO, placement, opts)
+            return hybrid.model, hybrid.engine, tokenizer, hybrid.close, {}
+        from hetero.loader import load_model
+
+        model = load_model(DEMO, device=args.device, dtype=dtype, progress=False)
+        return model, None, tokenizer, lambda: None, {}
+    from bench.cpu_moe import random_layer
+    from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+    from hetero.cpu_experts.formats import Format
+    from hetero.sched.runtime import default_stream_min_tokens
+
+    config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers or None))
+    E, moe = config.n_routed_experts, config.moe_layers
+    g = E if args.gpu_experts == "all" else int(args.gpu_experts)
+    gpu_format = args.gpu_format or GPU_FORMAT[args.workload]
+    model = random_model(config, args.device, dtype, gpu_format == "fp8", g)
+    facts = {"layers": config.num_hidden_layers, "moe_layers": len(moe), "gpu_experts": g,
+             "gpu_format": gpu_format}  # fmt: skip
+    if g >= E:
+        for L in moe:
+            model.model.layers[L].mlp.routed = GPUExperts(model.model.layers[L].mlp.experts, E)
+        return model, None, StubTokenizer(), lambda: None, facts
+    fmt, n = Format.parse(args.format), min(args.cpu_layers or len(moe), len(moe))
+    H, I = config.hidden_size, config.moe_intermediate_size
+    distinct = [random_layer(fmt, H, I, E, seed=L) for L in moe[:n]]
+    layers = {L: distinct[i % n] for i, L in enumerate(moe)}  # MoE layer i: distinct i % n
+    cpu = CPUExperts(layers, EngineConfig(threads=args.threads))
+    d = DEFER[args.workload] if args.defer is None else args.defer
+    set_mode(model, config, cpu, f"defer{d}" if d else "overlap")
+    for L in moe:  # long prefill streams the CPU's experts to the GPU, as load_hybrid does
+        s = args.stream_min_tokens
+        s = default_stream_min_tokens(cpu.uses_amx(L)) if s < 0 else s
+        model.model.layers[L].mlp.routed.stream_min_tokens = s
+    facts |= {"format": str(fmt), "cpu_layers": n, "defer": d, "cpu_threads": cpu.threads}
+    return model, cpu, StubTokenizer(), cpu.close, facts
+
+
+def settle(cpu, config, gpu_experts: int, limit_s: float) -> list[float]:
+    """bench/decode.py's settle without its line: the CPU side alone at batch 1 until two times
+    in a row agree within 5% (a fresh VM's memory gets faster over its first minutes)."""
+    times, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        times.append(time_cpu_alone(cpu, config, 1, 4, gpu_experts))
+        if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
+            break
+    return times
+
+
+def host_read(cpu, gb: float) -> dict:
+    """The host's read bandwidth (GB/s) with the CPU engine's thread count: cpu_moe's readers."""
+    import numba
+
+    from bench.cpu_moe import read_bandwidth
+
+    numba.set_num_threads(cpu.threads)
+    torch.set_num_threads(cpu.threads)
+    probes = read_bandwidth(gb)
+    return {"host_read_gbps": max(probes.values()), "host_read_probes": probes}
+
+
+@torch.no_grad()
+def naive(model, reqs, device: str) -> dict:
+    """The static loop (hetero.generate), one request at a time."""
+    from hetero.generate import SamplingParams as Static
+    from hetero.generate import generate
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    generate(model, [reqs[0].prompt], Static(max_tokens=2))  # warm-up
+    sync()
+    t0, tokens = time.perf_counter(), 0
+    for r in reqs:
+        tokens += len(generate(model, [r.prompt], Static(max_tokens=r.output))[0])
+    sync()
+    wall = time.perf_counter() - t0
+    return {"requests": len(reqs), "output_tokens": tokens, "wall_s": round(wall, 3),
+            "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
+
+
+def machine(device: str) -> dict:
+    cuda = device.startswith("cuda")
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "cpus": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    }
+
+
+def serving_config(args) -> ServingConfig:
+    return ServingConfig(
+        page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        cuda_graph_max_batch=args.cuda_graph_max_batch,
+    )  # fmt: skip
+
+
+def run(args) -> None:
+    t0 = time.perf_counter()
+    model, cpu, tokenizer, close, facts = load(args)
+    serving = serving_config(args)
+    engine = Engine(model, tokenizer, serving)
+    probe = StepProbe(engine, cpu)
+    handle = EngineHandle(engine, cpu)
+    config, vocab = model.config, model.config.vocab_size
+    config_row = {k: str(v) if hasattr(v, "draw") else v for k, v in vars(args).items()}
+    base = {"bench": "throughput", "workload": args.workload, **facts,
+            "machine": machine(args.device), "config": config_row,
+            "serving": dataclasses.asdict(serving)}  # fmt: skip
+    prefix = torch.randint(0, vocab, (args.shared_prefix,), generator=torch.Generator().manual_seed(
+        args.seed)).tolist()  # fmt: skip
+    per_level = [args.requests[min(i, len(args.requests) - 1)] for i in range(len(args.concurrency))]
+    levels = [(C, draw_requests(n if n > 0 else -n * C, args.prompt_len, args.output_len, prefix,
+                                vocab, [args.seed, C])) for C, n in zip(args.concurrency, per_level)]  # fmt: skip
+    warm = draw_requests(args.warmup, args.prompt_len, args.output_len, prefix, vocab,
+                         [args.seed, 2**31])  # fmt: skip
+    for r in [r for _, reqs in levels for r in reqs] + warm:  # refuse before any time is spent
+        engine.check(r.prompt, SamplingParams(max_tokens=r.output))
+
+    def params(n: int) -> SamplingParams:
+        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+    try:
+        if warm:  # compiles kernels and caches the shared prefix for every level alike
+            drive(handle, [dataclasses.replace(r, output=min(r.output, 8)) for r in warm],
+                  params, min(len(warm), max(args.concurrency)))  # fmt: skip
+        setup = {"load_s": round(time.perf_counter() - t0, 1)}
+        if cpu is not None and args.settle_s > 0:
+            g = facts.get("gpu_experts", 0)
+            setup["settle_cpu_alone_ms"] = settle(cpu, config, g, args.settle_s)
+        bw = host_read(cpu, args.read_bw_gb) if cpu is not None and args.read_bw_gb > 0 else {}
+        print(json.dumps({**base, "mode": "setup", **setup, **bw}), flush=True)
+        host = bw.get("host_read_gbps")
+        ref = {}
+        if args.naive:
+            ref = naive(model, levels[0][1][: args.naive], args.device)
+            print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
+        for C, reqs in levels:
+            s0 = handle.stats()
+            probe.reset()
+            timings, wall = drive(handle, reqs, params, C)
+            s1 = handle.stats()
+            prompt = s1.prompt_tokens - s0.prompt_tokens
+            row = {**base, "mode": "engine", "concurrency": C, "requests": len(reqs),
+                   "prompt_tokens": sum(len(r.prompt) for r in reqs),
+                   **latency_summary(timings, wall),
+                   "prefix_hit_share": round((s1.prefix_hit_tokens - s0.prefix_hit_tokens)
+                                             / max(prompt, 1), 4),
+                   "preemptions": s1.preemptions - s0.preemptions,
+                   **probe.summary(wall, host), "host_read_gbps": host}  # fmt: skip
+            if ref:
+                row |= {"naive_tok_s": ref["output_tok_s"],
+                        "vs_naive": round(row["output_tok_s"] / ref["output_tok_s"], 3)}  # fmt: skip
+            print(json.dumps(row), flush=True)
+    finally:
+        handle.close()
+        close()
+
+
+def _dist(spec: str):
+    try:
+        return parse_dist(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _counts(spec: str) -> list[int]:
+    """'16' or '4x' (4 x the concurrency, stored as -4), comma-separated per level."""
+    try:
+        out = [-int(s[:-1]) if s.endswith("x") else int(s) for s in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: write N or Kx (K x concurrency)") from None
+    if any(n == 0 for n in out):
+        raise argparse.ArgumentTypeError(f"{spec!r}: counts must be >= 1")
+    return out
+
+
+def parse_args(argv=None):
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workload", choices=("demo", *(w for w in WORKLOADS if w != "v3-slice")),
+                   default="demo")  # fmt: skip
+    p.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
+    p.add_argument("--requests", type=_counts, default=[-4],
+                   help="a level's requests: N, or Kx = K x its concurrency (per level: 8,16,4x)")
+    p.add_argument("--prompt-len", type=_dist, default=parse_dist("uniform:64,512"))
+    p.add_argument("--output-len", type=_dist, default=parse_dist("fixed:128"))
+    p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
+    p.add_argument("--warmup", type=int, default=4, help="requests before the timed levels")
+    p.add_argument("--naive", type=int, default=2, help="requests through hetero.generate (0: no)")
+    s = ServingConfig()
+    p.add_argument("--page-size", type=int, default=s.page_size)
+    p.add_argument("--kv-cache-tokens", type=int, default=s.kv_cache_tokens)
+    p.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs)
+    p.add_argument("--max-num-batched-tokens", type=int, default=s.max_num_batched_tokens)
+    p.add_argument("--cuda-graph-max-batch", type=int, default=s.cuda_graph_max_batch,
+                   help="decode steps of up to this many requests replay CUDA graphs (0: never)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--placement", help="demo: a placement YAML (e.g. configs/demo.yaml)")
+    p.add_argument("--moe-layers", type=int, default=0, help="v2-lite/v3: this many (0: all)")
+    p.add_argument("--gpu-experts", default="0", help="v2-lite/v3: GPU experts a layer, or all")
+    p.add_argument("--gpu-format", choices=("fp8", "bf16"), help="default: v3 fp8, v2-lite bf16")
+    p.add_argument("--format", default="int4", help="CPU experts")
+    p.add_argument("--cpu-layers", type=int, default=0, help="distinct random CPU expert layers")
+    p.add_argument("--defer", type=int, help="CPU experts deferred a token; default v3 3, v2 1")
+    p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
+    p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")
+    p.add_argument("--settle-s", type=float, default=30)
+    p.add_argument("--read-bw-gb", type=float, default=4, help="host read probe array (0: no)")
+    args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    if args.placement and args.workload != "demo":
+        p.error("--placement is for --workload demo (v2-lite/v3 build their split themselves)")
+    if args.gpu_experts != "all" and not args.gpu_experts.isdigit():
+        p.error(f"--gpu-experts {args.gpu_experts!r}: a count or 'all'")
+    return args
+
+
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
