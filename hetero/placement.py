@@ -47,6 +47,7 @@ class RuntimeSettings:
     vram_gb: float | None = None  # GiB of GPU memory to plan for; None = the GPU's total
     ram_gb: float | None = None  # GiB of host RAM; None = this machine's
     kv_cache_tokens: int = 0  # latent KV cache size in tokens; 0 = as many as fit
+    kv_page_size: int = 64  # tokens a KV page (the serving engine's pool hands out pages)
     cuda_graph_max_batch: int = 16  # largest decode batch captured in a CUDA graph; 0 = none
     prefill_chunk: int = 2048  # tokens per prefill step
 

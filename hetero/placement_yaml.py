@@ -32,6 +32,7 @@ RUNTIME_KEYS = (
     "vram_gb",
     "ram_gb",
     "kv_cache_tokens",
+    "kv_page_size",
     "cuda_graph_max_batch",
     "prefill_chunk",
 )
@@ -305,5 +306,5 @@ def _runtime(doc: _Doc, node: yaml.Node) -> dict[str, Any]:
                 raise doc.error(v, key, f"expected GiB > 0 (or null), got {gb!r}")
             out[k] = None if gb is None else float(gb)
         else:
-            out[k] = doc.int_(v, key, 1 if k == "prefill_chunk" else 0)
+            out[k] = doc.int_(v, key, 1 if k in ("prefill_chunk", "kv_page_size") else 0)
     return out

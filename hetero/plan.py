@@ -62,6 +62,7 @@ class MemoryPlan:
     ram_bytes: int
     kv_bytes_per_token: int
     kv_tokens: int  # the KV cache: as many tokens as fit, capped by runtime.kv_cache_tokens
+    kv_page_size: int  # tokens a page of the engine's KV pool (kv_tokens is a multiple of it)
     kv_tokens_needed: int  # runtime.kv_cache_tokens, or one prefill chunk when that is 0
     fits: bool
     reasons: tuple[str, ...] = ()  # why it does not fit, with the numbers
@@ -84,6 +85,10 @@ class MemoryPlan:
         return max(0, self.vram_bytes - self.gpu_fixed_bytes) // self.kv_bytes_per_token
 
     @property
+    def kv_pages(self) -> int:
+        return self.kv_tokens // self.kv_page_size
+
+    @property
     def gpu_total(self) -> int:
         return sum(r.gpu_bytes for r in self.rows)
 
@@ -94,7 +99,7 @@ class MemoryPlan:
     def verdict(self) -> str:
         gpu, ram = _gib(self.gpu_total), _gib(self.ram_total)
         head = f"GPU {gpu} of {_gib(self.vram_bytes)} GiB, RAM {ram} of {_gib(self.ram_bytes)} GiB"
-        kv = f"KV cache {self.kv_tokens} tokens"
+        kv = f"KV cache {self.kv_pages} pages x {self.kv_page_size} = {self.kv_tokens} tokens"
         if self.kv_tokens_fit != self.kv_tokens:
             kv += f" ({self.kv_tokens_fit} would fit)"
         if self.fits:
@@ -117,6 +122,8 @@ class MemoryPlan:
             "gpu_total": self.gpu_total,
             "ram_total": self.ram_total,
             "kv_tokens_fit": self.kv_tokens_fit,
+            "kv_pages": self.kv_pages,
+            "kv_bytes": self.kv_tokens * self.kv_bytes_per_token,
         }
 
 
@@ -139,9 +146,12 @@ def plan_memory(
     rt = placement.runtime
     fit = max(0, vram_bytes - gpu_fixed) // per_token
     kv_tokens = min(fit, rt.kv_cache_tokens) if rt.kv_cache_tokens else fit
+    ps = rt.kv_page_size
+    kv_tokens -= kv_tokens % ps  # whole pages
     needed = rt.kv_cache_tokens or rt.prefill_chunk
+    detail = f"{kv_tokens // ps} pages x {ps} tok x {per_token / 1024:.1f} KiB"
     rows += [
-        Row(KV_ROW, kv_tokens * per_token, 0, f"{kv_tokens} tokens x {per_token / 1024:.1f} KiB"),
+        Row(KV_ROW, kv_tokens * per_token, 0, detail),
         Row(GPU_RESERVE_ROW, gpu_reserve_bytes, 0, "CUDA context, workspaces, activations"),
         Row(RAM_RESERVE_ROW, 0, ram_reserve_bytes, "Python, torch, pinned buffers"),
     ]
@@ -167,6 +177,7 @@ def plan_memory(
         ram_bytes=ram_bytes,
         kv_bytes_per_token=per_token,
         kv_tokens=kv_tokens,
+        kv_page_size=ps,
         kv_tokens_needed=needed,
         fits=not reasons,
         reasons=tuple(reasons),

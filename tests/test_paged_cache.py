@@ -36,16 +36,18 @@ def sequences(vocab: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(2, vocab, (n + DECODE,), generator=g).tolist() for n in PROMPTS]
 
 
-def contiguous_logits(model, seqs: list[list[int]]) -> list[torch.Tensor]:
+def contiguous_logits(
+    model, seqs: list[list[int]], prompts: tuple[int, ...] = PROMPTS
+) -> list[torch.Tensor]:
     """Logits [len, V] of every token of every sequence: whole prompts, then batched decodes."""
     B = len(seqs)
     cache = model.new_cache(B, max(map(len, seqs)))
-    ids = [t for s, n in zip(seqs, PROMPTS) for t in s[:n]]
-    batch = ForwardBatch.build(list(range(B)), list(PROMPTS), list(PROMPTS))
-    logits = model(torch.tensor(ids), batch, cache).split(PROMPTS)
+    ids = [t for s, n in zip(seqs, prompts) for t in s[:n]]
+    batch = ForwardBatch.build(list(range(B)), list(prompts), list(prompts))
+    logits = model(torch.tensor(ids), batch, cache).split(prompts)
     out = [[x] for x in logits]
     for step in range(DECODE):
-        ctx = [n + step + 1 for n in PROMPTS]
+        ctx = [n + step + 1 for n in prompts]
         batch = ForwardBatch.build(list(range(B)), [1] * B, ctx)
         rows = model(torch.tensor([s[c - 1] for s, c in zip(seqs, ctx)]), batch, cache)
         for i in range(B):
@@ -55,10 +57,16 @@ def contiguous_logits(model, seqs: list[list[int]]) -> list[torch.Tensor]:
 
 class PagedRun:
     """Runs steps of (sequence, new tokens) on a PagedKVCache, taking pages from a random
-    permutation of 1..N-1 as each sequence grows; records every token's logits."""
+    permutation of 1..N-1 as each sequence grows; records every token's logits. `reserve`: the
+    tokens a sequence gets pages for on its first step (the engine's admission takes pages for
+    the whole prompt, so a chunk's page table reaches past its context)."""
 
-    def __init__(self, model, seqs: list[list[int]], page_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, model, seqs: list[list[int]], page_size: int, seed: int = 0,
+        reserve: tuple[int, ...] | None = None,
+    ) -> None:  # fmt: skip
         self.model, self.seqs, self.page_size = model, seqs, page_size
+        self.reserve = reserve or (0,) * len(seqs)
         needed = sum(-(-len(s) // page_size) for s in seqs)
         num_pages = needed + 1 + 3  # the padding page, and a few never handed out
         self.cache = model.new_paged_cache(num_pages, page_size)
@@ -72,7 +80,7 @@ class PagedRun:
         ids, q_lens, ctx_lens = [], [], []
         for i, n in work:
             start = self.done[i]
-            while len(self.pages[i]) * self.page_size < start + n:
+            while len(self.pages[i]) * self.page_size < max(start + n, self.reserve[i]):
                 self.pages[i].append(self.unused.pop())
             ids += self.seqs[i][start : start + n]
             q_lens.append(n)
@@ -88,7 +96,7 @@ class PagedRun:
             self.done[i] += n
 
     def result(self) -> list[torch.Tensor]:
-        assert self.done == [len(s) for s in self.seqs]
+        assert self.done == [len(s) for s in self.seqs]  # every token went through the model
         return [torch.cat(x) for x in self.logits]
 
 
@@ -158,11 +166,34 @@ def test_prefill_then_decode(setup, page_size):
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 def test_chunked_prefill_mixed_batches(setup, page_size):
     model, seqs, want = setup
-    run = PagedRun(model, seqs, page_size, seed=1)
+    run = PagedRun(model, seqs, page_size, seed=1, reserve=PROMPTS)
     for work in chunked_schedule(seqs):
         run.step(work)
     assert_same(run.result(), want)
     assert_unhanded_pages_untouched(run)
+
+
+def test_shared_prefix_pages(setup):
+    """A prefix-cache hit: sequence 1 starts with sequence 0's first two pages, the same pages
+    in both page tables, and computes only the tokens after them."""
+    model, _, _ = setup
+    ps, shared = 16, 2
+    g = torch.Generator().manual_seed(6)
+    first = torch.randint(2, model.config.vocab_size, (40 + DECODE,), generator=g).tolist()
+    tail = torch.randint(2, model.config.vocab_size, (20 + DECODE,), generator=g).tolist()
+    seqs = [first, first[: shared * ps] + tail]
+    want = contiguous_logits(model, seqs, (40, shared * ps + 20))
+    run = PagedRun(model, seqs, ps, seed=7)
+    run.step([(0, 40)])
+    run.pages[1], run.done[1] = run.pages[0][:shared], shared * ps
+    run.step([(1, 20)])
+    for _ in range(DECODE):
+        run.step([(0, 1), (1, 1)])
+    got = run.result()
+    assert rel_err(got[0], want[0]) < TOL
+    assert got[1].shape[0] == 20 + DECODE
+    assert rel_err(got[1], want[1][shared * ps :]) < TOL
+    assert run.pages[1][:shared] == run.pages[0][:shared]
 
 
 def padded_step(run: PagedRun, work: list[tuple[int, int]], where: int) -> torch.Tensor:

@@ -61,6 +61,12 @@ def test_shipped_config_loads_and_fits(file, name):
     vram = int(m.group(1)) if m else 24
     plan = plan_memory(config, p, vram * GIB, 1024 * GIB)
     assert plan.fits, plan.reasons
+    # the serving engine's KV pool: whole pages, their tokens and bytes in the table
+    ps = p.runtime.kv_page_size
+    assert plan.kv_pages > 0 and plan.kv_tokens == plan.kv_pages * ps
+    kv = plan.row("KV cache")
+    assert kv.gpu_bytes == plan.kv_tokens * plan.kv_bytes_per_token
+    assert f"{plan.kv_pages} pages x {ps} tok" in kv.detail
 
 
 def test_v3_configs():

@@ -141,19 +141,22 @@ def test_kv_cache_and_fits():
     vram = fixed + 1000 * per_token + 100
     plan = plan_memory(config, base, vram, BIG)
     assert plan.kv_bytes_per_token == per_token
-    assert plan.kv_tokens == plan.kv_tokens_fit == 1000
+    assert plan.kv_tokens_fit == 1000
+    assert (plan.kv_tokens, plan.kv_pages, plan.kv_page_size) == (960, 15, 64)  # whole pages
     assert not plan.fits  # with kv_cache_tokens 0 the cache needs one prefill chunk: 2048
     assert "KV cache for 2048 tokens" in plan.reasons[0]
-    text = "runtime: {kv_cache_tokens: 500, prefill_chunk: 256}\n"
+    text = "runtime: {kv_cache_tokens: 500, prefill_chunk: 256, kv_page_size: 100}\n"
     rules = f"rules:\n  - {{match: {EXPERTS}, device: cpu}}\n  - {{device: gpu}}\n"
     plan = plan_memory(config, parse_placement(rules + text, config), vram, BIG)
-    assert (plan.kv_tokens, plan.fits) == (500, True)
+    assert (plan.kv_tokens, plan.kv_pages, plan.fits) == (500, 5, True)
     assert plan.row("KV cache").gpu_bytes == 500 * per_token
+    assert "5 pages x 100 tok" in plan.table() and "5 pages x 100 = 500 tokens" in plan.table()
+    assert plan.to_dict()["kv_bytes"] == 500 * per_token
     check_fits(plan)
     plan = plan_memory(
         config, parse_placement(rules + text.replace("500", "2000"), config), vram, BIG
     )
-    assert (plan.kv_tokens, plan.kv_tokens_needed, plan.fits) == (1000, 2000, False)
+    assert (plan.kv_tokens, plan.kv_tokens_needed, plan.fits) == (1000, 2000, False)  # 10 pages
     assert "for 2000 tokens" in plan.reasons[0] and "DOES NOT FIT" in plan.table()
     with pytest.raises(PlanError, match=r"does not fit: GPU needs .* GiB budget"):
         check_fits(plan)

@@ -137,6 +137,7 @@ class Loaded(NamedTuple):
     close: Callable[[], None]  # stops the CPU engine's thread, if any
     prefill_chunk: int  # tokens a step (the placement's), 0: no limit
     kv_tokens: int  # the KV cache the memory plan leaves room for
+    kv_page_size: int
     cpu_engine: CPUExperts | None
 
 
@@ -163,10 +164,12 @@ def load_for_device(
             path, device=opts.device, dtype=opts.dtype, attention=opts.attention,
             progress=opts.progress,
         )  # fmt: skip
-        return Loaded(model, lambda: None, 0, plan.kv_tokens, None)
+        return Loaded(model, lambda: None, 0, plan.kv_tokens, plan.kv_page_size, None)
     loaded = load_hybrid(path, placement, opts)
     chunk = placement.runtime.prefill_chunk
-    return Loaded(loaded.model, loaded.close, chunk, plan.kv_tokens, loaded.engine)
+    return Loaded(
+        loaded.model, loaded.close, chunk, plan.kv_tokens, plan.kv_page_size, loaded.engine
+    )
 
 
 def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dtype):
