@@ -1,10 +1,12 @@
 """The load side of bench/throughput.py: length distributions, the closed-loop clients, the step
-probe that counts what the CPU expert engine reads, and the summaries of a run."""
+probe that counts what the CPU expert engine reads, the summaries of a run, and the machine's
+side of the comparison (its read bandwidth, the CPU side settled)."""
 
 from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -44,7 +46,7 @@ class Dist:
 
 
 def parse_dist(spec: str) -> Dist:
-    """'fixed:128', 'uniform:64,512', 'lognormal:256,0.5' -> Dist; ValueError saying what's wrong."""
+    """'fixed:128', 'uniform:64,512', 'lognormal:256,0.5' -> Dist; a ValueError saying why not."""
     kind, _, rest = spec.partition(":")
     valid = ", ".join(DIST_FORMS.values())
     if kind not in DIST_FORMS:
@@ -184,7 +186,8 @@ class StepProbe:
                 masks.append(torch.from_numpy(h.rows_np >= 0))  # [E] experts the CPU computes
                 nbytes.append(sum(a.nbytes for a in packed.arrays().values()) / packed.num_experts)
                 block.mlp.routed = _Observed(h, len(masks) - 1, self)
-        self.masks, self.nbytes = (torch.stack(masks), torch.tensor(nbytes)) if masks else (None,) * 2
+        self.masks = torch.stack(masks) if masks else None  # [M, E]
+        self.nbytes = torch.tensor(nbytes, dtype=torch.float64)  # [M] bytes of one expert
         self.expert_bytes = max(nbytes, default=0)
         run = engine.runner.run
         engine.runner.run = lambda work: self._run(run, work)
@@ -207,10 +210,12 @@ class StepProbe:
         self.steps += 1
         self.requests += len(work)
         self.tokens += sum(w.n for w in work)
-        self.bytes, self.busy = self.bytes + nbytes, self.busy + busy
+        self.bytes += nbytes
+        self.busy += busy
         if all(w.n == 1 for w in work):  # a decode-only step
             self.decode_steps += 1
-            self.decode_bytes, self.decode_busy = self.decode_bytes + nbytes, self.decode_busy + busy
+            self.decode_bytes += nbytes
+            self.decode_busy += busy
         return logits
 
     @torch.inference_mode()
@@ -239,7 +244,7 @@ class StepProbe:
             return out
         gbps = self.bytes / self.busy / 1e9 if self.busy else None
         dec = self.decode_bytes / self.decode_busy / 1e9 if self.decode_busy else None
-        share = (lambda g: round(g / host_gbps, 3) if g and host_gbps else None)  # noqa: E731
+        share = lambda g: round(g / host_gbps, 3) if g and host_gbps else None  # noqa: E731
         return out | {
             "cpu_busy": round(self.busy / wall, 3),
             "cpu_expert_mb": round(self.expert_bytes / 2**20, 3),
@@ -275,4 +280,38 @@ def latency_summary(timings: list[Timing], wall: float) -> dict:
         "ttft_ms": percentiles([t.ttft for t in timings]),
         "tpot_ms": percentiles([t.tpot for t in timings if t.tpot is not None]),
         "e2e_ms": percentiles([t.e2e for t in timings]),
+    }
+
+
+def settle(cpu, config, gpu_experts: int, limit_s: float) -> list[float]:
+    """bench/decode.py's settle without its line: the CPU side alone at batch 1 until two times
+    in a row agree within 5% (a fresh VM's memory gets faster over its first minutes)."""
+    from bench.decode import time_cpu_alone
+
+    times, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < limit_s:
+        times.append(time_cpu_alone(cpu, config, 1, 4, gpu_experts))
+        if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
+            break
+    return times
+
+
+def host_read(cpu, gb: float) -> dict:
+    """The host's read bandwidth (GB/s) with the CPU engine's thread count: cpu_moe's readers."""
+    import numba
+
+    from bench.cpu_moe import read_bandwidth
+
+    numba.set_num_threads(cpu.threads)
+    torch.set_num_threads(cpu.threads)
+    probes = read_bandwidth(gb)
+    return {"host_read_gbps": max(probes.values()), "host_read_probes": probes}
+
+
+def machine(device: str) -> dict:
+    cuda = device.startswith("cuda")
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "cpus": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
     }

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,18 +35,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import WORKLOADS, random_model, set_mode, slice_config, time_cpu_alone  # noqa: E402
+from bench.decode import WORKLOADS, random_model, set_mode, slice_config  # noqa: E402
 from bench.serving_load import (  # noqa: E402
     GPUExperts,
     StepProbe,
     StubTokenizer,
     draw_requests,
     drive,
+    host_read,
     latency_summary,
+    machine,
     parse_dist,
+    settle,
 )
 from hetero.config import ModelConfig  # noqa: E402
-from hetero.engine.engine import Engine, ServingConfig  # noqa: E402
+from hetero.engine.engine import Engine, RequestError, ServingConfig  # noqa: E402
 from hetero.engine.handle import EngineHandle  # noqa: E402
 from hetero.engine.params import SamplingParams  # noqa: E402
 
@@ -107,29 +109,6 @@ def load(args) -> tuple:
     return model, cpu, StubTokenizer(), cpu.close, facts
 
 
-def settle(cpu, config, gpu_experts: int, limit_s: float) -> list[float]:
-    """bench/decode.py's settle without its line: the CPU side alone at batch 1 until two times
-    in a row agree within 5% (a fresh VM's memory gets faster over its first minutes)."""
-    times, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < limit_s:
-        times.append(time_cpu_alone(cpu, config, 1, 4, gpu_experts))
-        if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
-            break
-    return times
-
-
-def host_read(cpu, gb: float) -> dict:
-    """The host's read bandwidth (GB/s) with the CPU engine's thread count: cpu_moe's readers."""
-    import numba
-
-    from bench.cpu_moe import read_bandwidth
-
-    numba.set_num_threads(cpu.threads)
-    torch.set_num_threads(cpu.threads)
-    probes = read_bandwidth(gb)
-    return {"host_read_gbps": max(probes.values()), "host_read_probes": probes}
-
-
 @torch.no_grad()
 def naive(model, reqs, device: str) -> dict:
     """The static loop (hetero.generate), one request at a time."""
@@ -148,21 +127,52 @@ def naive(model, reqs, device: str) -> dict:
             "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
 
 
-def machine(device: str) -> dict:
-    cuda = device.startswith("cuda")
-    return {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "cpus": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    }
-
-
 def serving_config(args) -> ServingConfig:
     return ServingConfig(
         page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         cuda_graph_max_batch=args.cuda_graph_max_batch,
     )  # fmt: skip
+
+
+def plan(args, vocab: int) -> tuple[list[tuple[int, list]], list]:
+    """-> [(concurrency, its requests)] and the warm-up requests: new prompts for each level,
+    all starting with the same shared prefix."""
+    gen = torch.Generator().manual_seed(args.seed)
+    prefix = torch.randint(0, vocab, (args.shared_prefix,), generator=gen).tolist()
+    lens = args.prompt_len, args.output_len
+    levels = []
+    for i, C in enumerate(args.concurrency):
+        n = args.requests[min(i, len(args.requests) - 1)]
+        n = n if n > 0 else -n * C  # (-K: K x the concurrency)
+        levels.append((C, draw_requests(n, *lens, prefix, vocab, [args.seed, C])))
+    return levels, draw_requests(args.warmup, *lens, prefix, vocab, [args.seed, 2**31])
+
+
+def params(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+def level(handle, probe, C: int, reqs, host_gbps: float | None) -> dict:
+    """One concurrency level: its latencies, throughput, prefix hits, preemptions, batch."""
+    graphs = getattr(handle.engine.runner, "decoders", {})  # CUDA-graph sets, one a bucket
+    s0, g0 = handle.stats(), len(graphs)
+    probe.reset()
+    timings, wall = drive(handle, reqs, params, C)
+    s1 = handle.stats()
+    hits, prompt = s1.prefix_hit_tokens - s0.prefix_hit_tokens, s1.prompt_tokens - s0.prompt_tokens
+    return {
+        "mode": "engine",
+        "concurrency": C,
+        "requests": len(reqs),
+        "prompt_tokens": sum(len(r.prompt) for r in reqs),
+        **latency_summary(timings, wall),
+        "prefix_hit_share": round(hits / max(prompt, 1), 4),
+        "preemptions": s1.preemptions - s0.preemptions,
+        "graph_captures": len(graphs) - g0,  # buckets first met here: captured in the timing
+        **probe.summary(wall, host_gbps),
+        "host_read_gbps": host_gbps,
+    }
 
 
 def run(args) -> None:
@@ -172,55 +182,41 @@ def run(args) -> None:
     engine = Engine(model, tokenizer, serving)
     probe = StepProbe(engine, cpu)
     handle = EngineHandle(engine, cpu)
-    config, vocab = model.config, model.config.vocab_size
-    config_row = {k: str(v) if hasattr(v, "draw") else v for k, v in vars(args).items()}
-    base = {"bench": "throughput", "workload": args.workload, **facts,
-            "machine": machine(args.device), "config": config_row,
-            "serving": dataclasses.asdict(serving)}  # fmt: skip
-    prefix = torch.randint(0, vocab, (args.shared_prefix,), generator=torch.Generator().manual_seed(
-        args.seed)).tolist()  # fmt: skip
-    per_level = [args.requests[min(i, len(args.requests) - 1)] for i in range(len(args.concurrency))]
-    levels = [(C, draw_requests(n if n > 0 else -n * C, args.prompt_len, args.output_len, prefix,
-                                vocab, [args.seed, C])) for C, n in zip(args.concurrency, per_level)]  # fmt: skip
-    warm = draw_requests(args.warmup, args.prompt_len, args.output_len, prefix, vocab,
-                         [args.seed, 2**31])  # fmt: skip
-    for r in [r for _, reqs in levels for r in reqs] + warm:  # refuse before any time is spent
-        engine.check(r.prompt, SamplingParams(max_tokens=r.output))
-
-    def params(n: int) -> SamplingParams:
-        return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
+    base = {
+        "bench": "throughput",
+        "workload": args.workload,
+        **facts,
+        "machine": machine(args.device),
+        "config": {k: str(v) if hasattr(v, "draw") else v for k, v in vars(args).items()},
+        "serving": dataclasses.asdict(serving),
+    }
+    levels, warm = plan(args, model.config.vocab_size)
     try:
-        if warm:  # compiles kernels and caches the shared prefix for every level alike
-            drive(handle, [dataclasses.replace(r, output=min(r.output, 8)) for r in warm],
-                  params, min(len(warm), max(args.concurrency)))  # fmt: skip
+        for r in [r for _, reqs in levels for r in reqs] + warm:  # refused before time is spent
+            try:
+                engine.check(r.prompt, params(r.output))
+            except RequestError as e:
+                raise SystemExit(f"a drawn request cannot be served: {e}") from None
         setup = {"load_s": round(time.perf_counter() - t0, 1)}
+        if warm:  # compiles kernels and caches the shared prefix for every level alike
+            short = [dataclasses.replace(r, output=min(r.output, 8)) for r in warm]
+            t1 = time.perf_counter()
+            drive(handle, short, params, min(len(warm), max(args.concurrency)))
+            setup["warmup_s"] = round(time.perf_counter() - t1, 1)
         if cpu is not None and args.settle_s > 0:
             g = facts.get("gpu_experts", 0)
-            setup["settle_cpu_alone_ms"] = settle(cpu, config, g, args.settle_s)
-        bw = host_read(cpu, args.read_bw_gb) if cpu is not None and args.read_bw_gb > 0 else {}
-        print(json.dumps({**base, "mode": "setup", **setup, **bw}), flush=True)
-        host = bw.get("host_read_gbps")
-        ref = {}
-        if args.naive:
-            ref = naive(model, levels[0][1][: args.naive], args.device)
+            setup["settle_cpu_alone_ms"] = settle(cpu, model.config, g, args.settle_s)
+        if cpu is not None and args.read_bw_gb > 0:
+            setup |= host_read(cpu, args.read_bw_gb)
+        print(json.dumps({**base, "mode": "setup", **setup}), flush=True)
+        ref = naive(model, levels[0][1][: args.naive], args.device) if args.naive else None
+        if ref:
             print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
         for C, reqs in levels:
-            s0 = handle.stats()
-            probe.reset()
-            timings, wall = drive(handle, reqs, params, C)
-            s1 = handle.stats()
-            prompt = s1.prompt_tokens - s0.prompt_tokens
-            row = {**base, "mode": "engine", "concurrency": C, "requests": len(reqs),
-                   "prompt_tokens": sum(len(r.prompt) for r in reqs),
-                   **latency_summary(timings, wall),
-                   "prefix_hit_share": round((s1.prefix_hit_tokens - s0.prefix_hit_tokens)
-                                             / max(prompt, 1), 4),
-                   "preemptions": s1.preemptions - s0.preemptions,
-                   **probe.summary(wall, host), "host_read_gbps": host}  # fmt: skip
+            row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             if ref:
-                row |= {"naive_tok_s": ref["output_tok_s"],
-                        "vs_naive": round(row["output_tok_s"] / ref["output_tok_s"], 3)}  # fmt: skip
+                row["naive_tok_s"] = ref["output_tok_s"]
+                row["vs_naive"] = round(row["output_tok_s"] / ref["output_tok_s"], 3)
             print(json.dumps(row), flush=True)
     finally:
         handle.close()
@@ -251,8 +247,12 @@ def parse_args(argv=None):
     p.add_argument("--workload", choices=("demo", *(w for w in WORKLOADS if w != "v3-slice")),
                    default="demo")  # fmt: skip
     p.add_argument("--concurrency", type=ints, default=[1, 4, 16, 64])
-    p.add_argument("--requests", type=_counts, default=[-4],
-                   help="a level's requests: N, or Kx = K x its concurrency (per level: 8,16,4x)")
+    p.add_argument(
+        "--requests",
+        type=_counts,
+        default=[-4],
+        help="a level's requests: N, or Kx = K x its concurrency (per level: 8,16,4x)",
+    )
     p.add_argument("--prompt-len", type=_dist, default=parse_dist("uniform:64,512"))
     p.add_argument("--output-len", type=_dist, default=parse_dist("fixed:128"))
     p.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with")
@@ -263,8 +263,12 @@ def parse_args(argv=None):
     p.add_argument("--kv-cache-tokens", type=int, default=s.kv_cache_tokens)
     p.add_argument("--max-num-seqs", type=int, default=s.max_num_seqs)
     p.add_argument("--max-num-batched-tokens", type=int, default=s.max_num_batched_tokens)
-    p.add_argument("--cuda-graph-max-batch", type=int, default=s.cuda_graph_max_batch,
-                   help="decode steps of up to this many requests replay CUDA graphs (0: never)")
+    p.add_argument(
+        "--cuda-graph-max-batch",
+        type=int,
+        default=s.cuda_graph_max_batch,
+        help="decode steps of up to this many requests replay CUDA graphs (0: never)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0)

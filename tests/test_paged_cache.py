@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetero.demo import demo_dir
 from hetero.loader import load_model
-from hetero.model import ForwardBatch, PagedKVCache
+from hetero.model import ForwardBatch
 
 TOL = 1e-5  # fp32: max abs diff relative to the reference's max abs logit
 PROMPTS = (5, 17, 64, 70, 130)
@@ -62,9 +61,13 @@ class PagedRun:
     the whole prompt, so a chunk's page table reaches past its context)."""
 
     def __init__(
-        self, model, seqs: list[list[int]], page_size: int, seed: int = 0,
+        self,
+        model,
+        seqs: list[list[int]],
+        page_size: int,
+        seed: int = 0,
         reserve: tuple[int, ...] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.model, self.seqs, self.page_size = model, seqs, page_size
         self.reserve = reserve or (0,) * len(seqs)
         needed = sum(-(-len(s) // page_size) for s in seqs)
@@ -257,16 +260,3 @@ def test_decode_different_context_lengths(request, name):
         run.step([(i, 1) for i in range(B)])
         got = torch.cat([x[-1][-1:] for x in run.logits])
         assert rel_err(got, want) < TOL, page_size
-
-
-@pytest.mark.skipif(demo_dir() is None, reason="the demo weights are not in hetero/demo/")
-def test_demo_model_chunked_mixed():
-    """The trained demo model (peaked attention, real routing) on the chunked schedule."""
-    model = load_model(demo_dir(), dtype=torch.float32, progress=False)
-    seqs = sequences(model.config.vocab_size, seed=4)
-    want = contiguous_logits(model, seqs)
-    run = PagedRun(model, seqs, 16, seed=5)
-    for work in chunked_schedule(seqs):
-        run.step(work)
-    assert_same(run.result(), want)
-    assert isinstance(run.cache, PagedKVCache)

@@ -34,6 +34,10 @@ class ServingConfig:
     max_model_len: int = 0  # a request's prompt + output; 0: the model's context
     # decode steps of up to this many requests replay CUDA graphs (0: never; GPU only)
     cuda_graph_max_batch: int = 64
+    # a greedy request's tokens do not depend on what else runs: each request its own forward
+    # pass, prompts in fixed chunks of `deterministic_chunk` tokens (the cost: no batching)
+    deterministic: bool = False
+    deterministic_chunk: int = 512
 
     @property
     def num_pages(self) -> int:
@@ -54,11 +58,16 @@ class Engine:
         self.eos_ids = frozenset(eos_ids)
         self.pool = PagePool(config.num_pages, config.page_size)
         self.cache = model.new_paged_cache(config.num_pages, config.page_size)
-        sched = SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens)
+        chunk = min(config.deterministic_chunk, config.max_num_batched_tokens)
+        sched = SchedulerConfig(
+            config.max_num_seqs, config.max_num_batched_tokens, chunk if config.deterministic else 0
+        )
         self.scheduler = Scheduler(sched, self.pool)
         on_gpu = self.cache.latent.is_cuda
         graph_batch = config.cuda_graph_max_batch if on_gpu else 0
-        self.runner = ModelRunner(model, self.cache, self.max_model_len, graph_batch, on_gpu)
+        self.runner = ModelRunner(
+            model, self.cache, self.max_model_len, graph_batch, on_gpu, config.deterministic
+        )
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()

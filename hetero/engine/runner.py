@@ -28,10 +28,14 @@ class ModelRunner:
         max_model_len: int,
         max_graph_batch: int = 0,
         graphs: bool = True,
+        per_request: bool = False,
     ) -> None:
         """`max_graph_batch`: largest decode batch run through graph segments (0: none);
-        `graphs`: capture them as CUDA graphs (False: the same segments eagerly, for tests)."""
+        `graphs`: capture them as CUDA graphs (False: the same segments eagerly, for tests);
+        `per_request`: each request its own forward pass (deterministic mode: no op ever mixes
+        two requests' tokens, so none depends on what else runs)."""
         self.model, self.cache = model, cache
+        self.per_request = per_request
         self.device = model.lm_head.weight.device
         self.max_graph_batch, self.graphs = max_graph_batch, graphs
         self.decoders: dict[tuple[int, int], GraphedDecoder] = {}
@@ -54,6 +58,12 @@ class ModelRunner:
 
     def run(self, work: list[Work]) -> torch.Tensor:
         """-> logits [S, V] of the work items that sample, in order."""
+        if self.per_request and len(work) > 1:
+            parts = [self._run([w]) for w in work]
+            return torch.cat([p for p, w in zip(parts, work) if w.samples])
+        return self._run(work)
+
+    def _run(self, work: list[Work]) -> torch.Tensor:
         input_ids, batch = self.batch(work)
         if len(work) <= self.max_graph_batch and batch.is_decode:
             return self._graphed(input_ids, batch)
@@ -61,7 +71,7 @@ class ModelRunner:
         rows = [i for i, w in enumerate(work) if w.samples]
         if len(rows) == len(work):
             return logits
-        return logits[torch.tensor(rows, device=logits.device)]
+        return logits[torch.tensor(rows, dtype=torch.long, device=logits.device)]
 
     def _graphed(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         n, width = batch.page_table.shape

@@ -22,6 +22,10 @@ from hetero.engine.request import Request, Status
 class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_batched_tokens: int = 2048  # tokens a step (decode tokens + prompt chunks)
+    # deterministic mode: a prompt goes in chunks of exactly this many tokens (its last one
+    # shorter), whatever else is running, so its chunks depend on its own length only (0: a
+    # chunk takes what the budget leaves)
+    fixed_chunk: int = 0
 
 
 class Work(NamedTuple):
@@ -68,18 +72,28 @@ class Scheduler:
                 break
             if req.status is not Status.RUNNING:
                 continue
-            n = min(req.num_tokens - req.num_computed, budget)
+            if (n := self._chunk(req, budget)) == 0:
+                break
             work.append(Work(req, req.num_computed, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if not self._admit(req):
+            if self._chunk(req, budget) == 0 or not self._admit(req):
                 break  # first come, first served: nobody overtakes the oldest waiting request
             self.waiting.popleft()
-            n = min(req.num_tokens - req.num_computed, budget)
+            n = self._chunk(req, budget)
             work.append(Work(req, req.num_computed, n))
             budget -= n
         return work
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        """Tokens of req's prompt this step: what the budget leaves, or, with fixed chunks, the
+        next whole chunk if it fits (0: wait for the next step)."""
+        left = req.num_tokens - req.num_computed
+        if not self.config.fixed_chunk:
+            return min(left, budget)
+        n = min(left, self.config.fixed_chunk)
+        return n if n <= budget else 0
 
     def _grow(self, req: Request, tokens: int) -> bool:
         """Pages for `tokens` tokens of req, preempting the newest running requests as needed;

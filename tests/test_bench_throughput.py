@@ -1,0 +1,106 @@
+"""bench/throughput.py on the demo model, on the CPU: its lines parse, carry their fields and count
+every token; the length distributions' parser. No timings are asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.serving_load import Dist, parse_dist, percentiles  # noqa: E402
+from bench.throughput import main  # noqa: E402
+
+FIELDS = (
+    "workload machine config serving concurrency requests prompt_tokens output_tokens wall_s "
+    "output_tok_s req_s ttft_ms tpot_ms e2e_ms prefix_hit_share preemptions steps mean_batch "
+    "mean_step_tokens host_read_gbps naive_tok_s vs_naive"
+).split()
+SMALL = ["--workload", "demo", "--device", "cpu", "--page-size", "8", "--kv-cache-tokens", "2048"]
+
+
+def lines(capsys, argv: list[str]) -> dict[str, list[dict]]:
+    main(argv)
+    by_mode: dict[str, list[dict]] = {}
+    for line in capsys.readouterr().out.splitlines():
+        row = json.loads(line)
+        assert row["bench"] == "throughput" and row["workload"] == "demo"
+        by_mode.setdefault(row["mode"], []).append(row)
+    return by_mode
+
+
+def check_ordered(row: dict) -> None:
+    for key in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        p = row[key]
+        assert 0 <= p["p50"] <= p["p90"] <= p["p99"], (key, p)
+
+
+def test_demo_levels(capsys):
+    argv = SMALL + ["--concurrency", "1,3", "--requests", "6", "--prompt-len", "uniform:20,40"]
+    argv += ["--output-len", "fixed:4", "--shared-prefix", "16", "--warmup", "2"]
+    rows = lines(capsys, argv)
+    assert [len(rows[m]) for m in ("setup", "naive", "engine")] == [1, 1, 2]
+    assert rows["naive"][0]["output_tokens"] == 2 * 4  # --naive 2 by default
+    for row, C in zip(rows["engine"], (1, 3)):
+        assert all(k in row for k in FIELDS), [k for k in FIELDS if k not in row]
+        assert row["concurrency"] == C and row["requests"] == 6
+        assert row["output_tokens"] == 6 * 4
+        assert row["machine"]["device"] == "cpu" and row["config"]["output_len"] == "fixed:4"
+        assert row["prefix_hit_share"] > 0  # 16 shared tokens: two full pages of 8
+        assert row["mean_batch"] >= 1 and row["preemptions"] >= 0
+        check_ordered(row)
+        assert "read_share" not in row  # no CPU engine: all on the device
+
+
+def test_demo_cpu_experts(capsys):
+    """The demo placement: experts on the CPU engine, the read share reported."""
+    argv = SMALL + ["--placement", str(ROOT / "configs/demo.yaml"), "--concurrency", "2"]
+    argv += ["--requests", "2x", "--prompt-len", "lognormal:12,0.3", "--output-len", "uniform:2,5"]
+    argv += ["--warmup", "1", "--naive", "0", "--settle-s", "0", "--read-bw-gb", "0.125"]
+    rows = lines(capsys, argv)
+    assert rows["setup"][0]["host_read_gbps"] > 0
+    (row,) = rows["engine"]
+    assert row["requests"] == 4 and "vs_naive" not in row  # (--naive 0)
+    assert 4 * 2 <= row["output_tokens"] <= 4 * 5
+    assert row["cpu_unique_gb"] > 0 and row["read_share_decode"] > 0
+    check_ordered(row)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("normal:5", "unknown distribution 'normal'"),
+        ("fixed", "write fixed:N"),
+        ("fixed:0", "N must be >= 1"),
+        ("fixed:1.5", "'1.5' is not an integer"),
+        ("uniform:64", "write uniform:LO,HI"),
+        ("uniform:9,3", "need 1 <= LO <= HI"),
+        ("lognormal:100,x", "'x' is not a number"),
+        ("lognormal:0.5,1", "need MEAN >= 1"),
+    ],
+)
+def test_dist_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_dist(spec)
+
+
+def test_dist_draws():
+    rng = np.random.default_rng(0)
+    assert parse_dist("fixed:7").draw(rng, 3) == [7, 7, 7]
+    u = parse_dist("uniform:3,5").draw(rng, 200)
+    assert min(u) == 3 and max(u) == 5
+    d = parse_dist("lognormal:200,0.5")
+    assert d == Dist("lognormal", 200.0, 0.5) and str(d) == "lognormal:200,0.5"
+    x = d.draw(rng, 4000)
+    assert min(x) >= 1 and abs(np.mean(x) / 200 - 1) < 0.05
+
+
+def test_percentiles():
+    assert percentiles([]) is None
+    p = percentiles([0.001 * i for i in range(1, 101)])
+    assert p["p50"] <= p["p90"] <= p["p99"] <= 100
