@@ -4,7 +4,8 @@
 #   $OUT/results.tgz, for the device tool, which brings back only the first few files)
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
-#   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo
+#   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
+#   serve-v3a | serve-v3b | serve-v2lite
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -115,6 +116,31 @@ for stage in "$@"; do
         | tail -20 \
         && split -b 15m /tmp/demo/model.safetensors "$OUT/model.safetensors.part." \
         && tar czf "$OUT/demo_meta.tgz" -C /tmp/demo --exclude model.safetensors . ;;
+    engine-gpu-tests)  # the gpu tests of the engine's pieces and of the paths it drives (~2 min)
+      timeout 200 python3 -m pytest -m gpu -v tests/test_engine_graphs.py tests/test_sampler.py \
+        tests/test_graphs.py tests/test_hybrid.py 2>&1 | tee "$OUT/$day-engine-gpu-tests.log" \
+        | tail -5 ;;
+    serve-v3a)  # the serving engine on the whole V3 depth (int4 experts on the CPU, defer 3):
+      # concurrency 1 and 4, bench/decode.py's batch-1 step timed before and after (~6 min)
+      timeout 420 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 1,4 \
+        --requests 4,8 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
+        --warmup 4 --settle-s 20 --decode-ref-steps 12 --naive 1 > "$OUT/serve_v3_a.jsonl" \
+        2> "$OUT/serve_v3_a.err"; tail -3 "$OUT/serve_v3_a.err" ;;
+    serve-v3b)  # concurrency 16 and 64 (~9 min)
+      timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 16,64 \
+        --requests 32,64 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
+        --warmup 16 --settle-s 10 --naive 0 > "$OUT/serve_v3_b.jsonl" \
+        2> "$OUT/serve_v3_b.err"; tail -3 "$OUT/serve_v3_b.err" ;;
+    serve-v2lite)  # the whole V2-Lite shape, then the deterministic mode's cost (~5 min)
+      timeout 200 python3 bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 \
+        --requests 4,8,32,64 --prompt-len uniform:64,256 --output-len fixed:64 --warmup 8 \
+        --settle-s 5 --naive 1 --shared-prefix 64 > "$OUT/serve_v2lite.jsonl" \
+        2> "$OUT/serve_v2lite.err"; tail -3 "$OUT/serve_v2lite.err"
+      timeout 100 python3 bench/throughput.py --workload v2-lite --concurrency 4,16 \
+        --requests 8,32 --prompt-len uniform:64,256 --output-len fixed:64 --warmup 8 \
+        --settle-s 5 --naive 0 --shared-prefix 64 --deterministic \
+        > "$OUT/serve_v2lite_det.jsonl" 2> "$OUT/serve_v2lite_det.err"
+      tail -3 "$OUT/serve_v2lite_det.err" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done

@@ -127,11 +127,29 @@ def naive(model, reqs, device: str) -> dict:
             "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
 
 
+@torch.no_grad()
+def decode_ref(model, cpu, device: str, steps: int) -> dict:
+    """bench/decode.py's measure on this same model and CPU engine: batch-1 decode steps of one
+    sequence in a contiguous cache, each layer's GPU work from graph segments (CUDA graphs on
+    a GPU): the rate the engine's batch-1 decode is held to."""
+    from bench.decode import PROMPT, time_steps
+    from hetero.model import ForwardBatch
+    from hetero.sched.graphs import GraphedDecoder
+
+    cache = model.new_cache(1, PROMPT + steps + 8)
+    batch = ForwardBatch.build([0], [PROMPT], [PROMPT], device)
+    model(torch.randint(0, model.config.vocab_size, (PROMPT,)).to(device), batch, cache)
+    graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
+    time_steps(model, cpu, cache, 1, PROMPT, 2, device, graphed)  # warm-up (graph capture)
+    r = time_steps(model, cpu, cache, 1, PROMPT + 2, steps, device, graphed)
+    return {"mode": "decode_ref", "ms": r["ms"], "mean_ms": r["mean_ms"], "cpu_busy": r["cpu_busy"]}
+
+
 def serving_config(args) -> ServingConfig:
     return ServingConfig(
         page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-        cuda_graph_max_batch=args.cuda_graph_max_batch,
+        cuda_graph_max_batch=args.cuda_graph_max_batch, deterministic=args.deterministic,
     )  # fmt: skip
 
 
@@ -212,12 +230,28 @@ def run(args) -> None:
         ref = naive(model, levels[0][1][: args.naive], args.device) if args.naive else None
         if ref:
             print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
+        refs = []  # bench/decode.py's batch-1 step, before and after the levels (a VM drifts)
+        if cpu is not None and args.decode_ref_steps:
+            refs.append(decode_ref(model, cpu, args.device, args.decode_ref_steps))
+            print(json.dumps({**base, **refs[-1], "when": "before"}), flush=True)
+        rows = []
         for C, reqs in levels:
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
                 row["vs_naive"] = round(row["output_tok_s"] / ref["output_tok_s"], 3)
+            rows.append(row)
             print(json.dumps(row), flush=True)
+        if refs:
+            refs.append(decode_ref(model, cpu, args.device, args.decode_ref_steps))
+            print(json.dumps({**base, **refs[-1], "when": "after"}), flush=True)
+            ref_ms = sorted(r["ms"] for r in refs)
+            for row in (r for r in rows if r["concurrency"] == 1):
+                tpot = row["tpot_ms"]["p50"]  # the engine's batch-1 decode step
+                print(json.dumps({**base, "mode": "vs_decode_ref", "tpot_p50_ms": tpot,
+                                  "decode_ref_ms": ref_ms,
+                                  "engine_vs_ref": [round(tpot / m, 3) for m in ref_ms]}),
+                      flush=True)  # fmt: skip
     finally:
         handle.close()
         close()
@@ -269,6 +303,9 @@ def parse_args(argv=None):
         default=s.cuda_graph_max_batch,
         help="decode steps of up to this many requests replay CUDA graphs (0: never)",
     )
+    p.add_argument(
+        "--deterministic", action="store_true", help="the engine's deterministic mode (its cost)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, else fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -282,6 +319,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")
     p.add_argument("--settle-s", type=float, default=30)
+    p.add_argument(
+        "--decode-ref-steps",
+        type=int,
+        default=0,
+        help="time bench/decode.py's batch-1 graphed step (this many steps) before and after",
+    )
     p.add_argument("--read-bw-gb", type=float, default=4, help="host read probe array (0: no)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
