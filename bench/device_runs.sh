@@ -117,7 +117,7 @@ for stage in "$@"; do
         && split -b 15m /tmp/demo/model.safetensors "$OUT/model.safetensors.part." \
         && tar czf "$OUT/demo_meta.tgz" -C /tmp/demo --exclude model.safetensors . ;;
     engine-gpu-tests)  # the gpu tests of the engine's pieces and of the paths it drives (~2 min)
-      timeout 200 python3 -m pytest -m gpu -v tests/test_engine_graphs.py tests/test_sampler.py \
+      timeout 150 python3 -m pytest -m gpu -v tests/test_engine_graphs.py tests/test_sampler.py \
         tests/test_graphs.py tests/test_hybrid.py 2>&1 | tee "$OUT/$day-engine-gpu-tests.log" \
         | tail -5 ;;
     serve-v3a)  # the serving engine on the whole V3 depth (int4 experts on the CPU, defer 3):

@@ -176,6 +176,8 @@ def test_concurrent_greedy_requests_match_generate(demo, monkeypatch):
         assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (len(prompt), 8)
         assert text(outs[rid]) == demo.text(expected)
         assert all(o.finish_reason is None for o in outs[rid][:-1])
+        assert outs[rid][0].ttft_s is not None and outs[rid][0].ttft_s >= 0
+        assert last.tpot_s is not None and last.tpot_s >= 0
     assert_pool_whole(engine, free)
 
     assert all(sum(n for _, _, n, _, _ in work) <= 64 for work in steps)
@@ -220,19 +222,44 @@ def test_long_prompt_never_stalls_decoding_requests(demo):
     assert_pool_whole(engine, free)
 
 
+def test_a_prompt_longer_than_the_budget_is_served_alone(demo, monkeypatch):
+    """Steps that only prefill (no request samples) must run too."""
+    engine = demo.engine(page_size=16, kv_cache_tokens=512, max_num_batched_tokens=16)
+    free = engine.pool.num_free
+    steps = record_schedule(engine, monkeypatch)
+    prompt = demo.ids[0:40]
+    rid = engine.add_request(prompt, greedy(4))
+    outs = drain(engine)
+    assert [n for work in steps for _, _, n, _, _ in work][:3] == [16, 16, 8]
+    assert tokens(outs[rid]) == demo.reference([prompt], 4)[0]
+    assert_pool_whole(engine, free)
+
+
 def test_preemption_recomputes_and_keeps_outputs(demo):
     prompts = [demo.ids[25 * i : 25 * i + 9 + 2 * i] for i in range(8)]  # 9..23 tokens
+    # odd requests sample with a seed: their draws must not depend on a preemption either
+    params = [
+        greedy(8) if i % 2 == 0 else SamplingParams(max_tokens=8, temperature=0.8, seed=i)
+        for i in range(8)
+    ]
+    roomy = demo.engine(page_size=4, kv_cache_tokens=1024, max_num_batched_tokens=64)
+    rids = [roomy.add_request(p, sp) for p, sp in zip(prompts, params)]
+    unhurried = drain(roomy)
+    assert roomy.scheduler.preemptions == 0
+    seeded = {i: tokens(unhurried[rids[i]]) for i in range(1, 8, 2)}
+
     # 16 pages of 4 tokens: two or three requests at once, each growing to 8 pages
     engine = demo.engine(page_size=4, kv_cache_tokens=64, max_num_batched_tokens=64)
     free = engine.pool.num_free
-    rids = [engine.add_request(p, greedy(8)) for p in prompts]
+    rids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
     requests = [engine.requests[rid] for rid in rids]
     outs = drain(engine)
 
     assert engine.scheduler.preemptions > 0
     assert sum(r.preemptions for r in requests) == engine.scheduler.preemptions
-    for rid, expected in zip(rids, demo.reference(prompts, 8)):
-        assert tokens(outs[rid]) == expected
+    assert any(r.preemptions for r in requests[1::2]), "no seeded request was preempted"
+    for i, (rid, expected) in enumerate(zip(rids, demo.reference(prompts, 8))):
+        assert tokens(outs[rid]) == (expected if i % 2 == 0 else seeded[i]), rid
         assert outs[rid][-1].finish_reason == "length"
     assert_pool_whole(engine, free)
 
@@ -386,7 +413,7 @@ def test_too_long_requests_are_refused_with_the_numbers(
         engine.add_request(prompt, greedy(max_tokens))
     assert named <= numbers(str(e.value)), str(e.value)
     assert not engine.has_work and not engine.requests
-    # one token less fits, and is served
+    # one token less fits
     engine.add_request(prompt, greedy(max_tokens - 1))
 
 
@@ -460,6 +487,23 @@ def test_stop_tokens_eos_and_length(demo):
     assert_pool_whole(engine, free)
 
 
+def test_the_models_own_eos_ends_the_request(demo):
+    prompt = demo.tok.encode("x = 1\n", add_special_tokens=False)
+    r = demo.reference([prompt], 16)[0]
+    assert EOS in r[:-1], "the demo model should end this snippet within 16 tokens"
+    engine = demo.engine(page_size=16, kv_cache_tokens=512)
+    free = engine.pool.num_free
+    stops = engine.add_request(prompt, SamplingParams(max_tokens=16, temperature=0))
+    goes_on = engine.add_request(prompt, greedy(16))
+    outs = drain(engine)
+    assert tokens(outs[stops]) == r[: r.index(EOS) + 1]
+    assert outs[stops][-1].finish_reason == "stop"
+    assert text(outs[stops]) == demo.text(r[: r.index(EOS)])
+    assert tokens(outs[goes_on]) == r and outs[goes_on][-1].finish_reason == "length"
+    assert text(outs[goes_on]) == demo.text(r)  # the eos token shows no text
+    assert_pool_whole(engine, free)
+
+
 def stop_case(demo: Demo, r: list[int], spanned: int) -> tuple[str, int, int]:
     """A stop string over `spanned` tokens of r's text, found nowhere earlier: -> (the stop
     string, where it starts in the text, how many tokens it takes to complete it). It runs from
@@ -509,7 +553,7 @@ def reference_logprobs(demo: Demo, prompt: list[int], output: list[int]) -> torc
 
 def test_logprobs_are_the_models(demo):
     prompt = demo.ids[50:70]
-    engine = demo.engine(page_size=16, kv_cache_tokens=512, max_num_batched_tokens=8)
+    engine = demo.engine(page_size=16, kv_cache_tokens=512, max_num_batched_tokens=32)
     sampled = SamplingParams(max_tokens=4, temperature=0.7, seed=3, logprobs=3)
     asked = {  # request id -> (top logprobs asked, greedy)
         engine.add_request(prompt, greedy(4, logprobs=5)): (5, True),
@@ -590,3 +634,25 @@ def test_streamed_text_is_the_decoded_output(demo):
     emoji = tokens(outs[rids[0]])
     assert any("\ufffd" in tok.decode([t]) for t in emoji)
     assert any(ord(c) > 127 for c in text(outs[rids[0]]))
+
+
+def test_deterministic_mode_gives_a_request_the_same_logits_in_any_company(demo):
+    """ServingConfig.deterministic: each request its own forward pass, prompts in fixed chunks;
+    two prompts longer than the chunk make steps in which no request samples."""
+    prompts = [demo.ids[0:40], demo.ids[50:90]]
+    config = dict(page_size=16, kv_cache_tokens=1024, max_num_batched_tokens=64,
+                  deterministic=True, deterministic_chunk=16)  # fmt: skip
+    alone = []
+    for prompt in prompts:
+        engine = demo.engine(**config)
+        rid = engine.add_request(prompt, greedy(4, logprobs=0))
+        alone.append(drain(engine)[rid])
+    engine = demo.engine(**config)
+    free = engine.pool.num_free
+    rids = [engine.add_request(p, greedy(4, logprobs=0)) for p in prompts]
+    outs = drain(engine)
+    for rid, by_itself, expected in zip(rids, alone, demo.reference(prompts, 4)):
+        assert tokens(outs[rid]) == tokens(by_itself) == expected
+        logprobs = [o.logprobs[0].logprob for o in outs[rid]]
+        assert logprobs == [o.logprobs[0].logprob for o in by_itself]
+    assert_pool_whole(engine, free)
