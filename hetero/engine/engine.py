@@ -122,13 +122,13 @@ class Engine:
         self.scheduler.finish(req, "abort")
         return self._output(req, (), "", None)
 
-    def fail_running(self) -> list[RequestOutput]:
-        """After a step raised: its running requests end ("error"), their pages freed; the
-        waiting ones stay queued."""
+    def fail_running(self, error: str) -> list[RequestOutput]:
+        """After a step raised `error`: its running requests end ("error"), their pages freed;
+        the waiting ones stay queued."""
         outs = []
         for req in list(self.scheduler.running):
             self.scheduler.finish(req, "error")
-            outs.append(self._output(req, (), "", None))
+            outs.append(self._output(req, (), "", None, error=error))
         return outs
 
     @property
@@ -169,13 +169,14 @@ class Engine:
             text = delta.text
             if delta.stopped is not None:
                 self.scheduler.finish(req, "stop")
+                req.finish_reason = "stop"  # also when its last allowed token completed it
             elif req.finished:
                 text += detok.flush()
             outputs.append(self._output(req, (req.tokens[-1],), text, logprobs.get(req.id),
                                         delta.stopped))  # fmt: skip
         return outputs
 
-    def _output(self, req, token_ids, text, logprob, stop=None) -> RequestOutput:
+    def _output(self, req, token_ids, text, logprob, stop=None, error=None) -> RequestOutput:
         first = token_ids and req.num_output == 1
         tpot = None
         if req.finished and req.num_output > 1 and req.first_token_at is not None:
@@ -193,6 +194,7 @@ class Engine:
             stop=stop,
             ttft_s=(req.first_token_at - req.arrival) if first else None,
             tpot_s=tpot,
+            error=error,
         )
 
 

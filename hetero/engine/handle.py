@@ -104,20 +104,42 @@ class EngineHandle:
         self._wake.set()
 
     def outputs(self, request_id: str, timeout: float | None = None) -> Iterator[RequestOutput]:
-        sink = self._sinks[request_id]
-        while True:
-            out = sink.queue.get(timeout=timeout)
-            yield out
-            if out.finished:
-                return
+        """The request's outputs, its last one finished; all of them, however late the call."""
+        sink = self._sink(request_id)
 
-    async def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
-        sink = self._sinks[request_id]
-        while True:
-            out = await sink.queue.get()
-            yield out
-            if out.finished:
-                return
+        def read() -> Iterator[RequestOutput]:
+            while True:
+                out = sink.queue.get(timeout=timeout)
+                yield out
+                if out.finished:
+                    self._forget(request_id)
+                    return
+
+        return read()
+
+    def stream(self, request_id: str) -> AsyncIterator[RequestOutput]:
+        """`async for` over the outputs of a request submitted with `loop`."""
+        sink = self._sink(request_id)
+
+        async def read() -> AsyncIterator[RequestOutput]:
+            while True:
+                out = await sink.queue.get()
+                yield out
+                if out.finished:
+                    self._forget(request_id)
+                    return
+
+        return read()
+
+    def _sink(self, request_id: str) -> _Sink:
+        with self._lock:
+            if request_id not in self._sinks:
+                raise KeyError(f"unknown request id {request_id!r} (or its outputs were read)")
+            return self._sinks[request_id]
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._sinks.pop(request_id, None)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The output token ids of one request, waiting for it (a convenience for scripts)."""
@@ -160,11 +182,8 @@ class EngineHandle:
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
             self._generated += sum(len(o.token_ids) for o in outputs)
-            for out in outputs:
-                sink = self._sinks.get(out.request_id)
-                if out.finished:
-                    self._sinks.pop(out.request_id, None)
-                if sink is not None:
+            for out in outputs:  # the reader forgets the sink once it has the last output
+                if (sink := self._sinks.get(out.request_id)) is not None:
                     sink.put(out)
 
     def _drain_inbox(self) -> None:
@@ -192,12 +211,13 @@ class EngineHandle:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception:  # a failed step ends its requests, never the engine
+            except Exception as e:  # a failed step ends its requests, never the engine
                 log.exception("engine step failed; its running requests end with an error")
-                outputs = self.engine.fail_running()
+                outputs = self.engine.fail_running(f"{type(e).__name__}: {e}")
             with self._lock:
                 self._steps += 1
             self._deliver(outputs)
+        self._drain_inbox()  # requests submitted while the last step ran end too
         for rid in list(self.engine.requests):
             if (out := self.engine.abort(rid)) is not None:
                 self._deliver([out])

@@ -59,8 +59,8 @@ class ModelRunner:
     def run(self, work: list[Work]) -> torch.Tensor:
         """-> logits [S, V] of the work items that sample, in order."""
         if self.per_request and len(work) > 1:
-            parts = [self._run([w]) for w in work]
-            return torch.cat([p for p, w in zip(parts, work) if w.samples])
+            parts = [self._run([w]) for w in work]  # [1, V] or [0, V] each
+            return torch.cat(parts)
         return self._run(work)
 
     def _run(self, work: list[Work]) -> torch.Tensor:
