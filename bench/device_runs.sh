@@ -121,15 +121,16 @@ for stage in "$@"; do
         tests/test_graphs.py tests/test_hybrid.py 2>&1 | tee "$OUT/$day-engine-gpu-tests.log" \
         | tail -5 ;;
     serve-v3a)  # the serving engine on the whole V3 depth (int4 experts on the CPU, defer 3):
-      # concurrency 1 and 4, bench/decode.py's batch-1 step timed before and after (~6 min)
-      timeout 420 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 1,4 \
-        --requests 4,8 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
-        --warmup 4 --settle-s 20 --decode-ref-steps 12 --naive 1 > "$OUT/serve_v3_a.jsonl" \
-        2> "$OUT/serve_v3_a.err"; tail -3 "$OUT/serve_v3_a.err" ;;
-    serve-v3b)  # concurrency 16 and 64 (~9 min)
-      timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 16,64 \
-        --requests 32,64 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
-        --warmup 16 --settle-s 10 --naive 0 > "$OUT/serve_v3_b.jsonl" \
+      # bench/decode.py's batch-1 step alternated with the engine's, 4 rounds, then
+      # concurrency 16 (~7 min)
+      timeout 450 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 16 \
+        --requests 32 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
+        --warmup 4 --settle-s 30 --ab-rounds 4 --ab-steps 16 --naive 0 \
+        > "$OUT/serve_v3_a.jsonl" 2> "$OUT/serve_v3_a.err"; tail -3 "$OUT/serve_v3_a.err" ;;
+    serve-v3b)  # concurrency 64 (~7 min)
+      timeout 450 python3 bench/throughput.py --workload v3 --cpu-layers 4 --concurrency 64 \
+        --requests 64 --prompt-len uniform:80,160 --output-len fixed:32 --shared-prefix 64 \
+        --warmup 4 --settle-s 20 --naive 0 > "$OUT/serve_v3_b.jsonl" \
         2> "$OUT/serve_v3_b.err"; tail -3 "$OUT/serve_v3_b.err" ;;
     serve-v2lite)  # the whole V2-Lite shape, then the deterministic mode's cost (~5 min)
       timeout 200 python3 bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 \

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.decode import WORKLOADS, random_model, set_mode, slice_config  # noqa: E402
 from bench.serving_load import (  # noqa: E402
     GPUExperts,
+    Req,
     StepProbe,
     StubTokenizer,
     draw_requests,
@@ -127,22 +128,54 @@ def naive(model, reqs, device: str) -> dict:
             "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
 
 
-@torch.no_grad()
-def decode_ref(model, cpu, device: str, steps: int) -> dict:
+class DecodeRef:
     """bench/decode.py's measure on this same model and CPU engine: batch-1 decode steps of one
     sequence in a contiguous cache, each layer's GPU work from graph segments (CUDA graphs on
     a GPU): the rate the engine's batch-1 decode is held to."""
-    from bench.decode import PROMPT, time_steps
-    from hetero.model import ForwardBatch
-    from hetero.sched.graphs import GraphedDecoder
 
-    cache = model.new_cache(1, PROMPT + steps + 8)
-    batch = ForwardBatch.build([0], [PROMPT], [PROMPT], device)
-    model(torch.randint(0, model.config.vocab_size, (PROMPT,)).to(device), batch, cache)
-    graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
-    time_steps(model, cpu, cache, 1, PROMPT, 2, device, graphed)  # warm-up (graph capture)
-    r = time_steps(model, cpu, cache, 1, PROMPT + 2, steps, device, graphed)
-    return {"mode": "decode_ref", "ms": r["ms"], "mean_ms": r["mean_ms"], "cpu_busy": r["cpu_busy"]}
+    @torch.no_grad()
+    def __init__(self, model, cpu, device: str, steps: int, rounds: int) -> None:
+        from bench.decode import PROMPT
+        from hetero.model import ForwardBatch
+        from hetero.sched.graphs import GraphedDecoder
+
+        self.model, self.cpu, self.device, self.steps = model, cpu, device, steps
+        self.cache = model.new_cache(1, PROMPT + (steps + 2) * (rounds + 1) + 8)
+        batch = ForwardBatch.build([0], [PROMPT], [PROMPT], device)
+        model(torch.randint(0, model.config.vocab_size, (PROMPT,)).to(device), batch, self.cache)
+        self.graphed = GraphedDecoder(model, self.cache, graphs=device.startswith("cuda"))
+        self.pos = PROMPT
+
+    def time(self) -> dict:
+        from bench.decode import time_steps
+
+        args = self.model, self.cpu, self.cache, 1
+        time_steps(*args, self.pos, 2, self.device, self.graphed)  # warm-up (graph capture)
+        r = time_steps(*args, self.pos + 2, self.steps, self.device, self.graphed)
+        self.pos += self.steps + 2
+        return {"ms": r["ms"], "cpu_busy": r["cpu_busy"]}
+
+
+def batch1_ab(handle, ref: DecodeRef, rounds: int, vocab: int) -> dict:
+    """bench/decode.py's step and the engine's batch-1 decode (one request, TPOT p50),
+    alternated `rounds` times: a VM's speed drifts within a run, so each engine figure has
+    its reference beside it."""
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    for _ in range(rounds):
+        r = ref.time()
+        prompt = torch.randint(0, vocab, (32,), generator=gen).tolist()
+        req = Req(prompt, ref.steps + 8)
+        timings, _ = drive(handle, [req], params, 1)
+        pairs.append((timings[0].tpot * 1e3, r["ms"]))
+    ratios = sorted(e / m for e, m in pairs)
+    return {
+        "mode": "batch1_ab",
+        "engine_tpot_ms": [round(e, 3) for e, _ in pairs],
+        "decode_ref_ms": [round(m, 3) for _, m in pairs],
+        "engine_vs_ref": [round(x, 3) for x in ratios],
+        "engine_vs_ref_median": round(ratios[len(ratios) // 2], 3),
+    }
 
 
 def serving_config(args) -> ServingConfig:
@@ -230,28 +263,16 @@ def run(args) -> None:
         ref = naive(model, levels[0][1][: args.naive], args.device) if args.naive else None
         if ref:
             print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
-        refs = []  # bench/decode.py's batch-1 step, before and after the levels (a VM drifts)
-        if cpu is not None and args.decode_ref_steps:
-            refs.append(decode_ref(model, cpu, args.device, args.decode_ref_steps))
-            print(json.dumps({**base, **refs[-1], "when": "before"}), flush=True)
-        rows = []
+        if cpu is not None and args.ab_rounds:
+            dref = DecodeRef(model, cpu, args.device, args.ab_steps, args.ab_rounds)
+            ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size)
+            print(json.dumps({**base, **ab}), flush=True)
         for C, reqs in levels:
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
                 row["vs_naive"] = round(row["output_tok_s"] / ref["output_tok_s"], 3)
-            rows.append(row)
             print(json.dumps(row), flush=True)
-        if refs:
-            refs.append(decode_ref(model, cpu, args.device, args.decode_ref_steps))
-            print(json.dumps({**base, **refs[-1], "when": "after"}), flush=True)
-            ref_ms = sorted(r["ms"] for r in refs)
-            for row in (r for r in rows if r["concurrency"] == 1):
-                tpot = row["tpot_ms"]["p50"]  # the engine's batch-1 decode step
-                print(json.dumps({**base, "mode": "vs_decode_ref", "tpot_p50_ms": tpot,
-                                  "decode_ref_ms": ref_ms,
-                                  "engine_vs_ref": [round(tpot / m, 3) for m in ref_ms]}),
-                      flush=True)  # fmt: skip
     finally:
         handle.close()
         close()
@@ -320,11 +341,12 @@ def parse_args(argv=None):
     p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")
     p.add_argument("--settle-s", type=float, default=30)
     p.add_argument(
-        "--decode-ref-steps",
+        "--ab-rounds",
         type=int,
         default=0,
-        help="time bench/decode.py's batch-1 graphed step (this many steps) before and after",
+        help="rounds of bench/decode.py's batch-1 step alternated with the engine's (0: none)",
     )
+    p.add_argument("--ab-steps", type=int, default=12, help="decode steps a round")
     p.add_argument("--read-bw-gb", type=float, default=4, help="host read probe array (0: no)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
