@@ -1,1 +1,17 @@
-"""The request level: continuous batching over a paged latent KV cache (see DESIGN.md)."""
+"""The request level: continuous batching over a paged latent KV cache (see docs/engine.md)."""
+
+from hetero.engine.engine import Engine, RequestError, ServingConfig
+from hetero.engine.handle import EngineHandle, EngineStats
+from hetero.engine.outputs import RequestOutput, TokenLogprob
+from hetero.engine.params import SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineHandle",
+    "EngineStats",
+    "RequestError",
+    "RequestOutput",
+    "SamplingParams",
+    "ServingConfig",
+    "TokenLogprob",
+]
