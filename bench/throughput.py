@@ -204,6 +204,15 @@ def params(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
 
 
+def set_defer(model, d: int) -> None:
+    """Every CPU-engine layer defers d of a token's experts from now on."""
+    for block in model.model.layers:
+        routed = getattr(block.mlp, "routed", None)
+        routed = getattr(routed, "inner", routed)  # (the probe's wrapper)
+        if hasattr(routed, "deferred"):
+            routed.deferred = d
+
+
 def level(handle, probe, C: int, reqs, host_gbps: float | None) -> dict:
     """One concurrency level: its latencies, throughput, prefix hits, preemptions, batch."""
     graphs = getattr(handle.engine.runner, "decoders", {})  # CUDA-graph sets, one a bucket
@@ -267,8 +276,13 @@ def run(args) -> None:
             dref = DecodeRef(model, cpu, args.device, args.ab_steps, args.ab_rounds)
             ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size)
             print(json.dumps({**base, **ab}), flush=True)
-        for C, reqs in levels:
+        defers = args.defer_levels or [facts.get("defer")]
+        for i, (C, reqs) in enumerate(levels):
+            d = defers[i % len(defers)]  # --defer-levels 3,0: levels alternate between them
+            if d is not None:
+                set_defer(model, d)
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
+            row["defer"] = d
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
                 row["vs_naive"] = round(row["output_tok_s"] / ref["output_tok_s"], 3)
@@ -337,6 +351,11 @@ def parse_args(argv=None):
     p.add_argument("--format", default="int4", help="CPU experts")
     p.add_argument("--cpu-layers", type=int, default=0, help="distinct random CPU expert layers")
     p.add_argument("--defer", type=int, help="CPU experts deferred a token; default v3 3, v2 1")
+    p.add_argument(
+        "--defer-levels",
+        type=ints,
+        help="deferral of each level in turn (e.g. 3,0 with --concurrency 16,16: both at 16)",
+    )
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")
     p.add_argument("--settle-s", type=float, default=30)
