@@ -222,16 +222,16 @@ class StepProbe:
     def _unique_bytes(self) -> float:
         if not self.ids:
             return 0.0
-        slots = [s for s, _ in self.ids]
-        ids = torch.stack([i for _, i in self.ids]).flatten(1)  # [M, T*k] (one T a step)
-        dev = ids.device
+        dev = self.ids[0][1].device
         if self.masks.device != dev:
             self.masks, self.nbytes = self.masks.to(dev), self.nbytes.to(dev)
-        seen = torch.zeros(len(slots), self.masks.shape[1], dtype=torch.bool, device=dev)
-        seen.scatter_(1, ids, True)
-        slots_t = torch.tensor(slots, device=dev)
-        counts = (seen & self.masks[slots_t]).sum(1)  # [M] unique CPU experts a layer
-        return float((counts * self.nbytes[slots_t]).sum())
+        # [M, E] experts each layer's tokens chose this step (several forwards a step in the
+        # deterministic mode, one a request: their ids differ in length)
+        seen = torch.zeros_like(self.masks)
+        for slot, ids in self.ids:
+            seen[slot].scatter_(0, ids.flatten(), True)
+        counts = (seen & self.masks).sum(1)  # [M] unique CPU experts a layer
+        return float((counts * self.nbytes).sum())
 
     def summary(self, wall: float, host_gbps: float | None) -> dict:
         out = {
