@@ -293,3 +293,12 @@ def test_deterministic_mode_gives_a_request_the_same_logits_in_any_company(demo)
         logprobs = [o.logprobs[0].logprob for o in outs[rid]]
         assert logprobs == [o.logprobs[0].logprob for o in by_itself]
     assert_pool_whole(engine, free)
+
+
+@pytest.mark.parametrize("field", ["page_size", "kv_cache_tokens", "max_num_batched_tokens"])
+def test_serving_config_refuses_sizes_below_one(field):
+    from hetero.engine.engine import ServingConfig
+
+    with pytest.raises(ValueError, match=f"ServingConfig.{field} = 0: must be >= 1"):
+        ServingConfig(**{field: 0})
+    assert ServingConfig(**{field: 1}).num_pages >= 2

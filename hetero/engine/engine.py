@@ -39,6 +39,15 @@ class ServingConfig:
     deterministic: bool = False
     deterministic_chunk: int = 512
 
+    def __post_init__(self) -> None:
+        for name in ("page_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
+                     "deterministic_chunk"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"ServingConfig.{name} = {getattr(self, name)}: must be >= 1")
+        for name in ("max_model_len", "cuda_graph_max_batch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ServingConfig.{name} = {getattr(self, name)}: must be >= 0")
+
     @property
     def num_pages(self) -> int:
         return -(-self.kv_cache_tokens // self.page_size) + 1  # + the padding page
