@@ -285,6 +285,20 @@ def test_close_aborts_requests_in_flight(demo, make_handle):
         h.submit(demo.ids[:8], greedy(2))
 
 
+def test_release_frees_the_pages_and_keeps_no_outputs(demo, make_handle):
+    """A caller gone for good (a client that disconnected) releases its request: the pages
+    come back and nothing is kept for a reader that will never come."""
+    h = make_handle(page_size=16, kv_cache_tokens=2048)
+    free = h.stats().pages_free
+    rid = h.submit(demo.ids[:8], greedy(500))
+    wait_for(lambda: h.stats().running == 1, "the request to run")
+    h.release(rid)
+    wait_for(lambda: h.stats().running == 0 and h.stats().pages_free == free, "the pages")
+    with pytest.raises(KeyError, match="unknown request id"):
+        h.outputs(rid)
+    assert not h._sinks  # (nothing held for it)
+
+
 def test_close_aborts_a_request_the_loop_has_not_picked_up(demo, make_handle):
     """A request submitted while the loop is inside a step is still in the inbox when close()
     is called: it is in flight all the same, and its reader must get its "abort"."""

@@ -103,6 +103,12 @@ class EngineHandle:
         self._inbox.put(("abort", request_id))
         self._wake.set()
 
+    def release(self, request_id: str) -> None:
+        """Abort for a caller that will read no more (a client gone): its outputs are dropped
+        instead of kept for a reader."""
+        self.abort(request_id)
+        self._forget(request_id)
+
     def outputs(self, request_id: str, timeout: float | None = None) -> Iterator[RequestOutput]:
         """The request's outputs, its last one finished; all of them, however late the call."""
         sink = self._sink(request_id)
