@@ -266,6 +266,22 @@ def test_stats_follow_the_requests(demo, make_handle, monkeypatch):
                preemptions=0, page_size=16)  # fmt: skip
     stats = h.stats()
     assert stats.pages_free == stats.pages_total
+    assert stats.cpu_busy_s is None  # no CPU expert engine behind this model
+
+
+def test_stats_count_the_cpu_engines_busy_seconds(demo):
+    """A counter (not a share since the last read), so several readers never disturb it."""
+    from types import SimpleNamespace
+
+    cpu = SimpleNamespace(stats=SimpleNamespace(busy_s=1.5))
+    engine = Engine(demo.model, demo.tok, ServingConfig(page_size=16, kv_cache_tokens=256))
+    h = EngineHandle(engine, cpu_engine=cpu)
+    try:
+        assert h.stats().cpu_busy_s == h.stats().cpu_busy_s == 1.5
+        cpu.stats.busy_s = 2.0
+        assert h.stats().cpu_busy_s == 2.0
+    finally:
+        h.close()
 
 
 def test_close_aborts_requests_in_flight(demo, make_handle):

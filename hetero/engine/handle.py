@@ -11,7 +11,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -37,7 +36,9 @@ class EngineStats:
     generated_tokens: int
     preemptions: int
     steps: int
-    cpu_busy: float | None  # the CPU expert engine's busy share since the last stats() call
+    # seconds the CPU expert engine has computed so far (None without one): a counter, so any
+    # number of readers take their own busy share as its rate
+    cpu_busy_s: float | None
 
 
 def failed(rid: str, prompt_tokens: int, error: Exception) -> RequestOutput:
@@ -70,7 +71,6 @@ class EngineHandle:
         self._lock = threading.Lock()  # guards _sinks and the counters below
         self._steps = self._generated = 0
         self._stop = threading.Event()
-        self._busy_mark = (time.perf_counter(), self._cpu_busy_s())
         self._thread = threading.Thread(target=self._loop, name="hetero-engine", daemon=True)
         self._thread.start()
 
@@ -154,11 +154,9 @@ class EngineHandle:
 
     def stats(self) -> EngineStats:
         e = self.engine
-        now, busy = time.perf_counter(), self._cpu_busy_s()
         with self._lock:
-            (t0, b0), self._busy_mark = self._busy_mark, (now, busy)
             steps, generated = self._steps, self._generated
-        share = None if busy is None else round((busy - b0) / max(now - t0, 1e-9), 4)
+        busy = None if self.cpu_engine is None else self.cpu_engine.stats.busy_s
         return EngineStats(
             running=len(e.scheduler.running),
             waiting=len(e.scheduler.waiting),
@@ -171,7 +169,7 @@ class EngineHandle:
             generated_tokens=generated,
             preemptions=e.scheduler.preemptions,
             steps=steps,
-            cpu_busy=share,
+            cpu_busy_s=busy,
         )
 
     def close(self, timeout: float = 10.0) -> None:
@@ -181,9 +179,6 @@ class EngineHandle:
         self._thread.join(timeout)
 
     # -- the engine thread -----------------------------------------------------------------
-
-    def _cpu_busy_s(self) -> float | None:
-        return None if self.cpu_engine is None else self.cpu_engine.stats.busy_s
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         with self._lock:
