@@ -172,15 +172,16 @@ class Engine:
         tokens = dict(zip((r.id for r in sampling), sampled.tokens.tolist()))
         logprobs = _logprobs(sampling, sampled)
         outputs = []
-        for req in self.scheduler.postprocess(work, tokens):
+        for req, reason in self.scheduler.postprocess(work, tokens):
             detok = self.detok[req.id]
             delta = detok.push([req.tokens[-1]])
             text = delta.text
-            if delta.stopped is not None:
-                self.scheduler.finish(req, "stop")
-                req.finish_reason = "stop"  # also when its last allowed token completed it
-            elif req.finished:
+            if delta.stopped is not None:  # a stop string outranks max_tokens
+                reason = "stop"
+            elif reason is not None:
                 text += detok.flush()
+            if reason is not None:
+                self.scheduler.finish(req, reason)
             outputs.append(self._output(req, (req.tokens[-1],), text, logprobs.get(req.id),
                                         delta.stopped))  # fmt: skip
         return outputs

@@ -148,17 +148,18 @@ class Scheduler:
         req.pages, req.keys = [], []
         req.status, req.finish_reason = Status.FINISHED, reason
 
-    def postprocess(self, work: list[Work], tokens: dict[str, int]) -> list[Request]:
+    def postprocess(
+        self, work: list[Work], tokens: dict[str, int]
+    ) -> list[tuple[Request, str | None]]:
         """Advances each request by its chunk and appends its sampled token (`tokens`: request
-        id -> token, for work that samples). -> the requests that got a token."""
+        id -> token, for work that samples). -> each request that got a token, with the finish
+        reason that token causes (stop token, max_tokens); the caller, who also knows the stop
+        strings, finishes it."""
         out = []
         for w in work:
             req = w.request
             req.num_computed = w.start + w.n
             req.key_full_pages(self.pool)
             if w.samples:
-                reason = req.append(tokens[req.id])
-                out.append(req)
-                if reason is not None:
-                    self.finish(req, reason)
+                out.append((req, req.append(tokens[req.id])))
         return out
