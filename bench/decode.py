@@ -189,16 +189,21 @@ def time_cpu_alone(engine, config, B: int, steps: int, gpu_experts: int) -> floa
     return round(sorted(ms[1:])[steps // 2], 3)
 
 
-def settle(engine, config, B: int, args) -> None:
+def settle_times(engine, config, B: int, gpu_experts: int, limit_s: float) -> list[float]:
     """The CPU side alone, again and again until two times in a row agree within 5% (at most
-    `--settle-s`): a fresh VM's memory got faster over its first minutes (the whole-depth run's
-    first round was 1.5-2x slower than its second), and the modes should not pay for that.
-    Prints the times as a JSON line."""
+    `limit_s`): a fresh VM's memory got faster over its first minutes (the whole-depth run's
+    first round was 1.5-2x slower than its second), and the timed modes should not pay for it."""
     times, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < args.settle_s:
-        times.append(time_cpu_alone(engine, config, B, 4, args.gpu_experts))
+    while time.perf_counter() - t0 < limit_s:
+        times.append(time_cpu_alone(engine, config, B, 4, gpu_experts))
         if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
             break
+    return times
+
+
+def settle(engine, config, B: int, args) -> None:
+    """settle_times, printed as a JSON line."""
+    times = settle_times(engine, config, B, args.gpu_experts, args.settle_s)
     print(json.dumps({"bench": "decode", "batch": B, "mode": "settle", "cpu_alone_ms": times}))
 
 

@@ -283,19 +283,6 @@ def latency_summary(timings: list[Timing], wall: float) -> dict:
     }
 
 
-def settle(cpu, config, gpu_experts: int, limit_s: float) -> list[float]:
-    """bench/decode.py's settle without its line: the CPU side alone at batch 1 until two times
-    in a row agree within 5% (a fresh VM's memory gets faster over its first minutes)."""
-    from bench.decode import time_cpu_alone
-
-    times, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < limit_s:
-        times.append(time_cpu_alone(cpu, config, 1, 4, gpu_experts))
-        if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
-            break
-    return times
-
-
 def host_read(cpu, gb: float) -> dict:
     """The host's read bandwidth (GB/s) with the CPU engine's thread count: cpu_moe's readers."""
     import numba

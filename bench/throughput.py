@@ -35,7 +35,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import WORKLOADS, random_model, set_mode, slice_config  # noqa: E402
+from bench.decode import (  # noqa: E402
+    WORKLOADS,
+    random_model,
+    set_mode,
+    settle_times,
+    slice_config,
+)
 from bench.serving_load import (  # noqa: E402
     GPUExperts,
     Req,
@@ -47,7 +53,6 @@ from bench.serving_load import (  # noqa: E402
     latency_summary,
     machine,
     parse_dist,
-    settle,
 )
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.engine.engine import Engine, RequestError, ServingConfig  # noqa: E402
@@ -265,7 +270,7 @@ def run(args) -> None:
             setup["warmup_s"] = round(time.perf_counter() - t1, 1)
         if cpu is not None and args.settle_s > 0:
             g = facts.get("gpu_experts", 0)
-            setup["settle_cpu_alone_ms"] = settle(cpu, model.config, g, args.settle_s)
+            setup["settle_cpu_alone_ms"] = settle_times(cpu, model.config, 1, g, args.settle_s)
         if cpu is not None and args.read_bw_gb > 0:
             setup |= host_read(cpu, args.read_bw_gb)
         print(json.dumps({**base, "mode": "setup", **setup}), flush=True)
