@@ -19,6 +19,7 @@ import torch
 from hetero.config import ModelConfig
 from hetero.model import ForwardBatch, Transformer
 from hetero.placement import Placement, PlacementError, parse_placement
+from hetero.sched.hybrid import HybridExperts
 
 log = logging.getLogger(__name__)
 EXPERTS = r"'\.mlp\.experts$'"
@@ -109,7 +110,15 @@ def evaluate(
     batch_size: int = 8,
     progress=None,
 ) -> dict[str, dict]:
-    """{"reference": ..., name: ...} -> tokens, perplexity, kl_mean, greedy_agreement."""
+    """{"reference": ..., name: ...} -> tokens, perplexity, kl_mean, greedy_agreement.
+
+    Deferring candidates defer per token, as at batch 1 (HybridExperts.share_deferral): in a
+    window of many tokens nearly every expert is read for some token, so shared deferral would
+    defer almost nothing and hide the cost a decoding user pays."""
+    for model in candidates.values():
+        for module in model.modules():
+            if isinstance(getattr(module, "routed", None), HybridExperts):
+                module.routed.share_deferral = False
     tallies = {"reference": Tally(), **{name: Tally() for name in candidates}}
     starts = range(0, len(windows), batch_size)
     for i in progress(starts) if progress else starts:

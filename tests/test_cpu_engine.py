@@ -71,18 +71,22 @@ def test_caller_keeps_running_python_while_kernel_runs():
 
 @pytest.mark.parametrize("T", [3, 9])  # GEMV path in one call; GEMM path part by part
 def test_job_parts_and_rows(weights, T):
-    """A deferred job: part 1 is each token's lowest-weight CPU slot, part 0 the rest, and the
-    two add up to the whole layer; `rows` maps experts to engine rows (-1: not the CPU's)."""
+    """A deferred job: part 1 is each token's lowest-weight CPU slot (d = -1; with d = 1 only
+    where no token's part 0 reads that expert), part 0 the rest, and the two add up to the
+    whole layer; `rows` maps experts to engine rows (-1: not the CPU's)."""
     layer = pack_experts(*weights, Format.parse("int8"))
     eng = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=6))
     try:
         x, ids, wt = routing(T, 4, seed=5)
         rows = np.arange(E)
-        job = eng.submit(0, x, ids, wt, rows, deferred=1)
-        later, now = eng.wait(job, 1), eng.wait(job, 0)
         low = torch.zeros_like(ids, dtype=torch.bool).scatter_(1, wt.argmin(1, keepdim=True), True)
-        torch.testing.assert_close(later, eng.forward(0, x, ids.masked_fill(~low, -1), wt))
-        torch.testing.assert_close(now, eng.forward(0, x, ids.masked_fill(low, -1), wt))
+        read_now = torch.isin(ids, ids[~low])  # [T, k] its expert is in some token's part 0
+        for d, later_mask in ((-1, low), (1, low & ~read_now)):
+            job = eng.submit(0, x, ids, wt, rows, deferred=d)
+            later, now = eng.wait(job, 1), eng.wait(job, 0)
+            want = eng.forward(0, x, ids.masked_fill(~later_mask, -1), wt)
+            torch.testing.assert_close(later, want)
+            torch.testing.assert_close(now, eng.forward(0, x, ids.masked_fill(later_mask, -1), wt))
         # rows: expert 2 is elsewhere (-1), the others' rows shifted by one place
         shifted = np.array([1, 2, -1, 4, 5, 6, 7, 0])
         got = eng.wait(eng.submit(0, x, ids, wt, shifted))

@@ -136,6 +136,15 @@ def test_layer_equals_reference(engine, T, k):
     assert rel_err(eng.forward(3, x, ids, w), reference(layer, x, ids, w)) < FP32_TOL
 
 
+def test_every_tokens_per_expert_count(engine):
+    """Expert e gets e + 1 tokens (1..7): the GEMV's row passes for 4 tokens at once and its
+    remainders of 3, 2 and 1 each meet the reference."""
+    eng, layer = engine
+    ids = torch.tensor([e for e in range(7) for _ in range(e + 1)])[:, None]  # [28, 1]
+    x, _, w = routing(ids.shape[0], 1, seed=4, hidden=layer.hidden)
+    assert rel_err(eng.forward(3, x, ids, w), reference(layer, x, ids, w)) < FP32_TOL
+
+
 def test_fused_and_grouped_gemv_routes_agree(engine):
     """Decode batches (fewer tokens than the GEMM threshold) take one fused numba call; longer
     ones group in Python first and send the experts below the threshold to the same GEMV."""

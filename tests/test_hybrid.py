@@ -107,9 +107,10 @@ def test_all_experts_on_cpu_and_sequential_mode(v3):
         hybrid.close()
 
 
-def deferred_forward(model, d: int, gpu: set[int]):
+def deferred_forward(model, d: int, gpu: set[int], shared: bool):
     """Deferral in plain torch: of a token's CPU experts, the d lowest-weighted are added after
-    the next MoE layer's output (after the last one, before the final norm)."""
+    the next MoE layer's output (after the last one, before the final norm); `shared`: except
+    the experts that some token of the step computes now."""
 
     def lowest(weights, ids):  # [T, k] bool, written without kernels.split_parts
         later = torch.zeros_like(ids, dtype=torch.bool)
@@ -117,6 +118,9 @@ def deferred_forward(model, d: int, gpu: set[int]):
             cpu = [j for j in range(ids.shape[1]) if int(ids[t, j]) not in gpu]
             for j in sorted(cpu, key=lambda j: float(weights[t, j]))[:d]:
                 later[t, j] = True
+        if shared:
+            now = {int(e) for e in ids[~later]} - gpu
+            later &= ~torch.tensor([[int(e) in now for e in row] for row in ids])
         return later
 
     @torch.inference_mode()
@@ -145,15 +149,20 @@ def deferred_forward(model, d: int, gpu: set[int]):
     return forward
 
 
+@pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("d", [1, 2])
-def test_deferral_equals_plain_torch_reference(v3, d):
+def test_deferral_equals_plain_torch_reference(v3, d, shared):
     hybrid = load(v3, "int8", deferred=d)
     try:
+        for layer in hybrid.model.model.layers:
+            if layer.is_moe:
+                layer.mlp.routed.share_deferral = shared
         ref = reference(v3, hybrid)
         got = run(hybrid.model, hybrid.model)
-        assert_same(got, run(deferred_forward(ref, d, {0, 3}), ref))
-        exact = run(ref, ref)  # and deferral does change the numbers
-        assert ((got[0] - exact[0]).norm() / exact[0].norm()).item() > 1e-4
+        assert_same(got, run(deferred_forward(ref, d, {0, 3}, shared), ref))
+        if not shared:  # and deferral does change the numbers
+            exact = run(ref, ref)
+            assert ((got[0] - exact[0]).norm() / exact[0].norm()).item() > 1e-4
     finally:
         hybrid.close()
 
@@ -164,11 +173,16 @@ def test_split_parts_defers_the_lowest_weights():
     weights = np.array([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]], np.float32)
     ids = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
     rows = np.array([10, 11, 12, 13])
-    now, later = split_parts(ids, weights, rows, 2)
+    now, later = split_parts(ids, weights, rows, -2)  # d < 0: per token
     assert later.tolist() == [[-1, 11, -1, 13], [-1, -1, 12, 13]]
     assert now.tolist() == [[10, -1, 12, -1], [10, 11, -1, -1]]
+    now, later = split_parts(ids, weights, rows, 2)  # shared: 1 and 2 are read now anyway
+    assert later.tolist() == [[-1, -1, -1, 13], [-1, -1, -1, 13]]
+    assert now.tolist() == [[10, 11, 12, -1], [10, 11, 12, -1]]
+    one = split_parts(ids[:1], weights[:1], rows, 2)  # one token: shared = per token
+    assert (one == split_parts(ids[:1], weights[:1], rows, -2)).all()
     gpu = np.array([10, -1, 12, -1])  # experts 1 and 3 elsewhere: never in a part
-    now, later = split_parts(ids, weights, gpu, 1)
+    now, later = split_parts(ids, weights, gpu, -1)
     assert later.tolist() == [[-1, -1, 12, -1], [-1, -1, 12, -1]]
     assert now.tolist() == [[10, -1, -1, -1], [10, -1, -1, -1]]
     (only,) = split_parts(ids, weights, rows, 0)  # no deferral: one part, all slots

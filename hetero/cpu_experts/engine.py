@@ -117,7 +117,7 @@ class CPUExperts:
             rows = self._identity.setdefault(layer, np.arange(self.layers[layer].num_experts))
         else:
             ops.check_rows(rows, self.layers[layer].num_experts)
-        parts = 2 if deferred > 0 else 1
+        parts = 2 if deferred else 1
         with self._ring_lock:  # (a slot and its sequence number for one caller at a time)
             taken = self._ring_for(layer, x, ids)
             if taken is not None:
@@ -147,7 +147,7 @@ class CPUExperts:
         return Job(outs, done, future, x.device, x.dtype, np.zeros(parts, bool), recycle)
 
     def _submit_ring(self, ring, s, layer, x, ids, weights, rows, deferred, start) -> Job:
-        T, parts = x.shape[0], 2 if deferred > 0 else 1
+        T, parts = x.shape[0], 2 if deferred else 1
         ring.fill(s, layer, T, deferred, rows)
         self.stats.mark("alloc", start)
         host = (ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T])

@@ -188,17 +188,23 @@ def _row_dot(w, s, x, G):
 def split_parts(ids, weights, rows, deferred):
     """A job's parts: ids [T, k] router experts (-1: none) -> parts [n, T, k] engine rows (-1:
     not in that part). rows [E]: each expert's engine row (-1: computed elsewhere). With
-    `deferred` d > 0 (n = 2), part 1 holds each token's d lowest-weight slots that have a row
-    (between equal weights, the earlier slot), part 0 the rest; else n = 1."""
+    `deferred` d != 0 (n = 2), part 1 holds each token's |d| lowest-weight slots that have a
+    row (between equal weights, the earlier slot), part 0 the rest; else n = 1.
+
+    d > 0 shares reads: a slot whose expert part 0 computes anyway (for another token) stays in
+    part 0, so no expert is read twice in one job and part 1 holds only experts that every
+    token using them deferred. d < 0 defers per token whatever the others do (what each token
+    would see alone, at batch 1: `hetero eval` scores deferral so)."""
     T, k = ids.shape
-    parts = np.full((2 if deferred > 0 else 1, T, k), -1, np.int64)
+    d = deferred if deferred > 0 else -deferred
+    parts = np.full((2 if d > 0 else 1, T, k), -1, np.int64)
     for t in range(T):
         for j in range(k):
             if ids[t, j] >= rows.shape[0]:
                 raise ValueError("an expert id is out of range of the rows map")
             if ids[t, j] >= 0:
                 parts[0, t, j] = rows[ids[t, j]]
-        for _ in range(min(deferred, k)):
+        for _ in range(min(d, k)):
             low = -1
             for j in range(k):
                 if parts[0, t, j] >= 0 and (low < 0 or weights[t, j] < weights[t, low]):
@@ -206,6 +212,17 @@ def split_parts(ids, weights, rows, deferred):
             if low < 0:
                 break
             parts[1, t, low], parts[0, t, low] = parts[0, t, low], -1
+    if deferred > 0 and T > 1:
+        now = np.zeros(max(rows.max() + 1, 1), np.bool_)  # by engine row: part 0 reads it
+        for t in range(T):
+            for j in range(k):
+                if parts[0, t, j] >= 0:
+                    now[parts[0, t, j]] = True
+        for t in range(T):
+            for j in range(k):
+                r = parts[1, t, j]
+                if r >= 0 and now[r]:
+                    parts[0, t, j], parts[1, t, j] = r, -1
     return parts
 
 

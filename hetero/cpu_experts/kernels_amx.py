@@ -38,8 +38,8 @@ from hetero.cpu_experts.simd_q8 import atomic_add
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "9c1a563e6fb86ce8",
-    "simd_q8.py": "e9ae5c1cbf94195a",
+    "kernels.py": "46cbf6684ae5b0ac",
+    "simd_q8.py": "c7d88f233293e0a5",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

@@ -43,9 +43,9 @@ from hetero.cpu_experts.simd_q8 import atomic_add
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_amx.py": "286c44649734b924",
-    "simd_q8.py": "e9ae5c1cbf94195a",
+    "kernels.py": "46cbf6684ae5b0ac",
+    "kernels_amx.py": "7213a20da052446f",
+    "simd_q8.py": "c7d88f233293e0a5",
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)

@@ -23,12 +23,14 @@ from hetero.cpu_experts.simd_q8 import (
     atomic_load,
     cycle_counter,
     q8_row_dot,
+    q8_row_dot2,
+    q8_row_dot3,
     q8_row_dot4,
     spin_pause,
 )
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "e9ae5c1cbf94195a"}
+DEPENDS = {"simd_q8.py": "c7d88f233293e0a5"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 
@@ -158,10 +160,23 @@ def _gate_up(w13, s13, xq, xs, xa, pair_token, start, end, r0, r1, h, sh, ahead)
             for j in range(4):
                 h[p + j, r] = _silu_mul(g[j], u[j])
             p += 4
-        for q in range(p, end):
-            t = pair_token[q]
+        left = end - p  # 0-3 tokens: one pass for them too
+        if left == 3:
+            t0, t1, t2 = pair_token[p], pair_token[p + 1], pair_token[p + 2]
+            g3 = q8_row_dot3(wg, sg, xq, xs, xa, t0, t1, t2, sh, ahead)
+            u3 = q8_row_dot3(wu, su, xq, xs, xa, t0, t1, t2, sh, ahead)
+            for j in range(3):
+                h[p + j, r] = _silu_mul(g3[j], u3[j])
+        elif left == 2:
+            t0, t1 = pair_token[p], pair_token[p + 1]
+            g2 = q8_row_dot2(wg, sg, xq, xs, xa, t0, t1, sh, ahead)
+            u2 = q8_row_dot2(wu, su, xq, xs, xa, t0, t1, sh, ahead)
+            for j in range(2):
+                h[p + j, r] = _silu_mul(g2[j], u2[j])
+        elif left == 1:
+            t = pair_token[p]
             g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh, ahead)
-            h[q, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh, ahead))
+            h[p, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh, ahead))
 
 
 @njit(inline="always", **JIT)
@@ -175,9 +190,18 @@ def _down(w2, s2, hq, hs, ha, weights, pair_token, pair_slot, start, end, r0, r1
             for j in range(4):
                 y[p + j, r] = d[j] * weights[pair_token[p + j], pair_slot[p + j]]
             p += 4
-        for q in range(p, end):
-            wt = weights[pair_token[q], pair_slot[q]]
-            y[q, r] = q8_row_dot(wd, sd, hq[q], hs[q], ha[q], sh, ahead) * wt
+        left = end - p
+        if left == 3:
+            d3 = q8_row_dot3(wd, sd, hq, hs, ha, p, p + 1, p + 2, sh, ahead)
+            for j in range(3):
+                y[p + j, r] = d3[j] * weights[pair_token[p + j], pair_slot[p + j]]
+        elif left == 2:
+            d2 = q8_row_dot2(wd, sd, hq, hs, ha, p, p + 1, sh, ahead)
+            for j in range(2):
+                y[p + j, r] = d2[j] * weights[pair_token[p + j], pair_slot[p + j]]
+        elif left == 1:
+            wt = weights[pair_token[p], pair_slot[p]]
+            y[p, r] = q8_row_dot(wd, sd, hq[p], hs[p], ha[p], sh, ahead) * wt
 
 
 @njit(inline="always", **JIT)

@@ -128,7 +128,7 @@ def moe_layer(
     (int64) goes up by one once outs[p] is written. `ready` int64 [1]: the kernel first waits
     (spinning, at most `max_wait_cycles` of the CPU's cycle counter) until ready[0] != 0, for
     inputs still being copied in; None: they are there. Returns the cycles it waited."""
-    n = 2 if deferred > 0 else 1
+    n = 2 if deferred else 1
     _check(layer, x, weights, outs[0])
     ids = np.ascontiguousarray(ids, dtype=np.int64)
     if ids.shape != weights.shape or outs.shape != (n, *x.shape) or done.shape != (n,):

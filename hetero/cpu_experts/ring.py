@@ -36,10 +36,10 @@ from hetero.cpu_experts.simd_q8 import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "53dd440964de78cd",
-    "kernels.py": "9c1a563e6fb86ce8",
-    "kernels_q8.py": "d4cf441978563020",
-    "simd_q8.py": "e9ae5c1cbf94195a",
+    "fused.py": "a8a6f6fdb1fbe076",
+    "kernels.py": "46cbf6684ae5b0ac",
+    "kernels_q8.py": "fb35ed0db88de9d3",
+    "simd_q8.py": "c7d88f233293e0a5",
 }
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each

@@ -249,17 +249,17 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
     return types.float32(w, s, xq, xs, xa, gshift, ahead), codegen
 
 
-@intrinsic
-def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
-    """`q8_row_dot` of one row against 4 tokens at once (rows t0..t3 of xq [T, K] i8, xs [T,
-    K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked once for all four."""
-    int8 = _weights_kind(w, s)
+def _typed_dots(w, s, xq, xs, xa, ts, gshift, ahead):
+    """Typing and codegen of `q8_row_dot` of one row against len(ts) tokens at once (rows ts
+    of xq [T, K] i8, xs [T, K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked and its
+    scales widened once for all of them; an n-tuple of f32."""
+    n, int8 = len(ts), _weights_kind(w, s)
     acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
     if int8 is None or not all(_is_table(a, d) for a, d in acts):
         return None
-    if not all(isinstance(t, types.Integer) for t in (t0, t1, t2, t3, gshift, ahead)):
+    if not all(isinstance(t, types.Integer) for t in (*ts, gshift, ahead)):
         return None
-    ret = types.UniTuple(types.float32, 4)
+    ret = types.UniTuple(types.float32, n)
 
     def codegen(context, builder, sig, args):
         w_a, s_a, xq_a, xs_a, xa_a = (
@@ -272,16 +272,36 @@ def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
             builder.bitcast(xa_a.data, I32.as_pointer()),
         )
         tokens = []
-        for t in args[5:9]:
+        for t in args[5 : 5 + n]:
             t = _i64(builder, t)
-            tokens.append(tuple(builder.gep(p, [builder.mul(t, n)]) for p, n in zip(bases, rows)))
+            tokens.append(tuple(builder.gep(p, [builder.mul(t, m)]) for p, m in zip(bases, rows)))
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
         s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
-        shift, far = _i64(builder, args[9]), _i64(builder, args[10])
+        shift, far = _i64(builder, args[5 + n]), _i64(builder, args[6 + n])
         totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8, far)
         return context.make_tuple(builder, ret, totals)
 
-    return ret(w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead), codegen
+    return ret(w, s, xq, xs, xa, *ts, gshift, ahead), codegen
+
+
+# two to four tokens of an expert share each unpacked block (batched decode: an expert has a
+# few tokens, and re-unpacking its rows per token makes the cores, not RAM, the bound)
+@intrinsic
+def q8_row_dot2(typingctx, w, s, xq, xs, xa, t0, t1, gshift, ahead):
+    """`q8_row_dot` of one row against tokens t0, t1 (`_typed_dots`)."""
+    return _typed_dots(w, s, xq, xs, xa, (t0, t1), gshift, ahead)
+
+
+@intrinsic
+def q8_row_dot3(typingctx, w, s, xq, xs, xa, t0, t1, t2, gshift, ahead):
+    """`q8_row_dot` of one row against tokens t0, t1, t2 (`_typed_dots`)."""
+    return _typed_dots(w, s, xq, xs, xa, (t0, t1, t2), gshift, ahead)
+
+
+@intrinsic
+def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
+    """`q8_row_dot` of one row against tokens t0..t3 (`_typed_dots`)."""
+    return _typed_dots(w, s, xq, xs, xa, (t0, t1, t2, t3), gshift, ahead)
 
 
 @intrinsic

@@ -86,6 +86,10 @@ class HybridExperts:
         self.layer = layer
         self.engine = engine
         self.deferred = deferred
+        # False: each token defers its own slots even where another token's part 0 reads that
+        # expert anyway (kernels.split_parts, d < 0) -- batch 1's deferral, which `hetero eval`
+        # scores; True (serving): an expert is never read twice in one step
+        self.share_deferral = True
         self.overlap = overlap
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[[int(e) for e in experts.keys()]] = True
@@ -106,7 +110,8 @@ class HybridExperts:
             return self._streamed(x, ids, weights)
         # first the CPU's job, so that its input copy is queued right behind the router; the
         # engine's kernel picks each token's deferred slots (kernels.split_parts)
-        job = self.engine.submit(self.layer, x, ids, weights, self.rows_np, self.deferred)
+        deferred = self.deferred if self.share_deferral else -self.deferred
+        job = self.engine.submit(self.layer, x, ids, weights, self.rows_np, deferred)
         if not self.overlap:
             y_cpu = self.engine.wait(job)
         pending = CPUPending(self.engine, job) if self.deferred else None
