@@ -5,7 +5,7 @@
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
-#   serve-v3a | serve-v3b | serve-v2lite
+#   serve-v3a | serve-v3b | serve-v3c | serve-v2lite
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -133,6 +133,13 @@ for stage in "$@"; do
         --defer-levels 3,0,0 --requests 16,16,64 --prompt-len uniform:80,160 --output-len fixed:24 \
         --shared-prefix 64 --warmup 4 --settle-s 20 --naive 0 > "$OUT/serve_v3_b.jsonl" \
         2> "$OUT/serve_v3_b.err"; tail -3 "$OUT/serve_v3_b.err" ;;
+    serve-v3c)  # deferral 3 (reads shared across a batch) alternated with 0 at concurrency 16
+      # and 64, compared in one run (~8 min)
+      timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 \
+        --concurrency 16,16,16,16,64,64 --defer-levels 3,0,3,0,3,0 --requests 16,16,16,16,64,64 \
+        --prompt-len uniform:80,160 --output-len fixed:16 --shared-prefix 64 --warmup 4 \
+        --settle-s 20 --naive 0 > "$OUT/serve_v3_c.jsonl" 2> "$OUT/serve_v3_c.err"
+      tail -3 "$OUT/serve_v3_c.err" ;;
     serve-v2lite)  # the whole V2-Lite shape, then the deterministic mode's cost (~5 min)
       timeout 200 python3 bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 \
         --requests 4,8,32,64 --prompt-len uniform:64,256 --output-len fixed:64 --warmup 8 \

@@ -1,4 +1,4 @@
-"""`hetero generate | chat | convert | plan | profile-experts | eval` (serve: a later issue)."""
+"""`hetero serve | generate | chat | convert | plan | profile-experts | eval`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from hetero.config import ConfigError
 from hetero.cpu_experts.store import StoreError
@@ -54,10 +55,23 @@ def _tokenizer(model_dir: Path):
         raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({why})") from None
 
 
-def _session(args: argparse.Namespace, progress: bool, kv_tokens: int | None = None):
-    """(engine, close, tokenizer, sampling parameters) of a generate or chat command: the model
-    as _load places it behind a serving engine whose KV pool holds `kv_tokens` (default: what
-    the memory plan leaves room for, at most the model's context); `close` stops the CPU engine."""
+class Session(NamedTuple):
+    engine: object  # hetero.engine.Engine
+    close: object  # stops the CPU expert engine
+    tokenizer: object
+    params: object  # SamplingParams from the command line
+    cpu_engine: object  # CPUExperts, None without
+
+
+def _session(
+    args: argparse.Namespace,
+    progress: bool,
+    kv_tokens: int | None = None,
+    max_num_seqs: int = 64,
+    deterministic: bool = False,
+) -> Session:
+    """The model as _load places it behind a serving engine whose KV pool holds `kv_tokens`
+    (default: what the memory plan leaves room for, at most the model's context)."""
     import torch
 
     from hetero.config import ModelConfig
@@ -78,12 +92,14 @@ def _session(args: argparse.Namespace, progress: bool, kv_tokens: int | None = N
         kv_cache_tokens=tokens,
         max_num_batched_tokens=loaded.prefill_chunk or ServingConfig.max_num_batched_tokens,
         cuda_graph_max_batch=ServingConfig.cuda_graph_max_batch if args.cuda_graphs else 0,
+        max_num_seqs=max_num_seqs,
+        deterministic=deterministic,
     )
     engine = Engine(loaded.model, tokenizer, serving, eos_ids=tuple(sorted(stop)))
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
     )
-    return engine, loaded.close, tokenizer, params
+    return Session(engine, loaded.close, tokenizer, params, loaded.cpu_engine)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -106,7 +122,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and "
             f"--max-tokens asks for {args.max_tokens} more ({need} in all)"
         )
-    engine, close, tokenizer, params = _session(args, progress=not args.json, kv_tokens=need)
+    engine, close, tokenizer, params, _ = _session(args, progress=not args.json, kv_tokens=need)
     try:
         engine.add_request(prompt_ids, params)
         output_ids, text = [], ""
@@ -128,7 +144,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from hetero.chat import chat_loop
 
-    engine, close, tokenizer, params = _session(args, progress=True)
+    engine, close, tokenizer, params, _ = _session(args, progress=True)
     n = sum(p.numel() for p in engine.model.parameters()) / 1e6
     where = f"{args.model or 'the built-in model'}, {n:.1f}M parameters on the device"
     print(f"hetero chat: {where}; replies up to {params.max_tokens} tokens")
@@ -332,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ram", type=float, help="host RAM GiB (default: this machine's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_plan)
+    from hetero.server.serve import add_parser
+
+    add_parser(sub, _model_args, _placement_args)
     return parser
 
 
