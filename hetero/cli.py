@@ -69,6 +69,7 @@ def _session(
     kv_tokens: int | None = None,
     max_num_seqs: int = 64,
     deterministic: bool = False,
+    max_num_batched_tokens: int | None = None,
 ) -> Session:
     """The model as _load places it behind a serving engine whose KV pool holds `kv_tokens`
     (default: what the memory plan leaves room for, at most the model's context)."""
@@ -90,7 +91,9 @@ def _session(
     serving = ServingConfig(
         page_size=min(loaded.kv_page_size, tokens),
         kv_cache_tokens=tokens,
-        max_num_batched_tokens=loaded.prefill_chunk or ServingConfig.max_num_batched_tokens,
+        max_num_batched_tokens=max_num_batched_tokens
+        or loaded.prefill_chunk
+        or ServingConfig.max_num_batched_tokens,
         cuda_graph_max_batch=ServingConfig.cuda_graph_max_batch if args.cuda_graphs else 0,
         max_num_seqs=max_num_seqs,
         deterministic=deterministic,

@@ -178,7 +178,7 @@ def test_errors_are_openai_shaped(server, client):
     ]
     for body, named in cases:
         r = httpx.post(server.url + "/v1/chat/completions", content=body,
-                       headers={"content-type": "application/json"})  # fmt: skip
+                       headers={"content-type": "application/json"}, timeout=60)  # fmt: skip
         assert r.status_code == 400, (body, r.text)
         error = r.json()["error"]
         assert named in error["message"] and error["type"] == "invalid_request_error", error

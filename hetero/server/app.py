@@ -27,15 +27,8 @@ def create_app(state: ServerState) -> FastAPI:
     errors.install(app)
     app.add_middleware(BodyLimit, limit=state.config.max_body_bytes)
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = state.config.api_key
-        if key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-                msg = "a valid API key is required: Authorization: Bearer <key>"
-                return errors.APIError(401, msg, code="invalid_api_key").response()
-        return await call_next(request)
+    if state.config.api_key:
+        app.add_middleware(APIKey, key=state.config.api_key)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -129,6 +122,23 @@ async def _unless_gone(request: Request, work):
                 await task
             return Response(status_code=499)
     return task.result()
+
+
+class APIKey:
+    """401 on /v1 without `Authorization: Bearer <key>` (compared in constant time). Pure ASGI,
+    as BodyLimit: Starlette's BaseHTTPMiddleware would hide client disconnects from the routes."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.want = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.want):
+                msg = "a valid API key is required: Authorization: Bearer <key>"
+                error = errors.APIError(401, msg, code="invalid_api_key")
+                return await error.response()(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 class BodyLimit:

@@ -6,6 +6,7 @@ stops taking requests (/health: 503 "draining"), lets those in flight finish for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import threading
@@ -28,6 +29,8 @@ def add_parser(sub, model_args, placement_args) -> None:
     s.add_argument("--max-queued-requests", type=int, default=256,
                    help="waiting requests beyond which new ones get 503 + Retry-After")  # fmt: skip
     s.add_argument("--max-num-seqs", type=int, default=64, help="requests in a batch")
+    s.add_argument("--max-num-batched-tokens", type=int,
+                   help="tokens a step: decode + prompt chunks")  # fmt: skip
     s.add_argument("--kv-cache-tokens", type=int, help="KV pool size (default: the memory plan)")
     s.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body")
     s.add_argument("--drain-timeout", type=float, default=30.0,
@@ -84,7 +87,7 @@ def _load(args: argparse.Namespace, state, server) -> None:
     try:
         engine, close, tokenizer, _, cpu = _session(
             args, progress=True, kv_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
-            deterministic=args.deterministic,
+            deterministic=args.deterministic, max_num_batched_tokens=args.max_num_batched_tokens,
         )  # fmt: skip
     except Exception as e:  # the server stays up to say why (/health, every request)
         log.error("loading failed: %s", e)
@@ -112,6 +115,14 @@ class _Server:
             def handle_exit(self, sig, frame) -> None:
                 state.draining = True
                 super().handle_exit(sig, frame)
+
+            @contextlib.contextmanager
+            def capture_signals(self):
+                # uvicorn re-raises a caught SIGTERM once drained (the process then dies of
+                # it); a drained server has done what SIGTERM asks, so it exits 0 instead
+                with super().capture_signals():
+                    yield
+                    self._captured_signals.clear()
 
         self.server = Server(config)
         self.config = config
