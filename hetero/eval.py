@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,13 +113,15 @@ def evaluate(
 ) -> dict[str, dict]:
     """{"reference": ..., name: ...} -> tokens, perplexity, kl_mean, greedy_agreement.
 
-    Deferring candidates defer per token, as at batch 1 (HybridExperts.share_deferral): in a
-    window of many tokens nearly every expert is read for some token, so shared deferral would
-    defer almost nothing and hide the cost a decoding user pays."""
+    Deferring candidates defer per token, as at batch 1, in windows of any length
+    (HybridExperts.share_deferral, defer_max_tokens): in a window of many tokens nearly every
+    expert is read for some token, so shared deferral would defer almost nothing and hide the
+    cost a decoding user pays."""
     for model in candidates.values():
         for module in model.modules():
             if isinstance(getattr(module, "routed", None), HybridExperts):
                 module.routed.share_deferral = False
+                module.routed.defer_max_tokens = sys.maxsize
     tallies = {"reference": Tally(), **{name: Tally() for name in candidates}}
     starts = range(0, len(windows), batch_size)
     for i in progress(starts) if progress else starts:

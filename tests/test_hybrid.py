@@ -157,12 +157,27 @@ def test_deferral_equals_plain_torch_reference(v3, d, shared):
         for layer in hybrid.model.model.layers:
             if layer.is_moe:
                 layer.mlp.routed.share_deferral = shared
+                layer.mlp.routed.defer_max_tokens = 10**9  # the 9-token prefill defers too
         ref = reference(v3, hybrid)
         got = run(hybrid.model, hybrid.model)
         assert_same(got, run(deferred_forward(ref, d, {0, 3}, shared), ref))
         if not shared:  # and deferral does change the numbers
             exact = run(ref, ref)
             assert ((got[0] - exact[0]).norm() / exact[0].norm()).item() > 1e-4
+    finally:
+        hybrid.close()
+
+
+def test_steps_of_many_tokens_defer_nothing(v3):
+    """Above HybridExperts.defer_max_tokens (8) a step is computed whole: the 9-token prefill
+    gives the exact model's logits, the 2-token decode steps after it are deferred."""
+    hybrid = load(v3, "int8", deferred=1)
+    try:
+        ref = reference(v3, hybrid)
+        got, exact = run(hybrid.model, hybrid.model), run(ref, ref)
+        assert_same(got[:1], exact[:1])
+        deferred = run(deferred_forward(ref, 1, {0, 3}, shared=True), ref)
+        assert_same(got[1:2], deferred[1:2])  # (later steps follow their own greedy tokens)
     finally:
         hybrid.close()
 

@@ -62,6 +62,9 @@ class CPUPending:
         return self.engine.wait(self.job, part=1)
 
 
+DEFER_MAX_TOKENS = 8  # a step's tokens up to which deferral applies
+
+
 class HybridExperts:
     """Routed experts of one MoE layer: `experts` (the GPU-resident ones, as modules) on the
     model's device, the rest in `engine` (layer `layer`), whose rows are the experts `cpu_rows`
@@ -90,6 +93,10 @@ class HybridExperts:
         # expert anyway (kernels.split_parts, d < 0) -- batch 1's deferral, which `hetero eval`
         # scores; True (serving): an expert is never read twice in one step
         self.share_deferral = True
+        # steps of more tokens defer nothing: at batch 16 and 64 (V3, H200, 2026-12-03) the
+        # split job ran 20-33% slower than the whole one, its deferred part too small to
+        # occupy the cores; at batch 1 deferral gains (bench/results/*serve_v3.md)
+        self.defer_max_tokens = DEFER_MAX_TOKENS
         self.overlap = overlap
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
         on_gpu[[int(e) for e in experts.keys()]] = True
@@ -110,11 +117,12 @@ class HybridExperts:
             return self._streamed(x, ids, weights)
         # first the CPU's job, so that its input copy is queued right behind the router; the
         # engine's kernel picks each token's deferred slots (kernels.split_parts)
-        deferred = self.deferred if self.share_deferral else -self.deferred
+        d = self.deferred if x.shape[0] <= self.defer_max_tokens else 0
+        deferred = d if self.share_deferral else -d
         job = self.engine.submit(self.layer, x, ids, weights, self.rows_np, deferred)
         if not self.overlap:
             y_cpu = self.engine.wait(job)
-        pending = CPUPending(self.engine, job) if self.deferred else None
+        pending = CPUPending(self.engine, job) if d else None
         y = self._gpu_experts(x, ids, weights)
         if not self.overlap:
             return RoutedRun(lambda: y + y_cpu, pending)
