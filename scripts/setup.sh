@@ -16,3 +16,11 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 $py -m pip install -q -e "$spec"
+# tests/test_chat_page.py drives headless Chromium (skipped without it): install it where apt-get
+# can (Debian, as root); anywhere else this is skipped silently
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } \
+        >/dev/null 2>&1 || true
+fi
