@@ -16,6 +16,7 @@ from hetero.engine.params import MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16  # choices a request
 MAX_STOP = 16  # stop strings a request
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 
 
 class _Body(BaseModel):
@@ -196,7 +197,7 @@ class ChatRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: bool = False

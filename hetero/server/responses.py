@@ -107,14 +107,19 @@ def prepare_completion(body: CompletionRequest, loaded: Loaded, model: str) -> C
     for p in prompts:
         m = max_tokens_for(body.max_tokens, len(p), loaded.context, "prompt")
         params += choice_params(body.sampling(m, body.logprobs), body.n)
-        texts.append(tok.decode(p, skip_special_tokens=body.skip_special_tokens))
+        if body.echo:
+            try:
+                texts.append(tok.decode(p, skip_special_tokens=body.skip_special_tokens))
+            except (OverflowError, IndexError, TypeError, ValueError) as e:
+                raise APIError(400, f"prompt: token ids the tokenizer cannot decode ({e})",
+                               param="prompt") from None  # fmt: skip
     return CompletionJob(
         id=new_id("cmpl"),
         created=int(time.time()),
         model=model,
         prompts=[p for p in prompts for _ in range(body.n)],
         params=params,
-        prompt_texts=texts if body.echo else [],
+        prompt_texts=texts,
         n=body.n,
         include_usage=body.include_usage,
         text=TokenText(tok),

@@ -96,7 +96,9 @@ def _load(args: argparse.Namespace, state, server) -> None:
     from hetero.engine.handle import EngineHandle
 
     handle = EngineHandle(engine, cpu)
-    state.loaded = Loaded(handle, tokenizer, engine.max_model_len, close)
+    # a request's prompt + output: the model's context, or the whole KV pool if that is smaller
+    context = min(engine.max_model_len, engine.pool.capacity * engine.pool.page_size)
+    state.loaded = Loaded(handle, tokenizer, context, close)
     host = args.host if ":" not in args.host else f"[{args.host}]"
     log.info(
         "serving %r at http://%s:%d/v1 (chat page: http://%s:%d/); KV cache %d tokens",
