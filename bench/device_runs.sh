@@ -5,7 +5,7 @@
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
-#   serve-v3a | serve-v3b | serve-v3c | serve-v2lite
+#   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -140,6 +140,16 @@ for stage in "$@"; do
         --prompt-len uniform:80,160 --output-len fixed:16 --shared-prefix 64 --warmup 4 \
         --settle-s 20 --naive 0 > "$OUT/serve_v3_c.jsonl" 2> "$OUT/serve_v3_c.err"
       tail -3 "$OUT/serve_v3_c.err" ;;
+    serve-http)  # the HTTP layer's cost: hetero serve's app vs the engine handle, alternated,
+      # on V2-Lite (c1, c16) then the whole V3 depth (c1, c16) (~8 min)
+      timeout 150 python3 bench/serving_http.py --workload v2-lite --concurrency 1,16 \
+        --requests 4,32 --prompt-len uniform:64,256 --output-len fixed:32 --warmup 8 \
+        --shared-prefix 64 --naive 0 > "$OUT/serve_http_v2lite.jsonl" 2> "$OUT/serve_http_v2lite.err"
+      tail -2 "$OUT/serve_http_v2lite.err"
+      timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
+        --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \
+        --shared-prefix 64 --naive 0 --defer 0 > "$OUT/serve_http_v3.jsonl" 2> "$OUT/serve_http_v3.err"
+      tail -2 "$OUT/serve_http_v3.err" ;;
     serve-v2lite)  # the whole V2-Lite shape, then the deterministic mode's cost (~5 min)
       timeout 200 python3 bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 \
         --requests 4,8,32,64 --prompt-len uniform:64,256 --output-len fixed:64 --warmup 8 \
