@@ -148,7 +148,7 @@ for stage in "$@"; do
       tail -2 "$OUT/serve_http_v2lite.err"
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \
-        --shared-prefix 64 --naive 0 --defer 0 > "$OUT/serve_http_v3.jsonl" 2> "$OUT/serve_http_v3.err"
+        --shared-prefix 64 --naive 0 > "$OUT/serve_http_v3.jsonl" 2> "$OUT/serve_http_v3.err"
       tail -2 "$OUT/serve_http_v3.err" ;;
     serve-v2lite)  # the whole V2-Lite shape, then the deterministic mode's cost (~5 min)
       timeout 200 python3 bench/throughput.py --workload v2-lite --concurrency 1,4,16,64 \
