@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from hetero.engine.detokenizer import IncrementalDetokenizer
+from hetero.engine.grammar import Grammars, accept
 from hetero.engine.outputs import RequestOutput, TokenLogprob
 from hetero.engine.pages import PagePool
 from hetero.engine.params import SamplingParams
@@ -65,6 +66,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         self.eos_ids = frozenset(eos_ids)
+        self.grammars = Grammars(tokenizer, self.vocab_size, tuple(sorted(self.eos_ids)))
         self.pool = PagePool(config.num_pages, config.page_size)
         self.cache = model.new_paged_cache(config.num_pages, config.page_size)
         chunk = min(config.deterministic_chunk, config.max_num_batched_tokens)
@@ -83,9 +85,11 @@ class Engine:
 
     def check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """RequestError, naming the numbers, for a request this engine can never serve. Reads
-        only what never changes, so any thread may call it."""
+        only what never changes (and the locked grammar cache), so any thread may call it."""
         try:
             params.check(self.vocab_size)
+            if params.grammar is not None:  # compiled here, in the caller's thread, and cached
+                self.grammars.compile(params.grammar)
         except ValueError as e:
             raise RequestError(str(e)) from None
         n = len(prompt_ids)
@@ -115,7 +119,9 @@ class Engine:
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        req = Request(rid, prompt_ids, params, seed, stop_ids)
+        spec = params.grammar
+        matcher = self.grammars.matcher(spec, stop_ids) if spec is not None else None
+        req = Request(rid, prompt_ids, params, seed, stop_ids, matcher)
         self.requests[rid] = req
         self.detok[rid] = IncrementalDetokenizer(
             self.tokenizer, prompt_ids, params.stop, params.skip_special_tokens
@@ -164,6 +170,7 @@ class Engine:
             [r.output_ids if needs_history else [] for r in reqs],
             self.vocab_size,
             logits.device,
+            self.grammars.mask([r.matcher for r in reqs], logits.device),
         )
         return sample(logits, batch)
 
@@ -173,6 +180,8 @@ class Engine:
         logprobs = _logprobs(sampling, sampled)
         outputs = []
         for req, reason in self.scheduler.postprocess(work, tokens):
+            if req.matcher is not None and accept(req.matcher, req.tokens[-1]):
+                reason = "stop"  # the grammar is complete (or could not go on)
             detok = self.detok[req.id]
             delta = detok.push([req.tokens[-1]])
             text = delta.text

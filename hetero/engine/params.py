@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from hetero.engine.grammar import GrammarSpec
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -29,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (stop_token_ids still stop)
     logprobs: int | None = None  # None: none; n >= 0: the sampled token's and the n most likely
     skip_special_tokens: bool = True  # in the detokenized text
+    # the output must match it (hetero/engine/grammar.py); compiled at submission
+    grammar: GrammarSpec | None = None
 
     def __post_init__(self) -> None:
         # tuples, not lists or dicts, so the params stay hashable and frozen
@@ -68,6 +72,8 @@ class SamplingParams:
             raise ValueError(f"seed={self.seed} must be in [0, 2**63)")
         if any(not s for s in self.stop):
             raise ValueError("stop: empty stop strings are not allowed")
+        if self.grammar is not None and not isinstance(self.grammar, GrammarSpec):
+            raise ValueError(f"grammar={self.grammar!r} must be a GrammarSpec")
         if vocab_size is not None:
             for name, ids in (
                 ("logit_bias", [t for t, _ in self.logit_bias]),

@@ -5,9 +5,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
 
 from hetero.engine.pages import PagePool, page_hash
 from hetero.engine.params import SamplingParams
+
+if TYPE_CHECKING:
+    from xgrammar import GrammarMatcher
 
 
 class Status(Enum):
@@ -33,12 +37,14 @@ class Request:
 
     def __init__(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, seed: int,
-        stop_ids: frozenset[int],
+        stop_ids: frozenset[int], matcher: GrammarMatcher | None = None,
     ) -> None:  # fmt: skip
         self.id = request_id
         self.tokens = list(prompt_ids)
         self.num_prompt = len(prompt_ids)
         self.params, self.seed, self.stop_ids = params, seed, stop_ids
+        # the grammar's state after the output so far; a preemption keeps both
+        self.matcher = matcher
         self.status = Status.WAITING
         self.pages: list[int] = []
         self.keys: list[bytes] = []

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from hetero.engine.grammar import TokenMask, apply_mask
 from hetero.engine.params import SamplingParams
 
 # splitmix64 (Steele, Lea, Flood 2014), written as the signed int64 values with the same bits
@@ -47,6 +48,7 @@ class SamplingBatch:
     all_greedy: bool
     filtered: bool  # some sampled row has top_k, top_p or min_p on: the step needs its sort
     max_logprobs: int | None  # the most top logprobs any row asked for; None: no row asked
+    mask: TokenMask | None = None  # the tokens each row's grammar allows; None: no grammar
 
     @classmethod
     def build(
@@ -58,6 +60,7 @@ class SamplingBatch:
         output_ids: list[list[int]],
         vocab_size: int,
         device: torch.device | str,
+        mask: TokenMask | None = None,
     ) -> SamplingBatch:
         B, V = len(params), vocab_size
         if not B == len(seeds) == len(steps) == len(prompt_ids) == len(output_ids):
@@ -98,6 +101,7 @@ class SamplingBatch:
             all_greedy=not sampled,
             filtered=any(0 < p.top_k < V or p.top_p < 1 or p.min_p > 0 for p in sampled),
             max_logprobs=max(asked, default=None),
+            mask=mask,
         )
 
 
@@ -180,6 +184,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleOutput:
     B, V = logits.shape
     raw = logits.float()
     x = apply_penalties(raw, batch)
+    if batch.mask is not None:  # in place: never into raw, whose logprobs are reported
+        x = apply_mask(x.clone() if x is raw else x, batch.mask)
     tokens = x.argmax(-1)  # [B]
     if not batch.all_greedy:
         probs = torch.softmax(x / batch.temperature[:, None], dim=-1)

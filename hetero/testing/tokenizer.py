@@ -13,14 +13,27 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from hetero.server import reasoning, toolcalls
+
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
 USER = "<｜User｜>"
 ASSISTANT = "<｜Assistant｜>"
-# Trained vocabularies start with the special tokens in this order: bos 0, eos 1, pad 2, as in V3.
-SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT)
+# Trained vocabularies start with the special tokens in this order: bos 0, eos 1, pad 2, as in V3;
+# then the tool-call format's tokens and R1's reasoning markers, so chat fixtures can use them.
+SPECIAL_TOKENS = (
+    BOS,
+    EOS,
+    PAD,
+    USER,
+    ASSISTANT,
+    *toolcalls.TOKENS,
+    reasoning.OPEN,
+    reasoning.CLOSE,
+)
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+THINK_TOKENS = (reasoning.OPEN, reasoning.CLOSE)
 
 CORPUS_MODULES = (
     "textwrap",
@@ -96,6 +109,13 @@ def train_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Toke
     ids = [tok.token_to_id(t) for t in SPECIAL_TOKENS]
     if ids[:3] != [BOS_ID, EOS_ID, PAD_ID]:
         raise RuntimeError(f"special token ids {ids} do not start with bos, eos, pad = 0, 1, 2")
+    # DeepSeek-R1 keeps <think> and </think> as added tokens that are *not* special, so a
+    # decode that skips special tokens keeps them (the server splits reasoning on them)
+    spec = json.loads(tok.to_str())
+    for added in spec["added_tokens"]:
+        if added["content"] in THINK_TOKENS:
+            added["special"] = False
+    tok = Tokenizer.from_str(json.dumps(spec))
     # The fast tokenizer class in transformers only adds what the post-processor adds.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, BOS_ID)]
@@ -103,8 +123,9 @@ def train_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> Toke
     return tok
 
 
-def tokenizer_config(model_max_length: int) -> dict:
-    """tokenizer_config.json for transformers' PreTrainedTokenizerFast, DeepSeek-V3's template."""
+def tokenizer_config(model_max_length: int, chat_template: str = CHAT_TEMPLATE) -> dict:
+    """tokenizer_config.json for transformers' PreTrainedTokenizerFast; the chat template is
+    DeepSeek-V3's without tools unless given (e.g. hetero.server.templates.THINK_TEMPLATE)."""
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS,
@@ -115,20 +136,28 @@ def tokenizer_config(model_max_length: int) -> dict:
         "clean_up_tokenization_spaces": False,
         "legacy": True,
         "model_max_length": model_max_length,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
     }
 
 
-def write_tokenizer(out_dir: str | Path, vocab_size: int, *, model_max_length: int = 512) -> None:
+def write_tokenizer(
+    out_dir: str | Path,
+    vocab_size: int,
+    *,
+    model_max_length: int = 512,
+    chat_template: str = CHAT_TEMPLATE,
+) -> None:
     """A tokenizer trained on the fixed corpus, saved with `save_tokenizer`."""
-    save_tokenizer(train_tokenizer(vocab_size), out_dir, model_max_length)
+    save_tokenizer(train_tokenizer(vocab_size), out_dir, model_max_length, chat_template)
 
 
-def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int) -> None:
+def save_tokenizer(
+    tok: Tokenizer, out_dir: str | Path, model_max_length: int, chat_template: str = CHAT_TEMPLATE
+) -> None:
     """tokenizer.json + tokenizer_config.json that transformers.AutoTokenizer loads offline."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"), pretty=False)
-    config = tokenizer_config(model_max_length)
+    config = tokenizer_config(model_max_length, chat_template)
     text = json.dumps(config, indent=2, ensure_ascii=False)
     (out / "tokenizer_config.json").write_text(text + "\n")
