@@ -43,11 +43,73 @@ def chat_loop(
     """Reads user turns with `read` until /exit or end of input; returns the turns answered.
     Every turn is a request to `engine`, whose prefix cache keeps the earlier turns' pages: a
     turn prefills only what the last reply and the new message add."""
+    budget = max(1, engine.max_model_len - params.max_tokens)
+
+    def send(messages: list[dict]) -> tuple[Iterator[str], Callable[[], None]]:
+        rid = engine.add_request(prompt_ids(tokenizer, messages, budget), params)
+        return _replies(engine, rid), lambda: engine.abort(rid)
+
+    return _converse(send, read, out, system)
+
+
+def remote_chat_loop(
+    url: str,
+    params: SamplingParams,
+    api_key: str | None = None,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+    system: str | None = None,
+) -> int:
+    """`chat_loop` against a running `hetero serve` (or any OpenAI-compatible server) at `url`:
+    each turn is a streamed /v1/chat/completions request; closing it aborts the reply."""
+    import httpx
+
+    base = url.rstrip("/")
+    base = base if base.endswith("/v1") else base + "/v1"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = httpx.Client(base_url=base, headers=headers, timeout=httpx.Timeout(10, read=None))
+    model = client.get("/models").raise_for_status().json()["data"][0]["id"]
+
+    def send(messages: list[dict]) -> tuple[Iterator[str], Callable[[], None]]:
+        body = {"model": model, "messages": messages, "stream": True,
+                "max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "seed": params.seed}  # fmt: skip
+        response = client.send(client.build_request("POST", "/chat/completions", json=body),
+                               stream=True)  # fmt: skip
+        return _sse_text(response), response.close
+
+    try:
+        return _converse(send, read, out, system)
+    finally:
+        client.close()
+
+
+def _sse_text(response) -> Iterator[str]:
+    """The content deltas of a streamed chat completion; an error body becomes a RuntimeError."""
+    import json
+
+    if response.status_code != 200:
+        body = response.read().decode(errors="replace")
+        try:
+            body = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise RuntimeError(f"the server answered {response.status_code}: {body}")
+    for line in response.iter_lines():
+        if line.startswith("data: {"):
+            event = json.loads(line[6:])
+            if "error" in event:
+                raise RuntimeError(event["error"]["message"])
+            for choice in event.get("choices", ()):
+                yield choice["delta"].get("content") or ""
+
+
+def _converse(send, read: Callable[[str], str], out: TextIO | None, system: str | None) -> int:
+    """The terminal loop; `send(messages)` -> (the reply's pieces, a function that stops it)."""
     import sys
 
     out = out or sys.stdout
     messages: list[dict] = [{"role": "system", "content": system}] if system else []
-    budget = max(1, engine.max_model_len - params.max_tokens)
     turns = 0
     if read is input:
         line_editing()
@@ -70,17 +132,22 @@ def chat_loop(
             out.write("(conversation cleared)\n")
             continue
         messages.append({"role": "user", "content": line})
-        rid = engine.add_request(prompt_ids(tokenizer, messages, budget), params)
         out.write("hetero> ")
         reply = []
+        pieces, stop = send(messages)
         try:
-            for piece in _replies(engine, rid):
+            for piece in pieces:
                 reply.append(piece)
                 out.write(piece)
                 out.flush()
         except KeyboardInterrupt:
-            engine.abort(rid)
+            stop()
             out.write(" [stopped]")
+        except RuntimeError as e:  # a server's error: say it, keep the conversation
+            out.write(f"[error: {e}]")
+            messages.pop()
+            out.write("\n")
+            continue
         out.write("\n")
         messages.append({"role": "assistant", "content": "".join(reply)})
         turns += 1

@@ -8,101 +8,23 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 from hetero.config import ConfigError
 from hetero.cpu_experts.store import StoreError
 from hetero.loader import CheckpointError
 from hetero.placement import PlacementError
 from hetero.plan import PlanError
+from hetero.session import (
+    UsageError,
+    default_model_dir,
+    load_placed,
+    load_session,
+    load_tokenizer,
+    sampling_params,
+)
 
 log = logging.getLogger("hetero")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class UsageError(ValueError):
-    """A command-line value hetero cannot use (argparse cannot check it alone)."""
-
-
-def default_model_dir() -> Path:
-    """The shipped demo model; without it (a checkout before the weights landed), a small random
-    checkpoint hetero writes itself once."""
-    from hetero.demo import demo_dir
-    from hetero.testing import write_tiny_v3
-
-    if (shipped := demo_dir()) is not None:
-        return shipped
-
-    cache = Path(os.environ.get("HETERO_CACHE", Path.home() / ".cache" / "hetero"))
-    path = cache / "tiny-v3"
-    if not (path / "config.json").exists():
-        log.info(
-            "no --model given: writing a small random DeepSeek-V3-style checkpoint to %s", path
-        )
-        tmp = cache / f".tiny-v3.{os.getpid()}"
-        write_tiny_v3(tmp)
-        tmp.rename(path)  # atomic: a half-written directory is never taken for a checkpoint
-    return path
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        why = " ".join(str(e).split())
-        raise CheckpointError(f"{model_dir}: cannot load its tokenizer ({why})") from None
-
-
-class Session(NamedTuple):
-    engine: object  # hetero.engine.Engine
-    close: object  # stops the CPU expert engine
-    tokenizer: object
-    params: object  # SamplingParams from the command line
-    cpu_engine: object  # CPUExperts, None without
-
-
-def _session(
-    args: argparse.Namespace,
-    progress: bool,
-    kv_tokens: int | None = None,
-    max_num_seqs: int = 64,
-    deterministic: bool = False,
-    max_num_batched_tokens: int | None = None,
-) -> Session:
-    """The model as _load places it behind a serving engine whose KV pool holds `kv_tokens`
-    (default: what the memory plan leaves room for, at most the model's context)."""
-    import torch
-
-    from hetero.config import ModelConfig
-    from hetero.engine.engine import Engine, ServingConfig
-    from hetero.engine.params import SamplingParams
-
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    auto = "bfloat16" if device.startswith("cuda") else "float32"
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else auto)
-    config = ModelConfig.from_hf(model_dir)  # a bad config.json is the error to show first
-    tokenizer = _tokenizer(model_dir)
-    loaded = _load(args, model_dir, device, dtype, progress)
-    stop = set(config.eos_token_ids) | ({tokenizer.eos_token_id} - {None})
-    tokens = kv_tokens or min(loaded.kv_tokens or 1, config.max_position_embeddings)
-    serving = ServingConfig(
-        page_size=min(loaded.kv_page_size, tokens),
-        kv_cache_tokens=tokens,
-        max_num_batched_tokens=max_num_batched_tokens
-        or loaded.prefill_chunk
-        or ServingConfig.max_num_batched_tokens,
-        cuda_graph_max_batch=ServingConfig.cuda_graph_max_batch if args.cuda_graphs else 0,
-        max_num_seqs=max_num_seqs,
-        deterministic=deterministic,
-    )
-    engine = Engine(loaded.model, tokenizer, serving, eos_ids=tuple(sorted(stop)))
-    params = SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed
-    )
-    return Session(engine, loaded.close, tokenizer, params, loaded.cpu_engine)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -111,7 +33,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     context = ModelConfig.from_hf(model_dir).max_position_embeddings
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if args.chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": args.prompt}], add_generation_prompt=True, tokenize=False
@@ -125,7 +47,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"this model's context is {context} tokens; the prompt has {len(prompt_ids)} and "
             f"--max-tokens asks for {args.max_tokens} more ({need} in all)"
         )
-    engine, close, tokenizer, params, _ = _session(args, progress=not args.json, kv_tokens=need)
+    engine, close, tokenizer, params, _ = load_session(args, progress=not args.json, kv_tokens=need)
     try:
         engine.add_request(prompt_ids, params)
         output_ids, text = [], ""
@@ -145,9 +67,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from hetero.chat import chat_loop
+    from hetero.chat import chat_loop, remote_chat_loop
 
-    engine, close, tokenizer, params, _ = _session(args, progress=True)
+    if args.url:  # a running server: nothing loads here
+        print(f"hetero chat: {args.url}; replies up to {args.max_tokens} tokens")
+        remote_chat_loop(args.url, sampling_params(args), args.api_key, system=args.system)
+        return 0
+
+    engine, close, tokenizer, params, _ = load_session(args, progress=True)
     n = sum(p.numel() for p in engine.model.parameters()) / 1e6
     where = f"{args.model or 'the built-in model'}, {n:.1f}M parameters on the device"
     print(f"hetero chat: {where}; replies up to {params.max_tokens} tokens")
@@ -156,16 +83,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     finally:
         close()
     return 0
-
-
-def _load(args: argparse.Namespace, model_dir: Path, device: str, dtype, progress: bool):
-    """The model as `hetero.sched.runtime.load_for_device` places it (a `Loaded`)."""
-    from hetero.sched.runtime import HybridOptions, load_for_device
-
-    opts = HybridOptions(
-        device=device, dtype=dtype, attention=args.attention, store=args.store, progress=progress
-    )
-    return load_for_device(model_dir, args.placement, opts, getattr(args, "profile", None))
 
 
 def cmd_profile_experts(args: argparse.Namespace) -> int:
@@ -181,7 +98,7 @@ def cmd_profile_experts(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts)
     except (OSError, ValueError) as e:
         raise UsageError(f"--prompts: {e}") from None
-    model, closer, *_ = _load(args, model_dir, device, dtype, progress=True)
+    model, closer, *_ = load_placed(args, model_dir, device, dtype, progress=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = [tokenizer.encode(p) for p in prompts]
@@ -299,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(g, max_tokens=32, temperature=0.0)
     h = sub.add_parser("chat", help="talk to the model in the terminal")
     h.add_argument("--system", help="a system message to start the conversation with")
+    h.add_argument("--url", help="talk to a running server (hetero serve) instead of loading")
+    h.add_argument("--api-key", default=os.environ.get("HETERO_API_KEY"), help="for --url")
     _model_args(h, max_tokens=256, temperature=0.7)
     _placement_args(h)
     h.set_defaults(func=cmd_chat)

@@ -15,7 +15,9 @@ from collections import defaultdict
 import pytest
 import torch
 from transformers import AutoTokenizer
+from xgrammar import GrammarMatcher
 
+from hetero.demo import demo_dir
 from hetero.engine.engine import Engine, RequestError, ServingConfig
 from hetero.engine.grammar import Grammars, GrammarSpec, TokenMask, apply_mask
 from hetero.engine.params import SamplingParams
@@ -52,10 +54,7 @@ WEATHER = {
 }
 ADD = {
     "type": "object",
-    "properties": {
-        "a": {"type": "integer", "minimum": -100, "maximum": 100},
-        "b": {"type": "integer", "minimum": -100, "maximum": 100},
-    },
+    "properties": {k: {"type": "integer", "minimum": -100, "maximum": 100} for k in "ab"},
     "required": ["a", "b"],
 }
 TOOLS = [
@@ -219,7 +218,9 @@ def test_tool_calls_parallel_false_gives_exactly_one_call(tiny):
 def test_tool_markers_match_as_one_token_or_spelled_in_pieces(tiny, tokenizer):
     """The tiny tokenizer has the format's markers as special tokens, the demo one spells them
     in byte pieces: the grammar, on bytes, takes a valid block either way and ends at eos."""
-    tok = tiny.tok if tokenizer == "tiny" else AutoTokenizer.from_pretrained(demo_dir_or_skip())
+    if tokenizer == "demo" and demo_dir() is None:
+        pytest.skip("the demo model is not in hetero/demo/")
+    tok = tiny.tok if tokenizer == "tiny" else AutoTokenizer.from_pretrained(demo_dir())
     grammars = Grammars(tok, len(tok), (EOS_ID,))
     spec = GrammarSpec("tool_calls", json.dumps({"tools": TOOLS}))
     calls = [("add", '{"a": 1, "b": -2}'), ("get_weather", '{"city": "Oslo", "unit": "celsius"}')]
@@ -235,14 +236,6 @@ def test_tool_markers_match_as_one_token_or_spelled_in_pieces(tiny, tokenizer):
     )
     matcher = grammars.matcher(spec, frozenset({EOS_ID}))
     assert not all(matcher.accept_token(t) for t in wrong)
-
-
-def demo_dir_or_skip():
-    from hetero.demo import demo_dir
-
-    if demo_dir() is None:
-        pytest.skip("the demo model is not in hetero/demo/")
-    return demo_dir()
 
 
 # -- in the engine -----------------------------------------------------------------------------
@@ -329,10 +322,7 @@ def test_a_grammar_that_does_not_compile_is_refused_at_submission(tiny, spec, na
 def test_grammar_spec_is_checked_and_hashable():
     with pytest.raises(ValueError, match="xml"):
         GrammarSpec("xml", "")
-    a, b = (
-        SamplingParams(grammar=GrammarSpec("regex", "a+")),
-        SamplingParams(grammar=GrammarSpec("regex", "a+")),
-    )
+    a, b = (SamplingParams(grammar=GrammarSpec("regex", "a+")) for _ in range(2))
     assert a == b and hash(a) == hash(b)
     with pytest.raises(ValueError, match="GrammarSpec"):
         SamplingParams(grammar="a+").check()
@@ -341,13 +331,11 @@ def test_grammar_spec_is_checked_and_hashable():
 def test_bounded_strings_stay_valid_json(tiny):
     """xgrammar 0.2.9 lets raw control characters into strings with minLength/maxLength
     (mlc-ai/xgrammar#800); grammar.py hands it those bounds as a pattern instead."""
-    import xgrammar
-
     schema = {"type": "array", "items": {"type": "string", "minLength": 2, "maxLength": 5}}
     compiled = tiny.engine().grammars.compile(GrammarSpec("json_schema", json.dumps(schema)))
     for text, ok in [('["ab", "abcde"]', True), ('["a"]', False), ('["abcdef"]', False),
                      ('["a\x04b"]', False), ('["a\tb"]', False), ('["éé"]', True)]:  # fmt: skip
-        matcher = xgrammar.GrammarMatcher(compiled)
+        matcher = GrammarMatcher(compiled)
         assert (matcher.accept_string(text) and matcher.is_completed()) == ok, text
 
 

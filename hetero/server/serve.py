@@ -45,9 +45,9 @@ def add_parser(sub, model_args, placement_args) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from hetero.cli import UsageError, default_model_dir
     from hetero.server.app import create_app
     from hetero.server.state import ServerConfig, ServerState
+    from hetero.session import UsageError, default_model_dir
 
     if args.max_queued_requests < 1 or args.port < 0:
         raise UsageError("--max-queued-requests must be >= 1 and --port >= 0")
@@ -81,11 +81,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace, state, server) -> None:
-    from hetero.cli import _session
     from hetero.server.state import Loaded
+    from hetero.session import load_session
 
     try:
-        engine, close, tokenizer, _, cpu = _session(
+        engine, close, tokenizer, _, cpu = load_session(
             args, progress=True, kv_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
             deterministic=args.deterministic, max_num_batched_tokens=args.max_num_batched_tokens,
         )  # fmt: skip
