@@ -159,6 +159,8 @@ def load_for_device(
     vram = vram if on_gpu else ram  # on the CPU the "GPU" side is this host's memory too
     placement, plan, hybrid = choose_placement(config, index, given, on_gpu, vram, ram, opts.dtype)
     check_fits(plan)
+    if opts.progress:  # (the commands that show progress show what they are about to load)
+        log.info("memory plan:\n%s", plan.table())
     if not hybrid:
         model = load_model(
             path, device=opts.device, dtype=opts.dtype, attention=opts.attention,
