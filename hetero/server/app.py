@@ -61,11 +61,13 @@ def create_app(state: ServerState) -> FastAPI:
         metrics.requests_started(len(ids))
         if body.stream:
             return StreamingResponse(
-                _sse(chat.stream(job, merged(state, ids), metrics)),
+                _sse(chat.stream(job, merged(state, ids, metrics.abandoned), metrics)),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        return await _unless_gone(request, chat.complete(job, merged(state, ids), metrics))
+        return await _unless_gone(
+            request, chat.complete(job, merged(state, ids, metrics.abandoned), metrics)
+        )
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -76,11 +78,13 @@ def create_app(state: ServerState) -> FastAPI:
         metrics.requests_started(len(ids))
         if body.stream:
             return StreamingResponse(
-                _sse(responses.stream_completion(job, merged(state, ids), metrics)),
+                _sse(
+                    responses.stream_completion(job, merged(state, ids, metrics.abandoned), metrics)
+                ),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        gen = responses.complete_completion(job, merged(state, ids), metrics)
+        gen = responses.complete_completion(job, merged(state, ids, metrics.abandoned), metrics)
         return await _unless_gone(request, gen)
 
     static = resources.files("hetero.server") / "static"

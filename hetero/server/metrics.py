@@ -76,6 +76,10 @@ class Metrics:
         self.finished = Counter("hetero:request_success", "Engine requests finished, by reason.",
                                 ["finished_reason"], registry=r)  # fmt: skip
 
+    def abandoned(self, n: int) -> None:
+        """Requests whose client left before they finished (released, finish reason abort)."""
+        self.finished.labels("abort").inc(n)
+
     def requests_started(self, n: int) -> None:
         self.started.inc(n)
 

@@ -93,9 +93,12 @@ def submit_all(
     return ids
 
 
-async def merged(state: ServerState, ids: list[str]) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def merged(
+    state: ServerState, ids: list[str], abandoned=None
+) -> AsyncIterator[tuple[int, RequestOutput]]:
     """(choice index, output) of every request as it comes. Leaving early (the client went
-    away, the stream was cancelled) releases the requests still running: their pages return."""
+    away, the stream was cancelled) releases the requests still running: their pages return,
+    and `abandoned(n)` is told how many there were."""
     handle = state.engine().handle
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -111,6 +114,8 @@ async def merged(state: ServerState, ids: list[str]) -> AsyncIterator[tuple[int,
             left -= out.finished
             yield i, out
     finally:
+        if left and abandoned is not None:
+            abandoned(left)
         for task in tasks:
             task.cancel()
         for rid in ids:  # finished ones are ignored by the engine
