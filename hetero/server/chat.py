@@ -19,6 +19,7 @@ from hetero.server.responses import (
     TokenText,
     chat_logprobs,
     choice_params,
+    collect,
     max_tokens_for,
     new_id,
     usage,
@@ -183,15 +184,7 @@ async def complete(
     job: ChatJob, outputs: AsyncIterator[tuple[int, RequestOutput]], metrics
 ) -> dict:
     n = len(job.params)
-    texts, lps, last = [""] * n, [[] for _ in range(n)], {}
-    async for i, out in outputs:
-        metrics.observe(out, job.arrived)
-        if out.finish_reason == "error":
-            raise APIError(500, f"generation failed: {out.error}")
-        texts[i] += out.text
-        lps[i] += out.logprobs or ()
-        if out.finished:
-            last[i] = out
+    texts, lps, last = await collect(outputs, n, metrics, job.arrived)
     choices = []
     for i in range(n):
         message, made_calls = _message(job, texts[i])

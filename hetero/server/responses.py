@@ -78,6 +78,22 @@ def chat_logprobs(lps: tuple[TokenLogprob, ...], text: TokenText) -> list[dict]:
             for lp in lps]  # fmt: skip
 
 
+async def collect(
+    outputs: AsyncIterator[tuple[int, RequestOutput]], n: int, metrics, arrived: float
+) -> tuple[list[str], list[list[TokenLogprob]], dict[int, RequestOutput]]:
+    """A non-streaming answer's n choices: each one's text, logprobs and last output."""
+    texts, lps, last = [""] * n, [[] for _ in range(n)], {}
+    async for i, out in outputs:
+        metrics.observe(out, arrived)
+        if out.finish_reason == "error":
+            raise APIError(500, f"generation failed: {out.error}")
+        texts[i] += out.text
+        lps[i] += out.logprobs or ()
+        if out.finished:
+            last[i] = out
+    return texts, lps, last
+
+
 # -- /v1/completions ----------------------------------------------------------------------
 
 
@@ -174,22 +190,12 @@ async def stream_completion(
 async def complete_completion(
     job: CompletionJob, outputs: AsyncIterator[tuple[int, RequestOutput]], metrics
 ) -> dict:
-    echo = job.prompt_texts
-    texts = {i: echo[i // job.n] if echo else "" for i in range(len(job.prompts))}
-    lps: dict[int, list] = {i: [] for i in texts}
-    last = {}
-    async for i, out in outputs:
-        metrics.observe(out, job.arrived)
-        if out.finish_reason == "error":
-            raise APIError(500, f"generation failed: {out.error}")
-        texts[i] += out.text
-        lps[i] += out.logprobs or ()
-        if out.finished:
-            last[i] = out
+    texts, lps, last = await collect(outputs, len(job.prompts), metrics, job.arrived)
     choices = []
-    for i in sorted(texts):
+    for i in range(len(job.prompts)):
         lp = _completion_logprobs(lps[i], job.text, 0) if job.logprobs else None
-        choices.append(_choice(i, texts[i], lp, FINISH.get(last[i].finish_reason)))
+        echo = job.prompt_texts[i // job.n] if job.prompt_texts else ""
+        choices.append(_choice(i, echo + texts[i], lp, FINISH.get(last[i].finish_reason)))
     return _base(job) | {"choices": choices, "usage": _usage_all(job, last)}
 
 
