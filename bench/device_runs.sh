@@ -141,7 +141,9 @@ for stage in "$@"; do
         --settle-s 20 --naive 0 > "$OUT/serve_v3_c.jsonl" 2> "$OUT/serve_v3_c.err"
       tail -3 "$OUT/serve_v3_c.err" ;;
     serve-http)  # the HTTP layer's cost: hetero serve's app vs the engine handle, alternated,
-      # on V2-Lite (c1, c16) then the whole V3 depth (c1, c16) (~8 min)
+      # on V2-Lite (c1, c16) then the whole V3 depth (c1, c16) (~8 min). The GPU image lacks
+      # fastapi/uvicorn/pydantic: carry them as wheels (.whl, see the device README) and start
+      # the call with their pip install --target /tmp/site and PYTHONPATH
       timeout 150 python3 bench/serving_http.py --workload v2-lite --concurrency 1,16 \
         --requests 4,32 --prompt-len uniform:64,256 --output-len fixed:32 --warmup 8 \
         --shared-prefix 64 --naive 0 > "$OUT/serve_http_v2lite.jsonl" 2> "$OUT/serve_http_v2lite.err"

@@ -56,8 +56,10 @@ async def _http_drive(url: str, reqs, concurrency: int) -> tuple[list[Timing], l
         async def one_client() -> None:
             for i in order:
                 t = timings[i] = Timing(time.perf_counter())
+                # logprobs: every token gets its chunk (a token whose text is held back, or
+                # empty as the random models' stub tokenizer makes it, would otherwise send none)
                 body = {"prompt": reqs[i].prompt, "max_tokens": reqs[i].output, "stream": True,
-                        "temperature": 0, "ignore_eos": True}  # fmt: skip
+                        "temperature": 0, "ignore_eos": True, "logprobs": 0}  # fmt: skip
                 async with client.stream("POST", "/v1/completions", json=body) as r:
                     if r.status_code != 200:
                         raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
@@ -65,12 +67,12 @@ async def _http_drive(url: str, reqs, concurrency: int) -> tuple[list[Timing], l
                         if not line.startswith("data: {"):
                             continue
                         choice = json.loads(line[6:])["choices"][0]
-                        if choice["text"] or choice["finish_reason"] is None:
+                        if n := len((choice["logprobs"] or {}).get("tokens", ())):
                             now = time.perf_counter()
                             if t.stamps:
                                 gaps.append(now - t.stamps[-1])
                             t.stamps.append(now)
-                            t.tokens += 1  # a chunk a token (text held back rejoins later)
+                            t.tokens += n
 
         await asyncio.gather(*(one_client() for _ in range(concurrency)))
     return timings, gaps
