@@ -1,0 +1,135 @@
+"""Absorbed MLA decode over the engine's paged latent cache (hetero.model.batch.PagedKVCache).
+
+One new token a sequence attends to its whole context in latent space: with q_lat = W_UK q_nope
+[h, c] and q_pe [h, r], out_lat[h] = softmax_s(scale (q_lat . latent_s + q_pe . rope_s)) latent_s
+(`attention._decode_latent` is the torch reference). All heads share the latent, so a program
+takes BLOCK_H heads of one sequence and reads each context token's latent once for all of them
+(the cache is read once a head block, not once a head). Long contexts are split across programs
+(split-KV): split j covers tokens [j*chunk, (j+1)*chunk), keeps an online softmax (running max,
+sum, fp32 accumulator), and writes its partial output and log-sum-exp; `mla_decode` merges the
+splits. Tokens are found through the int32 page table: token n of sequence b lives in page
+page_table[b, n // page_size], row n % page_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mla_decode_split(
+    q_lat_ptr,  # [B, h, C]
+    q_pe_ptr,  # [B, h, R]
+    latent_ptr,  # [pages, page_size, C] (one layer's pages)
+    rope_ptr,  # [pages, page_size, R]
+    table_ptr,  # [B, max_pages] int32
+    lens_ptr,  # [B] int32: context length (the new token included)
+    out_ptr,  # [B, splits, h, C] fp32
+    lse_ptr,  # [B, splits, h] fp32
+    scale,
+    H,
+    chunk,  # tokens a split
+    stride_table,
+    PAGE: tl.constexpr,
+    C: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    splits = tl.num_programs(2)
+    heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
+    head_ok = heads < H
+    cs, rs = tl.arange(0, C), tl.arange(0, R)
+    q_lat = tl.load(q_lat_ptr + (b * H + heads)[:, None] * C + cs[None, :],
+                    mask=head_ok[:, None], other=0.0)  # [BH, C]  # fmt: skip
+    q_pe = tl.load(q_pe_ptr + (b * H + heads)[:, None] * R + rs[None, :],
+                   mask=head_ok[:, None], other=0.0)  # [BH, R]  # fmt: skip
+    n_ctx = tl.load(lens_ptr + b)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n_ctx)
+    m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max
+    denom = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, C), tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        toks = n0 + tl.arange(0, BLOCK_N)  # [BN]
+        ok = toks < end
+        page = tl.load(table_ptr + b * stride_table + toks // PAGE, mask=ok, other=0)
+        row = page.to(tl.int64) * PAGE + toks % PAGE  # [BN] row in the layer's pages
+        lat = tl.load(latent_ptr + row[:, None] * C + cs[None, :], mask=ok[:, None], other=0.0)
+        rope = tl.load(rope_ptr + row[:, None] * R + rs[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q_lat, tl.trans(lat).to(q_lat.dtype), out_dtype=tl.float32)  # [BH, BN]
+        s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), out_dtype=tl.float32)
+        s = tl.where(ok[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(s - m_new[:, None])  # [BH, BN]
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, out_dtype=tl.float32)
+        m = m_new
+    # an empty split (past the context) leaves m = -inf, denom = 0: lse -inf, weight 0 on merge
+    safe = tl.where(denom > 0, denom, 1.0)
+    out = acc / safe[:, None]
+    lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
+    base = (b * splits + split) * H + heads  # [BH]
+    tl.store(out_ptr + base[:, None] * C + cs[None, :], out, mask=head_ok[:, None])
+    tl.store(lse_ptr + base, lse, mask=head_ok)
+
+
+def mla_decode(
+    q_lat: torch.Tensor,
+    q_pe: torch.Tensor,
+    latent: torch.Tensor,
+    rope: torch.Tensor,
+    page_table: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    scale: float,
+    splits: int | None = None,
+    block_h: int = 16,
+    block_n: int = 32,
+) -> torch.Tensor:
+    """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence), one layer's pages latent
+    [P, page_size, C] and rope [P, page_size, R], page_table [B, n] int32, ctx_lens [B] int32
+    -> out_lat [B, h, C] in q_lat's dtype. `splits`: programs a sequence's context is split
+    over (default: enough to give every SM work at this batch)."""
+    B, H, C = q_lat.shape
+    P, page, R = rope.shape
+    if q_pe.shape != (B, H, R) or latent.shape != (P, page, C):
+        shapes = [tuple(t.shape) for t in (q_lat, q_pe, latent, rope)]
+        raise ValueError(f"q_lat, q_pe, latent, rope shapes {shapes} do not agree")
+    if page_table.dtype != torch.int32 or ctx_lens.dtype != torch.int32:
+        raise ValueError("page_table and ctx_lens must be int32")
+    if page_table.shape[0] != B or ctx_lens.shape != (B,):
+        raise ValueError(f"page_table {tuple(page_table.shape)}, ctx_lens "
+                         f"{tuple(ctx_lens.shape)} do not fit a batch of {B}")  # fmt: skip
+    for name, n in (("C", C), ("R", R), ("page_size", page)):
+        if n & (n - 1) or n < 16:
+            raise ValueError(f"{name} = {n}: the kernel wants a power of two >= 16")
+    if not all(t.is_contiguous() for t in (q_lat, q_pe, latent, rope, page_table)):
+        raise ValueError("q_lat, q_pe, latent, rope and page_table must be contiguous")
+    longest = page_table.shape[1] * page
+    if splits is None:  # ~2 programs an SM over the batch's head blocks, whole pages a split
+        sms = (
+            torch.cuda.get_device_properties(q_lat.device).multi_processor_count
+            if q_lat.is_cuda
+            else 1
+        )
+        programs = B * triton.cdiv(H, block_h)
+        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(longest, 256)))
+    chunk = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+    out = torch.empty(B, splits, H, C, device=q_lat.device, dtype=torch.float32)
+    lse = torch.empty(B, splits, H, device=q_lat.device, dtype=torch.float32)
+    grid = (B, triton.cdiv(H, block_h), splits)
+    _mla_decode_split[grid](
+        q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk,
+        page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
+    )  # fmt: skip
+    return merge_splits(out, lse).to(q_lat.dtype)
+
+
+def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Partial outputs out [B, S, h, C] with log-sum-exps lse [B, S, h] -> [B, h, C]."""
+    w = torch.softmax(lse, dim=1)  # [B, S, h]: each split's share of the whole softmax
+    return torch.einsum("bsh,bshc->bhc", torch.nan_to_num(w), out)
