@@ -160,3 +160,24 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path):
         assert lines[-1] == "[DONE]"
         assert json.loads(lines[-2])["choices"][0]["finish_reason"] == "length"
     assert code == 0, srv.log()
+
+
+def test_a_full_queue_answers_503_with_retry_after(tmp_path):
+    """One request runs, one waits (--max-num-seqs 1, --max-queued-requests 1): more get 503."""
+    args = ["--max-num-seqs", "1", "--max-queued-requests", "1"]
+    with ServerProcess(args, tmp_path / "serve.log") as srv:
+
+        async def main():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+                body = {"prompt": "def f(x):\n", "max_tokens": 64, "ignore_eos": True}
+                first = asyncio.create_task(client.post("/v1/completions", json=body))
+                await asyncio.sleep(0.5)  # running
+                second = asyncio.create_task(client.post("/v1/completions", json=body))
+                await asyncio.sleep(0.5)  # waiting
+                third = await client.post("/v1/completions", json=body)
+                return third, await first, await second
+
+        third, first, second = asyncio.run(main())
+    assert first.status_code == second.status_code == 200
+    assert third.status_code == 503 and third.headers["retry-after"].isdigit()
+    assert third.json()["error"]["code"] == "queue_full"
