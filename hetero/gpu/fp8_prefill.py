@@ -1,0 +1,111 @@
+"""y = x W^T at prefill sizes (M >= 64 tokens) with W in DeepSeek-V3's FP8 blocks, on FP8 tensor
+cores: the activations are quantized on the fly to float8_e4m3fn with one scale per token per
+128 channels (`quantize_act`, DeepSeek-V3's act_quant), then each 128-wide K block is one FP8
+dot whose fp32 result is scaled by the token's and the weight block's scales:
+    y[m, n] = sum_kb xs[m, kb] * ws[n // 128, kb] * sum_{k in kb} xq[m, k] Wq[n, k].
+The weight is never dequantized (the decode kernel, fp8_gemm.py, reads it as stored too but
+multiplies in tf32 against unquantized activations: right for a few tokens, not for thousands).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_MAX = 448.0  # largest float8_e4m3fn
+
+
+@triton.jit
+def _quantize_act(x_ptr, q_ptr, s_ptr, K, stride_xm, BLOCK: tl.constexpr):
+    """One program a (token, 128-channel block): q = x / s in e4m3, s = amax / 448."""
+    m, kb = tl.program_id(0), tl.program_id(1)
+    k = kb * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + m * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    s = tl.max(tl.abs(x), axis=0) / 448.0
+    s = tl.where(s > 0, s, 1.0)
+    tl.store(q_ptr + m * K + k, (x / s).to(q_ptr.dtype.element_ty), mask=k < K)
+    tl.store(s_ptr + m * tl.cdiv(K, BLOCK) + kb, s)
+
+
+@triton.jit
+def _fp8_gemm_w8a8(
+    xq_ptr,  # [M, K] e4m3
+    xs_ptr,  # [M, K/BK] fp32
+    w_ptr,  # [N, K] e4m3
+    ws_ptr,  # [ceil(N/SN), ceil(K/BK)] fp32
+    y_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    stride_ws,
+    SN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    cols = tl.arange(0, BLOCK_K)
+    tok_ok, row_ok = toks < M, rows < N
+    kbs = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, kbs):
+        k = kb * BLOCK_K + cols
+        x = tl.load(xq_ptr + toks[:, None] * K + k[None, :],
+                    mask=tok_ok[:, None] & (k[None, :] < K), other=0.0)  # [BM, BK]  # fmt: skip
+        w = tl.load(w_ptr + rows[:, None] * K + k[None, :],
+                    mask=row_ok[:, None] & (k[None, :] < K), other=0.0)  # [BN, BK]  # fmt: skip
+        xs = tl.load(xs_ptr + toks * kbs + kb, mask=tok_ok, other=0.0)  # [BM]
+        ws = tl.load(ws_ptr + (rows // SN) * stride_ws + kb, mask=row_ok, other=0.0)  # [BN]
+        part = tl.dot(x, tl.trans(w), out_dtype=tl.float32)  # fp8 x fp8 -> fp32
+        acc += part * xs[:, None] * ws[None, :]
+    tl.store(y_ptr + toks[:, None] * N + rows[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=tok_ok[:, None] & row_ok[None, :])  # fmt: skip
+
+
+def quantize_act(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/block)]), a scale per token per block."""
+    M, K = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
+    s = torch.empty(M, triton.cdiv(K, block), device=x.device, dtype=torch.float32)
+    if M:
+        _quantize_act[(M, triton.cdiv(K, block))](x, q, s, K, x.stride(0), BLOCK=block)
+    return q, s
+
+
+def fp8_gemm_w8a8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    block_m: int = 64,
+    block_n: int = 128,
+) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn),
+    ceil(K/bk)] fp32 -> y [..., N] in x's dtype, activations quantized per token per bk."""
+    N, K = weight.shape
+    bn, bk = block
+    if weight.dtype != torch.float8_e4m3fn or scale.dtype != torch.float32:
+        raise ValueError(f"weight {weight.dtype} / scale {scale.dtype}: want e4m3fn / float32")
+    if scale.shape != (triton.cdiv(N, bn), triton.cdiv(K, bk)):
+        raise ValueError(f"scale {tuple(scale.shape)} does not fit weight {N}x{K} in {block}")
+    if bk & (bk - 1) or bk < 16:
+        raise ValueError(f"block {block}: its K size must be a power of two >= 16")
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous")
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    xq, xs = quantize_act(x2, bk)
+    M = x2.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M:
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _fp8_gemm_w8a8[grid](
+            xq, xs, weight, scale, y, M, N, K, scale.stride(0),
+            SN=bn, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=bk,
+        )  # fmt: skip
+    return y.view(*lead, N)
