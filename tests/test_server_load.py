@@ -169,15 +169,21 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path):
 
         async def main():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
-                body = {"prompt": "def f(x):\n", "max_tokens": 64, "ignore_eos": True}
-                first = asyncio.create_task(client.post("/v1/completions", json=body))
-                await asyncio.sleep(0.5)  # running
-                second = asyncio.create_task(client.post("/v1/completions", json=body))
-                await asyncio.sleep(0.5)  # waiting
-                third = await client.post("/v1/completions", json=body)
-                return third, await first, await second
+                long = {"prompt": "def f(x):\n", "max_tokens": 1500, "ignore_eos": True}
+                running = asyncio.create_task(stream(client, long))
+                while srv.metric("hetero:num_requests_running") < 1:
+                    await asyncio.sleep(0.05)
+                short = {"prompt": "x = ", "max_tokens": 4}
+                second = asyncio.create_task(client.post("/v1/completions", json=short))
+                deadline = time.monotonic() + 60
+                while srv.metric("hetero:num_requests_waiting") < 1:
+                    assert time.monotonic() < deadline, "the second request never waited"
+                    await asyncio.sleep(0.05)
+                third = await client.post("/v1/completions", json=short)
+                running.cancel()  # the client leaves: the running request is aborted
+                return third, await second
 
-        third, first, second = asyncio.run(main())
-    assert first.status_code == second.status_code == 200
+        third, second = asyncio.run(main())
+    assert second.status_code == 200
     assert third.status_code == 503 and third.headers["retry-after"].isdigit()
     assert third.json()["error"]["code"] == "queue_full"
