@@ -3,7 +3,6 @@ model on the same weights: exact with d = 0, and equal to a plain-torch deferral
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -180,34 +179,6 @@ def test_steps_of_many_tokens_defer_nothing(v3):
         assert_same(got[1:2], deferred[1:2])  # (later steps follow their own greedy tokens)
     finally:
         hybrid.close()
-
-
-def test_split_parts_defers_the_lowest_weights():
-    from hetero.cpu_experts.kernels import split_parts
-
-    weights = np.array([[0.5, 0.1, 0.3, 0.2], [0.4, 0.3, 0.2, 0.1]], np.float32)
-    ids = np.array([[0, 1, 2, 3], [0, 1, 2, 3]])
-    rows = np.array([10, 11, 12, 13])
-    now, later = split_parts(ids, weights, rows, -2)  # d < 0: per token
-    assert later.tolist() == [[-1, 11, -1, 13], [-1, -1, 12, 13]]
-    assert now.tolist() == [[10, -1, 12, -1], [10, 11, -1, -1]]
-    now, later = split_parts(ids, weights, rows, 2)  # shared: 1 and 2 are read now anyway
-    assert later.tolist() == [[-1, -1, -1, 13], [-1, -1, -1, 13]]
-    assert now.tolist() == [[10, 11, 12, -1], [10, 11, 12, -1]]
-    one = split_parts(ids[:1], weights[:1], rows, 2)  # one token: shared = per token
-    assert (one == split_parts(ids[:1], weights[:1], rows, -2)).all()
-    gpu = np.array([10, -1, 12, -1])  # experts 1 and 3 elsewhere: never in a part
-    now, later = split_parts(ids, weights, gpu, -1)
-    assert later.tolist() == [[-1, -1, 12, -1], [-1, -1, 12, -1]]
-    assert now.tolist() == [[10, -1, -1, -1], [10, -1, -1, -1]]
-    (only,) = split_parts(ids, weights, rows, 0)  # no deferral: one part, all slots
-    assert only.tolist() == [[10, 11, 12, 13]] * 2
-    none = np.full((2, 4), -1)
-    assert (split_parts(none, weights, rows, 3) == -1).all()  # skipped slots stay skipped
-    now, later = split_parts(ids, weights, rows, 9)  # d > k: every CPU slot deferred
-    assert (now == -1).all() and later.tolist() == [[10, 11, 12, 13]] * 2
-    ties = np.ones((1, 4), np.float32)
-    assert split_parts(ids[:1], ties, rows, 2)[1].tolist() == [[10, 11, -1, -1]]  # earlier
 
 
 def test_fp8_on_the_gpu(request):

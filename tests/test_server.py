@@ -196,7 +196,7 @@ def test_the_chat_page_is_served(server):
 
 
 def test_terminal_chat_talks_to_the_server(server):
-    """`hetero chat --url`: two turns streamed from the server, the second reusing the first."""
+    """`hetero chat --url`: two turns streamed from the server."""
     import io
 
     from hetero.chat import remote_chat_loop
@@ -211,9 +211,7 @@ def test_terminal_chat_talks_to_the_server(server):
             raise EOFError from None
 
     out = io.StringIO()
-    hits = server.metric("hetero:prefix_cache_hit_tokens_total")
     params = SamplingParams(max_tokens=8, temperature=0)
     assert remote_chat_loop(server.url, params, read=read, out=out) == 2
     replies = [line for line in out.getvalue().splitlines() if line.startswith("hetero> ")]
     assert len(replies) == 2 and all(len(r) > len("hetero> ") for r in replies)
-    assert server.metric("hetero:prefix_cache_hit_tokens_total") >= hits

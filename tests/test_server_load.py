@@ -65,10 +65,10 @@ def test_32_concurrent_streams_return_what_each_returns_alone(server):
 
 def test_a_long_prompt_does_not_stall_running_streams(server):
     """Eight streams run; a prompt of ~7 chunks arrives. Every engine step while it prefills
-    still gives each stream its token (counted in steps, which a loaded CI machine cannot
-    blur), and no stream waits anywhere near the whole prefill's time for a token."""
+    still gives each stream its token: the gaps are counted in engine steps, not seconds,
+    which a loaded CI machine cannot blur."""
 
-    def long(start: int) -> str:  # two of them, so the second finds nothing in the cache
+    def long(start: int) -> str:  # (a prompt the prefix cache has not seen)
         return "x = [" + ", ".join(str(i) for i in range(start, start + 200)) + "]\n"
 
     async def steps(client) -> float:
@@ -78,25 +78,20 @@ def test_a_long_prompt_does_not_stall_running_streams(server):
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
-            t0 = time.perf_counter()
-            await stream(client, {"prompt": long(0), "max_tokens": 1})
-            prefill_alone = time.perf_counter() - t0
             bodies = [{"prompt": p, "max_tokens": 40, "temperature": 0} for p in prompts(8)]
             running = [asyncio.create_task(stream(client, b)) for b in bodies]
             await asyncio.sleep(1.0)
             s0, arrive = await steps(client), time.perf_counter()
             _, long_times, _ = await stream(client, {"prompt": long(1000), "max_tokens": 2})
             s1 = await steps(client)
-            return prefill_alone, arrive, long_times[0], s1 - s0, await asyncio.gather(*running)
+            return arrive, long_times[0], s1 - s0, await asyncio.gather(*running)
 
-    prefill_alone, arrive, first, window_steps, results = asyncio.run(main())
+    arrive, first, window_steps, results = asyncio.run(main())
     assert window_steps >= 6  # the prompt did go in chunks
     for _, times, _ in results:
         got = sum(arrive < t < first for t in times)
         # a token every step of the window (one or two steps of slack at its ends)
         assert got >= min(window_steps - 2, len(times) - 1), (got, window_steps)
-        gaps = [b - a for a, b in zip(times, times[1:]) if arrive < a < first]
-        assert not gaps or max(gaps) < prefill_alone / 2, (max(gaps), prefill_alone)
 
 
 def test_cancelled_streams_and_timed_out_clients_give_pages_back(server):

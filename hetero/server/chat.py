@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetero.engine.outputs import RequestOutput
 from hetero.engine.params import SamplingParams
@@ -15,7 +15,6 @@ from hetero.server import reasoning, templates, toolcalls
 from hetero.server.errors import APIError
 from hetero.server.protocol import ChatRequest, NamedToolChoice
 from hetero.server.responses import (
-    FINISH,
     TokenText,
     chat_logprobs,
     choice_params,
@@ -60,9 +59,7 @@ def prepare(body: ChatRequest, loaded: Loaded, config: ServerConfig) -> ChatJob:
         extra["grammar"] = grammar
     # tool calls are made of special tokens: the text keeps them for the parser
     skip = body.skip_special_tokens and not use_tools
-    base = body.sampling(m, body.top_n, **extra)
-    if base.skip_special_tokens != skip:
-        base = SamplingParams(**{**base.__dict__, "skip_special_tokens": skip})
+    base = replace(body.sampling(m, body.top_n, **extra), skip_special_tokens=skip)
     thinks = config.reasoning and body.separate_reasoning and templates.thinks(tok)
     return ChatJob(
         id=new_id("chatcmpl"),
@@ -169,7 +166,7 @@ async def stream(
         if out.finished:
             last[i] = out
             _merge(delta, texts[i].finish())
-            reason = "tool_calls" if texts[i].made_calls else FINISH[out.finish_reason]
+            reason = "tool_calls" if texts[i].made_calls else out.finish_reason
         if delta or lp or reason:
             yield base | {"choices": [_chunk(i, delta, lp, reason)]} | extra
     if job.include_usage:
@@ -193,7 +190,7 @@ async def complete(
             if job.params[i].logprobs is not None
             else None
         )
-        reason = "tool_calls" if made_calls else FINISH[last[i].finish_reason]
+        reason = "tool_calls" if made_calls else last[i].finish_reason
         choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": choices, "usage": usage(last, len(job.prompt_ids))}  # fmt: skip

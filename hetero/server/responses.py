@@ -14,8 +14,6 @@ from hetero.server.errors import APIError
 from hetero.server.protocol import CompletionRequest
 from hetero.server.state import Loaded
 
-FINISH = {"stop": "stop", "length": "length", "abort": "abort", "error": "error"}
-
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
@@ -178,7 +176,7 @@ async def stream_completion(
         if job.logprobs and out.logprobs:
             lp = _completion_logprobs(out.logprobs, job.text, offsets.get(i, 0))
         offsets[i] = offsets.get(i, 0) + len(out.text)
-        reason = FINISH.get(out.finish_reason) if out.finished else None
+        reason = out.finish_reason  # the engine's reasons are OpenAI's (+ abort, error)
         if out.text or lp or reason:
             yield base | {"choices": [_choice(i, out.text, lp, reason)]} | _no_usage(job)
         if out.finished:
@@ -195,7 +193,7 @@ async def complete_completion(
     for i in range(len(job.prompts)):
         lp = _completion_logprobs(lps[i], job.text, 0) if job.logprobs else None
         echo = job.prompt_texts[i // job.n] if job.prompt_texts else ""
-        choices.append(_choice(i, echo + texts[i], lp, FINISH.get(last[i].finish_reason)))
+        choices.append(_choice(i, echo + texts[i], lp, last[i].finish_reason))
     return _base(job) | {"choices": choices, "usage": _usage_all(job, last)}
 
 

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hetero.engine.engine import RequestError
 from hetero.engine.handle import EngineHandle
@@ -44,7 +43,6 @@ class ServerState:
     loaded: Loaded | None = None
     load_error: str | None = None
     draining: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def engine(self) -> Loaded:
         """The loaded engine, or the 503 a request gets while there is none."""
