@@ -9,7 +9,10 @@ layers, FP8 scales). The byte rules are the loader's, so the plan equals the loa
   [ceil(out/128), ceil(in/128)]; embed_tokens, lm_head, the norms and the router stay in dtype;
 - routed experts on the CPU: what pack_experts lays out (w13 + s13 + w2 + s2), CPU-resident
   experts only;
-- KV cache: MLA's latent, num_layers * (kv_lora_rank + qk_rope_head_dim) values a token.
+- KV cache: MLA's latent, num_layers * (kv_lora_rank + qk_rope_head_dim) values a token;
+- absorbed W_UK / W_UV (MLA.absorb): kv_b_proj kept dense in dtype a layer, where VRAM allows
+  (with the weights, the reserve and the KV cache's minimum), else left out and dequantized at
+  every call.
 GPU tensor sizes come from the model's own modules built on the meta device (one block of each
 kind), so a new parameter in the model shows up here without a second table to keep in step.
 """
@@ -38,6 +41,7 @@ GPU_RESERVE_BYTES = 3 * GIB // 2
 # Python + torch + CUDA's host side, pinned staging buffers, one layer streaming in at load time.
 RAM_RESERVE_BYTES = 4 * GIB
 KV_ROW, GPU_RESERVE_ROW, RAM_RESERVE_ROW = "KV cache", "GPU reserve", "host reserve"
+ABSORBED_ROW = "absorbed W_UK/W_UV"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -67,6 +71,7 @@ class MemoryPlan:
     fits: bool
     reasons: tuple[str, ...] = ()  # why it does not fit, with the numbers
     notes: tuple[str, ...] = ()
+    absorb_mla: bool = False  # whether the loader keeps W_UK / W_UV dense (MLA.absorb)
 
     def row(self, name: str) -> Row:
         return next(r for r in self.rows if r.name == name)
@@ -138,17 +143,24 @@ def plan_memory(
     gpu_reserve_bytes: int = GPU_RESERVE_BYTES,
     ram_reserve_bytes: int = RAM_RESERVE_BYTES,
 ) -> MemoryPlan:
+    from hetero.model.attention import MLA
+
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)
     rows = _weight_rows(config, placement, dtype)
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     per_token *= kv_dtype_bytes
     rt = placement.runtime
+    needed = rt.kv_cache_tokens or rt.prefill_chunk
+    absorbed = config.num_hidden_layers * MLA.absorbed_bytes(config, dtype)
+    absorb = gpu_fixed + absorbed + needed * per_token <= vram_bytes
+    detail = f"kv_b_proj dense, {DTYPE_NAMES.get(dtype, dtype)}" if absorb else "no room: off"
+    rows.append(Row(ABSORBED_ROW, absorbed if absorb else 0, 0, detail))
+    gpu_fixed += absorbed if absorb else 0
     fit = max(0, vram_bytes - gpu_fixed) // per_token
     kv_tokens = min(fit, rt.kv_cache_tokens) if rt.kv_cache_tokens else fit
     ps = rt.kv_page_size
     kv_tokens -= kv_tokens % ps  # whole pages
-    needed = rt.kv_cache_tokens or rt.prefill_chunk
     detail = f"{kv_tokens // ps} pages x {ps} tok x {per_token / 1024:.1f} KiB"
     rows += [
         Row(KV_ROW, kv_tokens * per_token, 0, detail),
@@ -182,6 +194,7 @@ def plan_memory(
         fits=not reasons,
         reasons=tuple(reasons),
         notes=tuple(_notes(config, placement, index)),
+        absorb_mla=absorb,
     )
 
 

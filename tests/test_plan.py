@@ -14,7 +14,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format, pack_experts
 from hetero.loader import Checkpoint, load_model
 from hetero.placement import parse_placement
-from hetero.plan import GIB, PlanError, check_fits, plan_memory, read_index
+from hetero.plan import ABSORBED_ROW, GIB, PlanError, check_fits, plan_memory, read_index
 from hetero.testing import tiny_v3_config, write_v3_index
 
 ROOT = Path(__file__).parent.parent
@@ -39,6 +39,8 @@ def row_of(name: str) -> str:
         return "lm_head"
     if "norm" in name:
         return "norms"
+    if name.endswith((".w_uk", ".w_uv")):
+        return ABSORBED_ROW
     for part, row in (
         (".self_attn.", "attention"),
         (".mlp.gate.", "routers"),
@@ -54,6 +56,7 @@ def row_of(name: str) -> str:
 def test_bf16_plan_equals_loaded_sizes(request, fixture, dtype):
     path = request.getfixturevalue(fixture)
     model = load_model(path, device="cpu", dtype=dtype, progress=False)
+    model.absorb_attention()  # (a budget of BIG has room for it)
     loaded: dict[str, int] = {}
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, t in tensors:
@@ -94,6 +97,7 @@ def test_fp8_plan_by_hand():
     assert rows["routers"] == 2 * (E * H * 2 + E * 4)  # bf16 weight + fp32 correction bias
     assert rows["embed_tokens"] == rows["lm_head"] == V * H * 2
     assert rows["norms"] == 2 * (3 * (2 * H + 96 + 64) + H)  # 2 bytes x (4 per layer + final)
+    assert rows[ABSORBED_ROW] == 3 * 4 * (32 + 32) * 64 * 2  # W_UK, W_UV [heads, 32, 64] bf16
 
 
 def test_fp8_plan_equals_checkpoint_files(tiny_v3):
@@ -111,7 +115,7 @@ def test_fp8_plan_equals_checkpoint_files(tiny_v3):
 
     stored = sum(info.nbytes for name, info in ckpt.tensors.items() if on_gpu(name))
     plan = plan_memory(config, placement(config, "fp8", gpu_experts=2), BIG, BIG)
-    assert plan.gpu_weight_bytes == stored
+    assert plan.gpu_weight_bytes - plan.row(ABSORBED_ROW).gpu_bytes == stored
 
 
 @pytest.mark.parametrize("spec", ["int4", "int8", "int8-g32", "bf16"])
@@ -137,7 +141,8 @@ def test_kv_cache_and_fits():
     config = ModelConfig.from_hf(tiny_v3_config())
     per_token = 3 * (64 + 16) * 2  # layers x (kv_lora_rank + rope dim) x bf16
     base = placement(config, "fp8")
-    fixed = plan_memory(config, base, BIG, BIG).gpu_fixed_bytes
+    big = plan_memory(config, base, BIG, BIG)
+    fixed = big.gpu_fixed_bytes - big.row(ABSORBED_ROW).gpu_bytes  # (no room for it below)
     vram = fixed + 1000 * per_token + 100
     plan = plan_memory(config, base, vram, BIG)
     assert plan.kv_bytes_per_token == per_token
@@ -164,6 +169,33 @@ def test_kv_cache_and_fits():
     assert not plan.fits and plan.reasons[0].startswith("RAM needs")
 
 
+def test_absorbed_attention_only_where_vram_allows(tiny_v3):
+    """The plan keeps W_UK/W_UV dense when weights + reserve + them + the KV cache's minimum
+    fit; else it leaves them out (and the model dequantizes kv_b_proj at every call). Loading
+    absorbed changes no logit."""
+    config = ModelConfig.from_hf(tiny_v3)
+    base = placement(config, "fp8")
+    big = plan_memory(config, base, BIG, BIG)
+    absorbed = big.row(ABSORBED_ROW).gpu_bytes
+    assert big.absorb_mla and absorbed > 0
+    minimum = big.gpu_fixed_bytes - absorbed + big.kv_tokens_needed * big.kv_bytes_per_token
+    for vram, want in ((minimum + absorbed, True), (minimum + absorbed - 1, False)):
+        plan = plan_memory(config, base, vram, BIG)
+        assert (plan.absorb_mla, plan.fits) == (want, True)
+        assert plan.row(ABSORBED_ROW).gpu_bytes == (absorbed if want else 0)
+    assert "no room: off" in plan.table()
+
+    from hetero.model.batch import ForwardBatch
+
+    model = load_model(tiny_v3, device="cpu", dtype=torch.float32, progress=False)
+    ids = torch.arange(7) * 37 % config.vocab_size
+    batch = ForwardBatch.build([0], [7], [7])
+    want = model(ids, batch, model.new_cache(1, 8))
+    model.absorb_attention()
+    assert model.model.layers[0].self_attn.w_uk.shape == (4, 32, 64)
+    torch.testing.assert_close(model(ids, batch, model.new_cache(1, 8)), want, rtol=0, atol=0)
+
+
 def test_tied_embeddings_count_once():
     config = ModelConfig.from_hf(tiny_v3_config(tie_word_embeddings=True))
     plan = plan_memory(config, placement(config, "bf16"), BIG, BIG)
@@ -182,7 +214,8 @@ def test_v3_all_on_gpu_equals_index_total(tmp_path, v3_dir):
     without_mtp = write_v3_index(tmp_path, json.loads(V3_CONFIG.read_text()), mtp=False)
     total = read_index(without_mtp)["metadata"]["total_size"]
     everything = parse_placement("rules: [{device: gpu, format: fp8}]", config)
-    assert plan_memory(config, everything, BIG, BIG).gpu_weight_bytes == total
+    plan = plan_memory(config, everything, BIG, BIG)
+    assert plan.gpu_weight_bytes - plan.row(ABSORBED_ROW).gpu_bytes == total
 
 
 def run(capsys, *args: str) -> tuple[int, str, str]:
@@ -199,7 +232,7 @@ def test_cli_v3_24gb(v3_dir, capsys):
     assert code == 0, out
     for text in ("routed experts (CPU)", "14848 experts, int4", "KV cache", "MTP layer(s) 61"):
         assert text in out
-    assert out.splitlines()[-1].startswith("FITS: GPU 21.")
+    assert out.splitlines()[-1].startswith("FITS: GPU 23.")
     code, out, _ = run(
         capsys,
         "--model",

@@ -108,6 +108,11 @@ class Transformer(nn.Module):
             h = h[batch.last_token_indices]
         return self.lm_head(h).float()
 
+    def absorb_attention(self) -> None:
+        """Every MLA layer keeps W_UK / W_UV dense (MLA.absorb)."""
+        for layer in self.model.layers:
+            layer.self_attn.absorb()
+
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, num_slots, max_len, device=p.device, dtype=p.dtype)
