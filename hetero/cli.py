@@ -14,6 +14,7 @@ from hetero.cpu_experts.store import StoreError
 from hetero.loader import CheckpointError
 from hetero.placement import PlacementError
 from hetero.plan import PlanError
+from hetero.registry import MLA_ATTENTION
 from hetero.session import (
     UsageError,
     default_model_dir,
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True, help="the profile JSON to write")
     f.add_argument("--max-tokens", type=int, default=16, help="greedy tokens after each prompt")
     f.add_argument("--device", help="cpu, cuda ... (default: cuda when present)")
-    f.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    f.add_argument("--attention", choices=sorted(MLA_ATTENTION.backends), default="absorbed")
     _placement_args(f)
     f.set_defaults(func=cmd_profile_experts)
     e = sub.add_parser(
@@ -286,7 +287,10 @@ def _model_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
-    p.add_argument("--attention", choices=("absorbed", "naive"), default="absorbed")
+    p.add_argument(
+        "--attention", choices=sorted(MLA_ATTENTION.backends), default="triton",
+        help="MLA: triton = the kernels on a CUDA paged cache, the absorbed torch form elsewhere",
+    )  # fmt: skip
     p.add_argument(
         "--cuda-graphs", action="store_true", help="decode steps from per-layer CUDA graphs"
     )

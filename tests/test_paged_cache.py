@@ -260,3 +260,20 @@ def test_decode_different_context_lengths(request, name):
         run.step([(i, 1) for i in range(B)])
         got = torch.cat([x[-1][-1:] for x in run.logits])
         assert rel_err(got, want) < TOL, page_size
+
+
+def test_triton_kernels_through_the_model(checkpoint):
+    """The "triton" backend's kernels (mla_decode, mla_extend; here in Triton's interpreter on
+    CPU tensors) in every layer, on chunked prefills mixed with decodes: the contiguous
+    cache's logits."""
+    from hetero.model.attention import kernel_attention
+
+    model = load_model(checkpoint, dtype=torch.float32, progress=False)
+    seqs = sequences(model.config.vocab_size)
+    want = contiguous_logits(model, seqs)
+    for block in model.model.layers:
+        block.self_attn.attend = kernel_attention
+    run = PagedRun(model, seqs, 16, seed=2, reserve=PROMPTS)
+    for work in chunked_schedule(seqs):
+        run.step(work)
+    assert_same(run.result(), want)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from hetero.config import ModelConfig
-from hetero.model.batch import Cache, ForwardBatch
+from hetero.model.batch import Cache, ForwardBatch, PagedKVCache
 from hetero.model.fp8 import dense_weight
 from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
@@ -127,6 +127,34 @@ def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache
         probs = _softmax(scores * mla.softmax_scale, mask)
         out_lat[rows] = torch.einsum("ths,sc->thc", probs, latent)
     return torch.einsum("thc,hdc->thd", out_lat, w_uv)  # [T, h, v]
+
+
+def paged_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
+    """The absorbed form through the Triton kernels over the paged cache where they apply (CUDA
+    tensors, a PagedKVCache): `mla_decode` for decode steps (split-KV), `mla_extend` for the
+    rest; else `absorbed_attention`, their reference."""
+    if not (q_nope.is_cuda and isinstance(cache, PagedKVCache)):
+        return absorbed_attention(mla, q_nope, q_pe, batch, cache)
+    return kernel_attention(mla, q_nope, q_pe, batch, cache)
+
+
+def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKVCache):
+    from hetero.gpu.mla_decode import mla_decode  # triton: imported where it runs
+    from hetero.gpu.mla_extend import mla_extend
+
+    w_uk, w_uv = mla.wkv_b()
+    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk).contiguous()  # [T, h, c]
+    q_pe = q_pe.to(q_lat.dtype).contiguous()
+    latent, rope = cache.latent[mla.layer], cache.rope[mla.layer]  # [P, page, c], [P, page, r]
+    scale = mla.softmax_scale
+    if batch.is_decode:  # context lengths from positions: on the device (CUDA graphs)
+        ctx = (batch.positions + 1).to(torch.int32)  # [B]
+        out = mla_decode(q_lat, q_pe, latent, rope, batch.page_table, ctx, scale)
+    else:
+        starts, ctx = batch.seq_tensors  # [B + 1], [B] int32
+        out = mla_extend(q_lat, q_pe, latent, rope, batch.page_table, starts, ctx, scale,
+                         max_q_len=max(batch.q_lens))  # fmt: skip
+    return torch.einsum("thc,hdc->thd", out, w_uv)  # [T, h, v]
 
 
 def _decode_latent(mla: MLA, q_lat, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:

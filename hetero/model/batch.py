@@ -7,6 +7,7 @@ pages from one pool that the serving engine hands out through per-sequence page 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -84,6 +85,20 @@ class ForwardBatch:
     def is_decode(self) -> bool:
         """One new token for every sequence (then tokens and sequences are the same axis)."""
         return all(q == 1 for q in self.q_lens)
+
+    @cached_property
+    def seq_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int32 on the batch's device: q_starts [B + 1] (sequence i's new tokens are rows
+        q_starts[i] .. q_starts[i+1] - 1) and ctx_lens [B], what attention kernels take (made
+        once a batch, not once a layer)."""
+        starts = [0]
+        for q in self.q_lens:
+            starts.append(starts[-1] + q)
+        device = self.positions.device
+        return (
+            torch.tensor(starts, dtype=torch.int32, device=device),
+            torch.tensor(self.ctx_lens, dtype=torch.int32, device=device),
+        )
 
     @property
     def last_token_indices(self) -> torch.Tensor:

@@ -32,6 +32,15 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> (weights [T, k] fp32, ids [T, k]). On CUDA all but the matmul is one
+        kernel (hetero.gpu.router); `torch_route` is its reference."""
+        if x.is_cuda:
+            from hetero.gpu.router import route  # triton: imported where it runs
+
+            return route(self, x)
+        return self.torch_route(x)
+
+    def torch_route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
         T, E, G = x.shape[0], c.n_routed_experts, c.n_group
         logits = F.linear(x.float(), self.weight.float())  # [T, E]

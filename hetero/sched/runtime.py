@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 class HybridOptions:
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.bfloat16
-    attention: str = "absorbed"
+    attention: str = "triton"  # (the absorbed torch form where its kernels do not apply)
     store: str | Path | None = None  # a `hetero convert` store; None: pack at load
     overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
@@ -178,7 +178,7 @@ def load_for_device(
 
 def _absorb(model: Transformer, plan, opts: HybridOptions) -> None:
     """W_UK / W_UV kept dense where the plan made room for them (absorbed attention only)."""
-    if plan.absorb_mla and opts.attention == "absorbed":
+    if plan.absorb_mla and opts.attention in ("absorbed", "triton"):
         model.absorb_attention()
 
 
