@@ -1,4 +1,5 @@
-"""The MoE router after its matmul, fused into one Triton kernel (`Gate.torch_route` is the reference).
+"""The MoE router after its matmul, fused into one Triton kernel (`Gate.torch_route`: the
+reference).
 
 The logits x W^T [T, E] stay a torch matmul (cuBLAS, fp32 as in `Gate`); everything after it —
 scores, group selection, top-k, the gather of the weights, normalization and scaling — runs in
