@@ -58,7 +58,7 @@ class ExpertPlacement:
 
     cpu_format: str  # Format spec, e.g. "int4" (meaningless if all experts are on the GPU)
     gpu_experts: tuple[int, ...]  # sorted expert ids resident on the GPU
-    gpu_format: str  # "fp8" | "bf16"
+    gpu_format: str  # "fp8" | "bf16" | "int4[-gG]" (the CPU's packed int4, kept on the GPU)
     deferred: int  # of a token's k experts, the d lowest-weighted run one layer late
 
     def cpu_experts(self, num_experts: int) -> tuple[int, ...]:
@@ -113,7 +113,7 @@ class Placement:
         """The GPU formats in use, fp8 first (e.g. to know whether FP8 GEMM kernels are needed)."""
         used = {f for n, (d, f) in self.modules.items() if d == "gpu" and not DTYPE_ONLY.search(n)}
         used |= {p.gpu_format for p in self.routed.values() if p.gpu_experts}
-        return tuple(f for f in GPU_FORMATS if f in used)
+        return tuple(f for f in GPU_FORMATS if f in used) + tuple(sorted(used - {*GPU_FORMATS}))
 
 
 def module_names(config: ModelConfig) -> tuple[str, ...]:

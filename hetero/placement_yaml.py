@@ -23,6 +23,8 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
 
 GPU_FORMATS = ("fp8", "bf16")
+# GPU-resident routed experts may also stay in the CPU's packed int4 (fused_moe_int4, W4A16)
+EXPERT_GPU_FORMATS = (*GPU_FORMATS, "int4", "int4-g32", "int4-g64", "int4-g128")
 DEVICES = ("gpu", "cpu")
 TOP_KEYS = ("rules", "runtime", "profile", "extends")
 RULE_KEYS = ("match", "layers", "device", "format", "gpu_experts", "gpu_format", "deferred")
@@ -213,7 +215,8 @@ def _rule(doc: _Doc, node: yaml.Node, i: int) -> Rule:
     if "format" in f:
         rule = replace(rule, format=_cpu_format(doc, f["format"], f"{key}.format"))
     if "gpu_format" in f:
-        fmt = doc.choice(f["gpu_format"], f"{key}.gpu_format", GPU_FORMATS, "a GPU format")
+        where = f"{key}.gpu_format"
+        fmt = doc.choice(f["gpu_format"], where, EXPERT_GPU_FORMATS, "a GPU expert format")
         rule = replace(rule, gpu_format=fmt)
     if "gpu_experts" in f:
         rule = replace(rule, gpu_experts=_gpu_experts(doc, f["gpu_experts"], f"{key}.gpu_experts"))

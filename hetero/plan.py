@@ -208,7 +208,10 @@ def check_fits(plan: MemoryPlan) -> None:
 
 
 def gpu_expert_bytes(config: ModelConfig, fmt: str, dtype: torch.dtype = torch.bfloat16) -> int:
-    """One routed expert on the GPU: gate/up [I, H] and down [H, I] in `fmt` (fp8 | bf16)."""
+    """One routed expert on the GPU: gate/up [I, H] and down [H, I] in `fmt` (fp8 | bf16), or
+    packed as the CPU packs it (int4-gG)."""
+    if fmt.startswith("int4"):
+        return cpu_expert_bytes(config, fmt)
     H, I = config.hidden_size, config.moe_intermediate_size
     return sum(
         _tensor_bytes(config, "weight", out * inp, (out, inp), fmt, dtype)
@@ -280,7 +283,8 @@ def _weight_rows(config: ModelConfig, placement: Placement, dtype: torch.dtype) 
         n = len(p.gpu_experts)
         routed_gpu += n * gpu_expert_bytes(config, p.gpu_format, dtype)
         routed_cpu += (E - n) * cpu_expert_bytes(config, p.cpu_format) if n < E else 0
-        n_gpu["fp8" if p.gpu_format == "fp8" else dt] += n
+        f = p.gpu_format
+        n_gpu[dt if f == "bf16" else str(Format.parse(f)) if f.startswith("int4") else f] += n
         n_cpu[p.cpu_format] += E - n
     bias = " (+ fp32 bias)" if config.topk_method == "noaux_tc" else ""
     tied = config.tie_word_embeddings

@@ -23,11 +23,13 @@ STEPS = 4
 
 
 def placement(config: ModelConfig, cpu_format, gpu_experts, deferred, gpu="bf16"):
+    """`gpu`: the GPU experts' format, and the other modules' (bf16 where it is int4)."""
+    modules = "bf16" if gpu.startswith("int4") else gpu
     text = (
         "rules:\n"
         f"  - {{match: '\\.mlp\\.experts$', device: cpu, format: {cpu_format},"
         f" gpu_experts: {gpu_experts}, gpu_format: {gpu}, deferred: {deferred}}}\n"
-        f"  - {{device: gpu, format: {gpu}}}\n"
+        f"  - {{device: gpu, format: {modules}}}\n"
     )
     return parse_placement(text, config, "<test>")
 
@@ -91,6 +93,36 @@ def test_no_deferral_is_the_model(request, fixture, cpu_format):
     hybrid = load(path, cpu_format)
     try:
         ref = reference(path, hybrid)
+        assert_same(run(hybrid.model, hybrid.model), run(ref, ref))
+    finally:
+        hybrid.close()
+
+
+def gpu_packed(hybrid, L: int):
+    """Layer L's GPU experts kept packed (gpu_format int4), or an empty stand-in."""
+    routed = hybrid.model.model.layers[L].mlp.routed
+    return getattr(routed, "gpu", None) or type("NoPacked", (), {"arrays": ()})()
+
+
+@pytest.mark.parametrize("gpu_experts", ["[0, 3, 5]", "16"])
+def test_int4_gpu_experts_are_the_model(v3, gpu_experts):
+    """gpu_format int4-g32: the GPU's experts stay in the CPU's packed int4 (PackedGPUExperts;
+    on CPU tensors their dequantized reference runs): the reference model with those weights.
+    With all 16 experts there the layer has no CPU part at all."""
+    hybrid = load(v3, "int8", gpu_experts=gpu_experts, gpu="int4")
+    try:
+        ref = load_model(v3, device="cpu", dtype=torch.float32, progress=False)
+        if hybrid.engine is not None:
+            ref = reference(v3, hybrid)
+        for L in ModelConfig.from_hf(v3).moe_layers:
+            routed = hybrid.model.model.layers[L].mlp.routed
+            packed = routed if hybrid.engine is None else routed.gpu
+            assert not hybrid.model.model.layers[L].mlp.experts  # no modules for them
+            for row, e in enumerate(packed.experts):
+                expert = ref.model.layers[L].mlp.experts[str(e)]
+                for w, got in zip(("gate_proj", "up_proj", "down_proj"),
+                                  unpack_expert(packed.packed, row)):  # fmt: skip
+                    getattr(expert, w).weight.data.copy_(got)
         assert_same(run(hybrid.model, hybrid.model), run(ref, ref))
     finally:
         hybrid.close()
@@ -201,7 +233,9 @@ def test_fp8_on_the_gpu(request):
         hybrid.close()
 
 
-@pytest.mark.parametrize("fixture, gpu", [("v3", "bf16"), ("v3", "fp8"), ("v2", "fp8")])
+@pytest.mark.parametrize(
+    "fixture, gpu", [("v3", "bf16"), ("v3", "fp8"), ("v2", "fp8"), ("v3", "int4-g32")]
+)
 def test_plan_counts_what_loads(request, fixture, gpu):
     """The memory plan's GPU weights and CPU experts are the bytes the hybrid load allocates."""
     from hetero.plan import plan_memory
@@ -215,7 +249,8 @@ def test_plan_counts_what_loads(request, fixture, gpu):
     hybrid.model.absorb_attention()  # (as load_for_device does when the plan has room)
     try:
         absorbed = [b for n, b in hybrid.model.named_buffers() if n.endswith((".w_uk", ".w_uv"))]
-        gpu = sum(t.nbytes for t in [*hybrid.model.state_dict().values(), *absorbed])
+        packed = [t for L in config.moe_layers for t in gpu_packed(hybrid, L).arrays]
+        gpu = sum(t.nbytes for t in [*hybrid.model.state_dict().values(), *absorbed, *packed])
         cpu = sum(a.nbytes for L in hybrid.engine.layers.values() for a in L.arrays().values())
         assert plan.gpu_weight_bytes == gpu
         assert plan.row("routed experts (CPU)").ram_bytes == cpu

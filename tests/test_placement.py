@@ -187,6 +187,16 @@ rules:
     assert read_profile(tmp_path / "prof.json").hottest(2, 1) == (11,)
 
 
+def test_gpu_experts_in_packed_int4():
+    """gpu_format int4[-gG]: the GPU's experts kept in the CPU's packed int4 (W4A16)."""
+    text = "rules:\n  - {match: '\\.experts$', device: cpu, gpu_experts: 2, gpu_format: F}\n"
+    p = parse_placement(text.replace("F", "int4-g64") + "  - {device: gpu}\n", TINY)
+    assert p.experts(2) == ExpertPlacement("int4", (0, 1), "int4-g64", 0)
+    assert p.gpu_formats() == ("fp8", "int4-g64")
+    with pytest.raises(PlacementError, match=r"gpu_format: 'int3' is not a GPU expert format"):
+        parse_placement(text.replace("F", "int3"), TINY)
+
+
 def test_profile_errors(tmp_path):
     text = "rules:\n  - {device: gpu}\n"
     prof = profile_json(TINY, {})

@@ -1,5 +1,6 @@
-"""A MoE layer's GPU-resident routed experts for decode: their FP8 weights stacked, run by
-`fp8_expert_gemm` over the fixed tokens x top-k slots. No host sync and no Python loop over
+"""A MoE layer's GPU-resident routed experts: their FP8 weights stacked, run by
+`fp8_expert_gemm` over the fixed tokens x top-k slots at decode sizes and by the grouped GEMM
+of `fused_moe_fp8` beyond (prefill). No host sync and no Python loop over
 experts, so the work is a handful of launches (and can be captured in a CUDA graph); the
 per-expert reference loop (`torch_routed_experts`) reads the chosen ids back to the host and
 launches ~10 ops an expert, which on the H100 cost ~0.8 ms a layer at batch 1."""
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hetero.gpu.fp8_gemm import fp8_expert_gemm
-from hetero.model.fp8 import FP8Linear
+from hetero.gpu.fused_moe import fused_moe_fp8
+from hetero.model.fp8 import KERNEL_MAX_TOKENS, FP8Linear
 
 
 class StackedFP8Experts:
@@ -56,8 +58,12 @@ class StackedFP8Experts:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], ids/weights [T, k] -> the GPU experts' weighted sum [T, H] in x's dtype
-        (slots whose expert is elsewhere, or -1, count zero)."""
+        (slots whose expert is elsewhere, or -1, count zero). Up to KERNEL_MAX_TOKENS tokens
+        a GEMV per (token, slot) row; more, the grouped GEMM over tokens sorted by expert."""
         T, k = ids.shape
+        if T > KERNEL_MAX_TOKENS:
+            return fused_moe_fp8(x, ids, weights, self.local, self.w13, self.s13, self.w2,
+                                 self.s2, self.block)  # fmt: skip
         slot = self.local[ids.clamp_min(0)].masked_fill(ids < 0, -1).reshape(-1)  # [T k]
         xs = x.repeat_interleave(k, dim=0)  # [T k, H]
         gu = fp8_expert_gemm(xs, slot, self.w13, self.s13, self.block)  # [T k, 2I]

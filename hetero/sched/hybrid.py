@@ -19,7 +19,7 @@ from torch import nn
 
 from hetero.cpu_experts.engine import CPUExperts, Job
 from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tensors
-from hetero.model.fp8 import KERNEL_MAX_TOKENS
+from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.model.moe import RoutedRun, torch_routed_experts
 
 
@@ -31,13 +31,31 @@ def streamed_experts(
     arrays: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The CPU's experts computed on x's device instead: the packed layer crosses PCIe (int4 is
-    a quarter of bf16's bytes), each used expert is dequantized there and applied to its tokens.
-    For long prefill, where the CPU is compute-bound. x [T, H], rows/weights [T, k] (-1: skip);
-    `arrays`: the layer's arrays already on x's device (CPUExperts.stage)."""
-    dev, dtype = x.device, x.dtype
-    arrays = arrays or [as_tensor(a).to(dev) for a in layer.arrays().values()]
+    a quarter of bf16's bytes). For long prefill, where the CPU is compute-bound. x [T, H],
+    rows/weights [T, k] (-1: skip); `arrays`: the layer's arrays already on x's device
+    (CPUExperts.stage). On CUDA an int4 layer runs from its packed bytes (fused_moe_int4);
+    otherwise each used expert is dequantized (`dequantized_experts`, the kernel's reference)."""
+    arrays = arrays or [as_tensor(a).to(x.device) for a in layer.arrays().values()]
+    if x.is_cuda and layer.fmt.name == "int4":
+        from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
+
+        local = torch.arange(layer.w13.shape[0], dtype=torch.int32, device=x.device)
+        return fused_moe_int4(x, rows, weights, local, *arrays, layer.fmt.group_size)
+    return dequantized_experts(layer, x, rows, weights, arrays)
+
+
+def dequantized_experts(
+    layer: PackedExperts,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    arrays: list[torch.Tensor],
+) -> torch.Tensor:
+    """Each used row of the packed layer (arrays on x's device) dequantized and applied to its
+    tokens: x [T, H], rows/weights [T, k] (-1: skip) -> [T, H]."""
+    dtype = x.dtype
     w13, s13, w2, s2 = arrays
-    y = torch.zeros(x.shape, dtype=torch.float32, device=dev)
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for r in rows.unique().tolist():
         if r < 0:
             continue
@@ -67,10 +85,10 @@ DEFER_MAX_TOKENS = 8  # a step's tokens up to which deferral applies
 
 class HybridExperts:
     """Routed experts of one MoE layer: `experts` (the GPU-resident ones, as modules) on the
-    model's device, the rest in `engine` (layer `layer`), whose rows are the experts `cpu_rows`
-    lists (default: all, row e = expert e). `deferred`: CPU experts a token hands to the next
-    layer; `overlap=False` waits for the CPU before any GPU work (the sequential baseline of
-    bench/decode.py)."""
+    model's device, or `gpu` (packed ones: PackedGPUExperts), the rest in `engine` (layer
+    `layer`), whose rows are the experts `cpu_rows` lists (default: all, row e = expert e).
+    `deferred`: CPU experts a token hands to the next layer; `overlap=False` waits for the CPU
+    before any GPU work (the sequential baseline of bench/decode.py)."""
 
     def __init__(
         self,
@@ -83,8 +101,9 @@ class HybridExperts:
         deferred: int = 0,
         overlap: bool = True,
         stream_min_tokens: int = 0,
+        gpu: PackedGPUExperts | None = None,
     ) -> None:
-        self.experts = experts
+        self.experts, self.gpu = experts, gpu
         self.stream_min_tokens = stream_min_tokens  # 0: never stream the CPU's experts
         self.layer = layer
         self.engine = engine
@@ -99,7 +118,7 @@ class HybridExperts:
         self.defer_max_tokens = DEFER_MAX_TOKENS
         self.overlap = overlap
         on_gpu = torch.zeros(num_experts, dtype=torch.bool)
-        on_gpu[[int(e) for e in experts.keys()]] = True
+        on_gpu[[int(e) for e in experts.keys()] + list(gpu.experts if gpu else ())] = True
         rows = torch.full((num_experts,), -1, dtype=torch.long)  # expert id -> engine row
         cpu_rows = range(num_experts) if cpu_rows is None else cpu_rows
         rows[list(cpu_rows)] = torch.arange(len(cpu_rows))
@@ -131,13 +150,15 @@ class HybridExperts:
     def _gpu_experts(self, x, ids, weights) -> torch.Tensor:
         if not self.any_on_gpu:
             return torch.zeros_like(x)
-        if x.is_cuda and x.shape[0] <= KERNEL_MAX_TOKENS and self._stacked is not False:
+        if self.gpu is not None:
+            return self.gpu(x, ids, weights)
+        if x.is_cuda and self._stacked is not False:
             if self._stacked is None:  # triton only where CUDA is
                 from hetero.gpu.experts import StackedFP8Experts
 
                 ok = StackedFP8Experts.supports(self.experts)
                 self._stacked = StackedFP8Experts(self.experts, len(self.rows)) if ok else False
-            if self._stacked:  # decode: no host sync, a few launches for all GPU experts
+            if self._stacked:  # no host sync, a few launches for all GPU experts
                 return self._stacked(x, ids, weights)
         gpu = self.on_gpu[ids]  # [T, k]
         return torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)

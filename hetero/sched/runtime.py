@@ -18,6 +18,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
+from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.loader import Checkpoint, load_weights
 from hetero.model import Transformer
 from hetero.model.fp8 import to_fp8
@@ -83,14 +84,26 @@ def load_hybrid(
     ckpt = Checkpoint(path, config.fp8_block or (128, 128))
     fp8 = is_fp8_checkpoint(config, ckpt.tensors)
     placement = placement or default_placement(config, fp8_checkpoint=fp8)
-    resident = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
+    on_gpu = {L: placement.experts(L).gpu_experts for L in config.moe_layers}
+    packed_gpu = {L for L in on_gpu if placement.experts(L).gpu_format.startswith("int4")}
+    resident = {L: () if L in packed_gpu else on_gpu[L] for L in config.moe_layers}  # modules
     with torch.device("meta"):
         model = Transformer(config, attention=opts.attention, resident=resident)
     to_fp8(model, partial(is_fp8_module, placement), config.fp8_block or (128, 128))
     load_weights(model, ckpt, config, opts.device, opts.dtype, opts.progress, elsewhere=_routed)
     model.model.rotary.to_empty(device=opts.device)
     E = config.n_routed_experts
-    cpu_layers = {L: placement.experts(L) for L in config.moe_layers if len(resident[L]) < E}
+    cpu_layers = {L: placement.experts(L) for L in config.moe_layers if len(on_gpu[L]) < E}
+    gpu_packed = {
+        L: PackedGPUExperts(
+            pack_layer(ckpt, config, L, Format.parse(placement.experts(L).gpu_format), on_gpu[L]),
+            on_gpu[L],
+            E,
+            opts.device,
+        )  # fmt: skip
+        for L in tqdm(sorted(packed_gpu), "packing GPU experts", disable=not opts.progress)
+        if on_gpu[L]
+    }
     engine = None
     if cpu_layers:
         packed = _cpu_experts(path, ckpt, config, cpu_layers, opts)
@@ -105,6 +118,8 @@ def load_hybrid(
         engine = CPUExperts(packed, engine_config)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
+        if L not in cpu_layers and L in gpu_packed:
+            moe.routed = gpu_packed[L]
         if L in cpu_layers:
             moe.routed = ROUTED_EXPERTS.get("hybrid")(
                 moe.experts,
@@ -119,6 +134,7 @@ def load_hybrid(
                     if opts.stream_min_tokens is None
                     else opts.stream_min_tokens
                 ),
+                gpu=gpu_packed.get(L),
             )
     return Hybrid(model.eval(), engine, placement)
 
