@@ -81,3 +81,20 @@ def test_v3_shapes_on_the_gpu(M, N, K):
     got = fp8_gemm_w8a8(x, w.cuda(), ws.cuda())
     want = x.float() @ block_dequantize(w.cuda(), ws.cuda(), (128, 128)).T
     assert rel(got, want) < 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 64, 65, 1024])
+def test_fp8_linear_picks_a_kernel_at_every_size(M):
+    """FP8Linear on CUDA: the W8A16 kernel up to KERNEL_MAX_TOKENS rows, the W8A8 one beyond,
+    each within FP8's tolerance of the dequantized matmul (its CPU path)."""
+    from hetero.model.fp8 import FP8Linear
+
+    g = torch.Generator().manual_seed(M)
+    lin = FP8Linear(7168, 576)  # kv_a_proj_with_mqa: a partial last block of rows
+    w, ws = block_quantize(torch.randn(576, 7168, generator=g))
+    lin.weight.data, lin.weight_scale_inv.data = w, ws
+    x = torch.randn(M, 7168, generator=g).bfloat16()
+    want = lin(x.float())  # CPU: dequantize + matmul
+    got = lin.cuda()(x.cuda())
+    assert got.shape == (M, 576) and rel(got.cpu(), want) < 0.08

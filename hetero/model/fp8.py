@@ -1,9 +1,11 @@
 """FP8 weights on the GPU: DeepSeek-V3's checkpoint format kept as is (float8_e4m3fn + a float32
 scale per 128x128 block), half the bytes of bf16.
 
-`FP8Linear` multiplies a few tokens (decode) on CUDA with `hetero.gpu.fp8_gemm`, which reads the
-FP8 weight as stored; otherwise (prefill, CPU) it dequantizes the weight and runs a plain matmul,
-the simple path and the kernel's reference."""
+`FP8Linear` on CUDA reads the FP8 weight as stored: a few tokens (decode) with
+`hetero.gpu.fp8_gemm` (W8A16, memory-bound), more (prefill) with `hetero.gpu.fp8_prefill`
+(activations quantized per token per 128 to e4m3, then e4m3 tensor cores, as DeepSeek-V3's own
+inference does). On the CPU it dequantizes the weight and runs a plain matmul: the simple path,
+and the kernels' reference."""
 
 from __future__ import annotations
 
@@ -71,11 +73,15 @@ class FP8Linear(nn.Module):
         return (w.float() * self.weight_scale_inv[:, None, :, None]).to(dtype).view(O, I)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.numel() <= KERNEL_MAX_TOKENS * self.in_features:
+        if not x.is_cuda:
+            return F.linear(x, self.dense_weight(x.dtype))
+        if x.numel() <= KERNEL_MAX_TOKENS * self.in_features:
             from hetero.gpu.fp8_gemm import fp8_gemm  # triton: only where CUDA is
 
             return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block)
-        return F.linear(x, self.dense_weight(x.dtype))
+        from hetero.gpu.fp8_prefill import fp8_gemm_w8a8
+
+        return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
 
 
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
