@@ -168,6 +168,8 @@ def test_errors_are_openai_shaped(server, client):
         client.chat.completions.create(
             model="demo", messages=chat("hi"), max_tokens=100000, stream=True
         )
+    call = {"function": {"name": "", "arguments": ""}}  # (found by the fuzz test)
+    nameless_call = {"role": "assistant", "content": None, "tool_calls": [call]}
     cases = [
         (b"{not json", "not valid JSON"),
         (json.dumps({"messages": []}).encode(), "messages"),
@@ -175,6 +177,7 @@ def test_errors_are_openai_shaped(server, client):
         (json.dumps({"messages": chat("x"), "max_tokens": -1}).encode(), "max_tokens"),
         (json.dumps({"messages": chat("x"), "temperature": "hot"}).encode(), "temperature"),
         (json.dumps({"messages": "hello"}).encode(), "messages"),
+        (json.dumps({"messages": [nameless_call]}).encode(), "function name"),  # (was a 500)
     ]
     for body, named in cases:
         r = httpx.post(server.url + "/v1/chat/completions", content=body,

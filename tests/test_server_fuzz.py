@@ -31,7 +31,12 @@ def test_no_server_errors(server):
     for operation in operations:
 
         @given(operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=60,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            derandomize=True,
+        )  # the same cases every run: CI does not flake on a new draw (found cases become tests)
         def check(case):
             case.headers = {**(case.headers or {}), **auth}
             response = case.call(timeout=60)

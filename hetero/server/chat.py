@@ -45,9 +45,9 @@ def prepare(body: ChatRequest, loaded: Loaded, config: ServerConfig) -> ChatJob:
     """The prompt and the engine's parameters of a chat request (400s for what cannot run)."""
     tok = loaded.tokenizer
     use_tools = bool(body.tools) and body.tool_choice != "none"
-    messages = toolcalls.chat_messages_for_template([m.model_dump() for m in body.messages])
     tools = [t.model_dump() for t in body.tools] if use_tools else None
-    try:
+    try:  # (a tool call without a name is refused while converting)
+        messages = toolcalls.chat_messages_for_template([m.model_dump() for m in body.messages])
         text = templates.render_chat(tok, messages, tools)
     except ValueError as e:
         raise APIError(400, f"messages: {e}", param="messages") from None
