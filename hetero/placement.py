@@ -50,6 +50,9 @@ class RuntimeSettings:
     kv_page_size: int = 64  # tokens a KV page (the serving engine's pool hands out pages)
     cuda_graph_max_batch: int = 16  # largest decode batch captured in a CUDA graph; 0 = none
     prefill_chunk: int = 2048  # tokens per prefill step
+    # long prefill streams CPU experts to the GPU through two slots of staging_gb / 2, on the
+    # GPU and pinned in host RAM each (hetero.cpu_experts.staging)
+    staging_gb: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ RUNTIME_KEYS = (
     "kv_page_size",
     "cuda_graph_max_batch",
     "prefill_chunk",
+    "staging_gb",
 )
 DEFAULT_CPU_FORMAT = "int4"
 
@@ -301,12 +302,13 @@ def _runtime(doc: _Doc, node: yaml.Node) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in doc.fields(node, "runtime", RUNTIME_KEYS).items():
         key = f"runtime.{k}"
-        if k in ("vram_gb", "ram_gb"):
+        if k in ("vram_gb", "ram_gb", "staging_gb"):
             gb = doc.value(v, key)
-            if gb is not None and (
+            nullable = k != "staging_gb"
+            if (gb is not None or not nullable) and (
                 isinstance(gb, bool) or not isinstance(gb, (int, float)) or gb <= 0
             ):
-                raise doc.error(v, key, f"expected GiB > 0 (or null), got {gb!r}")
+                raise doc.error(v, key, f"expected GiB > 0{' (or null)' * nullable}, got {gb!r}")
             out[k] = None if gb is None else float(gb)
         else:
             out[k] = doc.int_(v, key, 1 if k in ("prefill_chunk", "kv_page_size") else 0)

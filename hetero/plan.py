@@ -42,6 +42,7 @@ GPU_RESERVE_BYTES = 3 * GIB // 2
 RAM_RESERVE_BYTES = 4 * GIB
 KV_ROW, GPU_RESERVE_ROW, RAM_RESERVE_ROW = "KV cache", "GPU reserve", "host reserve"
 ABSORBED_ROW = "absorbed W_UK/W_UV"
+STAGING_ROW = "prefill staging"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -78,12 +79,13 @@ class MemoryPlan:
 
     @property
     def gpu_weight_bytes(self) -> int:
-        return sum(r.gpu_bytes for r in self.rows if r.name not in (KV_ROW, GPU_RESERVE_ROW))
+        buffers = (KV_ROW, GPU_RESERVE_ROW, STAGING_ROW)
+        return sum(r.gpu_bytes for r in self.rows if r.name not in buffers)
 
     @property
     def gpu_fixed_bytes(self) -> int:
         """Everything on the GPU but the KV cache."""
-        return self.gpu_weight_bytes + self.row(GPU_RESERVE_ROW).gpu_bytes
+        return sum(r.gpu_bytes for r in self.rows if r.name != KV_ROW)
 
     @property
     def kv_tokens_fit(self) -> int:
@@ -147,6 +149,11 @@ def plan_memory(
 
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)
     rows = _weight_rows(config, placement, dtype)
+    E = config.n_routed_experts
+    streams = any(len(p.gpu_experts) < E for p in placement.routed.values())
+    staging = int(placement.runtime.staging_gb * GIB) if streams else 0
+    what = "2 slots for long prefill, pinned" if streams else "none: no CPU experts"
+    rows.append(Row(STAGING_ROW, staging, staging, what))
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     per_token *= kv_dtype_bytes
@@ -171,14 +178,16 @@ def plan_memory(
     if gpu_fixed + needed * per_token > vram_bytes:
         kv = needed * per_token
         reasons.append(
-            f"GPU needs {_size(gpu_fixed - gpu_reserve_bytes)} of weights + "
-            f"{_size(gpu_reserve_bytes)} reserve + {_size(kv)} KV cache for {needed} tokens "
-            f"= {_size(gpu_fixed + kv)} > {_size(vram_bytes)} budget"
+            f"GPU needs {_size(gpu_fixed - gpu_reserve_bytes - staging)} of weights + "
+            f"{_size(staging)} prefill staging + {_size(gpu_reserve_bytes)} reserve + "
+            f"{_size(kv)} KV cache for {needed} tokens = {_size(gpu_fixed + kv)} > "
+            f"{_size(vram_bytes)} budget"
         )
     ram_needed = sum(r.ram_bytes for r in rows)
     if ram_needed > ram_bytes:
+        experts = ram_needed - ram_reserve_bytes - staging
         reasons.append(
-            f"RAM needs {_size(ram_needed - ram_reserve_bytes)} of CPU experts + "
+            f"RAM needs {_size(experts)} of CPU experts + {_size(staging)} prefill staging + "
             f"{_size(ram_reserve_bytes)} reserve = {_size(ram_needed)} > {_size(ram_bytes)} budget"
         )
     return MemoryPlan(

@@ -232,7 +232,7 @@ def test_cli_v3_24gb(v3_dir, capsys):
     assert code == 0, out
     for text in ("routed experts (CPU)", "14848 experts, int4", "KV cache", "MTP layer(s) 61"):
         assert text in out
-    assert out.splitlines()[-1].startswith("FITS: GPU 23.")
+    assert out.splitlines()[-1].startswith("FITS: GPU 22.")
     code, out, _ = run(
         capsys,
         "--model",

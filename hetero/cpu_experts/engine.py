@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import numba
@@ -266,6 +266,12 @@ class CPUExperts:
         self._yield_rings(1)
         host = self._pool.submit(self._staging.fill, self.layers[layer]).result()
         return self._staging.to(host, device)
+
+    def on_worker(self, fn, *args) -> Future:
+        """fn(*args) on the engine's worker thread, after the jobs queued before it (its numba
+        calls use all the engine's threads): e.g. staging.GroupStaging.fill."""
+        self._yield_rings(1)
+        return self._pool.submit(fn, *args)
 
     def _copy_inputs(self, host, arrived: torch.Tensor, x, ids, weights) -> None:
         """x, ids, weights into their host views (copy_ converts the dtype), then `arrived`

@@ -1,0 +1,132 @@
+"""Bounded, double-buffered staging of a layer's packed experts on their way to the GPU (long
+prefill: hetero.sched.streaming).
+
+Only the experts a chunk routes to are sent, in groups whose packed bytes fit one slot. Two host
+slots (pinned where CUDA is) and two device slots: the engine's threads gather group g+1's rows
+into host slot (g+1) % 2 while group g's copy and compute run; a host slot is refilled only once
+its previous copy has left it, and a device slot is overwritten only once the compute that read
+it is done (CUDA events on each side). On the CPU (tests) the same code runs with plain copies.
+Memory: 2 x slot_bytes host + 2 x slot_bytes device (`runtime.staging_gb`, counted by the plan).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from numba import njit, prange
+
+from hetero.cpu_experts.formats import PackedExperts
+
+JIT = {"nogil": True, "cache": True}
+
+
+@njit(parallel=True, **JIT)
+def gather_rows(src, rows, dst):
+    """dst[i] = src[rows[i]] for uint8 views src [E, n], dst [>= len(rows), n], by all threads
+    (one core copies at ~10 GB/s; PCIe takes ~50)."""
+    n, chunk = src.shape[1], 1 << 18
+    per_row = (n + chunk - 1) // chunk
+    for item in prange(rows.shape[0] * per_row):
+        i, c = item // per_row, item % per_row
+        a, b = c * chunk, min((c + 1) * chunk, n)
+        dst[i, a:b] = src[rows[i], a:b]
+
+
+def group_rows(rows: np.ndarray, expert_bytes: int, slot_bytes: int) -> list[np.ndarray]:
+    """The rows (experts) to send, in groups of at most slot_bytes of packed weights each."""
+    per = slot_bytes // expert_bytes
+    if per < 1:
+        raise ValueError(
+            f"a staging slot of {slot_bytes} bytes holds no expert of {expert_bytes} bytes "
+            "(raise runtime.staging_gb)"
+        )
+    return [rows[i : i + per] for i in range(0, len(rows), per)]
+
+
+def _as_bytes(a: np.ndarray) -> np.ndarray:
+    """[E, ...] -> its uint8 view [E, bytes an expert]."""
+    return np.ascontiguousarray(a).reshape(a.shape[0], -1).view(np.uint8)
+
+
+class Group(NamedTuple):
+    """A group of experts in a host slot: each array's (byte offset, numpy dtype, shape)."""
+
+    slot: int
+    rows: np.ndarray  # the layer's rows (experts) it holds, in order
+    layout: tuple[tuple[int, np.dtype, tuple[int, ...]], ...]
+    nbytes: int
+
+
+class GroupStaging:
+    def __init__(self, slot_bytes: int, device: torch.device | str) -> None:
+        self.slot_bytes, self.device = int(slot_bytes), torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._host: list[torch.Tensor | None] = [None, None]
+        self._dev: list[torch.Tensor | None] = [None, None]
+        self._copied: list = [None, None]  # events: the slot's host -> device copy done
+        self._used: list = [None, None]  # events: the compute reading the device slot done
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def _slot(self, bufs: list, s: int, device: torch.device | str) -> torch.Tensor:
+        if bufs[s] is None:
+            pin = self.cuda and torch.device(device).type == "cpu"
+            with torch.inference_mode(False):  # (outlives the call; see host_buffers)
+                bufs[s] = torch.empty(self.slot_bytes, dtype=torch.uint8, device=device,
+                                      pin_memory=pin)  # fmt: skip
+        return bufs[s]
+
+    def fill(self, s: int, layer: PackedExperts, rows: np.ndarray) -> Group:
+        """Host slot s <- the packed rows `rows` of each of the layer's arrays, gathered by all
+        threads (call it on the engine's worker)."""
+        if self._copied[s] is not None:
+            self._copied[s].synchronize()  # the slot's last copy has left it
+        n, idx = len(rows), np.ascontiguousarray(rows, dtype=np.int64)
+        arrays = [(_as_bytes(a), a) for a in layer.arrays().values()]
+        need = sum(-(-n * b.shape[1] // 64) * 64 for b, _ in arrays)
+        if need > self.slot_bytes:
+            raise ValueError(f"{n} experts need {need} bytes, a slot holds {self.slot_bytes}")
+        buf = self._slot(self._host, s, "cpu").numpy()
+        layout, at = [], 0
+        for src, a in arrays:
+            size = n * src.shape[1]
+            gather_rows(src, idx, buf[at : at + size].reshape(n, src.shape[1]))
+            layout.append((at, a.dtype, (n, *a.shape[1:])))
+            at += -(-size // 64) * 64
+        return Group(s, idx, tuple(layout), at)
+
+    def to_device(self, group: Group) -> list[torch.Tensor]:
+        """Device slot <- the group (asynchronously, on the copy stream, once the compute that
+        last read that slot is done) -> the arrays' rows as tensors there (as_tensor's
+        dtypes: bf16 bits become bfloat16)."""
+        s = group.slot
+        dev, host = self._slot(self._dev, s, self.device), self._host[s]
+        if not self.cuda:
+            dev[: group.nbytes].copy_(host[: group.nbytes])
+        else:
+            with torch.cuda.stream(self.copy_stream):
+                if self._used[s] is not None:
+                    self.copy_stream.wait_event(self._used[s])
+                dev[: group.nbytes].copy_(host[: group.nbytes], non_blocking=True)
+                self._copied[s] = torch.cuda.Event()
+                self._copied[s].record(self.copy_stream)
+        return [_view(dev, at, dtype, shape) for at, dtype, shape in group.layout]
+
+    def ready(self, group: Group) -> None:
+        """The current stream waits for the group's copy (before a compute reads it)."""
+        if self.cuda and self._copied[group.slot] is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copied[group.slot])
+
+    def release(self, group: Group) -> None:
+        """The compute reading the group is queued: the next copy into its slot waits for it."""
+        if self.cuda:
+            self._used[group.slot] = torch.cuda.Event()
+            self._used[group.slot].record(torch.cuda.current_stream(self.device))
+
+
+def _view(buf: torch.Tensor, at: int, dtype: np.dtype, shape: tuple) -> torch.Tensor:
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if dtype == np.uint16:  # bf16 bits (as_tensor's convention)
+        return buf[at : at + n].view(torch.bfloat16).view(shape)
+    return buf[at : at + n].view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)

@@ -1,0 +1,71 @@
+"""Long prefill: a MoE layer's CPU experts computed on the GPU instead, their packed bytes sent
+over PCIe in groups through bounded double-buffered staging (hetero.cpu_experts.staging).
+
+Only the experts the chunk routes to cross. While group g is copied and computed, the engine's
+threads gather group g+1 into the other host slot, so the gather (host RAM -> pinned), the copy
+(pinned -> GPU) and the compute overlap; a group's compute reads the packed bytes as they are
+(fused_moe_int4 on CUDA; each expert dequantized otherwise, the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hetero.cpu_experts.engine import CPUExperts
+from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts.staging import GroupStaging, group_rows
+
+
+def stream_experts(
+    engine: CPUExperts,
+    staging: GroupStaging,
+    layer: int,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """x [T, H], rows/weights [T, k] (the engine's rows of layer `layer`, -1: computed
+    elsewhere) -> the sum of those experts [T, H] in x's dtype, computed on x's device."""
+    packed = engine.layers[layer]
+    used = torch.unique(rows[rows >= 0]).cpu().numpy()  # (a host sync: prefill only)
+    groups = group_rows(used, packed.expert_bytes(), staging.slot_bytes)
+    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    if not groups:
+        return y.to(x.dtype)
+    local = torch.full((packed.num_experts,), -1, dtype=torch.int32, device=x.device)  # [E]
+    filled = engine.on_worker(staging.fill, 0, packed, groups[0])
+    for g in range(len(groups)):
+        group = filled.result()
+        arrays = staging.to_device(group)
+        if g + 1 < len(groups):  # gathered while this group copies and computes
+            filled = engine.on_worker(staging.fill, (g + 1) % 2, packed, groups[g + 1])
+        staging.ready(group)
+        local.fill_(-1)
+        n = len(group.rows)
+        local[torch.from_numpy(group.rows).to(x.device)] = torch.arange(
+            n, dtype=torch.int32, device=x.device
+        )
+        y += group_experts(packed, x, rows, weights, local, arrays)
+        staging.release(group)
+    return y.to(x.dtype)
+
+
+def group_experts(
+    packed: PackedExperts,
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    weights: torch.Tensor,
+    local: torch.Tensor,
+    arrays: list[torch.Tensor],
+) -> torch.Tensor:
+    """One staged group: `local` [E] maps the layer's rows to the group's (-1: not in it);
+    arrays: the group's w13, s13, w2, s2 on x's device -> their sum [T, H] fp32."""
+    if x.is_cuda and packed.fmt.name == "int4":
+        from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
+
+        y = fused_moe_int4(x, rows, weights, local, *arrays, packed.fmt.group_size)
+        return y.float()
+    from hetero.sched.hybrid import dequantized_experts
+
+    in_group = local[rows.clamp_min(0)].long().masked_fill(rows < 0, -1)  # [T, k]
+    return dequantized_experts(packed, x, in_group, weights, arrays).float()

@@ -1,0 +1,87 @@
+"""Long prefill's streamed experts (hetero.sched.streaming through cpu_experts.staging): only the
+routed experts cross, in groups bounded by the staging slot, and the sum equals the CPU engine's
+(here the "device" is the CPU: the same staging code, each group dequantized: the reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+from hetero.cpu_experts.formats import Format, pack_experts
+from hetero.cpu_experts.staging import GroupStaging, gather_rows, group_rows
+from hetero.sched.streaming import stream_experts
+
+TOL = 1e-5
+E, I, H = 12, 64, 128
+
+
+@pytest.fixture(scope="module", params=["int4", "int8", "bf16"])
+def engine(request):
+    g = torch.Generator().manual_seed(0)
+    layer = pack_experts(
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, H, I, generator=g),
+        Format.parse(request.param),
+    )
+    config = EngineConfig(threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    engine = CPUExperts({0: layer}, config)
+    yield engine
+    engine.close()
+
+
+def routing(T: int, k: int, seed: int, experts: int = E) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.rand(T, experts, generator=g).topk(k, dim=-1).indices
+    rows[::3, 0] = -1  # computed elsewhere
+    return rows, torch.rand(T, k, generator=g)
+
+
+@pytest.mark.parametrize("per_group", [1, 3, 12])
+def test_streamed_groups_equal_the_engine(engine, per_group):
+    """1, 3 or all experts a group: the slots are reused (double buffering) and the sum is the
+    engine's."""
+    layer = engine.layers[0]
+    x = torch.randn(24, H, generator=torch.Generator().manual_seed(1))
+    rows, w = routing(24, 3, per_group)
+    staging = GroupStaging(per_group * layer.expert_bytes() + 4 * 64, "cpu")
+    sent = []
+    fill = staging.fill
+
+    def recording_fill(s, packed, group_rows_):
+        sent.append((s, list(group_rows_)))
+        return fill(s, packed, group_rows_)
+
+    staging.fill = recording_fill
+    got = stream_experts(engine, staging, 0, x, rows, w)
+    want = engine.forward(0, x, rows, w)
+    assert ((got - want).norm() / want.norm()).item() < TOL
+    routed = sorted(set(rows[rows >= 0].tolist()))
+    assert sorted(r for _, group in sent for r in group) == routed  # each routed expert once
+    assert all(len(group) <= per_group for _, group in sent)
+    assert [s for s, _ in sent] == [i % 2 for i in range(len(sent))]  # the two slots in turn
+
+
+def test_only_routed_experts_and_none(engine):
+    x = torch.randn(4, H)
+    rows = torch.full((4, 2), -1)
+    rows[1, 0] = 5  # one expert, one token
+    w = torch.rand(4, 2)
+    staging = GroupStaging(engine.layers[0].expert_bytes() + 4 * 64, "cpu")
+    got, want = stream_experts(engine, staging, 0, x, rows, w), engine.forward(0, x, rows, w)
+    assert want[1].any() and ((got - want).norm() / want.norm()).item() < TOL
+    assert not stream_experts(engine, staging, 0, x, torch.full((4, 2), -1), w).any()
+
+
+def test_gather_and_grouping():
+    src = np.arange(7 * 300, dtype=np.uint8).reshape(7, 300)
+    rows = np.array([6, 0, 3], dtype=np.int64)
+    dst = np.zeros((3, 300), dtype=np.uint8)
+    gather_rows(src, rows, dst)
+    assert (dst == src[rows]).all()
+    groups = group_rows(np.arange(10), expert_bytes=100, slot_bytes=350)
+    assert [list(g) for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    with pytest.raises(ValueError, match="holds no expert.*staging_gb"):
+        group_rows(np.arange(3), expert_bytes=100, slot_bytes=99)
