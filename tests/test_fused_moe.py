@@ -15,7 +15,7 @@ from hetero.model.layers import MLP
 from hetero.model.moe import torch_routed_experts
 
 pytest.importorskip("triton")
-from hetero.gpu.fused_moe import fused_moe_fp8, fused_moe_int4  # noqa: E402
+from hetero.gpu.fused_moe import fused_moe_fp8, fused_moe_int4, fused_moe_int8  # noqa: E402
 from hetero.gpu.moe_align import moe_align  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -143,6 +143,24 @@ def test_int4_equals_the_expert_loop(G, T, k, dtype):
     got = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
     assert got.dtype == dtype and got.shape == (T, H)
     assert rel(got, want) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("spec, T", [("int8", 3), ("int8-g128", 17)])
+def test_int8_equals_the_expert_loop(spec, T):
+    """The CPU's packed int8 (a scale per row, or per 128) as is."""
+    H, I, E, resident = 256, 128, 6, (4, 1, 2)
+    fmt, g = Format.parse(spec), torch.Generator().manual_seed(T)
+    gate, up = (torch.randn(3, I, H, generator=g) / H**0.5 for _ in range(2))
+    p = pack_experts(gate, up, torch.randn(3, H, I, generator=g) / I**0.5, fmt)
+    packed = [as_tensor(a).to(DEVICE) for a in (p.w13, p.s13, p.w2, p.s2)]
+    w13f = dequantize_tensors(packed[0], packed[1], fmt, H, torch.float32)  # [n, I, 2, H]
+    w2f = dequantize_tensors(packed[2], packed[3], fmt, I, torch.float32)
+    mats = [(w13f[i, :, 0], w13f[i, :, 1], w2f[i]) for i in range(3)]
+    ids, weights = route(T, 3, E, resident, seed=T)
+    x = torch.randn(T, H, device=DEVICE)
+    want = loop(mats, resident, x, ids, weights)
+    got = fused_moe_int8(x, ids, weights, local_map(E, resident), *packed)
+    assert rel(got, want) < 1e-5
 
 
 def test_int4_scales_as_their_bits_and_no_local_pairs():

@@ -1,7 +1,7 @@
 """A layer's GPU-resident routed experts as two grouped GEMMs over the tokens sorted by expert
 (vLLM's fused_moe design), with the weights read as they are stored: DeepSeek-V3's FP8 blocks
-(W8A16) or the CPU's packed int4 (W4A16, hetero.cpu_experts.formats), so a layer's experts can
-be copied host -> GPU in their CPU format and computed from it.
+(W8A16), the CPU's packed int4 (W4A16, hetero.cpu_experts.formats) or its int8 (per row or per
+128), so a layer's experts can be copied host -> GPU in their CPU format and computed from it.
 
 `moe_align` lays the local (token, slot) pairs out by expert, padded to BLOCK_M rows. Then:
 1. `_gate_up`, grid (blocks, I / BLOCK_N): a program takes BLOCK_M sorted rows of one expert
@@ -205,6 +205,40 @@ def fused_moe_int4(
     _want(s2.shape == (n, H, I // G), f"s2 {tuple(s2.shape)} does not fit w2, group {G}")
     s13, s2 = _bf16(s13, "s13"), _bf16(s2, "s2")
     fmt = dict(SN=1, SK=G, BLOCK_K=INT4_BLOCK_K, INT4=True)
+    rows13 = (w13.stride(2), s13.stride(2), 2, 1)  # [n, I, 2, .] as [n, 2I, .]: gate 2r, up 2r+1
+    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m)
+
+
+def fused_moe_int8(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    local: torch.Tensor,
+    w13: torch.Tensor,
+    s13: torch.Tensor,
+    w2: torch.Tensor,
+    s2: torch.Tensor,
+    block_m: int | None = None,
+) -> torch.Tensor:
+    """As `fused_moe_int4`, with the CPU's packed int8 (one fp32 scale per row, or per group
+    of G >= 128 along K): w13 [n, I, 2, H] int8, s13 [n, I, 2, H/G] fp32, w2 [n, H, I], s2
+    [n, H, I/G]. The FP8 path's tiles: a K step of 128 weights lies in one scale's group, so
+    its partial sums are scaled once a row (int8 -> bf16 is exact)."""
+    _want(w13.ndim == 4 and w13.shape[2] == 2, f"w13 {tuple(w13.shape)}: want [n, I, 2, H]")
+    n, I, _, H = w13.shape
+    _want(w13.dtype == w2.dtype == torch.int8, f"w13/w2 {w13.dtype}/{w2.dtype}: want int8")
+    _want(s13.dtype == s2.dtype == torch.float32, f"s13/s2 {s13.dtype}/{s2.dtype}: want fp32")
+    _want(w2.shape == (n, H, I), f"w2 {tuple(w2.shape)} does not fit w13 {tuple(w13.shape)}")
+    g13, g2 = s13.shape[-1], s2.shape[-1]
+    _want(s13.shape == (n, I, 2, g13) and H % g13 == 0, f"s13 {tuple(s13.shape)}: not w13's")
+    _want(s2.shape == (n, H, g2) and I % g2 == 0, f"s2 {tuple(s2.shape)}: not w2's")
+    if g13 == g2 == 1:  # a scale per row: every K step of either matrix reads column 0
+        G = max(H, I)
+    else:
+        G = H // g13
+        ok = G == I // g2 and G % 128 == 0
+        _want(ok, f"int8 groups {H // g13}/{I // g2}: want per row, or one multiple of 128")
+    fmt = dict(SN=1, SK=G, BLOCK_K=128, INT4=False)
     rows13 = (w13.stride(2), s13.stride(2), 2, 1)  # [n, I, 2, .] as [n, 2I, .]: gate 2r, up 2r+1
     return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m)
 

@@ -4,7 +4,8 @@ over PCIe in groups through bounded double-buffered staging (hetero.cpu_experts.
 Only the experts the chunk routes to cross. While group g is copied and computed, the engine's
 threads gather group g+1 into the other host slot, so the gather (host RAM -> pinned), the copy
 (pinned -> GPU) and the compute overlap; a group's compute reads the packed bytes as they are
-(fused_moe_int4 on CUDA; each expert dequantized otherwise, the reference).
+(fused_moe_int4 / fused_moe_int8 on CUDA; each expert dequantized otherwise, the
+reference).
 """
 
 from __future__ import annotations
@@ -60,11 +61,15 @@ def group_experts(
 ) -> torch.Tensor:
     """One staged group: `local` [E] maps the layer's rows to the group's (-1: not in it);
     arrays: the group's w13, s13, w2, s2 on x's device -> their sum [T, H] fp32."""
-    if x.is_cuda and packed.fmt.name == "int4":
+    fmt = packed.fmt
+    if x.is_cuda and fmt.name == "int4":
         from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
 
-        y = fused_moe_int4(x, rows, weights, local, *arrays, packed.fmt.group_size)
-        return y.float()
+        return fused_moe_int4(x, rows, weights, local, *arrays, fmt.group_size).float()
+    if x.is_cuda and fmt.name == "int8" and fmt.group_size in (0, 128):
+        from hetero.gpu.fused_moe import fused_moe_int8
+
+        return fused_moe_int8(x, rows, weights, local, *arrays).float()
     from hetero.sched.hybrid import dequantized_experts
 
     in_group = local[rows.clamp_min(0)].long().masked_fill(rows < 0, -1)  # [T, k]
