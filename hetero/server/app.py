@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from hetero.server import chat, errors, responses
 from hetero.server.metrics import Metrics
 from hetero.server.protocol import ChatRequest, CompletionRequest
-from hetero.server.state import ServerState, merged, submit_all
+from hetero.server.state import ServerState, merged, prepare_all, submit_all
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -57,6 +57,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(body.model)
         loaded = state.engine()
         job = chat.prepare(body, loaded, state.config)
+        await prepare_all(state, job.params)
         ids = submit_all(state, [job.prompt_ids] * body.n, job.params)
         metrics.requests_started(len(ids))
         if body.stream:
@@ -74,6 +75,7 @@ def create_app(state: ServerState) -> FastAPI:
         state.check_model(body.model)
         loaded = state.engine()
         job = responses.prepare_completion(body, loaded, state.config.model_name)
+        await prepare_all(state, job.params)
         ids = submit_all(state, job.prompts, job.params)
         metrics.requests_started(len(ids))
         if body.stream:

@@ -64,6 +64,14 @@ class ServerState:
             )
 
 
+async def prepare_all(state: ServerState, params: list[SamplingParams]) -> None:
+    """The requests' grammars compiled in a worker thread (EngineHandle.prepare), off the event
+    loop, which meanwhile keeps the other streams flowing; `submit_all` then finds them cached."""
+    loaded = state.engine()
+    for p in {p.grammar: p for p in params if p.grammar is not None}.values():
+        await asyncio.to_thread(loaded.handle.prepare, p)
+
+
 def submit_all(
     state: ServerState, prompts: list[list[int]], params: list[SamplingParams]
 ) -> list[str]:
