@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
@@ -15,7 +16,7 @@ from hetero.model.moe import RoutedRun
 
 class PackedGPUExperts:
     """`packed` holds experts `experts` (row i = expert experts[i]) of a layer of `num_experts`;
-    its arrays are copied to `device` once."""
+    its arrays are copied to `device` once; `replace` puts another expert in a slot."""
 
     def __init__(
         self,
@@ -31,6 +32,32 @@ class PackedGPUExperts:
         local = torch.full((num_experts,), -1, dtype=torch.int32)
         local[list(self.experts)] = torch.arange(len(self.experts), dtype=torch.int32)
         self.local = local.to(device)  # [E] expert id -> row, -1: not here
+
+    def replace(self, slot: int, expert: int, rows: Sequence[np.ndarray]) -> int:
+        """Slot `slot` takes expert `expert`: its packed rows (w13, s13, w2, s2 of one expert,
+        host arrays in this layout, e.g. the CPU engine's) copied in place, so the arrays keep
+        their addresses (a kernel or graph holding them sees the new expert). Returns the
+        expert the slot held. Between steps only: the copies are queued on the current stream
+        behind the kernels already there. `packed` (the host copy) is kept current too."""
+        if expert in self.experts:
+            raise ValueError(f"expert {expert} is already in slot {self.experts.index(expert)}")
+        old = self.experts[slot]
+        for host, dev, src in zip(self.packed.arrays().values(), self.arrays, rows, strict=True):
+            if src.shape != host.shape[1:] or src.dtype != host.dtype:
+                raise ValueError(
+                    f"expert {expert}: a row of {src.dtype}{list(src.shape)}, the slots hold "
+                    f"{host.dtype}{list(host.shape[1:])}"
+                )
+            t = as_tensor(np.ascontiguousarray(src))
+            if dev.is_cuda:  # pinned: an asynchronous copy (the caching host allocator keeps
+                t = t.pin_memory()  # the block until the copy is done)
+            dev[slot].copy_(t, non_blocking=dev.is_cuda)
+            if dev.data_ptr() != host.ctypes.data:  # (on the CPU `arrays` are `packed`'s)
+                host[slot] = src
+        self.local[old] = -1
+        self.local[expert] = slot
+        self.experts = (*self.experts[:slot], expert, *self.experts[slot + 1 :])
+        return old
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.arrays)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,6 +67,13 @@ def dequantized_experts(
         h = F.silu(gu[:, 0::2]) * gu[:, 1::2]
         y.index_add_(0, t, (h @ down.T).float() * weights[t, slot, None].float())
     return y.to(dtype)
+
+
+def count_routes(counts: torch.Tensor, ids: torch.Tensor) -> None:
+    """counts [E] += each expert's routes in ids [T, k] (-1: none), on ids' device and without
+    a host sync (CUDA's bincount reads the largest id back to size its output)."""
+    flat = ids.reshape(-1)  # [T*k]
+    counts.index_add_(0, flat.clamp_min(0), (flat >= 0).to(counts.dtype))
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,14 @@ class HybridExperts:
         self.rows_np = rows.numpy()  # the same, for the engine
         self.any_on_gpu = bool(on_gpu.any())
         self._stacked = None  # StackedFP8Experts once built, False where it does not apply
+        # [E] int64 on the inputs' device: routes to each expert since HotExperts last read
+        # them (hetero.sched.hot_experts); None: not counted
+        self.counts: torch.Tensor | None = None
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> RoutedRun:
         """x [T, H], ids/weights [T, k] from the router."""
+        if self.counts is not None:
+            count_routes(self.counts, ids)
         if self.on_gpu.device != ids.device:
             self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
@@ -146,6 +159,18 @@ class HybridExperts:
         if not self.overlap:
             return RoutedRun(lambda: y + y_cpu, pending)
         return RoutedRun(lambda: y + self.engine.wait(job), pending)
+
+    def reassign(self, rows: np.ndarray) -> None:
+        """Between steps only (no job of this layer in flight): the engine's rows [E] int64
+        change, -1 for the experts now on the GPU (HotExperts after a swap). `rows_np` is
+        replaced, not written: a queued job keeps the array it was given; the tensors are
+        written in place (on the device, in stream order)."""
+        if rows.shape != self.rows_np.shape or (rows < 0).sum() != int(self.on_gpu.sum()):
+            raise ValueError(f"rows must be [{len(self.rows_np)}] with the GPU's count of -1")
+        self.rows_np = rows.astype(np.int64)  # (a copy)
+        host = torch.from_numpy(self.rows_np)
+        self.rows.copy_(host.to(self.rows.device))
+        self.on_gpu.copy_((host < 0).to(self.on_gpu.device))
 
     def _gpu_experts(self, x, ids, weights) -> torch.Tensor:
         if not self.any_on_gpu:
