@@ -65,6 +65,7 @@ def load_session(
     max_num_seqs: int = 64,
     deterministic: bool = False,
     max_num_batched_tokens: int | None = None,
+    hot_experts_every: int = 0,
 ) -> Session:
     """The model as load_placed places it behind a serving engine whose KV pool holds `kv_tokens`
     (default: what the memory plan leaves room for, at most the model's context)."""
@@ -91,6 +92,7 @@ def load_session(
         cuda_graph_max_batch=ServingConfig.cuda_graph_max_batch if args.cuda_graphs else 0,
         max_num_seqs=max_num_seqs,
         deterministic=deterministic,
+        hot_experts_every=hot_experts_every,
     )
     engine = Engine(loaded.model, tokenizer, serving, eos_ids=tuple(sorted(stop)))
     return Session(engine, loaded.close, tokenizer, sampling_params(args), loaded.cpu_engine)

@@ -258,3 +258,32 @@ def test_count_routes_skips_empty_slots():
     count_routes(counts, ids)
     count_routes(counts, ids[:1])
     assert counts.tolist() == [1, 3, 0, 0, 3, 0]
+
+
+def test_the_serving_engine_swaps_between_steps(tiny_v3):
+    """ServingConfig.hot_experts_every: the engine's runner calls the policy after each step;
+    the hot experts come onto the GPU and the greedy tokens stay those of a static engine."""
+    from transformers import AutoTokenizer
+
+    from hetero.engine.engine import Engine, ServingConfig
+    from hetero.engine.params import SamplingParams
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_v3)
+    outputs = {}
+    for every in (0, 1):
+        hybrid = load(tiny_v3)
+        skew(hybrid.model)
+        config = ServingConfig(page_size=16, kv_cache_tokens=256, hot_experts_every=every)
+        engine = Engine(hybrid.model, tokenizer, config)
+        try:
+            rid = engine.add_request(list(PROMPTS[0]), SamplingParams(max_tokens=8, temperature=0))
+            tokens = []
+            while engine.has_work:
+                tokens += [t for o in engine.step() if o.request_id == rid for t in o.token_ids]
+            outputs[every] = tokens
+            if every:
+                layer = hybrid.model.config.moe_layers[0]
+                assert set(HOT) <= set(engine.runner.hot.layers[layer].routed.gpu.experts)
+        finally:
+            hybrid.close()
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 8

@@ -39,13 +39,16 @@ class ServingConfig:
     # pass, prompts in fixed chunks of `deterministic_chunk` tokens (the cost: no batching)
     deterministic: bool = False
     deterministic_chunk: int = 512
+    # every this many steps, swap the coldest GPU-resident experts for hotter CPU ones from
+    # the live routing (hetero.sched.hot_experts; layers with gpu_format int4 = the CPU's); 0: off
+    hot_experts_every: int = 0
 
     def __post_init__(self) -> None:
         for name in ("page_size", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
                      "deterministic_chunk"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"ServingConfig.{name} = {getattr(self, name)}: must be >= 1")
-        for name in ("max_model_len", "cuda_graph_max_batch"):
+        for name in ("max_model_len", "cuda_graph_max_batch", "hot_experts_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ServingConfig.{name} = {getattr(self, name)}: must be >= 0")
 
@@ -76,8 +79,13 @@ class Engine:
         self.scheduler = Scheduler(sched, self.pool)
         on_gpu = self.cache.latent.is_cuda
         graph_batch = config.cuda_graph_max_batch if on_gpu else 0
+        hot = None
+        if config.hot_experts_every:
+            from hetero.sched.hot_experts import HotConfig, HotExperts
+
+            hot = HotExperts(model, HotConfig(every=config.hot_experts_every))
         self.runner = ModelRunner(
-            model, self.cache, self.max_model_len, graph_batch, on_gpu, config.deterministic
+            model, self.cache, self.max_model_len, graph_batch, on_gpu, config.deterministic, hot
         )
         self.requests: dict[str, Request] = {}
         self.detok: dict[str, IncrementalDetokenizer] = {}

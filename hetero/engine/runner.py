@@ -13,6 +13,7 @@ import torch
 from hetero.engine.scheduler import Work
 from hetero.model import ForwardBatch, PagedKVCache, Transformer
 from hetero.sched.graphs import GraphedDecoder
+from hetero.sched.hot_experts import HotExperts
 
 
 def bucket(n: int) -> int:
@@ -29,13 +30,15 @@ class ModelRunner:
         max_graph_batch: int = 0,
         graphs: bool = True,
         per_request: bool = False,
+        hot: HotExperts | None = None,
     ) -> None:
         """`max_graph_batch`: largest decode batch run through graph segments (0: none);
         `graphs`: capture them as CUDA graphs (False: the same segments eagerly, for tests);
         `per_request`: each request its own forward pass (deterministic mode: no op ever mixes
-        two requests' tokens, so none depends on what else runs)."""
+        two requests' tokens, so none depends on what else runs); `hot`: live GPU experts,
+        told after each step (when no expert job is in flight)."""
         self.model, self.cache = model, cache
-        self.per_request = per_request
+        self.per_request, self.hot = per_request, hot
         self.device = model.lm_head.weight.device
         self.max_graph_batch, self.graphs = max_graph_batch, graphs
         self.decoders: dict[tuple[int, int], GraphedDecoder] = {}
@@ -60,8 +63,12 @@ class ModelRunner:
         """-> logits [S, V] of the work items that sample, in order."""
         if self.per_request and len(work) > 1:
             parts = [self._run([w]) for w in work]  # [1, V] or [0, V] each
-            return torch.cat(parts)
-        return self._run(work)
+            logits = torch.cat(parts)
+        else:
+            logits = self._run(work)
+        if self.hot is not None:
+            self.hot.step_done()
+        return logits
 
     def _run(self, work: list[Work]) -> torch.Tensor:
         input_ids, batch = self.batch(work)

@@ -39,6 +39,9 @@ def add_parser(sub, model_args, placement_args) -> None:
                    help="keep a reasoning model's <think> text in `content`")  # fmt: skip
     s.add_argument("--deterministic", action="store_true",
                    help="greedy outputs independent of what runs beside them")  # fmt: skip
+    s.add_argument("--hot-experts", type=int, default=0, metavar="N",
+                   help="every N steps, swap cold GPU experts for hot CPU ones (layers with "
+                        "gpu_format int4 = their CPU format; 0: off)")  # fmt: skip
     s.set_defaults(func=cmd_serve)
 
 
@@ -88,6 +91,7 @@ def _load(args: argparse.Namespace, state, server) -> None:
         engine, close, tokenizer, _, cpu = load_session(
             args, progress=True, kv_tokens=args.kv_cache_tokens, max_num_seqs=args.max_num_seqs,
             deterministic=args.deterministic, max_num_batched_tokens=args.max_num_batched_tokens,
+            hot_experts_every=args.hot_experts,
         )  # fmt: skip
     except Exception as e:  # the server stays up to say why (/health, every request)
         log.error("loading failed: %s", e)
