@@ -85,3 +85,20 @@ def test_gather_and_grouping():
     assert [list(g) for g in groups] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
     with pytest.raises(ValueError, match="holds no expert.*staging_gb"):
         group_rows(np.arange(3), expert_bytes=100, slot_bytes=99)
+
+
+def test_hybrid_layer_streams_through_the_staging(engine):
+    """HybridExperts._streamed (what long prefill takes on CUDA) with a staging: the engine's
+    sum, GPU-resident experts excluded from what crosses."""
+    from torch import nn
+
+    from hetero.sched.hybrid import HybridExperts
+
+    layer = engine.layers[0]
+    staging = GroupStaging(2 * layer.expert_bytes() + 4 * 64, "cpu")
+    routed = HybridExperts(nn.ModuleDict(), layer=0, engine=engine, num_experts=E, staging=staging)
+    x = torch.randn(16, H, generator=torch.Generator().manual_seed(3))
+    ids, w = routing(16, 4, seed=3)
+    got = routed._streamed(x, ids, w).result()
+    want = engine.forward(0, x, ids, w)
+    assert ((got - want).norm() / want.norm()).item() < TOL

@@ -20,8 +20,10 @@ from torch import nn
 
 from hetero.cpu_experts.engine import CPUExperts, Job
 from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tensors
+from hetero.cpu_experts.staging import GroupStaging
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.model.moe import RoutedRun, torch_routed_experts
+from hetero.sched.streaming import stream_experts
 
 
 def streamed_experts(
@@ -110,9 +112,13 @@ class HybridExperts:
         overlap: bool = True,
         stream_min_tokens: int = 0,
         gpu: PackedGPUExperts | None = None,
+        staging: GroupStaging | None = None,
     ) -> None:
         self.experts, self.gpu = experts, gpu
         self.stream_min_tokens = stream_min_tokens  # 0: never stream the CPU's experts
+        # streamed prefill's bounded double-buffered staging (shared by the layers); None: the
+        # whole packed layer through the engine's one buffer (CPUExperts.stage)
+        self.staging = staging
         self.layer = layer
         self.engine = engine
         self.deferred = deferred
@@ -193,6 +199,9 @@ class HybridExperts:
         deferred)."""
         rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
         packed = self.engine.layers[self.layer]
-        y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer, x.device))
+        if self.staging is not None:  # only the routed experts, in groups, overlapped
+            y = stream_experts(self.engine, self.staging, self.layer, x, rows, weights)
+        else:
+            y = streamed_experts(packed, x, rows, weights, self.engine.stage(self.layer, x.device))
         y = y + self._gpu_experts(x, ids, weights) if self.any_on_gpu else y
         return RoutedRun(lambda: y)

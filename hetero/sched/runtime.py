@@ -17,6 +17,7 @@ from tqdm import tqdm
 from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
+from hetero.cpu_experts.staging import GroupStaging
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.loader import Checkpoint, load_weights
@@ -116,6 +117,10 @@ def load_hybrid(
             int8_activations=opts.int8_activations,
         )
         engine = CPUExperts(packed, engine_config)
+    staging = None
+    if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
+        slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
+        staging = GroupStaging(slot, opts.device)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
         if L not in cpu_layers and L in gpu_packed:
@@ -135,6 +140,7 @@ def load_hybrid(
                     else opts.stream_min_tokens
                 ),
                 gpu=gpu_packed.get(L),
+                staging=staging,
             )
     return Hybrid(model.eval(), engine, placement)
 
