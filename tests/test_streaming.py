@@ -97,8 +97,10 @@ def test_hybrid_layer_streams_through_the_staging(engine):
     layer = engine.layers[0]
     staging = GroupStaging(2 * layer.expert_bytes() + 4 * 64, "cpu")
     routed = HybridExperts(nn.ModuleDict(), layer=0, engine=engine, num_experts=E, staging=staging)
-    x = torch.randn(16, H, generator=torch.Generator().manual_seed(3))
-    ids, w = routing(16, 4, seed=3)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, H, generator=g)
+    ids = torch.rand(16, E, generator=g).topk(4, dim=-1).indices  # (a router's: no -1)
+    w = torch.rand(16, 4, generator=g)
     got = routed._streamed(x, ids, w).result()
     want = engine.forward(0, x, ids, w)
     assert ((got - want).norm() / want.norm()).item() < TOL
