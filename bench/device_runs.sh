@@ -5,7 +5,8 @@
 # stages: gpu-tests | decode | decode-graphs | baseline | v2-lite | cpu-prefetch | cpu-sweep | prefill |
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
-#   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http
+#   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
+#   prefill-depth
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -14,6 +15,15 @@ day=$(date +%F)
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case $stage in
+    gpu-kernels)  # FP8 GEMM, MLA decode/extend, fused MoE, router at V3 shapes (~4 min)
+      timeout 540 python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.jsonl" \
+        > /dev/null 2> "$OUT/gpu_kernels.err"; tail -3 "$OUT/gpu_kernels.err" ;;
+    prefill-layer)  # one V3 layer's CPU experts streamed: staged vs whole vs CPU (~4 min)
+      timeout 500 python3 bench/prefill.py --only layer > "$OUT/prefill_layer.jsonl" \
+        2> "$OUT/prefill_layer.err"; tail -3 "$OUT/prefill_layer.err" ;;
+    prefill-depth)  # whole V3 depth TTFT at 512..32K, then once over HTTP (~8 min)
+      timeout 580 python3 bench/prefill.py --only depth --http > "$OUT/prefill_depth.jsonl" \
+        2> "$OUT/prefill_depth.err"; tail -3 "$OUT/prefill_depth.err" ;;
     gpu-tests)  # the tests marked gpu, log committed under tests/logs/
       timeout 300 python3 -m pytest -m gpu -v tests 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;
     decode)  # v3-slice: sequential / overlap / deferral at batch 1, 4, 16, profiler tables, and
