@@ -277,3 +277,31 @@ def test_triton_kernels_through_the_model(checkpoint):
     for work in chunked_schedule(seqs):
         run.step(work)
     assert_same(run.result(), want)
+
+
+@pytest.mark.gpu
+def test_cuda_triton_greedy_equals_the_cpu(tiny_v2):
+    """The V2 fixture on CUDA with the "triton" attention (fp32: the kernels' dots in TF32),
+    through the serving engine with its CUDA graphs: the CPU engine's 32 greedy tokens."""
+    from transformers import AutoTokenizer
+
+    from hetero.engine.engine import Engine, ServingConfig
+    from hetero.engine.params import SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(tiny_v2)
+    prompts = sequences(1024, seed=5)[:3]
+    runs = []
+    for device in ("cpu", "cuda"):
+        model = load_model(tiny_v2, device=device, dtype=torch.float32, attention="triton",
+                           progress=False)  # fmt: skip
+        config = ServingConfig(page_size=16, kv_cache_tokens=2048, max_num_batched_tokens=128,
+                               cuda_graph_max_batch=8)  # fmt: skip
+        engine = Engine(model, tok, config)
+        params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+        rids = [engine.add_request(p, params) for p in prompts]
+        out = {r: [] for r in rids}
+        while engine.has_work:
+            for o in engine.step():
+                out[o.request_id] += o.token_ids
+        runs.append([out[r] for r in rids])
+    assert runs[0] == runs[1] and all(len(t) == 32 for t in runs[0])
