@@ -10,23 +10,11 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+from test_mla_decode import pages_for  # noqa: E402
+
 from hetero.gpu.mla_extend import mla_extend  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def pages_for(ctx_lens: list[int], page: int, C: int, R: int, seed: int):
-    """A layer's pages with each sequence's tokens in shuffled pages (page 0: padding)."""
-    g = torch.Generator().manual_seed(seed)
-    need = [-(-n // page) for n in ctx_lens]
-    P = sum(need) + 1
-    order = (torch.randperm(P - 1, generator=g) + 1).tolist()
-    table = torch.zeros(len(ctx_lens), max(need), dtype=torch.int32)
-    at = 0
-    for b, n in enumerate(need):
-        table[b, :n] = torch.tensor(order[at : at + n], dtype=torch.int32)
-        at += n
-    return torch.randn(P, page, C, generator=g), torch.randn(P, page, R, generator=g), table
 
 
 def reference(q_lat, q_pe, latent, rope, table, q_lens, ctx_lens, scale):
