@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from bench.decode import (  # noqa: E402
     settle_times,
     slice_config,
 )
+from bench.prediction import predictor  # noqa: E402
 from bench.serving_load import (  # noqa: E402
     GPUExperts,
     Req,
@@ -256,6 +258,8 @@ def run(args) -> None:
         "serving": dataclasses.asdict(serving),
     }
     levels, warm = plan(args, model.config.vocab_size)
+    predict = predictor(args, model.config, cpu, facts)  # hetero.predict's figures, if calibrated
+    base["calibration"] = predict.rates.source if predict else None
     try:
         for r in [r for _, reqs in levels for r in reqs] + warm:  # refused before time is spent
             try:
@@ -280,6 +284,8 @@ def run(args) -> None:
         if cpu is not None and args.ab_rounds:
             dref = DecodeRef(model, cpu, args.device, args.ab_steps, args.ab_rounds)
             ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size)
+            if predict:  # beside bench/decode.py's step
+                ab |= predict.batch1(statistics.median(ab["decode_ref_ms"]), dref.pos)
             print(json.dumps({**base, **ab}), flush=True)
         defers = args.defer_levels or [facts.get("defer")]
         for i, (C, reqs) in enumerate(levels):
@@ -288,6 +294,7 @@ def run(args) -> None:
                 set_defer(model, d)
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             row["defer"] = d
+            row |= predict.level(row["output_tok_s"], C, reqs, d) if predict else {}
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
                 row["vs_naive"] = round(row["output_tok_s"] / ref["output_tok_s"], 3)
@@ -372,6 +379,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--ab-steps", type=int, default=12, help="decode steps a round")
     p.add_argument("--read-bw-gb", type=float, default=4, help="host read probe array (0: no)")
+    p.add_argument("--calibration", default="cache", help="hetero.predict beside each figure: "
+                   "cache (this machine's, if any), auto (measure if not), a file")  # fmt: skip
+    p.add_argument("--routing-alpha", type=float, help="for the prediction (random model: 0.69)")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     if args.placement and args.workload != "demo":

@@ -194,10 +194,42 @@ def cmd_plan(args: argparse.Namespace) -> int:
         vram = 24 * GIB
         notes.append("no CUDA device here and no --vram: a 24 GiB GPU is assumed")
     # what generate/chat would load: the given placement, the whole model, or the default
-    _, plan, _ = choose_placement(config, index, placement, True, vram, ram, torch.bfloat16)
+    chosen, plan, _ = choose_placement(config, index, placement, True, vram, ram, torch.bfloat16)
     plan = replace(plan, notes=(*plan.notes, *notes))
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.table())
+    prediction = _predict(args, config, chosen) if args.predict else None
+    if args.json:
+        out = plan.to_dict() | ({"prediction": prediction.to_dict()} if prediction else {})
+        print(json.dumps(out, indent=2))
+    else:
+        print(plan.table() + (f"\n\n{prediction.table()}" if prediction else ""))
     return 0 if plan.fits else 1
+
+
+def _predict(args: argparse.Namespace, config, placement):
+    """`hetero plan --predict`: the speed to expect, from the calibration (docs/predict.md)."""
+    from hetero.predict import predict
+    from hetero.sched.calibrate import load_rates
+    from hetero.sched.rates import CalibrationError
+
+    E = config.n_routed_experts
+    routed = placement.routed.values()
+    cpu = sorted({p.cpu_format for p in routed if len(p.gpu_experts) < E})
+    gpu = sorted({p.gpu_format for p in routed if p.gpu_experts})
+    try:
+        rates = load_rates(args.calibration, config, cpu, gpu, placement.runtime.cpu_threads)
+    except CalibrationError as e:
+        raise UsageError(str(e)) from None
+    return predict(config, placement, rates, args.concurrency, args.prompt_lengths)
+
+
+def _int_list(spec: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in spec.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected integers like 1,16,64") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{spec!r}: expected integers >= 1")
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ram", type=float, help="host RAM GiB (default: this machine's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="also predict decode and prefill tok/s from a calibration (docs/predict.md)",
+    )
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        help="for --predict: a calibration JSON file, or auto (this machine's cache, else "
+        "measured now, ~10-30 s a format)",
+    )
+    p.add_argument(
+        "--concurrency", type=_int_list, default=(1, 16, 64), help="for --predict: 1,16,64"
+    )
+    p.add_argument(
+        "--prompt-lengths",
+        type=_int_list,
+        default=(512, 8192, 32768),
+        help="for --predict: prompt tokens, 512,8192,32768",
+    )
     p.set_defaults(func=cmd_plan)
     from hetero.server.serve import add_parser
 
