@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -124,9 +125,18 @@ def depth_rows(args, base: dict) -> None:
     cpu = CPUExperts({L: distinct[i % len(distinct)] for i, L in enumerate(moe)}, EngineConfig())
     set_mode(model, config, cpu, "overlap")
     staging = GroupStaging(int(args.staging_gb * GIB) // 2, "cuda")
-    for L in moe:
-        routed = model.model.layers[L].mlp.routed
-        routed.stream_min_tokens, routed.staging = args.stream_min_tokens, staging
+    rates = None
+    if args.calibration != "none":  # the prefill policy (else the fixed threshold)
+        from hetero.sched.calibrate import load_rates
+
+        rates = load_rates(args.calibration, config, [str(fmt)])
+    routeds = [model.model.layers[L].mlp.routed for L in moe]
+    for routed in routeds:
+        routed.stream_min_tokens, routed.staging, routed.rates = (
+            args.stream_min_tokens,
+            staging,
+            rates,
+        )
     attend = MLA_ATTENTION.get("triton")
     for block in model.model.layers:
         block.self_attn.attend = attend
@@ -139,9 +149,12 @@ def depth_rows(args, base: dict) -> None:
     V = config.vocab_size
     facts = {**base, "bench": "prefill_depth", "format": str(fmt), "cpu_layers": args.cpu_layers,
              "chunk": args.chunk, "stream_min_tokens": args.stream_min_tokens,
-             "staging_gb": args.staging_gb}  # fmt: skip
+             "staging_gb": args.staging_gb,
+             "calibration": rates.source if rates else None}  # fmt: skip
 
     def ttft(n: int, seed: int) -> tuple[float, int]:
+        for r in routeds:
+            r.modes.clear()
         prompt = torch.randint(2, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
         steps, t0 = 0, time.perf_counter()
         engine.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
@@ -154,7 +167,8 @@ def depth_rows(args, base: dict) -> None:
     ttft(min(args.chunk, 512), seed=0)  # warm: kernels compiled, buffers allocated
     for n in args.lengths:
         s, steps = ttft(n, seed=n)
-        row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps}
+        modes = sum((r.modes for r in routeds), Counter())  # the policy's choices, layer-chunks
+        row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps, "modes": modes}
         print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
     if args.http:
         import httpx
@@ -192,6 +206,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="depth: chunks of at least this many tokens stream")  # fmt: skip
     p.add_argument("--staging-gb", type=float, default=1.0)
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
+    p.add_argument("--calibration", default="auto",
+                   help="depth: the policy's rates: auto | FILE | none (the threshold)")  # fmt: skip
     return p.parse_args(argv)
 
 

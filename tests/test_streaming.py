@@ -104,3 +104,46 @@ def test_hybrid_layer_streams_through_the_staging(engine):
     got = routed._streamed(x, ids, w).result()
     want = engine.forward(0, x, ids, w)
     assert ((got - want).norm() / want.norm()).item() < TOL
+
+
+def policy_rates(fmt: str, mode: str):
+    """Rates under which prefill_policy.split picks `mode` for the counts of `skewed`."""
+    from hetero.sched.rates import ExpertCost, Rates
+
+    ms = 1e-3
+    steep = ExpertCost((1, 64), (1 * ms, 64 * ms))  # the CPU: a token costs
+    flat = ExpertCost((1, 64), (1 * ms, 1 * ms))  # the GPU: an expert costs, not its tokens
+    if mode == "cpu":
+        return Rates((H, I), 100.0, cpu={fmt: steep})  # no GPU
+    cpu = steep if mode == "split" else ExpertCost((1, 64), (100 * ms, 6400 * ms))
+    return Rates((H, I), 100.0, h2d_gbps=1000.0, hbm_gbps=1000.0, gpu_tflops=1.0,
+                 cpu={fmt: cpu}, gpu={fmt: flat})  # fmt: skip
+
+
+def skewed(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Half the experts get most tokens, the other half one or two each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, E // 2, (T, 4), generator=g)
+    ids[:6, 0] = torch.arange(E // 2, E // 2 + 6)  # (the cold half: a token or two each)
+    return ids, torch.rand(T, 4, generator=g)
+
+
+@pytest.mark.parametrize("mode", ["cpu", "gpu", "split"])
+def test_the_prefill_policy_paths_equal_the_engine(engine, mode):
+    """HybridExperts._prefill (long chunks, with measured rates) takes each of split's modes;
+    the split one computes the CPU's experts on the engine beside the streamed rest."""
+    from torch import nn
+
+    from hetero.sched.hybrid import HybridExperts
+
+    layer = engine.layers[0]
+    staging = GroupStaging(2 * layer.expert_bytes() + 4 * 64, "cpu")
+    rates = policy_rates(str(layer.fmt), mode)
+    routed = HybridExperts(nn.ModuleDict(), layer=0, engine=engine, num_experts=E,
+                           staging=staging, rates=rates)  # fmt: skip
+    ids, w = skewed(64, seed=4)
+    x = torch.randn(64, H, generator=torch.Generator().manual_seed(4))
+    got = routed._prefill(x, ids, w).result()
+    want = engine.forward(0, x, ids, w)
+    assert dict(routed.modes) == {mode: 1}
+    assert ((got - want).norm() / want.norm()).item() < TOL

@@ -11,6 +11,7 @@ MoE adds it (`pending.result()`), the last one before the final norm.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,8 @@ from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tens
 from hetero.cpu_experts.staging import GroupStaging
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.model.moe import RoutedRun, torch_routed_experts
+from hetero.sched.prefill_policy import split
+from hetero.sched.rates import Rates
 from hetero.sched.streaming import stream_experts
 
 
@@ -91,6 +94,9 @@ class CPUPending:
 
 
 DEFER_MAX_TOKENS = 8  # a step's tokens up to which deferral applies
+# with measured rates (HybridOptions.calibration), chunks of this many tokens or more ask the
+# prefill policy where their CPU experts run (its counts cost a host sync: not for decode)
+POLICY_MIN_TOKENS = 64
 
 
 class HybridExperts:
@@ -113,12 +119,16 @@ class HybridExperts:
         stream_min_tokens: int = 0,
         gpu: PackedGPUExperts | None = None,
         staging: GroupStaging | None = None,
+        rates: Rates | None = None,
     ) -> None:
         self.experts, self.gpu = experts, gpu
         self.stream_min_tokens = stream_min_tokens  # 0: never stream the CPU's experts
         # streamed prefill's bounded double-buffered staging (shared by the layers); None: the
         # whole packed layer through the engine's one buffer (CPUExperts.stage)
         self.staging = staging
+        # measured rates: long chunks go where prefill_policy.split says (cpu / gpu / split)
+        # instead of by stream_min_tokens; `modes` counts its choices
+        self.rates, self.modes = rates, Counter()
         self.layer = layer
         self.engine = engine
         self.deferred = deferred
@@ -151,6 +161,8 @@ class HybridExperts:
             count_routes(self.counts, ids)
         if self.on_gpu.device != ids.device:
             self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
+        if x.is_cuda and self.rates is not None and x.shape[0] >= POLICY_MIN_TOKENS:
+            return self._prefill(x, ids, weights)
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
             return self._streamed(x, ids, weights)
         # first the CPU's job, so that its input copy is queued right behind the router; the
@@ -193,6 +205,36 @@ class HybridExperts:
                 return self._stacked(x, ids, weights)
         gpu = self.on_gpu[ids]  # [T, k]
         return torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
+
+    def _prefill(self, x, ids, weights) -> RoutedRun:
+        """A long chunk: its CPU experts on the CPU, streamed to the GPU, or split between
+        them, as prefill_policy.split decides from the chunk's tokens per expert."""
+        rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
+        packed = self.engine.layers[self.layer]
+        used = rows[rows >= 0].cpu().numpy()  # (a host sync: long chunks only)
+        counts = np.bincount(used, minlength=packed.num_experts)  # [rows]
+        slot = self.staging.slot_bytes if self.staging is not None else 0
+        s = split(self.rates, str(packed.fmt), counts, packed.expert_bytes(),
+                  staged=self.staging is not None, slot_bytes=slot)  # fmt: skip
+        self.modes[s.mode] += 1
+        if s.mode == "gpu":
+            return self._streamed(x, ids, weights)
+        if s.mode == "cpu" or self.staging is None:
+            job = self.engine.submit(self.layer, x, ids, weights, self.rows_np, 0)
+            y = self._gpu_experts(x, ids, weights)
+            return RoutedRun(lambda: y + self.engine.wait(job))
+        cpu_rows = np.where(self.rows_np >= 0, self.rows_np, 0)
+        cpu_map = np.where((self.rows_np >= 0) & s.on_cpu[cpu_rows], self.rows_np, -1)  # [E]
+        on_cpu = torch.from_numpy(s.on_cpu).to(rows.device)
+        gpu_rows = rows.masked_fill((rows < 0) | on_cpu[rows.clamp_min(0)], -1)  # [T, k]
+        jobs = []
+
+        def cpu_part() -> None:  # queued behind the gathers: runs beside the GPU's compute
+            jobs.append(self.engine.submit(self.layer, x, ids, weights, cpu_map, 0))
+
+        y = stream_experts(self.engine, self.staging, self.layer, x, gpu_rows, weights, cpu_part)
+        y = y + self._gpu_experts(x, ids, weights) if self.any_on_gpu else y
+        return RoutedRun(lambda: y + self.engine.wait(jobs[0]))
 
     def _streamed(self, x, ids, weights) -> RoutedRun:
         """Long prefill: the CPU's experts streamed to the GPU and computed there (exact, nothing

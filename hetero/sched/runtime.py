@@ -52,6 +52,9 @@ class HybridOptions:
     # CUDA: batches this long stream the CPU experts to the GPU instead (0: never; None: by the
     # CPU, `default_stream_min_tokens`)
     stream_min_tokens: int | None = None
+    # CUDA: measured rates for the prefill policy (hetero.sched.calibrate): "auto" (this
+    # machine's cache, else measured once now), a file, or None (stream_min_tokens decides)
+    calibration: str | None = "auto"
     progress: bool = True
 
 
@@ -117,10 +120,11 @@ def load_hybrid(
             int8_activations=opts.int8_activations,
         )
         engine = CPUExperts(packed, engine_config)
-    staging = None
+    staging = rates = None
     if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
         staging = GroupStaging(slot, opts.device)
+        rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
         if L not in cpu_layers and L in gpu_packed:
@@ -141,8 +145,26 @@ def load_hybrid(
                 ),
                 gpu=gpu_packed.get(L),
                 staging=staging,
+                rates=rates,
             )
     return Hybrid(model.eval(), engine, placement)
+
+
+def _rates(opts: HybridOptions, config, formats: set[str], placement: Placement):
+    """The prefill policy's measured rates, or None (a warning says why) where they cannot be
+    had: the fixed stream_min_tokens threshold decides then."""
+    if opts.calibration is None:
+        return None
+    from hetero.sched.calibrate import load_rates
+    from hetero.sched.rates import CalibrationError
+
+    try:
+        return load_rates(opts.calibration, config, sorted(formats),
+                          threads=placement.runtime.cpu_threads)  # fmt: skip
+    except (CalibrationError, OSError) as e:
+        log.warning("prefill policy without measured rates (%s): streaming from %s tokens", e,
+                    opts.stream_min_tokens)  # fmt: skip
+        return None
 
 
 def is_fp8_module(placement: Placement, name: str) -> bool:

@@ -10,6 +10,8 @@ reference).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hetero.cpu_experts.engine import CPUExperts
@@ -24,22 +26,31 @@ def stream_experts(
     x: torch.Tensor,
     rows: torch.Tensor,
     weights: torch.Tensor,
+    after_fills: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """x [T, H], rows/weights [T, k] (the engine's rows of layer `layer`, -1: computed
-    elsewhere) -> the sum of those experts [T, H] in x's dtype, computed on x's device."""
+    elsewhere) -> the sum of those experts [T, H] in x's dtype, computed on x's device.
+    `after_fills`: called once every group's gather is queued on the engine's worker (a split
+    chunk queues its CPU job there: it runs after the gathers, beside the GPU's compute)."""
     packed = engine.layers[layer]
     used = torch.unique(rows[rows >= 0]).cpu().numpy()  # (a host sync: prefill only)
     groups = group_rows(used, packed.expert_bytes(), staging.slot_bytes)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if not groups:
+        if after_fills is not None:
+            after_fills()
         return y.to(x.dtype)
     local = torch.full((packed.num_experts,), -1, dtype=torch.int32, device=x.device)  # [E]
     filled = engine.on_worker(staging.fill, 0, packed, groups[0])
+    if len(groups) == 1 and after_fills is not None:
+        after_fills()
     for g in range(len(groups)):
         group = filled.result()
         arrays = staging.to_device(group)
         if g + 1 < len(groups):  # gathered while this group copies and computes
             filled = engine.on_worker(staging.fill, (g + 1) % 2, packed, groups[g + 1])
+            if g + 2 == len(groups) and after_fills is not None:
+                after_fills()
         staging.ready(group)
         local.fill_(-1)
         n = len(group.rows)
