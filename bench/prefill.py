@@ -207,7 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--staging-gb", type=float, default=1.0)
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
     p.add_argument("--calibration", default="auto",
-                   help="depth: the policy's rates: auto | FILE | none (the threshold)")  # fmt: skip
+                   help="depth: the policy's rates: auto, FILE or none")  # fmt: skip
     return p.parse_args(argv)
 
 
