@@ -122,7 +122,16 @@ def test_in_a_terminal(tiny_v3):
     cmd = [sys.executable, "-m", "hetero.cli", "chat", "--model", str(tiny_v3)]
     cmd += ["--max-tokens", "8", "--device", "cpu"]
     env = {**os.environ, "TERM": "xterm"}
-    proc = subprocess.Popen(cmd, stdin=follower, stdout=follower, stderr=follower, env=env)
+    # SIGINT as a terminal's program has it: a job started in the background of a script
+    # (`ci &`) inherits it ignored, and Python then never raises KeyboardInterrupt
+    proc = subprocess.Popen(
+        cmd,
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     os.close(follower)
     # one deadline for the whole session: generous, since a loaded 2-core machine took ~120 s
     # to reach the Ctrl-C step, and another (other tests' processes beside it) over 300 s: the
