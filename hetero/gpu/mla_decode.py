@@ -37,6 +37,7 @@ def _mla_decode_split(
     R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "ieee" (bf16/fp16 ignore it)
 ):
     b, hb, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(2)
@@ -60,14 +61,14 @@ def _mla_decode_split(
         row = page.to(tl.int64) * PAGE + toks % PAGE  # [BN] row in the layer's pages
         lat = tl.load(latent_ptr + row[:, None] * C + cs[None, :], mask=ok[:, None], other=0.0)
         rope = tl.load(rope_ptr + row[:, None] * R + rs[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q_lat, tl.trans(lat).to(q_lat.dtype), out_dtype=tl.float32)  # [BH, BN]
-        s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), out_dtype=tl.float32)
+        s = tl.dot(q_lat, tl.trans(lat).to(q_lat.dtype), input_precision=PRECISION)  # [BH, BN]
+        s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), input_precision=PRECISION)
         s = tl.where(ok[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])  # [BH, BN]
         denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=PRECISION)
         m = m_new
     # an empty split (past the context) leaves m = -inf, denom = 0: lse -inf, weight 0 on merge
     safe = tl.where(denom > 0, denom, 1.0)
@@ -125,8 +126,14 @@ def mla_decode(
     _mla_decode_split[grid](
         q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk,
         page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
+        PRECISION=_precision(q_lat),
     )  # fmt: skip
     return merge_splits(out, lse).to(q_lat.dtype)
+
+
+def _precision(q: torch.Tensor) -> str:
+    """fp32 queries get fp32 dots (the GPU would take TF32's 10-bit mantissas by default)."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

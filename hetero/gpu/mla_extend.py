@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hetero.gpu.mla_decode import _precision
+
 
 @triton.jit
 def _mla_extend(
@@ -45,6 +47,7 @@ def _mla_extend(
     BLOCK_M: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "ieee" (bf16/fp16 ignore it)
 ):
     hb, mb, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0 = tl.load(starts_ptr + b)
@@ -74,14 +77,14 @@ def _mla_extend(
         lat = tl.load(latent_ptr + krow[:, None] * C + cs[None, :], mask=ok[:, None], other=0.0)
         rope = tl.load(rope_ptr + krow[:, None] * R + rs[None, :], mask=ok[:, None], other=0.0)
         lat = lat.to(q_lat.dtype)  # [BN, C]
-        s = tl.dot(q_lat, tl.trans(lat), out_dtype=tl.float32)  # [M, BN]
-        s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), out_dtype=tl.float32)
+        s = tl.dot(q_lat, tl.trans(lat), input_precision=PRECISION)  # [M, BN]
+        s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), input_precision=PRECISION)
         s = tl.where(toks[None, :] <= pos[:, None], s * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: key 0 was in the first block
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])  # [M, BN]
         denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, out_dtype=tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat, input_precision=PRECISION)
         m = m_new
     out = acc / denom[:, None]  # [M, C]
     dst = out_ptr + qrow[:, None] * C + cs[None, :]
@@ -147,6 +150,6 @@ def mla_extend(
     _mla_extend[grid](
         q_lat, q_pe, latent, rope, page_table, q_starts, ctx_lens, out, scale, H,
         page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_M=block_m, BLOCK_H=block_h,
-        BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_N=block_n, PRECISION=_precision(q_lat), num_warps=num_warps,
     )  # fmt: skip
     return out
