@@ -6,7 +6,7 @@
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
-#   prefill-depth
+#   prefill-depth | cpu-decode-batch
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -15,6 +15,16 @@ day=$(date +%F)
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case $stage in
+    cpu-decode-batch)  # issue 16: decode batches (T=16, 64: ~0.5-2 tokens an expert) on the
+      # AMX tiles from 2, 4 or 8 tokens an expert against the GEMV (threshold 16), int4 g32 and
+      # g128, alternated in one VM (~6 min): what reads the unique experts nearest host bandwidth
+      for round in 1 2; do
+        for min in 2 4 8 16; do
+          timeout 70 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128 --tokens 16,64 \
+            --no-naive --gemm-min-tokens-amx $min >> "$OUT/cpu_decode_batch.jsonl" \
+            2>> "$OUT/cpu_decode_batch.err"
+        done
+      done; grep -c . "$OUT/cpu_decode_batch.jsonl" ;;
     gpu-kernels)  # FP8 GEMM, MLA decode/extend, fused MoE, router at V3 shapes (~4 min)
       timeout 540 python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.jsonl" \
         > /dev/null 2> "$OUT/gpu_kernels.err"; tail -3 "$OUT/gpu_kernels.err" ;;
