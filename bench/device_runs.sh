@@ -31,9 +31,10 @@ for stage in "$@"; do
     prefill-layer)  # one V3 layer's CPU experts streamed: staged vs whole vs CPU (~4 min)
       timeout 500 python3 bench/prefill.py --only layer > "$OUT/prefill_layer.jsonl" \
         2> "$OUT/prefill_layer.err"; tail -3 "$OUT/prefill_layer.err" ;;
-    prefill-depth)  # whole V3 depth TTFT at 512..32K, then once over HTTP (~8 min)
-      timeout 580 python3 bench/prefill.py --only depth --http > "$OUT/prefill_depth.jsonl" \
-        2> "$OUT/prefill_depth.err"; tail -3 "$OUT/prefill_depth.err" ;;
+    prefill-depth)  # whole V3 depth TTFT at 512..32K, then once over HTTP (~8 min; needs the
+      # server's wheels): a prompt in one chunk streams each layer's experts once
+      timeout 580 python3 bench/prefill.py --only depth --http --chunk 32768 --pin-experts \
+        > "$OUT/prefill_depth.jsonl" 2> "$OUT/prefill_depth.err"; tail -3 "$OUT/prefill_depth.err" ;;
     gpu-tests)  # the tests marked gpu, log committed under tests/logs/
       timeout 300 python3 -m pytest -m gpu -v tests 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;
     decode)  # v3-slice: sequential / overlap / deferral at batch 1, 4, 16, profiler tables, and

@@ -7,7 +7,8 @@ then the whole V3 depth's time to first token for long prompts, then once over H
 JSON lines (stdout):
 - `h2d`: pinned host -> device GB/s of a 1 GiB copy in this run: the limit streaming is held to;
 - `layer`: one layer's CPU experts for T tokens (ids random over all 256 experts): `staged`
-  (only the routed experts, in groups through the bounded double-buffered staging), `whole`
+  (only the routed experts, in groups through the bounded double-buffered staging), `direct`
+  (the same groups copied straight from the page-locked arrays, no gather), `whole`
   (the packed layer through one buffer, the previous path) and, up to --cpu-max-tokens, the CPU
   engine; bytes sent, GB/s and its fraction of the `h2d` line;
 - `depth`: an N-token prompt through the serving engine on the whole V3 depth (random weights,
@@ -34,7 +35,7 @@ from bench.serving_load import StubTokenizer, machine  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
-from hetero.cpu_experts.staging import GroupStaging  # noqa: E402
+from hetero.cpu_experts.staging import GroupStaging, register_host  # noqa: E402
 from hetero.registry import MLA_ATTENTION  # noqa: E402
 from hetero.sched.hybrid import HybridExperts  # noqa: E402
 
@@ -95,7 +96,8 @@ def layer_rows(args, h2d: float, base: dict) -> None:
             ids = torch.rand(T, E, generator=g).topk(k, dim=-1).indices.to("cuda")
             w = torch.rand(T, k, generator=g).to("cuda")
             per = engine.layers[1].expert_bytes()
-            sent = {"staged": ids.unique().numel() * per, "whole": E * per}  # what crosses
+            routed = ids.unique().numel() * per
+            sent = {"staged": routed, "direct": routed, "whole": E * per}  # what crosses
             row = {**base, "bench": "prefill_layer", "format": str(fmt), "tokens": T,
                    "h2d_gbps": round(h2d, 1)}  # fmt: skip
             for name, routed in paths.items():
@@ -124,7 +126,9 @@ def depth_rows(args, base: dict) -> None:
     distinct = [random_layer(fmt, H, I, E, seed=L) for L in moe[: args.cpu_layers]]
     cpu = CPUExperts({L: distinct[i % len(distinct)] for i, L in enumerate(moe)}, EngineConfig())
     set_mode(model, config, cpu, "overlap")
-    staging = GroupStaging(int(args.staging_gb * GIB) // 2, "cuda")
+    staging = GroupStaging(int(args.staging_gb * GIB) // 2, "cuda", direct=args.pin_experts)
+    if args.pin_experts:
+        register_host(distinct)
     rates = None
     if args.calibration != "none":  # the prefill policy (else the fixed threshold)
         from hetero.sched.calibrate import load_rates
@@ -149,7 +153,7 @@ def depth_rows(args, base: dict) -> None:
     V = config.vocab_size
     facts = {**base, "bench": "prefill_depth", "format": str(fmt), "cpu_layers": args.cpu_layers,
              "chunk": args.chunk, "stream_min_tokens": args.stream_min_tokens,
-             "staging_gb": args.staging_gb,
+             "staging_gb": args.staging_gb, "pin_experts": args.pin_experts,
              "calibration": rates.source if rates else None}  # fmt: skip
 
     def ttft(n: int, seed: int) -> tuple[float, int]:
@@ -206,6 +210,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="depth: chunks of at least this many tokens stream")  # fmt: skip
     p.add_argument("--staging-gb", type=float, default=1.0)
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
+    p.add_argument("--pin-experts", action="store_true",
+                   help="depth: experts page-locked, copied without a gather")  # fmt: skip
     p.add_argument("--calibration", default="auto",
                    help="depth: the policy's rates: auto, FILE or none")  # fmt: skip
     return p.parse_args(argv)

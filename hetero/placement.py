@@ -53,6 +53,9 @@ class RuntimeSettings:
     # long prefill streams CPU experts to the GPU through two slots of staging_gb / 2, on the
     # GPU and pinned in host RAM each (hetero.cpu_experts.staging)
     staging_gb: float = 1.0
+    # page-lock the CPU experts in place at load (cudaHostRegister) so long prefill copies them
+    # to the GPU straight from RAM, no gather into the staging's host slots (unmeasured: off)
+    pin_experts: bool = False
 
 
 @dataclass(frozen=True)

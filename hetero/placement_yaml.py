@@ -38,6 +38,7 @@ RUNTIME_KEYS = (
     "cuda_graph_max_batch",
     "prefill_chunk",
     "staging_gb",
+    "pin_experts",
 )
 DEFAULT_CPU_FORMAT = "int4"
 
@@ -302,7 +303,12 @@ def _runtime(doc: _Doc, node: yaml.Node) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in doc.fields(node, "runtime", RUNTIME_KEYS).items():
         key = f"runtime.{k}"
-        if k in ("vram_gb", "ram_gb", "staging_gb"):
+        if k == "pin_experts":
+            flag = doc.value(v, key)
+            if not isinstance(flag, bool):
+                raise doc.error(v, key, f"expected true or false, got {flag!r}")
+            out[k] = flag
+        elif k in ("vram_gb", "ram_gb", "staging_gb"):
             gb = doc.value(v, key)
             nullable = k != "staging_gb"
             if (gb is not None or not nullable) and (

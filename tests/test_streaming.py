@@ -39,14 +39,16 @@ def routing(T: int, k: int, seed: int, experts: int = E) -> tuple[torch.Tensor, 
     return rows, torch.rand(T, k, generator=g)
 
 
+@pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize("per_group", [1, 3, 12])
-def test_streamed_groups_equal_the_engine(engine, per_group):
+def test_streamed_groups_equal_the_engine(engine, per_group, direct):
     """1, 3 or all experts a group: the slots are reused (double buffering) and the sum is the
-    engine's."""
+    engine's; `direct`: the rows copied from the arrays themselves (runs of consecutive rows),
+    not gathered into a host slot first."""
     layer = engine.layers[0]
     x = torch.randn(24, H, generator=torch.Generator().manual_seed(1))
     rows, w = routing(24, 3, per_group)
-    staging = GroupStaging(per_group * layer.expert_bytes() + 4 * 64, "cpu")
+    staging = GroupStaging(per_group * layer.expert_bytes() + 4 * 64, "cpu", direct=direct)
     sent = []
     fill = staging.fill
 

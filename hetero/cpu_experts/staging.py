@@ -7,6 +7,10 @@ into host slot (g+1) % 2 while group g's copy and compute run; a host slot is re
 its previous copy has left it, and a device slot is overwritten only once the compute that read
 it is done (CUDA events on each side). On the CPU (tests) the same code runs with plain copies.
 Memory: 2 x slot_bytes host + 2 x slot_bytes device (`runtime.staging_gb`, counted by the plan).
+
+`direct` (runtime `pin_experts`): the layers' packed arrays are page-locked in place once
+(`register_host`, cudaHostRegister), so a group's rows cross PCIe straight from them (one copy a
+run of consecutive rows an array) and no thread gathers: what is left is PCIe itself.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from hetero.cpu_experts.formats import PackedExperts
+from hetero.cpu_experts.formats import PackedExperts, as_tensor
 
 JIT = {"nogil": True, "cache": True}
 
@@ -57,12 +61,13 @@ class Group(NamedTuple):
     rows: np.ndarray  # the layer's rows (experts) it holds, in order
     layout: tuple[tuple[int, np.dtype, tuple[int, ...]], ...]
     nbytes: int
+    source: PackedExperts | None = None  # direct: the rows are copied from here, not the slot
 
 
 class GroupStaging:
-    def __init__(self, slot_bytes: int, device: torch.device | str) -> None:
+    def __init__(self, slot_bytes: int, device: torch.device | str, direct: bool = False) -> None:
         self.slot_bytes, self.device = int(slot_bytes), torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        self.cuda, self.direct = self.device.type == "cuda", direct
         self._host: list[torch.Tensor | None] = [None, None]
         self._dev: list[torch.Tensor | None] = [None, None]
         self._copied: list = [None, None]  # events: the slot's host -> device copy done
@@ -80,38 +85,57 @@ class GroupStaging:
     def fill(self, s: int, layer: PackedExperts, rows: np.ndarray) -> Group:
         """Host slot s <- the packed rows `rows` of each of the layer's arrays, gathered by all
         threads (call it on the engine's worker)."""
-        if self._copied[s] is not None:
-            self._copied[s].synchronize()  # the slot's last copy has left it
         n, idx = len(rows), np.ascontiguousarray(rows, dtype=np.int64)
         arrays = [(_as_bytes(a), a) for a in layer.arrays().values()]
         need = sum(-(-n * b.shape[1] // 64) * 64 for b, _ in arrays)
         if need > self.slot_bytes:
             raise ValueError(f"{n} experts need {need} bytes, a slot holds {self.slot_bytes}")
-        buf = self._slot(self._host, s, "cpu").numpy()
+        if not self.direct:
+            if self._copied[s] is not None:
+                self._copied[s].synchronize()  # the slot's last copy has left it
+            buf = self._slot(self._host, s, "cpu").numpy()
         layout, at = [], 0
         for src, a in arrays:
             size = n * src.shape[1]
-            gather_rows(src, idx, buf[at : at + size].reshape(n, src.shape[1]))
+            if not self.direct:
+                gather_rows(src, idx, buf[at : at + size].reshape(n, src.shape[1]))
             layout.append((at, a.dtype, (n, *a.shape[1:])))
             at += -(-size // 64) * 64
-        return Group(s, idx, tuple(layout), at)
+        return Group(s, idx, tuple(layout), at, layer if self.direct else None)
 
     def to_device(self, group: Group) -> list[torch.Tensor]:
         """Device slot <- the group (asynchronously, on the copy stream, once the compute that
         last read that slot is done) -> the arrays' rows as tensors there (as_tensor's
         dtypes: bf16 bits become bfloat16)."""
         s = group.slot
-        dev, host = self._slot(self._dev, s, self.device), self._host[s]
+        dev = self._slot(self._dev, s, self.device)
         if not self.cuda:
-            dev[: group.nbytes].copy_(host[: group.nbytes])
+            self._copy(group, dev)
         else:
             with torch.cuda.stream(self.copy_stream):
                 if self._used[s] is not None:
                     self.copy_stream.wait_event(self._used[s])
-                dev[: group.nbytes].copy_(host[: group.nbytes], non_blocking=True)
+                self._copy(group, dev)
                 self._copied[s] = torch.cuda.Event()
                 self._copied[s].record(self.copy_stream)
         return [_view(dev, at, dtype, shape) for at, dtype, shape in group.layout]
+
+    def _copy(self, group: Group, dev: torch.Tensor) -> None:
+        """The group into device slot `dev`: the host slot in one copy, or (direct) each run of
+        consecutive rows of each array straight from the page-locked arrays."""
+        if group.source is None:
+            dev[: group.nbytes].copy_(self._host[group.slot][: group.nbytes], non_blocking=True)
+            return
+        breaks = np.flatnonzero(np.diff(group.rows) != 1) + 1
+        runs = np.split(np.arange(len(group.rows)), breaks)  # positions of consecutive rows
+        for (at, _, _), a in zip(group.layout, group.source.arrays().values()):
+            src = as_tensor(_as_bytes(a))  # [E, bytes a row] (page-locked: copies are async)
+            width = src.shape[1]
+            for run in runs:
+                first, n = int(group.rows[run[0]]), len(run)
+                lo = at + int(run[0]) * width
+                dev[lo : lo + n * width].copy_(src[first : first + n].reshape(-1),
+                                               non_blocking=True)  # fmt: skip
 
     def ready(self, group: Group) -> None:
         """The current stream waits for the group's copy (before a compute reads it)."""
@@ -123,6 +147,26 @@ class GroupStaging:
         if self.cuda:
             self._used[group.slot] = torch.cuda.Event()
             self._used[group.slot].record(torch.cuda.current_stream(self.device))
+
+
+def register_host(layers: list[PackedExperts]) -> int:
+    """Page-locks the layers' packed arrays in place (cudaHostRegister) for `direct` staging;
+    -> bytes registered. Read-only maps (a store) are registered read-only."""
+    cudart, done = torch.cuda.cudart(), 0
+    seen: set[int] = set()
+    for layer in layers:
+        for a in layer.arrays().values():
+            ptr = a.ctypes.data
+            if ptr in seen or a.nbytes == 0:
+                continue
+            seen.add(ptr)
+            flags = 0 if a.flags.writeable else 8  # cudaHostRegisterReadOnly
+            err = cudart.cudaHostRegister(ptr, a.nbytes, flags)
+            if int(err) not in (0, 712):  # (712: registered before)
+                raise RuntimeError(f"cudaHostRegister of {a.nbytes} bytes failed ({err}): run "
+                                   "without runtime.pin_experts")  # fmt: skip
+            done += a.nbytes
+    return done
 
 
 def _view(buf: torch.Tensor, at: int, dtype: np.dtype, shape: tuple) -> torch.Tensor:

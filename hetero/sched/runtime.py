@@ -5,6 +5,7 @@ memory-mapped from a store written by `hetero convert`)."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -17,7 +18,7 @@ from tqdm import tqdm
 from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
-from hetero.cpu_experts.staging import GroupStaging
+from hetero.cpu_experts.staging import GroupStaging, register_host
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.loader import Checkpoint, load_weights
@@ -123,7 +124,13 @@ def load_hybrid(
     staging = rates = None
     if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
-        staging = GroupStaging(slot, opts.device)
+        direct = placement.runtime.pin_experts
+        staging = GroupStaging(slot, opts.device, direct=direct)
+        if direct:
+            t0 = time.perf_counter()
+            n = register_host(list({id(p): p for p in engine.layers.values()}.values()))
+            log.info("page-locked %.1f GiB of CPU experts in %.1f s (runtime.pin_experts)",
+                     n / (1 << 30), time.perf_counter() - t0)  # fmt: skip
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
