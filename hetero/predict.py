@@ -255,6 +255,7 @@ class Steps:
         self.gpu_bytes = {gf: gpu_expert_bytes(config, gf) for _, g, gf, _ in self.groups if g}
         self.n_moe, self.n_dense = n_moe, n_dense
         self.slot_bytes = int(placement.runtime.staging_gb * (1 << 30)) // 2  # (runtime.py)
+        self.pinned = placement.runtime.pin_experts
         shape = config.hidden_size, config.moe_intermediate_size
         if self.cpu_bytes and tuple(rates.shape) != shape:
             raise CalibrationError(
@@ -323,7 +324,8 @@ class Steps:
             experts = 0.0
             if g < E:
                 counts, nbytes = self.counts(T, E - g), self.cpu_bytes[fmt]
-                s = split(self.rates, fmt, counts, nbytes, m.staged, self.slot_bytes)
+                staged = m.staged and not self.pinned  # (pin_experts: no gather)
+                s = split(self.rates, fmt, counts, nbytes, staged, self.slot_bytes)
                 experts, modes[s.mode] = s.seconds, modes[s.mode] + layers
             if g:
                 experts = max(experts, self._gpu_experts(gfmt, self.counts(T, g), eff_lin))

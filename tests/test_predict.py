@@ -222,3 +222,20 @@ def test_cli_plan_predict_errors(tmp_path, capsys):
     assert code == 2 and "no CPU cost for int4-g32" in err and "it has: int8" in err
     with pytest.raises(SystemExit):
         plan(capsys, "--concurrency", "0,4")
+
+
+def test_whole_prompt_chunks_and_pinned_experts_prefill_faster(v3):
+    """A prompt in one chunk streams each layer's experts once, not once a chunk; page-locked
+    experts (runtime.pin_experts) skip the gather into the staging slots."""
+    rules = (
+        "rules:\n  - {match: '\\.mlp\\.experts$', device: cpu, format: int4}\n"
+        "  - {device: gpu, format: fp8}\n"
+    )
+
+    def seconds(runtime: str) -> float:
+        p = parse_placement(rules + f"runtime: {{{runtime}}}\n", v3)
+        return predict(v3, p, h200(), (1,), (8192,)).prefill[0].seconds
+
+    chunked, whole = seconds("prefill_chunk: 2048"), seconds("prefill_chunk: 8192")
+    pinned = seconds("prefill_chunk: 8192, pin_experts: true")
+    assert chunked > whole > pinned > 0

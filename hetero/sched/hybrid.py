@@ -214,8 +214,9 @@ class HybridExperts:
         used = rows[rows >= 0].cpu().numpy()  # (a host sync: long chunks only)
         counts = np.bincount(used, minlength=packed.num_experts)  # [rows]
         slot = self.staging.slot_bytes if self.staging is not None else 0
+        gathers = self.staging is not None and not self.staging.direct
         s = split(self.rates, str(packed.fmt), counts, packed.expert_bytes(),
-                  staged=self.staging is not None, slot_bytes=slot)  # fmt: skip
+                  staged=gathers, slot_bytes=slot)  # fmt: skip
         self.modes[s.mode] += 1
         if s.mode == "gpu":
             return self._streamed(x, ids, weights)
