@@ -149,3 +149,33 @@ def test_the_prefill_policy_paths_equal_the_engine(engine, mode):
     want = engine.forward(0, x, ids, w)
     assert dict(routed.modes) == {mode: 1}
     assert ((got - want).norm() / want.norm()).item() < TOL
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8"])
+def test_a_group_through_the_fused_kernel_on_its_own_pairs(spec):
+    """streaming.fused_group (CUDA's path; here in Triton's interpreter): the group's pairs
+    gathered, the fused kernel on them, added back a slot at a time: the dequantized
+    reference's sum."""
+    pytest.importorskip("triton")
+    from hetero.cpu_experts.formats import as_tensor
+    from hetero.sched.hybrid import dequantized_experts
+    from hetero.sched.streaming import fused_group
+
+    h, i, e, T, k = 256, 128, 10, 9, 3
+    g = torch.Generator().manual_seed(7)
+    fmt = Format.parse(spec)
+    scale = (h**-0.5, i**-0.5)
+    layer = pack_experts(torch.randn(e, i, h, generator=g) * scale[0],
+                         torch.randn(e, i, h, generator=g) * scale[0],
+                         torch.randn(e, h, i, generator=g) * scale[1], fmt)  # fmt: skip
+    group = [7, 2, 5, 3]  # the slot's rows, as a group holds them
+    arrays = [as_tensor(a)[group] for a in layer.arrays().values()]
+    local = torch.full((e,), -1, dtype=torch.int32)
+    local[group] = torch.arange(len(group), dtype=torch.int32)
+    rows = torch.rand(T, e, generator=g).topk(k, dim=-1).indices
+    rows[0, 1] = -1  # (elsewhere)
+    w, x = torch.rand(T, k, generator=g), torch.randn(T, h, generator=g)
+    got = fused_group(fmt, x, rows, w, local, arrays)
+    in_group = local[rows.clamp_min(0)].long().masked_fill(rows < 0, -1)
+    want = dequantized_experts(layer, x, in_group, w, arrays).float()
+    assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() < 1e-5

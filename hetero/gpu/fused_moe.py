@@ -190,6 +190,7 @@ def fused_moe_int4(
     s2: torch.Tensor,
     group: int,
     block_m: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """As `fused_moe_fp8`, with the experts in the CPU's packed int4 (PackedExperts' arrays as
     tensors): w13 [n, I, 2, H/2] uint8, s13 [n, I, 2, H/G] bf16 (or its bits as int16/uint16),
@@ -206,7 +207,7 @@ def fused_moe_int4(
     s13, s2 = _bf16(s13, "s13"), _bf16(s2, "s2")
     fmt = dict(SN=1, SK=G, BLOCK_K=INT4_BLOCK_K, INT4=True)
     rows13 = (w13.stride(2), s13.stride(2), 2, 1)  # [n, I, 2, .] as [n, 2I, .]: gate 2r, up 2r+1
-    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m)
+    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m, out_dtype)
 
 
 def fused_moe_int8(
@@ -219,6 +220,7 @@ def fused_moe_int8(
     w2: torch.Tensor,
     s2: torch.Tensor,
     block_m: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """As `fused_moe_int4`, with the CPU's packed int8 (one fp32 scale per row, or per group
     of G >= 128 along K): w13 [n, I, 2, H] int8, s13 [n, I, 2, H/G] fp32, w2 [n, H, I], s2
@@ -240,10 +242,10 @@ def fused_moe_int8(
         _want(ok, f"int8 groups {H // g13}/{I // g2}: want per row, or one multiple of 128")
     fmt = dict(SN=1, SK=G, BLOCK_K=128, INT4=False)
     rows13 = (w13.stride(2), s13.stride(2), 2, 1)  # [n, I, 2, .] as [n, 2I, .]: gate 2r, up 2r+1
-    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m)
+    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m, out_dtype)
 
 
-def _run(x, ids, weights, local, ws, I, rows13, fmt, block_m) -> torch.Tensor:
+def _run(x, ids, weights, local, ws, I, rows13, fmt, block_m, out_dtype=None) -> torch.Tensor:
     w13, s13, w2, s2 = ws
     floats = (torch.bfloat16, torch.float16, torch.float32)
     _want(x.ndim == 2 and x.dtype in floats, f"x {x.dtype} {tuple(x.shape)}: want [T, H] float")
@@ -278,7 +280,7 @@ def _run(x, ids, weights, local, ws, I, rows13, fmt, block_m) -> torch.Tensor:
         h, w2, s2, y, rw, a.pairs, a.block_expert, T * k, I, H,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), **common,
     )  # fmt: skip
-    return y.view(T, k, H).sum(1).to(x.dtype)
+    return y.view(T, k, H).sum(1).to(out_dtype or x.dtype)
 
 
 def _bf16(s: torch.Tensor, name: str) -> torch.Tensor:

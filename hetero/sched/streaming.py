@@ -73,15 +73,40 @@ def group_experts(
     """One staged group: `local` [E] maps the layer's rows to the group's (-1: not in it);
     arrays: the group's w13, s13, w2, s2 on x's device -> their sum [T, H] fp32."""
     fmt = packed.fmt
-    if x.is_cuda and fmt.name == "int4":
-        from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
-
-        return fused_moe_int4(x, rows, weights, local, *arrays, fmt.group_size).float()
-    if x.is_cuda and fmt.name == "int8" and fmt.group_size in (0, 128):
-        from hetero.gpu.fused_moe import fused_moe_int8
-
-        return fused_moe_int8(x, rows, weights, local, *arrays).float()
+    if x.is_cuda and fused_format(fmt.name, fmt.group_size):
+        return fused_group(fmt, x, rows, weights, local, arrays)
     from hetero.sched.hybrid import dequantized_experts
 
     in_group = local[rows.clamp_min(0)].long().masked_fill(rows < 0, -1)  # [T, k]
     return dequantized_experts(packed, x, in_group, weights, arrays).float()
+
+
+def fused_format(name: str, group: int) -> bool:
+    """Packed formats the fused kernels compute from (hetero.gpu.fused_moe)."""
+    return name == "int4" or (name == "int8" and group in (0, 128))
+
+
+def fused_group(fmt, x, rows, weights, local, arrays) -> torch.Tensor:
+    """The fused kernel on the group's own (token, slot) pairs, gathered first (a host sync:
+    prefill only): its buffers then scale with the group's pairs, not with T x k as they would
+    for the whole chunk (a chunk of 32K tokens crosses in ~12 groups a layer). The pairs' sums
+    go into [T, H] fp32 a slot at a time: no token twice in an index_add_, so the order of the
+    additions is fixed."""
+    from hetero.gpu.fused_moe import fused_moe_int4, fused_moe_int8  # triton: where it runs
+
+    T, k = rows.shape
+    mine = (rows >= 0) & (local[rows.clamp_min(0)] >= 0)  # [T, k]
+    pairs = mine.flatten().nonzero().squeeze(1)  # [P] pair t*k + slot
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    if pairs.numel() == 0:
+        return out
+    tok, slot = pairs // k, pairs % k  # [P] each
+    ids, w = rows.flatten()[pairs][:, None], weights.flatten()[pairs][:, None]  # [P, 1]
+    if fmt.name == "int4":
+        y = fused_moe_int4(x[tok], ids, w, local, *arrays, fmt.group_size, out_dtype=torch.float32)
+    else:
+        y = fused_moe_int8(x[tok], ids, w, local, *arrays, out_dtype=torch.float32)
+    for j in range(k):
+        at = (slot == j).nonzero().squeeze(1)
+        out.index_add_(0, tok[at], y[at])
+    return out
