@@ -261,3 +261,25 @@ def test_v3_fp8_replays_in_a_cuda_graph():
     ids.copy_(new_ids), weights.copy_(new_weights), x.normal_()
     graph.replay()
     assert rel(out, loop(mats, resident, x, ids, weights)) < 1e-2
+
+
+def test_on_local_pairs_equals_the_whole_batch():
+    """moe_align.on_local_pairs (prefill: the local pairs gathered, the kernel on them, the sums
+    added back a slot at a time) gives the fused kernel's sum over the whole batch."""
+    from hetero.gpu.moe_align import on_local_pairs
+
+    H, I, E, resident = 256, 128, 8, (6, 1, 4)
+    ws, mats = fp8_layer(H, I, len(resident), seed=3)
+    ids, weights = route(19, 3, E, resident, seed=3)
+    x, local = torch.randn(19, H, device=DEVICE), local_map(E, resident)
+    w_all = weights.flatten()
+
+    def run(xs, ids_p, pairs):
+        return fused_moe_fp8(xs, ids_p, w_all[pairs][:, None], local, *ws,
+                             out_dtype=torch.float32)  # fmt: skip
+
+    got = on_local_pairs(run, x, ids, local)
+    want = loop(mats, resident, x, ids, weights)
+    assert got.dtype == torch.float32 and rel(got, want) < 1e-5
+    none = on_local_pairs(run, x, torch.full_like(ids, -1), local)
+    assert none.shape == x.shape and not none.any()

@@ -13,6 +13,7 @@ from torch import nn
 
 from hetero.gpu.fp8_gemm import fp8_expert_gemm
 from hetero.gpu.fused_moe import fused_moe_fp8
+from hetero.gpu.moe_align import on_local_pairs
 from hetero.model.fp8 import KERNEL_MAX_TOKENS, FP8Linear
 
 
@@ -61,9 +62,15 @@ class StackedFP8Experts:
         (slots whose expert is elsewhere, or -1, count zero). Up to KERNEL_MAX_TOKENS tokens
         a GEMV per (token, slot) row; more, the grouped GEMM over tokens sorted by expert."""
         T, k = ids.shape
-        if T > KERNEL_MAX_TOKENS:
-            return fused_moe_fp8(x, ids, weights, self.local, self.w13, self.s13, self.w2,
-                                 self.s2, self.block)  # fmt: skip
+        if T > KERNEL_MAX_TOKENS:  # prefill: the grouped GEMM on the local pairs
+            w_all = weights.flatten()
+
+            def run(xs, ids_p, pairs):
+                return fused_moe_fp8(xs, ids_p, w_all[pairs][:, None], self.local, self.w13,
+                                     self.s13, self.w2, self.s2, self.block,
+                                     out_dtype=torch.float32)  # fmt: skip
+
+            return on_local_pairs(run, x, ids, self.local).to(x.dtype)
         slot = self.local[ids.clamp_min(0)].masked_fill(ids < 0, -1).reshape(-1)  # [T k]
         xs = x.repeat_interleave(k, dim=0)  # [T k, H]
         gu = fp8_expert_gemm(xs, slot, self.w13, self.s13, self.block)  # [T k, 2I]

@@ -158,6 +158,7 @@ def fused_moe_fp8(
     s2: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     block_m: int | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """x [T, H], ids/weights [T, k], local [E] (expert id -> stack index, -1: elsewhere);
     StackedFP8Experts' stacks: w13 [n, 2I, H] e4m3 (gate rows, then up rows), s13 [n, 2I/bn,
@@ -176,7 +177,7 @@ def fused_moe_fp8(
     _want(s2.shape == (n, -(-H // bn), -(-I // bk)), f"s2 {tuple(s2.shape)} does not fit w2")
     fmt = dict(SN=bn, SK=bk, BLOCK_K=bk, INT4=False)
     rows13 = (w13.stride(1), s13.stride(1), 1, I)  # gate row r: row r, up row r: row I + r
-    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m)
+    return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m, out_dtype)
 
 
 def fused_moe_int4(

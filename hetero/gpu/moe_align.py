@@ -47,3 +47,24 @@ def moe_align(ids: torch.Tensor, local: torch.Tensor, n: int, block_m: int) -> A
     block_expert = torch.searchsorted(ends, block_start, right=True)
     block_expert = block_expert.masked_fill(block_expert >= n, -1)
     return Aligned(pairs[:R].int(), block_expert.int())
+
+
+def on_local_pairs(run, x: torch.Tensor, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """A fused MoE over the local (token, slot) pairs only, for prefill (a host sync: never in
+    a CUDA graph): x [T, H], ids [T, k]; `run(xs [P, H], ids [P, 1], pairs [P]) -> [P, H]
+    fp32` (each pair's weighted expert output) -> the sum [T, H] fp32. The kernel's buffers
+    then scale with the local pairs, not with T x k (most of a chunk's pairs choose experts
+    elsewhere); the sums go in a slot at a time, so no index_add_ meets a token twice and the
+    order of the additions is fixed."""
+    T, k = ids.shape
+    mine = (ids >= 0) & (local[ids.clamp_min(0).long()] >= 0)  # [T, k]
+    pairs = mine.flatten().nonzero().squeeze(1)  # [P] pair t*k + slot
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    if pairs.numel() == 0:
+        return out
+    tok, slot = pairs // k, pairs % k  # [P] each
+    y = run(x[tok], ids.flatten()[pairs][:, None], pairs)  # [P, H]
+    for j in range(k):
+        at = (slot == j).nonzero().squeeze(1)
+        out.index_add_(0, tok[at], y[at])
+    return out

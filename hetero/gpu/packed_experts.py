@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from hetero.cpu_experts.formats import PackedExperts, as_tensor
+from hetero.model.fp8 import KERNEL_MAX_TOKENS as GRAPH_TOKENS  # (decode sizes)
 from hetero.model.moe import RoutedRun
 
 
@@ -67,10 +68,17 @@ class PackedGPUExperts:
         (slots whose expert is elsewhere, or -1, count zero)."""
         if x.is_cuda:
             from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
+            from hetero.gpu.moe_align import on_local_pairs
 
-            w13, s13, w2, s2 = self.arrays
-            return fused_moe_int4(x, ids, weights, self.local, w13, s13, w2, s2,
-                                  self.packed.fmt.group_size)  # fmt: skip
+            G, w_all = self.packed.fmt.group_size, weights.flatten()
+            if x.shape[0] <= GRAPH_TOKENS:  # decode: no host sync (CUDA graphs)
+                return fused_moe_int4(x, ids, weights, self.local, *self.arrays, G)
+
+            def run(xs, ids_p, pairs):
+                return fused_moe_int4(xs, ids_p, w_all[pairs][:, None], self.local,
+                                      *self.arrays, G, out_dtype=torch.float32)  # fmt: skip
+
+            return on_local_pairs(run, x, ids, self.local).to(x.dtype)
         from hetero.sched.hybrid import streamed_experts
 
         rows = self.local[ids.clamp_min(0)].long().masked_fill(ids < 0, -1)  # [T, k]

@@ -87,26 +87,18 @@ def fused_format(name: str, group: int) -> bool:
 
 
 def fused_group(fmt, x, rows, weights, local, arrays) -> torch.Tensor:
-    """The fused kernel on the group's own (token, slot) pairs, gathered first (a host sync:
-    prefill only): its buffers then scale with the group's pairs, not with T x k as they would
-    for the whole chunk (a chunk of 32K tokens crosses in ~12 groups a layer). The pairs' sums
-    go into [T, H] fp32 a slot at a time: no token twice in an index_add_, so the order of the
-    additions is fixed."""
+    """The fused kernel on the group's own (token, slot) pairs (moe_align.on_local_pairs): a
+    chunk of 32K tokens crosses in ~12 groups a layer, and each group's kernel buffers scale
+    with its pairs, not with T x k. -> [T, H] fp32."""
     from hetero.gpu.fused_moe import fused_moe_int4, fused_moe_int8  # triton: where it runs
+    from hetero.gpu.moe_align import on_local_pairs
 
-    T, k = rows.shape
-    mine = (rows >= 0) & (local[rows.clamp_min(0)] >= 0)  # [T, k]
-    pairs = mine.flatten().nonzero().squeeze(1)  # [P] pair t*k + slot
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    if pairs.numel() == 0:
-        return out
-    tok, slot = pairs // k, pairs % k  # [P] each
-    ids, w = rows.flatten()[pairs][:, None], weights.flatten()[pairs][:, None]  # [P, 1]
-    if fmt.name == "int4":
-        y = fused_moe_int4(x[tok], ids, w, local, *arrays, fmt.group_size, out_dtype=torch.float32)
-    else:
-        y = fused_moe_int8(x[tok], ids, w, local, *arrays, out_dtype=torch.float32)
-    for j in range(k):
-        at = (slot == j).nonzero().squeeze(1)
-        out.index_add_(0, tok[at], y[at])
-    return out
+    w_all, f32 = weights.flatten(), torch.float32
+
+    def run(xs, ids, pairs):
+        w = w_all[pairs][:, None]  # [P, 1]
+        if fmt.name == "int4":
+            return fused_moe_int4(xs, ids, w, local, *arrays, fmt.group_size, out_dtype=f32)
+        return fused_moe_int8(xs, ids, w, local, *arrays, out_dtype=f32)
+
+    return on_local_pairs(run, x, rows, local)
