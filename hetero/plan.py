@@ -148,22 +148,20 @@ def plan_memory(
     from hetero.model.attention import MLA
 
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)
-    rows = _weight_rows(config, placement, dtype)
-    E = config.n_routed_experts
-    streams = any(len(p.gpu_experts) < E for p in placement.routed.values())
-    staging = int(placement.runtime.staging_gb * GIB) if streams else 0
+    rows, rt = _weight_rows(config, placement, dtype), placement.runtime
+    streams = any(len(p.gpu_experts) < config.n_routed_experts for p in placement.routed.values())
+    staging = int(rt.staging_gb * GIB) if streams else 0
     what = "2 slots for long prefill, pinned" if streams else "none: no CPU experts"
     rows.append(Row(STAGING_ROW, staging, staging, what))
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     per_token *= kv_dtype_bytes
-    rt = placement.runtime
     needed = rt.kv_cache_tokens or rt.prefill_chunk
     absorbed = config.num_hidden_layers * MLA.absorbed_bytes(config, dtype)
-    absorb = gpu_fixed + absorbed + needed * per_token <= vram_bytes
-    detail = f"kv_b_proj dense, {DTYPE_NAMES.get(dtype, dtype)}" if absorb else "no room: off"
-    rows.append(Row(ABSORBED_ROW, absorbed if absorb else 0, 0, detail))
-    gpu_fixed += absorbed if absorb else 0
+    absorbed *= gpu_fixed + absorbed + needed * per_token <= vram_bytes  # 0: no room
+    detail = f"kv_b_proj dense, {DTYPE_NAMES.get(dtype, dtype)}" if absorbed else "no room: off"
+    rows.append(Row(ABSORBED_ROW, absorbed, 0, detail))
+    gpu_fixed += absorbed
     fit = max(0, vram_bytes - gpu_fixed) // per_token
     kv_tokens = min(fit, rt.kv_cache_tokens) if rt.kv_cache_tokens else fit
     ps = rt.kv_page_size
@@ -203,7 +201,7 @@ def plan_memory(
         fits=not reasons,
         reasons=tuple(reasons),
         notes=tuple(_notes(config, placement, index)),
-        absorb_mla=absorb,
+        absorb_mla=absorbed > 0,
     )
 
 

@@ -179,3 +179,36 @@ def test_a_group_through_the_fused_kernel_on_its_own_pairs(spec):
     in_group = local[rows.clamp_min(0)].long().masked_fill(rows < 0, -1)
     want = dequantized_experts(layer, x, in_group, w, arrays).float()
     assert got.dtype == torch.float32 and ((got - want).norm() / want.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("spec", ["int4", "int8", "bf16"])
+def test_streamed_experts_equal_the_engine(spec):
+    """Long prefill's path (the packed layer dequantized where x lives) computes what the CPU
+    engine computes, here both on the CPU in fp32."""
+    from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+    from hetero.cpu_experts.formats import Format, pack_experts
+    from hetero.sched.hybrid import streamed_experts
+
+    g = torch.Generator().manual_seed(0)
+    E, I, H = 6, 64, 128
+    layer = pack_experts(
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, I, H, generator=g),
+        torch.randn(E, H, I, generator=g),
+        Format.parse(spec),
+    )
+    x = torch.randn(20, H, generator=g)
+    rows = torch.rand(20, E, generator=g).topk(3, dim=-1).indices
+    rows[::4, 0] = -1  # experts computed elsewhere
+    w = torch.rand(20, 3, generator=g)
+    engine = CPUExperts(
+        {0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    )
+    try:
+        want = engine.forward(0, x, rows, w)
+        staged = engine.stage(0, x.device)  # through the engine's (pinnable) buffer
+        got = streamed_experts(layer, x, rows, w, staged)
+    finally:
+        engine.close()
+    assert ((got - want).norm() / want.norm()).item() < TOL
+    assert ((streamed_experts(layer, x, rows, w) - want).norm() / want.norm()).item() < TOL
