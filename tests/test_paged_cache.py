@@ -262,11 +262,17 @@ def test_decode_different_context_lengths(request, name):
         assert rel_err(got, want) < TOL, page_size
 
 
-def test_triton_kernels_through_the_model(checkpoint):
+@pytest.mark.parametrize("mha_min", [10**9, 3])
+def test_triton_kernels_through_the_model(checkpoint, mha_min, monkeypatch):
     """The "triton" backend's kernels (mla_decode, mla_extend; here in Triton's interpreter on
     CPU tensors) in every layer, on chunked prefills mixed with decodes: the contiguous
-    cache's logits."""
+    cache's logits. mha_min 3: chunks of 3 or more tokens run the decompressed form through
+    scaled_dot_product_attention (after a cached prefix too), the rest of their batch the
+    extend kernel."""
+    from hetero.model import attention
     from hetero.model.attention import kernel_attention
+
+    monkeypatch.setattr(attention, "MHA_MIN_TOKENS", mha_min)
 
     model = load_model(checkpoint, dtype=torch.float32, progress=False)
     seqs = sequences(model.config.vocab_size)

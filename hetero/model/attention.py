@@ -4,18 +4,25 @@ Per token the cache holds only `latent` (kv_lora_rank, normalized) and `k_pe` (r
 - naive: decompress K/V of the whole context with kv_b_proj, then ordinary attention;
 - absorbed: fold W_UK into the query and W_UV into the output, so attention runs in latent space
   and the context is never decompressed (what decode wants: the cache is read once).
+Long extend steps (a prompt's chunk) run the naive form through flash attention (`mha_sequence`):
+it costs nope + v = 320 multiply-adds a query-key pair and head instead of absorbed's 2 c + r =
+1088 (V3's dims), and decompressing the context once is paid back from ~200 new tokens.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from hetero.config import ModelConfig
 from hetero.model.batch import Cache, ForwardBatch, PagedKVCache
 from hetero.model.fp8 import dense_weight
 from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
+
+MHA_MIN_TOKENS = 256  # new tokens of a sequence from which an extend step runs `mha_sequence`
 
 
 class MLA(nn.Module):
@@ -139,6 +146,32 @@ def paged_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -
 
 
 def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKVCache):
+    """Decode steps: `mla_decode`. Extend steps: sequences of at least MHA_MIN_TOKENS new
+    tokens through `mha_sequence` (flash attention), the others together through `mla_extend`."""
+    if batch.is_decode:
+        return _latent_kernels(mla, q_nope, q_pe, batch, cache, None)
+    long = {i for i, q in enumerate(batch.q_lens) if q >= MHA_MIN_TOKENS}
+    if not long:
+        return _latent_kernels(mla, q_nope, q_pe, batch, cache, None)
+    out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, h, v]
+    short, short_rows, start = [], [], 0
+    for i, q_len in enumerate(batch.q_lens):
+        rows, start = slice(start, start + q_len), start + q_len
+        if i in long:
+            latent, k_pe = cache.context(mla.layer, batch, i)
+            out[rows] = mha_sequence(mla, q_nope[rows], q_pe[rows], latent, k_pe)
+        else:
+            short.append(i)
+            short_rows.append(torch.arange(rows.start, rows.stop, device=q_nope.device))
+    if short:
+        rows = torch.cat(short_rows)  # [T_short]
+        out[rows] = _latent_kernels(mla, q_nope[rows], q_pe[rows], batch, cache, short)
+    return out
+
+
+def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset):
+    """The absorbed form through the Triton kernels; `subset`: these sequences of an extend
+    batch only (q_nope / q_pe hold their rows, in order)."""
     from hetero.gpu.mla_decode import mla_decode  # triton: imported where it runs
     from hetero.gpu.mla_extend import mla_extend
 
@@ -150,11 +183,39 @@ def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKV
     if batch.is_decode:  # context lengths from positions: on the device (CUDA graphs)
         ctx = (batch.positions + 1).to(torch.int32)  # [B]
         out = mla_decode(q_lat, q_pe, latent, rope, batch.page_table, ctx, scale)
-    else:
+    elif subset is None:
         starts, ctx = batch.seq_tensors  # [B + 1], [B] int32
         out = mla_extend(q_lat, q_pe, latent, rope, batch.page_table, starts, ctx, scale,
                          max_q_len=max(batch.q_lens))  # fmt: skip
+    else:
+        q_lens = [batch.q_lens[i] for i in subset]
+        starts = torch.tensor([0, *q_lens], device=q_lat.device).cumsum(0).to(torch.int32)
+        ctx = torch.tensor([batch.ctx_lens[i] for i in subset], dtype=torch.int32,
+                           device=q_lat.device)  # fmt: skip
+        table = batch.page_table[torch.tensor(subset, device=q_lat.device)]
+        out = mla_extend(q_lat, q_pe, latent, rope, table, starts, ctx, scale,
+                         max_q_len=max(q_lens))  # fmt: skip
     return torch.einsum("thc,hdc->thd", out, w_uv)  # [T, h, v]
+
+
+def mha_sequence(mla: MLA, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
+    """One sequence's extend step in the decompressed form: its q_len new tokens (the last of
+    its S context tokens, already in the cache) over K = [W_UK latent, k_pe] and V = W_UV
+    latent, causal aligned bottom-right, through `scaled_dot_product_attention` (flash
+    attention on the GPU; V zero-padded to the query's width, which flash wants).
+    q_nope [q, h, nope], q_pe [q, h, r], latent [S, c], k_pe [S, r] -> [q, h, v]."""
+    w_uk, w_uv = mla.wkv_b()
+    dtype, (S, h) = q_nope.dtype, (latent.shape[0], mla.n_heads)
+    q_len, qk = q_nope.shape[0], mla.nope_dim + mla.rope_dim
+    lat = latent.to(dtype)
+    k_pe = k_pe.to(dtype)[None].expand(h, S, mla.rope_dim)
+    k = torch.cat([torch.einsum("sc,hdc->hsd", lat, w_uk), k_pe], dim=-1)  # [h, S, qk]
+    v = F.pad(torch.einsum("sc,hdc->hsd", lat, w_uv), (0, qk - mla.v_dim))  # [h, S, qk]
+    q = torch.cat([q_nope, q_pe.to(dtype)], dim=-1).transpose(0, 1)  # [h, q, qk]
+    mask = None if q_len == S else causal_lower_right(q_len, S)
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                       is_causal=q_len == S, scale=mla.softmax_scale)  # fmt: skip
+    return o[0, :, :, : mla.v_dim].transpose(0, 1)  # [q, h, v]
 
 
 def _decode_latent(mla: MLA, q_lat, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
