@@ -151,8 +151,10 @@ def plan_memory(
     rows, rt = _weight_rows(config, placement, dtype), placement.runtime
     streams = any(len(p.gpu_experts) < config.n_routed_experts for p in placement.routed.values())
     staging = int(rt.staging_gb * GIB) if streams else 0
+    staging_gpu = staging + _dequantized(placement, staging // 2)
     what = "2 slots for long prefill, pinned" if streams else "none: no CPU experts"
-    rows.append(Row(STAGING_ROW, staging, staging, what))
+    what += ", + 1 as bf16 on the GPU" if staging_gpu > staging else ""
+    rows.append(Row(STAGING_ROW, staging_gpu, staging, what))
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
     per_token *= kv_dtype_bytes
@@ -176,8 +178,8 @@ def plan_memory(
     if gpu_fixed + needed * per_token > vram_bytes:
         kv = needed * per_token
         reasons.append(
-            f"GPU needs {_size(gpu_fixed - gpu_reserve_bytes - staging)} of weights + "
-            f"{_size(staging)} prefill staging + {_size(gpu_reserve_bytes)} reserve + "
+            f"GPU needs {_size(gpu_fixed - gpu_reserve_bytes - staging_gpu)} of weights + "
+            f"{_size(staging_gpu)} prefill staging + {_size(gpu_reserve_bytes)} reserve + "
             f"{_size(kv)} KV cache for {needed} tokens = {_size(gpu_fixed + kv)} > "
             f"{_size(vram_bytes)} budget"
         )
@@ -266,6 +268,14 @@ def _block_tensors(config: ModelConfig, layer: int) -> list[tuple[str, str, str,
         linear = tuple(t.shape) if kinds[module] is nn.Linear else None
         out.append((row, owner, name, t.numel(), linear))
     return out
+
+
+def _dequantized(placement: Placement, slot: int) -> int:
+    """GPU bytes of a staging slot's int4 experts dequantized to bf16 (fused_moe_int4 at
+    prefill sizes): 2 bytes a weight for the format's 0.5 + 2 / G."""
+    fmts = [Format.parse(p.cpu_format) for p in placement.routed.values()]
+    G = min((f.group_size for f in fmts if f.name == "int4"), default=0)
+    return int(slot * 2 / (0.5 + 2 / G)) if G else 0
 
 
 def _weight_rows(config: ModelConfig, placement: Placement, dtype: torch.dtype) -> list[Row]:

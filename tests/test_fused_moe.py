@@ -283,3 +283,33 @@ def test_on_local_pairs_equals_the_whole_batch():
     assert got.dtype == torch.float32 and rel(got, want) < 1e-5
     none = on_local_pairs(run, x, torch.full_like(ids, -1), local)
     assert none.shape == x.shape and not none.any()
+
+
+@pytest.mark.parametrize("G", [32, 128])
+def test_int4_dequant_equals_the_formats_reference(G):
+    """The one-pass GPU dequantization (kernel in the interpreter without CUDA) against
+    formats.dequantize_tensors, rows of several groups and a partial last block."""
+    from hetero.gpu.dequant import dequant_int4
+
+    w13, s13, w2, s2 = int4_layer(256, 128, 2, G, seed=G)
+    fmt = Format("int4", G)
+    for q, s, K in ((w13, s13, 256), (w2, s2, 128)):
+        want = dequantize_tensors(q, s, fmt, K, torch.float32)
+        assert torch.equal(dequant_int4(q, s.view(torch.bfloat16), G, torch.float32), want)
+
+
+@pytest.mark.parametrize("G", [32, 64])
+def test_int4_prefill_dequantizes_then_runs_the_dense_tiles(G, monkeypatch):
+    """From DEQUANT_PAIRS pairs an expert the int4 experts are dequantized first: the same
+    result as the expert loop, and as the packed kernels (DEQUANT_PAIRS raised past the batch)."""
+    import hetero.gpu.fused_moe as fm
+
+    H, I, E, resident, T, k = 128, 64, 6, (5, 0, 2, 3), 40, 4
+    packed = int4_layer(H, I, len(resident), G, seed=G)
+    ids, weights = route(T, k, E, resident, seed=G)
+    x = torch.randn(T, H, device=DEVICE)
+    want = loop(int4_mats(*packed, G), resident, x, ids, weights)
+    got = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
+    monkeypatch.setattr(fm, "DEQUANT_PAIRS", 10**6)
+    packed_path = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
+    assert rel(got, want) < 1e-5 and rel(got, packed_path) < 1e-5

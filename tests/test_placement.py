@@ -81,7 +81,7 @@ def test_v3_configs():
     assert p24.module("model.layers.5.mlp.gate") == ("gpu", "bf16")
     assert p24.runtime.kv_cache_tokens == 32768
     assert p48.experts(60) == ExpertPlacement("int4", tuple(range(8)), "fp8", 1)
-    assert p48.runtime == RuntimeSettings(kv_cache_tokens=65536)  # the rest inherited
+    assert p48.runtime == RuntimeSettings(kv_cache_tokens=65536, staging_gb=0.5)  # inherited
     assert p80.num_gpu_experts == 58 * 20
     with pytest.raises(ValueError, match="no routed experts"):
         p24.experts(2)

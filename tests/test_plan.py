@@ -14,7 +14,15 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format, pack_experts
 from hetero.loader import Checkpoint, load_model
 from hetero.placement import parse_placement
-from hetero.plan import ABSORBED_ROW, GIB, PlanError, check_fits, plan_memory, read_index
+from hetero.plan import (
+    ABSORBED_ROW,
+    GIB,
+    STAGING_ROW,
+    PlanError,
+    check_fits,
+    plan_memory,
+    read_index,
+)
 from hetero.testing import tiny_v3_config, write_v3_index
 
 ROOT = Path(__file__).parent.parent
@@ -151,7 +159,7 @@ def test_kv_cache_and_fits():
     assert not plan.fits  # with kv_cache_tokens 0 the cache needs one prefill chunk: 2048
     assert "KV cache for 2048 tokens" in plan.reasons[0]
     text = "runtime: {kv_cache_tokens: 500, prefill_chunk: 256, kv_page_size: 100}\n"
-    rules = f"rules:\n  - {{match: {EXPERTS}, device: cpu}}\n  - {{device: gpu}}\n"
+    rules = f"rules:\n  - {{match: {EXPERTS}, device: cpu, format: bf16}}\n  - {{device: gpu}}\n"
     plan = plan_memory(config, parse_placement(rules + text, config), vram, BIG)
     assert (plan.kv_tokens, plan.kv_pages, plan.fits) == (500, 5, True)
     assert plan.row("KV cache").gpu_bytes == 500 * per_token
@@ -278,3 +286,18 @@ def test_cli_default_placement_and_errors(tmp_path, capsys):
     assert code == 2 and "config.json: no such file" in err
     code, _, err = run(capsys, "--model", str(model), "--vram", "-1")
     assert code == 2 and "--vram" in err
+
+
+def test_int4_cpu_experts_count_a_dequantized_staging_slot_on_the_gpu():
+    """Long prefills dequantize a staging slot's int4 experts to bf16 on the GPU
+    (fused_moe_int4): the staging row's GPU bytes grow by a slot / (0.5 + 2 / G) x 2 (G = 32)."""
+    config = ModelConfig.from_hf(tiny_v3_config())
+    rules = f"rules:\n  - {{match: {EXPERTS}, device: cpu, format: FMT}}\n  - {{device: gpu}}\n"
+    rows = {}
+    for fmt in ("bf16", "int4-g32"):
+        plan = plan_memory(config, parse_placement(rules.replace("FMT", fmt), config), BIG, BIG)
+        rows[fmt] = plan.row(STAGING_ROW)
+    slot = rows["bf16"].ram_bytes // 2
+    assert rows["bf16"].gpu_bytes == rows["bf16"].ram_bytes == 2 * slot
+    assert rows["int4-g32"].gpu_bytes == 2 * slot + int(slot * 2 / 0.5625)
+    assert rows["int4-g32"].ram_bytes == 2 * slot
