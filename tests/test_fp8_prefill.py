@@ -84,9 +84,9 @@ def test_v3_shapes_on_the_gpu(M, N, K):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 64, 65, 1024])
+@pytest.mark.parametrize("M", [1, 16, 17, 64, 65, 1024])
 def test_fp8_linear_picks_a_kernel_at_every_size(M):
-    """FP8Linear on CUDA: the W8A16 kernel up to KERNEL_MAX_TOKENS rows, the W8A8 one beyond,
+    """FP8Linear on CUDA: the W8A16 kernel up to GEMV_MAX_TOKENS rows, the W8A8 one beyond,
     each within FP8's tolerance of the dequantized matmul (its CPU path)."""
     from hetero.model.fp8 import FP8Linear
 
@@ -98,3 +98,19 @@ def test_fp8_linear_picks_a_kernel_at_every_size(M):
     want = lin(x.float())  # CPU: dequantize + matmul
     got = lin.cuda()(x.cuda())
     assert got.shape == (M, 576) and rel(got.cpu(), want) < 0.08
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M, N, K", [(17, 24576, 1536), (1000, 7168, 16384), (4096, 2048, 7168)])
+def test_cublas_block_scaled_equals_the_triton_kernel(M, N, K):
+    """torch._scaled_mm with DeepSeek's block scales on the same quantized activations: the
+    Triton W8A8 kernel's result up to fp32 summation order (FP8Linear takes it past 16 rows)."""
+    from hetero.gpu.fp8_prefill import scaled_mm_w8a8
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    w, ws = block_quantize(torch.randn(N, K, generator=g, device="cuda"))
+    x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
+    got = scaled_mm_w8a8(x, w, ws, (128, 128))
+    assert got is not None, "this torch/cuBLAS has no block-scaled FP8 GEMM"
+    want = fp8_gemm_w8a8(x, w, ws)
+    assert got.shape == (M, N) and rel(got.float(), want.float()) < 1e-2

@@ -4,8 +4,9 @@ scale per 128x128 block), half the bytes of bf16.
 `FP8Linear` on CUDA reads the FP8 weight as stored: a few tokens (decode) with
 `hetero.gpu.fp8_gemm` (W8A16, memory-bound), more (prefill) with `hetero.gpu.fp8_prefill`
 (activations quantized per token per 128 to e4m3, then e4m3 tensor cores, as DeepSeek-V3's own
-inference does). On the CPU it dequantizes the weight and runs a plain matmul: the simple path,
-and the kernels' reference."""
+inference does: cuBLAS's block-scaled GEMM where torch has it, else the Triton kernel).
+On the CPU it dequantizes the weight and runs a plain matmul: the simple path, and the kernels'
+reference."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from torch import nn
 
 FP8_MAX = 448.0  # largest float8_e4m3fn
 KERNEL_MAX_TOKENS = 64  # up to this many rows of x, CUDA uses the FP8 kernel (memory-bound)
+# FP8Linear's rows up to which the W8A16 kernel beats cuBLAS's FP8 GEMM (H200, V3's matrices:
+# on par at 16 rows, 1.4x slower at 32, 2-4x at 64)
+GEMV_MAX_TOKENS = 16
 
 
 def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
@@ -59,6 +63,7 @@ class FP8Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), requires_grad=False
         )
         self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
+        self.cublas: bool | None = None  # whether torch._scaled_mm takes this layer (CUDA)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         (O, I), (bo, bi) = self.weight.shape, self.block
@@ -75,12 +80,17 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_cuda:
             return F.linear(x, self.dense_weight(x.dtype))
-        if x.numel() <= KERNEL_MAX_TOKENS * self.in_features:
+        if x.numel() <= GEMV_MAX_TOKENS * self.in_features:
             from hetero.gpu.fp8_gemm import fp8_gemm  # triton: only where CUDA is
 
             return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block)
-        from hetero.gpu.fp8_prefill import fp8_gemm_w8a8
+        from hetero.gpu.fp8_prefill import fp8_gemm_w8a8, scaled_mm_w8a8
 
+        if self.cublas is not False:  # None: not tried yet on this layer's shape
+            y = scaled_mm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
+            self.cublas = y is not None
+            if y is not None:
+                return y
         return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
 
 
