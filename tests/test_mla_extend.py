@@ -162,3 +162,33 @@ def test_v3_shapes_on_the_gpu(q_lens, ctx_lens):
     got = launch(q_lat, q_pe, latent, rope, table, q_lens, ctx_lens, 0.1)
     err = ((got.float() - want).norm() / want.norm()).item()
     assert err < 2e-2, err  # bf16 inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("q_len, S", [(2048, 2048), (1024, 3000)])
+def test_v3_decompressed_form_on_the_gpu(q_len, S):
+    """mha_sequence (flash attention over K = [W_UK latent, k_pe], V = W_UV latent) at V3's
+    dims in bf16, with and without a cached prefix: the absorbed form's fp32 result."""
+    from types import SimpleNamespace
+
+    from hetero.model.attention import mha_sequence
+
+    h, nope, r, v, c = 128, 128, 64, 128, 512
+    g = torch.Generator(device="cuda").manual_seed(S)
+    w_uk, w_uv = (torch.randn(h, d, c, generator=g, device="cuda") / c**0.5 for d in (nope, v))
+    latent, k_pe = torch.randn(S, c, generator=g, device="cuda"), torch.randn(S, r, device="cuda")
+    q_nope, q_pe = (torch.randn(q_len, h, d, generator=g, device="cuda") for d in (nope, r))
+    scale = (nope + r) ** -0.5
+    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)
+    scores = torch.einsum("thc,sc->ths", q_lat, latent) + torch.einsum("thr,sr->ths", q_pe, k_pe)
+    future = (
+        torch.arange(S, device="cuda")[None, :] > torch.arange(S - q_len, S, device="cuda")[:, None]
+    )
+    probs = (scores * scale).masked_fill(future[:, None], float("-inf")).softmax(-1)
+    want = torch.einsum("thc,hdc->thd", torch.einsum("ths,sc->thc", probs, latent), w_uv)
+    bf = torch.bfloat16
+    mla = SimpleNamespace(wkv_b=lambda: (w_uk.to(bf), w_uv.to(bf)), n_heads=h, nope_dim=nope,
+                          rope_dim=r, v_dim=v, softmax_scale=scale)  # fmt: skip
+    got = mha_sequence(mla, q_nope.to(bf), q_pe.to(bf), latent.to(bf), k_pe.to(bf))
+    assert got.shape == (q_len, h, v)
+    assert ((got.float() - want).norm() / want.norm()).item() < 2e-2

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from hetero.config import ModelConfig
@@ -23,6 +24,8 @@ from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
 
 MHA_MIN_TOKENS = 256  # new tokens of a sequence from which an extend step runs `mha_sequence`
+# on the GPU only kernels that never materialize the [q, S] scores (an error, not an OOM)
+FLASH = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
 
 class MLA(nn.Module):
@@ -213,8 +216,10 @@ def mha_sequence(mla: MLA, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
     v = F.pad(torch.einsum("sc,hdc->hsd", lat, w_uv), (0, qk - mla.v_dim))  # [h, S, qk]
     q = torch.cat([q_nope, q_pe.to(dtype)], dim=-1).transpose(0, 1)  # [h, q, qk]
     mask = None if q_len == S else causal_lower_right(q_len, S)
-    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
-                                       is_causal=q_len == S, scale=mla.softmax_scale)  # fmt: skip
+    causal, scale = q_len == S, mla.softmax_scale
+    with sdpa_kernel(FLASH if q.is_cuda else [SDPBackend.MATH]):
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], mask, 0.0, causal,
+                                           scale=scale)  # fmt: skip
     return o[0, :, :, : mla.v_dim].transpose(0, 1)  # [q, h, v]
 
 
