@@ -30,6 +30,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -272,6 +273,30 @@ def mla_extend_point(b: Bench, c, T: int, prefix: int) -> None:
            ms["kernel"], "torch_absorbed_attention", ms.get("ref"),
            S.mla_extend_flops(T, prefix, h, C, R), S.mla_extend_bytes(T, prefix, h, C, R),
            rel_err=err, ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
+    mha_extend_point(b, c, T, prefix, (latent, rope, table), (q_lat, q_pe), ms["kernel"])
+
+
+def mha_extend_point(b: Bench, c, T: int, prefix: int, cache, q, kernel_ms: float) -> None:
+    """The same step in the decompressed form (attention.mha_sequence: the context's K/V from
+    W_UK/W_UV, then flash attention) against the absorbed kernel just timed; FLOPs its own
+    (the decompression, then (nope + r) + v multiply-adds a pair and head)."""
+    from hetero.model.attention import mha_sequence
+
+    C, R, h, nope, v = (c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads,
+                        c.qk_nope_head_dim, c.v_head_dim)  # fmt: skip
+    ctx, (latent, rope, table) = prefix + T, cache
+    pages = table[0, : -(-ctx // PAGE)].long()
+    lat, k_pe = latent[pages].flatten(0, 1)[:ctx], rope[pages].flatten(0, 1)[:ctx]
+    w_uk, w_uv = b.randn(h, nope, C) / C**0.5, b.randn(h, v, C) / C**0.5
+    mla = SimpleNamespace(wkv_b=lambda: (w_uk, w_uv), n_heads=h, nope_dim=nope, rope_dim=R,
+                          v_dim=v, softmax_scale=c.softmax_scale)  # fmt: skip
+    q_nope, q_pe = b.randn(T, h, nope), q[1]
+    ms = b.time({"mha": (lambda: mha_sequence(mla, q_nope, q_pe, lat, k_pe), False)})
+    pairs = T * (prefix + (T + 1) / 2)
+    flops = 2 * ctx * C * h * (nope + v) + 2 * pairs * h * (nope + R + v)
+    b.emit("mla_extend", {"chunk": T, "prefix": prefix, "page": PAGE}, "mha_sequence (sdpa)",
+           ms["mha"], "mla_extend", kernel_ms, flops, 2 * ctx * (C + R + 2 * h * (nope + R)),
+           ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
 
 
 # --- fused MoE ----------------------------------------------------------------------------------
