@@ -338,7 +338,7 @@ def moe_section(b: Bench, c) -> None:
 
 def moe_point(b: Bench, c, experts: nn.ModuleDict, st, packs: dict, T: int) -> None:
     """One T: each format's fused kernel, the per-expert loop, StackedFP8Experts at T <= 64."""
-    from hetero.gpu.fused_moe import fused_moe_fp8, fused_moe_int4
+    from hetero.gpu.fused_moe import DEQUANT_PAIRS, fused_moe_fp8, fused_moe_int4
     from hetero.model.fp8 import KERNEL_MAX_TOKENS
     from hetero.model.moe import torch_routed_experts
 
@@ -354,12 +354,16 @@ def moe_point(b: Bench, c, experts: nn.ModuleDict, st, packs: dict, T: int) -> N
     if "fp8" in b.plan.moe_formats:
         fns["fp8"] = lambda: fused_moe_fp8(x, ids, weights, local, st.w13, st.s13, st.w2, st.s2,
                                            st.block)  # fmt: skip
-    paths = {f: (fn, True) for f, fn in fns.items()}
+    # int4 from DEQUANT_PAIRS pairs an expert: dequantize + dense tiles, eager (as prefill runs
+    # it; a graph capture keeps the packed kernels)
+    dense = ids.numel() >= DEQUANT_PAIRS * len(experts)
+    paths = {f: (fn, not (dense and f.startswith("int4"))) for f, fn in fns.items()}
     paths["loop"] = (lambda: torch_routed_experts(experts, x, loop_ids, weights), False)
     if T <= KERNEL_MAX_TOKENS:
         paths["stacked"] = (lambda: st(x, ids, weights), True)
     ms = b.time(paths)
     want = torch_routed_experts(experts, x, loop_ids, weights)
+    name = lambda f: "fused_moe_" + f.split("-")[0] + (" (dequant)" if paths[f][1] is False else "")
     for f in fns:
         extra = {}
         if f == "fp8":
@@ -371,7 +375,7 @@ def moe_point(b: Bench, c, experts: nn.ModuleDict, st, packs: dict, T: int) -> N
         nbytes = touched * S.expert_bytes(f, H, I) + 4 * T * H
         b.emit("moe", {"format": f, "local_experts": len(experts), "T": T, "k": k,
                        "local_pairs": pairs, "touched_experts": touched},
-               "fused_moe_" + f.split("-")[0], ms[f], "torch_routed_experts_fp8", ms["loop"],
+               name(f), ms[f], "torch_routed_experts_fp8", ms["loop"],
                S.moe_flops(pairs, H, I), nbytes, **extra)  # fmt: skip
 
 

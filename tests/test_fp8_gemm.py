@@ -128,7 +128,11 @@ def test_cuda_stacked_fp8_experts_at_v3_width():
 @pytest.mark.parametrize("N, K", [(24576, 1536), (7168, 16384), (576, 7168), (2048, 7168)])
 @pytest.mark.parametrize("M", [1, 16, 64])
 def test_cuda_fp8_linear_uses_the_kernel_at_v3_shapes(M, N, K):
-    """FP8Linear on CUDA at decode sizes (the kernel) equals its dequantizing path."""
+    """FP8Linear on CUDA at decode sizes equals its dequantizing path: the W8A16 kernel up to
+    GEMV_MAX_TOKENS rows (bf16 activations), past them the W8A8 GEMM, whose per-128 activation
+    quantization to e4m3 costs ~2.5%."""
+    from hetero.model.fp8 import GEMV_MAX_TOKENS
+
     g = torch.Generator().manual_seed(N + K)
     q, s = block_quantize(torch.randn(N, K, generator=g) / K**0.5)
     lin = FP8Linear(K, N).cuda()
@@ -136,4 +140,4 @@ def test_cuda_fp8_linear_uses_the_kernel_at_v3_shapes(M, N, K):
     lin.weight_scale_inv.data.copy_(s.cuda())
     x = torch.randn(M, K, generator=g).cuda().bfloat16()
     want = reference(x, lin.weight, lin.weight_scale_inv)
-    assert rel(lin(x), want) < 4e-3
+    assert rel(lin(x), want) < (4e-3 if M <= GEMV_MAX_TOKENS else 4e-2)
