@@ -113,6 +113,22 @@ def layer_rows(args, h2d: float, base: dict) -> None:
         engine.close()
 
 
+def prediction(args, config, rates):
+    """n -> hetero.predict's seconds for an n-token prompt in this run's set-up (CPU experts in
+    args.format, the rest FP8 on the GPU, its chunk, staging and pinning); None without rates."""
+    if rates is None or not rates.has_gpu:
+        return None
+    from hetero.placement import parse_placement
+    from hetero.predict import predict
+
+    pin = str(args.pin_experts).lower()
+    text = (f"rules:\n  - {{match: '\\.mlp\\.experts$', device: cpu, format: {args.format}}}\n"
+            f"  - {{device: gpu, format: fp8}}\nruntime: {{prefill_chunk: {args.chunk}, "
+            f"staging_gb: {args.staging_gb}, pin_experts: {pin}}}\n")  # fmt: skip
+    placement = parse_placement(text, config)
+    return lambda n: predict(config, placement, rates, (1,), (n,)).prefill[0].seconds
+
+
 def depth_rows(args, base: dict) -> None:
     from bench.serving_http import serve
     from hetero.engine.engine import Engine, ServingConfig
@@ -155,6 +171,9 @@ def depth_rows(args, base: dict) -> None:
              "chunk": args.chunk, "stream_min_tokens": args.stream_min_tokens,
              "staging_gb": args.staging_gb, "pin_experts": args.pin_experts,
              "calibration": rates.source if rates else None}  # fmt: skip
+    if rates is not None:  # what `hetero plan --predict --calibration FILE` would be given
+        facts["rates"] = rates.to_dict()
+    predicted = prediction(args, config, rates)
 
     def ttft(n: int, seed: int) -> tuple[float, int]:
         for r in routeds:
@@ -173,6 +192,11 @@ def depth_rows(args, base: dict) -> None:
         s, steps = ttft(n, seed=n)
         modes = sum((r.modes for r in routeds), Counter())  # the policy's choices, layer-chunks
         row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps, "modes": modes}
+        if predicted is not None:
+            row |= {
+                "predicted_s": round(predicted(n), 2),
+                "vs_predicted": round(s / predicted(n), 3),
+            }
         print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
     if args.http:
         import httpx

@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from hetero.config import ModelConfig
+from hetero.model.attention import MHA_MIN_TOKENS
 from hetero.placement import Placement
 from hetero.sched.prefill_policy import split
 from hetero.sched.rates import CalibrationError, Rates
@@ -45,7 +46,10 @@ class CostModel:
     # batch 1: step / CPU alone 1.03, 2026-11-24)
     handoff_s: float = 25e-6
     step_s: float = 0.5e-3  # a step's embedding, sampling and scheduling (est.)
-    attention_efficiency: float = 0.35  # MLA prefill attention / dense bf16 matmul (est.)
+    # prefill attention / dense bf16 matmul, H200 2026-12-03 (gpu_kernels-run2): the absorbed
+    # extend kernel 73-91 of 794 TFLOPS; the decompressed form (flash, 256+ new tokens) 159-293
+    attention_efficiency: float = 0.11
+    mha_efficiency: float = 0.3
     linear_efficiency: float = 0.7  # prefill GEMMs / dense bf16 matmul (est.)
     # a step's c tokens pick experts as c ** alpha independent tokens would: 1 for a trained
     # router's balanced choices; random-weight benchmark models measured ~0.69 (docs/predict.md)
@@ -307,10 +311,18 @@ class Steps:
         """(seconds, expert decisions by mode) of a chunk of T tokens of one prompt after
         `start` others, or (`prompt` > 0) of T / prompt whole prompts batched together."""
         m, c, E = self.model, self.c, self.c.n_routed_experts
-        eff_lin, eff_attn = self.flops * m.linear_efficiency, self.flops * m.attention_efficiency
+        eff_lin = self.flops * m.linear_efficiency
         # (query, key) pairs, causal
         pairs = T * (prompt + 1) / 2 if prompt else T * start + T * (T + 1) / 2
-        attn = 2 * c.num_attention_heads * (2 * c.kv_lora_rank + c.qk_rope_head_dim) * pairs
+        h, qk = c.num_attention_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+        if (prompt or T) >= MHA_MIN_TOKENS:  # decompressed: the context's K/V, then flash
+            ctx = T if prompt else start + T
+            decompress = (c.qk_nope_head_dim + c.v_head_dim) * ctx * c.kv_lora_rank
+            attn = 2 * h * ((qk + c.v_head_dim) * pairs + decompress)
+            eff_attn = self.flops * m.mha_efficiency
+        else:  # absorbed: latent-space scores and values
+            attn = 2 * h * (2 * c.kv_lora_rank + c.qk_rope_head_dim) * pairs
+            eff_attn = self.flops * m.attention_efficiency
         kv = (start + T) * self.kv_bytes
 
         def gpu(nbytes: float, params: float) -> float:
