@@ -90,6 +90,12 @@ def layer_rows(args, h2d: float, base: dict) -> None:
                 torch.nn.ModuleDict(), layer=1, engine=engine, num_experts=E, stream_min_tokens=1
             ),  # fmt: skip
         }
+        if args.pin_experts:  # the layer page-locked in place: copied without the gather
+            register_host([engine.layers[1]])
+            paths["direct"] = HybridExperts(
+                torch.nn.ModuleDict(), layer=1, engine=engine, num_experts=E, stream_min_tokens=1,
+                staging=GroupStaging(slot, "cuda", direct=True),
+            )  # fmt: skip
         for T in args.layer_tokens:
             g = torch.Generator().manual_seed(T)
             x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
@@ -235,7 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--staging-gb", type=float, default=1.0)
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
     p.add_argument("--pin-experts", action="store_true",
-                   help="depth: experts page-locked, copied without a gather")  # fmt: skip
+                   help="experts page-locked, copied without gather (layer: + direct)")  # fmt: skip
     p.add_argument("--calibration", default="auto",
                    help="depth: the policy's rates: auto, FILE or none")  # fmt: skip
     return p.parse_args(argv)
