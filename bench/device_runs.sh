@@ -6,7 +6,7 @@
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
-#   prefill-depth | cpu-decode-batch
+#   prefill-depth | cpu-decode-batch | prefill-profile
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -35,6 +35,11 @@ for stage in "$@"; do
       # server's wheels): a prompt in one chunk streams each layer's experts once
       timeout 580 python3 bench/prefill.py --only depth --http --chunk 32768 --pin-experts \
         > "$OUT/prefill_depth.jsonl" 2> "$OUT/prefill_depth.err"; tail -3 "$OUT/prefill_depth.err" ;;
+    prefill-profile)  # 8K and 32K once more with their prediction, then 8K under torch.profiler:
+      # where the time the prediction misses goes (~3 min; needs the server's wheels)
+      timeout 280 python3 bench/prefill.py --only depth --chunk 32768 --pin-experts \
+        --lengths 8192,32768 --profile "$OUT/prefill_profile" > "$OUT/prefill_profile.jsonl" \
+        2> "$OUT/prefill_profile.err"; tail -3 "$OUT/prefill_profile.err" ;;
     gpu-tests)  # the tests marked gpu, log committed under tests/logs/
       timeout 300 python3 -m pytest -m gpu -v tests 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;
     decode)  # v3-slice: sequential / overlap / deferral at batch 1, 4, 16, profiler tables, and

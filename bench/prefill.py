@@ -204,6 +204,17 @@ def depth_rows(args, base: dict) -> None:
                 "vs_predicted": round(s / predicted(n), 3),
             }
         print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
+    if args.profile:  # where a long prompt's time goes: the top ops, CPU and GPU
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+        with profile(activities=acts) as prof:
+            ttft(args.profile_tokens, seed=1)
+        table = prof.key_averages()
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        for key in ("cuda_time_total", "cpu_time_total"):
+            text = table.table(sort_by=key, row_limit=40)
+            (Path(args.profile) / f"prefill_{args.profile_tokens}_{key}.txt").write_text(text)
     if args.http:
         import httpx
 
@@ -242,6 +253,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
     p.add_argument("--pin-experts", action="store_true",
                    help="experts page-locked, copied without gather (layer: + direct)")  # fmt: skip
+    p.add_argument("--profile", metavar="DIR",
+                   help="depth: one more prompt under torch.profiler, top ops to DIR")  # fmt: skip
+    p.add_argument("--profile-tokens", type=int, default=8192)
     p.add_argument("--calibration", default="auto",
                    help="depth: the policy's rates: auto, FILE or none")  # fmt: skip
     return p.parse_args(argv)
