@@ -36,7 +36,7 @@ for stage in "$@"; do
       timeout 580 python3 bench/prefill.py --only depth --http --chunk 32768 --pin-experts \
         > "$OUT/prefill_depth.jsonl" 2> "$OUT/prefill_depth.err"; tail -3 "$OUT/prefill_depth.err" ;;
     prefill-profile)  # 8K and 32K once more with their prediction, then 8K under torch.profiler:
-      # where the time the prediction misses goes (~3 min; needs the server's wheels)
+      # where the time the prediction misses goes (~3 min)
       timeout 280 python3 bench/prefill.py --only depth --chunk 32768 --pin-experts \
         --lengths 8192,32768 --profile "$OUT/prefill_profile" > "$OUT/prefill_profile.jsonl" \
         2> "$OUT/prefill_profile.err"; tail -3 "$OUT/prefill_profile.err" ;;

@@ -136,9 +136,7 @@ def prediction(args, config, rates):
 
 
 def depth_rows(args, base: dict) -> None:
-    from bench.serving_http import serve
     from hetero.engine.engine import Engine, ServingConfig
-    from hetero.engine.handle import EngineHandle
     from hetero.engine.params import SamplingParams
 
     config = ModelConfig.from_hf(slice_config("v3", None))
@@ -215,8 +213,11 @@ def depth_rows(args, base: dict) -> None:
         for key in ("cuda_time_total", "cpu_time_total"):
             text = table.table(sort_by=key, row_limit=40)
             (Path(args.profile) / f"prefill_{args.profile_tokens}_{key}.txt").write_text(text)
-    if args.http:
+    if args.http:  # (the server's packages: only here)
         import httpx
+
+        from bench.serving_http import serve
+        from hetero.engine.handle import EngineHandle
 
         handle = EngineHandle(engine, cpu)
         server, url = serve(handle, StubTokenizer(), engine.max_model_len)
