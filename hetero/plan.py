@@ -31,6 +31,7 @@ from torch import nn
 
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
+from hetero.gpu import DEQUANT_BYTES
 from hetero.loader import INDEX, LAYER_RE, CheckpointError
 from hetero.placement import Placement, RuntimeSettings
 
@@ -151,9 +152,9 @@ def plan_memory(
     rows, rt = _weight_rows(config, placement, dtype), placement.runtime
     streams = any(len(p.gpu_experts) < config.n_routed_experts for p in placement.routed.values())
     staging = int(rt.staging_gb * GIB) if streams else 0
-    staging_gpu = staging + _dequantized(placement, staging // 2)
-    what = "2 slots for long prefill, pinned" if streams else "none: no CPU experts"
-    what += ", + 1 as bf16 on the GPU" if staging_gpu > staging else ""
+    staging_gpu = staging + _dequantized(config, placement, staging // 2)
+    what = "2 slots for long prefill, pinned" if streams else "no CPU experts"
+    what += ", + int4 dequantized to bf16" if staging_gpu > staging else ""
     rows.append(Row(STAGING_ROW, staging_gpu, staging, what))
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
@@ -270,12 +271,19 @@ def _block_tensors(config: ModelConfig, layer: int) -> list[tuple[str, str, str,
     return out
 
 
-def _dequantized(placement: Placement, slot: int) -> int:
-    """GPU bytes of a staging slot's int4 experts dequantized to bf16 (fused_moe_int4 at
-    prefill sizes): 2 bytes a weight for the format's 0.5 + 2 / G."""
-    fmts = [Format.parse(p.cpu_format) for p in placement.routed.values()]
-    G = min((f.group_size for f in fmts if f.name == "int4"), default=0)
-    return int(slot * 2 / (0.5 + 2 / G)) if G else 0
+def _dequantized(config: ModelConfig, placement: Placement, slot: int) -> int:
+    """GPU bytes of int4 experts dequantized to bf16 at prefill (fused_moe_int4, at most
+    DEQUANT_BYTES at a time): a staging slot's CPU experts (2 bytes a weight for the format's
+    0.5 + 2 / G), or a layer's int4 GPU experts."""
+    expert = 3 * config.hidden_size * config.moe_intermediate_size * 2  # bf16
+    sizes = [0]
+    for p in placement.routed.values():
+        fmt = Format.parse(p.cpu_format)
+        if slot and fmt.name == "int4":
+            sizes.append(int(slot * 2 / (0.5 + 2 / fmt.group_size)))
+        if p.gpu_experts and p.gpu_format.startswith("int4"):
+            sizes.append(len(p.gpu_experts) * expert)
+    return min(max(sizes), DEQUANT_BYTES)
 
 
 def _weight_rows(config: ModelConfig, placement: Placement, dtype: torch.dtype) -> list[Row]:

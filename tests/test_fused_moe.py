@@ -301,7 +301,8 @@ def test_int4_dequant_equals_the_formats_reference(G):
 @pytest.mark.parametrize("G", [32, 64])
 def test_int4_prefill_dequantizes_then_runs_the_dense_tiles(G, monkeypatch):
     """From DEQUANT_PAIRS pairs an expert the int4 experts are dequantized first: the same
-    result as the expert loop, and as the packed kernels (DEQUANT_PAIRS raised past the batch)."""
+    result as the expert loop, in passes of a few experts (dequant_bytes) too, and as the packed
+    kernels (DEQUANT_PAIRS raised past the batch)."""
     import hetero.gpu.fused_moe as fm
 
     H, I, E, resident, T, k = 128, 64, 6, (5, 0, 2, 3), 40, 4
@@ -310,6 +311,8 @@ def test_int4_prefill_dequantizes_then_runs_the_dense_tiles(G, monkeypatch):
     x = torch.randn(T, H, device=DEVICE)
     want = loop(int4_mats(*packed, G), resident, x, ids, weights)
     got = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
+    monkeypatch.setattr(fm, "dequant_bytes", lambda: 3 * H * I * 4 * 3)  # passes of 3, then 1
+    passes = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
     monkeypatch.setattr(fm, "DEQUANT_PAIRS", 10**6)
     packed_path = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
-    assert rel(got, want) < 1e-5 and rel(got, packed_path) < 1e-5
+    assert rel(got, want) < 1e-5 and rel(got, packed_path) < 1e-5 and rel(passes, got) < 1e-6

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,7 +14,7 @@ from hetero.cli import main
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format, pack_experts
 from hetero.loader import Checkpoint, load_model
-from hetero.placement import parse_placement
+from hetero.placement import load_placement, parse_placement
 from hetero.plan import (
     ABSORBED_ROW,
     GIB,
@@ -301,3 +302,21 @@ def test_int4_cpu_experts_count_a_dequantized_staging_slot_on_the_gpu():
     assert rows["bf16"].gpu_bytes == rows["bf16"].ram_bytes == 2 * slot
     assert rows["int4-g32"].gpu_bytes == 2 * slot + int(slot * 2 / 0.5625)
     assert rows["int4-g32"].ram_bytes == 2 * slot
+
+
+def test_int4_gpu_experts_and_the_dequantization_cap():
+    """int4 GPU experts are dequantized at prefill too (a layer's worth, bf16); whatever the
+    slot, the dense copies never pass DEQUANT_BYTES (fused_moe_int4 makes passes)."""
+    from hetero.gpu import DEQUANT_BYTES
+
+    config = ModelConfig.from_hf(tiny_v3_config())
+    rules = (f"rules:\n  - {{match: {EXPERTS}, device: cpu, format: bf16, gpu_experts: 3, "
+             f"gpu_format: int4}}\n  - {{device: gpu}}\n")  # fmt: skip
+    row = plan_memory(config, parse_placement(rules, config), BIG, BIG).row(STAGING_ROW)
+    bf16 = 3 * config.hidden_size * config.moe_intermediate_size * 2
+    assert row.gpu_bytes == row.ram_bytes + 3 * bf16
+    v3 = ModelConfig.from_hf(V3_CONFIG)
+    big = load_placement(ROOT / "configs" / "deepseek-v3-24gb.yaml", v3)
+    big = dataclasses.replace(big, runtime=dataclasses.replace(big.runtime, staging_gb=8.0))
+    row = plan_memory(v3, big, BIG, BIG).row(STAGING_ROW)
+    assert row.gpu_bytes == 8 * GIB + DEQUANT_BYTES

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hetero.gpu import DEQUANT_BYTES
 from hetero.gpu.dequant import dequant_int4
 from hetero.gpu.moe_align import moe_align
 
@@ -215,13 +216,38 @@ def fused_moe_int4(
     fmt = dict(SN=1, SK=G, BLOCK_K=INT4_BLOCK_K, INT4=True)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if ids.numel() >= DEQUANT_PAIRS * n and not capturing:
-        dense = x.dtype if x.is_cuda else torch.float32  # (the interpreter: fp32 dots)
-        w13, w2 = dequant_int4(w13, s13, G, dense), dequant_int4(w2, s2, G, dense)
-        s13 = torch.ones(n, I, 2, 1, device=x.device)  # a unit scale a row
-        s2 = torch.ones(n, H, 1, device=x.device)
-        fmt = dict(SN=1, SK=max(H, I), BLOCK_K=128, INT4=False)  # one scale column
+        return _dequantized(x, ids, weights, local, (w13, s13, w2, s2), G, block_m, out_dtype)
     rows13 = (w13.stride(2), s13.stride(2), 2, 1)  # [n, I, 2, .] as [n, 2I, .]: gate 2r, up 2r+1
     return _run(x, ids, weights, local, (w13, s13, w2, s2), I, rows13, fmt, block_m, out_dtype)
+
+
+def dequant_bytes() -> int:
+    """The dense copies' budget (a function: tests lower it)."""
+    return DEQUANT_BYTES
+
+
+def _dequantized(x, ids, weights, local, ws, G, block_m, out_dtype) -> torch.Tensor:
+    """fused_moe_int4 at prefill sizes: the local experts dequantized to x's dtype a pass of at
+    most DEQUANT_BYTES at a time (each pass the experts [e0, e1) of the stack, the others' pairs
+    masked by their local index), run on the dense tiles, the passes summed in fp32."""
+    w13, s13, w2, s2 = ws
+    n, I, _, H = *w13.shape[:3], 2 * w13.shape[3]
+    dense = x.dtype if x.is_cuda else torch.float32  # (the interpreter: fp32 dots)
+    per = max(1, dequant_bytes() // (3 * H * I * dense.itemsize))  # experts a pass
+    fmt = dict(SN=1, SK=max(H, I), BLOCK_K=128, INT4=False)  # one scale column: ones
+    out = None
+    for e0 in range(0, n, per):
+        e1 = min(n, e0 + per)
+        part = (dequant_int4(w13[e0:e1], s13[e0:e1], G, dense),
+                torch.ones(e1 - e0, I, 2, 1, device=x.device),
+                dequant_int4(w2[e0:e1], s2[e0:e1], G, dense),
+                torch.ones(e1 - e0, H, 1, device=x.device))  # fmt: skip
+        here = local if (e0, e1) == (0, n) else torch.where(
+            (local >= e0) & (local < e1), local - e0, -1)  # fmt: skip
+        rows13 = (part[0].stride(2), part[1].stride(2), 2, 1)
+        y = _run(x, ids, weights, here, part, I, rows13, fmt, block_m, torch.float32)
+        out = y if out is None else out.add_(y)
+    return out.to(out_dtype or x.dtype)
 
 
 def fused_moe_int8(
