@@ -107,8 +107,16 @@ def random_layer(fmt: Format, H: int, I: int, E: int, seed: int = 0) -> PackedEx
     return PackedExperts(fmt, w13, s13, w2, s2)
 
 
-def draw_routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.rand(T, E, generator=gen).topk(k, dim=-1).indices  # k distinct experts per token
+def draw_routing(
+    T: int, E: int, k: int, gen: torch.Generator, alpha: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] (k distinct experts a token), weights [T, k]. alpha < 1: the T tokens choose
+    experts as round(T ** alpha) independent tokens would (each token takes one of that many
+    independent draws: hetero.predict's routing_alpha; serving's random-weight V3 read as 0.69)."""
+    n = max(1, round(T**alpha))
+    ids = torch.rand(n, E, generator=gen).topk(k, dim=-1).indices  # [n, k]
+    if n < T:
+        ids = ids[torch.randint(0, n, (T,), generator=gen)]  # [T, k]
     return ids, torch.rand(T, k, generator=gen)
 
 
@@ -178,6 +186,12 @@ def main() -> None:
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
     p.add_argument("--hugepages", action="store_true", help="weights in transparent huge pages")
     p.add_argument(
+        "--routing-alpha",
+        type=float,
+        default=1.0,
+        help="T tokens route as T ** alpha independent ones (V3 serving: 0.69)",
+    )
+    p.add_argument(
         "--fp32-activations", action="store_true", help="int4 GEMV on fp32, not int8, activations"
     )
     args = p.parse_args()
@@ -198,6 +212,7 @@ def main() -> None:
         "gemm_min_tokens_q8": args.gemm_min_tokens_q8,
         "amx": not args.no_amx and amx.has_amx(),
         "gemm_min_tokens_amx": args.gemm_min_tokens_amx,
+        "routing_alpha": args.routing_alpha,
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
         "hugepages": args.hugepages,
@@ -229,13 +244,15 @@ def main() -> None:
         )
         for T in tokens:
             x = torch.randn(T, H, generator=gen)
-            routes = [draw_routing(T, E, k, gen) for _ in range(64)]
-            bytes_read = np.mean([len(r[0].unique()) for r in routes]) * layer.expert_bytes()
+            routes = [draw_routing(T, E, k, gen, args.routing_alpha) for _ in range(64)]
+            unique = float(np.mean([len(r[0].unique()) for r in routes]))
+            bytes_read = unique * layer.expert_bytes()
             iters = args.iters or max(5, min(200, int(2000 / max(1, T))))
             engine.stats.amx_s.clear()
             jobs = engine.stats.jobs
             ms = time_routed(partial(engine.forward, 0), x, routes, iters)
-            row = {**base, "format": str(fmt), "tokens": T, **rates(ms, bytes_read, bw, H, I, T, k)}
+            row = {**base, "format": str(fmt), "tokens": T, "unique_experts": round(unique, 1),
+                   **rates(ms, bytes_read, bw, H, I, T, k)}  # fmt: skip
             if fmt.name == "int4" and base["amx"]:
                 row["amx_int4_tiles"] = tiles
             if engine.stats.amx_s:  # the AMX path's steps, ms a call

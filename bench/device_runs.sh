@@ -6,7 +6,7 @@
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
-#   prefill-depth | cpu-decode-batch | prefill-profile
+#   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -25,6 +25,16 @@ for stage in "$@"; do
             2>> "$OUT/cpu_decode_batch.err"
         done
       done; grep -c . "$OUT/cpu_decode_batch.jsonl" ;;
+    cpu-decode-skewed)  # issue 16's read share in the serving regime: V3 serving's routing
+      # (alpha 0.69: ~50 experts a layer at 16 tokens, ~109 at 64, 2.5-4.7 tokens each), the
+      # AMX tiles from 4 or 8 tokens an expert against the GEMV, alternated (~5 min)
+      for round in 1 2; do
+        for min in 4 8 16; do
+          timeout 80 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128 --tokens 16,64 \
+            --no-naive --routing-alpha 0.69 --gemm-min-tokens-amx $min \
+            >> "$OUT/cpu_decode_skewed.jsonl" 2>> "$OUT/cpu_decode_skewed.err"
+        done
+      done; grep -c . "$OUT/cpu_decode_skewed.jsonl" ;;
     gpu-kernels)  # FP8 GEMM, MLA decode/extend, fused MoE, router at V3 shapes (~4 min)
       timeout 540 python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.jsonl" \
         > /dev/null 2> "$OUT/gpu_kernels.err"; tail -3 "$OUT/gpu_kernels.err" ;;
