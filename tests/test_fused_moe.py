@@ -316,3 +316,26 @@ def test_int4_prefill_dequantizes_then_runs_the_dense_tiles(G, monkeypatch):
     monkeypatch.setattr(fm, "DEQUANT_PAIRS", 10**6)
     packed_path = fused_moe_int4(x, ids, weights, local_map(E, resident), *packed, G)
     assert rel(got, want) < 1e-5 and rel(got, packed_path) < 1e-5 and rel(passes, got) < 1e-6
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_decode_sizes_split_k_equals_one_range(fmt, monkeypatch):
+    """Decode sizes sum gate/up over SPLIT_K ranges of K (here 4 of 128), then `_silu_mul`
+    adds them in order: the expert loop's result, and one range's to fp32 rounding."""
+    import hetero.gpu.fused_moe as fm
+
+    H, I, E, resident, T, k = 512, 128, 6, (5, 0, 2, 3), 3, 2
+    ids, weights = route(T, k, E, resident, seed=7)
+    x = torch.randn(T, H, device=DEVICE)
+    if fmt == "int4":
+        packed = int4_layer(H, I, len(resident), 32, seed=7)
+        mats, run = int4_mats(*packed, 32), lambda: fused_moe_int4(
+            x, ids, weights, local_map(E, resident), *packed, 32)  # fmt: skip
+    else:
+        stacks, mats = fp8_layer(H, I, len(resident), seed=7)
+        run = lambda: fused_moe_fp8(x, ids, weights, local_map(E, resident), *stacks)  # noqa: E731
+    assert fm.split_k(16, H, 128) == 4
+    split = run()
+    monkeypatch.setattr(fm, "SPLIT_K", 1)
+    whole = run()
+    assert rel(split, loop(mats, resident, x, ids, weights)) < 1e-5 and rel(split, whole) < 1e-6

@@ -6,7 +6,10 @@
 `moe_align` lays the local (token, slot) pairs out by expert, padded to BLOCK_M rows. Then:
 1. `_gate_up`, grid (blocks, I / BLOCK_N): a program takes BLOCK_M sorted rows of one expert
    (x gathered by token) and BLOCK_N columns of I, accumulates the gate and the up tiles of the
-   same rows over H in one loop and stores h = silu(gate) * up [R, I] in sorted order.
+   same rows over H in one loop and stores h = silu(gate) * up [R, I] in sorted order. At
+   decode sizes (16-row blocks) each program sums one of SPLIT_K ranges of H instead, stores
+   its partial gate and up, and `_silu_mul` adds the ranges in a fixed order into h: 4x the
+   programs where a pair's 32 could not stream its expert (unmeasured on the GPU yet).
 2. `_down`, grid (blocks, H / BLOCK_N): h's rows times down_proj, scaled by the pair's router
    weight, stored to y [T*k, H] fp32 at the pair's row; out = y.view(T, k, H).sum(1).
 The sum over k is a store per pair then a torch sum rather than an atomic add into [T, H]: each
@@ -40,6 +43,7 @@ from hetero.gpu.moe_align import moe_align
 
 BLOCK_N = 64  # output columns a program owns
 INT4_BLOCK_K = 128  # weights along K per step of the int4 kernels (a multiple of every group)
+SPLIT_K = 4  # gate/up's K ranges at decode sizes (`split_k`)
 DEQUANT_PAIRS = 16  # local pairs an expert, on average, from which int4 experts are dequantized
 
 
@@ -95,12 +99,14 @@ def _dot_w(acc, xa, xb, w_ptr, s_ptr, rows, row_ok, k0, K, stride_wn, stride_sn,
 @triton.jit
 def _gate_up(x_ptr, w_ptr, s_ptr, h_ptr, pairs_ptr, bexp_ptr,
              P, TOPK, K, I, UP_ROW, stride_we, stride_wn, stride_se, stride_sn,
-             ROW_STEP: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
+             KS, ROW_STEP: tl.constexpr, SN: tl.constexpr, SK: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-             INT4: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+             INT4: tl.constexpr, DOT_F32: tl.constexpr, PARTIAL: tl.constexpr):  # fmt: skip
     """h[pos, r] = silu(x[t] . gate[r]) * (x[t] . up[r]) for the pair at sorted row pos;
-    gate row r is weight row r * ROW_STEP, up row r is that + UP_ROW."""
-    blk, j = tl.program_id(0), tl.program_id(1)
+    gate row r is weight row r * ROW_STEP, up row r is that + UP_ROW. Program (., ., z) sums
+    K's range [z KS, (z + 1) KS); PARTIAL: it stores its g and u to h [z, pos, 2, I] fp32
+    instead (split-K: `_silu_mul` sums the ranges in a fixed order)."""
+    blk, j, z = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     e = tl.load(bexp_ptr + blk)
     if e < 0:  # past the used rows
         return
@@ -114,15 +120,40 @@ def _gate_up(x_ptr, w_ptr, s_ptr, h_ptr, pairs_ptr, bexp_ptr,
     s_ptr += e.to(tl.int64) * stride_se
     g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(z * KS, tl.minimum(z * KS + KS, K), BLOCK_K):
         xa, xb = _load_x(x_ptr, xoff, ok, k0, K, BLOCK_K, SK, INT4, DOT_F32)
         g = _dot_w(g, xa, xb, w_ptr, s_ptr, r * ROW_STEP, r_ok, k0, K, stride_wn, stride_sn,
                    SN, SK, BLOCK_K, INT4)  # fmt: skip
         u = _dot_w(u, xa, xb, w_ptr, s_ptr, r * ROW_STEP + UP_ROW, r_ok, k0, K, stride_wn,
                    stride_sn, SN, SK, BLOCK_K, INT4)  # fmt: skip
+    store = ok[:, None] & r_ok[None, :]
+    if PARTIAL:  # [z, pos, 2, I] fp32
+        at = h_ptr + ((z * tl.num_programs(0) * BLOCK_M + pos[:, None]).to(tl.int64) * 2) * I
+        tl.store(at + r[None, :], g, mask=store)
+        tl.store(at + I + r[None, :], u, mask=store)
+    else:
+        h = g / (1.0 + tl.exp(-g)) * u
+        tl.store(h_ptr + pos[:, None].to(tl.int64) * I + r[None, :],
+                 h.to(h_ptr.dtype.element_ty), mask=store)  # fmt: skip
+
+
+@triton.jit
+def _silu_mul(part_ptr, h_ptr, pairs_ptr, P, R, I, SPLIT, BLOCK: tl.constexpr):
+    """h[pos] = silu(sum_z g[z, pos]) * sum_z u[z, pos], the K ranges summed in order (the
+    same bits every run); rows without a pair skip."""
+    pos, j = tl.program_id(0), tl.program_id(1)
+    if tl.load(pairs_ptr + pos) >= P:
+        return
+    c = j * BLOCK + tl.arange(0, BLOCK)
+    m = c < I
+    g = tl.zeros((BLOCK,), dtype=tl.float32)
+    u = tl.zeros((BLOCK,), dtype=tl.float32)
+    for z in range(0, SPLIT):
+        at = part_ptr + ((z * R + pos).to(tl.int64) * 2) * I
+        g += tl.load(at + c, mask=m, other=0.0)
+        u += tl.load(at + I + c, mask=m, other=0.0)
     h = g / (1.0 + tl.exp(-g)) * u
-    tl.store(h_ptr + pos[:, None].to(tl.int64) * I + r[None, :], h.to(h_ptr.dtype.element_ty),
-             mask=ok[:, None] & r_ok[None, :])  # fmt: skip
+    tl.store(h_ptr + pos.to(tl.int64) * I + c, h.to(h_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -312,15 +343,29 @@ def _run(x, ids, weights, local, ws, I, rows13, fmt, block_m, out_dtype=None) ->
     common = dict(BLOCK_M=bm, BLOCK_N=BLOCK_N, num_warps=4, **fmt,
                   DOT_F32=x.dtype == torch.float32 or not x.is_cuda)  # fmt: skip
     w_row, s_row, step, up = rows13
-    _gate_up[(R // bm, triton.cdiv(I, BLOCK_N))](
-        x, w13, s13, h, a.pairs, a.block_expert, T * k, k, H, I, up,
-        w13.stride(0), w_row, s13.stride(0), s_row, ROW_STEP=step, **common,
+    split = split_k(bm, H, fmt["BLOCK_K"])
+    ks = triton.cdiv(triton.cdiv(H, fmt["BLOCK_K"]), split) * fmt["BLOCK_K"]  # K a range
+    part = torch.empty(split, R, 2, I, dtype=torch.float32, device=x.device) if split > 1 else h
+    _gate_up[(R // bm, triton.cdiv(I, BLOCK_N), split)](
+        x, w13, s13, part, a.pairs, a.block_expert, T * k, k, H, I, up,
+        w13.stride(0), w_row, s13.stride(0), s_row, ks, ROW_STEP=step, PARTIAL=split > 1,
+        **common,
     )  # fmt: skip
+    if split > 1:
+        _silu_mul[(R, triton.cdiv(I, 1024))](part, h, a.pairs, T * k, R, I, split, BLOCK=1024)
     _down[(R // bm, triton.cdiv(H, BLOCK_N))](
         h, w2, s2, y, rw, a.pairs, a.block_expert, T * k, I, H,
         w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), **common,
     )  # fmt: skip
     return y.view(T, k, H).sum(1).to(out_dtype or x.dtype)
+
+
+def split_k(block_m: int, K: int, block_k: int) -> int:
+    """gate/up's K ranges a program: at decode sizes (16-row blocks: a pair or two an expert)
+    the grid is (pairs' blocks) x I / BLOCK_N, 32 programs for one pair at V3's shapes, too few
+    to stream an expert's weights at HBM speed (the H200 measured one int4 expert at ~1 ms); 4
+    ranges make it 128 a pair. Prefill sizes keep one (their grid is large)."""
+    return min(SPLIT_K, triton.cdiv(K, block_k)) if block_m == 16 else 1
 
 
 def _bf16(s: torch.Tensor, name: str) -> torch.Tensor:
