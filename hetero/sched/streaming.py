@@ -1,9 +1,10 @@
 """Long prefill: a MoE layer's CPU experts computed on the GPU instead, their packed bytes sent
 over PCIe in groups through bounded double-buffered staging (hetero.cpu_experts.staging).
 
-Only the experts the chunk routes to cross. While group g is copied and computed, the engine's
-threads gather group g+1 into the other host slot, so the gather (host RAM -> pinned), the copy
-(pinned -> GPU) and the compute overlap; a group's compute reads the packed bytes as they are
+Only the experts the chunk routes to cross. While group g computes, group g+1 copies (queued
+first: g's compute syncs the host for its pair lists) and the engine's threads gather group g+2
+into the host slot g's copy has left, so the gather (host RAM -> pinned), the copy (pinned ->
+GPU) and the compute overlap; a group's compute reads the packed bytes as they are
 (fused_moe_int4 / fused_moe_int8 on CUDA; each expert dequantized otherwise, the
 reference).
 """
@@ -41,24 +42,31 @@ def stream_experts(
             after_fills()
         return y.to(x.dtype)
     local = torch.full((packed.num_experts,), -1, dtype=torch.int32, device=x.device)  # [E]
-    filled = engine.on_worker(staging.fill, 0, packed, groups[0])
-    if len(groups) == 1 and after_fills is not None:
+    group = engine.on_worker(staging.fill, 0, packed, groups[0]).result()
+    arrays = staging.to_device(group)
+    filled = engine.on_worker(staging.fill, 1, packed, groups[1]) if len(groups) > 1 else None
+    if len(groups) <= 2 and after_fills is not None:
         after_fills()
     for g in range(len(groups)):
-        group = filled.result()
-        arrays = staging.to_device(group)
-        if g + 1 < len(groups):  # gathered while this group copies and computes
-            filled = engine.on_worker(staging.fill, (g + 1) % 2, packed, groups[g + 1])
-            if g + 2 == len(groups) and after_fills is not None:
-                after_fills()
+        if g + 1 < len(groups):  # group g+1's copy queued before g's compute, whose pair
+            # lists sync the host: the copy engine never waits for the host between groups
+            nxt = filled.result()
+            nxt_arrays = staging.to_device(nxt)
+            if g + 2 < len(groups):  # gathered into g's host slot once g's copy has left it
+                filled = engine.on_worker(staging.fill, g % 2, packed, groups[g + 2])
+                if g + 3 == len(groups) and after_fills is not None:
+                    after_fills()
         staging.ready(group)
         local.fill_(-1)
-        n = len(group.rows)
-        local[torch.from_numpy(group.rows).to(x.device)] = torch.arange(
-            n, dtype=torch.int32, device=x.device
+        rows_g = torch.from_numpy(group.rows)  # (pinned: its copy does not wait for the stream)
+        rows_g = rows_g.pin_memory() if x.is_cuda else rows_g
+        local[rows_g.to(x.device, non_blocking=True)] = torch.arange(
+            len(group.rows), dtype=torch.int32, device=x.device
         )
         y += group_experts(packed, x, rows, weights, local, arrays)
         staging.release(group)
+        if g + 1 < len(groups):
+            group, arrays = nxt, nxt_arrays
     return y.to(x.dtype)
 
 
