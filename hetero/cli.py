@@ -176,8 +176,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import torch
 
     from hetero.config import ModelConfig
+    from hetero.loader import read_index
     from hetero.placement import RuntimeSettings, load_placement
-    from hetero.plan import GIB, budgets, read_index
+    from hetero.plan import GIB, budgets
     from hetero.sched.runtime import choose_placement
 
     for flag, value in (("--vram", args.vram), ("--ram", args.ram)):

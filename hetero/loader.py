@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,3 +298,22 @@ def load_model(
     load_weights(model, ckpt, config, device, dtype, progress)
     model.model.rotary.to_empty(device=device)
     return model.eval()
+
+
+def read_index(model_dir: str | Path) -> dict | None:
+    """The checkpoint's model.safetensors.index.json, or None when it has none."""
+    path = Path(model_dir) / INDEX
+    if not path.exists():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors index ({e})") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+        raise CheckpointError(f"{path}: no weight_map")
+    return index
+
+
+def is_fp8_checkpoint(config: ModelConfig, names: Iterable[str] = ()) -> bool:
+    """FP8 weights: a quantization_config, or `weight_scale_inv` among the tensor names."""
+    return config.fp8_block is not None or any(n.endswith("weight_scale_inv") for n in names)

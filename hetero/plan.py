@@ -19,12 +19,9 @@ kind), so a new parameter in the model shows up here without a second table to k
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -32,7 +29,7 @@ from torch import nn
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
 from hetero.gpu import DEQUANT_BYTES
-from hetero.loader import INDEX, LAYER_RE, CheckpointError
+from hetero.loader import LAYER_RE, is_fp8_checkpoint
 from hetero.placement import Placement, RuntimeSettings
 
 GIB = 1 << 30
@@ -380,25 +377,6 @@ def _size(n: int) -> str:
 
 def _cell(n: int) -> str:
     return f"{_gib(n) if n else '-':>9}"
-
-
-def read_index(model_dir: str | Path) -> dict | None:
-    """The checkpoint's model.safetensors.index.json, or None when it has none."""
-    path = Path(model_dir) / INDEX
-    if not path.exists():
-        return None
-    try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors index ({e})") from None
-    if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
-        raise CheckpointError(f"{path}: no weight_map")
-    return index
-
-
-def is_fp8_checkpoint(config: ModelConfig, names: Iterable[str] = ()) -> bool:
-    """FP8 weights: a quantization_config, or `weight_scale_inv` among the tensor names."""
-    return config.fp8_block is not None or any(n.endswith("weight_scale_inv") for n in names)
 
 
 def budgets(

@@ -13,7 +13,7 @@ import torch
 from hetero.cli import main
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format, pack_experts
-from hetero.loader import Checkpoint, load_model
+from hetero.loader import Checkpoint, load_model, read_index
 from hetero.placement import load_placement, parse_placement
 from hetero.plan import (
     ABSORBED_ROW,
@@ -22,7 +22,6 @@ from hetero.plan import (
     PlanError,
     check_fits,
     plan_memory,
-    read_index,
 )
 from hetero.testing import tiny_v3_config, write_v3_index
 

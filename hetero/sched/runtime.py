@@ -21,7 +21,7 @@ from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.staging import GroupStaging, register_host
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.gpu.packed_experts import PackedGPUExperts
-from hetero.loader import Checkpoint, load_weights
+from hetero.loader import Checkpoint, is_fp8_checkpoint, load_weights
 from hetero.model import Transformer
 from hetero.model.fp8 import to_fp8
 from hetero.placement import (
@@ -32,7 +32,6 @@ from hetero.placement import (
     load_placement,
     parse_placement,
 )
-from hetero.plan import is_fp8_checkpoint
 from hetero.registry import ROUTED_EXPERTS
 
 log = logging.getLogger(__name__)
@@ -200,8 +199,8 @@ def load_for_device(
 ) -> Loaded:
     """What `hetero generate/chat/serve` load, as `choose_placement` decides, after checking
     the memory plan (before any weight is read)."""
-    from hetero.loader import load_model
-    from hetero.plan import budgets, check_fits, read_index
+    from hetero.loader import load_model, read_index
+    from hetero.plan import budgets, check_fits
 
     config, index, opts = ModelConfig.from_hf(path), read_index(path), options
     given = load_placement(placement_file, config, profile) if placement_file else None
