@@ -66,6 +66,32 @@ def test_streamed_groups_equal_the_engine(engine, per_group, direct):
     assert [s for s, _ in sent] == [i % 2 for i in range(len(sent))]  # the two slots in turn
 
 
+@pytest.mark.parametrize("per_group", [1, 5, 12])  # 12, 3 and 1 group(s)
+def test_after_fills_runs_once_every_gather_is_queued(engine, per_group):
+    """The split chunk's CPU job goes on the engine's worker once, behind the last group's
+    gather (so it runs beside the GPU's compute, not before a gather the copies wait for)."""
+    layer = engine.layers[0]
+    x = torch.randn(24, H, generator=torch.Generator().manual_seed(2))
+    rows, w = routing(24, 3, seed=2)
+    staging = GroupStaging(per_group * layer.expert_bytes() + 4 * 64, "cpu")
+    events, fill = [], staging.fill
+
+    def recording_fill(s, packed, group_rows_):
+        events.append("fill")
+        return fill(s, packed, group_rows_)
+
+    staging.fill = recording_fill
+    after = []  # as the split chunk does: its CPU job queued on the worker, behind the fills
+    job = lambda: after.append(engine.on_worker(events.append, "after"))  # noqa: E731
+    got = stream_experts(engine, staging, 0, x, rows, w, job)
+    after[0].result()
+    routed = len(set(rows[rows >= 0].tolist()))
+    groups = -(-routed // per_group)
+    assert events == ["fill"] * groups + ["after"] and len(after) == 1
+    want = engine.forward(0, x, rows, w)
+    assert ((got - want).norm() / want.norm()).item() < TOL
+
+
 def test_only_routed_experts_and_none(engine):
     x = torch.randn(4, H)
     rows = torch.full((4, 2), -1)
