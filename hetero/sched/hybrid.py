@@ -95,8 +95,11 @@ class CPUPending:
 
 DEFER_MAX_TOKENS = 8  # a step's tokens up to which deferral applies
 # with measured rates (HybridOptions.calibration), chunks of this many tokens or more ask the
-# prefill policy where their CPU experts run (its counts cost a host sync: not for decode)
-POLICY_MIN_TOKENS = 64
+# prefill policy where their CPU experts run. Its counts cost a host sync, which a decode step
+# should not pay: above the CUDA-graph decode buckets (64 by default). Below it the CPU wins
+# anyway (V3 on the H200: 64 tokens 55-60 ms a layer on the CPU, ~100 ms to stream the ~220
+# experts they use); it was 64, which put a 64-row decode step (concurrency 64) on the policy.
+POLICY_MIN_TOKENS = 128
 
 
 class HybridExperts:
