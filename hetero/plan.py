@@ -151,7 +151,8 @@ def plan_memory(
     staging = int(rt.staging_gb * GIB) if streams else 0
     staging_gpu = staging + _dequantized(config, placement, staging // 2)
     what = "2 slots for long prefill, pinned" if streams else "no CPU experts"
-    what += ", + int4 dequantized to bf16" if staging_gpu > staging else ""
+    if staging_gpu > staging:  # (the column is 42 characters wide)
+        what = "2 pinned slots + int4 as bf16 on the GPU" if streams else "int4 as bf16 at prefill"
     rows.append(Row(STAGING_ROW, staging_gpu, staging, what))
     gpu_fixed = sum(r.gpu_bytes for r in rows) + gpu_reserve_bytes
     per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim)
