@@ -272,16 +272,11 @@ def test_on_local_pairs_equals_the_whole_batch():
     ws, mats = fp8_layer(H, I, len(resident), seed=3)
     ids, weights = route(19, 3, E, resident, seed=3)
     x, local = torch.randn(19, H, device=DEVICE), local_map(E, resident)
-    w_all = weights.flatten()
-
-    def run(xs, ids_p, pairs):
-        return fused_moe_fp8(xs, ids_p, w_all[pairs][:, None], local, *ws,
-                             out_dtype=torch.float32)  # fmt: skip
-
-    got = on_local_pairs(run, x, ids, local)
+    moe = lambda xs, i, w: fused_moe_fp8(xs, i, w, local, *ws, out_dtype=torch.float32)  # noqa: E731
+    got = on_local_pairs(moe, x, ids, weights, local)
     want = loop(mats, resident, x, ids, weights)
     assert got.dtype == torch.float32 and rel(got, want) < 1e-5
-    none = on_local_pairs(run, x, torch.full_like(ids, -1), local)
+    none = on_local_pairs(moe, x, torch.full_like(ids, -1), weights, local)
     assert none.shape == x.shape and not none.any()
 
 

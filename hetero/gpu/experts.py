@@ -63,14 +63,10 @@ class StackedFP8Experts:
         a GEMV per (token, slot) row; more, the grouped GEMM over tokens sorted by expert."""
         T, k = ids.shape
         if T > KERNEL_MAX_TOKENS:  # prefill: the grouped GEMM on the local pairs
-            w_all = weights.flatten()
-
-            def run(xs, ids_p, pairs):
-                return fused_moe_fp8(xs, ids_p, w_all[pairs][:, None], self.local, self.w13,
-                                     self.s13, self.w2, self.s2, self.block,
-                                     out_dtype=torch.float32)  # fmt: skip
-
-            return on_local_pairs(run, x, ids, self.local).to(x.dtype)
+            stacks = (self.w13, self.s13, self.w2, self.s2, self.block)
+            moe = lambda xs, i, w: fused_moe_fp8(xs, i, w, self.local, *stacks,  # noqa: E731
+                                                 out_dtype=torch.float32)  # fmt: skip
+            return on_local_pairs(moe, x, ids, weights, self.local).to(x.dtype)
         slot = self.local[ids.clamp_min(0)].masked_fill(ids < 0, -1).reshape(-1)  # [T k]
         xs = x.repeat_interleave(k, dim=0)  # [T k, H]
         gu = fp8_expert_gemm(xs, slot, self.w13, self.s13, self.block)  # [T k, 2I]

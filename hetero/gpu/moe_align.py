@@ -49,10 +49,12 @@ def moe_align(ids: torch.Tensor, local: torch.Tensor, n: int, block_m: int) -> A
     return Aligned(pairs[:R].int(), block_expert.int())
 
 
-def on_local_pairs(run, x: torch.Tensor, ids: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+def on_local_pairs(
+    moe, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, local: torch.Tensor
+) -> torch.Tensor:
     """A fused MoE over the local (token, slot) pairs only, for prefill (two host syncs, both
-    before the kernels are queued: the pair list and each slot's count; never in
-    a CUDA graph): x [T, H], ids [T, k]; `run(xs [P, H], ids [P, 1], pairs [P]) -> [P, H]
+    before the kernels are queued: the pair list and each slot's count; never in a CUDA
+    graph): x [T, H], ids/weights [T, k]; `moe(xs [P, H], ids [P, 1], weights [P, 1]) -> [P, H]
     fp32` (each pair's weighted expert output) -> the sum [T, H] fp32. The kernel's buffers
     then scale with the local pairs, not with T x k (most of a chunk's pairs choose experts
     elsewhere); the sums go in a slot at a time, so no index_add_ meets a token twice and the
@@ -66,7 +68,7 @@ def on_local_pairs(run, x: torch.Tensor, ids: torch.Tensor, local: torch.Tensor)
     tok, slot = pairs // k, pairs % k  # [P] each
     order = torch.argsort(slot, stable=True)  # [P] by slot, each slot's pairs in token order
     counts = torch.bincount(slot, minlength=k).tolist()  # (read before the kernels are queued)
-    y = run(x[tok], ids.flatten()[pairs][:, None], pairs)  # [P, H]
+    y = moe(x[tok], ids.flatten()[pairs][:, None], weights.flatten()[pairs][:, None])  # [P, H]
     for at in torch.split(order, counts):  # a slot at a time: no token twice in one index_add_
         out.index_add_(0, tok[at], y[at])
     return out

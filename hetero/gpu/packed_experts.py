@@ -70,15 +70,12 @@ class PackedGPUExperts:
             from hetero.gpu.fused_moe import fused_moe_int4  # triton: imported where it runs
             from hetero.gpu.moe_align import on_local_pairs
 
-            G, w_all = self.packed.fmt.group_size, weights.flatten()
+            G = self.packed.fmt.group_size
             if x.shape[0] <= GRAPH_TOKENS:  # decode: no host sync (CUDA graphs)
                 return fused_moe_int4(x, ids, weights, self.local, *self.arrays, G)
-
-            def run(xs, ids_p, pairs):
-                return fused_moe_int4(xs, ids_p, w_all[pairs][:, None], self.local,
-                                      *self.arrays, G, out_dtype=torch.float32)  # fmt: skip
-
-            return on_local_pairs(run, x, ids, self.local).to(x.dtype)
+            moe = lambda xs, i, w: fused_moe_int4(xs, i, w, self.local, *self.arrays, G,  # noqa: E731
+                                                  out_dtype=torch.float32)  # fmt: skip
+            return on_local_pairs(moe, x, ids, weights, self.local).to(x.dtype)
         from hetero.sched.hybrid import streamed_experts
 
         rows = self.local[ids.clamp_min(0)].long().masked_fill(ids < 0, -1)  # [T, k]

@@ -127,7 +127,7 @@ def load_hybrid(
         staging = GroupStaging(slot, opts.device, direct=direct)
         if direct:
             t0 = time.perf_counter()
-            n = register_host(list({id(p): p for p in engine.layers.values()}.values()))
+            n = register_host(list(engine.layers.values()))  # (shared layers: once)
             log.info("page-locked %.1f GiB of CPU experts in %.1f s (runtime.pin_experts)",
                      n / (1 << 30), time.perf_counter() - t0)  # fmt: skip
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
@@ -168,8 +168,8 @@ def _rates(opts: HybridOptions, config, formats: set[str], placement: Placement)
         return load_rates(opts.calibration, config, sorted(formats),
                           threads=placement.runtime.cpu_threads)  # fmt: skip
     except (CalibrationError, OSError) as e:
-        log.warning("prefill policy without measured rates (%s): streaming from %s tokens", e,
-                    opts.stream_min_tokens)  # fmt: skip
+        log.warning("prefill policy without measured rates (%s): the fixed stream_min_tokens "
+                    "threshold decides", e)  # fmt: skip
         return None
 
 

@@ -19,6 +19,8 @@ from hetero.cpu_experts.engine import CPUExperts
 from hetero.cpu_experts.formats import PackedExperts
 from hetero.cpu_experts.staging import GroupStaging, group_rows
 
+F32 = torch.float32
+
 
 def stream_experts(
     engine: CPUExperts,
@@ -42,20 +44,23 @@ def stream_experts(
             after_fills()
         return y.to(x.dtype)
     local = torch.full((packed.num_experts,), -1, dtype=torch.int32, device=x.device)  # [E]
-    group = engine.on_worker(staging.fill, 0, packed, groups[0]).result()
+
+    def fill(i: int):  # group i's gather into host slot i % 2, on the engine's worker
+        filled = engine.on_worker(staging.fill, i % 2, packed, groups[i])
+        if i == len(groups) - 1 and after_fills is not None:
+            after_fills()
+        return filled
+
+    group = fill(0).result()
     arrays = staging.to_device(group)
-    filled = engine.on_worker(staging.fill, 1, packed, groups[1]) if len(groups) > 1 else None
-    if len(groups) <= 2 and after_fills is not None:
-        after_fills()
+    filled = fill(1) if len(groups) > 1 else None
     for g in range(len(groups)):
         if g + 1 < len(groups):  # group g+1's copy queued before g's compute, whose pair
             # lists sync the host: the copy engine never waits for the host between groups
             nxt = filled.result()
             nxt_arrays = staging.to_device(nxt)
-            if g + 2 < len(groups):  # gathered into g's host slot once g's copy has left it
-                filled = engine.on_worker(staging.fill, g % 2, packed, groups[g + 2])
-                if g + 3 == len(groups) and after_fills is not None:
-                    after_fills()
+            if g + 2 < len(groups):  # into g's host slot, once g's copy has left it
+                filled = fill(g + 2)
         staging.ready(group)
         local.fill_(-1)
         rows_g = torch.from_numpy(group.rows)  # (pinned: its copy does not wait for the stream)
@@ -101,12 +106,9 @@ def fused_group(fmt, x, rows, weights, local, arrays) -> torch.Tensor:
     from hetero.gpu.fused_moe import fused_moe_int4, fused_moe_int8  # triton: where it runs
     from hetero.gpu.moe_align import on_local_pairs
 
-    w_all, f32 = weights.flatten(), torch.float32
-
-    def run(xs, ids, pairs):
-        w = w_all[pairs][:, None]  # [P, 1]
+    def moe(xs, ids, w):
         if fmt.name == "int4":
-            return fused_moe_int4(xs, ids, w, local, *arrays, fmt.group_size, out_dtype=f32)
-        return fused_moe_int8(xs, ids, w, local, *arrays, out_dtype=f32)
+            return fused_moe_int4(xs, ids, w, local, *arrays, fmt.group_size, out_dtype=F32)
+        return fused_moe_int8(xs, ids, w, local, *arrays, out_dtype=F32)
 
-    return on_local_pairs(run, x, rows, local)
+    return on_local_pairs(moe, x, rows, weights, local)
