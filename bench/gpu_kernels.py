@@ -6,7 +6,8 @@ an 8192^3 bf16 matmul on random data; an fp8 one through torch._scaled_mm where 
           vs a bf16 matmul on the dequantized weight; torch._scaled_mm with DeepSeek's block
           scales (1x128 activations, 128x128 weights) where the installed torch supports it
   mla     mla_decode over a paged latent cache (page 64, bf16) and mla_extend (one sequence, a
-          chunk after a cached prefix) vs the torch reference (gather + einsum + softmax)
+          chunk after a cached prefix; also decompressed, mha_sequence) vs the torch reference
+          (gather + einsum + softmax): bench/gpu_kernels_mla.py
   moe     fused_moe_fp8 / fused_moe_int4 (random packed bytes in the CPU layout) over n local
           experts of 256, ids random over all 256, vs the per-expert loop torch_routed_experts
           over the same experts as FP8 modules (and StackedFP8Experts' GEMV path at T <= 64)
@@ -30,7 +31,6 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +38,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import gpu_kernels_shapes as S  # noqa: E402
+from bench.gpu_kernels_mla import mla_section  # noqa: E402
 
 log = logging.getLogger("gpu_kernels")
 E4M3 = torch.float8_e4m3fn
 BF16 = torch.bfloat16
-PAGE = 64
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,90 +213,6 @@ def fp8_shape(b: Bench, name: str, N: int, K: int) -> None:
                    "bf16_matmul_dequantized", ms["bf16"], flops, nbytes,
                    fp8=k != "fp8_gemm", rel_err=S.rel_err(fns[k](x), want),
                    baseline_frac_of_limit=S.sig(base_floor / ms["bf16"], 3))  # fmt: skip
-
-
-# --- MLA ----------------------------------------------------------------------------------------
-
-
-def mla_section(b: Bench, c) -> None:
-    for B in b.plan.mla_batches:
-        for ctx in b.plan.mla_contexts:
-            kv = S.mla_decode_bytes(B, ctx, c.kv_lora_rank, c.qk_rope_head_dim)
-            if kv > b.args.mla_cap_gb * S.GB:
-                log.info("mla decode B=%d ctx=%d skipped: %.1f GB of cache", B, ctx, kv / S.GB)
-                continue
-            mla_decode_point(b, c, B, ctx)
-            torch.cuda.empty_cache()
-    for T in b.plan.extend_chunks:
-        for prefix in b.plan.extend_prefixes:
-            mla_extend_point(b, c, T, prefix)
-            torch.cuda.empty_cache()
-
-
-def mla_decode_point(b: Bench, c, B: int, ctx: int) -> None:
-    from hetero.gpu.mla_decode import mla_decode
-
-    C, R, h, scale = c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads, c.softmax_scale
-    latent, rope, table = S.paged(b.gen, [ctx] * B, C, R, PAGE)
-    lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
-    q_lat, q_pe = b.randn(B, h, C), b.randn(B, h, R)
-    paths = {"kernel": (lambda: mla_decode(q_lat, q_pe, latent, rope, table, lens, scale), True)}
-    q4, p4 = q_lat[:, None], q_pe[:, None]  # [B, T=1, h, .]
-    ref = lambda: S.latent_ref(q4, p4, latent, rope, table, ctx, scale)[:, 0]
-    if S.attention_ref_bytes(B * h * ctx, B * ctx, C, R) <= b.args.ref_cap_gb * S.GB:
-        paths["ref"] = (ref, True)
-    ms = b.time(paths)
-    err = S.rel_err(paths["kernel"][0](), ref()) if "ref" in ms else None
-    b.emit("mla_decode", {"batch": B, "ctx": ctx, "page": PAGE}, "mla_decode", ms["kernel"],
-           "torch_decode_latent", ms.get("ref"), S.mla_decode_flops(B, ctx, h, C, R),
-           S.mla_decode_bytes(B, ctx, C, R), rel_err=err)  # fmt: skip
-
-
-def mla_extend_point(b: Bench, c, T: int, prefix: int) -> None:
-    from hetero.gpu.mla_extend import mla_extend
-
-    C, R, h, scale = c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads, c.softmax_scale
-    ctx = prefix + T
-    latent, rope, table = S.paged(b.gen, [ctx], C, R, PAGE)
-    starts = torch.tensor([0, T], dtype=torch.int32, device="cuda")
-    lens = torch.tensor([ctx], dtype=torch.int32, device="cuda")
-    q_lat, q_pe = b.randn(T, h, C), b.randn(T, h, R)
-    kernel = lambda: mla_extend(q_lat, q_pe, latent, rope, table, starts, lens, scale,
-                                max_q_len=T)  # fmt: skip
-    ref = lambda: S.latent_ref(q_lat[None], q_pe[None], latent, rope, table, ctx, scale)[0]
-    paths = {"kernel": (kernel, True)}
-    if S.attention_ref_bytes(T * h * ctx, ctx, C, R) <= b.args.ref_cap_gb * S.GB:
-        paths["ref"] = (ref, False)  # eager: a few large ops, and its memory freed at once
-    ms = b.time(paths)
-    err = S.rel_err(kernel(), ref()) if "ref" in ms else None
-    b.emit("mla_extend", {"chunk": T, "prefix": prefix, "page": PAGE}, "mla_extend",
-           ms["kernel"], "torch_absorbed_attention", ms.get("ref"),
-           S.mla_extend_flops(T, prefix, h, C, R), S.mla_extend_bytes(T, prefix, h, C, R),
-           rel_err=err, ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
-    mha_extend_point(b, c, T, prefix, (latent, rope, table), (q_lat, q_pe), ms["kernel"])
-
-
-def mha_extend_point(b: Bench, c, T: int, prefix: int, cache, q, kernel_ms: float) -> None:
-    """The same step in the decompressed form (attention.mha_sequence: the context's K/V from
-    W_UK/W_UV, then flash attention) against the absorbed kernel just timed; FLOPs its own
-    (the decompression, then (nope + r) + v multiply-adds a pair and head)."""
-    from hetero.model.attention import mha_sequence
-
-    C, R, h, nope, v = (c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads,
-                        c.qk_nope_head_dim, c.v_head_dim)  # fmt: skip
-    ctx, (latent, rope, table) = prefix + T, cache
-    pages = table[0, : -(-ctx // PAGE)].long()
-    lat, k_pe = latent[pages].flatten(0, 1)[:ctx], rope[pages].flatten(0, 1)[:ctx]
-    w_uk, w_uv = b.randn(h, nope, C) / C**0.5, b.randn(h, v, C) / C**0.5
-    mla = SimpleNamespace(wkv_b=lambda: (w_uk, w_uv), n_heads=h, nope_dim=nope, rope_dim=R,
-                          v_dim=v, softmax_scale=c.softmax_scale)  # fmt: skip
-    q_nope, q_pe = b.randn(T, h, nope), q[1]
-    ms = b.time({"mha": (lambda: mha_sequence(mla, q_nope, q_pe, lat, k_pe), False)})
-    pairs = T * (prefix + (T + 1) / 2)
-    flops = 2 * ctx * C * h * (nope + v) + 2 * pairs * h * (nope + R + v)
-    b.emit("mla_extend", {"chunk": T, "prefix": prefix, "page": PAGE}, "mha_sequence (sdpa)",
-           ms["mha"], "mla_extend", kernel_ms, flops, 2 * ctx * (C + R + 2 * h * (nope + R)),
-           ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
 
 
 # --- fused MoE ----------------------------------------------------------------------------------
