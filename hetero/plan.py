@@ -270,9 +270,8 @@ def _block_tensors(config: ModelConfig, layer: int) -> list[tuple[str, str, str,
 
 
 def _dequantized(config: ModelConfig, placement: Placement, slot: int) -> int:
-    """GPU bytes of int4 experts dequantized to bf16 at prefill (fused_moe_int4, at most
-    DEQUANT_BYTES at a time): a staging slot's CPU experts (2 bytes a weight for the format's
-    0.5 + 2 / G), or a layer's int4 GPU experts."""
+    """GPU bytes of int4 experts as bf16 at prefill (fused_moe_int4, DEQUANT_BYTES at most): a
+    staging slot's CPU experts (2 bytes a weight for 0.5 + 2 / G), or a layer's GPU experts."""
     expert = 3 * config.hidden_size * config.moe_intermediate_size * 2  # bf16
     sizes = [0]
     for p in placement.routed.values():
