@@ -197,10 +197,8 @@ def depth_rows(args, base: dict) -> None:
         modes = sum((r.modes for r in routeds), Counter())  # the policy's choices, layer-chunks
         row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps, "modes": modes}
         if predicted is not None:
-            row |= {
-                "predicted_s": round(predicted(n), 2),
-                "vs_predicted": round(s / predicted(n), 3),
-            }
+            p = predicted(n)
+            row |= {"predicted_s": round(p, 2), "vs_predicted": round(s / p, 3)}
         print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
     if args.profile:  # where a long prompt's time goes: the top ops, CPU and GPU
         from torch.profiler import ProfilerActivity, profile

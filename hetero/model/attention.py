@@ -142,7 +142,7 @@ def absorbed_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache
 def paged_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -> torch.Tensor:
     """The absorbed form through the Triton kernels over the paged cache where they apply (CUDA
     tensors, a PagedKVCache): `mla_decode` for decode steps (split-KV), `mla_extend` for the
-    rest; else `absorbed_attention`, their reference."""
+    rest, long sequences decompressed (`kernel_attention`); else `absorbed_attention`."""
     if not (q_nope.is_cuda and isinstance(cache, PagedKVCache)):
         return absorbed_attention(mla, q_nope, q_pe, batch, cache)
     return kernel_attention(mla, q_nope, q_pe, batch, cache)
