@@ -41,10 +41,12 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu_moe import random_layer  # noqa: E402
+from bench.timeline import profile_step, trace_steps  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.model import ForwardBatch, Transformer  # noqa: E402
+from hetero.model.batch import PagedKVCache  # noqa: E402
 from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8  # noqa: E402
 from hetero.model.moe import RoutedRun  # noqa: E402
 from hetero.placement import parse_placement  # noqa: E402
@@ -58,7 +60,6 @@ WORKLOADS = {
     "v3": ("deepseek-v3", {}),
     "v2-lite": ("deepseek-v2-lite", {}),
 }
-PROMPT = 16  # tokens of context each sequence has before the timed steps
 
 
 def full_layers(workload: str) -> tuple[int, int]:
@@ -139,6 +140,26 @@ def set_mode(model, config, engine, mode: str) -> None:
         )
 
 
+def decode_batch(cache, seqs: range, q_len: int, ctx: int, device: str) -> ForwardBatch:
+    """Sequences `seqs` at `ctx` tokens, the last `q_len` new: those rows of a contiguous cache,
+    or in a PagedKVCache sequence i on pages 1 + i * P .. (P: the pages `cache.seq_len` needs)."""
+    B = len(seqs)
+    if not isinstance(cache, PagedKVCache):
+        return ForwardBatch.build(list(seqs), [q_len] * B, [ctx] * B, device)
+    P, used = -(-cache.seq_len // cache.page_size), -(-ctx // cache.page_size)
+    tables = [list(range(1 + i * P, 1 + i * P + used)) for i in seqs]
+    return ForwardBatch.paged(tables, [q_len] * B, [ctx] * B, cache.page_size, device)
+
+
+def new_cache(model, B: int, length: int, page_size: int):
+    """A contiguous cache of B rows, or (page_size > 0) a paged one with B sequences' pages."""
+    if not page_size:
+        return model.new_cache(B, length)
+    cache = model.new_paged_cache(1 + B * -(-length // page_size), page_size)
+    cache.seq_len = length
+    return cache
+
+
 def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str, graphed=None):
     """`steps` decode steps of B sequences from context length `start`; ms per step and stats.
     `graphed`: a GraphedDecoder over `cache` to step with instead of the model."""
@@ -148,11 +169,13 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
     engine.stats.busy_s = engine.stats.wait_s = engine.stats.compute_s = 0.0
     for i in range(steps):
         ids = torch.randint(0, model.config.vocab_size, (B,), generator=gen).to(device)
-        batch = ForwardBatch.build(list(range(B)), [1] * B, [start + i + 1] * B, device)
+        batch = decode_batch(cache, range(B), 1, start + i + 1, device)
         sync()
         t0 = time.perf_counter()
         if graphed is None:
             model(ids, batch, cache, last_only=True)
+        elif batch.page_table is not None:
+            graphed.paged_step(ids, batch.positions, batch.page_table, batch.slot_mapping)
         else:
             graphed.step(ids, batch.positions)
         sync()
@@ -221,6 +244,8 @@ def run(args) -> None:
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     moe = config.moe_layers
     n = min(args.cpu_layers or len(moe), len(moe))
+    if args.modes == ["gpu_only"]:  # the GPU side alone: an engine that is never called
+        n, E = 1, 1
     bar = tqdm(moe[:n], desc="random CPU expert layers", unit="layer", file=sys.stderr)
     distinct = [random_layer(fmt, H, I, E, seed=L) for L in bar]
     layers = {L: distinct[i % n] for i, L in enumerate(moe)}  # MoE layer i: distinct i % n
@@ -237,6 +262,7 @@ def run(args) -> None:
         "format": str(fmt),
         "gpu_format": args.gpu_format,
         "graphs": args.graphs,
+        "paged": args.paged,
         "gpu_experts": args.gpu_experts,
         "cpu_layers": n,
         "cpu_threads": engine.threads,
@@ -244,23 +270,31 @@ def run(args) -> None:
         "ring": bool(engine._ring_tokens),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
-    modes = ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
+    modes = args.modes or ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
+    gpu_alone = modes == ["gpu_only"]  # the GPU side only: no CPU side to time or settle
     full, full_moe = full_layers(args.workload)  # of the model the workload stands for
-    for B in args.batch:
-        length = PROMPT + (len(modes) * args.rounds + 2) * (args.steps + 2) + 3
-        cache = model.new_cache(B, length)
-        lens = [PROMPT] * B
-        batch = ForwardBatch.build(list(range(B)), lens, lens, device)
-        set_mode(model, config, engine, "overlap")
-        model(torch.randint(0, config.vocab_size, (B * PROMPT,)).to(device), batch, cache)
+    for B, context in [(B, c) for B in args.batch for c in args.context]:
+        length = context + (len(modes) * args.rounds + 2) * (args.steps + 2) + 5
+        cache = new_cache(model, B, length, args.paged)
+        set_mode(model, config, engine, "gpu_only" if gpu_alone else "overlap")
+        per_pass = max(1, 16384 // context)  # the prompts, <= 16K tokens a pass
+        for i in range(0, B, per_pass):
+            seqs = range(i, min(B, i + per_pass))
+            batch = decode_batch(cache, seqs, context, context, device)
+            ids = torch.randint(0, config.vocab_size, (len(seqs) * context,)).to(device)
+            model(ids, batch, cache)
         graphed = None
         if args.graphs:  # CUDA graphs on a GPU; the same segments eagerly elsewhere
-            graphed = GraphedDecoder(model, cache, graphs=device.startswith("cuda"))
-        settle(engine, config, B, args)
-        pos, rounds = PROMPT, {mode: [] for mode in modes}
+            P = -(-length // args.paged) if args.paged else 0
+            graphed = GraphedDecoder(model, cache, device.startswith("cuda"), batch=B, pages=P)
+        if not gpu_alone:
+            settle(engine, config, B, args)
+        pos, rounds = context, {mode: [] for mode in modes}
         order = random.Random(B)  # rounds of all modes, each in its own order: a VM's slow
         for round_ in range(args.rounds):  # spell then hits every mode, not always the same one
-            cpu_alone = time_cpu_alone(engine, config, B, args.steps, args.gpu_experts)
+            cpu_alone = 0.0 if gpu_alone else time_cpu_alone(
+                engine, config, B, args.steps, args.gpu_experts
+            )  # fmt: skip
             for mode in modes if round_ == 0 else order.sample(modes, len(modes)):
                 set_mode(model, config, engine, mode)
                 time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm-up
@@ -270,14 +304,15 @@ def run(args) -> None:
                 pos += args.steps
         rows = {mode: median_round(rs) for mode, rs in rounds.items()}
         if args.profile:
-            profile_step(model, config, engine, cache, B, pos, device, args.profile)
+            profiled = [m for m in ("gpu_only", "overlap") if m in modes]
+            profile_step(model, config, engine, cache, B, pos, device, args.profile, profiled)
             pos += 2
         if args.trace:
             rows["trace"] = trace_steps(model, config, engine, cache, B, pos, device, graphed, args)
             pos += args.steps
         gpu = rows["gpu_only"]["ms"]
         for mode, r in rows.items():
-            out = {**base, "batch": B, "mode": mode, **r}
+            out = {**base, "batch": B, "context": context, "mode": mode, **r}
             if mode == "trace":
                 print(json.dumps(out), flush=True)
                 continue
@@ -305,36 +340,8 @@ def run(args) -> None:
     engine.close()
 
 
-def trace_steps(model, config, engine, cache, B, pos, device, graphed, args) -> dict:
-    """The engine's timeline over `args.steps` steps of the deepest deferral mode, written to
-    `args.trace` (with the batch size in the name) and summarized per step."""
-    import threading
-
-    from bench.timeline import summarize, write_chrome_trace
-
-    mode = f"defer{max(args.defer)}" if args.defer else "overlap"
-    set_mode(model, config, engine, mode)
-    engine.stats.trace = []
-    time_steps(model, engine, cache, B, pos, args.steps, device, graphed)
-    events, engine.stats.trace = engine.stats.trace, None
-    worker = {t.ident: t.name for t in threading.enumerate()}
-    path = Path(args.trace).with_suffix(f".b{B}.json")
-    write_chrome_trace(events, path, {**worker, threading.get_ident(): "caller"})
-    return {"traced_mode": mode, "trace_file": str(path), **summarize(events, args.steps)}
-
-
-def profile_step(model, config, engine, cache, B, pos, device, out_dir) -> None:
-    """torch.profiler tables (CPU and CUDA time by op) of one gpu_only and one overlap step."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    for i, mode in enumerate(("gpu_only", "overlap")):
-        set_mode(model, config, engine, mode)
-        with profile(activities=activities) as prof:
-            time_steps(model, engine, cache, B, pos + i, 1, device)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        (Path(out_dir) / f"profile_b{B}_{mode}.txt").write_text(table)
+def ints(s: str) -> list[int]:
+    return [int(v) for v in s.split(",")]
 
 
 @torch.no_grad()
@@ -349,9 +356,12 @@ def main() -> None:
         "--cpu-layers", type=int, default=0,
         help="distinct random CPU expert layers, taken in turn by the MoE layers (0: one each)",
     )  # fmt: skip
-    p.add_argument("--batch", type=lambda s: [int(b) for b in s.split(",")], default=[1, 4, 16])
-    p.add_argument("--defer", type=lambda s: [int(d) for d in s.split(",")], default=[1, 2, 3, 4])
+    p.add_argument("--batch", type=ints, default=[1, 4, 16])
+    p.add_argument("--defer", type=ints, default=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--context", type=ints, default=[16], help="tokens each sequence starts with")
+    p.add_argument("--paged", type=int, default=0, help="page size of a paged cache (0: rows)")
+    p.add_argument("--modes", type=lambda s: s.split(","), help="default: all (gpu_only, ...)")
     p.add_argument("--rounds", type=int, default=1, help="all modes this many times; medians")
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--settle-s", type=float, default=60, help="at most this long: see settle()")

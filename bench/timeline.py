@@ -1,4 +1,5 @@
-"""The CPU engine's timeline (EngineStats.trace) as a Chrome/Perfetto trace and as numbers.
+"""The CPU engine's timeline (EngineStats.trace) as a Chrome/Perfetto trace and as numbers, and
+bench/decode.py's per-step trace and torch.profiler tables.
 
 Events are (name, thread id, start ns, end ns): "submit" and "wait" on the caller's thread,
 "input" (the worker waiting for a job's inputs to reach pinned memory) and "L<layer>" (a part
@@ -39,3 +40,37 @@ def summarize(events: list[tuple], steps: int) -> dict:
         "submit": total(lambda n: n == "submit"),
     }
     return {f"{k}_ms": round(v / 1e6 / steps, 3) for k, v in per_step.items()}
+
+
+def trace_steps(model, config, engine, cache, B, pos, device, graphed, args) -> dict:
+    """The engine's timeline over `args.steps` steps of the deepest deferral mode, written to
+    `args.trace` (with the batch size in the name) and summarized per step."""
+    import threading
+
+    from bench.decode import set_mode, time_steps
+
+    mode = f"defer{max(args.defer)}" if args.defer else "overlap"
+    set_mode(model, config, engine, mode)
+    engine.stats.trace = []
+    time_steps(model, engine, cache, B, pos, args.steps, device, graphed)
+    events, engine.stats.trace = engine.stats.trace, None
+    worker = {t.ident: t.name for t in threading.enumerate()}
+    path = Path(args.trace).with_suffix(f".b{B}.json")
+    write_chrome_trace(events, path, {**worker, threading.get_ident(): "caller"})
+    return {"traced_mode": mode, "trace_file": str(path), **summarize(events, args.steps)}
+
+
+def profile_step(model, config, engine, cache, B, pos, device, out_dir, modes) -> None:
+    """torch.profiler tables (CPU and CUDA time by op) of one step in each mode (eager)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.decode import set_mode, time_steps
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for i, mode in enumerate(modes):
+        set_mode(model, config, engine, mode)
+        with profile(activities=activities) as prof:
+            time_steps(model, engine, cache, B, pos + i, 1, device)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (Path(out_dir) / f"profile_b{B}_pos{pos}_{mode}.txt").write_text(table)
