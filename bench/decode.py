@@ -80,14 +80,21 @@ def slice_config(workload: str, moe_layers: int | None) -> dict:
 
 @torch.no_grad()
 def random_model(
-    config: ModelConfig, device: str, dtype: torch.dtype, fp8: bool, gpu_experts: int = 0
+    config: ModelConfig,
+    device: str,
+    dtype: torch.dtype,
+    fp8: bool,
+    gpu_experts: int = 0,
+    attention: str = "triton",
 ) -> Transformer:
     """All non-expert weights random (scaled so activations stay O(1)); of the routed experts,
     the first `gpu_experts` of each layer as GPU modules (as configs/deepseek-v3-80gb.yaml
-    keeps 20). `fp8`: all their Linear layers as FP8 blocks."""
+    keeps 20). `fp8`: all their Linear layers as FP8 blocks. `attention`: the MLA backend, as
+    `hetero serve --attention` (triton: the kernels over a paged cache, W_UK / W_UV absorbed
+    once, as the loader does; absorbed: the torch ops, kv_b_proj dequantized at every call)."""
     resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
     with torch.device("meta"):
-        model = Transformer(config, resident=resident)
+        model = Transformer(config, attention=attention, resident=resident)
     if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
         experts = f"{{match: '\\.mlp\\.experts$', device: cpu, gpu_experts: {gpu_experts}, "
         experts += "gpu_format: fp8}"  # (a slice's config has no quantization block: say it)
@@ -112,6 +119,8 @@ def random_model(
     for name, p in model.named_parameters():
         if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
             p.data = p.data.to(dtype)
+    if attention == "triton":
+        model.absorb_attention()
     return model.eval()
 
 
@@ -239,7 +248,8 @@ def median_round(rounds: list[dict]) -> dict:
 def run(args) -> None:
     config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers))
     device = args.device
-    model = random_model(config, device, torch.bfloat16, args.gpu_format == "fp8", args.gpu_experts)
+    fp8 = args.gpu_format == "fp8"
+    model = random_model(config, device, torch.bfloat16, fp8, args.gpu_experts, args.attention)
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     moe = config.moe_layers
@@ -263,6 +273,7 @@ def run(args) -> None:
         "gpu_format": args.gpu_format,
         "graphs": args.graphs,
         "paged": args.paged,
+        "attention": args.attention,
         "gpu_experts": args.gpu_experts,
         "cpu_layers": n,
         "cpu_threads": engine.threads,
@@ -361,6 +372,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--context", type=ints, default=[16], help="tokens each sequence starts with")
     p.add_argument("--paged", type=int, default=0, help="page size of a paged cache (0: rows)")
+    p.add_argument("--attention", choices=("triton", "absorbed"), default="triton",
+                   help="MLA: the kernels (a paged cache) or the torch ops")  # fmt: skip
     p.add_argument("--modes", type=lambda s: s.split(","), help="default: all (gpu_only, ...)")
     p.add_argument("--rounds", type=int, default=1, help="all modes this many times; medians")
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")

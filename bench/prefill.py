@@ -36,7 +36,6 @@ from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 from hetero.cpu_experts.staging import GroupStaging, register_host  # noqa: E402
-from hetero.registry import MLA_ATTENTION  # noqa: E402
 from hetero.sched.hybrid import HybridExperts  # noqa: E402
 
 GIB = 1 << 30
@@ -161,10 +160,6 @@ def depth_rows(args, base: dict) -> None:
             staging,
             rates,
         )
-    attend = MLA_ATTENTION.get("triton")
-    for block in model.model.layers:
-        block.self_attn.attend = attend
-    model.absorb_attention()
     longest = max(args.lengths)
     serving = ServingConfig(page_size=64, kv_cache_tokens=longest + 1024, max_num_seqs=4,
                             max_num_batched_tokens=args.chunk, cuda_graph_max_batch=0,

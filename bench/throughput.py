@@ -95,9 +95,9 @@ def load(args) -> tuple:
     E, moe = config.n_routed_experts, config.moe_layers
     g = E if args.gpu_experts == "all" else int(args.gpu_experts)
     gpu_format = args.gpu_format or GPU_FORMAT[args.workload]
-    model = random_model(config, args.device, dtype, gpu_format == "fp8", g)
+    model = random_model(config, args.device, dtype, gpu_format == "fp8", g, args.attention)
     facts = {"layers": config.num_hidden_layers, "moe_layers": len(moe), "gpu_experts": g,
-             "gpu_format": gpu_format}  # fmt: skip
+             "gpu_format": gpu_format, "attention": args.attention}  # fmt: skip
     if g >= E:
         for L in moe:
             model.model.layers[L].mlp.routed = GPUExperts(model.model.layers[L].mlp.experts, E)
@@ -361,6 +361,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu-experts", default="0", help="v2-lite/v3: GPU experts a layer, or all")
     p.add_argument("--gpu-format", choices=("fp8", "bf16"), help="default: v3 fp8, v2-lite bf16")
     p.add_argument("--format", default="int4", help="CPU experts")
+    p.add_argument("--attention", choices=("triton", "absorbed"), default="triton",
+                   help="MLA: the kernels or the torch ops (issue 18's before)")  # fmt: skip
     p.add_argument("--cpu-layers", type=int, default=0, help="distinct random CPU expert layers")
     p.add_argument("--defer", type=int, help="CPU experts deferred a token; default v3 3, v2 1")
     p.add_argument(
