@@ -104,3 +104,23 @@ def test_v3_shapes_on_the_gpu(B, ctx):
     got = mla_decode(*args, table.cuda(), torch.tensor(lens, dtype=torch.int32).cuda(), 0.1)
     err = ((got.float().cpu() - want).norm() / want.norm()).item()
     assert err < 2e-2, err  # bf16 inputs
+
+
+def test_merge_kernel_equals_merge_splits_with_empty_splits():
+    """The one-kernel merge against the torch reference: splits past a short context have
+    lse -inf and contribute nothing; the result comes out in the asked dtype."""
+    from hetero.gpu.mla_decode import merge, merge_splits
+
+    g = torch.Generator().manual_seed(3)
+    B, S, H, C = 3, 5, 4, 16
+    out = torch.randn(B, S, H, C, generator=g)
+    lse = torch.randn(B, S, H, generator=g) * 3
+    lse[0, 2:] = float("-inf")  # sequence 0 only filled two splits
+    out[0, 2:] = 0.0
+    want = merge_splits(out, lse)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        got = merge(out.to(DEVICE), lse.to(DEVICE), dtype)
+        assert got.dtype == dtype and got.shape == (B, H, C)
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
+    only = merge(out[:1, :1].to(DEVICE), lse[:1, :1].to(DEVICE), torch.float32)
+    torch.testing.assert_close(only.cpu(), out[:1, 0])  # one split: its own output

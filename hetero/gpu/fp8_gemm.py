@@ -7,7 +7,8 @@ kernel reads the 1 byte. Each program owns BLOCK_N output rows and a share of th
 (split-K when the rows alone make too few programs to keep every SM reading), multiplies one
 128-wide K block at a time on the tensor cores and scales the block's partial sums by the block's
 scale (one per row group): y[m, n] = sum_kb s[n // 128, kb] * sum_{k in kb} x[m, k] W_fp8[n, k].
-Split-K partials go to an fp32 buffer [split, M, N] and are summed in order (deterministic)."""
+Split-K partials go to an fp32 buffer [split, M, N] and are summed in order (deterministic) by
+one more kernel that also casts; without split-K the kernel writes y in x's dtype itself."""
 
 from __future__ import annotations
 
@@ -80,10 +81,22 @@ def _fp8_gemm(
         part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
         acc += part * s[None, :]
     out = y_ptr + split * M * N + toks[:, None] * N + rows[None, :]
+    acc = acc.to(y_ptr.dtype.element_ty)  # fp32 partials, or (one split) y in x's dtype
     if PER_ROW_EXPERT:  # a row without an expert stores its zeros
         tl.store(out, acc, mask=(lane == 0)[:, None] & (rows < N)[None, :])
     else:
         tl.store(out, acc, mask=tok_ok[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _sum_splits(p_ptr, y_ptr, S, MN, BLOCK: tl.constexpr):
+    """y [MN] = sum over s of p [S, MN] fp32, in order (deterministic), cast to y's dtype."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < MN
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, S):
+        acc += tl.load(p_ptr + s * MN + i, mask=ok, other=0.0)
+    tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def fp8_gemm(
@@ -138,7 +151,10 @@ def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
     split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
-    y = torch.empty((split, M, N), dtype=torch.float32, device=x2.device)
+    # one split writes y in x's dtype; more write fp32 partials that `_sum_splits` adds up:
+    # two kernels in all, not the three (+ sum + cast) of torch's reduction
+    y = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x2.dtype,
+                    device=x2.device)  # fmt: skip
     if M:
         _fp8_gemm[(n_tiles, m_tiles, split)](
             x2, weight, scale, y, experts if per_row else y, M, N, K,
@@ -148,8 +164,12 @@ def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             num_warps=4, num_stages=4,
         )  # fmt: skip
-    y = y[0] if split == 1 else y.sum(0)
-    return y.to(x2.dtype)
+    if split == 1:
+        return y[0]
+    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    if M:
+        _sum_splits[(triton.cdiv(M * N, 1024),)](y, out, split, M * N, BLOCK=1024)
+    return out
 
 
 def _sm_count(device: torch.device) -> int:

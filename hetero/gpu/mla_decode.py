@@ -11,7 +11,7 @@ read the whole cache from HBM again (8x the bytes at V3's 128 heads: batch 16 at
 took 1.26 ms on the H200, ~4.8 GB at HBM speed for a 0.6 GB cache). Long contexts are split
 across programs (split-KV): split j covers tokens [j*chunk, (j+1)*chunk), keeps an online softmax
 (running max, sum, fp32 accumulator), and writes its partial output and log-sum-exp;
-`mla_decode` merges the splits. Tokens are found through the int32 page table: token n of
+`_merge_splits` merges them in one more kernel (`merge_splits`: its torch reference). Tokens are found through the int32 page table: token n of
 sequence b lives in page page_table[b, n // page_size], row n % page_size.
 """
 
@@ -83,6 +83,31 @@ def _mla_decode_split(
     tl.store(lse_ptr + base, lse, mask=head_ok)
 
 
+@triton.jit
+def _merge_splits(
+    out_ptr,  # [B, S, h, C] fp32 partial outputs
+    lse_ptr,  # [B, S, h] fp32 their log-sum-exps (-inf: an empty split)
+    y_ptr,  # [B, h, C]
+    S,
+    H,
+    C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    h, b = tl.program_id(0), tl.program_id(1)
+    ss = tl.arange(0, BLOCK_S)
+    ok = ss < S
+    rows = (b * S + ss) * H + h  # [BS]
+    lse = tl.load(lse_ptr + rows, mask=ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # (split 0 always holds a token: never taken)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - m))  # [BS]
+    w = w / tl.sum(w, axis=0)
+    cs = tl.arange(0, C)
+    part = tl.load(out_ptr + rows[:, None] * C + cs[None, :], mask=ok[:, None], other=0.0)
+    y = tl.sum(part * w[:, None], axis=0)  # [C]
+    tl.store(y_ptr + (b * H + h) * C + cs, y.to(y_ptr.dtype.element_ty))
+
+
 def mla_decode(
     q_lat: torch.Tensor,
     q_pe: torch.Tensor,
@@ -132,7 +157,15 @@ def mla_decode(
         page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
         PRECISION=_precision(q_lat),
     )  # fmt: skip
-    return merge_splits(out, lse).to(q_lat.dtype)
+    return merge(out, lse, q_lat.dtype)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`merge_splits` in one kernel, the result in `dtype`."""
+    B, S, H, C = out.shape
+    merged = torch.empty(B, H, C, device=out.device, dtype=dtype)
+    _merge_splits[(H, B)](out, lse, merged, S, H, C=C, BLOCK_S=triton.next_power_of_2(S))
+    return merged
 
 
 def _precision(q: torch.Tensor) -> str:
@@ -141,6 +174,7 @@ def _precision(q: torch.Tensor) -> str:
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Partial outputs out [B, S, h, C] with log-sum-exps lse [B, S, h] -> [B, h, C]."""
+    """Partial outputs out [B, S, h, C] with log-sum-exps lse [B, S, h] -> [B, h, C] (fp32):
+    what `_merge_splits` computes in one kernel (it was ~5 torch kernels a layer)."""
     w = torch.softmax(lse, dim=1)  # [B, S, h]: each split's share of the whole softmax
     return torch.einsum("bsh,bshc->bhc", torch.nan_to_num(w), out)

@@ -76,9 +76,12 @@ class Rotary(nn.Module):
     def tables(self, positions: torch.Tensor, needed: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`needed`: a bound on max(positions) + 1 known on the host (the batch's longest
         context), so that no step waits for the GPU to read positions back."""
-        if needed > self.cos.shape[0]:
-            self._extend(max(needed, 2 * self.cos.shape[0], 256), positions.device)
+        self._cover(needed, positions.device)
         return self.cos[positions], self.sin[positions]  # [T, rope_dim/2] each
+
+    def _cover(self, needed: int, device: torch.device) -> None:
+        if needed > self.cos.shape[0]:
+            self._extend(max(needed, 2 * self.cos.shape[0], 256), device)
 
     def _extend(self, length: int, device: torch.device) -> None:
         inv_freq = rope_inv_freq(self.rope, self.dim).to(device)
@@ -87,7 +90,13 @@ class Rotary(nn.Module):
         self.sin = freqs.sin() * self.rope.attention_factor
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, needed: int) -> torch.Tensor:
-        """x [T, heads, rope_dim] rotated at its tokens' positions [T]; same layout out."""
+        """x [T, heads, rope_dim] rotated at its tokens' positions [T]; same layout out. On the
+        GPU one Triton kernel (hetero.gpu.rope) does what the torch ops below do."""
+        if x.is_cuda:
+            from hetero.gpu.rope import rope  # triton: imported where it runs
+
+            self._cover(needed, x.device)
+            return rope(x, positions, self.cos, self.sin, self.rope.interleave)
         cos, sin = self.tables(positions, needed)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [T, 1, rope_dim/2]
         xf = x.float()
