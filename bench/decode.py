@@ -119,8 +119,9 @@ def random_model(
     for name, p in model.named_parameters():
         if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
             p.data = p.data.to(dtype)
-    if attention == "triton":
+    if attention == "triton":  # as hetero serve loads: absorbed, FP8 projections fused
         model.absorb_attention()
+        model.fuse_projections()
     return model.eval()
 
 

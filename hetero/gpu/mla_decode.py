@@ -6,13 +6,13 @@ One new token a sequence attends to its whole context in latent space: with q_la
 takes BLOCK_H heads of one sequence and reads each context token's latent once for all of them
 (the cache is read once a head block, not once a head). The grid is (head block, split,
 sequence), head blocks fastest, so the programs that read the same tokens run side by side and
-all but the first find them in L2: with the sequence fastest, as first written, each head block
-read the whole cache from HBM again (8x the bytes at V3's 128 heads: batch 16 at 32K context
-took 1.26 ms on the H200, ~4.8 GB at HBM speed for a 0.6 GB cache). Long contexts are split
-across programs (split-KV): split j covers tokens [j*chunk, (j+1)*chunk), keeps an online softmax
-(running max, sum, fp32 accumulator), and writes its partial output and log-sum-exp;
-`_merge_splits` merges them in one more kernel (`merge_splits`: its torch reference). Tokens are found through the int32 page table: token n of
-sequence b lives in page page_table[b, n // page_size], row n % page_size.
+share them in L2 (measured on the H200: no faster than sequence-fastest, 1.27 ms at batch 16 x
+32K: at V3's 128 heads the kernel is bound by its dot products, ~245 FLOPs a cache byte, and
+reaches ~115 TFLOPS, not by HBM). Long contexts are split across programs (split-KV): split j
+covers tokens [j*chunk, (j+1)*chunk), keeps an online softmax (running max, sum, fp32
+accumulator), and writes its partial output and log-sum-exp; `_merge_splits` merges them in
+one more kernel (`merge_splits`: its torch reference). Tokens are found through the int32 page
+table: token n of sequence b lives in page page_table[b, n // page_size], row n % page_size.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(nh * self.v_dim, H)
         self.attend = MLA_ATTENTION.get(backend)
+        self.qkv_a: nn.Module | None = None  # `fuse()`: q_a and kv_a as one FP8 matrix
         # W_UK, W_UV kept dense once `absorb()` ran (not in the checkpoint: not persistent)
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
@@ -56,15 +57,22 @@ class MLA(nn.Module):
         self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
     ) -> torch.Tensor:
         T = x.shape[0]
+        if self.qkv_a is not None:  # q_a and kv_a in one matrix (`fuse()`)
+            q_a, kv_a = self.qkv_a(x).split(
+                [self.q_a_proj.out_features, self.kv_rank + self.rope_dim], dim=-1
+            )
+        else:
+            kv_a = self.kv_a_proj_with_mqa(x)
+            q_a = self.q_a_proj(x) if hasattr(self, "q_a_proj") else None
         if hasattr(self, "q_proj"):
             q = self.q_proj(x)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q = self.q_b_proj(self.q_a_layernorm(q_a))
         q = q.view(T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         longest = max(batch.ctx_lens, default=0)
         q_pe = rotary(q_pe, batch.positions, longest)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)
+        latent, k_pe = kv_a.split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
         k_pe = rotary(k_pe[:, None, :], batch.positions, longest)[:, 0]  # [T, rope_dim]
         cache.write(self.layer, batch, latent, k_pe)
@@ -79,6 +87,14 @@ class MLA(nn.Module):
         w = dense_weight(self.kv_b_proj, dtype)
         w = w.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim :]
+
+    def fuse(self) -> None:
+        """q_a_proj and kv_a_proj_with_mqa (both read x) as one FP8 matrix where they fuse
+        (hetero.model.fp8.fuse_fp8): at decode one launch and weight stream, not two."""
+        from hetero.model.fp8 import fuse_fp8
+
+        if hasattr(self, "q_a_proj"):
+            self.__dict__["qkv_a"] = fuse_fp8([self.q_a_proj, self.kv_a_proj_with_mqa])
 
     def absorb(self) -> None:
         """Keeps W_UK and W_UV dense in the model's dtype from now on, instead of dequantizing

@@ -113,6 +113,17 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.absorb()
 
+    def fuse_projections(self) -> None:
+        """The FP8 matrices that read the same input as one each (MLA's q_a and kv_a, every
+        SwiGLU's gate and up; hetero.model.fp8.fuse_fp8): fewer, larger launches at decode,
+        the same outputs and memory."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            mlp = layer.mlp
+            for m in (mlp, getattr(mlp, "shared_experts", None)):
+                if isinstance(m, MLP):
+                    m.fuse()
+
     def new_cache(self, num_slots: int, max_len: int) -> KVCache:
         p = self.lm_head.weight
         return KVCache(self.config, num_slots, max_len, device=p.device, dtype=p.dtype)

@@ -94,6 +94,35 @@ class FP8Linear(nn.Module):
         return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
 
 
+def fuse_fp8(parts: list[nn.Module]) -> FP8Linear | None:
+    """One FP8Linear for several that read the same input (q_a and kv_a; gate and up), its
+    outputs theirs side by side: at decode one weight stream, one launch, instead of one each.
+    The parts' weights and scales become views of the fused ones (no memory added), so they
+    still compute on their own. Callers keep the fused module out of the module tree (in the
+    instance's __dict__): state_dict, parameter counts and names stay the checkpoint's; fuse
+    once the model sits where it runs (`.to()` would move the parts, not it). None where the
+    parts do not fuse: not all FP8Linear, different inputs or blocks, or a part (but the last)
+    whose rows end inside a scale block."""
+    if not parts or not all(type(p) is FP8Linear for p in parts):
+        return None
+    first = parts[0]
+    if any(p.in_features != first.in_features or p.block != first.block for p in parts):
+        return None
+    if any(p.out_features % first.block[0] for p in parts[:-1]):
+        return None
+    with torch.device(first.weight.device):
+        fused = FP8Linear(first.in_features, sum(p.out_features for p in parts), first.block)
+    fused.weight.data = torch.cat([p.weight.data for p in parts])
+    fused.weight_scale_inv.data = torch.cat([p.weight_scale_inv.data for p in parts])
+    rows = blocks = 0
+    for p in parts:
+        n, nb = p.weight.shape[0], p.weight_scale_inv.shape[0]
+        p.weight.data = fused.weight.data[rows : rows + n]
+        p.weight_scale_inv.data = fused.weight_scale_inv.data[blocks : blocks + nb]
+        rows, blocks = rows + n, blocks + nb
+    return fused
+
+
 def dense_weight(linear: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The weight [out, in] of an nn.Linear or FP8Linear, in `dtype`."""
     if isinstance(linear, FP8Linear):

@@ -20,7 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused op (not five): each op costs launch overhead in decode
+        if x.is_cuda:  # one Triton kernel for the four ops below (hetero.gpu.norm)
+            from hetero.gpu.norm import rms_norm  # triton: imported where it runs
+
+            return rms_norm(x, self.weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -37,9 +40,19 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter_dim)
         self.up_proj = Linear(dim, inter_dim)
         self.down_proj = Linear(inter_dim, dim)
+        self.gate_up: nn.Module | None = None  # `fuse()`: gate and up as one FP8 matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    def fuse(self) -> None:
+        """gate and up as one FP8 matrix where they fuse (hetero.model.fp8.fuse_fp8)."""
+        from hetero.model.fp8 import fuse_fp8
+
+        self.__dict__["gate_up"] = fuse_fp8([self.gate_proj, self.up_proj])  # see fuse_fp8
 
 
 def rope_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
