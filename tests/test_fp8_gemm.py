@@ -9,7 +9,7 @@ import torch
 from hetero.model.fp8 import FP8Linear, block_dequantize, block_quantize
 
 pytest.importorskip("triton")
-from hetero.gpu.fp8_gemm import fp8_expert_gemm, fp8_gemm  # noqa: E402
+from hetero.gpu.fp8_gemm import fp8_expert_gemm, fp8_gemm, fp8_gemm_silu_mul  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -52,6 +52,24 @@ def test_fp8_gemm_keeps_leading_dims_and_strides():
     got = fp8_gemm(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=2)
     assert got.shape == (2, 3, 96)
     assert rel(got.cpu(), reference(x.reshape(6, 256), q, s).view(2, 3, 96)) < 1e-5
+
+
+@pytest.mark.parametrize("programs", [1, 16])  # no split; split-K
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_gemm_silu_mul_equals_the_swiglu_half(programs, dtype):
+    """gate|up rows in one weight: silu(x gate^T) * (x up^T), rounded as torch's ops round."""
+    g = torch.Generator().manual_seed(programs)
+    I, K = 128, 256
+    q, s = block_quantize(torch.randn(2 * I, K, generator=g))
+    x = torch.randn(2, 3, K, generator=g).to(dtype)
+    got = fp8_gemm_silu_mul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=programs)
+    gate, up = reference(x.reshape(6, K), q, s).to(dtype).chunk(2, dim=-1)
+    want = (torch.nn.functional.silu(gate) * up).view(2, 3, I)
+    assert got.dtype == dtype and got.shape == (2, 3, I)
+    # bf16: the tf32 dot's own ~0.3% (truncated in the interpreter) on gate and up, compounded
+    assert rel(got.cpu(), want.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
+    with pytest.raises(ValueError, match="even"):
+        fp8_gemm_silu_mul(x.to(DEVICE), q[:-1].to(DEVICE), s.to(DEVICE))
 
 
 @pytest.mark.parametrize("programs", [1, 16])  # no split; split-K

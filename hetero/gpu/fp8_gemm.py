@@ -89,13 +89,27 @@ def _fp8_gemm(
 
 
 @triton.jit
-def _sum_splits(p_ptr, y_ptr, S, MN, BLOCK: tl.constexpr):
-    """y [MN] = sum over s of p [S, MN] fp32, in order (deterministic), cast to y's dtype."""
+def _sum_splits(p_ptr, y_ptr, S, MN, NH, BLOCK: tl.constexpr, SILU_MUL: tl.constexpr):
+    """y [MN] = sum over s of p [S, MN] fp32, in order (deterministic), cast to y's dtype.
+    SILU_MUL: p's rows are [gate | up], NH wide each, and y [M, NH] = silu(gate) * up."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < MN
+    if SILU_MUL:
+        ok = i < MN // 2
+        src = (i // NH) * 2 * NH + i % NH  # the gate's column; the up's is NH further
+    else:
+        ok = i < MN
+        src = i
     acc = tl.zeros((BLOCK,), tl.float32)
+    up = tl.zeros((BLOCK,), tl.float32)
     for s in range(0, S):
-        acc += tl.load(p_ptr + s * MN + i, mask=ok, other=0.0)
+        acc += tl.load(p_ptr + s * MN + src, mask=ok, other=0.0)
+        if SILU_MUL:
+            up += tl.load(p_ptr + s * MN + src + NH, mask=ok, other=0.0)
+    if SILU_MUL:
+        # silu in x's dtype as torch's F.silu(gate) * up rounds it: gate, silu, product
+        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
+        act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc = act * up.to(y_ptr.dtype.element_ty).to(tl.float32)
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -116,6 +130,24 @@ def fp8_gemm(
     return y.view(*lead, N)
 
 
+def fp8_gemm_silu_mul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    programs: int | None = None,
+) -> torch.Tensor:
+    """A SwiGLU's first half: weight [2I, K] holds gate then up (hetero.model.fp8.fuse_fp8);
+    x [..., K] -> silu(x gate^T) * (x up^T) [..., I], the activation applied where the partial
+    sums are added (one launch fewer than fp8_gemm, two fewer than torch's silu and product)."""
+    N, K = weight.shape
+    if N % 2:
+        raise ValueError(f"weight of {N} rows: gate and up want an even count")
+    lead = x.shape[:-1]
+    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul=True)
+    return y.view(*lead, N // 2)
+
+
 def fp8_expert_gemm(
     x: torch.Tensor,
     experts: torch.Tensor,
@@ -133,7 +165,7 @@ def fp8_expert_gemm(
     return _launch(x, experts, weight, scale, block, programs)
 
 
-def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
+def _launch(x2, experts, weight, scale, block, programs, silu_mul=False) -> torch.Tensor:
     N, K = weight.shape[-2:]
     bn, bk = block
     if x2.stride(-1) != 1:
@@ -153,7 +185,8 @@ def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
     # one split writes y in x's dtype; more write fp32 partials that `_sum_splits` adds up:
     # two kernels in all, not the three (+ sum + cast) of torch's reduction
-    y = torch.empty((split, M, N), dtype=torch.float32 if split > 1 else x2.dtype,
+    partials = split > 1 or silu_mul  # (silu_mul: gate and up meet in the sum's kernel)
+    y = torch.empty((split, M, N), dtype=torch.float32 if partials else x2.dtype,
                     device=x2.device)  # fmt: skip
     if M:
         _fp8_gemm[(n_tiles, m_tiles, split)](
@@ -164,11 +197,12 @@ def _launch(x2, experts, weight, scale, block, programs) -> torch.Tensor:
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             num_warps=4, num_stages=4,
         )  # fmt: skip
-    if split == 1:
+    if not partials:
         return y[0]
-    out = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    out = torch.empty((M, N // 2 if silu_mul else N), dtype=x2.dtype, device=x2.device)
     if M:
-        _sum_splits[(triton.cdiv(M * N, 1024),)](y, out, split, M * N, BLOCK=1024)
+        _sum_splits[(triton.cdiv(out.numel(), 1024),)](y, out, split, M * N, N // 2,
+                                                       BLOCK=1024, SILU_MUL=silu_mul)  # fmt: skip
     return out
 
 

@@ -93,6 +93,16 @@ class FP8Linear(nn.Module):
                 return y
         return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """For a fused SwiGLU gate|up (rows: gate then up): silu(gate x) * (up x). At decode
+        sizes on CUDA in the GEMV's own reduction (hetero.gpu.fp8_gemm.fp8_gemm_silu_mul)."""
+        if x.is_cuda and x.numel() <= GEMV_MAX_TOKENS * self.in_features:
+            from hetero.gpu.fp8_gemm import fp8_gemm_silu_mul
+
+            return fp8_gemm_silu_mul(x, self.weight, self.weight_scale_inv, self.block)
+        gate, up = self(x).chunk(2, dim=-1)
+        return F.silu(gate) * up
+
 
 def fuse_fp8(parts: list[nn.Module]) -> FP8Linear | None:
     """One FP8Linear for several that read the same input (q_a and kv_a; gate and up), its
