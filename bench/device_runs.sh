@@ -6,7 +6,8 @@
 #   fp8-gemm | decode-depth | decode-gpu-experts | decode-full |
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
-#   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step
+#   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
+#   serve-http-v3
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -37,13 +38,18 @@ for stage in "$@"; do
       done; grep -c . "$OUT/cpu_decode_skewed.jsonl" ;;
     gpu-step)  # issue 18: the V3 GPU side alone (whole depth, CPU experts as zeros), batch 1 and 32
       # at 16 and 4K tokens of context, over the engine's paged cache (the Triton kernels) with
-      # CUDA graphs, and profiled eagerly; then the contiguous cache (torch attention) (~5 min)
+      # CUDA graphs, and profiled eagerly; then batch 1 through the torch ops of MLA (~4 min)
       timeout 300 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
         --context 16,4096 --paged 64 --graphs --steps 20 --rounds 2 --profile "$OUT/gpu_step" \
         > "$OUT/gpu_step.jsonl" 2> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err"
-      timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
-        --context 16 --graphs --steps 20 --rounds 2 >> "$OUT/gpu_step.jsonl" \
-        2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+      timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
+        --context 16 --graphs --steps 20 --rounds 2 --attention absorbed \
+        >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+    serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
+      timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
+        --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \
+        --shared-prefix 64 --naive 0 > "$OUT/serve_http_v3.jsonl" 2> "$OUT/serve_http_v3.err"
+      tail -2 "$OUT/serve_http_v3.err" ;;
     gpu-kernels)  # FP8 GEMM, MLA decode/extend, fused MoE, router at V3 shapes (~4 min)
       timeout 540 python3 bench/gpu_kernels.py --out "$OUT/gpu_kernels.jsonl" \
         > /dev/null 2> "$OUT/gpu_kernels.err"; tail -3 "$OUT/gpu_kernels.err" ;;
