@@ -72,5 +72,6 @@ def profile_step(model, config, engine, cache, B, pos, device, out_dir, modes) -
         set_mode(model, config, engine, mode)
         with profile(activities=activities) as prof:
             time_steps(model, engine, cache, B, pos + i, 1, device)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        by = "self_cuda_time_total" if device != "cpu" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=by, row_limit=60)
         (Path(out_dir) / f"profile_b{B}_pos{pos}_{mode}.txt").write_text(table)
