@@ -41,6 +41,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu_moe import random_layer  # noqa: E402
+from bench.gpu_floor import gpu_floor, hbm_copy_gbps  # noqa: E402
 from bench.timeline import profile_step, trace_steps  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
@@ -282,6 +283,7 @@ def run(args) -> None:
         "ring": bool(engine._ring_tokens),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
     }
+    hbm = hbm_copy_gbps(device) if device.startswith("cuda") else 0.0
     modes = args.modes or ["gpu_only", "sequential", "overlap"] + [f"defer{d}" for d in args.defer]
     gpu_alone = modes == ["gpu_only"]  # the GPU side only: no CPU side to time or settle
     full, full_moe = full_layers(args.workload)  # of the model the workload stands for
@@ -328,6 +330,8 @@ def run(args) -> None:
             if mode == "trace":
                 print(json.dumps(out), flush=True)
                 continue
+            if mode == "gpu_only" and device.startswith("cuda"):
+                out |= gpu_floor(model, config, B, pos, r["ms"], hbm)
             if mode != "gpu_only":
                 out["vs_cpu_alone"] = round(r["ms"] / r["cpu_alone_ms"], 3)
                 out["speedup_vs_sequential"] = round(rows["sequential"]["ms"] / r["ms"], 3)

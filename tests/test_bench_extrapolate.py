@@ -46,3 +46,33 @@ def test_cpu_busy_charges_the_fixed_part_once():
     assert got["v3_cpu_busy"] > b["cpu_ms"] / b["ms"] + 0.05
     assert "v3_cpu_busy" not in extrapolate(slice_row(3, 5, 3), slice_row(6, 5, 3), gpu_only,
                                             layers, moe)  # fmt: skip
+
+
+def test_gpu_floor_counts_what_a_decode_step_reads():
+    """bench/gpu_floor.py: weights once (not the embedding table, the routed experts, or
+    kv_b_proj once W_UK / W_UV are absorbed), the caches per sequence; frac = floor / time."""
+    from bench.gpu_floor import gpu_floor, step_kv_bytes, step_weight_bytes
+    from hetero.config import ModelConfig
+    from hetero.model import Transformer
+    from hetero.testing import tiny_v3_config
+
+    config = ModelConfig.from_hf(tiny_v3_config())
+    model = Transformer(config)
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    embed = model.model.embed_tokens.weight.numel() * 4
+    experts = sum(
+        p.numel() * 4 for b in model.model.layers if b.is_moe for p in b.mlp.experts.parameters()
+    )
+    assert step_weight_bytes(model) == total - embed - experts
+    model.absorb_attention()
+    kv_b = sum(b.self_attn.kv_b_proj.weight.numel() * 4 for b in model.model.layers)
+    absorbed = sum(
+        (b.self_attn.w_uk.numel() + b.self_attn.w_uv.numel()) * 4 for b in model.model.layers
+    )
+    assert step_weight_bytes(model) == total - embed - experts - kv_b + absorbed
+    per_token = config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 2
+    assert step_kv_bytes(config, 3, 100) == 3 * 100 * per_token
+    row = gpu_floor(model, config, 3, 100, ms=2.0, hbm_gbps=1.0)
+    floor_ms = (step_weight_bytes(model) + 3 * 100 * per_token) / 1e6
+    assert row["floor_ms"] == round(floor_ms, 2) and row["frac_hbm"] == round(floor_ms / 2.0, 3)
