@@ -119,6 +119,8 @@ def mla_decode(
     splits: int | None = None,
     block_h: int = 16,
     block_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence), one layer's pages latent
     [P, page_size, C] and rope [P, page_size, R], page_table [B, n] int32, ctx_lens [B] int32
@@ -155,7 +157,7 @@ def mla_decode(
     _mla_decode_split[grid](
         q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk,
         page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_lat),
+        PRECISION=_precision(q_lat), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return merge(out, lse, q_lat.dtype)
 

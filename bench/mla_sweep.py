@@ -1,0 +1,84 @@
+"""mla_decode's tile settings at DeepSeek-V3's shapes: heads a program (block_h), cache tokens a
+step (block_n), warps and pipeline stages, timed on one paged cache (page 64, bf16) per batch x
+context, each against the default's output and against the device copy bandwidth and the
+FLOPs it does (V3's 128 heads: ~245 FLOPs a cache byte, so bf16 tensor-core time bounds it).
+JSON lines; `python bench/mla_sweep.py [--points 32x8192,1x4096]`."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import gpu_kernels_shapes as S  # noqa: E402
+from bench.gpu_floor import hbm_copy_gbps  # noqa: E402
+from hetero.config import ModelConfig  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
+CONFIGS = [  # (block_h, block_n, num_warps, num_stages); the default first
+    (16, 32, 4, 2),
+    *((h, n, w, 2) for h, n, w in itertools.product((16, 32, 64), (32, 64), (4, 8))),
+]
+
+
+def timed(fn, reps: int = 20) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    from hetero.gpu.mla_decode import mla_decode
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--points", default="32x8192,1x4096", help="batch x context, comma-separated")
+    args = p.parse_args()
+    c = ModelConfig.from_hf(MODELS / "deepseek-v3")
+    C, R, h, scale = c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads, c.softmax_scale
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    hbm = hbm_copy_gbps("cuda")
+    for point in args.points.split(","):
+        B, ctx = map(int, point.split("x"))
+        latent, rope, table = S.paged(gen, [ctx] * B, C, R, 64)
+        lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+        q_lat = torch.randn(B, h, C, device="cuda", generator=gen, dtype=torch.bfloat16)
+        q_pe = torch.randn(B, h, R, device="cuda", generator=gen, dtype=torch.bfloat16)
+        want, nbytes = None, S.mla_decode_bytes(B, ctx, C, R)
+        flops = S.mla_decode_flops(B, ctx, h, C, R)
+        for bh, bn, warps, stages in CONFIGS:
+            run = lambda: mla_decode(q_lat, q_pe, latent, rope, table, lens, scale,  # noqa: E731
+                                     block_h=bh, block_n=bn, num_warps=warps,
+                                     num_stages=stages)  # fmt: skip
+            row = {"bench": "mla_sweep", "batch": B, "ctx": ctx, "block_h": bh, "block_n": bn,
+                   "num_warps": warps, "num_stages": stages}  # fmt: skip
+            try:
+                out = run()
+                ms = timed(run)
+            except Exception as e:  # a tile that does not fit (shared memory, registers)
+                print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
+                continue
+            want = out if want is None else want
+            err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+            print(json.dumps(row | {
+                "ms": round(ms, 4), "tflops": round(flops / ms / 1e9, 1),
+                "gbps": round(nbytes / ms / 1e6, 1), "hbm_gbps": round(hbm),
+                "frac_hbm": round(nbytes / ms / 1e6 / hbm, 3), "rel_err_vs_default": err,
+            }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
