@@ -7,7 +7,7 @@
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
-#   serve-http-v3
+#   serve-http-v3 | serve-kernels-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,6 +45,14 @@ for stage in "$@"; do
       timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
         --context 16 --graphs --steps 20 --rounds 2 --attention absorbed \
         >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+    serve-kernels-ab)  # issue 18: the serving engine on the whole V3 depth with MLA through
+      # the Triton kernels against the torch ops, alternated, at concurrency 1, 16, 64 (~9 min)
+      timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 \
+        --concurrency 1,1,16,16,64,64 --requests 2,2,16,16,64,64 --attention-levels \
+        triton,absorbed,triton,absorbed,triton,absorbed --prompt-len uniform:80,160 \
+        --output-len fixed:12 --shared-prefix 64 --warmup 4 --settle-s 20 --naive 0 \
+        > "$OUT/serve_kernels_ab.jsonl" 2> "$OUT/serve_kernels_ab.err"
+      tail -3 "$OUT/serve_kernels_ab.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

@@ -220,6 +220,18 @@ def set_defer(model, d: int) -> None:
             routed.deferred = d
 
 
+def set_attention(model, handle, name: str) -> None:
+    """Every MLA layer attends through backend `name` from now on (issue 18's A/B: the Triton
+    kernels or the torch ops, W_UK/W_UV absorbed in both); the engine's captured decode graphs
+    are dropped so the next steps capture the new path (called between levels: no step runs)."""
+    from hetero.registry import MLA_ATTENTION
+
+    attend = MLA_ATTENTION.get(name)
+    for block in model.model.layers:
+        block.self_attn.attend = attend
+    getattr(handle.engine.runner, "decoders", {}).clear()
+
+
 def level(handle, probe, C: int, reqs, host_gbps: float | None) -> dict:
     """One concurrency level: its latencies, throughput, prefix hits, preemptions, batch."""
     graphs = getattr(handle.engine.runner, "decoders", {})  # CUDA-graph sets, one a bucket
@@ -292,8 +304,13 @@ def run(args) -> None:
             d = defers[i % len(defers)]  # --defer-levels 3,0: levels alternate between them
             if d is not None:
                 set_defer(model, d)
+            if args.attention_levels:  # --attention-levels triton,absorbed: alternate them
+                attention = args.attention_levels[i % len(args.attention_levels)]
+                set_attention(model, handle, attention)
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             row["defer"] = d
+            if args.attention_levels:
+                row["attention"] = attention
             row |= predict.level(row["output_tok_s"], C, reqs, d) if predict else {}
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
@@ -363,6 +380,8 @@ def parse_args(argv=None):
     p.add_argument("--format", default="int4", help="CPU experts")
     p.add_argument("--attention", choices=("triton", "absorbed"), default="triton",
                    help="MLA: the kernels or the torch ops (issue 18's before)")  # fmt: skip
+    p.add_argument("--attention-levels", type=lambda v: v.split(","),
+                   help="MLA backend of each level in turn (e.g. triton,absorbed)")  # fmt: skip
     p.add_argument("--cpu-layers", type=int, default=0, help="distinct random CPU expert layers")
     p.add_argument("--defer", type=int, help="CPU experts deferred a token; default v3 3, v2 1")
     p.add_argument(

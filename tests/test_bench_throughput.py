@@ -43,7 +43,9 @@ def check_ordered(row: dict) -> None:
 def test_demo_levels(capsys):
     argv = SMALL + ["--concurrency", "1,3", "--requests", "6", "--prompt-len", "uniform:20,40"]
     argv += ["--output-len", "fixed:4", "--shared-prefix", "16", "--warmup", "2"]
+    argv += ["--attention-levels", "triton,absorbed"]  # the MLA backend switched between levels
     rows = lines(capsys, argv)
+    assert [r["attention"] for r in rows["engine"]] == ["triton", "absorbed"]
     assert [len(rows[m]) for m in ("setup", "naive", "engine")] == [1, 1, 2]
     assert rows["naive"][0]["output_tokens"] == 2 * 4  # --naive 2 by default
     for row, C in zip(rows["engine"], (1, 3)):
