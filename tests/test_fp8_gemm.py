@@ -9,7 +9,7 @@ import torch
 from hetero.model.fp8 import FP8Linear, block_dequantize, block_quantize
 
 pytest.importorskip("triton")
-from hetero.gpu.fp8_gemm import fp8_expert_gemm, fp8_gemm, fp8_gemm_silu_mul  # noqa: E402
+from hetero.gpu.fp8_gemm import fp8_expert_gemm, fp8_gemm  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,14 +62,14 @@ def test_fp8_gemm_silu_mul_equals_the_swiglu_half(programs, dtype):
     I, K = 128, 256
     q, s = block_quantize(torch.randn(2 * I, K, generator=g))
     x = torch.randn(2, 3, K, generator=g).to(dtype)
-    got = fp8_gemm_silu_mul(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=programs)
+    got = fp8_gemm(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=programs, silu_mul=True)
     gate, up = reference(x.reshape(6, K), q, s).to(dtype).chunk(2, dim=-1)
     want = (torch.nn.functional.silu(gate) * up).view(2, 3, I)
     assert got.dtype == dtype and got.shape == (2, 3, I)
     # bf16: the tf32 dot's own ~0.3% (truncated in the interpreter) on gate and up, compounded
     assert rel(got.cpu(), want.float()) < (1e-5 if dtype == torch.float32 else 2e-2)
     with pytest.raises(ValueError, match="even"):
-        fp8_gemm_silu_mul(x.to(DEVICE), q[:-1].to(DEVICE), s.to(DEVICE))
+        fp8_gemm(x.to(DEVICE), q[:-1].to(DEVICE), s.to(DEVICE), silu_mul=True)
 
 
 @pytest.mark.parametrize("programs", [1, 16])  # no split; split-K

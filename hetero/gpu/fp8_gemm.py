@@ -119,33 +119,20 @@ def fp8_gemm(
     scale: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     programs: int | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)]
     fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default: 4 per
-    SM on CUDA), reached by splitting K when the rows alone give fewer."""
+    SM on CUDA), reached by splitting K when the rows alone give fewer. `silu_mul`: a SwiGLU's
+    first half, weight [2I, K] holding gate then up (hetero.model.fp8.fuse_fp8) -> silu(x
+    gate^T) * (x up^T) [..., I], applied where the partial sums are added (one launch fewer
+    than the plain GEMV, two fewer than torch's silu and product after it)."""
     N, K = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    y = _launch(x2, None, weight, scale, block, programs)
-    return y.view(*lead, N)
-
-
-def fp8_gemm_silu_mul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    block: tuple[int, int] = (128, 128),
-    programs: int | None = None,
-) -> torch.Tensor:
-    """A SwiGLU's first half: weight [2I, K] holds gate then up (hetero.model.fp8.fuse_fp8);
-    x [..., K] -> silu(x gate^T) * (x up^T) [..., I], the activation applied where the partial
-    sums are added (one launch fewer than fp8_gemm, two fewer than torch's silu and product)."""
-    N, K = weight.shape
-    if N % 2:
+    if silu_mul and N % 2:
         raise ValueError(f"weight of {N} rows: gate and up want an even count")
     lead = x.shape[:-1]
-    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul=True)
-    return y.view(*lead, N // 2)
+    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul)
+    return y.view(*lead, N // 2 if silu_mul else N)
 
 
 def fp8_expert_gemm(
