@@ -12,11 +12,24 @@ one more kernel that also casts; without split-K the kernel writes y in x's dtyp
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 64  # output rows a program owns: a [64, 128] fp8 tile is 8 KB a step
+
+@dataclass(frozen=True)
+class Tiles:
+    """The kernel's launch settings (bench/fp8_sweep.py times the alternatives)."""
+
+    block_n: int = 64  # output rows a program owns: a [64, 128] fp8 tile is 8 KB a step
+    num_warps: int = 4
+    num_stages: int = 4
+    per_sm: int = 4  # programs to aim for an SM, reached by split-K
+
+
+TILES = Tiles()
 
 
 @triton.jit
@@ -120,18 +133,20 @@ def fp8_gemm(
     block: tuple[int, int] = (128, 128),
     programs: int | None = None,
     silu_mul: bool = False,
+    tiles: Tiles = TILES,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)]
-    fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default: 4 per
-    SM on CUDA), reached by splitting K when the rows alone give fewer. `silu_mul`: a SwiGLU's
-    first half, weight [2I, K] holding gate then up (hetero.model.fp8.fuse_fp8) -> silu(x
-    gate^T) * (x up^T) [..., I], applied where the partial sums are added (one launch fewer
-    than the plain GEMV, two fewer than torch's silu and product after it)."""
+    fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default:
+    `tiles.per_sm` an SM on CUDA), reached by splitting K when the rows alone give fewer.
+    `silu_mul`: a SwiGLU's first half, weight [2I, K] holding gate then up
+    (hetero.model.fp8.fuse_fp8) -> silu(x gate^T) * (x up^T) [..., I], applied where the
+    partial sums are added (one launch fewer than the plain GEMV, two fewer than torch's silu
+    and product after it). `tiles`: launch settings."""
     N, K = weight.shape
     if silu_mul and N % 2:
         raise ValueError(f"weight of {N} rows: gate and up want an even count")
     lead = x.shape[:-1]
-    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul)
+    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul, tiles)
     return y.view(*lead, N // 2 if silu_mul else N)
 
 
@@ -152,7 +167,7 @@ def fp8_expert_gemm(
     return _launch(x, experts, weight, scale, block, programs)
 
 
-def _launch(x2, experts, weight, scale, block, programs, silu_mul=False) -> torch.Tensor:
+def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=TILES):
     N, K = weight.shape[-2:]
     bn, bk = block
     if x2.stride(-1) != 1:
@@ -161,12 +176,12 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False) -> torc
     per_row = experts is not None
     BLOCK_M = 16 if per_row else max(16, min(64, triton.next_power_of_2(M)))
     n_tiles, m_tiles, k_blocks = (
-        triton.cdiv(N, BLOCK_N),
+        triton.cdiv(N, tiles.block_n),
         M if per_row else triton.cdiv(M, BLOCK_M),
         triton.cdiv(K, bk),
     )
     if programs is None:
-        programs = 4 * _sm_count(x2.device) if x2.is_cuda else 1
+        programs = tiles.per_sm * _sm_count(x2.device) if x2.is_cuda else 1
     split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
@@ -180,9 +195,9 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False) -> torc
             x2, weight, scale, y, experts if per_row else y, M, N, K,
             x2.stride(0), weight.stride(-2), scale.stride(-2),
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
-            SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=bk, PER_SPLIT=per_split,
+            SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
-            num_warps=4, num_stages=4,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     if not partials:
         return y[0]

@@ -1,0 +1,95 @@
+"""fp8_gemm's launch settings at decode sizes on DeepSeek-V3's matrices: output rows a program
+(block_n), warps, pipeline stages and programs an SM (the split-K degree), each against the
+default's output, the weight's bytes over the device copy bandwidth measured in the same run
+(the floor), and bf16 cuBLAS on the dequantized weight (the naive path). CUDA-graph replays,
+so launch overhead from the host does not count. JSON lines; `python bench/fp8_sweep.py`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.gpu_floor import hbm_copy_gbps  # noqa: E402
+from hetero.gpu.fp8_gemm import TILES, Tiles, fp8_gemm  # noqa: E402
+from hetero.model.fp8 import block_dequantize, block_quantize  # noqa: E402
+
+SHAPES = {  # N x K: V3's decode matrices (qkv_a and gate_up as fused at load)
+    "qkv_a": (2112, 7168), "o": (7168, 16384), "shared_gate_up": (4096, 7168),
+    "q_b": (24576, 1536), "shared_down": (7168, 2048), "dense_gate_up": (36864, 7168),
+}  # fmt: skip
+SWEEP = [TILES] + [
+    Tiles(block_n=n, num_warps=w, num_stages=4, per_sm=ps)
+    for n, w, ps in itertools.product((32, 64, 128), (4, 8), (4, 8))
+    if (n, w, ps) != (64, 4, 4)
+]
+
+
+def graphed(fn):
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def timed(replay, reps: int = 30) -> float:
+    replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", default="1,16", help="tokens, comma-separated")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="of " + ", ".join(SHAPES))
+    args = p.parse_args()
+    hbm = hbm_copy_gbps("cuda")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in args.shapes.split(","):
+        N, K = SHAPES[name]
+        w = torch.randn(N, K, device="cuda", generator=gen) / K**0.5
+        q, s = block_quantize(w)
+        dense = block_dequantize(q, s, (128, 128)).to(torch.bfloat16)
+        floor_ms = (q.numel() + s.numel() * 4) / hbm / 1e6
+        for M in map(int, args.rows.split(",")):
+            x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
+            base = {"bench": "fp8_sweep", "shape": name, "N": N, "K": K, "M": M,
+                    "hbm_gbps": round(hbm), "floor_ms": round(floor_ms, 4)}  # fmt: skip
+            naive = timed(graphed(lambda: x @ dense.T))
+            want = fp8_gemm(x, q, s).float()
+            for tiles in SWEEP:
+                row = base | dataclasses.asdict(tiles)
+                try:
+                    out = fp8_gemm(x, q, s, tiles=tiles).float()
+                    ms = timed(graphed(lambda: fp8_gemm(x, q, s, tiles=tiles)))  # noqa: B023
+                except Exception as e:  # a tile that does not fit
+                    print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
+                    continue
+                err = ((out - want).norm() / want.norm()).item()
+                print(json.dumps(row | {
+                    "ms": round(ms, 4), "frac_hbm": round(floor_ms / ms, 3),
+                    "bf16_dequantized_ms": round(naive, 4), "vs_bf16": round(naive / ms, 3),
+                    "rel_err_vs_default": err,
+                }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
