@@ -64,6 +64,28 @@ def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_strided_queries_as_an_einsum_leaves_them():
+    """q_lat as `torch.einsum` returns it ([B, h, C] over an [h, B, C] buffer) and q_pe as a
+    slice of a wider q: the same result as contiguous copies (no copy needed)."""
+    C, R, H, lens = 32, 16, 4, [9, 30, 17]
+    latent, rope, table = pages_for(lens, 16, C, R, seed=5)
+    g = torch.Generator().manual_seed(4)
+    q_lat = torch.randn(H, len(lens), C, generator=g).transpose(0, 1)  # strides (C, B*C, 1)
+    q_pe = torch.randn(len(lens), H, 8 + R, generator=g)[..., 8:]  # strides (H*(8+R), 8+R, 1)
+    assert not q_lat.is_contiguous() and not q_pe.is_contiguous()
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    pages = [t.to(DEVICE) for t in (latent, rope, table, ctx)]
+    got = mla_decode(q_lat.to(DEVICE), q_pe.to(DEVICE), *pages, 0.3, block_n=16)
+    want = mla_decode(q_lat.contiguous().to(DEVICE), q_pe.contiguous().to(DEVICE), *pages, 0.3,
+                      block_n=16)  # fmt: skip
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got.cpu(), reference(q_lat, q_pe, latent, rope, table, lens, 0.3),
+                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    with pytest.raises(ValueError, match="last dim"):
+        every_other = torch.randn(len(lens), H, 2 * C)[..., ::2]  # [B, h, C], last stride 2
+        mla_decode(every_other.to(DEVICE), q_pe.to(DEVICE), *pages, 0.3)
+
+
 def test_the_model_attention_agrees(tiny_v3):
     """The kernel on a real model's paged cache gives the model's own decode attention."""
     from hetero.loader import load_model

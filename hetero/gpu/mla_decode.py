@@ -24,8 +24,8 @@ import triton.language as tl
 
 @triton.jit
 def _mla_decode_split(
-    q_lat_ptr,  # [B, h, C]
-    q_pe_ptr,  # [B, h, R]
+    q_lat_ptr,  # [B, h, C], the last dim contiguous
+    q_pe_ptr,  # [B, h, R] likewise
     latent_ptr,  # [pages, page_size, C] (one layer's pages)
     rope_ptr,  # [pages, page_size, R]
     table_ptr,  # [B, max_pages] int32
@@ -36,6 +36,10 @@ def _mla_decode_split(
     H,
     chunk,  # tokens a split
     stride_table,
+    stride_qb,  # q_lat's strides (an einsum's transposed output need not be copied)
+    stride_qh,
+    stride_pb,  # q_pe's
+    stride_ph,
     PAGE: tl.constexpr,
     C: tl.constexpr,
     R: tl.constexpr,
@@ -48,9 +52,11 @@ def _mla_decode_split(
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     head_ok = heads < H
     cs, rs = tl.arange(0, C), tl.arange(0, R)
-    q_lat = tl.load(q_lat_ptr + (b * H + heads)[:, None] * C + cs[None, :],
+    q_row = b.to(tl.int64) * stride_qb + heads.to(tl.int64) * stride_qh  # [BH]
+    q_lat = tl.load(q_lat_ptr + q_row[:, None] + cs[None, :],
                     mask=head_ok[:, None], other=0.0)  # [BH, C]  # fmt: skip
-    q_pe = tl.load(q_pe_ptr + (b * H + heads)[:, None] * R + rs[None, :],
+    p_row = b.to(tl.int64) * stride_pb + heads.to(tl.int64) * stride_ph
+    q_pe = tl.load(q_pe_ptr + p_row[:, None] + rs[None, :],
                    mask=head_ok[:, None], other=0.0)  # [BH, R]  # fmt: skip
     n_ctx = tl.load(lens_ptr + b)
     start = split * chunk
@@ -122,7 +128,8 @@ def mla_decode(
     num_warps: int = 8,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence), one layer's pages latent
+    """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence; any strides but the last
+    dim's), one layer's pages latent
     [P, page_size, C] and rope [P, page_size, R], page_table [B, n] int32, ctx_lens [B] int32
     -> out_lat [B, h, C] in q_lat's dtype. `splits`: programs a sequence's context is split
     over (default: enough to give every SM work at this batch). Tiles: bench/mla_sweep.py's
@@ -141,8 +148,10 @@ def mla_decode(
     for name, n in (("C", C), ("R", R), ("page_size", page)):
         if n & (n - 1) or n < 16:
             raise ValueError(f"{name} = {n}: the kernel wants a power of two >= 16")
-    if not all(t.is_contiguous() for t in (q_lat, q_pe, latent, rope, page_table)):
-        raise ValueError("q_lat, q_pe, latent, rope and page_table must be contiguous")
+    if not all(t.is_contiguous() for t in (latent, rope, page_table)):
+        raise ValueError("latent, rope and page_table must be contiguous")
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:
+        raise ValueError("q_lat and q_pe want a contiguous last dim")
     longest = page_table.shape[1] * page
     if splits is None:  # ~2 programs an SM over the batch's head blocks, whole pages a split
         sms = (
@@ -158,7 +167,8 @@ def mla_decode(
     grid = (triton.cdiv(H, block_h), splits, B)  # head blocks fastest: see the module's doc
     _mla_decode_split[grid](
         q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk,
-        page_table.stride(0), PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
+        page_table.stride(0), q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+        PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
         PRECISION=_precision(q_lat), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return merge(out, lse, q_lat.dtype)

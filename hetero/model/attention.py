@@ -195,8 +195,10 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset):
     from hetero.gpu.mla_extend import mla_extend
 
     w_uk, w_uv = mla.wkv_b()
-    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk).contiguous()  # [T, h, c]
-    q_pe = q_pe.to(q_lat.dtype).contiguous()
+    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, c]
+    q_pe = q_pe.to(q_lat.dtype)
+    if not batch.is_decode:  # (mla_decode reads strided rows; mla_extend wants them dense)
+        q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     latent, rope = cache.latent[mla.layer], cache.rope[mla.layer]  # [P, page, c], [P, page, r]
     scale = mla.softmax_scale
     if batch.is_decode:  # context lengths from positions: on the device (CUDA graphs)
