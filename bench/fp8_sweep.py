@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.gpu_floor import hbm_copy_gbps  # noqa: E402
+from bench.gpu_floor import cuda_ms, hbm_copy_gbps  # noqa: E402
 from hetero.gpu.fp8_gemm import TILES, Tiles, fp8_gemm  # noqa: E402
 from hetero.model.fp8 import block_dequantize, block_quantize  # noqa: E402
 
@@ -42,19 +41,6 @@ def graphed(fn):
     return g.replay
 
 
-def timed(replay, reps: int = 30) -> float:
-    replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -73,13 +59,13 @@ def main() -> None:
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
             base = {"bench": "fp8_sweep", "shape": name, "N": N, "K": K, "M": M,
                     "hbm_gbps": round(hbm), "floor_ms": round(floor_ms, 4)}  # fmt: skip
-            naive = timed(graphed(lambda: x @ dense.T))
+            naive = cuda_ms(graphed(lambda: x @ dense.T), 30)
             want = fp8_gemm(x, q, s).float()
             for tiles in SWEEP:
                 row = base | dataclasses.asdict(tiles)
                 try:
                     out = fp8_gemm(x, q, s, tiles=tiles).float()
-                    ms = timed(graphed(lambda: fp8_gemm(x, q, s, tiles=tiles)))  # noqa: B023
+                    ms = cuda_ms(graphed(lambda: fp8_gemm(x, q, s, tiles=tiles)), 30)  # noqa: B023
                 except Exception as e:  # a tile that does not fit
                     print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
                     continue

@@ -9,19 +9,25 @@ import statistics
 import torch
 
 
+def cuda_ms(fn, reps: int = 20) -> float:
+    """Median ms of `fn()` between CUDA events, after one untimed call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def hbm_copy_gbps(device: str, nbytes: int = 2**30, reps: int = 10) -> float:
     """A device-to-device copy of `nbytes`, counting the bytes read and written (GB/s)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    times = []
-    for _ in range(reps + 1):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return 2 * src.nbytes / statistics.median(times[1:]) / 1e6
+    return 2 * src.nbytes / cuda_ms(lambda: dst.copy_(src), reps) / 1e6
 
 
 def step_weight_bytes(model) -> int:

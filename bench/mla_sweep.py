@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import gpu_kernels_shapes as S  # noqa: E402
-from bench.gpu_floor import hbm_copy_gbps  # noqa: E402
+from bench.gpu_floor import cuda_ms, hbm_copy_gbps  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
@@ -26,19 +25,6 @@ CONFIGS = [  # (block_h, block_n, num_warps, num_stages); the default first
     (16, 32, 4, 2),
     *((h, n, w, 2) for h, n, w in itertools.product((16, 32, 64), (32, 64), (4, 8))),
 ]
-
-
-def timed(fn, reps: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -67,7 +53,7 @@ def main() -> None:
                    "num_warps": warps, "num_stages": stages}  # fmt: skip
             try:
                 out = run()
-                ms = timed(run)
+                ms = cuda_ms(run)
             except Exception as e:  # a tile that does not fit (shared memory, registers)
                 print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
                 continue
