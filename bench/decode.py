@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu_moe import random_layer  # noqa: E402
 from bench.gpu_floor import gpu_floor, hbm_copy_gbps  # noqa: E402
+from bench.serving_load import settle_times, time_cpu_alone  # noqa: E402
 from bench.timeline import profile_step, trace_steps  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
@@ -201,38 +202,6 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
         "cpu_compute_ms": round(engine.stats.compute_s / steps * 1e3, 3),
         "wait_ms": round(engine.stats.wait_s / steps * 1e3, 3),
     }
-
-
-def time_cpu_alone(engine, config, B: int, steps: int, gpu_experts: int) -> float:
-    """ms of a step's CPU experts with nothing else running: each MoE layer's B tokens on
-    top-k experts drawn afresh, those below `gpu_experts` left to the GPU (what the engine
-    computes in a step, host to host)."""
-    from bench.cpu_moe import draw_routing
-
-    gen = torch.Generator().manual_seed(B + 1)
-    H, E, k = config.hidden_size, config.n_routed_experts, config.num_experts_per_tok
-    ms = []
-    for _ in range(steps + 1):
-        calls = [(L, torch.randn(B, H, generator=gen), *draw_routing(B, E, k, gen))
-                 for L in config.moe_layers]  # fmt: skip
-        calls = [(L, x, ids.masked_fill(ids < gpu_experts, -1), w) for L, x, ids, w in calls]
-        t0 = time.perf_counter()
-        for L, x, ids, w in calls:
-            engine.forward(L, x, ids, w)
-        ms.append((time.perf_counter() - t0) * 1e3)
-    return round(sorted(ms[1:])[steps // 2], 3)
-
-
-def settle_times(engine, config, B: int, gpu_experts: int, limit_s: float) -> list[float]:
-    """The CPU side alone, again and again until two times in a row agree within 5% (at most
-    `limit_s`): a fresh VM's memory got faster over its first minutes (the whole-depth run's
-    first round was 1.5-2x slower than its second), and the timed modes should not pay for it."""
-    times, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < limit_s:
-        times.append(time_cpu_alone(engine, config, B, 4, gpu_experts))
-        if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
-            break
-    return times
 
 
 def settle(engine, config, B: int, args) -> None:

@@ -36,13 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import (  # noqa: E402
-    WORKLOADS,
-    random_model,
-    set_mode,
-    settle_times,
-    slice_config,
-)
+from bench.decode import WORKLOADS, random_model, set_mode, slice_config  # noqa: E402
 from bench.prediction import predictor  # noqa: E402
 from bench.serving_load import (  # noqa: E402
     GPUExperts,
@@ -55,6 +49,7 @@ from bench.serving_load import (  # noqa: E402
     latency_summary,
     machine,
     parse_dist,
+    settle_times,
 )
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.engine.engine import Engine, RequestError, ServingConfig  # noqa: E402
