@@ -7,7 +7,7 @@
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
-#   serve-http-v3 | serve-kernels-ab
+#   serve-http-v3 | serve-kernels-ab | sweeps
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,6 +45,11 @@ for stage in "$@"; do
       timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
         --context 16 --graphs --steps 20 --rounds 2 --attention absorbed \
         >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+    sweeps)  # mla_decode's and fp8_gemm's launch settings (fp8: with the one-row CUDA-core
+      # variant, Tiles(mma=False)), at V3's shapes (~3 min)
+      timeout 90 python3 bench/mla_sweep.py > "$OUT/mla_sweep.jsonl" 2> "$OUT/mla_sweep.err"
+      timeout 200 python3 bench/fp8_sweep.py --rows 1 > "$OUT/fp8_sweep.jsonl" \
+        2> "$OUT/fp8_sweep.err"; tail -2 "$OUT/fp8_sweep.err" ;;
     serve-kernels-ab)  # issue 18: the serving engine on the whole V3 depth with MLA through
       # the Triton kernels against the torch ops, alternated, at concurrency 1, 16, 64 (~9 min)
       timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 \

@@ -26,10 +26,10 @@ SHAPES = {  # N x K: V3's decode matrices (qkv_a and gate_up as fused at load)
     "q_b": (24576, 1536), "shared_down": (7168, 2048), "dense_gate_up": (36864, 7168),
 }  # fmt: skip
 SWEEP = [TILES] + [
-    Tiles(block_n=n, num_warps=w, num_stages=4, per_sm=ps)
-    for n, w, ps in itertools.product((32, 64, 128), (4, 8), (4, 8))
-    if (n, w, ps) != (64, 4, 4)
-]
+    Tiles(block_n=n, num_warps=w, num_stages=4, per_sm=ps, mma=mma)
+    for mma, n, w, ps in itertools.product((True, False), (32, 64, 128), (4, 8), (4, 8))
+    if (n, w, ps, mma) != (64, 4, 4, True)
+]  # (mma=False: one row on the CUDA cores; more rows keep the MMA path)
 
 
 def graphed(fn):

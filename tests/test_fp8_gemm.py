@@ -45,6 +45,43 @@ def test_fp8_gemm_equals_dequantized_matmul(M, N, K, programs):
     assert rel(got, reference(xb, q, s)) < 4e-3
 
 
+@pytest.mark.parametrize("programs", [1, 8])  # no split; split-K
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_one_row_without_the_mma_tile(programs, silu_mul):
+    """Tiles(mma=False): one token's row dots on the CUDA cores; more rows keep the MMA."""
+    from hetero.gpu.fp8_gemm import Tiles
+
+    g = torch.Generator().manual_seed(programs)
+    N, K = 256, 300  # two scale-block rows; a partial K block
+    q, s = block_quantize(torch.randn(N, K, generator=g))
+    q, s = q.to(DEVICE), s.to(DEVICE)
+    for M in (1, 3):
+        x = torch.randn(M, K, generator=g).to(DEVICE)
+        got = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul, tiles=Tiles(mma=False))
+        want = reference(x, q, s)
+        if silu_mul:
+            gate, up = want.chunk(2, dim=-1)
+            want = torch.nn.functional.silu(gate) * up
+        assert rel(got, want) < 1e-5, M
+    xb = torch.randn(1, K, generator=g).bfloat16().to(DEVICE)
+    got = fp8_gemm(xb, q, s, programs=programs, tiles=Tiles(mma=False))
+    assert rel(got, reference(xb, q, s)) < 4e-3  # the bf16 output's rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_row_without_the_mma_tile_at_v3_width():
+    from hetero.gpu.fp8_gemm import Tiles
+
+    g = torch.Generator().manual_seed(0)
+    q, s = block_quantize(torch.randn(7168, 16384, generator=g) / 128)
+    q, s = q.cuda(), s.cuda()
+    x = torch.randn(1, 16384, generator=g).bfloat16().cuda()
+    want = fp8_gemm(x, q, s).float()
+    got = fp8_gemm(x, q, s, tiles=Tiles(mma=False)).float()
+    assert rel(got, want) < 4e-3
+
+
 def test_fp8_gemm_keeps_leading_dims_and_strides():
     g = torch.Generator().manual_seed(1)
     q, s = block_quantize(torch.randn(96, 256, generator=g))

@@ -27,6 +27,7 @@ class Tiles:
     num_warps: int = 4
     num_stages: int = 4
     per_sm: int = 4  # programs to aim for an SM, reached by split-K
+    mma: bool = True  # False: a single row on the CUDA cores (not yet measured against MMA)
 
 
 TILES = Tiles()
@@ -54,6 +55,7 @@ def _fp8_gemm(
     PER_SPLIT: tl.constexpr,
     PRECISION: tl.constexpr,
     PER_ROW_EXPERT: tl.constexpr,
+    MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
 ):
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -90,8 +92,10 @@ def _fp8_gemm(
         s = tl.load(
             s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok, other=0.0
         )  # [BN]
-        # in fp32 on the tensor cores: tf32 holds bf16 activations and e4m3 weights exactly
-        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+        if MMA:  # in fp32 on the tensor cores: tf32 holds bf16 activations, e4m3 exactly
+            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+        else:  # [1, BN]: no 16-row MMA tile for one token
+            part = tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
         acc += part * s[None, :]
     out = y_ptr + split * M * N + toks[:, None] * N + rows[None, :]
     acc = acc.to(y_ptr.dtype.element_ty)  # fp32 partials, or (one split) y in x's dtype
@@ -174,7 +178,8 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
         x2 = x2.contiguous()
     M = x2.shape[0]
     per_row = experts is not None
-    BLOCK_M = 16 if per_row else max(16, min(64, triton.next_power_of_2(M)))
+    mma = tiles.mma or per_row or M > 1
+    BLOCK_M = 1 if not mma else 16 if per_row else max(16, min(64, triton.next_power_of_2(M)))
     n_tiles, m_tiles, k_blocks = (
         triton.cdiv(N, tiles.block_n),
         M if per_row else triton.cdiv(M, BLOCK_M),
@@ -197,6 +202,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
+            MMA=mma,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     if not partials:
