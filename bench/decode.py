@@ -149,7 +149,20 @@ def set_mode(model, config, engine, mode: str) -> None:
             num_experts=config.n_routed_experts,
             deferred=d,
             overlap=mode != "sequential",
+            gpu=getattr(model, "packed_gpu", {}).get(L),  # --gpu-format int4's experts
         )
+
+
+def packed_gpu_experts(config, fmt: Format, g: int, n: int, device: str) -> dict:
+    """MoE layer -> its first g experts packed in `fmt` on the GPU (PackedGPUExperts, as a
+    placement's `gpu_format: int4-gG` keeps them), n distinct random sets taken in turn."""
+    from hetero.gpu.packed_experts import PackedGPUExperts
+
+    H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+    sets = [random_layer(fmt, H, I, g, seed=100 + i) for i in range(n)]
+    experts = range(g)
+    return {L: PackedGPUExperts(sets[i % n], experts, E, device)
+            for i, L in enumerate(config.moe_layers)}  # fmt: skip
 
 
 def decode_batch(cache, seqs: range, q_len: int, ctx: int, device: str) -> ForwardBatch:
@@ -219,8 +232,9 @@ def median_round(rounds: list[dict]) -> dict:
 def run(args) -> None:
     config = ModelConfig.from_hf(slice_config(args.workload, args.moe_layers))
     device = args.device
-    fp8 = args.gpu_format == "fp8"
-    model = random_model(config, device, torch.bfloat16, fp8, args.gpu_experts, args.attention)
+    fp8, packed = args.gpu_format != "bf16", args.gpu_format.startswith("int4")
+    resident = 0 if packed else args.gpu_experts  # int4: packed arrays, not modules
+    model = random_model(config, device, torch.bfloat16, fp8, resident, args.attention)
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     moe = config.moe_layers
@@ -230,6 +244,9 @@ def run(args) -> None:
     bar = tqdm(moe[:n], desc="random CPU expert layers", unit="layer", file=sys.stderr)
     distinct = [random_layer(fmt, H, I, E, seed=L) for L in bar]
     layers = {L: distinct[i % n] for i, L in enumerate(moe)}  # MoE layer i: distinct i % n
+    if packed and args.gpu_experts:
+        gfmt = Format.parse(args.gpu_format)
+        model.packed_gpu = packed_gpu_experts(config, gfmt, args.gpu_experts, n, device)
     engine = CPUExperts(layers, EngineConfig(
         threads=args.threads, ring=not args.no_ring, caller_spin_s=args.caller_spin_s,
         caller_nap_s=args.caller_nap_s,
@@ -293,7 +310,9 @@ def run(args) -> None:
         if args.trace:
             rows["trace"] = trace_steps(model, config, engine, cache, B, pos, device, graphed, args)
             pos += args.steps
-        gpu = rows["gpu_only"]["ms"]
+        # the GPU side alone, for the per-layer split and the slice's extrapolation (for `v3`
+        # itself t_full = t_step whatever it is: 0 where --modes left gpu_only out)
+        gpu = rows["gpu_only"]["ms"] if "gpu_only" in rows else 0.0
         for mode, r in rows.items():
             out = {**base, "batch": B, "context": context, "mode": mode, **r}
             if mode == "trace":
@@ -303,13 +322,14 @@ def run(args) -> None:
                 out |= gpu_floor(model, config, B, pos, r["ms"], hbm)
             if mode != "gpu_only":
                 out["vs_cpu_alone"] = round(r["ms"] / r["cpu_alone_ms"], 3)
-                out["speedup_vs_sequential"] = round(rows["sequential"]["ms"] / r["ms"], 3)
+                if "sequential" in rows:
+                    out["speedup_vs_sequential"] = round(rows["sequential"]["ms"] / r["ms"], 3)
                 out["per_layer"] = {
                     "gpu_ms": round(gpu / L, 3),
                     "cpu_ms": round(r["cpu_ms"] / M, 3),
                     "wait_ms": round(r["wait_ms"] / M, 3),
                 }
-            if args.workload.startswith("v3"):  # (for `v3` itself: t_full = t_step)
+            if args.workload == "v3" or (args.workload == "v3-slice" and "gpu_only" in rows):
                 t61 = gpu * full / L + (r["ms"] - gpu) * full_moe / M
                 out["v3_ms_per_step"] = round(t61, 1)
                 out["v3_tokens_per_s"] = round(1e3 * B / t61, 2)
@@ -335,7 +355,8 @@ def main() -> None:
     p.add_argument("--workload", choices=WORKLOADS, default="v3-slice")
     p.add_argument("--moe-layers", type=int, default=3, help="v3-slice: MoE layers after 1 dense")
     p.add_argument("--format", default="int4", help="CPU experts")
-    p.add_argument("--gpu-format", choices=("fp8", "bf16"), default="fp8")
+    p.add_argument("--gpu-format", choices=("fp8", "bf16", "int4", "int4-g128"), default="fp8",
+                   help="GPU experts (int4: packed as the CPU's, PackedGPUExperts)")  # fmt: skip
     p.add_argument("--gpu-experts", type=int, default=0, help="v3*: GPU experts a layer")
     p.add_argument(
         "--cpu-layers", type=int, default=0,

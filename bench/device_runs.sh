@@ -7,7 +7,7 @@
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
-#   serve-http-v3 | serve-kernels-ab | sweeps
+#   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,6 +45,15 @@ for stage in "$@"; do
       timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
         --context 16 --graphs --steps 20 --rounds 2 --attention absorbed \
         >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+    decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
+      # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
+      # and 76 (what an H200 holds), one process each, alternated; random routers route
+      # uniformly, so the GPU serves g/256 of the slots (no profile skew) (~8 min)
+      for g in 0 36 76; do
+        timeout 170 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts $g \
+          --gpu-format int4 --batch 1 --steps 12 --rounds 2 --modes gpu_only,overlap,defer3 \
+          --graphs --settle-s 20 >> "$OUT/decode_gpu_int4.jsonl" 2>> "$OUT/decode_gpu_int4.err"
+      done; grep -c . "$OUT/decode_gpu_int4.jsonl" ;;
     sweeps)  # mla_decode's and fp8_gemm's launch settings (fp8: with the one-row CUDA-core
       # variant, Tiles(mma=False)), at V3's shapes (~3 min)
       timeout 90 python3 bench/mla_sweep.py > "$OUT/mla_sweep.jsonl" 2> "$OUT/mla_sweep.err"
