@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from bench.decode import full_layers, slice_config
+from bench.workloads import full_layers, slice_config
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from bench.decode import full_layers  # noqa: E402
+from bench.workloads import full_layers  # noqa: E402
 
 
 def rows(path: str) -> dict[tuple[int, str], dict]:

@@ -30,8 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_moe import random_layer  # noqa: E402
-from bench.decode import random_model, set_mode, slice_config  # noqa: E402
 from bench.serving_load import StubTokenizer, machine  # noqa: E402
+from bench.workloads import random_model, set_mode, slice_config  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402

@@ -10,7 +10,7 @@ import time
 import torch
 
 from bench.cpu_moe import random_layer
-from bench.decode import slice_config
+from bench.workloads import slice_config
 from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format

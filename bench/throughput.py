@@ -15,7 +15,7 @@ the same run (bench/cpu_moe.read_bandwidth with the engine's threads). `naive`: 
 `hetero.generate` loop on the first `--naive` requests one at a time; `vs_naive` compares.
 
 Workloads: `demo` (the shipped demo model; `--placement configs/demo.yaml`: its experts on the
-CPU engine), `v2-lite` and `v3` (whole depth, random weights built as bench/decode.py builds
+CPU engine), `v2-lite` and `v3` (whole depth, random weights built as bench/workloads.py builds
 them; `v3 --cpu-layers 4`: the MoE layers take their CPU experts in turn from 4 random layers).
 Prompts are random ids (a stub tokenizer for random models); temperature 0, ignore_eos, so
 every request produces exactly its drawn output length. Every level draws new prompts (the
@@ -36,13 +36,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.decode import WORKLOADS, random_model, set_mode, slice_config  # noqa: E402
 from bench.prediction import predictor  # noqa: E402
 from bench.serving_load import (  # noqa: E402
+    DecodeRef,
     GPUExperts,
-    Req,
     StepProbe,
     StubTokenizer,
+    batch1_ab,
     draw_requests,
     drive,
     host_read,
@@ -50,6 +50,14 @@ from bench.serving_load import (  # noqa: E402
     machine,
     parse_dist,
     settle_times,
+)
+from bench.workloads import (  # noqa: E402
+    WORKLOADS,
+    random_model,
+    set_attention,
+    set_defer,
+    set_mode,
+    slice_config,
 )
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.engine.engine import Engine, RequestError, ServingConfig  # noqa: E402
@@ -130,56 +138,6 @@ def naive(model, reqs, device: str) -> dict:
             "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
 
 
-class DecodeRef:
-    """bench/decode.py's measure on this same model and CPU engine: batch-1 decode steps of one
-    sequence in a contiguous cache, each layer's GPU work from graph segments (CUDA graphs on
-    a GPU): the rate the engine's batch-1 decode is held to."""
-
-    @torch.no_grad()
-    def __init__(self, model, cpu, device: str, steps: int, rounds: int) -> None:
-        from bench.decode import PROMPT
-        from hetero.model import ForwardBatch
-        from hetero.sched.graphs import GraphedDecoder
-
-        self.model, self.cpu, self.device, self.steps = model, cpu, device, steps
-        self.cache = model.new_cache(1, PROMPT + (steps + 2) * (rounds + 1) + 8)
-        batch = ForwardBatch.build([0], [PROMPT], [PROMPT], device)
-        model(torch.randint(0, model.config.vocab_size, (PROMPT,)).to(device), batch, self.cache)
-        self.graphed = GraphedDecoder(model, self.cache, graphs=device.startswith("cuda"))
-        self.pos = PROMPT
-
-    def time(self) -> dict:
-        from bench.decode import time_steps
-
-        args = self.model, self.cpu, self.cache, 1
-        time_steps(*args, self.pos, 2, self.device, self.graphed)  # warm-up (graph capture)
-        r = time_steps(*args, self.pos + 2, self.steps, self.device, self.graphed)
-        self.pos += self.steps + 2
-        return {"ms": r["ms"], "cpu_busy": r["cpu_busy"]}
-
-
-def batch1_ab(handle, ref: DecodeRef, rounds: int, vocab: int) -> dict:
-    """bench/decode.py's step and the engine's batch-1 decode (one request, TPOT p50),
-    alternated `rounds` times: a VM's speed drifts within a run, so each engine figure has
-    its reference beside it."""
-    gen = torch.Generator().manual_seed(7)
-    pairs = []
-    for _ in range(rounds):
-        r = ref.time()
-        prompt = torch.randint(0, vocab, (32,), generator=gen).tolist()
-        req = Req(prompt, ref.steps + 8)
-        timings, _ = drive(handle, [req], params, 1)
-        pairs.append((timings[0].tpot * 1e3, r["ms"]))
-    ratios = sorted(e / m for e, m in pairs)
-    return {
-        "mode": "batch1_ab",
-        "engine_tpot_ms": [round(e, 3) for e, _ in pairs],
-        "decode_ref_ms": [round(m, 3) for _, m in pairs],
-        "engine_vs_ref": [round(x, 3) for x in ratios],
-        "engine_vs_ref_median": round(ratios[len(ratios) // 2], 3),
-    }
-
-
 def serving_config(args) -> ServingConfig:
     return ServingConfig(
         page_size=args.page_size, kv_cache_tokens=args.kv_cache_tokens,
@@ -204,27 +162,6 @@ def plan(args, vocab: int) -> tuple[list[tuple[int, list]], list]:
 
 def params(n: int) -> SamplingParams:
     return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
-
-
-def set_defer(model, d: int) -> None:
-    """Every CPU-engine layer defers d of a token's experts from now on."""
-    for block in model.model.layers:
-        routed = getattr(block.mlp, "routed", None)
-        routed = getattr(routed, "inner", routed)  # (the probe's wrapper)
-        if hasattr(routed, "deferred"):
-            routed.deferred = d
-
-
-def set_attention(model, handle, name: str) -> None:
-    """Every MLA layer attends through backend `name` from now on (issue 18's A/B: the Triton
-    kernels or the torch ops, W_UK/W_UV absorbed in both); the engine's captured decode graphs
-    are dropped so the next steps capture the new path (called between levels: no step runs)."""
-    from hetero.registry import MLA_ATTENTION
-
-    attend = MLA_ATTENTION.get(name)
-    for block in model.model.layers:
-        block.self_attn.attend = attend
-    getattr(handle.engine.runner, "decoders", {}).clear()
 
 
 def level(handle, probe, C: int, reqs, host_gbps: float | None) -> dict:
@@ -290,7 +227,7 @@ def run(args) -> None:
             print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
         if cpu is not None and args.ab_rounds:
             dref = DecodeRef(model, cpu, args.device, args.ab_steps, args.ab_rounds)
-            ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size)
+            ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size, params)
             if predict:  # beside bench/decode.py's step
                 ab |= predict.batch1(statistics.median(ab["decode_ref_ms"]), dref.pos)
             print(json.dumps({**base, **ab}), flush=True)

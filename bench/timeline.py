@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bench.workloads import set_mode, time_steps
+
 
 def write_chrome_trace(events: list[tuple], path: str | Path, names: dict[int, str]) -> None:
     """`names`: thread id -> a label (threads not named keep their id)."""
@@ -47,8 +49,6 @@ def trace_steps(model, config, engine, cache, B, pos, device, graphed, args) -> 
     `args.trace` (with the batch size in the name) and summarized per step."""
     import threading
 
-    from bench.decode import set_mode, time_steps
-
     mode = f"defer{max(args.defer)}" if args.defer else "overlap"
     set_mode(model, config, engine, mode)
     engine.stats.trace = []
@@ -63,8 +63,6 @@ def trace_steps(model, config, engine, cache, B, pos, device, graphed, args) -> 
 def profile_step(model, config, engine, cache, B, pos, device, out_dir, modes) -> None:
     """torch.profiler tables (CPU and CUDA time by op) of one step in each mode (eager)."""
     from torch.profiler import ProfilerActivity, profile
-
-    from bench.decode import set_mode, time_steps
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device != "cpu" else [])
     Path(out_dir).mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bench.decode import full_layers
 from bench.extrapolate import extrapolate, rows
+from bench.workloads import full_layers
 
 
 def slice_row(moe: int, fixed: float, per_moe: float, mode: str = "defer2", cpu=None) -> dict:

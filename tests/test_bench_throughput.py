@@ -64,7 +64,10 @@ def test_demo_cpu_experts(capsys):
     argv = SMALL + ["--placement", str(ROOT / "configs/demo.yaml"), "--concurrency", "2"]
     argv += ["--requests", "2x", "--prompt-len", "lognormal:12,0.3", "--output-len", "uniform:2,5"]
     argv += ["--warmup", "1", "--naive", "0", "--settle-s", "0", "--read-bw-gb", "0.125"]
+    argv += ["--ab-rounds", "1", "--ab-steps", "2"]  # bench/decode.py's step beside the engine's
     rows = lines(capsys, argv)
+    (ab,) = rows["batch1_ab"]
+    assert len(ab["engine_tpot_ms"]) == len(ab["decode_ref_ms"]) == 1 and ab["decode_ref_ms"][0] > 0
     assert rows["setup"][0]["host_read_gbps"] > 0
     (row,) = rows["engine"]
     assert row["requests"] == 4 and "vs_naive" not in row  # (--naive 0)

@@ -1,0 +1,218 @@
+"""The benchmarks' workloads: random-weight models at the published shapes (DeepSeek-V3 whole or
+as a slice, V2-Lite), the routed experts' modes (all on the GPU side's zeros, the hybrid
+runtime with or without overlap and deferral, packed int4 GPU experts), the MLA backend, and
+decode batches over a contiguous or a paged latent cache. bench/decode.py, throughput.py,
+prefill.py and serving_http.py build on them."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from bench.cpu_moe import random_layer
+from hetero.config import ModelConfig
+from hetero.cpu_experts.formats import Format
+from hetero.model import ForwardBatch, Transformer
+from hetero.model.batch import PagedKVCache
+from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8
+from hetero.model.moe import RoutedRun
+from hetero.placement import parse_placement
+from hetero.sched.hybrid import HybridExperts
+from hetero.sched.runtime import is_fp8_module
+
+MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
+WORKLOADS = {
+    "v3-slice": ("deepseek-v3", {"first_k_dense_replace": 1}),
+    "v3": ("deepseek-v3", {}),
+    "v2-lite": ("deepseek-v2-lite", {}),
+}
+
+
+def full_layers(workload: str) -> tuple[int, int]:
+    """(layers, MoE layers) of the whole published model the workload stands for."""
+    config = ModelConfig.from_hf(MODELS / WORKLOADS[workload][0])
+    return config.num_hidden_layers, len(config.moe_layers)
+
+
+def slice_config(workload: str, moe_layers: int | None) -> dict:
+    name, overrides = WORKLOADS[workload]
+    d = json.loads((MODELS / name / "config.json").read_text())
+    d.update(overrides)
+    if moe_layers:
+        d["num_hidden_layers"] = d["first_k_dense_replace"] + moe_layers
+    d.pop("quantization_config", None)
+    return d
+
+
+@torch.no_grad()
+def random_model(
+    config: ModelConfig,
+    device: str,
+    dtype: torch.dtype,
+    fp8: bool,
+    gpu_experts: int = 0,
+    attention: str = "triton",
+) -> Transformer:
+    """All non-expert weights random (scaled so activations stay O(1)); of the routed experts,
+    the first `gpu_experts` of each layer as GPU modules (as configs/deepseek-v3-80gb.yaml
+    keeps 20). `fp8`: all their Linear layers as FP8 blocks. `attention`: the MLA backend, as
+    `hetero serve --attention` (triton: the kernels over a paged cache, W_UK / W_UV absorbed
+    once, as the loader does; absorbed: the torch ops, kv_b_proj dequantized at every call)."""
+    resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
+    with torch.device("meta"):
+        model = Transformer(config, attention=attention, resident=resident)
+    if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
+        experts = f"{{match: '\\.mlp\\.experts$', device: cpu, gpu_experts: {gpu_experts}, "
+        experts += "gpu_format: fp8}"  # (a slice's config has no quantization block: say it)
+        text = f"rules:\n  - {experts}\n  - {{device: gpu, format: fp8}}\n"
+        to_fp8(model, partial(is_fp8_module, parse_placement(text, config)), (128, 128))
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, FP8Linear):
+            w = torch.randn(m.weight.shape, device=device, generator=gen)
+            m.weight.data, m.weight_scale_inv.data = block_quantize(w / math.sqrt(w.shape[1]))
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float8_e4m3fn or name.endswith("weight_scale_inv"):
+            continue
+        if name.endswith("norm.weight") or "layernorm" in name:
+            p.fill_(1.0)
+        elif p.ndim == 2:
+            p.normal_(0, 1 / math.sqrt(p.shape[-1]), generator=gen)
+    for name, b in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.zero_()
+    for name, p in model.named_parameters():
+        if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
+            p.data = p.data.to(dtype)
+    if attention == "triton":  # as hetero serve loads: absorbed, FP8 projections fused
+        model.absorb_attention()
+        model.fuse_projections()
+    return model.eval()
+
+
+class ZeroExperts:
+    """The GPU side alone: routed experts contribute nothing and cost nothing."""
+
+    def submit(self, x, ids, weights) -> RoutedRun:
+        y = torch.zeros_like(x)
+        return RoutedRun(lambda: y)
+
+
+def set_mode(model, config, engine, mode: str) -> None:
+    for L in config.moe_layers:
+        moe = model.model.layers[L].mlp
+        if mode == "gpu_only":
+            moe.routed = ZeroExperts()
+            continue
+        d = int(mode[5:]) if mode.startswith("defer") else 0
+        moe.routed = HybridExperts(
+            moe.experts,
+            layer=L,
+            engine=engine,
+            num_experts=config.n_routed_experts,
+            deferred=d,
+            overlap=mode != "sequential",
+            gpu=getattr(model, "packed_gpu", {}).get(L),  # --gpu-format int4's experts
+        )
+
+
+def packed_gpu_experts(config, fmt: Format, g: int, n: int, device: str) -> dict:
+    """MoE layer -> its first g experts packed in `fmt` on the GPU (PackedGPUExperts, as a
+    placement's `gpu_format: int4-gG` keeps them), n distinct random sets taken in turn."""
+    from hetero.gpu.packed_experts import PackedGPUExperts
+
+    H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
+    sets = [random_layer(fmt, H, I, g, seed=100 + i) for i in range(n)]
+    experts = range(g)
+    return {L: PackedGPUExperts(sets[i % n], experts, E, device)
+            for i, L in enumerate(config.moe_layers)}  # fmt: skip
+
+
+def decode_batch(cache, seqs: range, q_len: int, ctx: int, device: str) -> ForwardBatch:
+    """Sequences `seqs` at `ctx` tokens, the last `q_len` new: those rows of a contiguous cache,
+    or in a PagedKVCache sequence i on pages 1 + i * P .. (P: the pages `cache.seq_len` needs)."""
+    B = len(seqs)
+    if not isinstance(cache, PagedKVCache):
+        return ForwardBatch.build(list(seqs), [q_len] * B, [ctx] * B, device)
+    P, used = -(-cache.seq_len // cache.page_size), -(-ctx // cache.page_size)
+    tables = [list(range(1 + i * P, 1 + i * P + used)) for i in seqs]
+    return ForwardBatch.paged(tables, [q_len] * B, [ctx] * B, cache.page_size, device)
+
+
+def new_cache(model, B: int, length: int, page_size: int):
+    """A contiguous cache of B rows, or (page_size > 0) a paged one with B sequences' pages."""
+    if not page_size:
+        return model.new_cache(B, length)
+    cache = model.new_paged_cache(1 + B * -(-length // page_size), page_size)
+    cache.seq_len = length
+    return cache
+
+
+def set_defer(model, d: int) -> None:
+    """Every CPU-engine layer defers d of a token's experts from now on."""
+    for block in model.model.layers:
+        routed = getattr(block.mlp, "routed", None)
+        routed = getattr(routed, "inner", routed)  # (the probe's wrapper)
+        if hasattr(routed, "deferred"):
+            routed.deferred = d
+
+
+def set_attention(model, handle, name: str) -> None:
+    """Every MLA layer attends through backend `name` from now on (issue 18's A/B: the Triton
+    kernels or the torch ops, W_UK/W_UV absorbed in both); the engine's captured decode graphs
+    are dropped so the next steps capture the new path (called between levels: no step runs)."""
+    from hetero.registry import MLA_ATTENTION
+
+    attend = MLA_ATTENTION.get(name)
+    for block in model.model.layers:
+        block.self_attn.attend = attend
+    getattr(handle.engine.runner, "decoders", {}).clear()
+
+
+def fill_prompts(model, cache, B: int, context: int, device: str) -> None:
+    """Sequences 0..B-1 of `cache` prefilled with `context` random tokens each (<= 16K tokens
+    a forward pass)."""
+    per_pass = max(1, 16384 // context)
+    for i in range(0, B, per_pass):
+        seqs = range(i, min(B, i + per_pass))
+        batch = decode_batch(cache, seqs, context, context, device)
+        ids = torch.randint(0, model.config.vocab_size, (len(seqs) * context,)).to(device)
+        model(ids, batch, cache)
+
+
+def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str, graphed=None):
+    """`steps` decode steps of B sequences from context length `start`; ms per step and stats.
+    `graphed`: a GraphedDecoder over `cache` to step with instead of the model."""
+    gen = torch.Generator().manual_seed(B)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    ms = []
+    engine.stats.busy_s = engine.stats.wait_s = engine.stats.compute_s = 0.0
+    for i in range(steps):
+        ids = torch.randint(0, model.config.vocab_size, (B,), generator=gen).to(device)
+        batch = decode_batch(cache, range(B), 1, start + i + 1, device)
+        sync()
+        t0 = time.perf_counter()
+        if graphed is None:
+            model(ids, batch, cache, last_only=True)
+        elif batch.page_table is not None:
+            graphed.paged_step(ids, batch.positions, batch.page_table, batch.slot_mapping)
+        else:
+            graphed.step(ids, batch.positions)
+        sync()
+        ms.append((time.perf_counter() - t0) * 1e3)
+    wall = sum(ms) / 1e3
+    ms.sort()
+    return {
+        "ms": round(ms[len(ms) // 2], 3),
+        "mean_ms": round(wall / steps * 1e3, 3),
+        "cpu_busy": round(engine.stats.busy_s / wall, 3),
+        "cpu_ms": round(engine.stats.busy_s / steps * 1e3, 3),
+        "cpu_compute_ms": round(engine.stats.compute_s / steps * 1e3, 3),
+        "wait_ms": round(engine.stats.wait_s / steps * 1e3, 3),
+    }
