@@ -8,6 +8,9 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in Triton's interpreter (tiny shapes)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the EngineHandle tests' fixtures (`demo`, `make_handle`; a module's own `demo` overrides it)
+pytest_plugins = ["handle_support"]
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

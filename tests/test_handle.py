@@ -1,135 +1,30 @@
 """EngineHandle: the engine's step loop in its own thread, fed and read from other threads and
-from asyncio, on the shipped demo model. Greedy outputs are checked against hetero.generate.
-
-Nothing here waits on a timer to decide a result: state is polled until it holds or a generous
-deadline passes, and where a test needs the loop at a known point it gates `engine.step`.
+from asyncio, on the shipped demo model. Greedy outputs are checked against hetero.generate;
+closing, releasing and failing requests: test_handle_lifecycle.py (helpers: handle_support.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
-from dataclasses import dataclass, field
 
 import pytest
-import torch
-from transformers import AutoTokenizer
+from handle_support import (  # tests/handle_support.py (its fixtures: conftest.py)
+    DEADLINE_S,
+    DEMO,
+    StepGate,
+    assert_stream,
+    greedy,
+    tokens,
+    wait_for,
+)
 
-from hetero.demo import demo_dir
 from hetero.engine.engine import Engine, RequestError, ServingConfig
 from hetero.engine.handle import EngineHandle
 from hetero.engine.outputs import RequestOutput
 from hetero.engine.params import SamplingParams
-from hetero.generate import SamplingParams as GenerateParams
-from hetero.generate import generate
-from hetero.loader import load_model
 
-DEMO = demo_dir()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the demo weights are not in hetero/demo/")
-EOS = 1
-DEADLINE_S = 120.0  # generous: a slow, shared CPU
-
-SOURCE = '''def read_config(path, defaults=None):
-    """Return the settings in the file at path, over the defaults."""
-    settings = dict(defaults or {})
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            key, _, value = line.partition("=")
-            settings[key.strip()] = value.strip()
-    return settings
-
-
-class Counter:
-    def __init__(self):
-        self.counts = {}
-
-    def add(self, key, n=1):
-        self.counts[key] = self.counts.get(key, 0) + n
-        return self.counts[key]
-'''
-
-
-@dataclass
-class Demo:
-    model: torch.nn.Module
-    tok: object
-    ids: list[int]
-    done: dict = field(default_factory=dict)
-
-    def reference(self, prompts: list[list[int]], max_tokens: int = 8) -> list[list[int]]:
-        """hetero.generate's greedy tokens for each prompt (never stopping early). Call it
-        before a handle runs: the model is not meant to run in two threads at once."""
-        todo = [p for p in dict.fromkeys(map(tuple, prompts)) if (p, max_tokens) not in self.done]
-        if todo:
-            outs = generate(self.model, [list(p) for p in todo], GenerateParams(max_tokens))
-            self.done.update({(p, max_tokens): out for p, out in zip(todo, outs)})
-        return [self.done[tuple(p), max_tokens] for p in prompts]
-
-
-@pytest.fixture(scope="module")
-def demo() -> Demo:
-    model = load_model(DEMO, dtype=torch.float32, progress=False)
-    tok = AutoTokenizer.from_pretrained(DEMO)
-    return Demo(model, tok, tok.encode(SOURCE, add_special_tokens=False))
-
-
-@pytest.fixture
-def make_handle(demo):
-    handles = []
-
-    def make(**config) -> EngineHandle:
-        engine = Engine(demo.model, demo.tok, ServingConfig(**config), eos_ids=(EOS,))
-        handles.append(EngineHandle(engine, idle_s=0.01))
-        return handles[-1]
-
-    yield make
-    for h in handles:
-        h.close()
-
-
-def greedy(max_tokens: int = 8, **kw) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, **kw)
-
-
-def tokens(outs: list[RequestOutput]) -> list[int]:
-    return [t for out in outs for t in out.token_ids]
-
-
-def wait_for(condition, what: str, timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
-
-
-def assert_stream(outs: list[RequestOutput], finish_reason: str) -> None:
-    assert outs and outs[-1].finish_reason == finish_reason
-    assert all(o.finish_reason is None for o in outs[:-1])
-
-
-class StepGate:
-    """Holds the engine loop before each step until `advance` lets steps through."""
-
-    def __init__(self, handle: EngineHandle, monkeypatch) -> None:
-        self.handle, self.permits, self.let = handle, threading.Semaphore(0), 0
-        step = handle.engine.step
-
-        def gated():
-            assert self.permits.acquire(timeout=DEADLINE_S), "the test never let a step through"
-            return step()
-
-        monkeypatch.setattr(handle.engine, "step", gated)
-
-    def advance(self, n: int = 1) -> None:
-        """Lets n more steps run and waits until they have."""
-        self.let += n
-        self.permits.release(n)
-        wait_for(lambda: self.handle.stats().steps == self.let, f"step {self.let}")
 
 
 def test_threads_submit_at_once_and_match_generate(demo, make_handle):
@@ -282,120 +177,3 @@ def test_stats_count_the_cpu_engines_busy_seconds(demo):
         assert h.stats().cpu_busy_s == 2.0
     finally:
         h.close()
-
-
-def test_close_aborts_requests_in_flight(demo, make_handle):
-    h = make_handle(page_size=16, kv_cache_tokens=2048, max_num_seqs=2)
-    free = h.stats().pages_free
-    rids = [h.submit(demo.ids[i : i + 8], greedy(500)) for i in (0, 30)]
-    readers = [h.outputs(rid, timeout=DEADLINE_S) for rid in rids]
-    firsts = [next(r) for r in readers]  # both are running
-    h.close()
-    for first, reader in zip(firsts, readers):
-        outs = [first, *reader]
-        assert_stream(outs, "abort")
-        assert len(tokens(outs)) < 500
-    assert h.engine.pool.num_free == free
-    assert not h.engine.requests and not h.engine.has_work
-    with pytest.raises(RuntimeError, match="shut down"):
-        h.submit(demo.ids[:8], greedy(2))
-
-
-def test_release_frees_the_pages_and_keeps_no_outputs(demo, make_handle):
-    """A caller gone for good (a client that disconnected) releases its request: the pages
-    come back and nothing is kept for a reader that will never come."""
-    h = make_handle(page_size=16, kv_cache_tokens=2048)
-    free = h.stats().pages_free
-    rid = h.submit(demo.ids[:8], greedy(500))
-    wait_for(lambda: h.stats().running == 1, "the request to run")
-    h.release(rid)
-    wait_for(lambda: h.stats().running == 0 and h.stats().pages_free == free, "the pages")
-    with pytest.raises(KeyError, match="unknown request id"):
-        h.outputs(rid)
-    assert not h._sinks  # (nothing held for it)
-
-
-def test_close_aborts_a_request_the_loop_has_not_picked_up(demo, make_handle):
-    """A request submitted while the loop is inside a step is still in the inbox when close()
-    is called: it is in flight all the same, and its reader must get its "abort"."""
-    h = make_handle(page_size=16, kv_cache_tokens=1024)
-    in_step = threading.Event()
-    step = h.engine.step
-
-    def held_until_close():
-        in_step.set()
-        assert h._stop.wait(DEADLINE_S)  # close() has begun
-        return step()
-
-    h.engine.step = held_until_close
-    h.submit(demo.ids[:8], greedy(50))
-    assert in_step.wait(DEADLINE_S)
-    late = h.submit(demo.ids[30:38], greedy(8))
-    reader = h.outputs(late, timeout=5)
-    h.close()
-    outs = list(reader)
-    assert_stream(outs, "abort")
-    assert tokens(outs) == []
-    assert h.engine.pool.num_free == h.engine.pool.capacity
-
-
-@pytest.mark.parametrize("how", ["outputs", "stream"])
-def test_a_finished_request_can_still_be_read(demo, make_handle, how):
-    """submit() returns at once and the request may finish before its caller starts reading
-    (a short request, a busy caller): its outputs must still be there."""
-    prompt = demo.ids[:12]
-    expected = demo.reference([prompt], 2)[0]
-    h = make_handle(page_size=16, kv_cache_tokens=1024)
-
-    def finished() -> bool:
-        stats = h.stats()
-        return stats.generated_tokens == 2 and stats.running == stats.waiting == 0
-
-    if how == "outputs":
-        rid = h.submit(prompt, greedy(2))
-        wait_for(finished, "the request to finish")
-        outs = list(h.outputs(rid, timeout=10))
-    else:
-
-        async def main():
-            rid = h.submit(prompt, greedy(2), loop=asyncio.get_running_loop())
-            while not finished():
-                await asyncio.sleep(0.002)
-            return [out async for out in h.stream(rid)]
-
-        outs = asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
-    assert tokens(outs) == expected
-    assert_stream(outs, "length")
-
-
-def fail_first_run(h: EngineHandle, monkeypatch) -> None:
-    run, calls = h.engine.runner.run, []
-
-    def flaky(work):
-        calls.append(len(work))
-        if len(calls) == 1:
-            raise RuntimeError("injected failure in the model")
-        return run(work)
-
-    monkeypatch.setattr(h.engine.runner, "run", flaky)
-
-
-def test_a_failed_step_ends_its_requests_and_the_engine_goes_on(demo, make_handle, monkeypatch):
-    """The request in the failed step ends with "error" and the reason; the engine serves on."""
-    prompts = [demo.ids[:10], demo.ids[20:34]]
-    expected = demo.reference(prompts, 6)
-    h = make_handle(page_size=16, kv_cache_tokens=1024)
-    free = h.stats().pages_free
-    fail_first_run(h, monkeypatch)
-
-    rid = h.submit(prompts[0], greedy(6))
-    outs = list(h.outputs(rid, timeout=DEADLINE_S))
-    assert_stream(outs, "error")
-    assert tokens(outs) == []
-    assert outs[-1].error is not None and "injected failure" in outs[-1].error
-    wait_for(lambda: h.stats().pages_free == free, "the failed request's pages to come back")
-    assert h.stats().running == 0 and not h.engine.requests
-
-    assert h.generate(prompts[1], greedy(6)) == expected[1]
-    assert h.generate(prompts[0], greedy(6)) == expected[0]
-    wait_for(lambda: h.stats().pages_free == free, "the pages to come back")
