@@ -21,7 +21,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,7 +29,7 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.serving_load import parse_dist, percentiles  # noqa: E402
+from bench.serving_load import Timing, parse_dist, percentiles  # noqa: E402
 
 WORDS = ("data", "value", "list", "index", "result", "token", "model", "cache", "page", "step",
          "queue", "thread", "buffer", "layer", "expert", "stream", "batch", "prefix", "kernel",
@@ -46,10 +46,9 @@ class Conversation:
 
 
 @dataclass
-class Result:
-    submitted: float
-    stamps: list[float] = field(default_factory=list)  # arrival of each chunk with text
-    tokens: int = 0
+class Result(Timing):
+    """A request's arrival stamps of the chunks that carry text, and its error if it failed."""
+
     error: str | None = None
 
 
@@ -133,9 +132,9 @@ def summary(results: list[Result], wall: float) -> dict:
         "first_error": next((r.error for r in results if r.error), None),
         "output_tokens": tokens, "wall_s": round(wall, 3),
         "output_tok_s": round(tokens / wall, 2), "req_s": round(len(ok) / wall, 3),
-        "ttft_ms": percentiles([r.stamps[0] - r.submitted for r in ok]),
+        "ttft_ms": percentiles([r.ttft for r in ok]),
         "itl_ms": percentiles(gaps),
-        "e2e_ms": percentiles([r.stamps[-1] - r.submitted for r in ok]),
+        "e2e_ms": percentiles([r.e2e for r in ok]),
     }  # fmt: skip
 
 

@@ -1,7 +1,6 @@
 """The load side of bench/throughput.py: length distributions, the closed-loop clients, the step
-probe that counts what the CPU expert engine reads, the summaries of a run, the machine's side
-of the comparison (its read bandwidth, the CPU side settled), and bench/decode.py's batch-1 step
-alternated with the engine's (DecodeRef, batch1_ab)."""
+probe that counts what the CPU expert engine reads, the summaries of a run, and the machine's
+side of the comparison (its read bandwidth, the CPU side settled)."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from bench.workloads import fill_prompts, new_cache, time_steps
 from hetero.model.fp8 import KERNEL_MAX_TOKENS
 from hetero.model.moe import RoutedRun, torch_routed_experts
 from hetero.sched.hybrid import HybridExperts
@@ -336,53 +334,3 @@ def settle_times(engine, config, B: int, gpu_experts: int, limit_s: float) -> li
         if len(times) > 2 and abs(times[-1] - times[-2]) <= 0.05 * times[-2]:
             break
     return times
-
-
-class DecodeRef:
-    """bench/decode.py's measure on this same model and CPU engine: batch-1 decode steps of one
-    sequence over a paged cache as the engine's (the same attention kernels), each layer's GPU
-    work from graph segments (CUDA graphs on a GPU): the rate the engine's batch-1 decode is
-    held to."""
-
-    PROMPT, PAGE = 16, 64  # tokens of context before the timed steps; the cache's page size
-
-    @torch.no_grad()
-    def __init__(self, model, cpu, device: str, steps: int, rounds: int) -> None:
-        from hetero.sched.graphs import GraphedDecoder
-
-        self.model, self.cpu, self.device, self.steps = model, cpu, device, steps
-        length = self.PROMPT + (steps + 2) * (rounds + 1) + 8
-        self.cache = new_cache(model, 1, length, self.PAGE)
-        fill_prompts(model, self.cache, 1, self.PROMPT, device)
-        self.graphed = GraphedDecoder(model, self.cache, device.startswith("cuda"), batch=1,
-                                      pages=-(-length // self.PAGE))  # fmt: skip
-        self.pos = self.PROMPT
-
-    def time(self) -> dict:
-        args = self.model, self.cpu, self.cache, 1
-        time_steps(*args, self.pos, 2, self.device, self.graphed)  # warm-up (graph capture)
-        r = time_steps(*args, self.pos + 2, self.steps, self.device, self.graphed)
-        self.pos += self.steps + 2
-        return {"ms": r["ms"], "cpu_busy": r["cpu_busy"]}
-
-
-def batch1_ab(handle, ref: DecodeRef, rounds: int, vocab: int, params) -> dict:
-    """bench/decode.py's step and the engine's batch-1 decode (one request, TPOT p50),
-    alternated `rounds` times: a VM's speed drifts within a run, so each engine figure has
-    its reference beside it. `params(n)`: the request's SamplingParams for n tokens."""
-    gen = torch.Generator().manual_seed(7)
-    pairs = []
-    for _ in range(rounds):
-        r = ref.time()
-        prompt = torch.randint(0, vocab, (32,), generator=gen).tolist()
-        req = Req(prompt, ref.steps + 8)
-        timings, _ = drive(handle, [req], params, 1)
-        pairs.append((timings[0].tpot * 1e3, r["ms"]))
-    ratios = sorted(e / m for e, m in pairs)
-    return {
-        "mode": "batch1_ab",
-        "engine_tpot_ms": [round(e, 3) for e, _ in pairs],
-        "decode_ref_ms": [round(m, 3) for _, m in pairs],
-        "engine_vs_ref": [round(x, 3) for x in ratios],
-        "engine_vs_ref_median": round(ratios[len(ratios) // 2], 3),
-    }

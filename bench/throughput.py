@@ -38,11 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.prediction import predictor  # noqa: E402
 from bench.serving_load import (  # noqa: E402
-    DecodeRef,
     GPUExperts,
+    Req,
     StepProbe,
     StubTokenizer,
-    batch1_ab,
     draw_requests,
     drive,
     host_read,
@@ -53,6 +52,7 @@ from bench.serving_load import (  # noqa: E402
 )
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
+    DecodeRef,
     random_model,
     set_attention,
     set_defer,
@@ -136,6 +136,28 @@ def naive(model, reqs, device: str) -> dict:
     wall = time.perf_counter() - t0
     return {"requests": len(reqs), "output_tokens": tokens, "wall_s": round(wall, 3),
             "output_tok_s": round(tokens / wall, 2)}  # fmt: skip
+
+
+def batch1_ab(handle, ref: DecodeRef, rounds: int, vocab: int) -> dict:
+    """bench/decode.py's step and the engine's batch-1 decode (one request, TPOT p50),
+    alternated `rounds` times: a VM's speed drifts within a run, so each engine figure has
+    its reference beside it."""
+    gen = torch.Generator().manual_seed(7)
+    pairs = []
+    for _ in range(rounds):
+        r = ref.time()
+        prompt = torch.randint(0, vocab, (32,), generator=gen).tolist()
+        req = Req(prompt, ref.steps + 8)
+        timings, _ = drive(handle, [req], params, 1)
+        pairs.append((timings[0].tpot * 1e3, r["ms"]))
+    ratios = sorted(e / m for e, m in pairs)
+    return {
+        "mode": "batch1_ab",
+        "engine_tpot_ms": [round(e, 3) for e, _ in pairs],
+        "decode_ref_ms": [round(m, 3) for _, m in pairs],
+        "engine_vs_ref": [round(x, 3) for x in ratios],
+        "engine_vs_ref_median": round(ratios[len(ratios) // 2], 3),
+    }
 
 
 def serving_config(args) -> ServingConfig:
@@ -227,7 +249,7 @@ def run(args) -> None:
             print(json.dumps({**base, "mode": "naive", "concurrency": 1, **ref}), flush=True)
         if cpu is not None and args.ab_rounds:
             dref = DecodeRef(model, cpu, args.device, args.ab_steps, args.ab_rounds)
-            ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size, params)
+            ab = batch1_ab(handle, dref, args.ab_rounds, model.config.vocab_size)
             if predict:  # beside bench/decode.py's step
                 ab |= predict.batch1(statistics.median(ab["decode_ref_ms"]), dref.pos)
             print(json.dumps({**base, **ab}), flush=True)

@@ -1,8 +1,9 @@
 """The benchmarks' workloads: random-weight models at the published shapes (DeepSeek-V3 whole or
 as a slice, V2-Lite), the routed experts' modes (all on the GPU side's zeros, the hybrid
-runtime with or without overlap and deferral, packed int4 GPU experts), the MLA backend, and
-decode batches over a contiguous or a paged latent cache. bench/decode.py, throughput.py,
-prefill.py and serving_http.py build on them."""
+runtime with or without overlap and deferral, packed int4 GPU experts), the MLA backend,
+decode batches over a contiguous or a paged latent cache and their timed steps (`time_steps`,
+and `DecodeRef`: bench/decode.py's batch-1 step beside the serving engine's). bench/decode.py,
+throughput.py, prefill.py and serving_http.py build on them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from hetero.model.batch import PagedKVCache
 from hetero.model.fp8 import FP8Linear, block_quantize, to_fp8
 from hetero.model.moe import RoutedRun
 from hetero.placement import parse_placement
+from hetero.sched.graphs import GraphedDecoder
 from hetero.sched.hybrid import HybridExperts
 from hetero.sched.runtime import is_fp8_module
 
@@ -216,3 +218,29 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
         "cpu_compute_ms": round(engine.stats.compute_s / steps * 1e3, 3),
         "wait_ms": round(engine.stats.wait_s / steps * 1e3, 3),
     }
+
+
+class DecodeRef:
+    """bench/decode.py's measure on this same model and CPU engine: batch-1 decode steps of one
+    sequence over a paged cache as the engine's (the same attention kernels), each layer's GPU
+    work from graph segments (CUDA graphs on a GPU): the rate the engine's batch-1 decode is
+    held to."""
+
+    PROMPT, PAGE = 16, 64  # tokens of context before the timed steps; the cache's page size
+
+    @torch.no_grad()
+    def __init__(self, model, cpu, device: str, steps: int, rounds: int) -> None:
+        self.model, self.cpu, self.device, self.steps = model, cpu, device, steps
+        length = self.PROMPT + (steps + 2) * (rounds + 1) + 8
+        self.cache = new_cache(model, 1, length, self.PAGE)
+        fill_prompts(model, self.cache, 1, self.PROMPT, device)
+        self.graphed = GraphedDecoder(model, self.cache, device.startswith("cuda"), batch=1,
+                                      pages=-(-length // self.PAGE))  # fmt: skip
+        self.pos = self.PROMPT
+
+    def time(self) -> dict:
+        args = self.model, self.cpu, self.cache, 1
+        time_steps(*args, self.pos, 2, self.device, self.graphed)  # warm-up (graph capture)
+        r = time_steps(*args, self.pos + 2, self.steps, self.device, self.graphed)
+        self.pos += self.steps + 2
+        return {"ms": r["ms"], "cpu_busy": r["cpu_busy"]}
