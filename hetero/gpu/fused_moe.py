@@ -9,7 +9,8 @@
    same rows over H in one loop and stores h = silu(gate) * up [R, I] in sorted order. At
    decode sizes (16-row blocks) each program sums one of SPLIT_K ranges of H instead, stores
    its partial gate and up, and `_silu_mul` adds the ranges in a fixed order into h: 4x the
-   programs where a pair's 32 could not stream its expert (unmeasured on the GPU yet).
+   programs where a pair's 32 could not stream its expert (H200, one or two int4-g32 experts:
+   0.98 -> 0.55 ms).
 2. `_down`, grid (blocks, H / BLOCK_N): h's rows times down_proj, scaled by the pair's router
    weight, stored to y [T*k, H] fp32 at the pair's row; out = y.view(T, k, H).sum(1).
 The sum over k is a store per pair then a torch sum rather than an atomic add into [T, H]: each

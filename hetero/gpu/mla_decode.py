@@ -129,12 +129,11 @@ def mla_decode(
     num_stages: int = 2,
 ) -> torch.Tensor:
     """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence; any strides but the last
-    dim's), one layer's pages latent
-    [P, page_size, C] and rope [P, page_size, R], page_table [B, n] int32, ctx_lens [B] int32
-    -> out_lat [B, h, C] in q_lat's dtype. `splits`: programs a sequence's context is split
-    over (default: enough to give every SM work at this batch). Tiles: bench/mla_sweep.py's
-    best on the H200 (64 heads x 64 tokens, 8 warps: 0.59 ms at batch 32 x 8K against 0.71 for
-    16 x 32 x 4 warps, 0.16 against 0.19 ms at batch 1 x 4K)."""
+    dim's), one layer's pages latent [P, page_size, C] and rope [P, page_size, R], page_table
+    [B, n] int32, ctx_lens [B] int32 -> out_lat [B, h, C] in q_lat's dtype. `splits`: programs
+    a sequence's context is split over (default: enough to give every SM work at this batch).
+    Tiles: bench/mla_sweep.py's best on the H200 (64 heads x 64 tokens, 8 warps: 0.59 ms at
+    batch 32 x 8K against 0.71 for 16 x 32 x 4 warps, 0.16 against 0.19 ms at batch 1 x 4K)."""
     B, H, C = q_lat.shape
     P, page, R = rope.shape
     if q_pe.shape != (B, H, R) or latent.shape != (P, page, C):

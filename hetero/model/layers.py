@@ -44,8 +44,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            h = self.gate_up.silu_mul(x)  # [T, inter]
-            return self.down_proj(h)
+            return self.down_proj(self.gate_up.silu_mul(x))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def fuse(self) -> None:

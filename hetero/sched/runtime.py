@@ -216,17 +216,17 @@ def load_for_device(
             path, device=opts.device, dtype=opts.dtype, attention=opts.attention,
             progress=opts.progress,
         )  # fmt: skip
-        _absorb(model, plan, opts)
+        _prepare_gpu(model, plan, opts)
         return Loaded(model, lambda: None, 0, plan.kv_tokens, plan.kv_page_size, None)
     loaded = load_hybrid(path, placement, opts)
-    _absorb(loaded.model, plan, opts)
+    _prepare_gpu(loaded.model, plan, opts)
     chunk = placement.runtime.prefill_chunk
     return Loaded(
         loaded.model, loaded.close, chunk, plan.kv_tokens, plan.kv_page_size, loaded.engine
     )
 
 
-def _absorb(model: Transformer, plan, opts: HybridOptions) -> None:
+def _prepare_gpu(model: Transformer, plan, opts: HybridOptions) -> None:
     """W_UK / W_UV kept dense where the plan made room for them (absorbed attention only); the
     FP8 matrices that share an input fused (no memory added)."""
     if plan.absorb_mla and opts.attention in ("absorbed", "triton"):
