@@ -21,10 +21,10 @@ import random
 import re
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -110,9 +110,11 @@ async def run_level(client, args, convs: list[Conversation], concurrency: int) -
 def prefix_counters(url: str, api_key: str | None) -> tuple[float, float] | None:
     """(prompt tokens, prefix-cache hit tokens) from hetero's /metrics; None elsewhere."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url.rstrip("/") + "/metrics", headers=headers)
     try:
-        text = httpx.get(url.rstrip("/") + "/metrics", headers=headers, timeout=10).text
-    except httpx.HTTPError:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            text = response.read().decode()
+    except (OSError, ValueError):  # (urllib's errors are OSErrors)
         return None
     values = {}
     for name in ("prompt_tokens", "prefix_cache_hit_tokens"):
