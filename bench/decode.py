@@ -44,10 +44,12 @@ from bench.timeline import profile_step, trace_steps  # noqa: E402
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
     fill_prompts,
+    fp8_tiles,
     full_layers,
     new_cache,
     packed_gpu_experts,
     random_model,
+    set_fp8_tiles,
     set_mode,
     slice_config,
     time_steps,
@@ -76,6 +78,8 @@ def run(args) -> None:
     fp8, packed = args.gpu_format != "bf16", args.gpu_format.startswith("int4")
     resident = 0 if packed else args.gpu_experts  # int4: packed arrays, not modules
     model = random_model(config, device, torch.bfloat16, fp8, resident, args.attention)
+    if args.fp8_tiles:
+        set_fp8_tiles(model, fp8_tiles(args.fp8_tiles))
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     moe = config.moe_layers
@@ -103,6 +107,7 @@ def run(args) -> None:
         "graphs": args.graphs,
         "paged": args.paged,
         "attention": args.attention,
+        "fp8_tiles": args.fp8_tiles or "default",
         "gpu_experts": args.gpu_experts,
         "cpu_layers": n,
         "cpu_threads": engine.threads,
@@ -203,6 +208,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--context", type=ints, default=[16], help="tokens each sequence starts with")
     p.add_argument("--paged", type=int, default=0, help="page size of a paged cache (0: rows)")
+    p.add_argument(
+        "--fp8-tiles",
+        default="",
+        help="the FP8 GEMV's launch settings, e.g. mma=0+num_warps=8 (fp8_gemm.Tiles)",
+    )
     p.add_argument("--attention", choices=("triton", "absorbed"), default="triton",
                    help="MLA: the kernels (a paged cache) or the torch ops")  # fmt: skip
     p.add_argument("--modes", type=lambda s: s.split(","), help="default: all (gpu_only, ...)")

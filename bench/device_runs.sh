@@ -7,7 +7,7 @@
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
-#   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4
+#   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -45,6 +45,17 @@ for stage in "$@"; do
       timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
         --context 16 --graphs --steps 20 --rounds 2 --attention absorbed \
         >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
+    gpu-step-tiles)  # issue 18 (sixth session): the V3 GPU side alone after the router's bf16
+      # product, split-K summed in the GEMV, context lengths read as positions; batch 1 and 32
+      # with the default FP8 GEMV tiles, then the one-row CUDA-core GEMV and the bf16 MMA (~5 min)
+      timeout 200 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
+        --context 16,4096 --paged 64 --graphs --steps 20 --rounds 2 \
+        --profile "$OUT/gpu_step_tiles" > "$OUT/gpu_step_tiles.jsonl" 2> "$OUT/gpu_step_tiles.err"
+      for t in mma=0+num_warps=8 mma=0 bf16=1; do
+        timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
+          --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles $t \
+          >> "$OUT/gpu_step_tiles.jsonl" 2>> "$OUT/gpu_step_tiles.err"
+      done; tail -2 "$OUT/gpu_step_tiles.err"; grep -c . "$OUT/gpu_step_tiles.jsonl" ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route

@@ -1,8 +1,9 @@
 """fp8_gemm's launch settings at decode sizes on DeepSeek-V3's matrices: output rows a program
 (block_n), warps, pipeline stages and programs an SM (the split-K degree), each against the
 default's output, the weight's bytes over the device copy bandwidth measured in the same run
-(the floor), and bf16 cuBLAS on the dequantized weight (the naive path). CUDA-graph replays,
-so launch overhead from the host does not count. JSON lines; `python bench/fp8_sweep.py`."""
+(the floor), and bf16 cuBLAS on the dequantized weight (the naive path). Split-K sums in the
+kernel (tile counters, as FP8Linear runs it); CUDA-graph replays, so launch overhead from the
+host does not count. JSON lines; `python bench/fp8_sweep.py`."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.gpu_floor import cuda_ms, hbm_copy_gbps  # noqa: E402
-from hetero.gpu.fp8_gemm import TILES, Tiles, fp8_gemm  # noqa: E402
+from hetero.gpu.fp8_gemm import TILES, Tiles, fp8_gemm, tile_counters  # noqa: E402
 from hetero.model.fp8 import block_dequantize, block_quantize  # noqa: E402
 
 SHAPES = {  # N x K: V3's decode matrices (qkv_a and gate_up as fused at load)
@@ -26,10 +27,12 @@ SHAPES = {  # N x K: V3's decode matrices (qkv_a and gate_up as fused at load)
     "q_b": (24576, 1536), "shared_down": (7168, 2048), "dense_gate_up": (36864, 7168),
 }  # fmt: skip
 SWEEP = [TILES] + [
-    Tiles(block_n=n, num_warps=w, num_stages=4, per_sm=ps, mma=mma)
-    for mma, n, w, ps in itertools.product((True, False), (32, 64, 128), (4, 8), (4, 8))
-    if (n, w, ps, mma) != (64, 4, 4, True)
-]  # (mma=False: one row on the CUDA cores; more rows keep the MMA path)
+    Tiles(block_n=n, num_warps=w, num_stages=4, per_sm=ps, mma=mma, bf16=bf16)
+    for (mma, bf16), n, w, ps in itertools.product(
+        ((True, False), (True, True), (False, False)), (32, 64, 128), (4, 8), (4, 8)
+    )
+    if Tiles(block_n=n, num_warps=w, per_sm=ps, mma=mma, bf16=bf16) != TILES
+]  # (mma=False: one row on the CUDA cores, more rows keep the MMA; bf16: its operands)
 
 
 def graphed(fn):
@@ -61,11 +64,13 @@ def main() -> None:
                     "hbm_gbps": round(hbm), "floor_ms": round(floor_ms, 4)}  # fmt: skip
             naive = cuda_ms(graphed(lambda: x @ dense.T), 30)
             want = fp8_gemm(x, q, s).float()
+            counters = tile_counters(N, max(M, 16), x.device)  # as FP8Linear keeps its own
             for tiles in SWEEP:
                 row = base | dataclasses.asdict(tiles)
+                run = lambda: fp8_gemm(x, q, s, tiles=tiles, counters=counters)  # noqa: B023, E731
                 try:
-                    out = fp8_gemm(x, q, s, tiles=tiles).float()
-                    ms = cuda_ms(graphed(lambda: fp8_gemm(x, q, s, tiles=tiles)), 30)  # noqa: B023
+                    out = run().float()
+                    ms = cuda_ms(graphed(run), 30)
                 except Exception as e:  # a tile that does not fit
                     print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
                     continue

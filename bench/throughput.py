@@ -178,7 +178,9 @@ def plan(args, vocab: int) -> tuple[list[tuple[int, list]], list]:
     for i, C in enumerate(args.concurrency):
         n = args.requests[min(i, len(args.requests) - 1)]
         n = n if n > 0 else -n * C  # (-K: K x the concurrency)
-        levels.append((C, draw_requests(n, *lens, prefix, vocab, [args.seed, C])))
+        # seeded by the level's index too: two levels at one concurrency (an A/B) draw
+        # different prompts, so the second does not find the first's in the prefix cache
+        levels.append((C, draw_requests(n, *lens, prefix, vocab, [args.seed, C, i])))
     return levels, draw_requests(args.warmup, *lens, prefix, vocab, [args.seed, 2**31])
 
 

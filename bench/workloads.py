@@ -7,6 +7,7 @@ throughput.py, prefill.py and serving_http.py build on them."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -175,6 +176,28 @@ def set_attention(model, handle, name: str) -> None:
     for block in model.model.layers:
         block.self_attn.attend = attend
     getattr(handle.engine.runner, "decoders", {}).clear()
+
+
+def fp8_tiles(spec: str):
+    """'mma=0+num_warps=8' -> hetero.gpu.fp8_gemm.Tiles with those fields ('' : the defaults)."""
+    from hetero.gpu.fp8_gemm import Tiles
+
+    fields = {f.name: f.type for f in dataclasses.fields(Tiles)}
+    kw = {}
+    for item in filter(None, spec.split("+")):
+        name, _, value = item.partition("=")
+        if name not in fields or not value.lstrip("-").isdigit():
+            raise ValueError(f"{item!r}: want NAME=INT, NAME one of {sorted(fields)}")
+        kw[name] = bool(int(value)) if fields[name] in (bool, "bool") else int(value)
+    return Tiles(**kw)
+
+
+def set_fp8_tiles(model, tiles) -> None:
+    """Every FP8Linear of the model (the fused ones too) launches its GEMV with `tiles`."""
+    for m in model.modules():
+        for lin in (m, m.__dict__.get("qkv_a"), m.__dict__.get("gate_up")):
+            if isinstance(lin, FP8Linear):
+                lin.tiles = tiles
 
 
 def fill_prompts(model, cache, B: int, context: int, device: str) -> None:

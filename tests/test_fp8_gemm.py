@@ -70,16 +70,27 @@ def test_one_row_without_the_mma_tile(programs, silu_mul):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_one_row_without_the_mma_tile_at_v3_width():
-    from hetero.gpu.fp8_gemm import Tiles
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("M", [1, 16])
+def test_cuda_tile_variants_at_v3_width(M, silu_mul):
+    """The one-row CUDA-core path and the bf16 MMA (which the interpreter cannot run) against
+    dequantize-then-matmul, with and without the tile counters."""
+    from hetero.gpu.fp8_gemm import Tiles, tile_counters
 
-    g = torch.Generator().manual_seed(0)
-    q, s = block_quantize(torch.randn(7168, 16384, generator=g) / 128)
+    g = torch.Generator().manual_seed(M)
+    q, s = block_quantize(torch.randn(4096, 7168, generator=g) / 128)
     q, s = q.cuda(), s.cuda()
-    x = torch.randn(1, 16384, generator=g).bfloat16().cuda()
-    want = fp8_gemm(x, q, s).float()
-    got = fp8_gemm(x, q, s, tiles=Tiles(mma=False)).float()
-    assert rel(got, want) < 4e-3
+    x = torch.randn(M, 7168, generator=g).bfloat16().cuda()
+    want = reference(x, q, s)
+    if silu_mul:
+        gate, up = want.bfloat16().chunk(2, dim=-1)
+        want = (torch.nn.functional.silu(gate) * up).float()
+    counters = tile_counters(4096, 16, q.device)
+    for tiles in (Tiles(), Tiles(mma=False), Tiles(bf16=True), Tiles(mma=False, num_warps=8)):
+        for c in (None, counters):
+            got = fp8_gemm(x, q, s, silu_mul=silu_mul, tiles=tiles, counters=c)
+            assert rel(got, want) < (2e-2 if silu_mul else 4e-3), (tiles, c is None)
+    assert counters.count_nonzero().item() == 0
 
 
 def test_fp8_gemm_keeps_leading_dims_and_strides():
@@ -89,6 +100,30 @@ def test_fp8_gemm_keeps_leading_dims_and_strides():
     got = fp8_gemm(x.to(DEVICE), q.to(DEVICE), s.to(DEVICE), programs=2)
     assert got.shape == (2, 3, 96)
     assert rel(got.cpu(), reference(x.reshape(6, 256), q, s).view(2, 3, 96)) < 1e-5
+
+
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize(
+    "M, N, K, programs", [(1, 256, 384, 8), (3, 384, 300, 16), (17, 256, 640, 64)]
+)
+def test_split_k_summed_by_the_last_split_equals_the_sum_kernel(M, N, K, programs, silu_mul):
+    """With tile counters the last split of a tile sums the partials (no second kernel): the
+    same y bit for bit (the same order), and the counters are back to zero for the next call."""
+    from hetero.gpu.fp8_gemm import tile_counters
+
+    g = torch.Generator().manual_seed(M + N + K)
+    q, s = block_quantize(torch.randn(N, K, generator=g))
+    q, s = q.to(DEVICE), s.to(DEVICE)
+    counters = tile_counters(N, 64, q.device)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(M, K, generator=g).to(dtype).to(DEVICE)
+        want = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul)
+        for _ in range(2):  # a second call finds the counters reset
+            got = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul, counters=counters)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert counters.count_nonzero().item() == 0
+    with pytest.raises(ValueError, match="counters for"):
+        fp8_gemm(x, q, s, programs=programs, counters=counters[:1])
 
 
 @pytest.mark.parametrize("programs", [1, 16])  # no split; split-K

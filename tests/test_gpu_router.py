@@ -119,3 +119,20 @@ def test_published_shapes_on_the_gpu(model, T):
     same = (got_ids == want_ids).all(dim=1)
     assert same.float().mean().item() >= 0.999, (~same).sum().item()
     torch.testing.assert_close(got_w[same], want_w[same], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 64])
+def test_bf16_weight_routes_as_fp32(T):
+    """A bf16 gate (as checkpoints store it) multiplied into fp32 without a copy of its weight
+    routes as `Gate`'s fp32 product of the same values does."""
+    config = ModelConfig.from_hf(MODELS / "deepseek-v3")
+    gate = gate_for(config, seed=T).to(torch.bfloat16)
+    gate.e_score_correction_bias.data = gate.e_score_correction_bias.float()
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, config.hidden_size, generator=g).to(torch.bfloat16).cuda()
+    want_w, want_ids = gate.torch_route(x)
+    got_w, got_ids = route(gate, x)
+    same = (got_ids == want_ids).all(dim=1)
+    assert same.float().mean().item() >= 0.98, (~same).sum().item()
+    torch.testing.assert_close(got_w[same], want_w[same], rtol=1e-4, atol=1e-5)

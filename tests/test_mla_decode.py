@@ -64,6 +64,23 @@ def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_positions_read_as_context_lengths():
+    """The model passes its int64 positions with lens_offset=1 (no cast kernel a layer): the
+    same output as the int32 context lengths; other dtypes are refused."""
+    C, R, H, lens = 32, 16, 4, [9, 30, 17]
+    latent, rope, table = pages_for(lens, 16, C, R, seed=8)
+    g = torch.Generator().manual_seed(9)
+    q_lat = torch.randn(len(lens), H, C, generator=g)
+    q_pe = torch.randn(len(lens), H, R, generator=g)
+    pages = [t.to(DEVICE) for t in (q_lat, q_pe, latent, rope, table)]
+    want = mla_decode(*pages, torch.tensor(lens, dtype=torch.int32).to(DEVICE), 0.3, block_n=16)
+    positions = torch.tensor(lens, dtype=torch.int64).to(DEVICE) - 1
+    got = mla_decode(*pages, positions, 0.3, block_n=16, lens_offset=1)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        mla_decode(*pages, positions.float(), 0.3, lens_offset=1)
+
+
 def test_strided_queries_as_an_einsum_leaves_them():
     """q_lat as `torch.einsum` returns it ([B, h, C] over an [h, B, C] buffer) and q_pe as a
     slice of a wider q: the same result as contiguous copies (no copy needed)."""

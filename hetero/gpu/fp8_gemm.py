@@ -7,8 +7,10 @@ kernel reads the 1 byte. Each program owns BLOCK_N output rows and a share of th
 (split-K when the rows alone make too few programs to keep every SM reading), multiplies one
 128-wide K block at a time on the tensor cores and scales the block's partial sums by the block's
 scale (one per row group): y[m, n] = sum_kb s[n // 128, kb] * sum_{k in kb} x[m, k] W_fp8[n, k].
-Split-K partials go to an fp32 buffer [split, M, N] and are summed in order (deterministic) by
-one more kernel that also casts; without split-K the kernel writes y in x's dtype itself."""
+Split-K partials go to an fp32 buffer [split, M, N] and are summed in order (deterministic):
+by the last split of each tile to finish (a counter a tile, CUTLASS's serial split-K: no kernel
+after the GEMV), or without counters by one more kernel that also casts; without split-K the
+kernel writes y in x's dtype itself."""
 
 from __future__ import annotations
 
@@ -28,9 +30,45 @@ class Tiles:
     num_stages: int = 4
     per_sm: int = 4  # programs to aim for an SM, reached by split-K
     mma: bool = True  # False: a single row on the CUDA cores (not yet measured against MMA)
+    bf16: bool = False  # MMA on bf16 operands (bf16 x on CUDA; else tf32), not yet measured
 
 
 TILES = Tiles()
+
+
+@triton.jit
+def _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
+                SN: tl.constexpr):  # fmt: skip
+    """W's rows `rows` [BN] over k (K block kb) -> (W [BN, BK] fp8, their scales [BN])."""
+    w = tl.load(
+        w_ptr + rows[:, None] * stride_wn + k[None, :],
+        mask=row_ok[:, None] & (k[None, :] < K),
+        other=0.0,
+    )  # [BN, BK] fp8
+    # past K, x and W load as 0 and any in-bounds scale will do: the last block's
+    s = tl.load(
+        s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok, other=0.0
+    )  # [BN]
+    return w, s
+
+
+@triton.jit
+def _mma(x, w, s, PRECISION: tl.constexpr, DOT16: tl.constexpr):
+    """x [BM, BK] . W [BN, BK]^T scaled by s [BN] -> [BM, BN] fp32 on the tensor cores: in
+    bf16 (DOT16: bf16 x; e4m3 is exact in bf16) or else in fp32 (tf32 holds bf16 exactly)."""
+    if DOT16:
+        part = tl.dot(x, tl.trans(w.to(tl.bfloat16)))
+    else:
+        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+    return part * s[None, :]
+
+
+@triton.jit
+def _silu_mul(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up rounded as torch's F.silu(gate) * up in `dtype`: gate, silu, product."""
+    gate = gate.to(dtype).to(tl.float32)
+    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
+    return act * up.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -38,8 +76,10 @@ def _fp8_gemm(
     x_ptr,
     w_ptr,
     s_ptr,
-    y_ptr,  # x [M, K], W [N, K] fp8, s [ceil(N/SN), ceil(K/BK)], y [S, M, N]
+    p_ptr,  # x [M, K], W [N, K] fp8, s [ceil(N/SN), ceil(K/BK)], partials [S, M, N] fp32
+    y_ptr,  # [M, NY] in x's dtype (NY: N, or N / 2 with SILU_MUL)
     e_ptr,  # PER_ROW_EXPERT: [M] the expert of each row of x (-1: none, its y row is 0)
+    count_ptr,  # FIXUP: [tiles] int32, zero between calls (the last split resets its tile's)
     M,
     N,
     K,
@@ -56,11 +96,16 @@ def _fp8_gemm(
     PRECISION: tl.constexpr,
     PER_ROW_EXPERT: tl.constexpr,
     MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
+    DOT16: tl.constexpr,  # MMA in bf16 (x bf16), else in fp32
+    SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_N rows of each
+    DIRECT: tl.constexpr,  # one split: the program stores y itself
+    FIXUP: tl.constexpr,  # splits: the last of a tile's splits to finish sums them into y
 ):
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NY = N // 2 if SILU_MUL else N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = tl.arange(0, BLOCK_K)  # [BK]
-    row_ok = rows < N
+    row_ok = rows < NY
     if PER_ROW_EXPERT:  # one row of x a program (lane 0 of the tile), with its expert's W
         lane = tl.arange(0, BLOCK_M)
         toks = pid_m + lane * 0  # [BM]
@@ -70,10 +115,16 @@ def _fp8_gemm(
         row_ok = row_ok & (tl.load(e_ptr + pid_m + rows * 0) >= 0)
         w_ptr += tl.maximum(e, 0).to(tl.int64) * stride_we
         s_ptr += tl.maximum(e, 0).to(tl.int64) * stride_se
+        out_ok = (lane == 0)[:, None] & (rows < N)[None, :]  # a row without an expert: zeros
     else:
         toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
         tok_ok = toks < M
+        out_ok = tok_ok[:, None] & row_ok[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SILU_MUL: the up rows'
+    # one row (not MMA): products summed over k once, after the loop; [1, 1] unless
+    dots = tl.zeros((BLOCK_N if not MMA else 1, BLOCK_K if not MMA else 1), dtype=tl.float32)
+    dots_up = tl.zeros((BLOCK_N if not MMA else 1, BLOCK_K if not MMA else 1), dtype=tl.float32)
     last = tl.cdiv(K, BLOCK_K) - 1  # the last K block (a scale column)
     for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
         kb = split * PER_SPLIT + i
@@ -83,26 +134,48 @@ def _fp8_gemm(
             mask=tok_ok[:, None] & (k[None, :] < K),
             other=0.0,
         )  # [BM, BK]
-        w = tl.load(
-            w_ptr + rows[:, None] * stride_wn + k[None, :],
-            mask=row_ok[:, None] & (k[None, :] < K),
-            other=0.0,
-        )  # [BN, BK] fp8
-        # past K, x and W load as 0 and any in-bounds scale will do: the last block's
-        s = tl.load(
-            s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok, other=0.0
-        )  # [BN]
-        if MMA:  # in fp32 on the tensor cores: tf32 holds bf16 activations, e4m3 exactly
-            part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
-        else:  # [1, BN]: no 16-row MMA tile for one token
-            part = tl.sum(w.to(tl.float32)[None, :, :] * x.to(tl.float32)[:, None, :], axis=2)
-        acc += part * s[None, :]
-    out = y_ptr + split * M * N + toks[:, None] * N + rows[None, :]
-    acc = acc.to(y_ptr.dtype.element_ty)  # fp32 partials, or (one split) y in x's dtype
-    if PER_ROW_EXPERT:  # a row without an expert stores its zeros
-        tl.store(out, acc, mask=(lane == 0)[:, None] & (rows < N)[None, :])
+        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn, SN)
+        if MMA:
+            acc += _mma(x, w, s, PRECISION, DOT16)
+        else:  # [BN, BK] products on the CUDA cores, scaled, kept apart until the loop ends
+            dots += w.to(tl.float32) * x.to(tl.float32) * s[:, None]
+        if SILU_MUL:
+            w, s = _load_block(w_ptr, s_ptr, rows + NY, row_ok, k, kb, last, K, stride_wn,
+                               stride_sn, SN)  # fmt: skip
+            if MMA:
+                acc_up += _mma(x, w, s, PRECISION, DOT16)
+            else:
+                dots_up += w.to(tl.float32) * x.to(tl.float32) * s[:, None]
+    if not MMA:  # [1, BN]
+        acc += tl.sum(dots, axis=1)[None, :]
+        acc_up += tl.sum(dots_up, axis=1)[None, :]
+    out = y_ptr + toks[:, None] * NY + rows[None, :]
+    if DIRECT:
+        if SILU_MUL:
+            acc = _silu_mul(acc, acc_up, y_ptr.dtype.element_ty)
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
-        tl.store(out, acc, mask=tok_ok[:, None] & row_ok[None, :])
+        part = p_ptr + split * M * N + toks[:, None] * N + rows[None, :]
+        tl.store(part, acc, mask=out_ok)
+        if SILU_MUL:
+            tl.store(part + NY, acc_up, mask=out_ok)
+        if FIXUP:  # (CUTLASS's serial split-K: partials stored, then a semaphore a tile)
+            splits = tl.num_programs(2)
+            tile = pid_m * tl.num_programs(0) + pid_n
+            tl.debug_barrier()  # every thread's partials stored before the count is raised
+            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # (release, then acquire)
+            if done == splits - 1:  # the tile's last split: sum all in split order
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for j in range(0, splits):
+                    src = p_ptr + j * M * N + toks[:, None] * N + rows[None, :]
+                    acc += tl.load(src, mask=out_ok, other=0.0, cache_modifier=".cg")
+                    if SILU_MUL:
+                        acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
+                if SILU_MUL:
+                    acc = _silu_mul(acc, acc_up, y_ptr.dtype.element_ty)
+                tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+                tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next call (graph replays)
 
 
 @triton.jit
@@ -123,10 +196,7 @@ def _sum_splits(p_ptr, y_ptr, S, MN, NH, BLOCK: tl.constexpr, SILU_MUL: tl.const
         if SILU_MUL:
             up += tl.load(p_ptr + s * MN + src + NH, mask=ok, other=0.0)
     if SILU_MUL:
-        # silu in x's dtype as torch's F.silu(gate) * up rounds it: gate, silu, product
-        gate = acc.to(y_ptr.dtype.element_ty).to(tl.float32)
-        act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
-        acc = act * up.to(y_ptr.dtype.element_ty).to(tl.float32)
+        acc = _silu_mul(acc, up, y_ptr.dtype.element_ty)
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -137,21 +207,32 @@ def fp8_gemm(
     block: tuple[int, int] = (128, 128),
     programs: int | None = None,
     silu_mul: bool = False,
-    tiles: Tiles = TILES,
+    tiles: Tiles | None = None,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32), weight [N, K] float8_e4m3fn, scale [ceil(N/bn), ceil(K/bk)]
     fp32 -> y [..., N] in x's dtype. `programs`: how many programs to aim for (default:
     `tiles.per_sm` an SM on CUDA), reached by splitting K when the rows alone give fewer.
     `silu_mul`: a SwiGLU's first half, weight [2I, K] holding gate then up
     (hetero.model.fp8.fuse_fp8) -> silu(x gate^T) * (x up^T) [..., I], applied where the
-    partial sums are added (one launch fewer than the plain GEMV, two fewer than torch's silu
-    and product after it). `tiles`: launch settings."""
+    partial sums are added (no kernel after the GEMV). `tiles`: launch settings (None: TILES).
+    `counters` (`tile_counters`, kept by the caller, zero between calls): split-K's partials
+    are summed by the last split of each tile to finish, in the same kernel; without them by
+    one more kernel (`_sum_splits`). Either way in split order: the same y, deterministically."""
     N, K = weight.shape
     if silu_mul and N % 2:
         raise ValueError(f"weight of {N} rows: gate and up want an even count")
     lead = x.shape[:-1]
-    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul, tiles)
+    tiles = tiles or TILES
+    y = _launch(x.reshape(-1, K), None, weight, scale, block, programs, silu_mul, tiles, counters)
     return y.view(*lead, N // 2 if silu_mul else N)
+
+
+def tile_counters(n_rows: int, max_tokens: int, device: torch.device) -> torch.Tensor:
+    """Zeroed counters enough for fp8_gemm over a weight of n_rows at up to max_tokens tokens,
+    any Tiles."""
+    return torch.zeros(triton.cdiv(n_rows, 16) * triton.cdiv(max_tokens, 16), dtype=torch.int32,
+                       device=device)  # fmt: skip
 
 
 def fp8_expert_gemm(
@@ -171,8 +252,10 @@ def fp8_expert_gemm(
     return _launch(x, experts, weight, scale, block, programs)
 
 
-def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=TILES):
+def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=TILES,
+            counters=None):  # fmt: skip
     N, K = weight.shape[-2:]
+    NY = N // 2 if silu_mul else N  # y's columns: a silu_mul program owns rows of gate and up
     bn, bk = block
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -181,7 +264,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
     mma = tiles.mma or per_row or M > 1
     BLOCK_M = 1 if not mma else 16 if per_row else max(16, min(64, triton.next_power_of_2(M)))
     n_tiles, m_tiles, k_blocks = (
-        triton.cdiv(N, tiles.block_n),
+        triton.cdiv(NY, tiles.block_n),
         M if per_row else triton.cdiv(M, BLOCK_M),
         triton.cdiv(K, bk),
     )
@@ -190,28 +273,28 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
     split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
     per_split = triton.cdiv(k_blocks, split)
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
-    # one split writes y in x's dtype; more write fp32 partials that `_sum_splits` adds up:
-    # two kernels in all, not the three (+ sum + cast) of torch's reduction
-    partials = split > 1 or silu_mul  # (silu_mul: gate and up meet in the sum's kernel)
-    y = torch.empty((split, M, N), dtype=torch.float32 if partials else x2.dtype,
-                    device=x2.device)  # fmt: skip
+    fixup = split > 1 and counters is not None and not per_row
+    if fixup and counters.numel() < n_tiles * m_tiles:
+        raise ValueError(f"{counters.numel()} counters for {n_tiles * m_tiles} tiles")
+    y = torch.empty((M, NY), dtype=x2.dtype, device=x2.device)
+    # more than one split: fp32 partials, summed by the last split of a tile or by _sum_splits
+    partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else y
     if M:
         _fp8_gemm[(n_tiles, m_tiles, split)](
-            x2, weight, scale, y, experts if per_row else y, M, N, K,
+            x2, weight, scale, partials, y, experts if per_row else y,
+            counters if fixup else y, M, N, K,
             x2.stride(0), weight.stride(-2), scale.stride(-2),
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
-            MMA=mma,
+            MMA=mma, DOT16=tiles.bf16 and x2.dtype == torch.bfloat16 and x2.is_cuda,
+            SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
-    if not partials:
-        return y[0]
-    out = torch.empty((M, N // 2 if silu_mul else N), dtype=x2.dtype, device=x2.device)
-    if M:
-        _sum_splits[(triton.cdiv(out.numel(), 1024),)](y, out, split, M * N, N // 2,
-                                                       BLOCK=1024, SILU_MUL=silu_mul)  # fmt: skip
-    return out
+    if split > 1 and not fixup and M:
+        _sum_splits[(triton.cdiv(y.numel(), 1024),)](partials, y, split, M * N, NY,
+                                                     BLOCK=1024, SILU_MUL=silu_mul)  # fmt: skip
+    return y
 
 
 def _sm_count(device: torch.device) -> int:

@@ -29,12 +29,13 @@ def _mla_decode_split(
     latent_ptr,  # [pages, page_size, C] (one layer's pages)
     rope_ptr,  # [pages, page_size, R]
     table_ptr,  # [B, max_pages] int32
-    lens_ptr,  # [B] int32: context length (the new token included)
+    lens_ptr,  # [B] int32/int64: context length (the new token included) - lens_offset
     out_ptr,  # [B, splits, h, C] fp32
     lse_ptr,  # [B, splits, h] fp32
     scale,
     H,
     chunk,  # tokens a split
+    lens_offset,  # 1 when lens are positions
     stride_table,
     stride_qb,  # q_lat's strides (an einsum's transposed output need not be copied)
     stride_qh,
@@ -58,7 +59,7 @@ def _mla_decode_split(
     p_row = b.to(tl.int64) * stride_pb + heads.to(tl.int64) * stride_ph
     q_pe = tl.load(q_pe_ptr + p_row[:, None] + rs[None, :],
                    mask=head_ok[:, None], other=0.0)  # [BH, R]  # fmt: skip
-    n_ctx = tl.load(lens_ptr + b)
+    n_ctx = tl.load(lens_ptr + b).to(tl.int32) + lens_offset
     start = split * chunk
     end = tl.minimum(start + chunk, n_ctx)
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)  # running max
@@ -127,11 +128,14 @@ def mla_decode(
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
+    lens_offset: int = 0,
 ) -> torch.Tensor:
     """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence; any strides but the last
     dim's), one layer's pages latent [P, page_size, C] and rope [P, page_size, R], page_table
-    [B, n] int32, ctx_lens [B] int32 -> out_lat [B, h, C] in q_lat's dtype. `splits`: programs
-    a sequence's context is split over (default: enough to give every SM work at this batch).
+    [B, n] int32, ctx_lens [B] int32 or int64 (+ `lens_offset`: the positions of the new tokens
+    with lens_offset=1, read as they are, no cast kernel a layer) -> out_lat [B, h, C] in q_lat's
+    dtype. `splits`: programs a sequence's context is split over (default: enough to give every
+    SM work at this batch).
     Tiles: bench/mla_sweep.py's best on the H200 (64 heads x 64 tokens, 8 warps: 0.59 ms at
     batch 32 x 8K against 0.71 for 16 x 32 x 4 warps, 0.16 against 0.19 ms at batch 1 x 4K)."""
     B, H, C = q_lat.shape
@@ -139,8 +143,8 @@ def mla_decode(
     if q_pe.shape != (B, H, R) or latent.shape != (P, page, C):
         shapes = [tuple(t.shape) for t in (q_lat, q_pe, latent, rope)]
         raise ValueError(f"q_lat, q_pe, latent, rope shapes {shapes} do not agree")
-    if page_table.dtype != torch.int32 or ctx_lens.dtype != torch.int32:
-        raise ValueError("page_table and ctx_lens must be int32")
+    if page_table.dtype != torch.int32 or ctx_lens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("page_table must be int32, ctx_lens int32 or int64")
     if page_table.shape[0] != B or ctx_lens.shape != (B,):
         raise ValueError(f"page_table {tuple(page_table.shape)}, ctx_lens "
                          f"{tuple(ctx_lens.shape)} do not fit a batch of {B}")  # fmt: skip
@@ -165,7 +169,7 @@ def mla_decode(
     lse = torch.empty(B, splits, H, device=q_lat.device, dtype=torch.float32)
     grid = (triton.cdiv(H, block_h), splits, B)  # head blocks fastest: see the module's doc
     _mla_decode_split[grid](
-        q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk,
+        q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk, lens_offset,
         page_table.stride(0), q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
         PRECISION=_precision(q_lat), num_warps=num_warps, num_stages=num_stages,

@@ -153,6 +153,15 @@ def fused_route(
 
 def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`gate(x)` for x [T, H]: the logits by a torch matmul in fp32, as `Gate` computes them,
-    the rest by `fused_route` -> (weights [T, k] fp32, ids [T, k] int64)."""
-    logits = F.linear(x.float(), gate.weight.float())  # [T, E]
+    the rest by `fused_route` -> (weights [T, k] fp32, ids [T, k] int64).
+
+    A bf16/fp16 weight and x of the same dtype are multiplied as they are, into fp32
+    (`out_dtype`: cuBLAS accumulates in fp32, and products of two bf16 values are exact in fp32,
+    so the logits are `Gate`'s up to the order of the sums) instead of copying the [E, H] weight
+    to fp32 at every call (~8 us a layer on the H200, a third of the router's time)."""
+    w = gate.weight
+    if x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16):
+        logits = torch.mm(x, w.t(), out_dtype=torch.float32)  # [T, E]
+    else:
+        logits = F.linear(x.float(), w.float())  # [T, E]
     return fused_route(logits, gate.config, getattr(gate, "e_score_correction_bias", None))

@@ -201,9 +201,9 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset):
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
     latent, rope = cache.latent[mla.layer], cache.rope[mla.layer]  # [P, page, c], [P, page, r]
     scale = mla.softmax_scale
-    if batch.is_decode:  # context lengths from positions: on the device (CUDA graphs)
-        ctx = (batch.positions + 1).to(torch.int32)  # [B]
-        out = mla_decode(q_lat, q_pe, latent, rope, batch.page_table, ctx, scale)
+    if batch.is_decode:  # context lengths = positions + 1, read on the device (CUDA graphs)
+        out = mla_decode(q_lat, q_pe, latent, rope, batch.page_table, batch.positions, scale,
+                         lens_offset=1)  # fmt: skip
     elif subset is None:
         starts, ctx = batch.seq_tensors  # [B + 1], [B] int32
         out = mla_extend(q_lat, q_pe, latent, rope, batch.page_table, starts, ctx, scale,

@@ -64,6 +64,8 @@ class FP8Linear(nn.Module):
         )
         self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
         self.cublas: bool | None = None  # whether torch._scaled_mm takes this layer (CUDA)
+        self.counters: torch.Tensor | None = None  # the GEMV's split-K tile counters (CUDA)
+        self.tiles = None  # the GEMV's launch settings (hetero.gpu.fp8_gemm.Tiles; None: its)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         (O, I), (bo, bi) = self.weight.shape, self.block
@@ -83,7 +85,8 @@ class FP8Linear(nn.Module):
         if x.numel() <= GEMV_MAX_TOKENS * self.in_features:
             from hetero.gpu.fp8_gemm import fp8_gemm  # triton: only where CUDA is
 
-            return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block)
+            return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block, tiles=self.tiles,
+                            counters=self.tile_counters(x.device))  # fmt: skip
         from hetero.gpu.fp8_prefill import fp8_gemm_w8a8, scaled_mm_w8a8
 
         if self.cublas is not False:  # None: not tried yet on this layer's shape
@@ -93,13 +96,23 @@ class FP8Linear(nn.Module):
                 return y
         return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
 
+    def tile_counters(self, device: torch.device) -> torch.Tensor:
+        """This layer's own counters for the GEMV's split-K (allocated on first use, which
+        CUDA graphs' warm-up runs before capture; one a layer: no two kernels share them)."""
+        if self.counters is None or self.counters.device != device:
+            from hetero.gpu.fp8_gemm import tile_counters
+
+            self.counters = tile_counters(self.out_features, GEMV_MAX_TOKENS, device)
+        return self.counters
+
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """For a fused SwiGLU gate|up (rows: gate then up): silu(gate x) * (up x). At decode
         sizes on CUDA in the GEMV's own reduction (hetero.gpu.fp8_gemm.fp8_gemm, silu_mul)."""
         if x.is_cuda and x.numel() <= GEMV_MAX_TOKENS * self.in_features:
             from hetero.gpu.fp8_gemm import fp8_gemm
 
-            return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block, silu_mul=True)
+            return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block, silu_mul=True,
+                            tiles=self.tiles, counters=self.tile_counters(x.device))  # fmt: skip
         gate, up = self(x).chunk(2, dim=-1)
         return F.silu(gate) * up
 
