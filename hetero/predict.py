@@ -19,6 +19,7 @@ GPU's linear layers and MLA attention from FLOPs, then the routed experts by the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -59,6 +60,10 @@ class CostModel:
     assumed_hbm_gbps: float = 3000.0  # without a GPU in the calibration (an H100-class card)
     assumed_gpu_tflops: float = 600.0
     staged: bool = True  # streamed experts are gathered into pinned slots (sched/streaming.py)
+    # the prefill stream's share of the calibrated pinned H2D rate: one V3 layer's experts
+    # streamed from pinned memory moved at 0.65-0.75 of it (H200 2026-12-03, prefill_layer
+    # run 3), the copies themselves at full rate but the copy engine idle between groups
+    stream_efficiency: float = 0.7
 
 
 class DecodeRow(NamedTuple):
@@ -233,6 +238,10 @@ class Steps:
         from hetero.sched.hybrid import DEFER_MAX_TOKENS
 
         self.c, self.p, self.rates, self.model = config, placement, rates, model
+        # the policy's rates with the stream's measured share of H2D (CostModel.stream_efficiency)
+        self.stream_rates = dataclasses.replace(
+            rates, h2d_gbps=rates.h2d_gbps * model.stream_efficiency
+        )
         self.defer_max = DEFER_MAX_TOKENS
         big = 1 << 50
         plan = plan_memory(config, placement, big, big)
@@ -338,7 +347,7 @@ class Steps:
             if g < E:
                 counts, nbytes = self.counts(T, E - g), self.cpu_bytes[fmt]
                 staged = m.staged and not self.pinned  # (pin_experts: no gather)
-                s = split(self.rates, fmt, counts, nbytes, staged, self.slot_bytes)
+                s = split(self.stream_rates, fmt, counts, nbytes, staged, self.slot_bytes)
                 experts, modes[s.mode] = s.seconds, modes[s.mode] + layers
             if g:
                 experts = max(experts, self._gpu_experts(gfmt, self.counts(T, g), eff_lin))
