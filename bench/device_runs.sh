@@ -7,7 +7,8 @@
 #   decode-full-ab | decode-threads | cpu-decode | cpu-amx | train-demo | engine-gpu-tests |
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
-#   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles
+#   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
+#   gpu-step-fused
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -56,6 +57,16 @@ for stage in "$@"; do
           --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles $t \
           >> "$OUT/gpu_step_tiles.jsonl" 2>> "$OUT/gpu_step_tiles.err"
       done; tail -2 "$OUT/gpu_step_tiles.err"; grep -c . "$OUT/gpu_step_tiles.jsonl" ;;
+    gpu-step-fused)  # the sixth session's last GPU changes: their gpu tests, then V3's GPU
+      # side alone with MLA's fused cache write, default GEMV against its prefetch (~3 min)
+      timeout 100 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
+        tests/test_fp8_gemm.py tests/test_model.py tests/test_graphs.py 2>&1 \
+        | tee "$OUT/$day-gpu-tests-fused.log" | tail -3
+      for t in "" prefetch=1; do
+        timeout 70 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
+          --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles "$t" \
+          >> "$OUT/gpu_step_fused.jsonl" 2>> "$OUT/gpu_step_fused.err"
+      done; tail -1 "$OUT/gpu_step_fused.err"; grep -c . "$OUT/gpu_step_fused.jsonl" ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route

@@ -49,21 +49,22 @@ def test_fp8_gemm_equals_dequantized_matmul(M, N, K, programs):
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_one_row_without_the_mma_tile(programs, silu_mul):
     """Tiles(mma=False), the default: one token's row dots on the CUDA cores (more rows keep
-    the MMA); and one token through the 16-row MMA tile (mma=True)."""
+    the MMA), with and without the next block loaded ahead; and one token through the 16-row
+    MMA tile (mma=True)."""
     from hetero.gpu.fp8_gemm import Tiles
 
     g = torch.Generator().manual_seed(programs)
     N, K = 256, 300  # two scale-block rows; a partial K block
     q, s = block_quantize(torch.randn(N, K, generator=g))
     q, s = q.to(DEVICE), s.to(DEVICE)
-    for M, mma in ((1, False), (1, True), (3, False)):
+    for M, tiles in ((1, Tiles()), (1, Tiles(mma=True)), (1, Tiles(prefetch=True)), (3, Tiles())):
         x = torch.randn(M, K, generator=g).to(DEVICE)
-        got = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul, tiles=Tiles(mma=mma))
+        got = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul, tiles=tiles)
         want = reference(x, q, s)
         if silu_mul:
             gate, up = want.chunk(2, dim=-1)
             want = torch.nn.functional.silu(gate) * up
-        assert rel(got, want) < 1e-5, (M, mma)
+        assert rel(got, want) < 1e-5, (M, tiles)
     xb = torch.randn(1, K, generator=g).bfloat16().to(DEVICE)
     got = fp8_gemm(xb, q, s, programs=programs, tiles=Tiles(mma=False))
     assert rel(got, reference(xb, q, s)) < 4e-3  # the bf16 output's rounding
@@ -87,7 +88,9 @@ def test_cuda_tile_variants_at_v3_width(M, silu_mul):
         gate, up = want.bfloat16().chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up).float()
     counters = tile_counters(4096, 16, q.device)
-    for tiles in (Tiles(), Tiles(mma=True), Tiles(mma=True, bf16=True), Tiles(num_warps=8)):
+    variants = (Tiles(), Tiles(mma=True), Tiles(mma=True, bf16=True), Tiles(num_warps=8),
+                Tiles(prefetch=True))  # fmt: skip
+    for tiles in variants:
         for c in (None, counters):
             got = fp8_gemm(x, q, s, silu_mul=silu_mul, tiles=tiles, counters=c)
             assert rel(got, want) < (2e-2 if silu_mul else 4e-3), (tiles, c is None)

@@ -34,6 +34,7 @@ class Tiles:
     # the 16-row tf32 MMA; in fp8_sweep 1.1-1.8x faster on each of V3's decode matrices
     mma: bool = False
     bf16: bool = False  # MMA on bf16 operands (bf16 x on CUDA; else tf32): measured slower
+    prefetch: bool = False  # one row: the next K block loaded ahead (not yet measured)
 
 
 TILES = Tiles()
@@ -53,6 +54,36 @@ def _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn
         s_ptr + (rows // SN) * stride_sn + tl.minimum(kb, last), mask=row_ok, other=0.0
     )  # [BN]
     return w, s
+
+
+@triton.jit
+def _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn, stride_sn,
+              SN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+    """One token x_row [K] . W's rows [BN] over this split's K blocks on the CUDA cores -> [BN]
+    fp32: products scaled and kept apart [BN, BK] until the loop ends, summed once. PREFETCH:
+    the next block's weights are loaded before this block's products (two blocks in flight a
+    program, for HBM's latency)."""
+    dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    kb = split * PER_SPLIT
+    if PREFETCH:
+        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, kb * BLOCK_K + cols, kb, last, K,
+                           stride_wn, stride_sn, SN)  # fmt: skip
+    for i in range(0, PER_SPLIT):
+        kb = split * PER_SPLIT + i
+        k = kb * BLOCK_K + cols
+        if PREFETCH:  # the next block of this split (none past it: masked by its limit)
+            limit = tl.where(i + 1 < PER_SPLIT, K, 0)
+            w_next, s_next = _load_block(w_ptr, s_ptr, rows, row_ok, k + BLOCK_K, kb + 1, last,
+                                         limit, stride_wn, stride_sn, SN)  # fmt: skip
+        else:
+            w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
+                               SN)  # fmt: skip
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [BK]
+        dots += w.to(tl.float32) * x[None, :] * s[:, None]
+        if PREFETCH:
+            w, s = w_next, s_next
+    return tl.sum(dots, axis=1)
 
 
 @triton.jit
@@ -100,6 +131,7 @@ def _fp8_gemm(
     PER_ROW_EXPERT: tl.constexpr,
     MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
     DOT16: tl.constexpr,  # MMA in bf16 (x bf16), else in fp32
+    PREFETCH: tl.constexpr,  # one row: the next K block's weights loaded ahead
     SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_N rows of each
     DIRECT: tl.constexpr,  # one split: the program stores y itself
     FIXUP: tl.constexpr,  # splits: the last of a tile's splits to finish sums them into y
@@ -125,33 +157,33 @@ def _fp8_gemm(
         out_ok = tok_ok[:, None] & row_ok[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # SILU_MUL: the up rows'
-    # one row (not MMA): products summed over k once, after the loop; [1, 1] unless
-    dots = tl.zeros((BLOCK_N if not MMA else 1, BLOCK_K if not MMA else 1), dtype=tl.float32)
-    dots_up = tl.zeros((BLOCK_N if not MMA else 1, BLOCK_K if not MMA else 1), dtype=tl.float32)
     last = tl.cdiv(K, BLOCK_K) - 1  # the last K block (a scale column)
-    for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
-        kb = split * PER_SPLIT + i
-        k = kb * BLOCK_K + cols
-        x = tl.load(
-            x_ptr + toks[:, None] * stride_xm + k[None, :],
-            mask=tok_ok[:, None] & (k[None, :] < K),
-            other=0.0,
-        )  # [BM, BK]
-        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn, SN)
-        if MMA:
+    if MMA:
+        for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
+            kb = split * PER_SPLIT + i
+            k = kb * BLOCK_K + cols
+            x = tl.load(
+                x_ptr + toks[:, None] * stride_xm + k[None, :],
+                mask=tok_ok[:, None] & (k[None, :] < K),
+                other=0.0,
+            )  # [BM, BK]
+            w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
+                               SN)  # fmt: skip
             acc += _mma(x, w, s, PRECISION, DOT16)
-        else:  # [BN, BK] products on the CUDA cores, scaled, kept apart until the loop ends
-            dots += w.to(tl.float32) * x.to(tl.float32) * s[:, None]
-        if SILU_MUL:
-            w, s = _load_block(w_ptr, s_ptr, rows + NY, row_ok, k, kb, last, K, stride_wn,
-                               stride_sn, SN)  # fmt: skip
-            if MMA:
+            if SILU_MUL:
+                w, s = _load_block(w_ptr, s_ptr, rows + NY, row_ok, k, kb, last, K, stride_wn,
+                                   stride_sn, SN)  # fmt: skip
                 acc_up += _mma(x, w, s, PRECISION, DOT16)
-            else:
-                dots_up += w.to(tl.float32) * x.to(tl.float32) * s[:, None]
-    if not MMA:  # [1, BN]
-        acc += tl.sum(dots, axis=1)[None, :]
-        acc_up += tl.sum(dots_up, axis=1)[None, :]
+    else:  # one token (BLOCK_M 1, toks = [pid_m])
+        x_row = x_ptr + pid_m * stride_xm
+        dots = _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn,
+                         stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT, PREFETCH)  # fmt: skip
+        acc += dots[None, :]
+        if SILU_MUL:
+            dots = _row_dots(x_row, w_ptr, s_ptr, rows + NY, row_ok, cols, split, K, last,
+                             stride_wn, stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT,
+                             PREFETCH)  # fmt: skip
+            acc_up += dots[None, :]
     out = y_ptr + toks[:, None] * NY + rows[None, :]
     if DIRECT:
         if SILU_MUL:
@@ -291,6 +323,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             MMA=mma, DOT16=tiles.bf16 and x2.dtype == torch.bfloat16 and x2.is_cuda,
+            PREFETCH=tiles.prefetch,
             SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip

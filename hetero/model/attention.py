@@ -72,10 +72,19 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         longest = max(batch.ctx_lens, default=0)
         q_pe = rotary(q_pe, batch.positions, longest)
-        latent, k_pe = kv_a.split([self.kv_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
-        k_pe = rotary(k_pe[:, None, :], batch.positions, longest)[:, 0]  # [T, rope_dim]
-        cache.write(self.layer, batch, latent, k_pe)
+        if _fused_write(x, cache, self.kv_a_layernorm.weight):  # one kernel for the four below
+            from hetero.gpu.kv_write import kv_write  # triton: imported where it runs
+
+            cos, sin = rotary.full_tables(longest, x.device)
+            norm = self.kv_a_layernorm
+            kv_write(kv_a, norm.weight, norm.eps, batch.positions, cos, sin,
+                     rotary.rope.interleave, batch.slot_mapping, cache.latent[self.layer],
+                     cache.rope[self.layer])  # fmt: skip
+        else:
+            latent, k_pe = kv_a.split([self.kv_rank, self.rope_dim], dim=-1)
+            latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
+            k_pe = rotary(k_pe[:, None, :], batch.positions, longest)[:, 0]  # [T, rope_dim]
+            cache.write(self.layer, batch, latent, k_pe)
         o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
         return self.o_proj(o.flatten(1))
 
@@ -114,6 +123,16 @@ class MLA(nn.Module):
             * c.kv_lora_rank
             * (dtype.itemsize)
         )
+
+
+def _fused_write(x: torch.Tensor, cache: Cache, norm_weight: torch.Tensor) -> bool:
+    """Whether hetero.gpu.kv_write stores this step's latent and rope key: on CUDA, into pages
+    that hold the norm's own dtype (else the cast the unfused path makes would differ)."""
+    return (
+        x.is_cuda
+        and isinstance(cache, PagedKVCache)
+        and cache.latent.dtype == torch.result_type(norm_weight, x)
+    )
 
 
 def _per_sequence(batch: ForwardBatch):

@@ -91,6 +91,11 @@ class Rotary(nn.Module):
         self._cover(needed, positions.device)
         return self.cos[positions], self.sin[positions]  # [T, rope_dim/2] each
 
+    def full_tables(self, needed: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cos and sin tables [L >= needed, rope_dim/2] fp32 (for kernels that index them)."""
+        self._cover(needed, device)
+        return self.cos, self.sin
+
     def _cover(self, needed: int, device: torch.device) -> None:
         if needed > self.cos.shape[0]:
             self._extend(max(needed, 2 * self.cos.shape[0], 256), device)
