@@ -59,11 +59,11 @@ for stage in "$@"; do
       done; tail -2 "$OUT/gpu_step_tiles.err"; grep -c . "$OUT/gpu_step_tiles.jsonl" ;;
     gpu-step-fused)  # the sixth session's last GPU changes: their gpu tests, then V3's GPU
       # side alone with MLA's fused cache write, default GEMV against its prefetch (~3 min)
-      timeout 60 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
-        tests/test_fp8_gemm.py tests/test_graphs.py 2>&1 \
+      timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
+        tests/test_fp8_gemm.py tests/test_graphs.py tests/test_paged_cache.py 2>&1 \
         | tee "$OUT/$day-gpu-tests-fused.log" | tail -3
       for t in "" prefetch=1; do
-        timeout 60 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
+        timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
           --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles "$t" \
           >> "$OUT/gpu_step_fused.jsonl" 2>> "$OUT/gpu_step_fused.err"
       done; tail -1 "$OUT/gpu_step_fused.err"; grep -c . "$OUT/gpu_step_fused.jsonl" ;;

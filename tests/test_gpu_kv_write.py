@@ -48,10 +48,11 @@ def check(config, dtype, tables, q_lens, ctx_lens, page, device=DEVICE):
     kv_write(kv_a.to(device), norm.weight.to(device), norm.eps, batch.positions.to(device), cos,
              sin, config.rope.interleave, batch.slot_mapping.to(device), got.latent[1],
              got.rope[1])  # fmt: skip
-    # the same roundings: equal but for the interpreter's or the GPU's own fp32 sums
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    # the same roundings: equal but for the order of the fp32 sum of squares, which can move a
+    # bf16 latent by an ulp or two (as test_gpu_norm allows)
+    tol = (1e-6, 1e-6) if dtype == torch.float32 else (2e-2, 1.6e-2)
     for a, b in ((got.latent, want.latent), (got.rope, want.rope)):
-        torch.testing.assert_close(a.cpu().float(), b.float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(a.cpu().float(), b.float(), atol=tol[0], rtol=tol[1])
     assert got.latent[1].abs().sum() > 0 and got.latent[0].abs().sum() == 0  # layer 1 only
 
 
@@ -82,5 +83,5 @@ def test_fused_write_refuses_what_it_cannot_store():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_write_at_v3_shapes():
     config = ModelConfig.from_hf(Path(__file__).parent / "data" / "models" / "deepseek-v3")
-    tables = [[1 + i] for i in range(32)]
-    check(config, torch.bfloat16, tables, [1] * 32, [5 + 2 * i for i in range(32)], page=64)
+    tables = [[1 + 2 * i, 2 + 2 * i] for i in range(32)]  # 32 decode rows, 5..98 tokens
+    check(config, torch.bfloat16, tables, [1] * 32, [5 + 3 * i for i in range(32)], page=64)
