@@ -8,7 +8,7 @@
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
-#   gpu-step-fused
+#   gpu-step-fused | decode-gpu-int4-trace
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -76,6 +76,12 @@ for stage in "$@"; do
           --gpu-format int4 --batch 1 --steps 12 --rounds 2 --modes gpu_only,overlap,defer3 \
           --graphs --settle-s 20 >> "$OUT/decode_gpu_int4.jsonl" 2>> "$OUT/decode_gpu_int4.err"
       done; grep -c . "$OUT/decode_gpu_int4.jsonl" ;;
+    decode-gpu-int4-trace)  # the G = 76 row of decode-gpu-int4 over the paged cache, traced:
+      # why the step fell only 4% when the CPU's own time fell 18% (~3 min)
+      timeout 200 python3 bench/decode.py --workload v3 --cpu-layers 4 --gpu-experts 76 \
+        --gpu-format int4 --batch 1 --steps 12 --rounds 2 --modes gpu_only,defer3 --paged 64 \
+        --graphs --settle-s 10 --trace "$OUT/trace_g76" > "$OUT/decode_gpu_int4_trace.jsonl" \
+        2> "$OUT/decode_gpu_int4_trace.err"; tail -2 "$OUT/decode_gpu_int4_trace.err" ;;
     sweeps)  # mla_decode's and fp8_gemm's launch settings (fp8: with the one-row CUDA-core
       # variant, Tiles(mma=False)), at V3's shapes (~3 min)
       timeout 90 python3 bench/mla_sweep.py > "$OUT/mla_sweep.jsonl" 2> "$OUT/mla_sweep.err"

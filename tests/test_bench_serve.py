@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+pytest.importorskip("openai")  # a test extra (installed by scripts/setup.sh test)
 
 from bench.serve import main, parse_args  # noqa: E402
 from hetero.demo import demo_dir  # noqa: E402

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+pytest.importorskip("xgrammar")  # the server's extra (installed by scripts/setup.sh)
 from test_grammar import SCHEMA, tiny  # noqa: F401, F811  (its fixture)
 
 from hetero.engine.engine import RequestError

@@ -1,0 +1,43 @@
+"""bench/workloads.py's FP8 GEMV settings: `--fp8-tiles` specs parsed into Tiles, refused with
+the fields named, and set on every FP8Linear of a model, the fused ones (kept out of the module
+tree) included."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.workloads import fp8_tiles, random_model, set_fp8_tiles  # noqa: E402
+from hetero.config import ModelConfig  # noqa: E402
+from hetero.gpu.fp8_gemm import TILES, Tiles  # noqa: E402
+from hetero.model.fp8 import FP8Linear  # noqa: E402
+from hetero.testing import tiny_v3_config  # noqa: E402
+
+
+def test_specs_parse_into_tiles():
+    assert fp8_tiles("") == TILES
+    assert fp8_tiles("mma=1+num_warps=8") == Tiles(mma=True, num_warps=8)
+    assert fp8_tiles("prefetch=1+block_n=32") == Tiles(prefetch=True, block_n=32)
+    for bad in ("warps=8", "mma", "mma=yes"):
+        with pytest.raises(ValueError, match="NAME=INT"):
+            fp8_tiles(bad)
+
+
+def test_tiles_reach_every_fp8_linear_fused_ones_too():
+    config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
+                                                intermediate_size=256))  # fmt: skip
+    model = random_model(config, "cpu", torch.float32, fp8=True, attention="absorbed")
+    model.fuse_projections()
+    fused = [m.__dict__[n] for m in model.modules() for n in ("qkv_a", "gate_up")
+             if isinstance(m.__dict__.get(n), FP8Linear)]  # fmt: skip
+    assert fused, "the tiny model has FP8 matrices that fuse"
+    tiles = Tiles(prefetch=True)
+    set_fp8_tiles(model, tiles)
+    linears = [m for m in model.modules() if isinstance(m, FP8Linear)] + fused
+    assert linears and all(lin.tiles is tiles for lin in linears)
