@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 from hetero.config import ModelConfig  # noqa: E402
-from hetero.gpu.router import fused_route, route  # noqa: E402
+from hetero.gpu.router import fused_route, gemv_route, route  # noqa: E402
 from hetero.model.moe import Gate  # noqa: E402
 from hetero.testing import tiny_v2_config, tiny_v3_config  # noqa: E402
 
@@ -64,6 +64,30 @@ def test_kernel_equals_gate(name):
     gate = gate_for(config, seed=len(name))
     for T in (1, 5, 33):
         check(gate, torch.randn(T, config.hidden_size, generator=torch.Generator().manual_seed(T)))
+
+
+@pytest.mark.parametrize("name", ["v3", "v3-odd", "moonlight", "v2-greedy", "v2-groups"])
+def test_one_launch_router_equals_gate(name):
+    """gemv_route (logits by the kernel from the bf16 weight, the token's last program routing)
+    against Gate's fp32 product of the same bf16 values; its counters back to zero after."""
+    config = ModelConfig.from_hf(CASES[name])
+    gate = gate_for(config, seed=5).to(torch.bfloat16)
+    if config.topk_method == "noaux_tc":
+        gate.e_score_correction_bias.data = gate.e_score_correction_bias.float()
+    x = torch.randn(7, config.hidden_size, generator=torch.Generator().manual_seed(6))
+    x = x.to(torch.bfloat16).to(DEVICE)
+    counters = torch.zeros(16, dtype=torch.int32, device=DEVICE)
+    want_w, want_ids = gate.torch_route(x)
+    bias = getattr(gate, "e_score_correction_bias", None)
+    for _ in range(2):  # the second call finds the counters reset
+        got_w, got_ids = gemv_route(x, gate.weight, config, bias, counters)
+        torch.testing.assert_close(got_ids, want_ids, rtol=0, atol=0)
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+        assert counters.count_nonzero().item() == 0
+    with pytest.raises(ValueError, match="counters for 7 tokens"):
+        gemv_route(x, gate.weight, config, bias, counters[:3])
+    with pytest.raises(ValueError, match="do not fit"):
+        gemv_route(x.float(), gate.weight, config, bias, counters)
 
 
 def test_int32_ids_and_no_tokens():
@@ -122,7 +146,7 @@ def test_published_shapes_on_the_gpu(model, T):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("T", [1, 64])
+@pytest.mark.parametrize("T", [1, 16, 64])  # the one-launch router (<= 16), then cuBLAS
 def test_bf16_weight_routes_as_fp32(T):
     """A bf16 gate (as checkpoints store it) multiplied into fp32 without a copy of its weight
     routes as `Gate`'s fp32 product of the same values does."""

@@ -32,11 +32,11 @@ if TYPE_CHECKING:
 
 
 @triton.jit
-def _route(
-    logits_ptr,  # [T, E] fp32
+def _route_row(
+    logits_ptr,  # this token's [E] fp32
     bias_ptr,  # [E] fp32, read when HAS_BIAS
-    weights_ptr,  # [T, K] fp32
-    ids_ptr,  # [T, K] int32 or int64
+    weights_ptr,  # this token's [K] fp32 out
+    ids_ptr,  # this token's [K] int32 or int64 out
     G,  # groups (1 when routing ignores them)
     EG,  # experts a group
     scale,  # routed_scaling_factor
@@ -50,12 +50,12 @@ def _route(
     BLOCK_EG: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    """One token's routing from its logits (see the module's doc)."""
     E = G * EG
     gs, js = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_EG)
     expert = gs[:, None] * EG + js[None, :]  # [BG, BEG] expert id
     ok = (gs[:, None] < G) & (js[None, :] < EG)
-    x = tl.load(logits_ptr + t * E + expert, mask=ok, other=float("-inf"))
+    x = tl.load(logits_ptr + expert, mask=ok, other=float("-inf"), cache_modifier=".cg")
     if SIGMOID:
         scores = tl.sigmoid(x)
     else:
@@ -89,24 +89,94 @@ def _route(
         choice = tl.where(hit, float("-inf"), choice)
     if NORM:
         w = w / (tl.sum(w, 0) + 1e-20)
-    tl.store(weights_ptr + t * K + ks, w * scale, mask=ks < K)
-    tl.store(ids_ptr + t * K + ks, ids, mask=ks < K)
+    tl.store(weights_ptr + ks, w * scale, mask=ks < K)
+    tl.store(ids_ptr + ks, ids, mask=ks < K)
 
 
-def fused_route(
-    logits: torch.Tensor,
-    config: ModelConfig,
-    bias: torch.Tensor | None = None,
-    ids_dtype: torch.dtype = torch.int64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] fp32 (+ V3's e_score_correction_bias [E] fp32) -> (weights [T, k]
-    fp32, ids [T, k]), routed as `config` says (scoring_func, topk_method, n_group, topk_group,
-    num_experts_per_tok, norm_topk_prob, routed_scaling_factor). ids are int64 by default, as
-    `Gate` returns them; int32 on request."""
+@triton.jit
+def _route(
+    logits_ptr,  # [T, E] fp32
+    bias_ptr,
+    weights_ptr,  # [T, K] fp32
+    ids_ptr,  # [T, K] int32 or int64
+    G,
+    EG,
+    scale,
+    K: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_TOP: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_EG: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    _route_row(logits_ptr + t * G * EG, bias_ptr, weights_ptr + t * K, ids_ptr + t * K, G, EG,
+               scale, K, TOPK_GROUP, GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG,
+               BLOCK_K)  # fmt: skip
+
+
+@triton.jit
+def _gemv_route(
+    x_ptr,  # [T, H] bf16/fp16, the last dim contiguous
+    w_ptr,  # [E, H] the gate's weight, x's dtype, contiguous
+    logits_ptr,  # [T, E] fp32 (written here)
+    count_ptr,  # [T] int32, zero between calls (the token's last program resets it)
+    bias_ptr,
+    weights_ptr,  # [T, K] fp32
+    ids_ptr,  # [T, K]
+    H,
+    stride_x,
+    G,
+    EG,
+    scale,
+    K: tl.constexpr,
+    TOPK_GROUP: tl.constexpr,
+    GROUP_TOP: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_EG: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """Decode's router in one launch: program (expert block, token) computes BLOCK_E logits of
+    its token in fp32 (bf16 products are exact in fp32), stores them, and raises the token's
+    counter; the token's last program to finish routes it from all E logits."""
+    eb, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    E = G * EG
+    experts = eb * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
+    e_ok = experts < E
+    hs = tl.arange(0, BLOCK_H)
+    dots = tl.zeros((BLOCK_E, BLOCK_H), tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        h = h0 + hs
+        x = tl.load(x_ptr + t * stride_x + h, mask=h < H, other=0.0).to(tl.float32)  # [BH]
+        w = tl.load(w_ptr + experts[:, None].to(tl.int64) * H + h[None, :],
+                    mask=e_ok[:, None] & (h < H)[None, :], other=0.0)  # fmt: skip
+        dots += w.to(tl.float32) * x[None, :]
+    tl.store(logits_ptr + t * E + experts, tl.sum(dots, axis=1), mask=e_ok)
+    tl.debug_barrier()  # every thread's logits stored before the count is raised
+    done = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")
+    if done == tl.num_programs(0) - 1:
+        _route_row(logits_ptr + t * E, bias_ptr, weights_ptr + t * K, ids_ptr + t * K, G, EG,
+                   scale, K, TOPK_GROUP, GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG,
+                   BLOCK_K)  # fmt: skip
+        tl.atomic_xchg(count_ptr + t, 0)  # ready for the next call (graph replays)
+
+
+GEMV_ROUTE_MAX_TOKENS = 16  # `route` takes the one-launch router up to this many tokens
+BLOCK_E, BLOCK_H = 4, 1024  # its tiles: experts a program, hidden a step
+
+
+def _routing(config: ModelConfig, E: int, bias: torch.Tensor | None, device) -> tuple:
+    """The routing's launch arguments after checking them: (G, EG, scale, constexprs,
+    num_warps) for `_route_row`."""
     c = config
-    if logits.dim() != 2 or logits.dtype != torch.float32:
-        raise ValueError(f"logits must be [T, E] fp32, got {tuple(logits.shape)} {logits.dtype}")
-    T, E = logits.shape
     K, G = c.num_experts_per_tok, c.n_group
     if E != c.n_routed_experts:
         raise ValueError(f"logits have {E} experts, the config {c.n_routed_experts}")
@@ -123,45 +193,105 @@ def fused_route(
     if bias is not None:
         if c.topk_method != "noaux_tc":
             raise ValueError(f"a correction bias is only used by noaux_tc, not {c.topk_method!r}")
-        if bias.shape != (E,) or bias.dtype != torch.float32 or bias.device != logits.device:
-            raise ValueError(f"bias must be [{E}] fp32 on {logits.device}, got "
+        if bias.shape != (E,) or bias.dtype != torch.float32 or bias.device != device:
+            raise ValueError(f"bias must be [{E}] fp32 on {device}, got "
                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")  # fmt: skip
         if not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
-    if not logits.is_contiguous():
-        raise ValueError("logits must be contiguous")
-    if ids_dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
-    weights = torch.empty(T, K, device=logits.device, dtype=torch.float32)
-    ids = torch.empty(T, K, device=logits.device, dtype=ids_dtype)
-    if T == 0:
-        return weights, ids
-    if not grouped:
-        G = 1
+    G = G if grouped else 1
     EG = E // G
     group_top = 0 if not grouped else 2 if c.topk_method == "noaux_tc" and EG >= 2 else 1
     block_g, block_eg = triton.next_power_of_2(G), triton.next_power_of_2(EG)
-    _route[(T,)](
-        logits, bias if bias is not None else logits, weights, ids, G, EG,
-        float(c.routed_scaling_factor), K=K, TOPK_GROUP=c.topk_group if grouped else 0,
-        GROUP_TOP=group_top, SIGMOID=c.scoring_func == "sigmoid", HAS_BIAS=bias is not None,
+    constexprs = dict(
+        K=K, TOPK_GROUP=c.topk_group if grouped else 0, GROUP_TOP=group_top,
+        SIGMOID=c.scoring_func == "sigmoid", HAS_BIAS=bias is not None,
         NORM=bool(c.norm_topk_prob) and K > 1, BLOCK_G=block_g, BLOCK_EG=block_eg,
-        BLOCK_K=triton.next_power_of_2(K), num_warps=max(1, min(4, block_g * block_eg // 128)),
+        BLOCK_K=triton.next_power_of_2(K),
     )  # fmt: skip
+    warps = max(1, min(4, block_g * block_eg // 128))
+    return G, EG, float(c.routed_scaling_factor), constexprs, warps
+
+
+def _outputs(T: int, K: int, device, ids_dtype: torch.dtype):
+    if ids_dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
+    weights = torch.empty(T, K, device=device, dtype=torch.float32)
+    return weights, torch.empty(T, K, device=device, dtype=ids_dtype)
+
+
+def fused_route(
+    logits: torch.Tensor,
+    config: ModelConfig,
+    bias: torch.Tensor | None = None,
+    ids_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] fp32 (+ V3's e_score_correction_bias [E] fp32) -> (weights [T, k]
+    fp32, ids [T, k]), routed as `config` says (scoring_func, topk_method, n_group, topk_group,
+    num_experts_per_tok, norm_topk_prob, routed_scaling_factor). ids are int64 by default, as
+    `Gate` returns them; int32 on request."""
+    if logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError(f"logits must be [T, E] fp32, got {tuple(logits.shape)} {logits.dtype}")
+    T, E = logits.shape
+    G, EG, scale, constexprs, warps = _routing(config, E, bias, logits.device)
+    if not logits.is_contiguous():
+        raise ValueError("logits must be contiguous")
+    weights, ids = _outputs(T, config.num_experts_per_tok, logits.device, ids_dtype)
+    if T:
+        _route[(T,)](logits, bias if bias is not None else logits, weights, ids, G, EG, scale,
+                     **constexprs, num_warps=warps)  # fmt: skip
+    return weights, ids
+
+
+def gemv_route(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    config: ModelConfig,
+    bias: torch.Tensor | None,
+    counters: torch.Tensor,
+    ids_dtype: torch.dtype = torch.int64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_route(x weight^T in fp32, ...)` in one launch for a few tokens: x [T, H] and the
+    gate's weight [E, H] in one 16-bit dtype (their products exact in fp32, summed in fp32, in
+    another order than cuBLAS); counters [>= T] int32, zero between calls (kept by the
+    caller: `Gate.counters`)."""
+    T, H = x.shape
+    E = weight.shape[0]
+    if weight.shape != (E, H) or x.dtype != weight.dtype:
+        raise ValueError(f"x {tuple(x.shape)} {x.dtype} and weight {tuple(weight.shape)} "
+                         f"{weight.dtype} do not fit")  # fmt: skip
+    if counters.dtype != torch.int32 or counters.numel() < T:
+        raise ValueError(f"{counters.numel()} {counters.dtype} counters for {T} tokens")
+    G, EG, scale, constexprs, warps = _routing(config, E, bias, x.device)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    weight = weight.contiguous()
+    weights, ids = _outputs(T, config.num_experts_per_tok, x.device, ids_dtype)
+    if T:
+        logits = torch.empty(T, E, device=x.device, dtype=torch.float32)
+        _gemv_route[(triton.cdiv(E, BLOCK_E), T)](
+            x, weight, logits, counters, bias if bias is not None else logits, weights, ids, H,
+            x.stride(0), G, EG, scale, **constexprs, BLOCK_E=BLOCK_E, BLOCK_H=BLOCK_H,
+            num_warps=4,
+        )  # fmt: skip
     return weights, ids
 
 
 def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gate(x)` for x [T, H]: the logits by a torch matmul in fp32, as `Gate` computes them,
-    the rest by `fused_route` -> (weights [T, k] fp32, ids [T, k] int64).
+    """`gate(x)` for x [T, H] -> (weights [T, k] fp32, ids [T, k] int64): the logits as
+    `Gate` computes them (fp32 products of the weight's values), the rest by `fused_route`.
 
-    A bf16/fp16 weight and x of the same dtype are multiplied as they are, into fp32
-    (`out_dtype`: cuBLAS accumulates in fp32, and products of two bf16 values are exact in fp32,
-    so the logits are `Gate`'s up to the order of the sums) instead of copying the [E, H] weight
-    to fp32 at every call (~8 us a layer on the H200, a third of the router's time)."""
-    w = gate.weight
-    if x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16):
+    A bf16/fp16 weight and x of its dtype are multiplied as they are (products of two bf16
+    values are exact in fp32): up to GEMV_ROUTE_MAX_TOKENS tokens all in one launch
+    (`gemv_route`), more through cuBLAS into fp32 (`out_dtype`), never copying the [E, H]
+    weight to fp32 at each call (~8 us a layer on the H200, a third of the router's time)."""
+    w, bias = gate.weight, getattr(gate, "e_score_correction_bias", None)
+    sixteen = x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16)
+    if sixteen and x.shape[0] <= GEMV_ROUTE_MAX_TOKENS:
+        if gate.counters is None or gate.counters.device != x.device:
+            gate.counters = torch.zeros(GEMV_ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
+        return gemv_route(x, w, gate.config, bias, gate.counters)
+    if sixteen:
         logits = torch.mm(x, w.t(), out_dtype=torch.float32)  # [T, E]
     else:
         logits = F.linear(x.float(), w.float())  # [T, E]
-    return fused_route(logits, gate.config, getattr(gate, "e_score_correction_bias", None))
+    return fused_route(logits, gate.config, bias)

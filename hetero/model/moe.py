@@ -30,6 +30,7 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         if config.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+        self.counters: torch.Tensor | None = None  # hetero.gpu.router's, on first CUDA use
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] fp32, ids [T, k]). On CUDA all but the matmul is one
