@@ -8,7 +8,7 @@
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
-#   gpu-step-fused | decode-gpu-int4-trace
+#   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -60,7 +60,8 @@ for stage in "$@"; do
     gpu-step-fused)  # the sixth session's last GPU changes: their gpu tests, then V3's GPU
       # side alone with MLA's fused cache write, default GEMV against its prefetch (~3 min)
       timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
-        tests/test_fp8_gemm.py tests/test_graphs.py tests/test_paged_cache.py 2>&1 \
+        tests/test_fp8_gemm.py tests/test_graphs.py tests/test_paged_cache.py \
+        tests/test_gpu_router.py 2>&1 \
         | tee "$OUT/$day-gpu-tests-fused.log" | tail -3
       for t in "" prefetch=1; do
         timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
@@ -95,6 +96,14 @@ for stage in "$@"; do
         --output-len fixed:12 --shared-prefix 64 --warmup 4 --settle-s 20 --naive 0 \
         > "$OUT/serve_kernels_ab.jsonl" 2> "$OUT/serve_kernels_ab.err"
       tail -3 "$OUT/serve_kernels_ab.err" ;;
+    serve-c1-ab)  # serve-kernels-ab's unexplained c1 gap (triton TPOT 254 ms against 170):
+      # four c1 levels alternating the two MLA paths, after the engine's batch-1 step against
+      # bench/decode.py's on the default (triton) path (~5 min)
+      timeout 420 python3 bench/throughput.py --workload v3 --cpu-layers 4 \
+        --concurrency 1,1,1,1 --requests 3 --attention-levels triton,absorbed \
+        --prompt-len uniform:80,160 --output-len fixed:24 --shared-prefix 64 --warmup 2 \
+        --settle-s 10 --naive 0 --ab-rounds 2 --ab-steps 12 > "$OUT/serve_c1_ab.jsonl" \
+        2> "$OUT/serve_c1_ab.err"; tail -3 "$OUT/serve_c1_ab.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

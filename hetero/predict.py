@@ -385,4 +385,9 @@ class Steps:
             f"a sequence; routing as {'independent' if m.routing_alpha == 1 else 'correlated'} "
             f"tokens (alpha {m.routing_alpha:g})"
         )
+        if r.has_gpu:
+            out.append(
+                f"streamed prefill at {m.stream_efficiency:.0%} of the calibrated pinned H2D "
+                f"({r.h2d_gbps * m.stream_efficiency:.0f} of {r.h2d_gbps:.0f} GB/s), as measured"
+            )
         return out
