@@ -146,8 +146,11 @@ class GraphedDecoder:
             run = block.mlp.routed.submit(h[:n], ids[:n], weights[:n])  # CPU experts start here
             shared = self.shared[i]() if self.shared[i] is not None else None
             y, pending = finish(run, shared[:n] if shared is not None else None, pending)
-            self.x[i + 1].copy_(x)  # padding rows skip the MoE
-            self.x[i + 1][:n].add_(y)
+            if n == x.shape[0]:  # no padding rows: one kernel
+                torch.add(x, y, out=self.x[i + 1])
+            else:
+                self.x[i + 1].copy_(x)  # padding rows skip the MoE
+                self.x[i + 1][:n].add_(y)
         if pending is not None:
             self.x[-1][:n].add_(pending.result())
         return self.head()[:n].clone()
