@@ -44,17 +44,18 @@ class Block(nn.Module):
         pending: Pending | None = None,
     ) -> tuple[torch.Tensor, Pending | None]:
         """-> (x, experts deferred to the next layer); a dense layer passes `pending` on."""
-        x = self.attend(x, batch, cache, rotary)
+        x, h = self.attend(x, batch, cache, rotary)
         if not self.is_moe:
-            return x + self.mlp(self.post_attention_layernorm(x)), pending
-        y, pending = self.mlp(self.post_attention_layernorm(x), pending)
+            return x + self.mlp(h), pending
+        y, pending = self.mlp(h, pending)
         return x + y, pending
 
     def attend(
         self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
-    ) -> torch.Tensor:
-        """The attention half: x + MLA(norm(x))."""
-        return x + self.self_attn(self.input_layernorm(x), batch, cache, rotary)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: (x + MLA(norm(x)), the post-attention norm of that sum)."""
+        a = self.self_attn(self.input_layernorm(x), batch, cache, rotary)
+        return self.post_attention_layernorm.add(x, a)
 
 
 class Decoder(nn.Module):

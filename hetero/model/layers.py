@@ -27,6 +27,15 @@ class RMSNorm(nn.Module):
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
+    def add(self, x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + r, self(x + r)): a residual add and this norm after it, on CUDA one kernel."""
+        if x.is_cuda and r.dtype == x.dtype:
+            from hetero.gpu.norm import add_rms_norm
+
+            return add_rms_norm(x, r, self.weight, self.eps)
+        s = x + r
+        return s, self(s)
+
 
 def Linear(in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=False)

@@ -103,8 +103,7 @@ class GraphedDecoder:
         block, rotary = self.model.model.layers[i], self.model.model.rotary
 
         def segment():
-            x = block.attend(self.x[i], self.batch, self.cache, rotary)
-            h = block.post_attention_layernorm(x)
+            x, h = block.attend(self.x[i], self.batch, self.cache, rotary)
             if not block.is_moe:
                 return (x + block.mlp(h),)
             weights, ids = block.mlp.gate(h)
