@@ -61,7 +61,7 @@ for stage in "$@"; do
       # side alone with MLA's fused cache write, default GEMV against its prefetch (~3 min)
       timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
         tests/test_fp8_gemm.py tests/test_graphs.py tests/test_paged_cache.py \
-        tests/test_gpu_router.py 2>&1 \
+        tests/test_gpu_router.py tests/test_gpu_norm.py 2>&1 \
         | tee "$OUT/$day-gpu-tests-fused.log" | tail -3
       for t in "" prefetch=1; do
         timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
