@@ -65,7 +65,7 @@ class FP8Linear(nn.Module):
         self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
         self.cublas: bool | None = None  # whether torch._scaled_mm takes this layer (CUDA)
         self.counters: torch.Tensor | None = None  # the GEMV's split-K tile counters (CUDA)
-        self.tiles = None  # the GEMV's launch settings (hetero.gpu.fp8_gemm.Tiles; None: its)
+        self.tiles = None  # the GEMV's launch settings (fp8_gemm.Tiles; None: its default)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         (O, I), (bo, bi) = self.weight.shape, self.block

@@ -33,8 +33,8 @@ class Gate(nn.Module):
         self.counters: torch.Tensor | None = None  # hetero.gpu.router's, on first CUDA use
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, H] -> (weights [T, k] fp32, ids [T, k]). On CUDA all but the matmul is one
-        kernel (hetero.gpu.router); `torch_route` is its reference."""
+        """x [T, H] -> (weights [T, k] fp32, ids [T, k]). On CUDA one kernel up to 16 tokens,
+        else the matmul and one kernel (hetero.gpu.router); `torch_route` is the reference."""
         if x.is_cuda:
             from hetero.gpu.router import route  # triton: imported where it runs
 
