@@ -30,8 +30,8 @@ class Tiles:
     num_stages: int = 4
     per_sm: int = 4  # programs to aim for an SM, reached by split-K
     # False: one token's row dots on the CUDA cores (more rows keep the MMA). H200 (2026-12-03,
-    # bench/results/*-gpu_step_tiles.md): V3's GPU step at batch 1 11.26 ms against 11.81 with
-    # the 16-row tf32 MMA; in fp8_sweep 1.1-1.8x faster on each of V3's decode matrices
+    # bench/results/*-gpu_step.md run 3): V3's GPU step at batch 1 11.26 ms against 11.81 with
+    # the 16-row tf32 MMA; in fp8_sweep 1.05-1.8x faster on five of V3's six decode matrices
     mma: bool = False
     bf16: bool = False  # MMA on bf16 operands (bf16 x on CUDA; else tf32): measured slower
     prefetch: bool = False  # one row: the next K block loaded ahead (not yet measured)
