@@ -48,11 +48,11 @@ for stage in "$@"; do
         >> "$OUT/gpu_step.jsonl" 2>> "$OUT/gpu_step.err"; tail -2 "$OUT/gpu_step.err" ;;
     gpu-step-tiles)  # issue 18 (sixth session): the V3 GPU side alone after the router's bf16
       # product, split-K summed in the GEMV, context lengths read as positions; batch 1 and 32
-      # with the default FP8 GEMV tiles, then the one-row CUDA-core GEMV and the bf16 MMA (~5 min)
+      # with the default FP8 GEMV (one row on the CUDA cores), its 8-warp form, the MMA (~5 min)
       timeout 200 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
         --context 16,4096 --paged 64 --graphs --steps 20 --rounds 2 \
         --profile "$OUT/gpu_step_tiles" > "$OUT/gpu_step_tiles.jsonl" 2> "$OUT/gpu_step_tiles.err"
-      for t in mma=0+num_warps=8 mma=0 bf16=1; do
+      for t in mma=0+num_warps=8 mma=0 mma=1; do
         timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
           --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles $t \
           >> "$OUT/gpu_step_tiles.jsonl" 2>> "$OUT/gpu_step_tiles.err"

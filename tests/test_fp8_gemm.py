@@ -75,8 +75,8 @@ def test_one_row_without_the_mma_tile(programs, silu_mul):
 @pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("M", [1, 16])
 def test_cuda_tile_variants_at_v3_width(M, silu_mul):
-    """The one-row CUDA-core path and the bf16 MMA (which the interpreter cannot run) against
-    dequantize-then-matmul, with and without the tile counters."""
+    """The one-row CUDA-core path (with and without prefetch) and the MMA tile at V3's width
+    against dequantize-then-matmul, with and without the tile counters."""
     from hetero.gpu.fp8_gemm import Tiles, tile_counters
 
     g = torch.Generator().manual_seed(M)
@@ -88,9 +88,7 @@ def test_cuda_tile_variants_at_v3_width(M, silu_mul):
         gate, up = want.bfloat16().chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up).float()
     counters = tile_counters(4096, 16, q.device)
-    variants = (Tiles(), Tiles(mma=True), Tiles(mma=True, bf16=True), Tiles(num_warps=8),
-                Tiles(prefetch=True))  # fmt: skip
-    for tiles in variants:
+    for tiles in (Tiles(), Tiles(mma=True), Tiles(num_warps=8), Tiles(prefetch=True)):
         for c in (None, counters):
             got = fp8_gemm(x, q, s, silu_mul=silu_mul, tiles=tiles, counters=c)
             assert rel(got, want) < (2e-2 if silu_mul else 4e-3), (tiles, c is None)

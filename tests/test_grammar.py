@@ -33,8 +33,7 @@ from hetero.server.toolcalls import (
 )
 from hetero.testing.tokenizer import EOS, EOS_ID
 
-# the server's extra (installed by scripts/setup.sh); the GPU machine's image lacks it
-GrammarMatcher = pytest.importorskip("xgrammar").GrammarMatcher
+GrammarMatcher = pytest.importorskip("xgrammar").GrammarMatcher  # a server extra (setup.sh)
 
 SCHEMA = {
     "type": "object",

@@ -33,7 +33,6 @@ class Tiles:
     # bench/results/*-gpu_step.md run 3): V3's GPU step at batch 1 11.26 ms against 11.81 with
     # the 16-row tf32 MMA; in fp8_sweep 1.05-1.8x faster on five of V3's six decode matrices
     mma: bool = False
-    bf16: bool = False  # MMA on bf16 operands (bf16 x on CUDA; else tf32): measured slower
     prefetch: bool = False  # one row: the next K block loaded ahead (not yet measured)
 
 
@@ -87,13 +86,10 @@ def _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn
 
 
 @triton.jit
-def _mma(x, w, s, PRECISION: tl.constexpr, DOT16: tl.constexpr):
-    """x [BM, BK] . W [BN, BK]^T scaled by s [BN] -> [BM, BN] fp32 on the tensor cores: in
-    bf16 (DOT16: bf16 x; e4m3 is exact in bf16) or else in fp32 (tf32 holds bf16 exactly)."""
-    if DOT16:
-        part = tl.dot(x, tl.trans(w.to(tl.bfloat16)))
-    else:
-        part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+def _mma(x, w, s, PRECISION: tl.constexpr):
+    """x [BM, BK] . W [BN, BK]^T scaled by s [BN] -> [BM, BN] fp32 on the tensor cores, in fp32
+    (tf32 holds bf16 activations and e4m3 exactly; bf16 operands measured slower on the H200)."""
+    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
     return part * s[None, :]
 
 
@@ -130,7 +126,6 @@ def _fp8_gemm(
     PRECISION: tl.constexpr,
     PER_ROW_EXPERT: tl.constexpr,
     MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
-    DOT16: tl.constexpr,  # MMA in bf16 (x bf16), else in fp32
     PREFETCH: tl.constexpr,  # one row: the next K block's weights loaded ahead
     SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_N rows of each
     DIRECT: tl.constexpr,  # one split: the program stores y itself
@@ -169,11 +164,11 @@ def _fp8_gemm(
             )  # [BM, BK]
             w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
                                SN)  # fmt: skip
-            acc += _mma(x, w, s, PRECISION, DOT16)
+            acc += _mma(x, w, s, PRECISION)
             if SILU_MUL:
                 w, s = _load_block(w_ptr, s_ptr, rows + NY, row_ok, k, kb, last, K, stride_wn,
                                    stride_sn, SN)  # fmt: skip
-                acc_up += _mma(x, w, s, PRECISION, DOT16)
+                acc_up += _mma(x, w, s, PRECISION)
     else:  # one token (BLOCK_M 1, toks = [pid_m])
         x_row = x_ptr + pid_m * stride_xm
         dots = _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn,
@@ -322,8 +317,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
-            MMA=mma, DOT16=tiles.bf16 and x2.dtype == torch.bfloat16 and x2.is_cuda,
-            PREFETCH=tiles.prefetch,
+            MMA=mma, PREFETCH=tiles.prefetch,
             SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip

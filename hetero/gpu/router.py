@@ -253,7 +253,7 @@ def gemv_route(
     """`fused_route(x weight^T in fp32, ...)` in one launch for a few tokens: x [T, H] and the
     gate's weight [E, H] in one 16-bit dtype (their products exact in fp32, summed in fp32, in
     another order than cuBLAS); counters [>= T] int32, zero between calls (kept by the
-    caller: `Gate.counters`)."""
+    caller: `Gate.route_counters`)."""
     T, H = x.shape
     E = weight.shape[0]
     if weight.shape != (E, H) or x.dtype != weight.dtype:
@@ -287,9 +287,8 @@ def route(gate: Gate, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w, bias = gate.weight, getattr(gate, "e_score_correction_bias", None)
     sixteen = x.is_cuda and x.dtype == w.dtype and w.dtype in (torch.bfloat16, torch.float16)
     if sixteen and x.shape[0] <= GEMV_ROUTE_MAX_TOKENS:
-        if gate.counters is None or gate.counters.device != x.device:
-            gate.counters = torch.zeros(GEMV_ROUTE_MAX_TOKENS, dtype=torch.int32, device=x.device)
-        return gemv_route(x, w, gate.config, bias, gate.counters)
+        counters = gate.route_counters(x.device, GEMV_ROUTE_MAX_TOKENS)
+        return gemv_route(x, w, gate.config, bias, counters)
     if sixteen:
         logits = torch.mm(x, w.t(), out_dtype=torch.float32)  # [T, E]
     else:

@@ -30,7 +30,14 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(E, config.hidden_size))
         if config.topk_method == "noaux_tc":
             self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
-        self.counters: torch.Tensor | None = None  # hetero.gpu.router's, on first CUDA use
+        self.counters: torch.Tensor | None = None  # `route_counters`
+
+    def route_counters(self, device: torch.device, tokens: int) -> torch.Tensor:
+        """This gate's own per-token counters for hetero.gpu.router.gemv_route (int32 zeros,
+        allocated on first use, which CUDA graphs' warm-up runs before capture)."""
+        if self.counters is None or self.counters.device != device:
+            self.counters = torch.zeros(tokens, dtype=torch.int32, device=device)
+        return self.counters
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] -> (weights [T, k] fp32, ids [T, k]). On CUDA one kernel up to 16 tokens,
