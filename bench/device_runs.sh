@@ -8,7 +8,8 @@
 #   serve-v3a | serve-v3b | serve-v3c | serve-v2lite | serve-http | gpu-kernels | prefill-layer |
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
-#   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab
+#   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
+#   serve-ring-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -37,6 +38,22 @@ for stage in "$@"; do
             >> "$OUT/cpu_decode_skewed.jsonl" 2>> "$OUT/cpu_decode_skewed.err"
         done
       done; grep -c . "$OUT/cpu_decode_skewed.jsonl" ;;
+    cpu-decode-c64)  # issue 16's read share at concurrency 64 (0.61 in serving): one V3 layer,
+      # int4-g32, 1 and 64 tokens of uniform routing (~222 experts, 2.3 tokens each), software
+      # prefetch distance, work-item rows, 8 threads, huge pages, alternated; then the GEMV's
+      # compute rate with ~18 tokens an expert (routing alpha 0.3, no GEMM paths) (~4 min)
+      for round in 1 2; do
+        for cfg in "" "--prefetch-bytes 0" "--prefetch-bytes 16384" "--rows-per-item 4" \
+            "--threads 8" "--hugepages"; do
+          timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1,64 --no-naive \
+            $cfg >> "$OUT/cpu_decode_c64.jsonl" 2>> "$OUT/cpu_decode_c64.err"
+        done
+      done
+      timeout 60 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 64,256 --no-naive \
+        --routing-alpha 0.3 --gemm-min-tokens 100000 --gemm-min-tokens-amx 100000 \
+        --gemm-min-tokens-q8 100000 \
+        >> "$OUT/cpu_decode_c64.jsonl" 2>> "$OUT/cpu_decode_c64.err"
+      grep -c . "$OUT/cpu_decode_c64.jsonl" ;;
     gpu-step)  # issue 18: the V3 GPU side alone (whole depth, CPU experts as zeros), batch 1 and 32
       # at 16 and 4K tokens of context, over the engine's paged cache (the Triton kernels) with
       # CUDA graphs, and profiled eagerly; then batch 1 through the torch ops of MLA (~4 min)
@@ -58,12 +75,13 @@ for stage in "$@"; do
           >> "$OUT/gpu_step_tiles.jsonl" 2>> "$OUT/gpu_step_tiles.err"
       done; tail -2 "$OUT/gpu_step_tiles.err"; grep -c . "$OUT/gpu_step_tiles.jsonl" ;;
     gpu-step-fused)  # the sixth session's last GPU changes: their gpu tests, then V3's GPU
-      # side alone with MLA's fused cache write, default GEMV against its prefetch (~3 min)
+      # side alone with MLA's fused cache write (~3 min; 2026-12-04 it also ran the GEMV's
+      # prefetch=1, 13.5 ms against 11.1: the option is gone)
       timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu_kv_write.py \
         tests/test_fp8_gemm.py tests/test_graphs.py tests/test_paged_cache.py \
         tests/test_gpu_router.py tests/test_gpu_norm.py 2>&1 \
         | tee "$OUT/$day-gpu-tests-fused.log" | tail -3
-      for t in "" prefetch=1; do
+      for t in ""; do
         timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1 \
           --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles "$t" \
           >> "$OUT/gpu_step_fused.jsonl" 2>> "$OUT/gpu_step_fused.err"
@@ -104,6 +122,15 @@ for stage in "$@"; do
         --prompt-len uniform:80,160 --output-len fixed:24 --shared-prefix 64 --warmup 2 \
         --settle-s 10 --naive 0 --ab-rounds 2 --ab-steps 12 > "$OUT/serve_c1_ab.jsonl" \
         2> "$OUT/serve_c1_ab.err"; tail -3 "$OUT/serve_c1_ab.err" ;;
+    serve-ring-ab)  # issue 16's read share at concurrency 16 and 64: CPU jobs of 16-64 tokens
+      # on the engine's ring (EngineConfig.ring_tokens 64) against the worker's queue (15, as
+      # before), alternated level by level; the ring's tests first on the AMX host (~8 min)
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_ring.py 2>&1 | tail -2
+      timeout 480 python3 bench/throughput.py --workload v3 --cpu-layers 4 \
+        --concurrency 16,16,64,64 --requests 16,16,64,64 --ring-levels 15,64,64,15 \
+        --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
+        --settle-s 10 --naive 0 > "$OUT/serve_ring_ab.jsonl" 2> "$OUT/serve_ring_ab.err"
+      tail -3 "$OUT/serve_ring_ab.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

@@ -26,13 +26,11 @@ SHAPES = {  # N x K: V3's decode matrices (qkv_a and gate_up as fused at load)
     "qkv_a": (2112, 7168), "o": (7168, 16384), "shared_gate_up": (4096, 7168),
     "q_b": (24576, 1536), "shared_down": (7168, 2048), "dense_gate_up": (36864, 7168),
 }  # fmt: skip
-KINDS = [(True, False), (False, False), (False, True)]  # (mma, prefetch)
 VARIANTS = [
-    Tiles(block_n=n, num_warps=w, per_sm=ps, mma=mma, prefetch=ahead)
-    for (mma, ahead), n, w, ps in itertools.product(KINDS, (32, 64, 128), (4, 8), (4, 8))
+    Tiles(block_n=n, num_warps=w, per_sm=ps, mma=mma)
+    for mma, n, w, ps in itertools.product((True, False), (32, 64, 128), (4, 8), (4, 8))
 ]
-# mma=False: one row on the CUDA cores, more rows keep the MMA; prefetch: the one-row path's
-# next block loaded ahead
+# mma=False: one row on the CUDA cores, more rows keep the MMA
 SWEEP = [TILES] + [t for t in VARIANTS if t != TILES]
 
 

@@ -143,6 +143,9 @@ def batch1_ab(handle, ref: DecodeRef, rounds: int, vocab: int) -> dict:
     alternated `rounds` times: a VM's speed drifts within a run, so each engine figure has
     its reference beside it."""
     gen = torch.Generator().manual_seed(7)
+    # one request alone first: the batch-1 graphs are captured here, not in round 1 (the
+    # warm-up's requests ran together; 2026-12-04 round 1 was 203 ms against 114 after)
+    drive(handle, [Req(torch.randint(0, vocab, (32,), generator=gen).tolist(), 4)], params, 1)
     pairs = []
     for _ in range(rounds):
         r = ref.time()
@@ -263,8 +266,12 @@ def run(args) -> None:
             if args.attention_levels:  # --attention-levels triton,absorbed: alternate them
                 attention = args.attention_levels[i % len(args.attention_levels)]
                 set_attention(model, handle, attention)
+            if args.ring_levels and cpu is not None:  # --ring-levels 15,64: the ring's A/B
+                cpu.ring_limit = args.ring_levels[i % len(args.ring_levels)]
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             row["defer"] = d
+            if cpu is not None:
+                row["ring_limit"] = min(cpu.ring_limit, cpu._ring_tokens)
             if args.attention_levels:
                 row["attention"] = attention
             row |= predict.level(row["output_tok_s"], C, reqs, d) if predict else {}
@@ -344,6 +351,12 @@ def parse_args(argv=None):
         "--defer-levels",
         type=ints,
         help="deferral of each level in turn (e.g. 3,0 with --concurrency 16,16: both at 16)",
+    )
+    p.add_argument(
+        "--ring-levels",
+        type=ints,
+        help="CPU jobs of up to this many tokens on the engine's ring, each level in turn "
+        "(e.g. 15,64: before and after EngineConfig.ring_tokens)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")

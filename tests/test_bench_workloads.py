@@ -23,7 +23,7 @@ from hetero.testing import tiny_v3_config  # noqa: E402
 def test_specs_parse_into_tiles():
     assert fp8_tiles("") == TILES
     assert fp8_tiles("mma=1+num_warps=8") == Tiles(mma=True, num_warps=8)
-    assert fp8_tiles("prefetch=1+block_n=32") == Tiles(prefetch=True, block_n=32)
+    assert fp8_tiles("mma=0+block_n=32") == Tiles(mma=False, block_n=32)
     for bad in ("warps=8", "mma", "mma=yes"):
         with pytest.raises(ValueError, match="NAME=INT"):
             fp8_tiles(bad)
@@ -37,7 +37,7 @@ def test_tiles_reach_every_fp8_linear_fused_ones_too():
     fused = [m.__dict__[n] for m in model.modules() for n in ("qkv_a", "gate_up")
              if isinstance(m.__dict__.get(n), FP8Linear)]  # fmt: skip
     assert fused, "the tiny model has FP8 matrices that fuse"
-    tiles = Tiles(prefetch=True)
+    tiles = Tiles(mma=True, block_n=32)
     set_fp8_tiles(model, tiles)
     linears = [m for m in model.modules() if isinstance(m, FP8Linear)] + fused
     assert linears and all(lin.tiles is tiles for lin in linears)

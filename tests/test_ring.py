@@ -14,6 +14,8 @@ from hetero.cpu_experts.formats import Format, pack_experts
 from hetero.cpu_experts.ring import ACTIVE, SLOTS
 
 H, I, E, K = 256, 128, 16, 4
+# every expert on the GEMV (the ring's path) whatever its tokens, on and off the ring: bit-equal
+GEMV = dict(gemm_min_tokens_q8=10**6, gemm_min_tokens_amx=10**6)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,8 @@ def engines():
         )  # fmt: skip
         for L in (3, 4, 5)
     }
-    ring = CPUExperts(layers, EngineConfig(threads=2))
-    plain = CPUExperts(layers, EngineConfig(threads=2, ring=False))
+    ring = CPUExperts(layers, EngineConfig(threads=2, **GEMV))
+    plain = CPUExperts(layers, EngineConfig(threads=2, ring=False, **GEMV))
     yield ring, plain
     ring.close()
     plain.close()
@@ -49,13 +51,14 @@ def idle_out(r, within_s: float = 5.0) -> bool:
 
 
 def test_ring_jobs_equal_the_queue_path(engines):
-    """Decode sizes on the ring, 32+ tokens off it, more jobs in flight than slots (the rest
-    take the queue), with and without deferred parts: bit-equal outputs."""
+    """Decode sizes on the ring (up to EngineConfig.ring_tokens: a decode step of 64
+    requests), more tokens off it, more jobs in flight than slots (the rest take the queue),
+    with and without deferred parts: bit-equal outputs."""
     ring, plain = engines
-    top = ring._ring_tokens  # 31 (15 where AMX tiles take experts of 16 tokens)
-    assert top in (15, 31) and plain._ring_tokens == 0
+    top = ring._ring_tokens
+    assert top == EngineConfig.ring_tokens == 64 and plain._ring_tokens == 0
     before = {k: r.seq for k, r in ring._rings.items()}
-    for T in (1, 3, top, top + 1, 40):
+    for T in (1, 3, 16, top, top + 1):
         x, ids, w = job(T, T)
         for d in (0, 2):
             layers = (3, 4, 5) * 2  # 6 jobs in flight, SLOTS = 4
@@ -82,7 +85,7 @@ def test_buffers_made_under_inference_mode_serve_calls_without_it(engines):
     """The ring (and the queue path's buffers) first needed inside torch.inference_mode, as a
     model's forward makes them, then used outside it: no "inference tensor" error."""
     _, plain = engines
-    fresh = CPUExperts(plain.layers, EngineConfig(threads=2))
+    fresh = CPUExperts(plain.layers, EngineConfig(threads=2, **GEMV))
     try:
         x, ids, w = job(2, 13)
         with torch.inference_mode():
@@ -170,3 +173,49 @@ def test_a_dropped_job_frees_its_slot(engines):
     del j
     gc.collect()
     assert not r.busy[s]
+
+
+def test_ring_limit_sends_larger_jobs_to_the_queue(engines):
+    """`ring_limit` (bench/throughput.py's A/B of the ring's size) lowers the tokens a ring
+    job may have at run time: a job above it takes the worker's queue, with the same sums."""
+    ring, plain = engines
+    r = ring._rings[K]
+    x, ids, w = job(20, 31)
+    try:
+        for limit, on_ring in ((64, True), (15, False)):
+            ring.ring_limit = limit
+            seq = r.seq
+            assert torch.equal(ring.forward(3, x, ids, w), plain.forward(3, x, ids, w))
+            assert (r.seq > seq) == on_ring
+    finally:
+        ring.ring_limit = ring._ring_tokens
+
+
+def test_a_job_with_a_heavy_expert_is_handed_to_the_gemm_paths():
+    """A ring job where one expert has the GEMM threshold's tokens (a decode step of many
+    requests under a skewed router) is computed on the worker's GEMM paths, with the queue
+    path's sums; the ring goes on with the next jobs."""
+    g = torch.Generator().manual_seed(5)
+    layers = {
+        L: pack_experts(
+            *(torch.randn(E, *s, generator=g) for s in ((I, H), (I, H), (H, I))),
+            Format.parse("int4"),
+        )  # fmt: skip
+        for L in (3, 4)
+    }
+    ring = CPUExperts(layers, EngineConfig(threads=2))
+    plain = CPUExperts(layers, EngineConfig(threads=2, ring=False))
+    try:
+        heavy = ring._threshold(layers[3])  # 16 with AMX tiles, else 32
+        x, ids, w = job(48, 41)
+        for t in range(heavy):  # expert 2 in each of the first `heavy` tokens, once
+            ids[t] = torch.tensor([2] + [3 + (t + j) % 13 for j in range(K - 1)])
+        light = job(8, 42)  # at most 8 tokens an expert: the ring's GEMV
+        jobs = [(3, x, ids, w), (4, *light), (4, x, ids, w), (3, *light)]
+        a = [ring.submit(*j) for j in jobs]
+        same = [torch.equal(ring.wait(ja), plain.forward(*j)) for ja, j in zip(a, jobs)]
+        assert same == [True] * 4
+        assert ring.stats.handed_back == 2 and ring._rings[K].seq == 4
+    finally:
+        ring.close()
+        plain.close()

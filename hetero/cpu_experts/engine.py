@@ -62,7 +62,8 @@ class CPUExperts:
         self._clock = (kernels_q8.read_cycles(), time.perf_counter_ns())  # cycles <-> ns
         self._rings: dict[int, DecodeRing] = {}  # by experts a token
         self._ring_lock = threading.Lock()
-        self._ring_tokens = self._ring_size()  # 0: no ring
+        self._ring_tokens = self._ring_size()  # a ring slot's tokens; 0: no ring
+        self.ring_limit = self._ring_tokens  # jobs up to this many tokens take it (<= the above)
         self._worker = 0  # the worker thread's id
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
@@ -164,7 +165,7 @@ class CPUExperts:
 
     def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor):
         """(the ring, its free slot) for this job, or None: not ring-sized, or no slot free."""
-        if not 0 < x.shape[0] <= self._ring_tokens or ids.ndim != 2:
+        if not 0 < x.shape[0] <= min(self.ring_limit, self._ring_tokens) or ids.ndim != 2:
             return None
         k = ids.shape[1]
         if k not in self._rings:
@@ -174,29 +175,50 @@ class CPUExperts:
         return None if s is None else (self._rings[k], s)
 
     def _ring_size(self) -> int:
-        """Tokens a ring job may have: below every layer's GEMM threshold (0: no ring, where
-        the config says so or the layers differ in type or do not take int8 activations)."""
+        """Tokens a ring job may have (0: no ring, where the config says so or the layers differ
+        in type or do not take int8 activations)."""
         c = self.config
         if not (c.ring and c.int8_activations and DecodeRing.supports(self.layers)):
             return 0
         if any(ops._q8_offset(p, True) is None for p in self.layers.values()):
             return 0
-        return max(0, min(min(map(self._threshold, self.layers.values())) - 1, 32))
+        return max(0, c.ring_tokens)
 
     def _serve(self, ring: DecodeRing, idle_s: float = RING_IDLE_S) -> None:
         """The ring's server, on the worker thread; a job that fails there fails alone."""
         c, layer = self.config, next(iter(self.layers.values()))
         rate = self._cycles_per_s
+        # a job with an expert of this many tokens is handed back to the GEMM paths (the
+        # ring's GEMV would take it: a decode step of 64 requests under V3 serving's skew sends
+        # 20-40 tokens to its hottest experts; 2026-12-04, H200: TPOT 4.8 s on the GEMV against
+        # 3.2 s with the AMX tiles)
+        heavy = self._threshold(layer) if c.ring_gemm else 0
         args = (c.rows_per_item, ops._q8_offset(layer, True), c.prefetch_bytes,
-                int(INPUT_TIMEOUT_S * rate), int(idle_s * rate))  # fmt: skip
+                int(INPUT_TIMEOUT_S * rate), int(idle_s * rate), heavy)  # fmt: skip
         while True:
             try:
-                ring.run(*args)
+                if ring.run(*args):
+                    self._handed_back(ring)
+                    continue
                 return
             except Exception as e:  # noqa: BLE001 (the job's caller gets it from `wait`)
                 log.error("a CPU expert job failed on the ring: %s", e)
                 if not ring.fail_head(e):
                     return
+
+    def _handed_back(self, ring: DecodeRing) -> None:
+        """The ring's head job, which has an expert for the GEMM paths: computed here, in the
+        slot's buffers, as a queued job would be (its parts published together at the end)."""
+        s, position, T, deferred = ring.head_job()
+        layer = ring.layers[position]
+        parts = 2 if deferred else 1
+        done = np.zeros(parts, np.int64)
+        args = (ring.x[s, :T].numpy(), ring.ids[s, :T].numpy(), ring.w[s, :T].numpy(),
+                ring.rows[s], deferred, ring.outs[s, :parts, :T].numpy(), done,
+                ring.arrived[s, :1].numpy())  # fmt: skip
+        self._compute(self.layers[layer], *args)
+        ring.hand_back(s, int(ring.stamps[s, 1]), kernels_q8.read_cycles(), parts)
+        self.stats.handed_back += 1
 
     def _yield_rings(self, flag: int) -> None:
         """Asks the rings' servers to return to Python once their jobs are done (1), or not."""

@@ -48,6 +48,15 @@ class EngineConfig:
     # decode jobs through a ring of preallocated slots that one numba loop serves without
     # returning to Python between jobs (ring.py: 130-180 us of Python a job on the H100 host)
     ring: bool = True
+    # jobs of up to this many tokens take the ring, every expert on the GEMV: decode batches
+    # (one token a request) and short prompt chunks. Larger jobs take the worker's queue (GEMM
+    # paths for the experts with many tokens). It was the GEMM threshold - 1 (15 with AMX), so
+    # serving's decode steps of 16-64 requests went through the queue's Python on the worker
+    ring_tokens: int = 64
+    # a ring job with an expert of the GEMM threshold's tokens (gemm_min_tokens_amx where the
+    # CPU has AMX tiles) goes back to the worker's Python for the GEMM paths; False: the ring's
+    # GEMV computes every job it takes
+    ring_gemm: bool = True
     # a caller's `wait` polls the part's flag this long, then naps `caller_nap_s` between polls:
     # a spinning caller holds a core, which is why `threads` leaves one free by default
     caller_spin_s: float = 5e-3
@@ -68,6 +77,7 @@ class EngineStats:
     compute_s: float = 0.0  # of which in the kernels
     wait_s: float = 0.0  # written by the calling thread only
     jobs: int = 0
+    handed_back: int = 0  # ring jobs with an expert for the GEMM paths, computed off the ring
     amx_s: dict = field(default_factory=dict)  # the AMX path's seconds by step (ops.moe_gemm_amx)
     # when a list: (name, thread id, start ns, end ns) of each submit, input wait, part computed
     # and caller's wait, on time.perf_counter_ns's clock (bench/decode.py --trace)

@@ -24,7 +24,7 @@ import torch
 from numba import njit
 
 from hetero.cpu_experts.formats import PackedExperts
-from hetero.cpu_experts.fused import moe_layer_q8
+from hetero.cpu_experts.fused import moe_layer_q8, wait_inputs
 from hetero.cpu_experts.host_buffers import host_views
 from hetero.cpu_experts.simd_q8 import (
     atomic_add,
@@ -44,14 +44,18 @@ DEPENDS = {
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each
 SEQ, LAYER, TOKENS, DEFERRED, STATUS = range(5)  # header fields of a slot
-QUEUED, DONE, FAILED = 0, 1, 2  # STATUS
+QUEUED, DONE, FAILED, HANDED = 0, 1, 2, 3  # STATUS (HANDED: to the worker's GEMM paths)
 START, ARRIVED, END = range(3)  # stamps of a slot: cycle counter
 
 
 @njit(**JIT)
 def serve(ctrl, header, stamps, xs, ids, ws, outs, rows, done, arrived, w13s, s13s, w2s, s2s,
-          num_experts, rows_per_item, offset, ahead, threads, max_cycles, idle_cycles):  # fmt: skip
-    """Takes the ring's jobs in order until it has been idle `idle_cycles` or is asked to yield.
+          num_experts, rows_per_item, offset, ahead, threads, max_cycles, idle_cycles,
+          heavy):  # fmt: skip
+    """Takes the ring's jobs in order until it has been idle `idle_cycles` or is asked to yield
+    (returns 0), or until the head job has an expert of `heavy` tokens or more (0: never): that
+    job is marked HANDED, left at the head, and 1 returned, for the caller to compute it on the
+    GEMM paths (`hand_back`) and call this again.
     Slot s: xs [S, Tmax, H], ids/ws [S, Tmax, k], outs [S, 2, Tmax, H], rows [S, E], done and
     arrived [S, 8]; w13s.. the layers' arrays (tuples, indexed by header[s, LAYER])."""
     since = cycle_counter()
@@ -61,6 +65,10 @@ def serve(ctrl, header, stamps, xs, ids, ws, outs, rows, done, arrived, w13s, s1
             s = head % header.shape[0]
             T, L = header[s, TOKENS], header[s, LAYER]
             stamps[s, START] = cycle_counter()
+            if heavy > 0 and most_tokens(ids[s, :T], rows[s], arrived[s], max_cycles) >= heavy:
+                stamps[s, ARRIVED] = cycle_counter()
+                header[s, STATUS] = HANDED
+                return 1
             waited = moe_layer_q8(
                 xs[s, :T], ids[s, :T], ws[s, :T], rows[s], header[s, DEFERRED], num_experts,
                 w13s[L], s13s[L], w2s[L], s2s[L], outs[s], done[s], rows_per_item, offset,
@@ -74,8 +82,25 @@ def serve(ctrl, header, stamps, xs, ids, ws, outs, rows, done, arrived, w13s, s1
             atomic_add(ctrl, ACTIVE, -1)
             if atomic_load(ctrl, TAIL) > head and claim(ctrl):
                 continue
-            return
+            return 0
         spin_pause()
+
+
+@njit(**JIT)
+def most_tokens(ids, rows_of, ready, max_cycles):
+    """Once the inputs are there: the most tokens any one expert computed here (rows_of[e] >=
+    0) has among ids [T, k] (-1: none); 0 if they never came (the job then fails as usual)."""
+    if wait_inputs(ready, max_cycles) < 0:
+        return 0
+    counts = np.zeros(rows_of.shape[0], np.int64)
+    top = 0
+    for t in range(ids.shape[0]):
+        for j in range(ids.shape[1]):
+            e = ids[t, j]
+            if 0 <= e < rows_of.shape[0] and rows_of[e] >= 0:
+                counts[e] += 1
+                top = max(top, counts[e])
+    return top
 
 
 @njit(**JIT)
@@ -103,6 +128,7 @@ class DecodeRing:
                  ((S, 8), torch.int64))  # fmt: skip
         self.x, self.ids, self.w, self.outs, self.arrived = host_views(specs, pin)
         self.index = {L: i for i, L in enumerate(layers)}  # engine layer -> position in tuples
+        self.layers = tuple(layers)  # position -> engine layer
         self.arrays = tuple(tuple(getattr(p, n) for p in layers.values()) for n in _ARRAYS)
         self.num_experts = E
         self.rows = np.zeros((S, E), np.int64)
@@ -145,7 +171,7 @@ class DecodeRing:
         return bool(publish(self.ctrl))
 
     def finished(self, s: int, seq: int) -> bool:
-        return self.header[s, SEQ] != seq or self.header[s, STATUS] != QUEUED
+        return self.header[s, SEQ] != seq or self.header[s, STATUS] in (DONE, FAILED)
 
     def error(self, s: int, seq: int) -> Exception | None:
         if self.header[s, SEQ] == seq and self.header[s, STATUS] == FAILED:
@@ -162,14 +188,30 @@ class DecodeRing:
         if not waited.all() and self.header[s, SEQ] == seq and self.finished(s, seq):
             self.release(s, None)
 
-    def run(self, rows_per_item: int, offset: int, ahead: int, max_cycles: int, idle: int):
-        """The server: `serve` on this ring (called on the engine's worker thread)."""
-        serve(
+    def run(
+        self, rows_per_item: int, offset: int, ahead: int, max_cycles: int, idle: int, heavy: int
+    ) -> bool:
+        """The server: `serve` on this ring (called on the engine's worker thread); True when
+        it stopped at a job handed back (`head_job`, then `hand_back`)."""
+        return 1 == serve(
             self.ctrl, self.header, self.stamps, self.x.numpy(), self.ids.numpy(),
             self.w.numpy(), self.outs.numpy(), self.rows, self.done, self.arrived.numpy(),
             *self.arrays, self.num_experts, rows_per_item, offset, ahead,
-            numba.get_num_threads(), max_cycles, idle,
+            numba.get_num_threads(), max_cycles, idle, heavy,
         )  # fmt: skip
+
+    def head_job(self) -> tuple[int, int, int, int]:
+        """(slot, position of its layer in `index`, tokens, deferred) of the job at the head."""
+        s = int(self.ctrl[HEAD]) % SLOTS
+        return s, *(int(v) for v in self.header[s, [LAYER, TOKENS, DEFERRED]])
+
+    def hand_back(self, s: int, arrived: int, end: int, parts: int) -> None:
+        """The head job (slot s), computed by the caller into its outs: its stamps, then each
+        part's flag, and the ring goes on (HEAD += 1; the server is still ACTIVE)."""
+        self.stamps[s, ARRIVED], self.stamps[s, END] = arrived, end
+        self.header[s, STATUS] = DONE
+        self.done[s, :parts] += 1
+        self.ctrl[HEAD] += 1
 
     def fail_head(self, why: Exception) -> bool:
         """After an error in `serve`: the job it was on fails, the ring goes on without it;

@@ -33,7 +33,6 @@ class Tiles:
     # bench/results/*-gpu_step.md run 3): V3's GPU step at batch 1 11.26 ms against 11.81 with
     # the 16-row tf32 MMA; in fp8_sweep 1.05-1.8x faster on five of V3's six decode matrices
     mma: bool = False
-    prefetch: bool = False  # one row: the next K block loaded ahead (not yet measured)
 
 
 TILES = Tiles()
@@ -58,30 +57,19 @@ def _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn
 @triton.jit
 def _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn, stride_sn,
               SN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PER_SPLIT: tl.constexpr, PREFETCH: tl.constexpr):  # fmt: skip
+              PER_SPLIT: tl.constexpr):  # fmt: skip
     """One token x_row [K] . W's rows [BN] over this split's K blocks on the CUDA cores -> [BN]
-    fp32: products scaled and kept apart [BN, BK] until the loop ends, summed once. PREFETCH:
-    the next block's weights are loaded before this block's products (two blocks in flight a
-    program, for HBM's latency)."""
+    fp32: products scaled and kept apart [BN, BK] until the loop ends, summed once. (Loading
+    the next block ahead measured slower: V3's GPU step 13.5 ms against 11.1 on one H200 VM,
+    2026-12-04.)"""
     dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    kb = split * PER_SPLIT
-    if PREFETCH:
-        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, kb * BLOCK_K + cols, kb, last, K,
-                           stride_wn, stride_sn, SN)  # fmt: skip
     for i in range(0, PER_SPLIT):
         kb = split * PER_SPLIT + i
         k = kb * BLOCK_K + cols
-        if PREFETCH:  # the next block of this split (none past it: masked by its limit)
-            limit = tl.where(i + 1 < PER_SPLIT, K, 0)
-            w_next, s_next = _load_block(w_ptr, s_ptr, rows, row_ok, k + BLOCK_K, kb + 1, last,
-                                         limit, stride_wn, stride_sn, SN)  # fmt: skip
-        else:
-            w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
-                               SN)  # fmt: skip
+        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
+                           SN)  # fmt: skip
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [BK]
         dots += w.to(tl.float32) * x[None, :] * s[:, None]
-        if PREFETCH:
-            w, s = w_next, s_next
     return tl.sum(dots, axis=1)
 
 
@@ -126,7 +114,6 @@ def _fp8_gemm(
     PRECISION: tl.constexpr,
     PER_ROW_EXPERT: tl.constexpr,
     MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
-    PREFETCH: tl.constexpr,  # one row: the next K block's weights loaded ahead
     SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_N rows of each
     DIRECT: tl.constexpr,  # one split: the program stores y itself
     FIXUP: tl.constexpr,  # splits: the last of a tile's splits to finish sums them into y
@@ -172,12 +159,11 @@ def _fp8_gemm(
     else:  # one token (BLOCK_M 1, toks = [pid_m])
         x_row = x_ptr + pid_m * stride_xm
         dots = _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn,
-                         stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT, PREFETCH)  # fmt: skip
+                         stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT)  # fmt: skip
         acc += dots[None, :]
         if SILU_MUL:
             dots = _row_dots(x_row, w_ptr, s_ptr, rows + NY, row_ok, cols, split, K, last,
-                             stride_wn, stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT,
-                             PREFETCH)  # fmt: skip
+                             stride_wn, stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT)  # fmt: skip
             acc_up += dots[None, :]
     out = y_ptr + toks[:, None] * NY + rows[None, :]
     if DIRECT:
@@ -317,7 +303,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
-            MMA=mma, PREFETCH=tiles.prefetch,
+            MMA=mma,
             SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
