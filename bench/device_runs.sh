@@ -9,7 +9,7 @@
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
-#   serve-ring-ab
+#   serve-ring-ab | cpu-pairs-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -54,6 +54,21 @@ for stage in "$@"; do
         --gemm-min-tokens-q8 100000 \
         >> "$OUT/cpu_decode_c64.jsonl" 2>> "$OUT/cpu_decode_c64.err"
       grep -c . "$OUT/cpu_decode_c64.jsonl" ;;
+    cpu-pairs-ab)  # the GEMV's gate/up (and down) rows in pairs a pass, against the code before
+      # (base/: `git archive a7684e1 | tar -x -C base`, untracked so it travels): one V3 layer,
+      # 16 and 64 tokens of serving's skew, and ~18 tokens an expert on the GEMV alone (its
+      # compute rate), alternated (~6 min)
+      for round in 1 2; do
+        for root in base .; do
+          echo "{\"root\": \"$root\", \"round\": $round}" >> "$OUT/cpu_pairs_ab.jsonl"
+          timeout 100 python3 $root/bench/cpu_moe.py --shape v3 --format int4,int4-g128 \
+            --tokens 1,16,64 --no-naive --routing-alpha 0.69 >> "$OUT/cpu_pairs_ab.jsonl" \
+            2>> "$OUT/cpu_pairs_ab.err"
+          timeout 60 python3 $root/bench/cpu_moe.py --shape v3 --format int4 --tokens 64 \
+            --no-naive --routing-alpha 0.3 --gemm-min-tokens 100000 --gemm-min-tokens-amx 100000 \
+            --gemm-min-tokens-q8 100000 >> "$OUT/cpu_pairs_ab.jsonl" 2>> "$OUT/cpu_pairs_ab.err"
+        done
+      done; grep -c . "$OUT/cpu_pairs_ab.jsonl" ;;
     gpu-step)  # issue 18: the V3 GPU side alone (whole depth, CPU experts as zeros), batch 1 and 32
       # at 16 and 4K tokens of context, over the engine's paged cache (the Triton kernels) with
       # CUDA graphs, and profiled eagerly; then batch 1 through the torch ops of MLA (~4 min)

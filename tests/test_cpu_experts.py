@@ -145,6 +145,26 @@ def test_every_tokens_per_expert_count(engine):
     assert rel_err(eng.forward(3, x, ids, w), reference(layer, x, ids, w)) < FP32_TOL
 
 
+@pytest.mark.parametrize("spec", ["int4", "int8"])
+def test_q8_gemv_row_pairs_with_an_odd_row_left(spec):
+    """kernels_q8 takes gate/up and down rows two at a time once an expert has two tokens; a
+    work item of an odd number of down rows (H / I = 1.5, one gate/up row an item: 3 down
+    rows) ends on a row alone. 1..7 tokens an expert against the reference."""
+    g = torch.Generator().manual_seed(6)
+    h, i = 384, 256
+    gate, up, down = (torch.randn(E, *s, generator=g) for s in ((i, h), (i, h), (h, i)))
+    layer = pack_experts(gate, up, down, Format.parse(spec))
+    assert ops.q8_activations(layer)
+    ids = torch.tensor([e for e in range(7) for _ in range(e + 1)])[:, None]  # [28, 1]
+    x, _, w = routing(ids.shape[0], 1, seed=7, hidden=h)
+    config = EngineConfig(threads=2, rows_per_item=1, gemm_min_tokens_q8=10**9, amx=False)
+    eng = CPUExperts({0: layer}, config)
+    try:
+        assert rel_err(eng.forward(0, x, ids, w), reference(layer, x, ids, w)) < FP32_TOL
+    finally:
+        eng.close()
+
+
 def test_fused_and_grouped_gemv_routes_agree(engine):
     """Decode batches (fewer tokens than the GEMM threshold) take one fused numba call; longer
     ones group in Python first and send the experts below the threshold to the same GEMV."""

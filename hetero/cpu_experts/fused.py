@@ -31,8 +31,8 @@ JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "fb35ed0db88de9d3",
-    "simd_q8.py": "c7d88f233293e0a5",
+    "kernels_q8.py": "6cc49c43a3da7492",
+    "simd_q8.py": "f5c777da96aadf48",
 }
 
 

@@ -39,7 +39,7 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "simd_q8.py": "c7d88f233293e0a5",
+    "simd_q8.py": "f5c777da96aadf48",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

@@ -44,8 +44,8 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "7213a20da052446f",
-    "simd_q8.py": "c7d88f233293e0a5",
+    "kernels_amx.py": "73a4cbe32dc93975",
+    "simd_q8.py": "f5c777da96aadf48",
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)

@@ -22,6 +22,10 @@ from hetero.cpu_experts.simd_q8 import (
     atomic_add,
     atomic_load,
     cycle_counter,
+    q8_pair_dot1,
+    q8_pair_dot2,
+    q8_pair_dot3,
+    q8_pair_dot4,
     q8_row_dot,
     q8_row_dot2,
     q8_row_dot3,
@@ -30,7 +34,7 @@ from hetero.cpu_experts.simd_q8 import (
 )
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "c7d88f233293e0a5"}
+DEPENDS = {"simd_q8.py": "f5c777da96aadf48"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 
@@ -149,31 +153,30 @@ def moe_gemv_q8(
 @njit(inline="always", **JIT)
 def _gate_up(w13, s13, xq, xs, xa, pair_token, start, end, r0, r1, h, sh, ahead):
     """h[p, r] = silu(gate_r x_t) * up_r x_t for the expert's pairs p in [start, end), t their
-    tokens, rows r in [r0, r1) of w13 [I, 2, .]."""
+    tokens, rows r in [r0, r1) of w13 [I, 2, .]. Up to four tokens a pass over the gate and up
+    rows together: each row is unpacked once for them, each token's activations loaded once
+    for both rows."""
     for r in range(r0, r1):
         wg, sg, wu, su = w13[r, 0], s13[r, 0], w13[r, 1], s13[r, 1]
         p = start
-        while p + 4 <= end:  # four tokens a pass over the row: it is unpacked once
+        while p + 4 <= end:
             t0, t1, t2, t3 = pair_token[p], pair_token[p + 1], pair_token[p + 2], pair_token[p + 3]
-            g = q8_row_dot4(wg, sg, xq, xs, xa, t0, t1, t2, t3, sh, ahead)
-            u = q8_row_dot4(wu, su, xq, xs, xa, t0, t1, t2, t3, sh, ahead)
+            gu = q8_pair_dot4(wg, sg, wu, su, xq, xs, xa, t0, t1, t2, t3, sh, ahead)
             for j in range(4):
-                h[p + j, r] = _silu_mul(g[j], u[j])
+                h[p + j, r] = _silu_mul(gu[j], gu[4 + j])
             p += 4
         left = end - p  # 0-3 tokens: one pass for them too
         if left == 3:
             t0, t1, t2 = pair_token[p], pair_token[p + 1], pair_token[p + 2]
-            g3 = q8_row_dot3(wg, sg, xq, xs, xa, t0, t1, t2, sh, ahead)
-            u3 = q8_row_dot3(wu, su, xq, xs, xa, t0, t1, t2, sh, ahead)
+            gu3 = q8_pair_dot3(wg, sg, wu, su, xq, xs, xa, t0, t1, t2, sh, ahead)
             for j in range(3):
-                h[p + j, r] = _silu_mul(g3[j], u3[j])
+                h[p + j, r] = _silu_mul(gu3[j], gu3[3 + j])
         elif left == 2:
             t0, t1 = pair_token[p], pair_token[p + 1]
-            g2 = q8_row_dot2(wg, sg, xq, xs, xa, t0, t1, sh, ahead)
-            u2 = q8_row_dot2(wu, su, xq, xs, xa, t0, t1, sh, ahead)
+            gu2 = q8_pair_dot2(wg, sg, wu, su, xq, xs, xa, t0, t1, sh, ahead)
             for j in range(2):
-                h[p + j, r] = _silu_mul(g2[j], u2[j])
-        elif left == 1:
+                h[p + j, r] = _silu_mul(gu2[j], gu2[2 + j])
+        elif left == 1:  # (batch 1: each row on its own, as measured at the decode targets)
             t = pair_token[p]
             g1 = q8_row_dot(wg, sg, xq[t], xs[t], xa[t], sh, ahead)
             h[p, r] = _silu_mul(g1, q8_row_dot(wu, su, xq[t], xs[t], xa[t], sh, ahead))
@@ -181,8 +184,15 @@ def _gate_up(w13, s13, xq, xs, xa, pair_token, start, end, r0, r1, h, sh, ahead)
 
 @njit(inline="always", **JIT)
 def _down(w2, s2, hq, hs, ha, weights, pair_token, pair_slot, start, end, r0, r1, y, sh, ahead):
-    """y[p, r] = weight_p * (down_r h_p) for pairs p in [start, end), rows [r0, r1) of w2 [H, .]."""
-    for r in range(r0, r1):
+    """y[p, r] = weight_p * (down_r h_p) for pairs p in [start, end), rows [r0, r1) of w2 [H, .];
+    with two pairs or more, two rows a pass (each pair's activations loaded once for both)."""
+    alone = r0  # the rows from here on, one a pass
+    if end - start >= 2:
+        while alone + 2 <= r1:
+            _down_rows2(w2[alone], s2[alone], w2[alone + 1], s2[alone + 1], hq, hs, ha, weights,
+                        pair_token, pair_slot, start, end, alone, y, sh, ahead)  # fmt: skip
+            alone += 2
+    for r in range(alone, r1):
         wd, sd = w2[r], s2[r]
         p = start
         while p + 4 <= end:
@@ -202,6 +212,34 @@ def _down(w2, s2, hq, hs, ha, weights, pair_token, pair_slot, start, end, r0, r1
         elif left == 1:
             wt = weights[pair_token[p], pair_slot[p]]
             y[p, r] = q8_row_dot(wd, sd, hq[p], hs[p], ha[p], sh, ahead) * wt
+
+
+@njit(inline="always", **JIT)
+def _down_rows2(wa, sa, wb, sb, hq, hs, ha, weights, pair_token, pair_slot, start, end, r, y, sh,
+                ahead):  # fmt: skip
+    """`_down` of rows r (wa, sa) and r + 1 (wb, sb) in one pass over them a few pairs at once."""
+    p = start
+    while p + 4 <= end:
+        d = q8_pair_dot4(wa, sa, wb, sb, hq, hs, ha, p, p + 1, p + 2, p + 3, sh, ahead)
+        for j in range(4):
+            wt = weights[pair_token[p + j], pair_slot[p + j]]
+            y[p + j, r], y[p + j, r + 1] = d[j] * wt, d[4 + j] * wt
+        p += 4
+    left = end - p
+    if left == 3:
+        d3 = q8_pair_dot3(wa, sa, wb, sb, hq, hs, ha, p, p + 1, p + 2, sh, ahead)
+        for j in range(3):
+            wt = weights[pair_token[p + j], pair_slot[p + j]]
+            y[p + j, r], y[p + j, r + 1] = d3[j] * wt, d3[3 + j] * wt
+    elif left == 2:
+        d2 = q8_pair_dot2(wa, sa, wb, sb, hq, hs, ha, p, p + 1, sh, ahead)
+        for j in range(2):
+            wt = weights[pair_token[p + j], pair_slot[p + j]]
+            y[p + j, r], y[p + j, r + 1] = d2[j] * wt, d2[2 + j] * wt
+    elif left == 1:
+        d1 = q8_pair_dot1(wa, sa, wb, sb, hq, hs, ha, p, sh, ahead)
+        wt = weights[pair_token[p], pair_slot[p]]
+        y[p, r], y[p, r + 1] = d1[0] * wt, d1[1] * wt
 
 
 @njit(inline="always", **JIT)

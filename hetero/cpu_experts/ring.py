@@ -36,10 +36,10 @@ from hetero.cpu_experts.simd_q8 import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "a8a6f6fdb1fbe076",
+    "fused.py": "5604c9474a901fc9",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "fb35ed0db88de9d3",
-    "simd_q8.py": "c7d88f233293e0a5",
+    "kernels_q8.py": "6cc49c43a3da7492",
+    "simd_q8.py": "f5c777da96aadf48",
 }
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each

@@ -68,51 +68,58 @@ def _is_row(a, dtype) -> bool:
     return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
-def _emit_dots(builder, w_p, s_p, tokens, blocks, shift, int8: bool, ahead) -> list:
-    """IR of the row dot for each token of `tokens` [(xq, xs, xa) pointers]: the row's bytes
-    are unpacked and its scales widened once a block for all of them. `int8`: an int8 row with
-    f32 scales (else packed int4 with bf16 scales). `ahead`: bytes past each line read that are
-    prefetched into L2 (the next rows of the work item lie right after this one; 0: no use)."""
+def _emit_dots(builder, rows, tokens, blocks, shift, int8: bool, ahead) -> list:
+    """IR of the row dots of each row of `rows` [(w, s) pointers] with each token of `tokens`
+    [(xq, xs, xa) pointers], row-major ([r0 t0, r0 t1, .., r1 t0, ..]): a row's bytes are
+    unpacked and its scales widened once a block for all tokens, and a token's activations
+    loaded once a block for all rows. `int8`: int8 rows with f32 scales (else packed int4
+    with bf16 scales). `ahead`: bytes past each line read that are prefetched into L2 (the next
+    rows of the work item lie right after this one; 0: no use)."""
     prefetch = cgutils.get_or_insert_function(
         builder.module, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]),
         "llvm.prefetch.p0",
     )  # fmt: skip
     hint = [ir.Constant(I32, v) for v in (0, 2, 1)]  # read, L2, data
-    accs = [cgutils.alloca_once_value(builder, ir.Constant(V_F32, [0.0] * 16)) for _ in tokens]
+    zero = ir.Constant(V_F32, [0.0] * 16)
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in tokens] for _ in rows]
     c15, c4, c128 = (ir.Constant(V_B, [v] * 64) for v in (15, 4, 128))
     to16 = ir.Constant(V_I32, [c for c in range(4) for _ in range(4)])
     undef16 = ir.Constant(V_F32, ir.Undefined)
     with cgutils.for_range(builder, blocks) as loop:
         b = loop.index
         x0 = builder.mul(b, ir.Constant(I64, BLOCK))
-        if int8:  # two 64-byte halves, made unsigned: w + 128
-            lo = builder.xor(_load(builder, w_p, x0, V_B), c128)
-            hi = builder.xor(_load(builder, w_p, builder.add(x0, ir.Constant(I64, 64)), V_B), c128)
-            lines = [x0, builder.add(x0, ir.Constant(I64, 64))]
-        else:
-            line = builder.mul(b, ir.Constant(I64, 64))
-            wv = _load(builder, w_p, line, V_B)
-            lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
-            lines = [line]
-        for line in lines:
-            builder.call(prefetch, [builder.gep(w_p, [builder.add(line, ahead)]), *hint])
-        sw = builder.shuffle_vector(
-            _block_scales(builder, s_p, b, x0, shift, int8), ir.Constant(V4_F32, ir.Undefined), to16
-        )
-        for (xq_p, xs_p, xa_p), acc in zip(tokens, accs):
+        unpacked = []  # (lo, hi, scales [16]) of each row's block
+        for w_p, s_p in rows:
+            if int8:  # two 64-byte halves, made unsigned: w + 128
+                lo = builder.xor(_load(builder, w_p, x0, V_B), c128)
+                half = builder.add(x0, ir.Constant(I64, 64))
+                hi = builder.xor(_load(builder, w_p, half, V_B), c128)
+                lines = [x0, half]
+            else:
+                line = builder.mul(b, ir.Constant(I64, 64))
+                wv = _load(builder, w_p, line, V_B)
+                lo, hi = builder.and_(wv, c15), builder.lshr(wv, c4)
+                lines = [line]
+            for line in lines:
+                builder.call(prefetch, [builder.gep(w_p, [builder.add(line, ahead)]), *hint])
+            quarters = _block_scales(builder, s_p, b, x0, shift, int8)
+            sw = builder.shuffle_vector(quarters, ir.Constant(V4_F32, ir.Undefined), to16)
+            unpacked.append((lo, hi, sw))
+        for j, (xq_p, xs_p, xa_p) in enumerate(tokens):
             xl = _load(builder, xq_p, x0, V_B)
             xh = _load(builder, xq_p, builder.add(x0, ir.Constant(I64, 64)), V_B)
             start = _load(builder, xa_p, builder.mul(b, ir.Constant(I64, 16)), V_I32, 4)
-            dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
             sa = builder.insert_element(
                 undef16, builder.load(builder.gep(xs_p, [b])), ir.Constant(I32, 0)
             )
             sa16 = builder.shuffle_vector(sa, undef16, ir.Constant(V_I32, [0] * 16))
-            scale = builder.fmul(sw, sa16, flags=("fast",))
-            term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
-            builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
+            for (lo, hi, sw), acc in zip(unpacked, (row[j] for row in accs)):
+                dots = _dot4(builder, _dot4(builder, start, lo, xl), hi, xh)  # [16] i32
+                scale = builder.fmul(sw, sa16, flags=("fast",))
+                term = builder.fmul(builder.sitofp(dots, V_F32), scale, flags=("fast",))
+                builder.store(builder.fadd(builder.load(acc), term, flags=("fast",)), acc)
     totals = []
-    for acc in accs:
+    for acc in (a for row in accs for a in row):
         v = builder.load(acc)
         total = builder.extract_element(v, ir.Constant(I32, 0))
         for i in range(1, 16):
@@ -244,27 +251,29 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
         s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
         blocks = builder.extract_value(xs_a.shape, 0)
         shift, far = _i64(builder, args[5]), _i64(builder, args[6])
-        return _emit_dots(builder, w_p, s_p, [token], blocks, shift, int8, far)[0]
+        return _emit_dots(builder, [(w_p, s_p)], [token], blocks, shift, int8, far)[0]
 
     return types.float32(w, s, xq, xs, xa, gshift, ahead), codegen
 
 
-def _typed_dots(w, s, xq, xs, xa, ts, gshift, ahead):
-    """Typing and codegen of `q8_row_dot` of one row against len(ts) tokens at once (rows ts
-    of xq [T, K] i8, xs [T, K/128] f32, xa [T, K/128 * 16] i32): the row is unpacked and its
-    scales widened once for all of them; an n-tuple of f32."""
-    n, int8 = len(ts), _weights_kind(w, s)
+def _typed_dots(ws, xq, xs, xa, ts, gshift, ahead):
+    """Typing and codegen of `q8_row_dot` of the rows ws [(w, s) numba types] against len(ts)
+    tokens at once (rows ts of xq [T, K] i8, xs [T, K/128] f32, xa [T, K/128 * 16] i32): each
+    row is unpacked and its scales widened once for all tokens, each token's activations
+    loaded once for all rows; a tuple of len(ws) * len(ts) f32, row-major."""
+    n, kinds = len(ts), {_weights_kind(w, s) for w, s in ws}
     acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
-    if int8 is None or not all(_is_table(a, d) for a, d in acts):
+    if len(kinds) != 1 or None in kinds or not all(_is_table(a, d) for a, d in acts):
         return None
     if not all(isinstance(t, types.Integer) for t in (*ts, gshift, ahead)):
         return None
-    ret = types.UniTuple(types.float32, n)
+    int8, R = kinds.pop(), 2 * len(ws)
+    ret = types.UniTuple(types.float32, len(ws) * n)
 
     def codegen(context, builder, sig, args):
-        w_a, s_a, xq_a, xs_a, xa_a = (
-            context.make_array(t)(context, builder, a) for t, a in zip(sig.args[:5], args[:5])
-        )
+        arrays = [context.make_array(t)(context, builder, a) for t, a in
+                  zip(sig.args[: R + 3], args[: R + 3])]  # fmt: skip
+        xq_a, xs_a, xa_a = arrays[R:]
         rows = [builder.extract_value(a.shape, 1) for a in (xq_a, xs_a, xa_a)]
         bases = (
             builder.bitcast(xq_a.data, I8.as_pointer()),
@@ -272,16 +281,19 @@ def _typed_dots(w, s, xq, xs, xa, ts, gshift, ahead):
             builder.bitcast(xa_a.data, I32.as_pointer()),
         )
         tokens = []
-        for t in args[5 : 5 + n]:
+        for t in args[R + 3 : R + 3 + n]:
             t = _i64(builder, t)
             tokens.append(tuple(builder.gep(p, [builder.mul(t, m)]) for p, m in zip(bases, rows)))
-        w_p = builder.bitcast(w_a.data, I8.as_pointer())
-        s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
-        shift, far = _i64(builder, args[5 + n]), _i64(builder, args[6 + n])
-        totals = _emit_dots(builder, w_p, s_p, tokens, rows[1], shift, int8, far)
+        weights = [
+            (builder.bitcast(w_a.data, I8.as_pointer()),
+             builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer()))
+            for w_a, s_a in zip(arrays[0:R:2], arrays[1:R:2])
+        ]  # fmt: skip
+        shift, far = _i64(builder, args[R + 3 + n]), _i64(builder, args[R + 4 + n])
+        totals = _emit_dots(builder, weights, tokens, rows[1], shift, int8, far)
         return context.make_tuple(builder, ret, totals)
 
-    return ret(w, s, xq, xs, xa, *ts, gshift, ahead), codegen
+    return ret(*(a for w_s in ws for a in w_s), xq, xs, xa, *ts, gshift, ahead), codegen
 
 
 # two to four tokens of an expert share each unpacked block (batched decode: an expert has a
@@ -289,19 +301,46 @@ def _typed_dots(w, s, xq, xs, xa, ts, gshift, ahead):
 @intrinsic
 def q8_row_dot2(typingctx, w, s, xq, xs, xa, t0, t1, gshift, ahead):
     """`q8_row_dot` of one row against tokens t0, t1 (`_typed_dots`)."""
-    return _typed_dots(w, s, xq, xs, xa, (t0, t1), gshift, ahead)
+    return _typed_dots([(w, s)], xq, xs, xa, (t0, t1), gshift, ahead)
 
 
 @intrinsic
 def q8_row_dot3(typingctx, w, s, xq, xs, xa, t0, t1, t2, gshift, ahead):
     """`q8_row_dot` of one row against tokens t0, t1, t2 (`_typed_dots`)."""
-    return _typed_dots(w, s, xq, xs, xa, (t0, t1, t2), gshift, ahead)
+    return _typed_dots([(w, s)], xq, xs, xa, (t0, t1, t2), gshift, ahead)
 
 
 @intrinsic
 def q8_row_dot4(typingctx, w, s, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
     """`q8_row_dot` of one row against tokens t0..t3 (`_typed_dots`)."""
-    return _typed_dots(w, s, xq, xs, xa, (t0, t1, t2, t3), gshift, ahead)
+    return _typed_dots([(w, s)], xq, xs, xa, (t0, t1, t2, t3), gshift, ahead)
+
+
+# two rows (an expert's gate and up rows, or two down rows) against one to four tokens: each
+# token's activations are loaded once a block for both rows (with several tokens an expert the
+# activations, not the weights, are most of a pass's loads: 4 tokens x 3 lines a block)
+@intrinsic
+def q8_pair_dot1(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, gshift, ahead):
+    """(row 0 . token t0, row 1 . t0) (`_typed_dots`)."""
+    return _typed_dots([(w0, s0), (w1, s1)], xq, xs, xa, (t0,), gshift, ahead)
+
+
+@intrinsic
+def q8_pair_dot2(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, t1, gshift, ahead):
+    """Rows 0 and 1 against tokens t0, t1: (r0 t0, r0 t1, r1 t0, r1 t1) (`_typed_dots`)."""
+    return _typed_dots([(w0, s0), (w1, s1)], xq, xs, xa, (t0, t1), gshift, ahead)
+
+
+@intrinsic
+def q8_pair_dot3(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, t1, t2, gshift, ahead):
+    """Rows 0 and 1 against tokens t0..t2, row-major (`_typed_dots`)."""
+    return _typed_dots([(w0, s0), (w1, s1)], xq, xs, xa, (t0, t1, t2), gshift, ahead)
+
+
+@intrinsic
+def q8_pair_dot4(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
+    """Rows 0 and 1 against tokens t0..t3, row-major (`_typed_dots`)."""
+    return _typed_dots([(w0, s0), (w1, s1)], xq, xs, xa, (t0, t1, t2, t3), gshift, ahead)
 
 
 @intrinsic
