@@ -21,7 +21,7 @@ from numba import njit, prange
 from hetero.cpu_experts import amx
 from hetero.cpu_experts.kernels_q8 import read_cycles
 from hetero.cpu_experts.simd_amx import rescale
-from hetero.cpu_experts.simd_q8 import cycle_counter
+from hetero.cpu_experts.simd_sync import cycle_counter
 
 CFG = amx.config(
     {

@@ -25,14 +25,15 @@ from numba import njit
 
 from hetero.cpu_experts.kernels import combine, group_by_expert, moe_gemv, split_parts
 from hetero.cpu_experts.kernels_q8 import moe_gemv_q8
-from hetero.cpu_experts.simd_q8 import atomic_add, atomic_load, cycle_counter, spin_pause
+from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter, spin_pause
 
 JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "6cc49c43a3da7492",
-    "simd_q8.py": "f5c777da96aadf48",
+    "kernels_q8.py": "9bd81ad15a7fce52",
+    "simd_q8.py": "f15c25b5edc897ca",
+    "simd_sync.py": "767453c699d5ca2f",
 }
 
 

@@ -33,13 +33,13 @@ from numba.extending import overload
 from hetero.cpu_experts import amx
 from hetero.cpu_experts.kernels import bf16_to_f32
 from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
-from hetero.cpu_experts.simd_q8 import atomic_add
+from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "simd_q8.py": "f5c777da96aadf48",
+    "simd_sync.py": "767453c699d5ca2f",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

@@ -38,14 +38,14 @@ from hetero.cpu_experts.kernels_amx import (  # tile numbers and epilogues: one 
     silu_rows,
 )
 from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
-from hetero.cpu_experts.simd_q8 import atomic_add
+from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "73a4cbe32dc93975",
-    "simd_q8.py": "f5c777da96aadf48",
+    "kernels_amx.py": "d542893d6e97a149",
+    "simd_sync.py": "767453c699d5ca2f",
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)

@@ -19,9 +19,6 @@ from numba import njit, prange
 
 from hetero.cpu_experts.simd_q8 import (
     BLOCK,
-    atomic_add,
-    atomic_load,
-    cycle_counter,
     q8_pair_dot1,
     q8_pair_dot2,
     q8_pair_dot3,
@@ -30,11 +27,11 @@ from hetero.cpu_experts.simd_q8 import (
     q8_row_dot2,
     q8_row_dot3,
     q8_row_dot4,
-    spin_pause,
 )
+from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter, spin_pause
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "f5c777da96aadf48"}
+DEPENDS = {"simd_q8.py": "f15c25b5edc897ca", "simd_sync.py": "767453c699d5ca2f"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 

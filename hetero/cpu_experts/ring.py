@@ -26,7 +26,7 @@ from numba import njit
 from hetero.cpu_experts.formats import PackedExperts
 from hetero.cpu_experts.fused import moe_layer_q8, wait_inputs
 from hetero.cpu_experts.host_buffers import host_views
-from hetero.cpu_experts.simd_q8 import (
+from hetero.cpu_experts.simd_sync import (
     atomic_add,
     atomic_cas,
     atomic_load,
@@ -36,10 +36,11 @@ from hetero.cpu_experts.simd_q8 import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "5604c9474a901fc9",
+    "fused.py": "1766c986bc1f42c1",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "6cc49c43a3da7492",
-    "simd_q8.py": "f5c777da96aadf48",
+    "kernels_q8.py": "9bd81ad15a7fce52",
+    "simd_q8.py": "f15c25b5edc897ca",
+    "simd_sync.py": "767453c699d5ca2f",
 }
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each

@@ -1,6 +1,6 @@
 """The LLVM IR of kernels_q8's inner loops, written with llvmlite as numba intrinsics: the int8 x
-(int4 | int8) row dots (`vpdpbusd` where the CPU has AVX-512 VNNI), and the atomics, `pause` and
-cycle counter that its dataflow schedule and the engine's input wait use.
+(int4 | int8) row dots (`vpdpbusd` where the CPU has AVX-512 VNNI). The atomics, `pause` and
+cycle counter of its dataflow schedule and the engine's input wait are simd_sync.py's.
 
 Layout. A packed int4 row (formats.py) stores byte j of group g as w[g*G + j] | w[g*G + G/2 + j]
 << 4. A 64-byte block of the row thus holds 128 consecutive k; the activations are stored in the
@@ -341,79 +341,3 @@ def q8_pair_dot3(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, t1, t2, gshift, ahea
 def q8_pair_dot4(typingctx, w0, s0, w1, s1, xq, xs, xa, t0, t1, t2, t3, gshift, ahead):
     """Rows 0 and 1 against tokens t0..t3, row-major (`_typed_dots`)."""
     return _typed_dots([(w0, s0), (w1, s1)], xq, xs, xa, (t0, t1, t2, t3), gshift, ahead)
-
-
-@intrinsic
-def atomic_add(typingctx, a, i, v):
-    """a[i] += v as one atomic step (sequentially consistent); the value before. a: int64 [n]."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
-        return None
-    if not isinstance(v, types.Integer):
-        return None
-
-    def codegen(context, builder, sig, args):
-        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
-        return builder.atomic_rmw("add", at, _i64(builder, args[2]), "seq_cst")
-
-    return types.int64(a, i, v), codegen
-
-
-@intrinsic
-def atomic_cas(typingctx, a, i, old, new):
-    """If a[i] == old, a[i] = new, as one atomic step (sequentially consistent); whether it was."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
-        return None
-    if not (isinstance(old, types.Integer) and isinstance(new, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
-        pair = builder.cmpxchg(at, _i64(builder, args[2]), _i64(builder, args[3]), "seq_cst",
-                               "seq_cst")  # fmt: skip
-        return builder.extract_value(pair, 1)
-
-    return types.boolean(a, i, old, new), codegen
-
-
-@intrinsic
-def atomic_load(typingctx, a, i):
-    """a[i], read atomically (acquire: what its writer did before its release is visible)."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
-        return None
-
-    def codegen(context, builder, sig, args):
-        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
-        return builder.load_atomic(at, "acquire", 8)
-
-    return types.int64(a, i), codegen
-
-
-@intrinsic
-def spin_pause(typingctx):
-    """x86's `pause` in a spin loop (spares the sibling hyperthread and the memory bus)."""
-
-    def codegen(context, builder, sig, args):
-        if llvm.get_process_triple().startswith(("x86_64", "i686")):
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
-            )
-            builder.call(fn, [])
-        return context.get_dummy_value()
-
-    return types.none(), codegen
-
-
-@intrinsic
-def cycle_counter(typingctx):
-    """The CPU's cycle counter (rdtsc on x86): cheap timestamps inside a kernel."""
-
-    def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(I64, []), "llvm.readcyclecounter"
-        )
-        return builder.call(fn, [])
-
-    return types.int64(), codegen

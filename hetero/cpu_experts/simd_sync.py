@@ -1,0 +1,100 @@
+"""numba intrinsics for the CPU kernels' dataflow schedules and the engine's waits, as LLVM IR:
+int64 atomics (add, compare-and-swap, acquire load), x86's `pause` and the cycle counter.
+
+numba's disk cache is keyed by the defining file only: the kernels that inline these name this
+file's hash in their DEPENDS (tests/test_cpu_engine.py checks them).
+"""
+
+from __future__ import annotations
+
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+I64 = ir.IntType(64)
+
+
+def _is_row(a, dtype) -> bool:
+    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
+
+
+def _i64(builder, v):
+    return builder.sext(v, I64) if v.type.width < 64 else v
+
+
+@intrinsic
+def atomic_add(typingctx, a, i, v):
+    """a[i] += v as one atomic step (sequentially consistent); the value before. a: int64 [n]."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+    if not isinstance(v, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.atomic_rmw("add", at, _i64(builder, args[2]), "seq_cst")
+
+    return types.int64(a, i, v), codegen
+
+
+@intrinsic
+def atomic_cas(typingctx, a, i, old, new):
+    """If a[i] == old, a[i] = new, as one atomic step (sequentially consistent); whether it was."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+    if not (isinstance(old, types.Integer) and isinstance(new, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        pair = builder.cmpxchg(at, _i64(builder, args[2]), _i64(builder, args[3]), "seq_cst",
+                               "seq_cst")  # fmt: skip
+        return builder.extract_value(pair, 1)
+
+    return types.boolean(a, i, old, new), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, a, i):
+    """a[i], read atomically (acquire: what its writer did before its release is visible)."""
+    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
+                         [_i64(builder, args[1])])  # fmt: skip
+        return builder.load_atomic(at, "acquire", 8)
+
+    return types.int64(a, i), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """x86's `pause` in a spin loop (spares the sibling hyperthread and the memory bus)."""
+
+    def codegen(context, builder, sig, args):
+        if llvm.get_process_triple().startswith(("x86_64", "i686")):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause"
+            )
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def cycle_counter(typingctx):
+    """The CPU's cycle counter (rdtsc on x86): cheap timestamps inside a kernel."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(I64, []), "llvm.readcyclecounter"
+        )
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
