@@ -9,7 +9,7 @@
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
-#   serve-ring-ab | cpu-pairs-ab
+#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -146,6 +146,17 @@ for stage in "$@"; do
         --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
         --settle-s 10 --naive 0 > "$OUT/serve_ring_ab.jsonl" 2> "$OUT/serve_ring_ab.err"
       tail -3 "$OUT/serve_ring_ab.err" ;;
+    serve-pairs-ab)  # issue 16's read share at concurrency 64 with the GEMV's paired rows,
+      # against the code before them in another process (base/, made here: `git archive a7684e1
+      # hetero bench | tar -x -C base --exclude=hetero/demo/model.safetensors
+      # --exclude=bench/results`), concurrency 64, new-base-new (~8 min)
+      for root in . base .; do
+        echo "{\"root\": \"$root\"}" >> "$OUT/serve_pairs_ab.jsonl"
+        timeout 190 python3 $root/bench/throughput.py --workload v3 --cpu-layers 4 \
+          --concurrency 64 --requests 64 --prompt-len uniform:80,160 --output-len fixed:12 \
+          --shared-prefix 64 --warmup 4 --settle-s 5 --read-bw-gb 2 --naive 0 \
+          >> "$OUT/serve_pairs_ab.jsonl" 2>> "$OUT/serve_pairs_ab.err"
+      done; grep -c . "$OUT/serve_pairs_ab.jsonl" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \
