@@ -216,6 +216,12 @@ def test_a_job_with_a_heavy_expert_is_handed_to_the_gemm_paths():
         same = [torch.equal(ring.wait(ja), plain.forward(*j)) for ja, j in zip(a, jobs)]
         assert same == [True] * 4
         assert ring.stats.handed_back == 2 and ring._rings[K].seq == 4
+        bad = ids.clone()
+        bad[-1, 1] = E + 3  # an id past the layer's experts, in a job that is handed back
+        failing, after = ring.submit(3, x, bad, w), ring.submit(4, *light)
+        with pytest.raises(ValueError, match="out of range"):
+            ring.wait(failing)
+        assert torch.equal(ring.wait(after), plain.forward(4, *light))  # the ring goes on
     finally:
         ring.close()
         plain.close()

@@ -208,10 +208,12 @@ class DecodeRing:
 
     def hand_back(self, s: int, arrived: int, end: int, parts: int) -> None:
         """The head job (slot s), computed by the caller into its outs: its stamps, then each
-        part's flag, and the ring goes on (HEAD += 1; the server is still ACTIVE)."""
+        part's flag, and the ring goes on (HEAD += 1; the server is still ACTIVE). The flags
+        before the status, as `serve` orders them: a waiter that sees the job finished must
+        find its parts written."""
         self.stamps[s, ARRIVED], self.stamps[s, END] = arrived, end
-        self.header[s, STATUS] = DONE
         self.done[s, :parts] += 1
+        self.header[s, STATUS] = DONE
         self.ctrl[HEAD] += 1
 
     def fail_head(self, why: Exception) -> bool:
