@@ -9,7 +9,7 @@
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
-#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab
+#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -157,6 +157,13 @@ for stage in "$@"; do
           --shared-prefix 64 --warmup 4 --settle-s 5 --read-bw-gb 2 --naive 0 \
           >> "$OUT/serve_pairs_ab.jsonl" 2>> "$OUT/serve_pairs_ab.err"
       done; grep -c . "$OUT/serve_pairs_ab.jsonl" ;;
+    serve-heavy-ab)  # with the paired-row GEMV, which experts the ring hands to the AMX tiles:
+      # those of 16 tokens (the GEMM threshold), of 32, or none, concurrency 64 (~7 min)
+      timeout 400 python3 bench/throughput.py --workload v3 --cpu-layers 4 \
+        --concurrency 64,64,64 --requests 64,64,64 --ring-heavy-levels 16,32,0 \
+        --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
+        --settle-s 5 --read-bw-gb 2 --naive 0 > "$OUT/serve_heavy_ab.jsonl" \
+        2> "$OUT/serve_heavy_ab.err"; tail -2 "$OUT/serve_heavy_ab.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

@@ -268,10 +268,13 @@ def run(args) -> None:
                 set_attention(model, handle, attention)
             if args.ring_levels and cpu is not None:  # --ring-levels 15,64: the ring's A/B
                 cpu.ring_limit = args.ring_levels[i % len(args.ring_levels)]
+            if args.ring_heavy_levels and cpu is not None:
+                cpu.ring_heavy = args.ring_heavy_levels[i % len(args.ring_heavy_levels)]
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             row["defer"] = d
             if cpu is not None:
                 row["ring_limit"] = min(cpu.ring_limit, cpu._ring_tokens)
+                row["ring_heavy"] = cpu.ring_heavy
             if args.attention_levels:
                 row["attention"] = attention
             row |= predict.level(row["output_tok_s"], C, reqs, d) if predict else {}
@@ -357,6 +360,12 @@ def parse_args(argv=None):
         type=ints,
         help="CPU jobs of up to this many tokens on the engine's ring, each level in turn "
         "(e.g. 15,64: before and after EngineConfig.ring_tokens)",
+    )
+    p.add_argument(
+        "--ring-heavy-levels",
+        type=ints,
+        help="ring jobs whose busiest expert has this many tokens go to the GEMM paths, each "
+        "level in turn (0: none; default the GEMM threshold, 16 with AMX)",
     )
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")
     p.add_argument("--stream-min-tokens", type=int, default=-1, help="-1: as load_hybrid")

@@ -63,6 +63,7 @@ def test_demo_cpu_experts(capsys):
     """The demo placement: experts on the CPU engine, the read share reported."""
     argv = SMALL + ["--placement", str(ROOT / "configs/demo.yaml"), "--concurrency", "2,2"]
     argv += ["--ring-levels", "1,64"]  # the engine's ring A/B: a 2-token job off it, then on
+    argv += ["--ring-heavy-levels", "0,16"]  # and its hand-back to the GEMM paths
     argv += ["--requests", "2x", "--prompt-len", "lognormal:12,0.3", "--output-len", "uniform:2,5"]
     argv += ["--warmup", "1", "--naive", "0", "--settle-s", "0", "--read-bw-gb", "0.125"]
     argv += ["--ab-rounds", "1", "--ab-steps", "2"]  # bench/decode.py's step beside the engine's
@@ -73,6 +74,7 @@ def test_demo_cpu_experts(capsys):
     # the levels' ring sizes as asked ([0, 0]: the demo's int8 experts are not sized for the
     # int8-activation kernels that the ring runs; tests/test_ring.py covers the switch itself)
     assert [r["ring_limit"] for r in rows["engine"]] in ([1, 64], [0, 0])
+    assert [r["ring_heavy"] for r in rows["engine"]] == [0, 16]
     for row in rows["engine"]:
         assert row["requests"] == 4 and "vs_naive" not in row  # (--naive 0)
         assert 4 * 2 <= row["output_tokens"] <= 4 * 5

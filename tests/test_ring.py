@@ -206,7 +206,8 @@ def test_a_job_with_a_heavy_expert_is_handed_to_the_gemm_paths():
     ring = CPUExperts(layers, EngineConfig(threads=2))
     plain = CPUExperts(layers, EngineConfig(threads=2, ring=False))
     try:
-        heavy = ring._threshold(layers[3])  # 16 with AMX tiles, else 32
+        heavy = ring.ring_heavy  # the GEMM threshold: 16 with AMX tiles, else 32
+        assert heavy == ring._threshold(layers[3])
         x, ids, w = job(48, 41)
         for t in range(heavy):  # expert 2 in each of the first `heavy` tokens, once
             ids[t] = torch.tensor([2] + [3 + (t + j) % 13 for j in range(K - 1)])
@@ -222,6 +223,12 @@ def test_a_job_with_a_heavy_expert_is_handed_to_the_gemm_paths():
         with pytest.raises(ValueError, match="out of range"):
             ring.wait(failing)
         assert torch.equal(ring.wait(after), plain.forward(4, *light))  # the ring goes on
+        assert idle_out(ring._rings[K])
+        ring.ring_heavy = 0  # (read as the server starts) every job on the ring's GEMV
+        handed = ring.stats.handed_back
+        got, want = ring.forward(3, x, ids, w), plain.forward(3, x, ids, w)  # GEMV vs GEMM
+        assert ((got - want).norm() / want.norm()).item() < 1e-2  # (their activations' rounding)
+        assert ring.stats.handed_back == handed
     finally:
         ring.close()
         plain.close()

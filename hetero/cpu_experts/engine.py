@@ -64,6 +64,9 @@ class CPUExperts:
         self._ring_lock = threading.Lock()
         self._ring_tokens = self._ring_size()  # a ring slot's tokens; 0: no ring
         self.ring_limit = self._ring_tokens  # jobs up to this many tokens take it (<= the above)
+        # a ring job whose busiest expert has this many tokens goes to the GEMM paths (0: none;
+        # read as a ring's server starts: bench/throughput.py --ring-heavy-levels sets it)
+        self.ring_heavy = self._threshold(any_layer) if self.config.ring_gemm else 0
         self._worker = 0  # the worker thread's id
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
         self._pool.submit(self._warm_up, any_layer).result()
@@ -188,13 +191,12 @@ class CPUExperts:
         """The ring's server, on the worker thread; a job that fails there fails alone."""
         c, layer = self.config, next(iter(self.layers.values()))
         rate = self._cycles_per_s
-        # a job with an expert of this many tokens is handed back to the GEMM paths (the
-        # ring's GEMV would take it: a decode step of 64 requests under V3 serving's skew sends
-        # 20-40 tokens to its hottest experts; 2026-12-04, H200: TPOT 4.8 s on the GEMV against
-        # 3.2 s with the AMX tiles)
-        heavy = self._threshold(layer) if c.ring_gemm else 0
+        # ring_heavy: a job with an expert of this many tokens is handed back to the GEMM paths
+        # (a decode step of 64 requests under V3 serving's skew sends 20-40 tokens to its
+        # hottest experts; 2026-12-04, H200: TPOT 4.8 s all on the GEMV against 3.2 s with
+        # those on the AMX tiles)
         args = (c.rows_per_item, ops._q8_offset(layer, True), c.prefetch_bytes,
-                int(INPUT_TIMEOUT_S * rate), int(idle_s * rate), heavy)  # fmt: skip
+                int(INPUT_TIMEOUT_S * rate), int(idle_s * rate), self.ring_heavy)  # fmt: skip
         while True:
             try:
                 if ring.run(*args):
