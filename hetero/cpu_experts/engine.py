@@ -154,15 +154,15 @@ class CPUExperts:
         T, parts = x.shape[0], 2 if deferred else 1
         ring.fill(s, layer, T, deferred, rows)
         self.stats.mark("alloc", start)
-        host = (ring.x[s, :T], ring.ids[s, :T], ring.w[s, :T])
-        self._copy_inputs(host, ring.arrived[s, :1], x, ids, weights)
+        host, arrived, outs, done_flags = ring.views(s, T, parts)
+        self._copy_inputs(host, arrived, x, ids, weights)
         future = RingFuture(ring, s, ring.seq)
         if ring.publish():
             self._pool.submit(self._serve, ring)
         self.stats.mark("submit", start)
         done = partial(self._ring_done, ring, s, layer)
-        outs, waited = ring.outs[s, :parts, :T], np.zeros(parts, bool)
-        job = Job(outs, ring.done[s, :parts], future, x.device, x.dtype, waited, done, shared=True)
+        waited = np.zeros(parts, bool)
+        job = Job(outs, done_flags, future, x.device, x.dtype, waited, done, shared=True)
         weakref.finalize(job, ring.abandon, s, future.seq, waited)  # a job dropped unwaited
         return job
 

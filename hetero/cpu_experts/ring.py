@@ -128,6 +128,7 @@ class DecodeRing:
                  ((S, tokens, k), torch.float32), ((S, 2, tokens, H), torch.float32),
                  ((S, 8), torch.int64))  # fmt: skip
         self.x, self.ids, self.w, self.outs, self.arrived = host_views(specs, pin)
+        self._arrived = self.arrived.numpy()  # (numpy's writes cost less Python than torch's)
         self.index = {L: i for i, L in enumerate(layers)}  # engine layer -> position in tuples
         self.layers = tuple(layers)  # position -> engine layer
         self.arrays = tuple(tuple(getattr(p, n) for p in layers.values()) for n in _ARRAYS)
@@ -141,6 +142,7 @@ class DecodeRing:
         self.busy = [False] * S  # a slot's job not yet waited for in full
         self.events: list[torch.cuda.Event | None] = [None] * S  # copies out of a slot
         self.errors: dict[int, Exception] = {}  # seq -> why its job failed
+        self._views: dict[tuple[int, int, int], tuple] = {}  # see `views`
 
     @staticmethod
     def supports(layers: dict[int, PackedExperts]) -> bool:
@@ -150,6 +152,17 @@ class DecodeRing:
         kinds = {(p.fmt, p.hidden, p.inter, p.num_experts) for p in layers.values()}
         types_ = {tuple(numba.typeof(getattr(p, n)) for n in _ARRAYS) for p in layers.values()}
         return len(kinds) == 1 and len(types_) == 1 and first.num_experts > 0
+
+    def views(self, s: int, T: int, parts: int) -> tuple:
+        """Slot s's buffers for a job of T tokens and `parts` parts: ((x, ids, w), arrived,
+        outs, done), made once (torch's slicing costs microseconds of the caller's Python a
+        job, on the critical path of a decode step)."""
+        key = (s, T, parts)
+        if key not in self._views:
+            self._views[key] = ((self.x[s, :T], self.ids[s, :T], self.w[s, :T]),
+                                self.arrived[s, :1], self.outs[s, :parts, :T],
+                                self.done[s, :parts])  # fmt: skip
+        return self._views[key]
 
     def take(self) -> int | None:
         """The next slot if it is free (its job waited for, the copies out of it done)."""
@@ -163,7 +176,7 @@ class DecodeRing:
         self.header[s, : STATUS + 1] = (self.seq, self.index[layer], T, deferred, QUEUED)
         self.rows[s] = rows
         self.done[s] = 0
-        self.arrived[s].zero_()
+        self._arrived[s] = 0
         self.busy[s] = True
 
     def publish(self) -> bool:
