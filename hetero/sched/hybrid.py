@@ -176,6 +176,8 @@ class HybridExperts:
         if not self.overlap:
             y_cpu = self.engine.wait(job)
         pending = CPUPending(self.engine, job) if d else None
+        if self.overlap and not self.any_on_gpu:  # no zeros to add the CPU's sum to
+            return RoutedRun(lambda: self.engine.wait(job), pending)
         y = self._gpu_experts(x, ids, weights)
         if not self.overlap:
             return RoutedRun(lambda: y + y_cpu, pending)
