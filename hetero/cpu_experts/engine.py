@@ -262,7 +262,7 @@ class CPUExperts:
                 time.sleep(self.config.caller_nap_s)
         self.stats.wait_s += (time.perf_counter_ns() - start) / 1e9
         self.stats.mark("wait", start)
-        out = job.outs[part].to(job.device, non_blocking=True).to(job.dtype)
+        out = job.outs[part].to(device=job.device, dtype=job.dtype, non_blocking=True)
         if job.shared and out.data_ptr() == job.outs[part].data_ptr():
             out = out.clone()  # (a CPU caller: the slot is the next job's)
         job.waited[part] = True
