@@ -9,7 +9,7 @@
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
-#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab
+#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -69,6 +69,17 @@ for stage in "$@"; do
             --gemm-min-tokens-q8 100000 >> "$OUT/cpu_pairs_ab.jsonl" 2>> "$OUT/cpu_pairs_ab.err"
         done
       done; grep -c . "$OUT/cpu_pairs_ab.jsonl" ;;
+    decode-handover-ab)  # batch 1, whole V3, defer 3: the caller's shorter hand-over between a
+      # layer's CPU result and the next layer's job (ring views made once, no zeros + add,
+      # shared + deferred summed before the wait) against the code before it (base/: `git
+      # archive 0fc1a8e hetero bench | tar -x -C base --exclude=hetero/demo/model.safetensors
+      # --exclude=bench/results`), processes alternated new-base-new (~7 min)
+      for root in . base .; do
+        echo "{\"root\": \"$root\"}" >> "$OUT/decode_handover_ab.jsonl"
+        timeout 150 python3 $root/bench/decode.py --workload v3 --cpu-layers 4 --batch 1 \
+          --steps 12 --rounds 2 --modes gpu_only,defer3 --paged 64 --graphs --settle-s 10 \
+          >> "$OUT/decode_handover_ab.jsonl" 2>> "$OUT/decode_handover_ab.err"
+      done; grep -c . "$OUT/decode_handover_ab.jsonl" ;;
     gpu-step)  # issue 18: the V3 GPU side alone (whole depth, CPU experts as zeros), batch 1 and 32
       # at 16 and 4K tokens of context, over the engine's paged cache (the Triton kernels) with
       # CUDA graphs, and profiled eagerly; then batch 1 through the torch ops of MLA (~4 min)
