@@ -142,10 +142,14 @@ class GraphedDecoder:
                 continue
             x, h, weights, ids = out
             self._h[i] = h
-            run = block.mlp.routed.submit(h[:n], ids[:n], weights[:n])  # CPU experts start here
+            full = n == x.shape[0]  # no padding rows (no slicing: views cost Python)
+            rows = (h, ids, weights) if full else (h[:n], ids[:n], weights[:n])
+            run = block.mlp.routed.submit(*rows)  # CPU experts start here
             shared = self.shared[i]() if self.shared[i] is not None else None
-            y, pending = finish(run, shared[:n] if shared is not None else None, pending)
-            if n == x.shape[0]:  # no padding rows: one kernel
+            if shared is not None and not full:
+                shared = shared[:n]
+            y, pending = finish(run, shared, pending)
+            if full:  # one kernel
                 torch.add(x, y, out=self.x[i + 1])
             else:
                 self.x[i + 1].copy_(x)  # padding rows skip the MoE
