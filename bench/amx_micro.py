@@ -11,7 +11,6 @@ each C tile (simd_amx.rescale); 3 as 2 without the rescale; 4 as 1 with a fresh 
 
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -19,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from hetero.cpu_experts import amx
-from hetero.cpu_experts.kernels_q8 import read_cycles
+from hetero.cpu_experts.kernels_q8 import cycle_rate
 from hetero.cpu_experts.simd_amx import rescale
 from hetero.cpu_experts.simd_sync import cycle_counter
 
@@ -101,10 +100,7 @@ def main():
         raise SystemExit("amx_micro: this CPU has no AMX tiles (or Linux refused them)")
     import numba
 
-    read_cycles()  # compiled first
-    t0, c0 = time.perf_counter(), read_cycles()
-    time.sleep(0.1)
-    ghz = (read_cycles() - c0) / (time.perf_counter() - t0) / 1e9
+    ghz = cycle_rate(0.1) / 1e9
     for threads in (1, 16):
         bbuf = np.full((threads, 64 << 20), 3, np.int8)
         abuf = np.full((threads, 64 << 20), 5, np.uint8)

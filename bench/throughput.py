@@ -273,7 +273,7 @@ def run(args) -> None:
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
             row["defer"] = d
             if cpu is not None:
-                row["ring_limit"] = min(cpu.ring_limit, cpu._ring_tokens)
+                row["ring_limit"] = cpu.ring_limit
                 row["ring_heavy"] = cpu.ring_heavy
             if args.attention_levels:
                 row["attention"] = attention

@@ -71,9 +71,9 @@ def test_demo_cpu_experts(capsys):
     (ab,) = rows["batch1_ab"]
     assert len(ab["engine_tpot_ms"]) == len(ab["decode_ref_ms"]) == 1 and ab["decode_ref_ms"][0] > 0
     assert rows["setup"][0]["host_read_gbps"] > 0
-    # the levels' ring sizes as asked ([0, 0]: the demo's int8 experts are not sized for the
-    # int8-activation kernels that the ring runs; tests/test_ring.py covers the switch itself)
-    assert [r["ring_limit"] for r in rows["engine"]] in ([1, 64], [0, 0])
+    # the ring sizes in effect: none, the demo's int8 experts not being sized for the
+    # int8-activation kernels the ring runs (tests/test_ring.py covers the switch itself)
+    assert [r["ring_limit"] for r in rows["engine"]] == [0, 0]
     assert [r["ring_heavy"] for r in rows["engine"]] == [0, 16]
     for row in rows["engine"]:
         assert row["requests"] == 4 and "vs_naive" not in row  # (--naive 0)

@@ -125,7 +125,7 @@ def test_decode_kernel_waits_for_its_inputs_flag(weights, spec):
     copies), reports the time it waited, and gives up with an error if it never comes."""
     import threading
 
-    from hetero.cpu_experts.engine import _cycle_rate
+    from hetero.cpu_experts.kernels_q8 import cycle_rate as _cycle_rate
 
     fmt, q8 = (spec[:-3], True) if spec.endswith("@q8") else (spec, False)
     g = torch.Generator().manual_seed(4)

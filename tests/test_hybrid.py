@@ -12,7 +12,7 @@ from hetero.cpu_experts.formats import Format, pack_experts, unpack_expert
 from hetero.loader import load_model
 from hetero.model import ForwardBatch
 from hetero.model.fp8 import FP8Linear
-from hetero.model.moe import RoutedRun, finish, torch_routed_experts
+from hetero.model.moe import torch_routed_experts
 from hetero.placement import parse_placement
 from hetero.sched.runtime import HybridOptions, load_hybrid
 from hetero.testing import write_tiny_v2, write_tiny_v3
@@ -376,29 +376,3 @@ def test_streaming_starts_later_where_the_engine_uses_amx_tiles():
         assert eng.uses_amx(0) == amx.has_amx() and not eng.uses_amx(1)
     finally:
         eng.close()
-
-
-def test_finish_sums_what_is_ready_before_waiting_for_the_routed_experts():
-    """routed + (shared + deferred): the previous layer's deferred experts are taken (and
-    added to the shared ones) before this layer's routed sum is waited for."""
-    calls = []
-
-    class Deferred:
-        def __init__(self, name, value):
-            self.name, self.value = name, value
-
-        def result(self):
-            calls.append(self.name)
-            return self.value
-
-    routed = Deferred("routed", torch.tensor([1.0, 2.0]))
-    later = Deferred("this layer's deferred", torch.zeros(2))
-    shared, pending = (
-        torch.tensor([10.0, 20.0]),
-        Deferred("previous layer's deferred", torch.tensor([100.0, 200.0])),
-    )
-    y, deferred = finish(RoutedRun(routed.result, later), shared, pending)
-    assert calls == ["previous layer's deferred", "routed"] and deferred is later
-    assert torch.equal(y, torch.tensor([111.0, 222.0]))
-    y, _ = finish(RoutedRun(routed.result), None, None)
-    assert torch.equal(y, torch.tensor([1.0, 2.0]))

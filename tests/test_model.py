@@ -19,6 +19,7 @@ from hetero.config import ModelConfig
 from hetero.generate import SamplingParams, generate
 from hetero.loader import load_model
 from hetero.model import ForwardBatch
+from hetero.model.moe import RoutedRun, finish
 from hetero.testing import fp8_block_dequantize
 
 STEPS = 32
@@ -171,3 +172,29 @@ def our_run_on(model, prompts, forced, device):
         batch = ForwardBatch.build(list(range(len(prompts))), [1] * len(prompts), lens, device)
         steps.append(model(torch.tensor([f[s] for f in forced], device=device), batch, cache))
     return prefill, steps
+
+
+def test_finish_sums_what_is_ready_before_waiting_for_the_routed_experts():
+    """routed + (shared + deferred): the previous layer's deferred experts are taken (and
+    added to the shared ones) before this layer's routed sum is waited for."""
+    calls = []
+
+    class Deferred:
+        def __init__(self, name, value):
+            self.name, self.value = name, value
+
+        def result(self):
+            calls.append(self.name)
+            return self.value
+
+    routed = Deferred("routed", torch.tensor([1.0, 2.0]))
+    later = Deferred("this layer's deferred", torch.zeros(2))
+    shared, pending = (
+        torch.tensor([10.0, 20.0]),
+        Deferred("previous layer's deferred", torch.tensor([100.0, 200.0])),
+    )
+    y, deferred = finish(RoutedRun(routed.result, later), shared, pending)
+    assert calls == ["previous layer's deferred", "routed"] and deferred is later
+    assert torch.equal(y, torch.tensor([111.0, 222.0]))
+    y, _ = finish(RoutedRun(routed.result), None, None)
+    assert torch.equal(y, torch.tensor([1.0, 2.0]))

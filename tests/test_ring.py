@@ -182,6 +182,8 @@ def test_ring_limit_sends_larger_jobs_to_the_queue(engines):
     r = ring._rings[K]
     x, ids, w = job(20, 31)
     try:
+        ring.ring_limit = 10**6
+        assert ring.ring_limit == ring._ring_tokens  # no more than a slot holds
         for limit, on_ring in ((64, True), (15, False)):
             ring.ring_limit = limit
             seq = r.seq

@@ -58,12 +58,12 @@ class CPUExperts:
         self._identity: dict[int, np.ndarray] = {}  # layer -> rows [E] = arange, for submit
         self._ones: dict[torch.device, torch.Tensor] = {}  # the `arrived` flag's source
         self._pinned = PinnedBuffers()  # CUDA callers' job buffers, recycled
-        self._cycles_per_s = _cycle_rate()  # kernels_q8.cycle_counter's ticks a second
+        self._cycles_per_s = kernels_q8.cycle_rate()  # the cycle counter's ticks a second
         self._clock = (kernels_q8.read_cycles(), time.perf_counter_ns())  # cycles <-> ns
         self._rings: dict[int, DecodeRing] = {}  # by experts a token
         self._ring_lock = threading.Lock()
-        self._ring_tokens = self._ring_size()  # a ring slot's tokens; 0: no ring
-        self.ring_limit = self._ring_tokens  # jobs up to this many tokens take it (<= the above)
+        self._ring_tokens = DecodeRing.tokens_for(self.layers, self.config)  # 0: no ring
+        self._ring_limit = self._ring_tokens
         # a ring job whose busiest expert has this many tokens goes to the GEMM paths (0: none;
         # read as a ring's server starts: bench/throughput.py --ring-heavy-levels sets it)
         self.ring_heavy = self._threshold(any_layer) if self.config.ring_gemm else 0
@@ -168,7 +168,7 @@ class CPUExperts:
 
     def _ring_for(self, layer: int, x: torch.Tensor, ids: torch.Tensor):
         """(the ring, its free slot) for this job, or None: not ring-sized, or no slot free."""
-        if not 0 < x.shape[0] <= min(self.ring_limit, self._ring_tokens) or ids.ndim != 2:
+        if not 0 < x.shape[0] <= self._ring_limit or ids.ndim != 2:
             return None
         k = ids.shape[1]
         if k not in self._rings:
@@ -177,15 +177,15 @@ class CPUExperts:
         s = self._rings[k].take()
         return None if s is None else (self._rings[k], s)
 
-    def _ring_size(self) -> int:
-        """Tokens a ring job may have (0: no ring, where the config says so or the layers differ
-        in type or do not take int8 activations)."""
-        c = self.config
-        if not (c.ring and c.int8_activations and DecodeRing.supports(self.layers)):
-            return 0
-        if any(ops._q8_offset(p, True) is None for p in self.layers.values()):
-            return 0
-        return max(0, c.ring_tokens)
+    @property
+    def ring_limit(self) -> int:
+        """Jobs of up to this many tokens take the ring (at most its slots' size, 0: none);
+        settable between steps (bench/throughput.py --ring-levels)."""
+        return self._ring_limit
+
+    @ring_limit.setter
+    def ring_limit(self, tokens: int) -> None:
+        self._ring_limit = max(0, min(tokens, self._ring_tokens))
 
     def _serve(self, ring: DecodeRing, idle_s: float = RING_IDLE_S) -> None:
         """The ring's server, on the worker thread; a job that fails there fails alone."""
@@ -212,13 +212,11 @@ class CPUExperts:
         """The ring's head job, which has an expert for the GEMM paths: computed here, in the
         slot's buffers, as a queued job would be (its parts published together at the end)."""
         s, position, T, deferred = ring.head_job()
-        layer = ring.layers[position]
         parts = 2 if deferred else 1
-        done = np.zeros(parts, np.int64)
-        args = (ring.x[s, :T].numpy(), ring.ids[s, :T].numpy(), ring.w[s, :T].numpy(),
-                ring.rows[s], deferred, ring.outs[s, :parts, :T].numpy(), done,
-                ring.arrived[s, :1].numpy())  # fmt: skip
-        self._compute(self.layers[layer], *args)
+        (x, ids, w), arrived, outs, _ = ring.views(s, T, parts)
+        done = np.zeros(parts, np.int64)  # (published by hand_back, after the stamps)
+        self._compute(self.layers[ring.layers[position]], x.numpy(), ids.numpy(), w.numpy(),
+                      ring.rows[s], deferred, outs.numpy(), done, arrived.numpy())  # fmt: skip
         ring.hand_back(s, int(ring.stamps[s, 1]), kernels_q8.read_cycles(), parts)
         self.stats.handed_back += 1
 
@@ -401,11 +399,3 @@ class CPUExperts:
 
     def _tiles(self, layer: PackedExperts) -> bool:
         return self.config.amx and ops.amx_ok(layer) and amx.enable()
-
-
-def _cycle_rate() -> float:
-    """Ticks a second of the CPU's cycle counter (constant-rate TSC), measured over 20 ms."""
-    kernels_q8.read_cycles()  # compiled (or loaded) first
-    t0, c0 = time.perf_counter(), kernels_q8.read_cycles()
-    time.sleep(0.02)
-    return (kernels_q8.read_cycles() - c0) / (time.perf_counter() - t0)

@@ -31,7 +31,7 @@ JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "9bd81ad15a7fce52",
+    "kernels_q8.py": "2470658b1025aa04",
     "simd_q8.py": "f15c25b5edc897ca",
     "simd_sync.py": "767453c699d5ca2f",
 }

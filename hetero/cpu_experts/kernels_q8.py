@@ -14,6 +14,8 @@ there is a change here too.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from numba import njit, prange
 
@@ -39,6 +41,14 @@ LINE = 16  # int64s between two atomic counters: each on its own cache line (and
 @njit(**JIT)
 def read_cycles():
     return cycle_counter()
+
+
+def cycle_rate(over_s: float = 0.02) -> float:
+    """Ticks a second of the CPU's cycle counter (constant-rate TSC), measured over `over_s`."""
+    read_cycles()  # compiled (or loaded) first
+    t0, c0 = time.perf_counter(), read_cycles()
+    time.sleep(over_s)
+    return (read_cycles() - c0) / (time.perf_counter() - t0)
 
 
 @njit(**JIT)

@@ -26,6 +26,7 @@ from numba import njit
 from hetero.cpu_experts.formats import PackedExperts
 from hetero.cpu_experts.fused import moe_layer_q8, wait_inputs
 from hetero.cpu_experts.host_buffers import host_views
+from hetero.cpu_experts.ops import _q8_offset
 from hetero.cpu_experts.simd_sync import (
     atomic_add,
     atomic_cas,
@@ -36,9 +37,9 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "1766c986bc1f42c1",
+    "fused.py": "4a160a6f3cc25aa9",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "9bd81ad15a7fce52",
+    "kernels_q8.py": "2470658b1025aa04",
     "simd_q8.py": "f15c25b5edc897ca",
     "simd_sync.py": "767453c699d5ca2f",
 }
@@ -143,6 +144,16 @@ class DecodeRing:
         self.events: list[torch.cuda.Event | None] = [None] * S  # copies out of a slot
         self.errors: dict[int, Exception] = {}  # seq -> why its job failed
         self._views: dict[tuple[int, int, int], tuple] = {}  # see `views`
+
+    @staticmethod
+    def tokens_for(layers: dict[int, PackedExperts], config) -> int:
+        """Tokens a ring job may have for these layers under an EngineConfig (0: no ring, where
+        the config says so or the layers differ in type or do not take int8 activations)."""
+        if not (config.ring and config.int8_activations and DecodeRing.supports(layers)):
+            return 0
+        if any(_q8_offset(p, True) is None for p in layers.values()):
+            return 0
+        return max(0, config.ring_tokens)
 
     @staticmethod
     def supports(layers: dict[int, PackedExperts]) -> bool:
