@@ -39,7 +39,7 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "simd_sync.py": "767453c699d5ca2f",
+    "simd_sync.py": "7447f681346712d2",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale

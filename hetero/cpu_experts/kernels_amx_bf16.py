@@ -44,8 +44,8 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "d542893d6e97a149",
-    "simd_sync.py": "767453c699d5ca2f",
+    "kernels_amx.py": "02f50fb79c2a9a12",
+    "simd_sync.py": "7447f681346712d2",
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)

@@ -33,7 +33,7 @@ from hetero.cpu_experts.simd_q8 import (
 from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter, spin_pause
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "f15c25b5edc897ca", "simd_sync.py": "767453c699d5ca2f"}
+DEPENDS = {"simd_q8.py": "9ac2d2e1685a1995", "simd_sync.py": "7447f681346712d2"}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 

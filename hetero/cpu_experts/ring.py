@@ -37,11 +37,11 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "4a160a6f3cc25aa9",
+    "fused.py": "09f00773cd764ef1",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "2470658b1025aa04",
-    "simd_q8.py": "f15c25b5edc897ca",
-    "simd_sync.py": "767453c699d5ca2f",
+    "kernels_q8.py": "c0c1b0ae02e4d475",
+    "simd_q8.py": "9ac2d2e1685a1995",
+    "simd_sync.py": "7447f681346712d2",
 }
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each

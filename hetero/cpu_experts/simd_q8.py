@@ -25,6 +25,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from hetero.cpu_experts.simd_sync import as_i64, is_row
+
 BLOCK = 128  # k per activation scale and per 64-byte block of a packed int4 row
 
 I8, I16, I32, I64 = (ir.IntType(n) for n in (8, 16, 32, 64))
@@ -62,10 +64,6 @@ def _dot4(builder: ir.IRBuilder, acc: ir.Value, a: ir.Value, b: ir.Value) -> ir.
 
 def _load(builder, base, offset, vty, align=1):
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vty.as_pointer()), align=align)
-
-
-def _is_row(a, dtype) -> bool:
-    return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
 def _emit_dots(builder, rows, tokens, blocks, shift, int8: bool, ahead) -> list:
@@ -209,15 +207,11 @@ def _select(builder, cases, otherwise):
     return phi
 
 
-def _i64(builder, v):
-    return builder.sext(v, I64) if v.type.width < 64 else v
-
-
 def _weights_kind(w, s) -> bool | None:
     """int8 (True) or packed int4 (False) rows by their arrays' dtypes; None if neither."""
-    if _is_row(w, types.uint8) and _is_row(s, types.uint16):
+    if is_row(w, types.uint8) and is_row(s, types.uint16):
         return False
-    if _is_row(w, types.int8) and _is_row(s, types.float32):
+    if is_row(w, types.int8) and is_row(s, types.float32):
         return True
     return None
 
@@ -233,7 +227,7 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
     leaves them: xq [K] i8, xs [K/128] f32, xa [K/128 * 16] i32."""
     int8 = _weights_kind(w, s)
     acts = ((xq, types.int8), (xs, types.float32), (xa, types.int32))
-    if int8 is None or not all(_is_row(a, d) for a, d in acts):
+    if int8 is None or not all(is_row(a, d) for a, d in acts):
         return None
     if not (isinstance(gshift, types.Integer) and isinstance(ahead, types.Integer)):
         return None
@@ -250,7 +244,7 @@ def q8_row_dot(typingctx, w, s, xq, xs, xa, gshift, ahead):
         w_p = builder.bitcast(w_a.data, I8.as_pointer())
         s_p = builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer())
         blocks = builder.extract_value(xs_a.shape, 0)
-        shift, far = _i64(builder, args[5]), _i64(builder, args[6])
+        shift, far = as_i64(builder, args[5]), as_i64(builder, args[6])
         return _emit_dots(builder, [(w_p, s_p)], [token], blocks, shift, int8, far)[0]
 
     return types.float32(w, s, xq, xs, xa, gshift, ahead), codegen
@@ -282,14 +276,14 @@ def _typed_dots(ws, xq, xs, xa, ts, gshift, ahead):
         )
         tokens = []
         for t in args[R + 3 : R + 3 + n]:
-            t = _i64(builder, t)
+            t = as_i64(builder, t)
             tokens.append(tuple(builder.gep(p, [builder.mul(t, m)]) for p, m in zip(bases, rows)))
         weights = [
             (builder.bitcast(w_a.data, I8.as_pointer()),
              builder.bitcast(s_a.data, (F32 if int8 else I16).as_pointer()))
             for w_a, s_a in zip(arrays[0:R:2], arrays[1:R:2])
         ]  # fmt: skip
-        shift, far = _i64(builder, args[R + 3 + n]), _i64(builder, args[R + 4 + n])
+        shift, far = as_i64(builder, args[R + 3 + n]), as_i64(builder, args[R + 4 + n])
         totals = _emit_dots(builder, weights, tokens, rows[1], shift, int8, far)
         return context.make_tuple(builder, ret, totals)
 

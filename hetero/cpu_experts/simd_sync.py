@@ -16,26 +16,28 @@ from numba.extending import intrinsic
 I64 = ir.IntType(64)
 
 
-def _is_row(a, dtype) -> bool:
+def is_row(a, dtype) -> bool:
+    """a is a C-contiguous 1-d numba array of dtype."""
     return isinstance(a, types.Array) and a.layout == "C" and a.ndim == 1 and a.dtype == dtype
 
 
-def _i64(builder, v):
+def as_i64(builder, v):
+    """An integer IR value widened to i64."""
     return builder.sext(v, I64) if v.type.width < 64 else v
 
 
 @intrinsic
 def atomic_add(typingctx, a, i, v):
     """a[i] += v as one atomic step (sequentially consistent); the value before. a: int64 [n]."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+    if not (is_row(a, types.int64) and isinstance(i, types.Integer)):
         return None
     if not isinstance(v, types.Integer):
         return None
 
     def codegen(context, builder, sig, args):
         at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
-        return builder.atomic_rmw("add", at, _i64(builder, args[2]), "seq_cst")
+                         [as_i64(builder, args[1])])  # fmt: skip
+        return builder.atomic_rmw("add", at, as_i64(builder, args[2]), "seq_cst")
 
     return types.int64(a, i, v), codegen
 
@@ -43,15 +45,15 @@ def atomic_add(typingctx, a, i, v):
 @intrinsic
 def atomic_cas(typingctx, a, i, old, new):
     """If a[i] == old, a[i] = new, as one atomic step (sequentially consistent); whether it was."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+    if not (is_row(a, types.int64) and isinstance(i, types.Integer)):
         return None
     if not (isinstance(old, types.Integer) and isinstance(new, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
-        pair = builder.cmpxchg(at, _i64(builder, args[2]), _i64(builder, args[3]), "seq_cst",
+                         [as_i64(builder, args[1])])  # fmt: skip
+        pair = builder.cmpxchg(at, as_i64(builder, args[2]), as_i64(builder, args[3]), "seq_cst",
                                "seq_cst")  # fmt: skip
         return builder.extract_value(pair, 1)
 
@@ -61,12 +63,12 @@ def atomic_cas(typingctx, a, i, old, new):
 @intrinsic
 def atomic_load(typingctx, a, i):
     """a[i], read atomically (acquire: what its writer did before its release is visible)."""
-    if not (_is_row(a, types.int64) and isinstance(i, types.Integer)):
+    if not (is_row(a, types.int64) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         at = builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data,
-                         [_i64(builder, args[1])])  # fmt: skip
+                         [as_i64(builder, args[1])])  # fmt: skip
         return builder.load_atomic(at, "acquire", 8)
 
     return types.int64(a, i), codegen
