@@ -72,7 +72,7 @@ for stage in "$@"; do
     decode-handover-ab)  # batch 1, whole V3, defer 3: the caller's shorter hand-over between a
       # layer's CPU result and the next layer's job (ring views made once, no zeros + add,
       # shared + deferred summed before the wait) against the code before it (base/: `git
-      # archive 0fc1a8e hetero bench | tar -x -C base --exclude=hetero/demo/model.safetensors
+      # archive 0fc1a8e hetero bench tests/data | tar -x -C base --exclude=hetero/demo/model.safetensors
       # --exclude=bench/results`), processes alternated new-base-new (~7 min)
       for root in . base .; do
         echo "{\"root\": \"$root\"}" >> "$OUT/decode_handover_ab.jsonl"
@@ -159,7 +159,7 @@ for stage in "$@"; do
       tail -3 "$OUT/serve_ring_ab.err" ;;
     serve-pairs-ab)  # issue 16's read share at concurrency 64 with the GEMV's paired rows,
       # against the code before them in another process (base/, made here: `git archive a7684e1
-      # hetero bench | tar -x -C base --exclude=hetero/demo/model.safetensors
+      # hetero bench tests/data | tar -x -C base --exclude=hetero/demo/model.safetensors
       # --exclude=bench/results`), concurrency 64, new-base-new (~8 min)
       for root in . base .; do
         echo "{\"root\": \"$root\"}" >> "$OUT/serve_pairs_ab.jsonl"
