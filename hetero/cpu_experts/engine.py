@@ -64,8 +64,7 @@ class CPUExperts:
         self._ring_lock = threading.Lock()
         self._ring_tokens = DecodeRing.tokens_for(self.layers, self.config)  # 0: no ring
         self._ring_limit = self._ring_tokens
-        # a ring job whose busiest expert has this many tokens goes to the GEMM paths (0: none;
-        # read as a ring's server starts: bench/throughput.py --ring-heavy-levels sets it)
+        # ring jobs whose busiest expert has this many tokens go to the GEMM paths (0: none)
         self.ring_heavy = self._threshold(any_layer) if self.config.ring_gemm else 0
         self._worker = 0  # the worker thread's id
         self._pool = ThreadPoolExecutor(1, "hetero-cpu-experts", initializer=self._init_worker)
