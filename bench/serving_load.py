@@ -8,6 +8,7 @@ import asyncio
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -173,8 +174,8 @@ class StepProbe:
 
     It wraps the runner's `run` and each HybridExperts' `submit` (recording the router's ids
     [T, k] on their device); after the forward, one scatter counts every layer's unique experts
-    and one sync reads the total (the sampler syncs right after anyway). Steps whose layers
-    stream the CPU's experts to the GPU (long prefill) add nothing: the CPU did not read them."""
+    and one sync reads the total (the sampler syncs right after anyway). Experts streamed to the
+    GPU (long prefill, the policy's split) add nothing: the CPU did not read them."""
 
     def __init__(self, engine, cpu) -> None:
         self.cpu, self.active, self.ids = cpu, False, []
@@ -228,8 +229,9 @@ class StepProbe:
         # [M, E] experts each layer's tokens chose this step (several forwards a step in the
         # deterministic mode, one a request: their ids differ in length)
         seen = torch.zeros_like(self.masks)
-        for slot, ids in self.ids:
-            seen[slot].scatter_(0, ids.flatten(), True)
+        for slot, ids, on_cpu in self.ids:
+            hit = torch.zeros_like(seen[slot]).scatter_(0, ids.flatten(), True)  # [E]
+            seen[slot] |= hit if on_cpu is None else hit & on_cpu.to(dev)
         counts = (seen & self.masks).sum(1)  # [M] unique CPU experts a layer
         return float((counts * self.nbytes).sum())
 
@@ -264,10 +266,48 @@ class _Observed:
 
     def submit(self, x, ids, weights) -> RoutedRun:
         h = self.inner
+        run = h.submit(x, ids, weights)
+        s, on_cpu = h.last_split, None  # s: the policy's split of this step, if it asked
+        if s is not None:  # the experts the CPU computed: [E] bool
+            on_cpu = torch.from_numpy((h.rows_np >= 0) & s.on_cpu[np.maximum(h.rows_np, 0)])
         streamed = x.is_cuda and 0 < h.stream_min_tokens <= x.shape[0]
-        if self.probe.active and not streamed:
-            self.probe.ids.append((self.slot, ids))
-        return h.submit(x, ids, weights)
+        if self.probe.active and (s is not None or not streamed):
+            self.probe.ids.append((self.slot, ids, on_cpu))
+        return run
+
+
+def set_levels(args, i: int, model, handle, cpu) -> dict:
+    """Level i's settings of the alternating --*-levels options (A/B in one process), applied;
+    -> the row's record of them."""
+    from bench.workloads import hybrid_layers, set_attention
+
+    pick = lambda v: v[i % len(v)] if v else None  # noqa: E731
+    out = {}
+    if args.attention_levels:  # --attention-levels triton,absorbed
+        out["attention"] = pick(args.attention_levels)
+        set_attention(model, handle, out["attention"])
+    if cpu is None:
+        return out
+    if args.ring_levels:  # --ring-levels 15,64: the ring's A/B
+        cpu.ring_limit = pick(args.ring_levels)
+    if args.ring_heavy_levels:
+        cpu.ring_heavy = pick(args.ring_heavy_levels)
+    routed = [h for h in hybrid_layers(model) if h.rates is not None]
+    if args.policy_levels and routed:  # --policy-levels 128,32 (with --pin-experts)
+        for h in routed:
+            h.policy_min_tokens = pick(args.policy_levels)
+        out["policy_min_tokens"] = pick(args.policy_levels)
+    for h in routed:
+        h.modes.clear()
+    return out | {"ring_limit": cpu.ring_limit, "ring_heavy": cpu.ring_heavy}
+
+
+def policy_modes(model, cpu) -> dict:
+    """The policy's choices (layer-steps) since set_levels, where the layers ask it."""
+    from bench.workloads import hybrid_layers
+
+    routed = [h for h in hybrid_layers(model) if h.rates is not None] if cpu is not None else []
+    return {"policy_modes": dict(sum((h.modes for h in routed), Counter()))} if routed else {}
 
 
 def latency_summary(timings: list[Timing], wall: float) -> dict:

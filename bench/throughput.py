@@ -48,13 +48,15 @@ from bench.serving_load import (  # noqa: E402
     latency_summary,
     machine,
     parse_dist,
+    policy_modes,
+    set_levels,
     settle_times,
 )
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
     DecodeRef,
+    pin_for_policy,
     random_model,
-    set_attention,
     set_defer,
     set_mode,
     slice_config,
@@ -117,6 +119,8 @@ def load(args) -> tuple:
         s = default_stream_min_tokens(cpu.uses_amx(L)) if s < 0 else s
         model.model.layers[L].mlp.routed.stream_min_tokens = s
     facts |= {"format": str(fmt), "cpu_layers": n, "defer": d, "cpu_threads": cpu.threads}
+    if args.pin_experts:  # page-locked: decode steps of 32+ tokens ask the policy
+        facts["policy_rates"] = pin_for_policy(model, config, distinct, args.device, cpu.threads)
     return model, cpu, StubTokenizer(), cpu.close, facts
 
 
@@ -263,20 +267,9 @@ def run(args) -> None:
             d = defers[i % len(defers)]  # --defer-levels 3,0: levels alternate between them
             if d is not None:
                 set_defer(model, d)
-            if args.attention_levels:  # --attention-levels triton,absorbed: alternate them
-                attention = args.attention_levels[i % len(args.attention_levels)]
-                set_attention(model, handle, attention)
-            if args.ring_levels and cpu is not None:  # --ring-levels 15,64: the ring's A/B
-                cpu.ring_limit = args.ring_levels[i % len(args.ring_levels)]
-            if args.ring_heavy_levels and cpu is not None:
-                cpu.ring_heavy = args.ring_heavy_levels[i % len(args.ring_heavy_levels)]
+            knobs = set_levels(args, i, model, handle, cpu)
             row = {**base, **level(handle, probe, C, reqs, setup.get("host_read_gbps"))}
-            row["defer"] = d
-            if cpu is not None:
-                row["ring_limit"] = cpu.ring_limit
-                row["ring_heavy"] = cpu.ring_heavy
-            if args.attention_levels:
-                row["attention"] = attention
+            row |= {"defer": d, **knobs, **policy_modes(model, cpu)}
             row |= predict.level(row["output_tok_s"], C, reqs, d) if predict else {}
             if ref:
                 row["naive_tok_s"] = ref["output_tok_s"]
@@ -360,6 +353,19 @@ def parse_args(argv=None):
         type=ints,
         help="CPU jobs of up to this many tokens on the engine's ring, each level in turn "
         "(e.g. 15,64: before and after EngineConfig.ring_tokens)",
+    )
+    p.add_argument(
+        "--pin-experts",
+        action="store_true",
+        help="v2-lite/v3: the CPU experts "
+        "page-locked (runtime.pin_experts) with measured rates: decode steps of 32+ "
+        "tokens ask the prefill policy which experts the GPU streams",
+    )
+    p.add_argument(
+        "--policy-levels",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="with --pin-experts: the tokens from which a step asks the policy, "
+        "alternating by level (e.g. 128,32)",
     )
     p.add_argument(
         "--ring-heavy-levels",

@@ -125,6 +125,33 @@ def set_mode(model, config, engine, mode: str) -> None:
         )
 
 
+def hybrid_layers(model) -> list[HybridExperts]:
+    """The model's HybridExperts, in layer order (seen through a StepProbe's wrapper)."""
+    routed = (getattr(b.mlp, "routed", None) for b in model.model.layers)
+    return [h for r in routed if isinstance(h := getattr(r, "inner", r), HybridExperts)]
+
+
+def pin_for_policy(model, config, layers: list, device: str, threads: int) -> str:
+    """As load_hybrid with runtime.pin_experts: the CPU experts' arrays page-locked in place
+    (`layers`: the distinct PackedExperts), direct staging (the default runtime.staging_gb) and
+    the measured rates (this machine's calibration, measured now if none is cached) given to
+    every HybridExperts, so steps of DIRECT_POLICY_MIN_TOKENS tokens or more ask the prefill
+    policy which experts the GPU streams. -> the rates' source."""
+    from hetero.cpu_experts.staging import GroupStaging, register_host
+    from hetero.placement import RuntimeSettings
+    from hetero.sched.calibrate import load_rates
+    from hetero.sched.hybrid import DIRECT_POLICY_MIN_TOKENS
+
+    register_host(layers)
+    staging = GroupStaging(int(RuntimeSettings().staging_gb * (1 << 30)) // 2, device, True)
+    shape = config.hidden_size, config.moe_intermediate_size
+    rates = load_rates("auto", shape, sorted({str(p.fmt) for p in layers}), threads=threads)
+    for L in config.moe_layers:
+        h = model.model.layers[L].mlp.routed
+        h.staging, h.rates, h.policy_min_tokens = staging, rates, DIRECT_POLICY_MIN_TOKENS
+    return rates.source
+
+
 def packed_gpu_experts(config, fmt: Format, g: int, n: int, device: str) -> dict:
     """MoE layer -> its first g experts packed in `fmt` on the GPU (PackedGPUExperts, as a
     placement's `gpu_format: int4-gG` keeps them), n distinct random sets taken in turn."""

@@ -115,3 +115,52 @@ def test_percentiles():
     assert percentiles([]) is None
     p = percentiles([0.001 * i for i in range(1, 101)])
     assert p["p50"] <= p["p90"] <= p["p99"] <= 100
+
+
+def test_step_probe_counts_only_the_experts_the_cpu_computed():
+    """A step the policy splits (page-locked experts, decode-sized): the probe's unique bytes
+    are those of the experts the CPU engine computed, not of those streamed to the GPU; a step
+    below the policy's threshold counts every expert it routes to."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    from bench.serving_load import StepProbe
+    from hetero.cpu_experts.engine import CPUExperts, EngineConfig
+    from hetero.cpu_experts.formats import Format, pack_experts
+    from hetero.cpu_experts.staging import GroupStaging
+    from hetero.sched.hybrid import DIRECT_POLICY_MIN_TOKENS, HybridExperts
+    from tests.test_streaming import E, H, I, policy_rates, skewed
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(E, *s, generator=g) for s in ((I, H), (I, H), (H, I))]
+    layer = pack_experts(*w, Format.parse("int8"))
+    cpu = CPUExperts({0: layer}, EngineConfig(threads=2, gemm_min_tokens=10**9))
+    staging = GroupStaging(E * layer.expert_bytes(), "cpu", direct=True)
+    routed = HybridExperts(nn.ModuleDict(), layer=0, engine=cpu, num_experts=E, staging=staging,
+                           rates=policy_rates("int8", "split"))  # fmt: skip
+    step = {}
+
+    def run(work):
+        return block.mlp.routed.submit(step["x"], step["ids"], step["w"]).result()
+
+    block = SimpleNamespace(mlp=SimpleNamespace(routed=routed))
+    model = SimpleNamespace(model=SimpleNamespace(layers=[block]))
+    engine = SimpleNamespace(model=model, runner=SimpleNamespace(run=run))
+    probe = StepProbe(engine, cpu)
+    each = sum(a.nbytes for a in layer.arrays().values()) / E
+    try:
+        for T in (DIRECT_POLICY_MIN_TOKENS - 1, DIRECT_POLICY_MIN_TOKENS):
+            ids, wts = skewed(T, seed=T)
+            step.update(x=torch.randn(T, H, generator=g), ids=ids, w=wts)
+            probe.reset()
+            engine.runner.run([SimpleNamespace(n=1)] * T)
+            used = set(ids.flatten().tolist())
+            split = routed.last_split
+            on_cpu = used if split is None else {e for e in used if split.on_cpu[e]}
+            assert (split is None) == (T < DIRECT_POLICY_MIN_TOKENS)
+            assert 0 < len(on_cpu) < len(used) or split is None
+            assert probe.decode_bytes == pytest.approx(len(on_cpu) * each)
+    finally:
+        cpu.close()

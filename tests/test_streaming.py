@@ -158,7 +158,7 @@ def skewed(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("mode", ["cpu", "gpu", "split"])
 def test_the_prefill_policy_paths_equal_the_engine(engine, mode):
-    """HybridExperts._prefill (long chunks, with measured rates) takes each of split's modes;
+    """HybridExperts._by_policy (long chunks, with measured rates) takes each of split's modes;
     the split one computes the CPU's experts on the engine beside the streamed rest."""
     from torch import nn
 
@@ -171,10 +171,44 @@ def test_the_prefill_policy_paths_equal_the_engine(engine, mode):
                            staging=staging, rates=rates)  # fmt: skip
     ids, w = skewed(64, seed=4)
     x = torch.randn(64, H, generator=torch.Generator().manual_seed(4))
-    got = routed._prefill(x, ids, w).result()
+    got = routed._by_policy(x, ids, w).result()
     want = engine.forward(0, x, ids, w)
     assert dict(routed.modes) == {mode: 1}
+    assert routed.last_split.mode == mode
     assert ((got - want).norm() / want.norm()).item() < TOL
+
+
+def test_page_locked_experts_put_decode_sized_steps_on_the_policy(engine):
+    """With direct staging (runtime.pin_experts: no gather on the CPU) steps from
+    DIRECT_POLICY_MIN_TOKENS tokens ask the policy; with gathered staging only from
+    POLICY_MIN_TOKENS. Below the threshold a step takes the ordinary path (last_split None),
+    at it the policy's split, both equal to the engine's sum."""
+    from torch import nn
+
+    from hetero.sched.hybrid import DIRECT_POLICY_MIN_TOKENS, POLICY_MIN_TOKENS, HybridExperts
+
+    layer = engine.layers[0]
+    rates = policy_rates(str(layer.fmt), "split")
+
+    def routed(direct: bool) -> HybridExperts:
+        staging = GroupStaging(2 * layer.expert_bytes() + 4 * 64, "cpu", direct=direct)
+        return HybridExperts(nn.ModuleDict(), layer=0, engine=engine, num_experts=E,
+                             staging=staging, rates=rates)  # fmt: skip
+
+    assert routed(False).policy_min_tokens == POLICY_MIN_TOKENS
+    pinned = routed(True)
+    assert pinned.policy_min_tokens == DIRECT_POLICY_MIN_TOKENS < POLICY_MIN_TOKENS
+    for T, asks in [(DIRECT_POLICY_MIN_TOKENS - 1, False), (DIRECT_POLICY_MIN_TOKENS, True)]:
+        ids, w = skewed(T, seed=T)
+        x = torch.randn(T, H, generator=torch.Generator().manual_seed(T))
+        got = pinned.submit(x, ids, w).result()
+        want = engine.forward(0, x, ids, w)
+        assert (pinned.last_split is not None) == asks
+        assert ((got - want).norm() / want.norm()).item() < TOL
+    assert dict(pinned.modes) == {"split": 1}
+    on_cpu = pinned.last_split.on_cpu  # the CPU kept the experts with the fewest tokens
+    counts = np.bincount(ids.flatten().numpy(), minlength=E)
+    assert counts[on_cpu & (counts > 0)].max() <= counts[~on_cpu].min()
 
 
 @pytest.mark.parametrize("spec", ["int4", "int8"])

@@ -24,7 +24,7 @@ from hetero.cpu_experts.formats import PackedExperts, as_tensor, dequantize_tens
 from hetero.cpu_experts.staging import GroupStaging
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.model.moe import RoutedRun, torch_routed_experts
-from hetero.sched.prefill_policy import split
+from hetero.sched.prefill_policy import Split, split
 from hetero.sched.rates import Rates
 from hetero.sched.streaming import stream_experts
 
@@ -97,9 +97,16 @@ DEFER_MAX_TOKENS = 8  # a step's tokens up to which deferral applies
 # with measured rates (HybridOptions.calibration), chunks of this many tokens or more ask the
 # prefill policy where their CPU experts run. Its counts cost a host sync, which a decode step
 # should not pay: above the CUDA-graph decode buckets (64 by default). Below it the CPU wins
-# anyway (V3 on the H200: 64 tokens 55-60 ms a layer on the CPU, ~100 ms to stream the ~220
-# experts they use); it was 64, which put a 64-row decode step (concurrency 64) on the policy.
+# anyway when the experts it streams are first gathered into the staging slots by the CPU
+# engine's threads (V3 on the H200: 64 tokens 55-60 ms a layer on the CPU, ~100 ms to stream
+# the ~220 experts they use).
 POLICY_MIN_TOKENS = 128
+# With the experts page-locked in place (runtime.pin_experts: no gather, PCIe reads them
+# directly) steps of this many tokens ask the policy too: a serving step of 64 requests sends
+# 20-40 of its tokens to its hottest experts, which cost the CPU their tokens' compute and the
+# GPU only their bytes (~0.5 ms an int4 V3 expert at ~50 GB/s), while the CPU reads the rest.
+# The host sync is ~0.1% of such a step's ~40 ms MoE layer.
+DIRECT_POLICY_MIN_TOKENS = 32
 
 
 class HybridExperts:
@@ -123,6 +130,7 @@ class HybridExperts:
         gpu: PackedGPUExperts | None = None,
         staging: GroupStaging | None = None,
         rates: Rates | None = None,
+        policy_min_tokens: int | None = None,
     ) -> None:
         self.experts, self.gpu = experts, gpu
         self.stream_min_tokens = stream_min_tokens  # 0: never stream the CPU's experts
@@ -132,6 +140,13 @@ class HybridExperts:
         # measured rates: long chunks go where prefill_policy.split says (cpu / gpu / split)
         # instead of by stream_min_tokens; `modes` counts its choices
         self.rates, self.modes = rates, Counter()
+        # steps of this many tokens ask the policy (None: DIRECT_POLICY_MIN_TOKENS with
+        # page-locked experts, else POLICY_MIN_TOKENS); `last_split`: its answer for the last
+        # step submitted, None where the step did not ask (bench/serving_load.StepProbe)
+        direct = staging is not None and staging.direct
+        default = DIRECT_POLICY_MIN_TOKENS if direct else POLICY_MIN_TOKENS
+        self.policy_min_tokens = default if policy_min_tokens is None else policy_min_tokens
+        self.last_split: Split | None = None
         self.layer = layer
         self.engine = engine
         self.deferred = deferred
@@ -164,8 +179,9 @@ class HybridExperts:
             count_routes(self.counts, ids)
         if self.on_gpu.device != ids.device:
             self.on_gpu, self.rows = self.on_gpu.to(ids.device), self.rows.to(ids.device)
-        if x.is_cuda and self.rates is not None and x.shape[0] >= POLICY_MIN_TOKENS:
-            return self._prefill(x, ids, weights)
+        self.last_split = None
+        if self.rates is not None and x.shape[0] >= self.policy_min_tokens:  # (set on CUDA)
+            return self._by_policy(x, ids, weights)
         if x.is_cuda and 0 < self.stream_min_tokens <= x.shape[0]:
             return self._streamed(x, ids, weights)
         # first the CPU's job, so that its input copy is queued right behind the router; the
@@ -211,9 +227,10 @@ class HybridExperts:
         gpu = self.on_gpu[ids]  # [T, k]
         return torch_routed_experts(self.experts, x, ids.masked_fill(~gpu, -1), weights)
 
-    def _prefill(self, x, ids, weights) -> RoutedRun:
-        """A long chunk: its CPU experts on the CPU, streamed to the GPU, or split between
-        them, as prefill_policy.split decides from the chunk's tokens per expert."""
+    def _by_policy(self, x, ids, weights) -> RoutedRun:
+        """A long chunk (or, with page-locked experts, a large decode step): its CPU experts
+        on the CPU, streamed to the GPU, or split between them, as prefill_policy.split
+        decides from the step's tokens per expert."""
         rows = self.rows[ids]  # [T, k] the engine's rows, -1 for GPU experts
         packed = self.engine.layers[self.layer]
         used = rows[rows >= 0].cpu().numpy()  # (a host sync: long chunks only)
@@ -223,6 +240,7 @@ class HybridExperts:
         s = split(self.rates, str(packed.fmt), counts, packed.expert_bytes(),
                   staged=gathers, slot_bytes=slot)  # fmt: skip
         self.modes[s.mode] += 1
+        self.last_split = s
         if s.mode == "gpu":
             return self._streamed(x, ids, weights)
         if s.mode == "cpu" or self.staging is None:
