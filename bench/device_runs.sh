@@ -9,7 +9,8 @@
 #   prefill-depth | cpu-decode-batch | prefill-profile | cpu-decode-skewed | gpu-step |
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
-#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab
+#   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
+#   serve-pinned
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -177,12 +178,19 @@ for stage in "$@"; do
         2> "$OUT/serve_heavy_ab.err"; tail -2 "$OUT/serve_heavy_ab.err" ;;
     serve-policy-ab)  # concurrency 64 with the CPU experts page-locked: decode steps of 32+
       # tokens ask the policy which experts the GPU streams (32) or only long chunks do (128),
-      # alternated ABA in one process after the calibration (~8 min)
+      # alternated ABA in one process after the calibration (~4 min on a fresh VM)
       timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 --pin-experts \
         --concurrency 64,64,64 --requests 64,64,64 --policy-levels 128,32,128 \
         --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
         --settle-s 5 --read-bw-gb 2 --naive 0 > "$OUT/serve_policy_ab.jsonl" \
         2> "$OUT/serve_policy_ab.err"; tail -3 "$OUT/serve_policy_ab.err" ;;
+    serve-pinned)  # issue 16's table with the CPU experts page-locked (decode steps of 16+
+      # tokens ask the policy): concurrency 1, 4, 16, 64 and the batch-1 A/B (~6 min)
+      timeout 560 python3 bench/throughput.py --workload v3 --cpu-layers 4 --pin-experts \
+        --concurrency 1,4,16,64 --requests 4,8,16,64 --ab-rounds 2 \
+        --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
+        --settle-s 5 --read-bw-gb 2 --naive 0 > "$OUT/serve_pinned.jsonl" \
+        2> "$OUT/serve_pinned.err"; tail -3 "$OUT/serve_pinned.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

@@ -293,7 +293,7 @@ def set_levels(args, i: int, model, handle, cpu) -> dict:
     if args.ring_heavy_levels:
         cpu.ring_heavy = pick(args.ring_heavy_levels)
     routed = [h for h in hybrid_layers(model) if h.rates is not None]
-    if args.policy_levels and routed:  # --policy-levels 128,32 (with --pin-experts)
+    if args.policy_levels and routed:  # --policy-levels 128,16 (with --pin-experts)
         for h in routed:
             h.policy_min_tokens = pick(args.policy_levels)
         out["policy_min_tokens"] = pick(args.policy_levels)

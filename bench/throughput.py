@@ -119,7 +119,7 @@ def load(args) -> tuple:
         s = default_stream_min_tokens(cpu.uses_amx(L)) if s < 0 else s
         model.model.layers[L].mlp.routed.stream_min_tokens = s
     facts |= {"format": str(fmt), "cpu_layers": n, "defer": d, "cpu_threads": cpu.threads}
-    if args.pin_experts:  # page-locked: decode steps of 32+ tokens ask the policy
+    if args.pin_experts:  # page-locked: decode steps of 16+ tokens ask the policy
         facts["policy_rates"] = pin_for_policy(model, config, distinct, args.device, cpu.threads)
     return model, cpu, StubTokenizer(), cpu.close, facts
 
@@ -358,14 +358,14 @@ def parse_args(argv=None):
         "--pin-experts",
         action="store_true",
         help="v2-lite/v3: the CPU experts "
-        "page-locked (runtime.pin_experts) with measured rates: decode steps of 32+ "
+        "page-locked (runtime.pin_experts) with measured rates: decode steps of 16+ "
         "tokens ask the prefill policy which experts the GPU streams",
     )
     p.add_argument(
         "--policy-levels",
         type=lambda v: [int(x) for x in v.split(",")],
         help="with --pin-experts: the tokens from which a step asks the policy, "
-        "alternating by level (e.g. 128,32)",
+        "alternating by level (e.g. 128,16)",
     )
     p.add_argument(
         "--ring-heavy-levels",

@@ -104,9 +104,11 @@ POLICY_MIN_TOKENS = 128
 # With the experts page-locked in place (runtime.pin_experts: no gather, PCIe reads them
 # directly) steps of this many tokens ask the policy too: a serving step of 64 requests sends
 # 20-40 of its tokens to its hottest experts, which cost the CPU their tokens' compute and the
-# GPU only their bytes (~0.5 ms an int4 V3 expert at ~50 GB/s), while the CPU reads the rest.
-# The host sync is ~0.1% of such a step's ~40 ms MoE layer.
-DIRECT_POLICY_MIN_TOKENS = 32
+# GPU only their bytes (~0.5 ms an int4 V3 expert at ~50 GB/s), while the CPU reads the rest;
+# the host sync is well under 1% of such a step's MoE layer. Whole V3 on the H200, 2026-12-04
+# (bench/results/2026-12-04-h200-decode-policy.md): concurrency 64 TPOT 2.6-2.7 -> 1.5-1.6 s,
+# the CPU's read share 0.58-0.60 -> 0.92-0.96; concurrency 16 (asking from 16) 945 -> 721 ms.
+DIRECT_POLICY_MIN_TOKENS = 16
 
 
 class HybridExperts:
