@@ -85,7 +85,8 @@ def placement(args, config, facts: dict, defer: int | None) -> Placement:
     them; `defer` replaces the deferral (None: the run's)."""
     runtime = (
         f"runtime: {{cuda_graph_max_batch: {args.cuda_graph_max_batch}, "
-        f"prefill_chunk: {args.max_num_batched_tokens}, cpu_threads: {args.threads}}}\n"
+        f"prefill_chunk: {args.max_num_batched_tokens}, cpu_threads: {args.threads}, "
+        f"pin_experts: {str(getattr(args, 'pin_experts', False)).lower()}}}\n"
     )
     if args.workload == "demo":
         p = load_placement(args.placement, config)

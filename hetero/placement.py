@@ -53,9 +53,23 @@ class RuntimeSettings:
     # long prefill streams CPU experts to the GPU through two slots of staging_gb / 2, on the
     # GPU and pinned in host RAM each (hetero.cpu_experts.staging)
     staging_gb: float = 1.0
-    # page-lock the CPU experts in place at load (cudaHostRegister) so long prefill copies them
-    # to the GPU straight from RAM, no gather into the staging's host slots (unmeasured: off)
-    pin_experts: bool = False
+    # page-lock the CPU experts in place at load (cudaHostRegister) so the experts the GPU takes
+    # (long prefill, and serving steps of 16+ tokens: hetero.sched.hybrid) cross PCIe straight
+    # from RAM, no gather into the staging's host slots; None (auto): where CUDA is, if they
+    # take at most PIN_AUTO_RAM_SHARE of the RAM budget (`pins_experts`)
+    pin_experts: bool | None = None
+
+
+PIN_AUTO_RAM_SHARE = 0.75  # runtime.pin_experts auto: the most of the RAM budget it locks
+
+
+def pins_experts(setting: bool | None, expert_bytes: int, ram_bytes: int) -> bool:
+    """runtime.pin_experts resolved for CPU experts of `expert_bytes`: as set, or (None: auto)
+    when they take at most PIN_AUTO_RAM_SHARE of `ram_bytes`. (Whether CUDA is there is the
+    caller's to check.)"""
+    if setting is not None:
+        return setting
+    return expert_bytes <= PIN_AUTO_RAM_SHARE * ram_bytes
 
 
 @dataclass(frozen=True)

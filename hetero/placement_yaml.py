@@ -305,9 +305,9 @@ def _runtime(doc: _Doc, node: yaml.Node) -> dict[str, Any]:
         key = f"runtime.{k}"
         if k == "pin_experts":
             flag = doc.value(v, key)
-            if not isinstance(flag, bool):
-                raise doc.error(v, key, f"expected true or false, got {flag!r}")
-            out[k] = flag
+            if not isinstance(flag, bool) and flag != "auto":
+                raise doc.error(v, key, f"expected true, false or auto, got {flag!r}")
+            out[k] = None if flag == "auto" else flag
         elif k in ("vram_gb", "ram_gb", "staging_gb"):
             gb = doc.value(v, key)
             nullable = k != "staging_gb"

@@ -29,7 +29,7 @@ import numpy as np
 
 from hetero.config import ModelConfig
 from hetero.model.attention import MHA_MIN_TOKENS
-from hetero.placement import Placement
+from hetero.placement import Placement, pins_experts
 from hetero.sched.prefill_policy import split
 from hetero.sched.rates import CalibrationError, Rates
 
@@ -234,15 +234,15 @@ class Steps:
     """The step model of one model, placement and calibration."""
 
     def __init__(self, config: ModelConfig, placement: Placement, rates: Rates, model: CostModel):
-        from hetero.plan import cpu_expert_bytes, gpu_expert_bytes, plan_memory
-        from hetero.sched.hybrid import DEFER_MAX_TOKENS
+        from hetero.plan import cpu_expert_bytes, gpu_expert_bytes, machine_ram_bytes, plan_memory
+        from hetero.sched.hybrid import DEFER_MAX_TOKENS, DIRECT_POLICY_MIN_TOKENS
 
         self.c, self.p, self.rates, self.model = config, placement, rates, model
         # the policy's rates with the stream's measured share of H2D (CostModel.stream_efficiency)
         self.stream_rates = dataclasses.replace(
             rates, h2d_gbps=rates.h2d_gbps * model.stream_efficiency
         )
-        self.defer_max = DEFER_MAX_TOKENS
+        self.defer_max, self.direct_min = DEFER_MAX_TOKENS, DIRECT_POLICY_MIN_TOKENS
         big = 1 << 50
         plan = plan_memory(config, placement, big, big)
         self.description = plan.model
@@ -269,7 +269,11 @@ class Steps:
         self.gpu_bytes = {gf: gpu_expert_bytes(config, gf) for _, g, gf, _ in self.groups if g}
         self.n_moe, self.n_dense = n_moe, n_dense
         self.slot_bytes = int(placement.runtime.staging_gb * (1 << 30)) // 2  # (runtime.py)
-        self.pinned = placement.runtime.pin_experts
+        cpu_total = sum(n * (E - g) * self.cpu_bytes[f] for (f, g, *_), n in self.groups.items()
+                        if g < E)  # fmt: skip
+        ram = placement.runtime.ram_gb
+        ram = int(ram * (1 << 30)) if ram else machine_ram_bytes()
+        self.pinned = pins_experts(placement.runtime.pin_experts, cpu_total, ram)
         shape = config.hidden_size, config.moe_intermediate_size
         if self.cpu_bytes and tuple(rates.shape) != shape:
             raise CalibrationError(
@@ -297,6 +301,11 @@ class Steps:
             g_a = m.attention_share * gpu
             g_s = gpu - g_a + used_gpu * self.gpu_bytes.get(gfmt, 0) / self.hbm
             cpu, used = expected_call(cost, batch, k, E, E - g, alpha) if cost else (0.0, 0.0)
+            on_cpu = cpu  # with page-locked experts the GPU streams a large step's busiest
+            if cpu and self.pinned and batch >= self.direct_min and self.rates.has_gpu:
+                n = self.counts(batch, E - g)
+                s = split(self.stream_rates, fmt, n, self.cpu_bytes[fmt], False, self.slot_bytes)
+                cpu, on_cpu, used = s.seconds, s.cpu_s, float(((n > 0) & s.on_cpu).sum())
             if cpu == 0.0:
                 layer = g_a + g_s
             else:
@@ -306,7 +315,7 @@ class Steps:
                 c1 = share * (cpu - cost.call_s)
                 layer = max(g_a + g_s, cpu - c1 + max(c1, g_a)) + m.handoff_s
             total += layers * layer
-            busy += layers * cpu
+            busy += layers * on_cpu
             experts += layers * used / self.n_moe
         total += self.head_bytes / self.hbm + m.step_s
         return total, busy, experts

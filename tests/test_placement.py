@@ -339,6 +339,12 @@ ERRORS = [
     ),
     ("rules: [{device: gpu}]\nruntime:\n  vram_gb: 0\n", "runtime.vram_gb", "vram", "GiB > 0"),
     ("rules: [{device: gpu}]\nruntime:\n  threads: 4\n", "runtime.threads", "threads", "unknown"),
+    (
+        "rules: [{device: gpu}]\nruntime:\n  pin_experts: yes please\n",
+        "runtime.pin_experts",
+        "pin",
+        "expected true, false or auto, got 'yes please'",
+    ),
     ("rules:\n  - device: gpu\n    device: cpu\n", "rules[0].device", "cpu", "given twice"),
     ("rules:\n  - device: gpu\n\tformat: fp8\n", "(syntax)", "\t", "cannot start any token"),
     ("rules: [{device: gpu}]\nextends: nope.yaml\n", "extends", "nope", "no such file"),
@@ -367,6 +373,24 @@ def test_error_in_extended_file_names_that_file(tmp_path):
     write(tmp_path, "extends: variant.yaml\n", "base.yaml")
     with pytest.raises(PlacementError, match="extends: .*cycle"):
         load_placement(variant, TINY)
+
+
+def test_pin_experts_auto_locks_only_what_fits_the_ram_budget(tmp_path):
+    """runtime.pin_experts: true / false as written, auto (or unset) None, which pins the CPU
+    experts where they take at most PIN_AUTO_RAM_SHARE of the RAM budget."""
+    from hetero.placement import PIN_AUTO_RAM_SHARE, pins_experts
+
+    def setting(line: str):
+        path = write(tmp_path, f"rules: [{{device: gpu}}]\nruntime:\n{line}")
+        return load_placement(path, TINY).runtime.pin_experts
+
+    assert [setting(f"  pin_experts: {v}\n") for v in ("true", "false", "auto")] == [
+        True, False, None]  # fmt: skip
+    assert setting("  cpu_threads: 2\n") is None
+    ram = 100 << 30
+    fits = int(PIN_AUTO_RAM_SHARE * ram)
+    assert pins_experts(None, fits, ram) and not pins_experts(None, fits + 1, ram)
+    assert pins_experts(True, 10 * ram, ram) and not pins_experts(False, 1, ram)
 
 
 def test_default_placement():

@@ -224,6 +224,25 @@ def test_cli_plan_predict_errors(tmp_path, capsys):
         plan(capsys, "--concurrency", "0,4")
 
 
+def test_pinned_experts_stream_a_large_decode_steps_busiest_experts(v3):
+    """With page-locked experts a decode step of DIRECT_POLICY_MIN_TOKENS or more takes the
+    policy's split (the CPU keeps the experts with few tokens, the GPU streams the rest): at
+    concurrency 64 faster than all on the CPU, with less of the CPU busy; batch 1 unchanged."""
+    rules = (
+        "rules:\n  - {match: '\\.mlp\\.experts$', device: cpu, format: int4}\n"
+        "  - {device: gpu, format: fp8}\n"
+    )
+
+    def rows(pin: str) -> dict:
+        p = parse_placement(rules + f"runtime: {{pin_experts: {pin}}}\n", v3)
+        return {r.concurrency: r for r in predict(v3, p, h200(), (1, 64), ()).decode}
+
+    locked, gathered = rows("true"), rows("false")
+    assert locked[1] == gathered[1]
+    assert locked[64].step_ms < gathered[64].step_ms
+    assert locked[64].cpu_busy * locked[64].step_ms < gathered[64].cpu_busy * gathered[64].step_ms
+
+
 def test_whole_prompt_chunks_and_pinned_experts_prefill_faster(v3):
     """A prompt in one chunk streams each layer's experts once, not once a chunk; page-locked
     experts (runtime.pin_experts) skip the gather into the staging slots."""
@@ -236,6 +255,10 @@ def test_whole_prompt_chunks_and_pinned_experts_prefill_faster(v3):
         p = parse_placement(rules + f"runtime: {{{runtime}}}\n", v3)
         return predict(v3, p, h200(), (1,), (8192,)).prefill[0].seconds
 
-    chunked, whole = seconds("prefill_chunk: 2048"), seconds("prefill_chunk: 8192")
+    chunked = seconds("prefill_chunk: 2048, pin_experts: false")
+    whole = seconds("prefill_chunk: 8192, pin_experts: false")
     pinned = seconds("prefill_chunk: 8192, pin_experts: true")
     assert chunked > whole > pinned > 0
+    # auto (the default): pinned where V3's ~370 GiB of int4 experts fit 3/4 of the RAM budget
+    assert seconds("prefill_chunk: 8192, ram_gb: 1024") == pinned
+    assert seconds("prefill_chunk: 8192, pin_experts: auto, ram_gb: 256") == whole

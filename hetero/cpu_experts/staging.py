@@ -152,7 +152,7 @@ class GroupStaging:
 def register_host(layers: list[PackedExperts]) -> int:
     """Page-locks the layers' packed arrays in place (cudaHostRegister) for `direct` staging;
     -> bytes registered. Read-only maps (a store) are registered read-only."""
-    cudart, done = torch.cuda.cudart(), 0
+    cudart, done, mine = torch.cuda.cudart(), 0, []
     seen: set[int] = set()
     for layer in layers:
         for a in layer.arrays().values():
@@ -161,10 +161,13 @@ def register_host(layers: list[PackedExperts]) -> int:
                 continue
             seen.add(ptr)
             flags = 0 if a.flags.writeable else 8  # cudaHostRegisterReadOnly
-            err = cudart.cudaHostRegister(ptr, a.nbytes, flags)
-            if int(err) not in (0, 712):  # (712: registered before)
-                raise RuntimeError(f"cudaHostRegister of {a.nbytes} bytes failed ({err}): run "
-                                   "without runtime.pin_experts")  # fmt: skip
+            err = int(cudart.cudaHostRegister(ptr, a.nbytes, flags))
+            if err not in (0, 712):  # (712: registered before)
+                for p in mine:  # none left half-done
+                    cudart.cudaHostUnregister(p)
+                raise RuntimeError(f"page-locking {a.nbytes} bytes of CPU experts failed "
+                                   f"(cudaHostRegister: {err})")  # fmt: skip
+            mine += [ptr] if err == 0 else []
             done += a.nbytes
     return done
 

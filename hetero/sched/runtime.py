@@ -31,7 +31,9 @@ from hetero.placement import (
     default_placement,
     load_placement,
     parse_placement,
+    pins_experts,
 )
+from hetero.plan import machine_ram_bytes
 from hetero.registry import ROUTED_EXPERTS
 
 log = logging.getLogger(__name__)
@@ -123,13 +125,7 @@ def load_hybrid(
     staging = rates = None
     if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
-        direct = placement.runtime.pin_experts
-        staging = GroupStaging(slot, opts.device, direct=direct)
-        if direct:
-            t0 = time.perf_counter()
-            n = register_host(list(engine.layers.values()))  # (shared layers: once)
-            log.info("page-locked %.1f GiB of CPU experts in %.1f s (runtime.pin_experts)",
-                     n / (1 << 30), time.perf_counter() - t0)  # fmt: skip
+        staging = GroupStaging(slot, opts.device, direct=_pin(engine, placement.runtime))
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
@@ -154,6 +150,28 @@ def load_hybrid(
                 rates=rates,
             )
     return Hybrid(model.eval(), engine, placement)
+
+
+def _pin(engine: CPUExperts, runtime) -> bool:
+    """Page-locks the engine's experts in place where runtime.pin_experts says (auto: if they
+    fit its share of the RAM budget) -> whether they are. An auto attempt that fails leaves
+    them as they were, with a warning: long prefill then gathers what it streams."""
+    layers = list({id(p): p for p in engine.layers.values()}.values())  # (shared layers: once)
+    nbytes = sum(a.nbytes for p in layers for a in p.arrays().values())
+    ram = int(runtime.ram_gb * (1 << 30)) if runtime.ram_gb else machine_ram_bytes()
+    if not pins_experts(runtime.pin_experts, nbytes, ram):
+        return False
+    t0 = time.perf_counter()
+    try:
+        n = register_host(layers)
+    except RuntimeError as e:
+        if runtime.pin_experts:
+            raise RuntimeError(f"{e}: set runtime.pin_experts: false") from None
+        log.warning("%s: continuing without page-locked experts (runtime.pin_experts)", e)
+        return False
+    log.info("page-locked %.1f GiB of CPU experts in %.1f s (runtime.pin_experts)",
+             n / (1 << 30), time.perf_counter() - t0)  # fmt: skip
+    return True
 
 
 def _rates(opts: HybridOptions, config, formats: set[str], placement: Placement):
