@@ -15,6 +15,7 @@ run of consecutive rows an array) and no thread gathers: what is left is PCIe it
 
 from __future__ import annotations
 
+import mmap
 from typing import NamedTuple
 
 import numpy as np
@@ -149,27 +150,45 @@ class GroupStaging:
             self._used[group.slot].record(torch.cuda.current_stream(self.device))
 
 
-def register_host(layers: list[PackedExperts]) -> int:
-    """Page-locks the layers' packed arrays in place (cudaHostRegister) for `direct` staging;
-    -> bytes registered. Read-only maps (a store) are registered read-only."""
-    cudart, done, mine = torch.cuda.cudart(), 0, []
-    seen: set[int] = set()
-    for layer in layers:
-        for a in layer.arrays().values():
-            ptr = a.ctypes.data
-            if ptr in seen or a.nbytes == 0:
-                continue
-            seen.add(ptr)
-            flags = 0 if a.flags.writeable else 8  # cudaHostRegisterReadOnly
-            err = int(cudart.cudaHostRegister(ptr, a.nbytes, flags))
-            if err not in (0, 712):  # (712: registered before)
-                for p in mine:  # none left half-done
-                    cudart.cudaHostUnregister(p)
-                raise RuntimeError(f"page-locking {a.nbytes} bytes of CPU experts failed "
-                                   f"(cudaHostRegister: {err})")  # fmt: skip
-            mine += [ptr] if err == 0 else []
-            done += a.nbytes
-    return done
+class HostRegistration(NamedTuple):
+    """Page ranges locked by `register_host`: (address, bytes) each; `nbytes`: the arrays'."""
+
+    ranges: tuple[tuple[int, int], ...]
+    nbytes: int
+
+    def release(self) -> None:
+        """Unlocks them: before the arrays are freed, or the driver keeps the old pages."""
+        cudart = torch.cuda.cudart()
+        for at, _ in self.ranges:
+            cudart.cudaHostUnregister(at)
+        cudart.cudaGetLastError()  # (an error here is not left for torch's next check)
+
+
+def register_host(layers: list[PackedExperts]) -> HostRegistration:
+    """Page-locks the layers' packed arrays in place (cudaHostRegister) for `direct` staging,
+    as whole pages: arrays that share a page (small layers) are locked as one range. Ranges
+    with a read-only map (a store) are registered read-only. Raises RuntimeError, having
+    unlocked what it locked, if the driver refuses one."""
+    page, spans = mmap.PAGESIZE, []
+    for a in {id(a): a for p in layers for a in p.arrays().values() if a.nbytes}.values():
+        lo, hi = a.ctypes.data // page * page, -(-(a.ctypes.data + a.nbytes) // page) * page
+        spans.append((lo, hi, a.flags.writeable, a.nbytes))
+    merged: list[list] = []  # [lo, hi, writeable]
+    for lo, hi, writeable, _ in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1:] = [max(hi, merged[-1][1]), merged[-1][2] and writeable]
+        else:
+            merged.append([lo, hi, writeable])
+    cudart, done = torch.cuda.cudart(), []
+    for lo, hi, writeable in merged:
+        err = int(cudart.cudaHostRegister(lo, hi - lo, 0 if writeable else 8))  # 8: read-only
+        if err:
+            cudart.cudaGetLastError()  # (not left for torch's next check)
+            HostRegistration(tuple(done), 0).release()
+            raise RuntimeError(f"page-locking {hi - lo} bytes of CPU experts failed "
+                               f"(cudaHostRegister: error {err})")  # fmt: skip
+        done.append((lo, hi - lo))
+    return HostRegistration(tuple(done), sum(s[3] for s in spans))
 
 
 def _view(buf: torch.Tensor, at: int, dtype: np.dtype, shape: tuple) -> torch.Tensor:

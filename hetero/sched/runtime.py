@@ -18,7 +18,7 @@ from tqdm import tqdm
 from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
-from hetero.cpu_experts.staging import GroupStaging, register_host
+from hetero.cpu_experts.staging import GroupStaging, HostRegistration, register_host
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.loader import Checkpoint, is_fp8_checkpoint, load_weights
@@ -71,15 +71,20 @@ def default_stream_min_tokens(tiles: bool) -> int:
 
 @dataclass
 class Hybrid:
-    """The loaded model and the CPU engine it calls; `close()` stops the engine's thread."""
+    """The loaded model and the CPU engine it calls; `close()` stops the engine's thread and
+    unlocks the experts' pages (runtime.pin_experts)."""
 
     model: Transformer
     engine: CPUExperts | None
     placement: Placement
+    pinned: HostRegistration | None = None
 
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+        if self.pinned is not None:
+            self.pinned.release()
+            self.pinned = None
 
 
 def load_hybrid(
@@ -122,10 +127,11 @@ def load_hybrid(
             int8_activations=opts.int8_activations,
         )
         engine = CPUExperts(packed, engine_config)
-    staging = rates = None
+    staging = rates = pinned = None
     if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
-        staging = GroupStaging(slot, opts.device, direct=_pin(engine, placement.runtime))
+        pinned = _pin(engine, placement.runtime)
+        staging = GroupStaging(slot, opts.device, direct=pinned is not None)
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
         moe = model.model.layers[L].mlp
@@ -149,29 +155,29 @@ def load_hybrid(
                 staging=staging,
                 rates=rates,
             )
-    return Hybrid(model.eval(), engine, placement)
+    return Hybrid(model.eval(), engine, placement, pinned)
 
 
-def _pin(engine: CPUExperts, runtime) -> bool:
+def _pin(engine: CPUExperts, runtime) -> HostRegistration | None:
     """Page-locks the engine's experts in place where runtime.pin_experts says (auto: if they
-    fit its share of the RAM budget) -> whether they are. An auto attempt that fails leaves
-    them as they were, with a warning: long prefill then gathers what it streams."""
-    layers = list({id(p): p for p in engine.layers.values()}.values())  # (shared layers: once)
-    nbytes = sum(a.nbytes for p in layers for a in p.arrays().values())
+    fit its share of the RAM budget); None where they are not. An auto attempt that fails
+    leaves them as they were, with a warning: long prefill then gathers what it streams."""
+    layers = list(engine.layers.values())
+    nbytes = sum(a.nbytes for a in {id(a): a for p in layers for a in p.arrays().values()}.values())
     ram = int(runtime.ram_gb * (1 << 30)) if runtime.ram_gb else machine_ram_bytes()
     if not pins_experts(runtime.pin_experts, nbytes, ram):
-        return False
+        return None
     t0 = time.perf_counter()
     try:
-        n = register_host(layers)
+        pinned = register_host(layers)
     except RuntimeError as e:
         if runtime.pin_experts:
             raise RuntimeError(f"{e}: set runtime.pin_experts: false") from None
         log.warning("%s: continuing without page-locked experts (runtime.pin_experts)", e)
-        return False
+        return None
     log.info("page-locked %.1f GiB of CPU experts in %.1f s (runtime.pin_experts)",
-             n / (1 << 30), time.perf_counter() - t0)  # fmt: skip
-    return True
+             pinned.nbytes / (1 << 30), time.perf_counter() - t0)  # fmt: skip
+    return pinned
 
 
 def _rates(opts: HybridOptions, config, formats: set[str], placement: Placement):
