@@ -15,6 +15,7 @@ run of consecutive rows an array) and no thread gathers: what is left is PCIe it
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 from typing import NamedTuple
 
@@ -160,8 +161,8 @@ class HostRegistration(NamedTuple):
         """Unlocks them: before the arrays are freed, or the driver keeps the old pages."""
         cudart = torch.cuda.cudart()
         for at, _ in self.ranges:
-            cudart.cudaHostUnregister(at)
-        cudart.cudaGetLastError()  # (an error here is not left for torch's next check)
+            if int(cudart.cudaHostUnregister(at)):
+                clear_cuda_error()
 
 
 def register_host(layers: list[PackedExperts]) -> HostRegistration:
@@ -183,12 +184,22 @@ def register_host(layers: list[PackedExperts]) -> HostRegistration:
     for lo, hi, writeable in merged:
         err = int(cudart.cudaHostRegister(lo, hi - lo, 0 if writeable else 8))  # 8: read-only
         if err:
-            cudart.cudaGetLastError()  # (not left for torch's next check)
+            clear_cuda_error()
             HostRegistration(tuple(done), 0).release()
             raise RuntimeError(f"page-locking {hi - lo} bytes of CPU experts failed "
                                f"(cudaHostRegister: error {err})")  # fmt: skip
         done.append((lo, hi - lo))
     return HostRegistration(tuple(done), sum(s[3] for s in spans))
+
+
+def clear_cuda_error() -> None:
+    """Resets the CUDA runtime's last error after a refused cudart call, which torch would
+    otherwise report at its next unrelated check. torch.cuda.cudart() lacks cudaGetLastError:
+    it is taken from the libcudart this process has loaded (none found: nothing to do)."""
+    with open("/proc/self/maps") as maps:
+        libs = sorted({line.split()[-1] for line in maps if "libcudart.so" in line})
+    if libs:
+        ctypes.CDLL(libs[0]).cudaGetLastError()
 
 
 def _view(buf: torch.Tensor, at: int, dtype: np.dtype, shape: tuple) -> torch.Tensor:
