@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
 from hetero.gpu import DEQUANT_BYTES
 from hetero.loader import LAYER_RE, is_fp8_checkpoint
-from hetero.placement import Placement, RuntimeSettings
+from hetero.placement import Placement, RuntimeSettings, pins_experts
 
 GIB = 1 << 30
 # CUDA context (~0.5 GiB), cuBLAS/Triton workspaces, one prefill chunk's activations, rotary
@@ -147,6 +147,9 @@ def plan_memory(
 
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)
     rows, rt = _weight_rows(config, placement, dtype), placement.runtime
+    cpu = next(i for i, r in enumerate(rows) if r.name == "routed experts (CPU)")
+    if rows[cpu].ram_bytes and pins_experts(rt.pin_experts, rows[cpu].ram_bytes, ram_bytes):
+        rows[cpu] = replace(rows[cpu], detail=rows[cpu].detail + ", page-locked")
     streams = any(len(p.gpu_experts) < config.n_routed_experts for p in placement.routed.values())
     staging = int(rt.staging_gb * GIB) if streams else 0
     staging_gpu = staging + _dequantized(config, placement, staging // 2)

@@ -240,6 +240,7 @@ def test_cli_v3_24gb(v3_dir, capsys):
     assert code == 0, out
     for text in ("routed experts (CPU)", "14848 experts, int4", "KV cache", "MTP layer(s) 61"):
         assert text in out
+    assert "int4, page-locked" in out  # runtime.pin_experts auto: 343 GiB of 512 <= 3/4
     assert out.splitlines()[-1].startswith("FITS: GPU 22.")
     code, out, _ = run(
         capsys,
@@ -265,6 +266,7 @@ def test_cli_v3_24gb(v3_dir, capsys):
         capsys, "--model", str(v3_dir), "--placement", yaml, "--vram", "24", "--ram", "256"
     )
     assert code == 1 and "RAM needs 342.56 GiB of CPU experts" in out
+    assert "page-locked" not in out  # (auto: more than 3/4 of the budget)
 
 
 def test_cli_default_placement_and_errors(tmp_path, capsys):
