@@ -354,19 +354,10 @@ def parse_args(argv=None):
         help="CPU jobs of up to this many tokens on the engine's ring, each level in turn "
         "(e.g. 15,64: before and after EngineConfig.ring_tokens)",
     )
-    p.add_argument(
-        "--pin-experts",
-        action="store_true",
-        help="v2-lite/v3: the CPU experts "
-        "page-locked (runtime.pin_experts) with measured rates: decode steps of 16+ "
-        "tokens ask the prefill policy which experts the GPU streams",
-    )
-    p.add_argument(
-        "--policy-levels",
-        type=lambda v: [int(x) for x in v.split(",")],
-        help="with --pin-experts: the tokens from which a step asks the policy, "
-        "alternating by level (e.g. 128,16)",
-    )
+    pin = "v2-lite/v3: CPU experts page-locked, measured rates: steps of 16+ tokens split"
+    p.add_argument("--pin-experts", action="store_true", help=pin)
+    p.add_argument("--policy-levels", type=ints, help="with --pin-experts: the tokens from "
+                   "which a step asks the policy, each level in turn (e.g. 128,16)")  # fmt: skip
     p.add_argument(
         "--ring-heavy-levels",
         type=ints,

@@ -375,24 +375,6 @@ def test_error_in_extended_file_names_that_file(tmp_path):
         load_placement(variant, TINY)
 
 
-def test_pin_experts_auto_locks_only_what_fits_the_ram_budget(tmp_path):
-    """runtime.pin_experts: true / false as written, auto (or unset) None, which pins the CPU
-    experts where they take at most PIN_AUTO_RAM_SHARE of the RAM budget."""
-    from hetero.placement import PIN_AUTO_RAM_SHARE, pins_experts
-
-    def setting(line: str):
-        path = write(tmp_path, f"rules: [{{device: gpu}}]\nruntime:\n{line}")
-        return load_placement(path, TINY).runtime.pin_experts
-
-    assert [setting(f"  pin_experts: {v}\n") for v in ("true", "false", "auto")] == [
-        True, False, None]  # fmt: skip
-    assert setting("  cpu_threads: 2\n") is None
-    ram = 100 << 30
-    fits = int(PIN_AUTO_RAM_SHARE * ram)
-    assert pins_experts(None, fits, ram) and not pins_experts(None, fits + 1, ram)
-    assert pins_experts(True, 10 * ram, ram) and not pins_experts(False, 1, ram)
-
-
 def test_default_placement():
     p = default_placement(TINY)  # tiny-v3 is an FP8 checkpoint
     assert p.module("model.layers.1.mlp.experts") == ("cpu", "int4")

@@ -321,3 +321,23 @@ def test_int4_gpu_experts_and_the_dequantization_cap():
     big = dataclasses.replace(big, runtime=dataclasses.replace(big.runtime, staging_gb=8.0))
     row = plan_memory(v3, big, BIG, BIG).row(STAGING_ROW)
     assert row.gpu_bytes == 8 * GIB + DEQUANT_BYTES
+
+
+def test_pin_experts_auto_locks_only_what_fits_the_ram_budget():
+    """runtime.pin_experts: true / false as written, auto (or unset) None, which pins the CPU
+    experts where they take at most PIN_AUTO_RAM_SHARE of the RAM budget."""
+    from hetero.placement import PIN_AUTO_RAM_SHARE, pins_experts
+
+    config = ModelConfig.from_hf(tiny_v3_config())
+
+    def setting(line: str):
+        text = f"rules: [{{device: gpu}}]\nruntime:\n{line}"
+        return parse_placement(text, config).runtime.pin_experts
+
+    assert [setting(f"  pin_experts: {v}\n") for v in ("true", "false", "auto")] == [
+        True, False, None]  # fmt: skip
+    assert setting("  cpu_threads: 2\n") is None
+    ram = 100 << 30
+    fits = int(PIN_AUTO_RAM_SHARE * ram)
+    assert pins_experts(None, fits, ram) and not pins_experts(None, fits + 1, ram)
+    assert pins_experts(True, 10 * ram, ram) and not pins_experts(False, 1, ram)
