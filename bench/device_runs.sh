@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned
+#   serve-pinned | fp8-unroll
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -191,6 +191,10 @@ for stage in "$@"; do
         --prompt-len uniform:80,160 --output-len fixed:12 --shared-prefix 64 --warmup 4 \
         --settle-s 5 --read-bw-gb 2 --naive 0 > "$OUT/serve_pinned.jsonl" \
         2> "$OUT/serve_pinned.err"; tail -3 "$OUT/serve_pinned.err" ;;
+    fp8-unroll)  # issue 18: the one-row FP8 GEMV with 1, 2 or 4 K blocks an iteration, block_n
+      # 32 and 64, on V3's decode matrices cold in L2 (copies over 512 MB, ~2 min)
+      timeout 200 python3 bench/fp8_sweep.py --rows 1 --k-unroll 1,2,4 --cold-mb 512 \
+        > "$OUT/fp8_unroll.jsonl" 2> "$OUT/fp8_unroll.err"; tail -2 "$OUT/fp8_unroll.err" ;;
     serve-http-v3)  # serve-http's whole-V3 half alone (~5.5 min)
       timeout 330 python3 bench/serving_http.py --workload v3 --cpu-layers 4 --concurrency 1,16 \
         --requests 2,16 --prompt-len uniform:80,160 --output-len fixed:12 --warmup 4 \

@@ -3,7 +3,9 @@
 default's output, the weight's bytes over the device copy bandwidth measured in the same run
 (the floor), and bf16 cuBLAS on the dequantized weight (the naive path). Split-K sums in the
 kernel (tile counters, as FP8Linear runs it); CUDA-graph replays, so launch overhead from the
-host does not count. JSON lines; `python bench/fp8_sweep.py`."""
+host does not count. A replay of one matrix keeps the smaller ones in L2; `--cold-mb 512` runs
+it over copies of the weight instead, back to back as the decode step's matrices run. JSON
+lines; `python bench/fp8_sweep.py`."""
 
 from __future__ import annotations
 
@@ -48,7 +50,15 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", default="1,16", help="tokens, comma-separated")
     p.add_argument("--shapes", default=",".join(SHAPES), help="of " + ", ".join(SHAPES))
+    p.add_argument("--k-unroll", help="instead of the sweep: the default tiles with block_n 32 "
+                   "and 64 and these K-block unrolls (e.g. 1,2,4)")  # fmt: skip
+    cold = "each replay runs the GEMV over copies of the weight filling this many MB: none in L2"
+    p.add_argument("--cold-mb", type=int, default=0, help=cold + " (ms: a copy's)")
     args = p.parse_args()
+    sweep = SWEEP
+    if args.k_unroll:
+        sweep = [dataclasses.replace(TILES, block_n=b, k_unroll=int(u))
+                 for b in (32, 64) for u in args.k_unroll.split(",")]  # fmt: skip
     hbm = hbm_copy_gbps("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
     for name in args.shapes.split(","):
@@ -56,20 +66,24 @@ def main() -> None:
         w = torch.randn(N, K, device="cuda", generator=gen) / K**0.5
         q, s = block_quantize(w)
         dense = block_dequantize(q, s, (128, 128)).to(torch.bfloat16)
+        n = max(1, -(-args.cold_mb * 2**20 // q.numel()))  # copies, cold in L2 if > 1
+        copies = [(q, s)] + [(q.clone(), s.clone()) for _ in range(n - 1)]
         floor_ms = (q.numel() + s.numel() * 4) / hbm / 1e6
         for M in map(int, args.rows.split(",")):
             x = torch.randn(M, K, device="cuda", generator=gen, dtype=torch.bfloat16)
-            base = {"bench": "fp8_sweep", "shape": name, "N": N, "K": K, "M": M,
+            base = {"bench": "fp8_sweep", "shape": name, "N": N, "K": K, "M": M, "copies": n,
                     "hbm_gbps": round(hbm), "floor_ms": round(floor_ms, 4)}  # fmt: skip
             naive = cuda_ms(graphed(lambda: x @ dense.T), 30)
             want = fp8_gemm(x, q, s).float()
             counters = tile_counters(N, max(M, 16), x.device)  # as FP8Linear keeps its own
-            for tiles in SWEEP:
+            for tiles in sweep:
                 row = base | dataclasses.asdict(tiles)
                 run = lambda: fp8_gemm(x, q, s, tiles=tiles, counters=counters)  # noqa: B023, E731
+                every = lambda: [fp8_gemm(x, a, b, tiles=tiles, counters=counters)  # noqa: B023, E731
+                                 for a, b in copies]  # fmt: skip
                 try:
                     out = run().float()
-                    ms = cuda_ms(graphed(run), 30)
+                    ms = cuda_ms(graphed(every), 30) / n
                 except Exception as e:  # a tile that does not fit
                     print(json.dumps(row | {"error": str(e).split("\n")[0][:200]}), flush=True)
                     continue

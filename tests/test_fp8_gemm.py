@@ -49,7 +49,7 @@ def test_fp8_gemm_equals_dequantized_matmul(M, N, K, programs):
 @pytest.mark.parametrize("silu_mul", [False, True])
 def test_one_row_without_the_mma_tile(programs, silu_mul):
     """Tiles(mma=False), the default: one token's row dots on the CUDA cores (more rows keep
-    the MMA), with and without the next block loaded ahead; and one token through the 16-row
+    the MMA), with K blocks unrolled 1, 2 or 4 an iteration; and one token through the 16-row
     MMA tile (mma=True)."""
     from hetero.gpu.fp8_gemm import Tiles
 
@@ -57,7 +57,9 @@ def test_one_row_without_the_mma_tile(programs, silu_mul):
     N, K = 256, 300  # two scale-block rows; a partial K block
     q, s = block_quantize(torch.randn(N, K, generator=g))
     q, s = q.to(DEVICE), s.to(DEVICE)
-    for M, tiles in ((1, Tiles()), (1, Tiles(mma=True)), (1, Tiles(block_n=32)), (3, Tiles())):
+    variants = [(1, Tiles()), (1, Tiles(mma=True)), (1, Tiles(block_n=32)), (3, Tiles())]
+    variants += [(1, Tiles(k_unroll=2)), (1, Tiles(k_unroll=4, block_n=32))]  # 3 K blocks
+    for M, tiles in variants:
         x = torch.randn(M, K, generator=g).to(DEVICE)
         got = fp8_gemm(x, q, s, programs=programs, silu_mul=silu_mul, tiles=tiles)
         want = reference(x, q, s)
@@ -88,7 +90,8 @@ def test_cuda_tile_variants_at_v3_width(M, silu_mul):
         gate, up = want.bfloat16().chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up).float()
     counters = tile_counters(4096, 16, q.device)
-    for tiles in (Tiles(), Tiles(mma=True), Tiles(num_warps=8)):
+    for tiles in (Tiles(), Tiles(mma=True), Tiles(num_warps=8), Tiles(k_unroll=2),
+                  Tiles(k_unroll=4)):  # fmt: skip
         for c in (None, counters):
             got = fp8_gemm(x, q, s, silu_mul=silu_mul, tiles=tiles, counters=c)
             assert rel(got, want) < (2e-2 if silu_mul else 4e-3), (tiles, c is None)

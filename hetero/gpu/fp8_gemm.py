@@ -33,6 +33,9 @@ class Tiles:
     # bench/results/*-gpu_step.md run 3): V3's GPU step at batch 1 11.26 ms against 11.81 with
     # the 16-row tf32 MMA; in fp8_sweep 1.05-1.8x faster on five of V3's six decode matrices
     mma: bool = False
+    # the one-row path: K blocks an iteration (unrolled: their loads issued together, more
+    # bytes in flight a program); a split's blocks are rounded up to a multiple of it
+    k_unroll: int = 1
 
 
 TILES = Tiles()
@@ -57,19 +60,20 @@ def _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn
 @triton.jit
 def _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn, stride_sn,
               SN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              PER_SPLIT: tl.constexpr):  # fmt: skip
+              PER_SPLIT: tl.constexpr, KU: tl.constexpr):  # fmt: skip
     """One token x_row [K] . W's rows [BN] over this split's K blocks on the CUDA cores -> [BN]
-    fp32: products scaled and kept apart [BN, BK] until the loop ends, summed once. (Loading
-    the next block ahead measured slower: V3's GPU step 13.5 ms against 11.1 on one H200 VM,
-    2026-12-04.)"""
+    fp32: products scaled and kept apart [BN, BK] until the loop ends, summed once; KU blocks
+    an iteration (PER_SPLIT a multiple of KU). (Loading the next block ahead by hand measured
+    slower: V3's GPU step 13.5 ms against 11.1 on one H200 VM, 2026-12-04.)"""
     dots = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for i in range(0, PER_SPLIT):
-        kb = split * PER_SPLIT + i
-        k = kb * BLOCK_K + cols
-        w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn, stride_sn,
-                           SN)  # fmt: skip
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [BK]
-        dots += w.to(tl.float32) * x[None, :] * s[:, None]
+    for i in range(0, PER_SPLIT, KU):
+        for j in tl.static_range(KU):
+            kb = split * PER_SPLIT + i + j
+            k = kb * BLOCK_K + cols
+            w, s = _load_block(w_ptr, s_ptr, rows, row_ok, k, kb, last, K, stride_wn,
+                               stride_sn, SN)  # fmt: skip
+            x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [BK]
+            dots += w.to(tl.float32) * x[None, :] * s[:, None]
     return tl.sum(dots, axis=1)
 
 
@@ -111,6 +115,7 @@ def _fp8_gemm(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PER_SPLIT: tl.constexpr,
+    KU: tl.constexpr,  # not MMA: K blocks an iteration of the row dots
     PRECISION: tl.constexpr,
     PER_ROW_EXPERT: tl.constexpr,
     MMA: tl.constexpr,  # False (one row, BLOCK_M 1): products and a row sum on the CUDA cores
@@ -159,11 +164,11 @@ def _fp8_gemm(
     else:  # one token (BLOCK_M 1, toks = [pid_m])
         x_row = x_ptr + pid_m * stride_xm
         dots = _row_dots(x_row, w_ptr, s_ptr, rows, row_ok, cols, split, K, last, stride_wn,
-                         stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT)  # fmt: skip
+                         stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT, KU)  # fmt: skip
         acc += dots[None, :]
         if SILU_MUL:
             dots = _row_dots(x_row, w_ptr, s_ptr, rows + NY, row_ok, cols, split, K, last,
-                             stride_wn, stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT)  # fmt: skip
+                             stride_wn, stride_sn, SN, BLOCK_N, BLOCK_K, PER_SPLIT, KU)  # fmt: skip
             acc_up += dots[None, :]
     out = y_ptr + toks[:, None] * NY + rows[None, :]
     if DIRECT:
@@ -287,7 +292,8 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
     if programs is None:
         programs = tiles.per_sm * _sm_count(x2.device) if x2.is_cuda else 1
     split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
-    per_split = triton.cdiv(k_blocks, split)
+    ku = 1 if mma else tiles.k_unroll
+    per_split = triton.cdiv(triton.cdiv(k_blocks, split), ku) * ku
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
     fixup = split > 1 and counters is not None and not per_row
     if fixup and counters.numel() < n_tiles * m_tiles:
@@ -301,7 +307,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             counters if fixup else y, M, N, K,
             x2.stride(0), weight.stride(-2), scale.stride(-2),
             weight.stride(0) if per_row else 0, scale.stride(0) if per_row else 0,
-            SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split,
+            SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split, KU=ku,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             MMA=mma,
             SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
