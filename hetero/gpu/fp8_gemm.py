@@ -34,8 +34,10 @@ class Tiles:
     # the 16-row tf32 MMA; in fp8_sweep 1.05-1.8x faster on five of V3's six decode matrices
     mma: bool = False
     # the one-row path: K blocks an iteration (unrolled: their loads issued together, more
-    # bytes in flight a program); a split's blocks are rounded up to a multiple of it
-    k_unroll: int = 1
+    # bytes in flight a program); a split's blocks are rounded up to a multiple of it. H200
+    # (2026-12-04, bench/results/*-fp8_unroll.md, weights cold in L2): 2 against 1 on V3's
+    # decode matrices 0.99-1.23x (a MoE layer's five 88.9 -> 87.0 us, the dense gate_up 1.23x)
+    k_unroll: int = 2
 
 
 TILES = Tiles()
