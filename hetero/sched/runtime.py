@@ -167,6 +167,8 @@ def _pin(engine: CPUExperts, runtime) -> HostRegistration | None:
     ram = int(runtime.ram_gb * (1 << 30)) if runtime.ram_gb else machine_ram_bytes()
     if not pins_experts(runtime.pin_experts, nbytes, ram):
         return None
+    log.info("page-locking %.1f GiB of CPU experts (runtime.pin_experts: %s)", nbytes / (1 << 30),
+             "auto; false skips it" if runtime.pin_experts is None else "true")  # fmt: skip
     t0 = time.perf_counter()
     try:
         pinned = register_host(layers)
