@@ -16,6 +16,7 @@ line numbers come from yaml.compose's nodes: yaml.safe_load would lose them. See
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,13 +64,19 @@ class RuntimeSettings:
 PIN_AUTO_RAM_SHARE = 0.75  # runtime.pin_experts auto: the most of the RAM budget it locks
 
 
-def pins_experts(setting: bool | None, expert_bytes: int, ram_bytes: int) -> bool:
+def pins_experts(runtime: RuntimeSettings, expert_bytes: int, ram_bytes: int | None = None) -> bool:
     """runtime.pin_experts resolved for CPU experts of `expert_bytes`: as set, or (None: auto)
-    when they take at most PIN_AUTO_RAM_SHARE of `ram_bytes`. (Whether CUDA is there is the
-    caller's to check.)"""
-    if setting is not None:
-        return setting
+    when they take at most PIN_AUTO_RAM_SHARE of the RAM budget (`ram_bytes`; default
+    runtime.ram_gb, else this machine's). (Whether CUDA is there is the caller's to check.)"""
+    if runtime.pin_experts is not None:
+        return runtime.pin_experts
+    if ram_bytes is None:
+        ram_bytes = int(runtime.ram_gb * (1 << 30)) if runtime.ram_gb else machine_ram_bytes()
     return expert_bytes <= PIN_AUTO_RAM_SHARE * ram_bytes
+
+
+def machine_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 @dataclass(frozen=True)

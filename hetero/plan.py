@@ -19,7 +19,6 @@ kind), so a new parameter in the model shows up here without a second table to k
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 
@@ -30,7 +29,7 @@ from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
 from hetero.gpu import DEQUANT_BYTES
 from hetero.loader import LAYER_RE, is_fp8_checkpoint
-from hetero.placement import Placement, RuntimeSettings, pins_experts
+from hetero.placement import Placement, RuntimeSettings, machine_ram_bytes, pins_experts
 
 GIB = 1 << 30
 # CUDA context (~0.5 GiB), cuBLAS/Triton workspaces, one prefill chunk's activations, rotary
@@ -40,7 +39,7 @@ GPU_RESERVE_BYTES = 3 * GIB // 2
 RAM_RESERVE_BYTES = 4 * GIB
 KV_ROW, GPU_RESERVE_ROW, RAM_RESERVE_ROW = "KV cache", "GPU reserve", "host reserve"
 ABSORBED_ROW = "absorbed W_UK/W_UV"
-STAGING_ROW = "prefill staging"
+STAGING_ROW, CPU_EXPERTS_ROW = "prefill staging", "routed experts (CPU)"
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -147,8 +146,8 @@ def plan_memory(
 
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)
     rows, rt = _weight_rows(config, placement, dtype), placement.runtime
-    cpu = next(i for i, r in enumerate(rows) if r.name == "routed experts (CPU)")
-    if rows[cpu].ram_bytes and pins_experts(rt.pin_experts, rows[cpu].ram_bytes, ram_bytes):
+    cpu = next(i for i, r in enumerate(rows) if r.name == CPU_EXPERTS_ROW)
+    if rows[cpu].ram_bytes and pins_experts(rt, rows[cpu].ram_bytes, ram_bytes):
         rows[cpu] = replace(rows[cpu], detail=rows[cpu].detail + ", page-locked")
     streams = any(len(p.gpu_experts) < config.n_routed_experts for p in placement.routed.values())
     staging = int(rt.staging_gb * GIB) if streams else 0
@@ -326,7 +325,7 @@ def _weight_rows(config: ModelConfig, placement: Placement, dtype: torch.dtype) 
         Row("routers", gpu["routers"], 0, layers("routers") + bias),
         Row("shared experts", gpu["shared experts"], 0, layers("shared experts")),
         Row("routed experts (GPU)", routed_gpu, 0, f"{n_gpu.total()} experts, {_tally(n_gpu)}"),
-        Row("routed experts (CPU)", 0, routed_cpu, f"{n_cpu.total()} experts, {_tally(n_cpu)}"),
+        Row(CPU_EXPERTS_ROW, 0, routed_cpu, f"{n_cpu.total()} experts, {_tally(n_cpu)}"),
         Row("norms", gpu["norms"] + H * dtype.itemsize, 0, f"RMSNorm weights, {dt}"),
         Row("lm_head", 0 if tied else V * H * dtype.itemsize, 0, "tied" if tied else dt),
     ]
@@ -390,10 +389,6 @@ def budgets(
     vram_gb, ram_gb = vram_gb or runtime.vram_gb, ram_gb or runtime.ram_gb
     vram = int(vram_gb * GIB) if vram_gb else cuda_vram_bytes()
     return vram, int(ram_gb * GIB) if ram_gb else machine_ram_bytes()
-
-
-def machine_ram_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def cuda_vram_bytes() -> int | None:

@@ -234,7 +234,7 @@ class Steps:
     """The step model of one model, placement and calibration."""
 
     def __init__(self, config: ModelConfig, placement: Placement, rates: Rates, model: CostModel):
-        from hetero.plan import cpu_expert_bytes, gpu_expert_bytes, machine_ram_bytes, plan_memory
+        from hetero.plan import CPU_EXPERTS_ROW, cpu_expert_bytes, gpu_expert_bytes, plan_memory
         from hetero.sched.hybrid import DEFER_MAX_TOKENS, DIRECT_POLICY_MIN_TOKENS
 
         self.c, self.p, self.rates, self.model = config, placement, rates, model
@@ -269,11 +269,7 @@ class Steps:
         self.gpu_bytes = {gf: gpu_expert_bytes(config, gf) for _, g, gf, _ in self.groups if g}
         self.n_moe, self.n_dense = n_moe, n_dense
         self.slot_bytes = int(placement.runtime.staging_gb * (1 << 30)) // 2  # (runtime.py)
-        cpu_total = sum(n * (E - g) * self.cpu_bytes[f] for (f, g, *_), n in self.groups.items()
-                        if g < E)  # fmt: skip
-        ram = placement.runtime.ram_gb
-        ram = int(ram * (1 << 30)) if ram else machine_ram_bytes()
-        self.pinned = pins_experts(placement.runtime.pin_experts, cpu_total, ram)
+        self.pinned = pins_experts(placement.runtime, plan.row(CPU_EXPERTS_ROW).ram_bytes)
         shape = config.hidden_size, config.moe_intermediate_size
         if self.cpu_bytes and tuple(rates.shape) != shape:
             raise CalibrationError(

@@ -339,12 +339,7 @@ ERRORS = [
     ),
     ("rules: [{device: gpu}]\nruntime:\n  vram_gb: 0\n", "runtime.vram_gb", "vram", "GiB > 0"),
     ("rules: [{device: gpu}]\nruntime:\n  threads: 4\n", "runtime.threads", "threads", "unknown"),
-    (
-        "rules: [{device: gpu}]\nruntime:\n  pin_experts: yes please\n",
-        "runtime.pin_experts",
-        "pin",
-        "expected true, false or auto, got 'yes please'",
-    ),
+    ("rules: [{device: gpu}]\nruntime:\n  pin_experts: 2\n", "runtime.pin_experts", "2", "or auto"),
     ("rules:\n  - device: gpu\n    device: cpu\n", "rules[0].device", "cpu", "given twice"),
     ("rules:\n  - device: gpu\n\tformat: fp8\n", "(syntax)", "\t", "cannot start any token"),
     ("rules: [{device: gpu}]\nextends: nope.yaml\n", "extends", "nope", "no such file"),

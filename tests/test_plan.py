@@ -326,7 +326,7 @@ def test_int4_gpu_experts_and_the_dequantization_cap():
 def test_pin_experts_auto_locks_only_what_fits_the_ram_budget():
     """runtime.pin_experts: true / false as written, auto (or unset) None, which pins the CPU
     experts where they take at most PIN_AUTO_RAM_SHARE of the RAM budget."""
-    from hetero.placement import PIN_AUTO_RAM_SHARE, pins_experts
+    from hetero.placement import PIN_AUTO_RAM_SHARE, RuntimeSettings, pins_experts
 
     config = ModelConfig.from_hf(tiny_v3_config())
 
@@ -338,6 +338,9 @@ def test_pin_experts_auto_locks_only_what_fits_the_ram_budget():
         True, False, None]  # fmt: skip
     assert setting("  cpu_threads: 2\n") is None
     ram = 100 << 30
-    fits = int(PIN_AUTO_RAM_SHARE * ram)
-    assert pins_experts(None, fits, ram) and not pins_experts(None, fits + 1, ram)
-    assert pins_experts(True, 10 * ram, ram) and not pins_experts(False, 1, ram)
+    fits, auto = int(PIN_AUTO_RAM_SHARE * ram), RuntimeSettings()
+    assert pins_experts(auto, fits, ram) and not pins_experts(auto, fits + 1, ram)
+    on, off = RuntimeSettings(pin_experts=True), RuntimeSettings(pin_experts=False)
+    assert pins_experts(on, 10 * ram, ram) and not pins_experts(off, 1, ram)
+    budget = RuntimeSettings(ram_gb=100)  # the runtime's RAM budget, when none is given
+    assert pins_experts(budget, fits) and not pins_experts(budget, fits + 1)

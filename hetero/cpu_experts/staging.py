@@ -171,7 +171,7 @@ def register_host(layers: list[PackedExperts]) -> HostRegistration:
     with a read-only map (a store) are registered read-only. Raises RuntimeError, having
     unlocked what it locked, if the driver refuses one."""
     page, spans = mmap.PAGESIZE, []
-    for a in {id(a): a for p in layers for a in p.arrays().values() if a.nbytes}.values():
+    for a in unique_arrays(layers):
         lo, hi = a.ctypes.data // page * page, -(-(a.ctypes.data + a.nbytes) // page) * page
         spans.append((lo, hi, a.flags.writeable, a.nbytes))
     merged: list[list] = []  # [lo, hi, writeable]
@@ -190,6 +190,11 @@ def register_host(layers: list[PackedExperts]) -> HostRegistration:
                                f"(cudaHostRegister: error {err})")  # fmt: skip
         done.append((lo, hi - lo))
     return HostRegistration(tuple(done), sum(s[3] for s in spans))
+
+
+def unique_arrays(layers: list[PackedExperts]) -> list[np.ndarray]:
+    """The layers' packed arrays with bytes, each once (layers may share arrays)."""
+    return list({id(a): a for p in layers for a in p.arrays().values() if a.nbytes}.values())
 
 
 def clear_cuda_error() -> None:

@@ -18,7 +18,12 @@ from tqdm import tqdm
 from hetero.config import ModelConfig
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig
 from hetero.cpu_experts.formats import Format, PackedExperts
-from hetero.cpu_experts.staging import GroupStaging, HostRegistration, register_host
+from hetero.cpu_experts.staging import (
+    GroupStaging,
+    HostRegistration,
+    register_host,
+    unique_arrays,
+)
 from hetero.cpu_experts.store import ExpertStore, StoreError, pack_layer
 from hetero.gpu.packed_experts import PackedGPUExperts
 from hetero.loader import Checkpoint, is_fp8_checkpoint, load_weights
@@ -33,7 +38,6 @@ from hetero.placement import (
     parse_placement,
     pins_experts,
 )
-from hetero.plan import machine_ram_bytes
 from hetero.registry import ROUTED_EXPERTS
 
 log = logging.getLogger(__name__)
@@ -163,9 +167,8 @@ def _pin(engine: CPUExperts, runtime) -> HostRegistration | None:
     fit its share of the RAM budget); None where they are not. An auto attempt that fails
     leaves them as they were, with a warning: long prefill then gathers what it streams."""
     layers = list(engine.layers.values())
-    nbytes = sum(a.nbytes for a in {id(a): a for p in layers for a in p.arrays().values()}.values())
-    ram = int(runtime.ram_gb * (1 << 30)) if runtime.ram_gb else machine_ram_bytes()
-    if not pins_experts(runtime.pin_experts, nbytes, ram):
+    nbytes = sum(a.nbytes for a in unique_arrays(layers))
+    if not pins_experts(runtime, nbytes):
         return None
     log.info("page-locking %.1f GiB of CPU experts (runtime.pin_experts: %s)", nbytes / (1 << 30),
              "auto; false skips it" if runtime.pin_experts is None else "true")  # fmt: skip
