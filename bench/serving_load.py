@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bench.workloads import hybrid_layers, set_attention
 from hetero.model.fp8 import KERNEL_MAX_TOKENS
 from hetero.model.moe import RoutedRun, torch_routed_experts
 from hetero.sched.hybrid import HybridExperts
@@ -279,8 +280,6 @@ class _Observed:
 def set_levels(args, i: int, model, handle, cpu) -> dict:
     """Level i's settings of the alternating --*-levels options (A/B in one process), applied;
     -> the row's record of them."""
-    from bench.workloads import hybrid_layers, set_attention
-
     pick = lambda v: v[i % len(v)] if v else None  # noqa: E731
     out = {}
     if args.attention_levels:  # --attention-levels triton,absorbed
@@ -304,8 +303,6 @@ def set_levels(args, i: int, model, handle, cpu) -> dict:
 
 def policy_modes(model, cpu) -> dict:
     """The policy's choices (layer-steps) since set_levels, where the layers ask it."""
-    from bench.workloads import hybrid_layers
-
     routed = [h for h in hybrid_layers(model) if h.rates is not None] if cpu is not None else []
     return {"policy_modes": dict(sum((h.modes for h in routed), Counter()))} if routed else {}
 
