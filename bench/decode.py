@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_moe import random_layer  # noqa: E402
 from bench.gpu_floor import gpu_floor, hbm_copy_gbps  # noqa: E402
 from bench.serving_load import settle_times, time_cpu_alone  # noqa: E402
-from bench.timeline import profile_step, trace_steps  # noqa: E402
+from bench.timeline import gpu_timeline, profile_step, trace_steps  # noqa: E402
 from bench.workloads import (  # noqa: E402
     WORKLOADS,
     fill_prompts,
@@ -148,6 +148,11 @@ def run(args) -> None:
             profiled = [m for m in ("gpu_only", "overlap") if m in modes]
             profile_step(model, config, engine, cache, B, pos, device, args.profile, profiled)
             pos += 2
+        if args.gpu_timeline:
+            rows["gpu_timeline"] = gpu_timeline(
+                model, config, engine, cache, B, pos, device, graphed, args.gpu_timeline
+            )
+            pos += 3
         if args.trace:
             rows["trace"] = trace_steps(model, config, engine, cache, B, pos, device, graphed, args)
             pos += args.steps
@@ -156,7 +161,7 @@ def run(args) -> None:
         gpu = rows["gpu_only"]["ms"] if "gpu_only" in rows else 0.0
         for mode, r in rows.items():
             out = {**base, "batch": B, "context": context, "mode": mode, **r}
-            if mode == "trace":
+            if mode in ("trace", "gpu_timeline"):
                 print(json.dumps(out), flush=True)
                 continue
             if mode == "gpu_only" and device.startswith("cuda"):
@@ -228,6 +233,11 @@ def main() -> None:
     )
     p.add_argument("--baseline-only", action="store_true", help="only transformers' device_map")
     p.add_argument("--profile", help="a directory for torch.profiler tables of one step")
+    p.add_argument(
+        "--gpu-timeline",
+        help="DIR: one gpu_only step under torch.profiler (as run: "
+        "graphed with --graphs): its chrome trace and GPU idle time",
+    )
     p.add_argument("--trace", help="FILE: the CPU engine's timeline of the deepest deferral")
     p.add_argument(
         "--graphs", action="store_true", help="decode steps from per-layer CUDA graph segments"

@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll
+#   serve-pinned | fp8-unroll | gpu-step-timeline
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -113,6 +113,19 @@ for stage in "$@"; do
           --context 16 --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles "$t" \
           >> "$OUT/gpu_step_fused.jsonl" 2>> "$OUT/gpu_step_fused.err"
       done; tail -1 "$OUT/gpu_step_fused.err"; grep -c . "$OUT/gpu_step_fused.jsonl" ;;
+    gpu-step-timeline)  # issue 18: every gpu test (the GEMV's unroll default), then V3's GPU
+      # side alone at batch 1 x 16 and 32 x 4K, graphed, one step of each under torch.profiler:
+      # where the step's time goes as it runs, idle time between kernels included (~6 min)
+      timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests \
+        --ignore tests/test_server.py --ignore tests/test_server_features.py \
+        --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3
+      for bc in "1 16" "32 4096"; do
+        set -- $bc
+        timeout 200 python3 bench/decode.py --workload v3 --modes gpu_only --batch "$1" \
+          --context "$2" --paged 64 --graphs --steps 20 --rounds 2 \
+          --gpu-timeline "$OUT/gpu_timeline" >> "$OUT/gpu_step_timeline.jsonl" \
+          2>> "$OUT/gpu_step_timeline.err"
+      done; tail -1 "$OUT/gpu_step_timeline.err"; grep -c . "$OUT/gpu_step_timeline.jsonl" ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route

@@ -73,3 +73,48 @@ def profile_step(model, config, engine, cache, B, pos, device, out_dir, modes) -
         by = "self_cuda_time_total" if device != "cpu" else "self_cpu_time_total"
         table = prof.key_averages().table(sort_by=by, row_limit=60)
         (Path(out_dir) / f"profile_b{B}_pos{pos}_{mode}.txt").write_text(table)
+
+
+def kernel_gaps(kernels: list[tuple[str, float, float]]) -> dict:
+    """GPU kernels (name, start us, end us) of one stretch -> its span, the time some kernel ran
+    (their union), the idle time between them by the kernel that follows, and time by kernel."""
+    kernels = sorted(kernels, key=lambda k: k[1])
+    busy, idle, end = 0.0, {}, kernels[0][1]
+    by_name: dict[str, float] = {}
+    for name, s, e in kernels:
+        short = name.split("(")[0].split("<")[0][:48]
+        by_name[short] = by_name.get(short, 0.0) + (e - s)
+        if s > end:
+            idle[short] = idle.get(short, 0.0) + (s - end)
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    span = end - kernels[0][1]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:16]
+    waits = sorted(idle.items(), key=lambda kv: -kv[1])[:10]
+    return {
+        "span_ms": round(span / 1e3, 3),
+        "busy_ms": round(busy / 1e3, 3),
+        "idle_ms": round((span - busy) / 1e3, 3),
+        "kernels": len(kernels),
+        "idle_before_ms": {k: round(v / 1e3, 3) for k, v in waits},
+        "kernel_ms": {k: round(v / 1e3, 3) for k, v in top},
+    }
+
+
+def gpu_timeline(model, config, engine, cache, B, pos, device, graphed, out_dir) -> dict:
+    """One gpu_only step as it runs (graphed when `graphed`), under torch.profiler: the chrome
+    trace in `out_dir` and `kernel_gaps` of the step's GPU kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    set_mode(model, config, engine, "gpu_only")
+    time_steps(model, engine, cache, B, pos, 2, device, graphed)  # warm (graphs captured)
+    cuda = [ProfilerActivity.CUDA] if device.startswith("cuda") else []
+    with profile(activities=[ProfilerActivity.CPU, *cuda]) as prof:
+        time_steps(model, engine, cache, B, pos + 2, 1, device, graphed)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / f"gpu_timeline_b{B}_pos{pos}.json"
+    prof.export_chrome_trace(str(path))
+    events = json.loads(path.read_text())["traceEvents"]
+    kernels = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in events
+               if e.get("cat") == "kernel" and e.get("ph") == "X"]  # fmt: skip
+    return {"trace_file": str(path), **(kernel_gaps(kernels) if kernels else {})}

@@ -41,3 +41,14 @@ def test_tiles_reach_every_fp8_linear_fused_ones_too():
     set_fp8_tiles(model, tiles)
     linears = [m for m in model.modules() if isinstance(m, FP8Linear)] + fused
     assert linears and all(lin.tiles is tiles for lin in linears)
+
+
+def test_kernel_gaps_counts_idle_time_and_overlap_once():
+    from bench.timeline import kernel_gaps
+
+    # a runs 0-10 us; b overlaps it 5-12; idle 12-20; c 20-30; idle 30-31; c again 31-35
+    kernels = [("c(x)", 20.0, 30.0), ("a<int>", 0.0, 10.0), ("b", 5.0, 12.0), ("c(y)", 31.0, 35.0)]
+    g = kernel_gaps(kernels)
+    assert g["span_ms"] == 0.035 and g["busy_ms"] == 0.026 and g["idle_ms"] == 0.009
+    assert g["idle_before_ms"] == {"c": 0.009} and g["kernels"] == 4
+    assert g["kernel_ms"] == {"c": 0.014, "a": 0.01, "b": 0.007}
