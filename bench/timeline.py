@@ -11,7 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.workloads import set_mode, time_steps
+import torch
+
+from bench.workloads import decode_batch, set_mode, time_steps
+from hetero.model.batch import PagedKVCache
+from hetero.sched.graphs import GraphedDecoder
 
 
 def write_chrome_trace(events: list[tuple], path: str | Path, names: dict[int, str]) -> None:
@@ -117,4 +121,28 @@ def gpu_timeline(model, config, engine, cache, B, pos, device, graphed, out_dir)
     events = json.loads(path.read_text())["traceEvents"]
     kernels = [(e["name"], e["ts"], e["ts"] + e["dur"]) for e in events
                if e.get("cat") == "kernel" and e.get("ph") == "X"]  # fmt: skip
-    return {"trace_file": str(path), **(kernel_gaps(kernels) if kernels else {})}
+    out = {"trace_file": str(path), **(kernel_gaps(kernels) if kernels else {})}
+    if graphed is not None and device.startswith("cuda") and isinstance(cache, PagedKVCache):
+        out["one_graph_ms"] = one_graph_ms(model, cache, B, pos + 3, device)
+    return out
+
+
+def one_graph_ms(model, cache, B: int, pos: int, device: str, reps: int = 20) -> float:
+    """The same gpu_only step captured whole in one CUDA graph (the segments run eagerly inside
+    the capture: no boundary between them), replayed at one position: what the step's segment
+    boundaries cost, by difference. Possible only because nothing in it waits for the host."""
+    from bench.gpu_floor import cuda_ms
+
+    batch = decode_batch(cache, range(B), 1, pos + 1, device)
+    ids = torch.zeros(B, dtype=torch.long, device=device)
+    eager = GraphedDecoder(model, cache, graphs=False, batch=B, pages=batch.page_table.shape[1])
+    args = ids, batch.positions, batch.page_table, batch.slot_mapping
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager.paged_step(*args)  # warm-up off the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        eager.paged_step(*args)
+    return round(cuda_ms(graph.replay, reps), 3)

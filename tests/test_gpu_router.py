@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("triton")
 from hetero.config import ModelConfig  # noqa: E402
-from hetero.gpu.router import fused_route, gemv_route, route  # noqa: E402
+from hetero.gpu.router import RouteTiles, fused_route, gemv_route, route  # noqa: E402
 from hetero.model.moe import Gate  # noqa: E402
 from hetero.testing import tiny_v2_config, tiny_v3_config  # noqa: E402
 
@@ -84,6 +84,10 @@ def test_one_launch_router_equals_gate(name):
         torch.testing.assert_close(got_ids, want_ids, rtol=0, atol=0)
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
         assert counters.count_nonzero().item() == 0
+    for tiles in (RouteTiles(1, 16, 1), RouteTiles(4, 32, 2), RouteTiles(8, 1024, 4)):
+        got_w, got_ids = gemv_route(x, gate.weight, config, bias, counters, tiles=tiles)
+        torch.testing.assert_close(got_ids, want_ids, rtol=0, atol=0)  # hidden in 1-4 passes
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="counters for 7 tokens"):
         gemv_route(x, gate.weight, config, bias, counters[:3])
     with pytest.raises(ValueError, match="do not fit"):
@@ -160,3 +164,16 @@ def test_bf16_weight_routes_as_fp32(T):
     same = (got_ids == want_ids).all(dim=1)
     assert same.float().mean().item() >= 0.98, (~same).sum().item()
     torch.testing.assert_close(got_w[same], want_w[same], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["moonlight", "v2-greedy"])
+def test_equal_choices_go_to_the_lowest_expert_id(name):
+    """Logits on four levels (many exact ties): ids in descending choice, the lowest id first
+    among equals, as a stable sort gives them."""
+    config = ModelConfig.from_hf(CASES[name])
+    E, k = config.n_routed_experts, config.num_experts_per_tok
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(0, 4, (6, E), generator=g).float().to(DEVICE)
+    _, ids = fused_route(logits, config)
+    want = torch.sort(-logits.cpu(), dim=-1, stable=True).indices[:, :k]
+    assert torch.equal(ids.cpu(), want)

@@ -18,6 +18,7 @@ tile (any E and n_group: both sides are padded to powers of two and masked to -i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -51,7 +52,6 @@ def _route_row(
     BLOCK_K: tl.constexpr,
 ):
     """One token's routing from its logits (see the module's doc)."""
-    E = G * EG
     gs, js = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_EG)
     expert = gs[:, None] * EG + js[None, :]  # [BG, BEG] expert id
     ok = (gs[:, None] < G) & (js[None, :] < EG)
@@ -69,24 +69,29 @@ def _route_row(
         best = tl.max(choice, 1)  # [BG]
         worth = best
         if GROUP_TOP == 2:  # drop one copy of the best (the first), take the best left
-            first = tl.min(tl.where(choice == best[:, None], js[None, :], BLOCK_EG), 1)
+            first = tl.argmax(choice, 1, tie_break_left=True)  # [BG]
             worth += tl.max(tl.where(js[None, :] == first[:, None], float("-inf"), choice), 1)
         worth = tl.where(gs < G, worth, float("-inf"))
         keep = gs < 0  # [BG] all False
         for _ in tl.static_range(TOPK_GROUP):
-            g = tl.min(tl.where(worth == tl.max(worth, 0), gs, BLOCK_G), 0)
+            g = tl.argmax(worth, 0, tie_break_left=True)
             keep = keep | (gs == g)
             worth = tl.where(gs == g, float("-inf"), worth)
         choice = tl.where(keep[:, None], choice, float("-inf"))
+    # top-k over the flattened tile: index g * BLOCK_EG + j grows with the expert id g * EG + j,
+    # so argmax's leftmost maximum is the lowest expert id among equal choices
+    flat = tl.reshape(choice, (BLOCK_G * BLOCK_EG,))
+    flat_scores = tl.reshape(scores, (BLOCK_G * BLOCK_EG,))
+    idx = tl.arange(0, BLOCK_G * BLOCK_EG)
     ks = tl.arange(0, BLOCK_K)
     w = tl.zeros((BLOCK_K,), tl.float32)
     ids = tl.zeros((BLOCK_K,), tl.int32)
     for i in tl.static_range(K):
-        e = tl.min(tl.min(tl.where(choice == tl.max(tl.max(choice, 1), 0), expert, E), 1), 0)
-        hit = expert == e
-        w = tl.where(ks == i, tl.sum(tl.sum(tl.where(hit, scores, 0.0), 1), 0), w)
-        ids = tl.where(ks == i, e, ids)
-        choice = tl.where(hit, float("-inf"), choice)
+        j = tl.argmax(flat, 0, tie_break_left=True)
+        hit = idx == j
+        w = tl.where(ks == i, tl.sum(tl.where(hit, flat_scores, 0.0), 0), w)
+        ids = tl.where(ks == i, (j // BLOCK_EG) * EG + j % BLOCK_EG, ids)
+        flat = tl.where(hit, float("-inf"), flat)
     if NORM:
         w = w / (tl.sum(w, 0) + 1e-20)
     tl.store(weights_ptr + ks, w * scale, mask=ks < K)
@@ -152,14 +157,14 @@ def _gemv_route(
     experts = eb * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
     e_ok = experts < E
     hs = tl.arange(0, BLOCK_H)
-    dots = tl.zeros((BLOCK_E, BLOCK_H), tl.float32)
-    for h0 in range(0, H, BLOCK_H):
+    dots = tl.zeros((BLOCK_E,), tl.float32)
+    for h0 in range(0, H, BLOCK_H):  # one pass when BLOCK_H >= H: every load in flight at once
         h = h0 + hs
         x = tl.load(x_ptr + t * stride_x + h, mask=h < H, other=0.0).to(tl.float32)  # [BH]
         w = tl.load(w_ptr + experts[:, None].to(tl.int64) * H + h[None, :],
                     mask=e_ok[:, None] & (h < H)[None, :], other=0.0)  # fmt: skip
-        dots += w.to(tl.float32) * x[None, :]
-    tl.store(logits_ptr + t * E + experts, tl.sum(dots, axis=1), mask=e_ok)
+        dots += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+    tl.store(logits_ptr + t * E + experts, dots, mask=e_ok)
     tl.debug_barrier()  # every thread's logits stored before the count is raised
     done = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
@@ -170,7 +175,19 @@ def _gemv_route(
 
 
 GEMV_ROUTE_MAX_TOKENS = 16  # `route` takes the one-launch router up to this many tokens
-BLOCK_E, BLOCK_H = 4, 1024  # its tiles: experts a program, hidden a step
+
+
+@dataclass(frozen=True)
+class RouteTiles:
+    """gemv_route's launch: experts a program, the most hidden channels a step (a power of two;
+    at least V3's 7168, so each program loads its rows in one pass) and warps a program."""
+
+    block_e: int = 2
+    max_block_h: int = 8192
+    num_warps: int = 8
+
+
+ROUTE_TILES = RouteTiles()
 
 
 def _routing(config: ModelConfig, E: int, bias: torch.Tensor | None, device) -> tuple:
@@ -249,6 +266,7 @@ def gemv_route(
     bias: torch.Tensor | None,
     counters: torch.Tensor,
     ids_dtype: torch.dtype = torch.int64,
+    tiles: RouteTiles = ROUTE_TILES,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`fused_route(x weight^T in fp32, ...)` in one launch for a few tokens: x [T, H] and the
     gate's weight [E, H] in one 16-bit dtype (their products exact in fp32, summed in fp32, in
@@ -268,10 +286,11 @@ def gemv_route(
     weights, ids = _outputs(T, config.num_experts_per_tok, x.device, ids_dtype)
     if T:
         logits = torch.empty(T, E, device=x.device, dtype=torch.float32)
-        _gemv_route[(triton.cdiv(E, BLOCK_E), T)](
+        block_h = min(triton.next_power_of_2(H), tiles.max_block_h)
+        _gemv_route[(triton.cdiv(E, tiles.block_e), T)](
             x, weight, logits, counters, bias if bias is not None else logits, weights, ids, H,
-            x.stride(0), G, EG, scale, **constexprs, BLOCK_E=BLOCK_E, BLOCK_H=BLOCK_H,
-            num_warps=4,
+            x.stride(0), G, EG, scale, **constexprs, BLOCK_E=tiles.block_e, BLOCK_H=block_h,
+            num_warps=tiles.num_warps,
         )  # fmt: skip
     return weights, ids
 
