@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hetero.gpu.pdl import enter, launch_kw, pdl_on
+
 
 @triton.jit
 def _kv_write(
@@ -31,7 +33,9 @@ def _kv_write(
     BLOCK_C: tl.constexpr,
     HALF: tl.constexpr,
     INTERLEAVE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     src = kv_ptr + t * stride_kv
     cols = tl.arange(0, BLOCK_C)
@@ -96,9 +100,9 @@ def kv_write(
     if kv_a.stride(-1) != 1:
         kv_a = kv_a.contiguous()
     if T:
-        BLOCK_C = triton.next_power_of_2(C)
+        BLOCK_C, pdl = triton.next_power_of_2(C), pdl_on(kv_a.device)
         _kv_write[(T,)](
             kv_a, weight, positions, cos.contiguous(), sin.contiguous(), slots, latent, rope, C,
-            kv_a.stride(0), eps, BLOCK_C=BLOCK_C, HALF=R // 2, INTERLEAVE=interleave,
-            num_warps=max(1, min(4, BLOCK_C // 256)),
+            kv_a.stride(0), eps, BLOCK_C=BLOCK_C, HALF=R // 2, INTERLEAVE=interleave, PDL=pdl,
+            num_warps=max(1, min(4, BLOCK_C // 256)), **launch_kw(pdl),
         )  # fmt: skip
