@@ -150,6 +150,8 @@ for stage in "$@"; do
         tests/test_fp8_gemm.py tests/test_gpu_router.py tests/test_gpu_norm.py \
         tests/test_mla_decode.py tests/test_gpu_kv_write.py tests/test_gpu_rope.py 2>&1 \
         | tee "$OUT/$day-gpu-tests-pdl.log" | tail -3
+      timeout 100 python3 bench/router_sweep.py --quick --tokens 1,2,4,8,16 \
+        > "$OUT/router_tokens.jsonl" 2> "$OUT/router_tokens.err"
       for round in 1 2; do
         for cfg in "1 default" "0 default" "1 prefetch_blocks=2"; do
           set -- $cfg

@@ -32,6 +32,8 @@ SWEEP = list(dict.fromkeys([ROUTE_TILES, RouteTiles(4, 1024, 4), *GRID]))  # def
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokens", default="1,16")
+    p.add_argument("--quick", action="store_true", help="the default tiles and 1 expert a "
+                   "program (8192 channels, 8 warps) only")  # fmt: skip
     p.add_argument("--copies", type=int, default=58, help="gates a replay runs (V3: 58 layers)")
     args = p.parse_args()
     config = ModelConfig.from_hf(json.loads((MODEL / "config.json").read_text()))
@@ -45,7 +47,8 @@ def main() -> None:
         gate.e_score_correction_bias.data = torch.randn(E, device="cuda", generator=gen) * 0.1
         gates.append(gate)
     floor_ms = E * H * 2 / hbm / 1e6
-    for T, tiles in itertools.product(map(int, args.tokens.split(",")), [None, *SWEEP]):
+    sweep = [ROUTE_TILES, RouteTiles(1, 8192, 8)] if args.quick else SWEEP
+    for T, tiles in itertools.product(map(int, args.tokens.split(",")), [None, *sweep]):
         x = torch.randn(T, H, device="cuda", generator=gen).to(torch.bfloat16)
         counters = [torch.zeros(16, dtype=torch.int32, device="cuda") for _ in gates]
         bias = [g.e_score_correction_bias for g in gates]
