@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | pdl-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -142,29 +142,6 @@ for stage in "$@"; do
             2>> "$OUT/router_ab.err" | sed "s/^{/{\"side\": \"$side\", /" >> "$OUT/router_ab.jsonl"
         done
       done; tail -1 "$OUT/router_ab.err"; grep -c . "$OUT/router_ab.jsonl" ;;
-    pdl-ab)  # issue 18: the gpu tests of the kernels launched with PDL, then V3's GPU side
-      # alone with PDL on, off, and on with the FP8 GEMV's first weight blocks asked into L2
-      # before its wait, alternated twice (round 1 also at batch 32 and 4K context; the first
-      # PDL run under the profiler) (~8 min)
-      timeout 200 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_graphs.py \
-        tests/test_fp8_gemm.py tests/test_gpu_router.py tests/test_gpu_norm.py \
-        tests/test_mla_decode.py tests/test_gpu_kv_write.py tests/test_gpu_rope.py 2>&1 \
-        | tee "$OUT/$day-gpu-tests-pdl.log" | tail -3
-      timeout 100 python3 bench/router_sweep.py --quick --tokens 1,2,4,8,16 \
-        > "$OUT/router_tokens.jsonl" 2> "$OUT/router_tokens.err"
-      for round in 1 2; do
-        for cfg in "1 default" "0 default" "1 prefetch_blocks=2"; do
-          set -- $cfg
-          tiles=$2; [ "$tiles" = default ] && tiles=""
-          shape="--batch 1 --context 16"
-          [ "$round" = 1 ] && shape="--batch 1,32 --context 16,4096"
-          extra=""
-          [ "$round$1$2" = 11default ] && extra="--gpu-timeline $OUT/gpu_timeline"
-          HETERO_PDL=$1 timeout 240 python3 bench/decode.py --workload v3 --modes gpu_only \
-            $shape --paged 64 --graphs --steps 20 --rounds 2 --fp8-tiles "$tiles" $extra \
-            2>> "$OUT/pdl_ab.err" | sed "s/^{/{\"pdl\": $1, /" >> "$OUT/pdl_ab.jsonl"
-        done
-      done; tail -1 "$OUT/pdl_ab.err"; grep -c . "$OUT/pdl_ab.jsonl" ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route

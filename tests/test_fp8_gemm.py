@@ -90,15 +90,11 @@ def test_cuda_tile_variants_at_v3_width(M, silu_mul):
         gate, up = want.bfloat16().chunk(2, dim=-1)
         want = (torch.nn.functional.silu(gate) * up).float()
     counters = tile_counters(4096, 16, q.device)
-    default = fp8_gemm(x, q, s, silu_mul=silu_mul, counters=counters)
     for tiles in (Tiles(), Tiles(mma=True), Tiles(num_warps=8), Tiles(k_unroll=2),
-                  Tiles(k_unroll=4), Tiles(prefetch_blocks=2), Tiles(prefetch_blocks=3),
-                  Tiles(mma=True, prefetch_blocks=4)):  # fmt: skip
+                  Tiles(k_unroll=4)):  # fmt: skip
         for c in (None, counters):
             got = fp8_gemm(x, q, s, silu_mul=silu_mul, tiles=tiles, counters=c)
             assert rel(got, want) < (2e-2 if silu_mul else 4e-3), (tiles, c is None)
-            if tiles.prefetch_blocks and not tiles.mma:  # L2 hints change no value
-                assert torch.equal(got, default), tiles
     assert counters.count_nonzero().item() == 0
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on, prefetch_l2
+from hetero.gpu.pdl import enter, launch_kw, pdl_on
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,6 @@ class Tiles:
     # (2026-12-04, bench/results/*-fp8_unroll.md, weights cold in L2): 2 against 1 on V3's
     # decode matrices 0.99-1.23x (a MoE layer's five 88.9 -> 87.0 us, the dense gate_up 1.23x)
     k_unroll: int = 2
-    # with PDL: the first K blocks of the program's weight rows asked into L2 before it waits
-    # for the previous kernel (their DRAM latency overlaps that kernel's tail)
-    prefetch_blocks: int = 0
 
 
 TILES = Tiles()
@@ -130,19 +127,11 @@ def _fp8_gemm(
     DIRECT: tl.constexpr,  # one split: the program stores y itself
     FIXUP: tl.constexpr,  # splits: the last of a tile's splits to finish sums them into y
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,  # with PDL (and not PER_ROW_EXPERT): W's first K blocks into L2
 ):
+    enter(PDL)
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NY = N // 2 if SILU_MUL else N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    if PDL and PREFETCH > 0:  # one line (128 fp8) a row and K block, gate and up rows alike
-        first = split * PER_SPLIT + tl.arange(0, PREFETCH)  # [P] K blocks
-        lines = w_ptr + rows[:, None].to(tl.int64) * stride_wn + first[None, :] * BLOCK_K
-        ok = (rows < NY)[:, None] & (first < tl.cdiv(K, BLOCK_K))[None, :]
-        prefetch_l2(tl.where(ok, lines, w_ptr))
-        if SILU_MUL:
-            prefetch_l2(tl.where(ok, lines + NY * stride_wn, w_ptr))
-    enter(PDL)
     cols = tl.arange(0, BLOCK_K)  # [BK]
     row_ok = rows < NY
     if PER_ROW_EXPERT:  # one row of x a program (lane 0 of the tile), with its expert's W
@@ -331,7 +320,6 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             MMA=mma,
             SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup, PDL=pdl,
-            PREFETCH=0 if per_row else _floor_pow2(min(tiles.prefetch_blocks, per_split)),
             num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kw(pdl),
         )  # fmt: skip
     if split > 1 and not fixup and M:
@@ -339,10 +327,6 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
                                                      BLOCK=1024, SILU_MUL=silu_mul, PDL=pdl,
                                                      **launch_kw(pdl))  # fmt: skip
     return y
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (n.bit_length() - 1) if n > 0 else 0
 
 
 def _sm_count(device: torch.device) -> int:

@@ -4,8 +4,7 @@ another, and each waits ~1 us between its predecessor's end and its own start (H
 graph). Launched with PDL, a kernel's programs are scheduled while its predecessor finishes and
 wait on the GPU (`griddepcontrol.wait`) before touching memory the predecessor may write.
 
-Every kernel launched this way calls `enter(PDL)` first (after `prefetch_l2` of data no kernel
-writes, such as weights), in every program: it waits for the
+Every kernel launched this way calls `enter(PDL)` first, in every program: it waits for the
 previous kernel to complete and flush, then lets the next one launch. Because each waits before
 it can complete, the order of the whole chain holds, not just of neighbours. Kernels launched
 without PDL (cuBLAS, torch ops) keep ordinary stream order; the wait is a no-op there.
@@ -35,14 +34,6 @@ def launch_kw(on: bool) -> dict:
     """The launch's keyword for `kernel[grid](..., PDL=on, **launch_kw(on))`: none when off
     (the interpreter takes no launch_pdl)."""
     return {"launch_pdl": True} if on else {}
-
-
-@triton.jit
-def prefetch_l2(ptrs):
-    """Ask L2 for the lines at `ptrs` (any shape; one pointer a 128-byte line is enough):
-    loads of constant data (weights) a kernel may issue before its `enter`."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
 
 
 @triton.jit
