@@ -119,22 +119,3 @@ def test_cuda_generate_through_graphs(v3):
         assert generate(h.model, prompts, params, graphs=True) == generate(h.model, prompts, params)
     finally:
         h.close()
-
-
-@pytest.mark.gpu
-def test_dependent_launch_changes_no_bit(v3, monkeypatch):
-    """The Triton kernels launched with PDL (each waits for its predecessor on the GPU) against
-    plain stream order (HETERO_PDL=0): the same logits, bit for bit, through the graphs."""
-    from hetero.gpu.pdl import pdl_on
-
-    h = hybrid(v3, "cuda", 1)
-    try:
-        assert pdl_on(torch.device("cuda")) == (torch.cuda.get_device_capability()[0] >= 9)
-        with_pdl = decode_both(h.model, "cuda", graphs=True)
-        monkeypatch.setenv("HETERO_PDL", "0")
-        assert not pdl_on(torch.device("cuda"))
-        plain = decode_both(h.model, "cuda", graphs=True)
-        for (a, _), (b, _) in zip(with_pdl, plain, strict=True):
-            assert torch.equal(a, b)
-    finally:
-        h.close()

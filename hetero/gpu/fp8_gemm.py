@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
-
 
 @dataclass(frozen=True)
 class Tiles:
@@ -126,9 +124,7 @@ def _fp8_gemm(
     SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_N rows of each
     DIRECT: tl.constexpr,  # one split: the program stores y itself
     FIXUP: tl.constexpr,  # splits: the last of a tile's splits to finish sums them into y
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     NY = N // 2 if SILU_MUL else N
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -206,11 +202,9 @@ def _fp8_gemm(
 
 
 @triton.jit
-def _sum_splits(p_ptr, y_ptr, S, MN, NH, BLOCK: tl.constexpr, SILU_MUL: tl.constexpr,
-                PDL: tl.constexpr):  # fmt: skip
+def _sum_splits(p_ptr, y_ptr, S, MN, NH, BLOCK: tl.constexpr, SILU_MUL: tl.constexpr):
     """y [MN] = sum over s of p [S, MN] fp32, in order (deterministic), cast to y's dtype.
     SILU_MUL: p's rows are [gate | up], NH wide each, and y [M, NH] = silu(gate) * up."""
-    enter(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     if SILU_MUL:
         ok = i < MN // 2
@@ -309,7 +303,6 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
     y = torch.empty((M, NY), dtype=x2.dtype, device=x2.device)
     # more than one split: fp32 partials, summed by the last split of a tile or by _sum_splits
     partials = torch.empty((split, M, N), dtype=torch.float32, device=x2.device) if split > 1 else y
-    pdl = pdl_on(x2.device)
     if M:
         _fp8_gemm[(n_tiles, m_tiles, split)](
             x2, weight, scale, partials, y, experts if per_row else y,
@@ -319,13 +312,12 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
             SN=bn, BLOCK_M=BLOCK_M, BLOCK_N=tiles.block_n, BLOCK_K=bk, PER_SPLIT=per_split, KU=ku,
             PRECISION="ieee" if x2.dtype == torch.float32 else "tf32", PER_ROW_EXPERT=per_row,
             MMA=mma,
-            SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup, PDL=pdl,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_kw(pdl),
+            SILU_MUL=silu_mul, DIRECT=split == 1, FIXUP=fixup,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )  # fmt: skip
     if split > 1 and not fixup and M:
         _sum_splits[(triton.cdiv(y.numel(), 1024),)](partials, y, split, M * N, NY,
-                                                     BLOCK=1024, SILU_MUL=silu_mul, PDL=pdl,
-                                                     **launch_kw(pdl))  # fmt: skip
+                                                     BLOCK=1024, SILU_MUL=silu_mul)  # fmt: skip
     return y
 
 

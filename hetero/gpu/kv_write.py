@@ -14,8 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
-
 
 @triton.jit
 def _kv_write(
@@ -33,9 +31,7 @@ def _kv_write(
     BLOCK_C: tl.constexpr,
     HALF: tl.constexpr,
     INTERLEAVE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     src = kv_ptr + t * stride_kv
     cols = tl.arange(0, BLOCK_C)
@@ -100,9 +96,9 @@ def kv_write(
     if kv_a.stride(-1) != 1:
         kv_a = kv_a.contiguous()
     if T:
-        BLOCK_C, pdl = triton.next_power_of_2(C), pdl_on(kv_a.device)
+        BLOCK_C = triton.next_power_of_2(C)
         _kv_write[(T,)](
             kv_a, weight, positions, cos.contiguous(), sin.contiguous(), slots, latent, rope, C,
-            kv_a.stride(0), eps, BLOCK_C=BLOCK_C, HALF=R // 2, INTERLEAVE=interleave, PDL=pdl,
-            num_warps=max(1, min(4, BLOCK_C // 256)), **launch_kw(pdl),
+            kv_a.stride(0), eps, BLOCK_C=BLOCK_C, HALF=R // 2, INTERLEAVE=interleave,
+            num_warps=max(1, min(4, BLOCK_C // 256)),
         )  # fmt: skip

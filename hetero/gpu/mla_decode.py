@@ -21,8 +21,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
-
 
 @triton.jit
 def _mla_decode_split(
@@ -49,9 +47,7 @@ def _mla_decode_split(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "ieee" (bf16/fp16 ignore it)
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
     heads = hb * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
@@ -103,9 +99,7 @@ def _merge_splits(
     H,
     C: tl.constexpr,
     BLOCK_S: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     h, b = tl.program_id(0), tl.program_id(1)
     ss = tl.arange(0, BLOCK_S)
     ok = ss < S
@@ -174,13 +168,11 @@ def mla_decode(
     out = torch.empty(B, splits, H, C, device=q_lat.device, dtype=torch.float32)
     lse = torch.empty(B, splits, H, device=q_lat.device, dtype=torch.float32)
     grid = (triton.cdiv(H, block_h), splits, B)  # head blocks fastest: see the module's doc
-    pdl = pdl_on(q_lat.device)
     _mla_decode_split[grid](
         q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk, lens_offset,
         page_table.stride(0), q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_lat), PDL=pdl, num_warps=num_warps, num_stages=num_stages,
-        **launch_kw(pdl),
+        PRECISION=_precision(q_lat), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return merge(out, lse, q_lat.dtype)
 
@@ -189,9 +181,7 @@ def merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     """`merge_splits` in one kernel, the result in `dtype`."""
     B, S, H, C = out.shape
     merged = torch.empty(B, H, C, device=out.device, dtype=dtype)
-    pdl = pdl_on(out.device)
-    _merge_splits[(H, B)](out, lse, merged, S, H, C=C, BLOCK_S=triton.next_power_of_2(S),
-                          PDL=pdl, **launch_kw(pdl))  # fmt: skip
+    _merge_splits[(H, B)](out, lse, merged, S, H, C=C, BLOCK_S=triton.next_power_of_2(S))
     return merged
 
 

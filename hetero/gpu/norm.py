@@ -14,12 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
-
 
 @triton.jit
-def _rms_norm(x_ptr, w_ptr, y_ptr, D, stride_x, eps, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    enter(PDL)
+def _rms_norm(x_ptr, w_ptr, y_ptr, D, stride_x, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -31,10 +28,8 @@ def _rms_norm(x_ptr, w_ptr, y_ptr, D, stride_x, eps, BLOCK: tl.constexpr, PDL: t
 
 
 @triton.jit
-def _add_rms_norm(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constexpr,
-                  PDL: tl.constexpr):  # fmt: skip
+def _add_rms_norm(x_ptr, r_ptr, w_ptr, s_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
     """s = x + r rounded to x's dtype (as torch's add), y = norm(s) as `_rms_norm`."""
-    enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < D
@@ -63,10 +58,8 @@ def add_rms_norm(
     y = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
         BLOCK = triton.next_power_of_2(D)
-        pdl = pdl_on(x.device)
-        _add_rms_norm[(x2.shape[0],)](x2, r2, weight, s, y, D, eps, BLOCK=BLOCK, PDL=pdl,
-                                      num_warps=min(16, max(1, BLOCK // 512)),
-                                      **launch_kw(pdl))  # fmt: skip
+        _add_rms_norm[(x2.shape[0],)](x2, r2, weight, s, y, D, eps, BLOCK=BLOCK,
+                                      num_warps=min(16, max(1, BLOCK // 512)))  # fmt: skip
     return s.view(x.shape), y.view(x.shape)
 
 
@@ -82,8 +75,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty(x2.shape, dtype=torch.result_type(weight, x), device=x.device)
     if x2.shape[0]:
         BLOCK = triton.next_power_of_2(D)
-        pdl = pdl_on(x.device)
-        _rms_norm[(x2.shape[0],)](x2, weight, y, D, x2.stride(0), eps, BLOCK=BLOCK, PDL=pdl,
-                                  num_warps=min(16, max(1, BLOCK // 512)),
-                                  **launch_kw(pdl))  # fmt: skip
+        _rms_norm[(x2.shape[0],)](x2, weight, y, D, x2.stride(0), eps, BLOCK=BLOCK,
+                                  num_warps=min(16, max(1, BLOCK // 512)))  # fmt: skip
     return y.view(x.shape)

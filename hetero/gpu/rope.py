@@ -15,8 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
-
 
 @triton.jit
 def _rope(
@@ -31,9 +29,7 @@ def _rope(
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     INTERLEAVE: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     t = tl.program_id(0)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BH]
     i = tl.arange(0, HALF)  # [r/2]
@@ -75,9 +71,8 @@ def rope(
     out = torch.empty((T, H, R), dtype=x.dtype, device=x.device)
     block_h = min(triton.next_power_of_2(H), 32)
     if T:
-        pdl = pdl_on(x.device)
         _rope[(T, triton.cdiv(H, block_h))](
             x, positions, cos.contiguous(), sin.contiguous(), out, H, x.stride(0), x.stride(1),
-            HALF=half, BLOCK_H=block_h, INTERLEAVE=interleave, PDL=pdl, **launch_kw(pdl),
+            HALF=half, BLOCK_H=block_h, INTERLEAVE=interleave,
         )  # fmt: skip
     return out

@@ -27,7 +27,6 @@ import triton
 import triton.language as tl
 
 from hetero.config import SCORING, TOPK_METHODS, ModelConfig
-from hetero.gpu.pdl import enter, launch_kw, pdl_on
 
 if TYPE_CHECKING:
     from hetero.model.moe import Gate
@@ -117,9 +116,7 @@ def _route(
     BLOCK_G: tl.constexpr,
     BLOCK_EG: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    enter(PDL)
     t = tl.program_id(0).to(tl.int64)
     _route_row(logits_ptr + t * G * EG, bias_ptr, weights_ptr + t * K, ids_ptr + t * K, G, EG,
                scale, K, TOPK_GROUP, GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG,
@@ -151,12 +148,10 @@ def _gemv_route(
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    PDL: tl.constexpr,
 ):
     """Decode's router in one launch: program (expert block, token) computes BLOCK_E logits of
     its token in fp32 (bf16 products are exact in fp32), stores them, and raises the token's
     counter; the token's last program to finish routes it from all E logits."""
-    enter(PDL)
     eb, t = tl.program_id(0), tl.program_id(1).to(tl.int64)
     E = G * EG
     experts = eb * BLOCK_E + tl.arange(0, BLOCK_E)  # [BE]
@@ -259,9 +254,8 @@ def fused_route(
         raise ValueError("logits must be contiguous")
     weights, ids = _outputs(T, config.num_experts_per_tok, logits.device, ids_dtype)
     if T:
-        pdl = pdl_on(logits.device)
         _route[(T,)](logits, bias if bias is not None else logits, weights, ids, G, EG, scale,
-                     **constexprs, PDL=pdl, num_warps=warps, **launch_kw(pdl))  # fmt: skip
+                     **constexprs, num_warps=warps)  # fmt: skip
     return weights, ids
 
 
@@ -293,11 +287,10 @@ def gemv_route(
     if T:
         logits = torch.empty(T, E, device=x.device, dtype=torch.float32)
         block_h = min(triton.next_power_of_2(H), tiles.max_block_h)
-        pdl = pdl_on(x.device)
         _gemv_route[(triton.cdiv(E, tiles.block_e), T)](
             x, weight, logits, counters, bias if bias is not None else logits, weights, ids, H,
             x.stride(0), G, EG, scale, **constexprs, BLOCK_E=tiles.block_e, BLOCK_H=block_h,
-            PDL=pdl, num_warps=tiles.num_warps, **launch_kw(pdl),
+            num_warps=tiles.num_warps,
         )  # fmt: skip
     return weights, ids
 
