@@ -64,6 +64,23 @@ def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits):
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
+def test_one_split_stores_the_result_in_the_query_dtype():
+    """16-bit queries and pages: one split (no merge kernel: the split stores fp16 itself) and
+    two splits (merged) both give fp16 near the reference. (fp16: Triton 3.9's interpreter
+    gets bf16 dots wrong; the gpu tests run the model's bf16.)"""
+    C, R, H, lens = 32, 16, 4, [9, 30]
+    latent, rope, table = pages_for(lens, 16, C, R, seed=4)
+    g = torch.Generator().manual_seed(5)
+    q_lat, q_pe = torch.randn(2, H, C, generator=g), torch.randn(2, H, R, generator=g)
+    bf = [t.half() for t in (q_lat, q_pe, latent, rope)]
+    want = reference(*[t.float() for t in bf], table, lens, 0.3)
+    for splits in (1, 2):
+        args = [t.to(DEVICE) for t in (*bf, table, torch.tensor(lens, dtype=torch.int32))]
+        got = mla_decode(*args, 0.3, splits=splits, block_n=16)
+        assert got.dtype == torch.float16 and got.shape == (2, H, C)
+        torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_positions_read_as_context_lengths():
     """The model passes its int64 positions with lens_offset=1 (no cast kernel a layer): the
     same output as the int32 context lengths; other dtypes are refused."""
@@ -163,3 +180,28 @@ def test_merge_kernel_equals_merge_splits_with_empty_splits():
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol)
     only = merge(out[:1, :1].to(DEVICE), lse[:1, :1].to(DEVICE), torch.float32)
     torch.testing.assert_close(only.cpu(), out[:1, 0])  # one split: its own output
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_rotation_in_the_kernel_equals_rope_first(interleave):
+    """mla_decode rotating q_pe itself (positions read as context lengths) against
+    hetero.gpu.rope's rotation, then the kernel: the same output, both rotary layouts; a
+    rotation without positions is refused."""
+    from hetero.gpu.rope import rope as rotate
+
+    C, R, H, lens = 32, 32, 5, [7, 40, 19]
+    latent, rope, table = pages_for(lens, 16, C, R, seed=11)
+    g = torch.Generator().manual_seed(12)
+    q_lat, q_pe = torch.randn(3, H, C, generator=g), torch.randn(3, H, R, generator=g)
+    angles = torch.outer(torch.arange(64.0), torch.rand(R // 2, generator=g))
+    cos, sin = angles.cos(), angles.sin()
+    positions = torch.tensor([n - 1 for n in lens])
+    args = [t.to(DEVICE) for t in (q_lat, q_pe, latent, rope, table, positions, cos, sin)]
+    q_lat, q_pe, latent, rope, table, positions, cos, sin = args
+    rotated = rotate(q_pe, positions, cos, sin, interleave)
+    want = mla_decode(q_lat, rotated, latent, rope, table, positions, 0.3, lens_offset=1)
+    got = mla_decode(q_lat, q_pe, latent, rope, table, positions, 0.3, lens_offset=1,
+                     rotary=(cos, sin, interleave))  # fmt: skip
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rotary wants positions"):
+        mla_decode(q_lat, q_pe, latent, rope, table, positions, 0.3, rotary=(cos, sin, True))

@@ -30,8 +30,10 @@ def _mla_decode_split(
     rope_ptr,  # [pages, page_size, R]
     table_ptr,  # [B, max_pages] int32
     lens_ptr,  # [B] int32/int64: context length (the new token included) - lens_offset
-    out_ptr,  # [B, splits, h, C] fp32
-    lse_ptr,  # [B, splits, h] fp32
+    cos_ptr,  # ROTATE: [L, R/2] fp32 rotary tables
+    sin_ptr,
+    out_ptr,  # [B, splits, h, C] fp32; ONE: [B, h, C] in q_lat's dtype, the result
+    lse_ptr,  # [B, splits, h] fp32 (not with ONE)
     scale,
     H,
     chunk,  # tokens a split
@@ -47,6 +49,9 @@ def _mla_decode_split(
     BLOCK_H: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot's for fp32 inputs: "ieee" (bf16/fp16 ignore it)
+    ONE: tl.constexpr,  # one split: no merge (the merge of one split is this cast)
+    ROTATE: tl.constexpr,  # q_pe not yet rotated: rotate it at position lens[b] (offset 1)
+    INTERLEAVE: tl.constexpr,  # ROTATE: rotary pairs (2i, 2i+1), else (i, i + R/2)
 ):
     hb, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     splits = tl.num_programs(1)
@@ -57,8 +62,28 @@ def _mla_decode_split(
     q_lat = tl.load(q_lat_ptr + q_row[:, None] + cs[None, :],
                     mask=head_ok[:, None], other=0.0)  # [BH, C]  # fmt: skip
     p_row = b.to(tl.int64) * stride_pb + heads.to(tl.int64) * stride_ph
-    q_pe = tl.load(q_pe_ptr + p_row[:, None] + rs[None, :],
-                   mask=head_ok[:, None], other=0.0)  # [BH, R]  # fmt: skip
+    key_cols = rs  # the rope keys' columns, in q_pe's column order
+    if ROTATE:  # as hetero.gpu.rope, each pair rounded to q_pe's dtype
+        i = tl.arange(0, R // 2)
+        if INTERLEAVE:
+            first, second = 2 * i, 2 * i + 1
+        else:
+            first, second = i, i + R // 2
+        pos = tl.load(lens_ptr + b).to(tl.int64)
+        cos = tl.load(cos_ptr + pos * (R // 2) + i)[None, :]  # [1, R/2]
+        sin = tl.load(sin_ptr + pos * (R // 2) + i)[None, :]
+        x1 = tl.load(q_pe_ptr + p_row[:, None] + first[None, :], mask=head_ok[:, None],
+                     other=0.0).to(tl.float32)  # [BH, R/2]  # fmt: skip
+        x2 = tl.load(q_pe_ptr + p_row[:, None] + second[None, :], mask=head_ok[:, None],
+                     other=0.0).to(tl.float32)  # fmt: skip
+        dtype = q_pe_ptr.dtype.element_ty
+        a, c = (x1 * cos - x2 * sin).to(dtype), (x2 * cos + x1 * sin).to(dtype)
+        q_pe = tl.reshape(tl.join(a, c), (BLOCK_H, R))  # [BH, R]: a0 c0 a1 c1 ...
+        if not INTERLEAVE:  # the keys in the same order: first[j] at 2j, second[j] at 2j + 1
+            key_cols = rs // 2 + (rs % 2) * (R // 2)
+    else:
+        q_pe = tl.load(q_pe_ptr + p_row[:, None] + rs[None, :],
+                       mask=head_ok[:, None], other=0.0)  # [BH, R]  # fmt: skip
     n_ctx = tl.load(lens_ptr + b).to(tl.int32) + lens_offset
     start = split * chunk
     end = tl.minimum(start + chunk, n_ctx)
@@ -71,7 +96,8 @@ def _mla_decode_split(
         page = tl.load(table_ptr + b * stride_table + toks // PAGE, mask=ok, other=0)
         row = page.to(tl.int64) * PAGE + toks % PAGE  # [BN] row in the layer's pages
         lat = tl.load(latent_ptr + row[:, None] * C + cs[None, :], mask=ok[:, None], other=0.0)
-        rope = tl.load(rope_ptr + row[:, None] * R + rs[None, :], mask=ok[:, None], other=0.0)
+        rope = tl.load(rope_ptr + row[:, None] * R + key_cols[None, :], mask=ok[:, None],
+                       other=0.0)  # fmt: skip
         s = tl.dot(q_lat, tl.trans(lat).to(q_lat.dtype), input_precision=PRECISION)  # [BH, BN]
         s += tl.dot(q_pe, tl.trans(rope).to(q_pe.dtype), input_precision=PRECISION)
         s = tl.where(ok[None, :], s * scale, float("-inf"))
@@ -86,8 +112,10 @@ def _mla_decode_split(
     out = acc / safe[:, None]
     lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
     base = (b * splits + split) * H + heads  # [BH]
-    tl.store(out_ptr + base[:, None] * C + cs[None, :], out, mask=head_ok[:, None])
-    tl.store(lse_ptr + base, lse, mask=head_ok)
+    dst = out_ptr + base[:, None] * C + cs[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    if not ONE:
+        tl.store(lse_ptr + base, lse, mask=head_ok)
 
 
 @triton.jit
@@ -129,13 +157,16 @@ def mla_decode(
     num_warps: int = 8,
     num_stages: int = 2,
     lens_offset: int = 0,
+    rotary: tuple[torch.Tensor, torch.Tensor, bool] | None = None,
 ) -> torch.Tensor:
     """q_lat [B, h, C], q_pe [B, h, R] (one new token a sequence; any strides but the last
     dim's), one layer's pages latent [P, page_size, C] and rope [P, page_size, R], page_table
     [B, n] int32, ctx_lens [B] int32 or int64 (+ `lens_offset`: the positions of the new tokens
     with lens_offset=1, read as they are, no cast kernel a layer) -> out_lat [B, h, C] in q_lat's
     dtype. `splits`: programs a sequence's context is split over (default: enough to give every
-    SM work at this batch).
+    SM work at this batch). `rotary` (cos, sin [L, R/2] fp32, interleave), with positions as
+    ctx_lens (lens_offset=1): q_pe is rotated here, as hetero.gpu.rope would (one kernel a layer
+    fewer at decode).
     Tiles: bench/mla_sweep.py's best on the H200 (64 heads x 64 tokens, 8 warps: 0.59 ms at
     batch 32 x 8K against 0.71 for 16 x 32 x 4 warps, 0.16 against 0.19 ms at batch 1 x 4K)."""
     B, H, C = q_lat.shape
@@ -155,6 +186,15 @@ def mla_decode(
         raise ValueError("latent, rope and page_table must be contiguous")
     if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1:
         raise ValueError("q_lat and q_pe want a contiguous last dim")
+    if rotary is not None:
+        cos, sin, interleave = rotary
+        if lens_offset != 1 or cos.shape[-1] != R // 2 or sin.shape != cos.shape:
+            raise ValueError(f"rotary wants positions (lens_offset=1) and [L, {R // 2}] tables, "
+                             f"got lens_offset={lens_offset}, {tuple(cos.shape)}")  # fmt: skip
+        cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = ctx_lens  # not read
+        interleave = False
     longest = page_table.shape[1] * page
     if splits is None:  # ~2 programs an SM over the batch's head blocks, whole pages a split
         sms = (
@@ -165,16 +205,20 @@ def mla_decode(
         programs = B * triton.cdiv(H, block_h)
         splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(longest, 256)))
     chunk = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
-    out = torch.empty(B, splits, H, C, device=q_lat.device, dtype=torch.float32)
-    lse = torch.empty(B, splits, H, device=q_lat.device, dtype=torch.float32)
+    one = splits == 1  # the kernel stores the result: no merge kernel
+    out = torch.empty(B, splits, H, C, device=q_lat.device,
+                      dtype=q_lat.dtype if one else torch.float32)  # fmt: skip
+    lse = out if one else torch.empty(B, splits, H, device=q_lat.device, dtype=torch.float32)
     grid = (triton.cdiv(H, block_h), splits, B)  # head blocks fastest: see the module's doc
     _mla_decode_split[grid](
-        q_lat, q_pe, latent, rope, page_table, ctx_lens, out, lse, scale, H, chunk, lens_offset,
+        q_lat, q_pe, latent, rope, page_table, ctx_lens, cos, sin, out, lse, scale, H, chunk,
+        lens_offset,
         page_table.stride(0), q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
         PAGE=page, C=C, R=R, BLOCK_H=block_h, BLOCK_N=block_n,
-        PRECISION=_precision(q_lat), num_warps=num_warps, num_stages=num_stages,
+        PRECISION=_precision(q_lat), ONE=one, ROTATE=rotary is not None,
+        INTERLEAVE=interleave, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return merge(out, lse, q_lat.dtype)
+    return out[:, 0] if one else merge(out, lse, q_lat.dtype)
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -174,15 +174,20 @@ def _gemv_route(
         tl.atomic_xchg(count_ptr + t, 0)  # ready for the next call (graph replays)
 
 
-GEMV_ROUTE_MAX_TOKENS = 16  # `route` takes the one-launch router up to this many tokens
+# `route` takes the one-launch router up to this many tokens. H200 (2026-12-04,
+# bench/router_sweep.py, V3's gate cold in L2): 8.3-8.8 us at 1-2 tokens against 10.8 for
+# cuBLAS + fused_route, even at 4, 13.5 against 10.8 at 8
+GEMV_ROUTE_MAX_TOKENS = 4
 
 
 @dataclass(frozen=True)
 class RouteTiles:
     """gemv_route's launch: experts a program, the most hidden channels a step (a power of two;
-    at least V3's 7168, so each program loads its rows in one pass) and warps a program."""
+    at least V3's 7168, so each program loads its rows in one pass) and warps a program.
+    H200 (2026-12-04, router_sweep): one expert x 8192 x 8 warps 8.3-8.8 us a V3 layer at one
+    token, two experts 10.2, the first version's four experts x 1024-channel steps 20.4."""
 
-    block_e: int = 2
+    block_e: int = 1
     max_block_h: int = 8192
     num_warps: int = 8
 

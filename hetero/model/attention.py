@@ -71,7 +71,14 @@ class MLA(nn.Module):
         q = q.view(T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         longest = max(batch.ctx_lens, default=0)
-        q_pe = rotary(q_pe, batch.positions, longest)
+        # decode through mla_decode on the GPU: the kernel rotates q_pe itself (a kernel fewer)
+        in_kernel = (
+            self.attend is paged_attention
+            and batch.is_decode
+            and _fused_write(x, cache, self.kv_a_layernorm.weight)
+        )
+        if not in_kernel:
+            q_pe = rotary(q_pe, batch.positions, longest)
         if _fused_write(x, cache, self.kv_a_layernorm.weight):  # one kernel for the four below
             from hetero.gpu.kv_write import kv_write  # triton: imported where it runs
 
@@ -85,7 +92,12 @@ class MLA(nn.Module):
             latent = self.kv_a_layernorm(latent)  # [T, kv_rank]
             k_pe = rotary(k_pe[:, None, :], batch.positions, longest)[:, 0]  # [T, rope_dim]
             cache.write(self.layer, batch, latent, k_pe)
-        o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
+        if in_kernel:
+            cos, sin = rotary.full_tables(longest, x.device)
+            tables = (cos, sin, rotary.rope.interleave)
+            o = _latent_kernels(self, q_nope, q_pe, batch, cache, None, tables)
+        else:
+            o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
         return self.o_proj(o.flatten(1))
 
     def wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,9 +219,10 @@ def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKV
     return out
 
 
-def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset):
+def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, rotary=None):
     """The absorbed form through the Triton kernels; `subset`: these sequences of an extend
-    batch only (q_nope / q_pe hold their rows, in order)."""
+    batch only (q_nope / q_pe hold their rows, in order); `rotary`: (cos, sin, interleave) for
+    mla_decode to rotate q_pe (decode steps)."""
     from hetero.gpu.mla_decode import mla_decode  # triton: imported where it runs
     from hetero.gpu.mla_extend import mla_extend
 
@@ -222,7 +235,7 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset):
     scale = mla.softmax_scale
     if batch.is_decode:  # context lengths = positions + 1, read on the device (CUDA graphs)
         out = mla_decode(q_lat, q_pe, latent, rope, batch.page_table, batch.positions, scale,
-                         lens_offset=1)  # fmt: skip
+                         lens_offset=1, rotary=rotary)  # fmt: skip
     elif subset is None:
         starts, ctx = batch.seq_tensors  # [B + 1], [B] int32
         out = mla_extend(q_lat, q_pe, latent, rope, batch.page_table, starts, ctx, scale,
