@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | gpu-step-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -142,6 +142,23 @@ for stage in "$@"; do
             2>> "$OUT/router_ab.err" | sed "s/^{/{\"side\": \"$side\", /" >> "$OUT/router_ab.jsonl"
         done
       done; tail -1 "$OUT/router_ab.err"; grep -c . "$OUT/router_ab.jsonl" ;;
+    gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
+      # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
+      # alternated twice, the new side's first run under the profiler (~8 min)
+      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests \
+        --ignore tests/test_server.py --ignore tests/test_server_features.py \
+        --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; extra=""
+          [ "$side" = base ] && dir=base
+          [ "$side$round" = new1 ] && extra="--gpu-timeline $OUT/gpu_timeline"
+          (cd "$dir" && timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only \
+            --batch 1 --context 16 --paged 64 --graphs --steps 20 --rounds 2 $extra) \
+            2>> "$OUT/gpu_step_ab.err" | sed "s/^{/{\"side\": \"$side\", /" \
+            >> "$OUT/gpu_step_ab.jsonl"
+        done
+      done; tail -1 "$OUT/gpu_step_ab.err"; grep -c . "$OUT/gpu_step_ab.jsonl" ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route
