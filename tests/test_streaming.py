@@ -274,23 +274,49 @@ def test_streamed_experts_equal_the_engine(spec):
     assert ((streamed_experts(layer, x, rows, w) - want).norm() / want.norm()).item() < TOL
 
 
-@pytest.mark.gpu
-def test_register_host_locks_shared_pages_once_and_releases_them(engine):
-    """Small layers' arrays share pages: they are locked as merged page ranges, streamed from
-    in place (direct staging) to the engine's sum, unlocked, and locked again as a second
-    load in one process does."""
-    from hetero.cpu_experts.staging import register_host
+def test_own_pages_gives_small_arrays_pages_of_their_own(engine, monkeypatch):
+    """Before locking: small arrays copied into whole pages of their own (the same values,
+    shared ones still shared), arrays from OWN_PAGES_BYTES up kept as they are."""
+    import mmap
+
+    from hetero.cpu_experts import staging
+    from hetero.cpu_experts.staging import own_pages
 
     layer = engine.layers[0]
+    out = own_pages({0: layer, 1: layer})
+    assert out[0].w13 is out[1].w13  # one copy of a shared array
+    for name, a in layer.arrays().items():
+        b = out[0].arrays()[name]
+        assert np.array_equal(a, b) and a.dtype == b.dtype
+        if a.nbytes:
+            assert b is not a and b.ctypes.data % mmap.PAGESIZE == 0
+    monkeypatch.setattr(staging, "OWN_PAGES_BYTES", 1)
+    kept = own_pages({0: layer})[0]
+    assert all(kept.arrays()[k] is a for k, a in layer.arrays().items())
+
+
+@pytest.mark.gpu
+def test_register_host_locks_pages_and_releases_them(engine):
+    """A layer's arrays, in pages of their own, are locked, streamed from in place (direct
+    staging) to the engine's sum, unlocked, and locked again as a second load in one process
+    does."""
+    from hetero.cpu_experts.staging import own_pages, register_host
+
+    layer = own_pages({0: engine.layers[0]})[0]
     arrays = list(layer.arrays().values())
     staging = GroupStaging(2 * layer.expert_bytes() + 4 * 64, "cuda", direct=True)
     ids, w = skewed(24, seed=6)
     x = torch.randn(24, H, generator=torch.Generator().manual_seed(6))
     want = engine.forward(0, x, ids, w)
-    for _ in range(2):
-        pinned = register_host([layer])
-        assert pinned.nbytes == sum(a.nbytes for a in arrays)
-        assert 0 < len(pinned.ranges) <= len(arrays)
-        got = stream_experts(engine, staging, 0, x.cuda(), ids.cuda(), w.cuda()).cpu()
-        assert ((got - want).norm() / want.norm()).item() < TOL
-        pinned.release()
+    config = EngineConfig(threads=2, gemm_min_tokens=10**9, gemm_min_tokens_q8=10**9)
+    own = CPUExperts({0: layer}, config)
+    try:
+        for _ in range(2):
+            pinned = register_host([layer])
+            assert pinned.nbytes == sum(a.nbytes for a in arrays)
+            assert 0 < len(pinned.ranges) <= len(arrays)
+            got = stream_experts(own, staging, 0, x.cuda(), ids.cuda(), w.cuda()).cpu()
+            assert ((got - want).norm() / want.norm()).item() < TOL
+            pinned.release()
+    finally:
+        own.close()

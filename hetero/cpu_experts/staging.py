@@ -192,6 +192,31 @@ def register_host(layers: list[PackedExperts]) -> HostRegistration:
     return HostRegistration(tuple(done), sum(s[3] for s in spans))
 
 
+OWN_PAGES_BYTES = 32 << 20  # glibc serves allocations this large by mmap: pages of their own
+
+
+def own_pages(layers: dict[int, PackedExperts]) -> dict[int, PackedExperts]:
+    """The layers with each array under OWN_PAGES_BYTES copied into pages of its own (an
+    anonymous map) for `register_host`, which locks whole pages: a small array on the heap
+    shares its first and last page with other allocations, and a later copy of such a neighbour
+    that runs past the locked range is refused by the driver ("invalid argument", seen in the
+    gpu tests of tiny models). Arrays shared between layers stay shared."""
+    copies: dict[int, np.ndarray] = {}
+
+    def own(a: np.ndarray) -> np.ndarray:
+        if a.nbytes == 0 or a.nbytes >= OWN_PAGES_BYTES:
+            return a
+        if id(a) not in copies:
+            buf = mmap.mmap(-1, -(-a.nbytes // mmap.PAGESIZE) * mmap.PAGESIZE)
+            out = np.frombuffer(buf, dtype=a.dtype, count=a.size).reshape(a.shape)  # keeps buf
+            np.copyto(out, a)
+            copies[id(a)] = out
+        return copies[id(a)]
+
+    return {L: PackedExperts(p.fmt, **{k: own(a) for k, a in p.arrays().items()})
+            for L, p in layers.items()}  # fmt: skip
+
+
 def unique_arrays(layers: list[PackedExperts]) -> list[np.ndarray]:
     """The layers' packed arrays with bytes, each once (layers may share arrays)."""
     return list({id(a): a for p in layers for a in p.arrays().values() if a.nbytes}.values())

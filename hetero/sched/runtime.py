@@ -21,6 +21,7 @@ from hetero.cpu_experts.formats import Format, PackedExperts
 from hetero.cpu_experts.staging import (
     GroupStaging,
     HostRegistration,
+    own_pages,
     register_host,
     unique_arrays,
 )
@@ -119,9 +120,13 @@ def load_hybrid(
         for L in tqdm(sorted(packed_gpu), "packing GPU experts", disable=not opts.progress)
         if on_gpu[L]
     }
-    engine = None
+    engine, cuda, pin = None, torch.device(opts.device).type == "cuda", False
     if cpu_layers:
         packed = _cpu_experts(path, ckpt, config, cpu_layers, opts)
+        nbytes = sum(a.nbytes for a in unique_arrays(list(packed.values())))
+        pin = cuda and pins_experts(placement.runtime, nbytes)
+        if pin:  # the pages to lock hold nothing else
+            packed = own_pages(packed)
         engine_config = EngineConfig(
             threads=placement.runtime.cpu_threads,
             gemm_min_tokens=opts.gemm_min_tokens,
@@ -132,9 +137,9 @@ def load_hybrid(
         )
         engine = CPUExperts(packed, engine_config)
     staging = rates = pinned = None
-    if cpu_layers and torch.device(opts.device).type == "cuda":  # long prefill streams
+    if cpu_layers and cuda:  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
-        pinned = _pin(engine, placement.runtime)
+        pinned = _pin(engine, placement.runtime) if pin else None
         staging = GroupStaging(slot, opts.device, direct=pinned is not None)
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
@@ -163,13 +168,11 @@ def load_hybrid(
 
 
 def _pin(engine: CPUExperts, runtime) -> HostRegistration | None:
-    """Page-locks the engine's experts in place where runtime.pin_experts says (auto: if they
-    fit its share of the RAM budget); None where they are not. An auto attempt that fails
-    leaves them as they were, with a warning: long prefill then gathers what it streams."""
+    """Page-locks the engine's experts in place (runtime.pin_experts said so: true, or auto
+    and they fit its share of the RAM budget); None where that fails under auto, which leaves
+    them as they were, with a warning: long prefill then gathers what it streams."""
     layers = list(engine.layers.values())
     nbytes = sum(a.nbytes for a in unique_arrays(layers))
-    if not pins_experts(runtime, nbytes):
-        return None
     log.info("page-locking %.1f GiB of CPU experts (runtime.pin_experts: %s)", nbytes / (1 << 30),
              "auto; false skips it" if runtime.pin_experts is None else "true")  # fmt: skip
     t0 = time.perf_counter()
