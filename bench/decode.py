@@ -46,6 +46,7 @@ from bench.workloads import (  # noqa: E402
     fill_prompts,
     fp8_tiles,
     full_layers,
+    hybrid_layers,
     new_cache,
     packed_gpu_experts,
     random_model,
@@ -66,6 +67,36 @@ def settle(engine, config, B: int, args) -> None:
     print(json.dumps({"bench": "decode", "batch": B, "mode": "settle", "cpu_alone_ms": times}))
 
 
+def skew_routing(model, config, skew: float) -> None:
+    """Every MoE gate's correction bias = skew * linspace(1, -1, E): expert e is chosen more
+    often the lower its id (the weights stay the unbiased scores, as V3's noaux_tc), so a
+    layer's first G experts, the ones --gpu-experts keeps, are also its hottest: a profile's
+    placement. The share of slots they take is measured (gpu_slot_share)."""
+    if config.topk_method != "noaux_tc":
+        raise SystemExit(
+            f"--routing-skew needs a correction bias (noaux_tc), not {config.topk_method}"
+        )
+    for L in config.moe_layers:
+        bias = model.model.layers[L].mlp.gate.e_score_correction_bias
+        bias.copy_(skew * torch.linspace(1, -1, bias.numel(), device=bias.device))
+
+
+def gpu_slot_share(model, engine, cache, B: int, pos: int, device: str, graphed) -> float | None:
+    """Over two steps of the current (hybrid) mode: the share of routed slots that went to
+    GPU experts; None without hybrid layers."""
+    layers = hybrid_layers(model)
+    if not layers:
+        return None
+    for h in layers:
+        h.counts = torch.zeros(h.on_gpu.numel(), dtype=torch.int64, device=device)
+    time_steps(model, engine, cache, B, pos, 2, device, graphed)
+    gpu = sum(int(h.counts[h.on_gpu.to(device)].sum()) for h in layers)
+    total = sum(int(h.counts.sum()) for h in layers)
+    for h in layers:
+        h.counts = None
+    return round(gpu / max(total, 1), 4)
+
+
 def median_round(rounds: list[dict]) -> dict:
     """The round with the median step time, and every round's step time."""
     ordered = sorted(rounds, key=lambda r: r["ms"])
@@ -78,6 +109,8 @@ def run(args) -> None:
     fp8, packed = args.gpu_format != "bf16", args.gpu_format.startswith("int4")
     resident = 0 if packed else args.gpu_experts  # int4: packed arrays, not modules
     model = random_model(config, device, torch.bfloat16, fp8, resident, args.attention)
+    if args.routing_skew:
+        skew_routing(model, config, args.routing_skew)
     if args.fp8_tiles:
         set_fp8_tiles(model, fp8_tiles(args.fp8_tiles))
     fmt = Format.parse(args.format)
@@ -109,6 +142,7 @@ def run(args) -> None:
         "attention": args.attention,
         "fp8_tiles": args.fp8_tiles or "default",
         "gpu_experts": args.gpu_experts,
+        "routing_skew": args.routing_skew,
         "cpu_layers": n,
         "cpu_threads": engine.threads,
         "caller_spin_s": args.caller_spin_s,
@@ -120,7 +154,7 @@ def run(args) -> None:
     gpu_alone = modes == ["gpu_only"]  # the GPU side only: no CPU side to time or settle
     full, full_moe = full_layers(args.workload)  # of the model the workload stands for
     for B, context in [(B, c) for B in args.batch for c in args.context]:
-        length = context + (len(modes) * args.rounds + 2) * (args.steps + 2) + 5
+        length = context + (len(modes) * args.rounds + 2) * (args.steps + 2) + 7
         cache = new_cache(model, B, length, args.paged)
         set_mode(model, config, engine, "gpu_only" if gpu_alone else "overlap")
         fill_prompts(model, cache, B, context, device)
@@ -144,6 +178,8 @@ def run(args) -> None:
                 rounds[mode].append({**r, "cpu_alone_ms": cpu_alone})
                 pos += args.steps
         rows = {mode: median_round(rs) for mode, rs in rounds.items()}
+        share = None if gpu_alone else gpu_slot_share(model, engine, cache, B, pos, device, graphed)
+        pos += 2
         if args.profile:
             profiled = [m for m in ("gpu_only", "overlap") if m in modes]
             profile_step(model, config, engine, cache, B, pos, device, args.profile, profiled)
@@ -161,6 +197,8 @@ def run(args) -> None:
         gpu = rows["gpu_only"]["ms"] if "gpu_only" in rows else 0.0
         for mode, r in rows.items():
             out = {**base, "batch": B, "context": context, "mode": mode, **r}
+            if share is not None and mode not in ("trace", "gpu_timeline", "gpu_only"):
+                out["gpu_slot_share"] = share
             if mode in ("trace", "gpu_timeline"):
                 print(json.dumps(out), flush=True)
                 continue
@@ -204,6 +242,9 @@ def main() -> None:
     p.add_argument("--gpu-format", choices=("fp8", "bf16", "int4", "int4-g128"), default="fp8",
                    help="GPU experts (int4: packed as the CPU's, PackedGPUExperts)")  # fmt: skip
     p.add_argument("--gpu-experts", type=int, default=0, help="v3*: GPU experts a layer")
+    p.add_argument("--routing-skew", type=float, default=0.0,
+                   help="V3 gates' correction bias skew * linspace(1, -1, E): low ids hot, the "
+                        "GPU's experts the hottest (0: uniform random routing)")  # fmt: skip
     p.add_argument(
         "--cpu-layers", type=int, default=0,
         help="distinct random CPU expert layers, taken in turn by the MoE layers (0: one each)",

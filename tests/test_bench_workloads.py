@@ -52,3 +52,22 @@ def test_kernel_gaps_counts_idle_time_and_overlap_once():
     assert g["span_ms"] == 0.035 and g["busy_ms"] == 0.026 and g["idle_ms"] == 0.009
     assert g["idle_before_ms"] == {"c": 0.009} and g["kernels"] == 4
     assert g["kernel_ms"] == {"c": 0.014, "a": 0.01, "b": 0.007}
+
+
+def test_routing_skew_makes_the_low_ids_hot():
+    """bench/decode.py --routing-skew: each gate's bias falls with the expert id, so the first
+    experts (the ones --gpu-experts keeps) take more than their share of the slots; routing
+    without a correction bias is refused."""
+    from bench.decode import skew_routing
+    from hetero.testing import tiny_v2_config
+
+    config = ModelConfig.from_hf(tiny_v3_config(n_routed_experts=32, n_group=4, topk_group=2))
+    model = random_model(config, "cpu", torch.float32, fp8=False, attention="absorbed")
+    skew_routing(model, config, 0.2)
+    gate = model.model.layers[config.moe_layers[0]].mlp.gate
+    x = torch.randn(400, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    ids = gate.torch_route(x)[1]
+    share = (ids < 8).float().mean().item()  # the first quarter of the experts
+    assert share > 0.4, share
+    with pytest.raises(SystemExit, match="noaux_tc"):
+        skew_routing(model, ModelConfig.from_hf(tiny_v2_config()), 0.2)
