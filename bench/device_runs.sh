@@ -16,6 +16,24 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 day=$(date +%F)
+
+gpu_step_ab() {  # NAME FIRST: V3's GPU side alone at batch 1, this tree against base/ (`git
+  # archive BASE hetero bench tests/data`, untracked so it travels), alternated twice starting
+  # with side FIRST, the new side's first run under the profiler; rows tagged "side"
+  local round side dir extra second=new
+  [ "$2" = new ] && second=base
+  for round in 1 2; do
+    for side in "$2" "$second"; do
+      dir=.; extra=""
+      [ "$side" = base ] && dir=base
+      [ "$side$round" = new1 ] && extra="--gpu-timeline $OUT/gpu_timeline"
+      (cd "$dir" && timeout 200 python3 bench/decode.py --workload v3 --modes gpu_only \
+        --batch 1 --context 16 --paged 64 --graphs --steps 20 --rounds 2 $extra) \
+        2>> "$OUT/$1.err" | sed "s/^{/{\"side\": \"$side\", /" >> "$OUT/$1.jsonl"
+    done
+  done; tail -1 "$OUT/$1.err"; grep -c . "$OUT/$1.jsonl"
+}
+
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case $stage in
@@ -132,33 +150,14 @@ for stage in "$@"; do
       # profiler with the whole step as one graph beside it (~6 min)
       timeout 150 python3 bench/router_sweep.py > "$OUT/router_sweep.jsonl" \
         2> "$OUT/router_sweep.err"; tail -1 "$OUT/router_sweep.err"
-      for round in 1 2; do
-        for side in base new; do
-          dir=.; extra=""
-          [ "$side" = base ] && dir=base
-          [ "$side$round" = new1 ] && extra="--gpu-timeline $OUT/gpu_timeline"
-          (cd "$dir" && timeout 200 python3 bench/decode.py --workload v3 --modes gpu_only \
-            --batch 1 --context 16 --paged 64 --graphs --steps 20 --rounds 2 $extra) \
-            2>> "$OUT/router_ab.err" | sed "s/^{/{\"side\": \"$side\", /" >> "$OUT/router_ab.jsonl"
-        done
-      done; tail -1 "$OUT/router_ab.err"; grep -c . "$OUT/router_ab.jsonl" ;;
+      gpu_step_ab router_ab base ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)
       timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests \
         --ignore tests/test_server.py --ignore tests/test_server_features.py \
         --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3
-      for round in 1 2; do
-        for side in new base; do
-          dir=.; extra=""
-          [ "$side" = base ] && dir=base
-          [ "$side$round" = new1 ] && extra="--gpu-timeline $OUT/gpu_timeline"
-          (cd "$dir" && timeout 150 python3 bench/decode.py --workload v3 --modes gpu_only \
-            --batch 1 --context 16 --paged 64 --graphs --steps 20 --rounds 2 $extra) \
-            2>> "$OUT/gpu_step_ab.err" | sed "s/^{/{\"side\": \"$side\", /" \
-            >> "$OUT/gpu_step_ab.jsonl"
-        done
-      done; tail -1 "$OUT/gpu_step_ab.err"; grep -c . "$OUT/gpu_step_ab.jsonl" ;;
+      gpu_step_ab gpu_step_ab new ;;
     decode-gpu-int4)  # issue 18: whole V3 depth at batch 1, routed experts all on the CPU
       # against 36 a layer on the GPU packed in int4 (the 80 GB config's 20 FP8 experts' bytes)
       # and 76 (what an H200 holds), one process each, alternated; random routers route
