@@ -91,6 +91,18 @@ def test_cuda_graphs_equal_the_model(v3, deferred):
         h.close()
 
 
+def test_rotary_tables_never_move_under_captured_graphs(v3):
+    """Graphs keep the rotary tables' addresses: the decoder makes them cover the model's
+    context up front, so no later (longer) step reallocates them."""
+    model = load_model(v3, dtype=torch.float32, progress=False)
+    rotary = model.model.rotary
+    GraphedDecoder(model, model.new_cache(1, 32), graphs=False)
+    cos, context = rotary.cos, model.config.max_position_embeddings
+    assert cos.shape[0] >= context
+    rotary.full_tables(context, cos.device)  # the longest step the model allows
+    assert rotary.cos is cos
+
+
 def test_generate_through_the_segments(v3):
     """generate(graphs=True) decodes from the segments once every prompt is in: the same tokens,
     with a sequence that stops early (its slot keeps stepping, its outputs dropped) and with

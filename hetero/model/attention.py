@@ -71,15 +71,12 @@ class MLA(nn.Module):
         q = q.view(T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         longest = max(batch.ctx_lens, default=0)
+        fused = _fused_write(x, cache, self.kv_a_layernorm.weight)
         # decode through mla_decode on the GPU: the kernel rotates q_pe itself (a kernel fewer)
-        in_kernel = (
-            self.attend is paged_attention
-            and batch.is_decode
-            and _fused_write(x, cache, self.kv_a_layernorm.weight)
-        )
+        in_kernel = fused and batch.is_decode and self.attend is paged_attention
         if not in_kernel:
             q_pe = rotary(q_pe, batch.positions, longest)
-        if _fused_write(x, cache, self.kv_a_layernorm.weight):  # one kernel for the four below
+        if fused:  # one kernel for the four below
             from hetero.gpu.kv_write import kv_write  # triton: imported where it runs
 
             cos, sin = rotary.full_tables(longest, x.device)

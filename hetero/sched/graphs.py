@@ -64,6 +64,9 @@ class GraphedDecoder:
     ) -> None:
         self.model, self.cache = model, cache
         device = model.lm_head.weight.device
+        # graphs keep the rotary tables' addresses: made whole now, they never move after a
+        # capture (grown on demand, a longer prompt would reallocate them under the graphs)
+        model.model.rotary.full_tables(model.config.max_position_embeddings, device)
         if isinstance(cache, PagedKVCache):
             B, S = batch, pages * cache.page_size
             table = torch.zeros(B, pages, dtype=torch.int32, device=device)
