@@ -51,10 +51,21 @@ class Block(nn.Module):
         return x + y, pending
 
     def attend(
-        self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        cache: Cache,
+        rotary: Rotary,
+        r: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The attention half: (x + MLA(norm(x)), the post-attention norm of that sum)."""
-        a = self.self_attn(self.input_layernorm(x), batch, cache, rotary)
+        """The attention half: (x + MLA(norm(x)), the post-attention norm of that sum). `r`:
+        the previous layer's MLP / MoE output, added to x first (x + r rounded as the plain
+        sum; on CUDA in the norm's kernel)."""
+        if r is None:
+            normed = self.input_layernorm(x)
+        else:
+            x, normed = self.input_layernorm.add(x, r)
+        a = self.self_attn(normed, batch, cache, rotary)
         return self.post_attention_layernorm.add(x, a)
 
 

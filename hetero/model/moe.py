@@ -127,19 +127,26 @@ class MoE(nn.Module):
 
 
 def finish(
-    run: RoutedRun, shared: torch.Tensor | None, pending: Pending | None
+    run: RoutedRun,
+    shared: torch.Tensor | None,
+    pending: Pending | None,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Pending | None]:
     """A MoE layer's output once its routed experts are in flight: their sum + (the shared
     experts + the previous layer's deferred experts), in that order wherever it is computed;
     and the work this layer defers. The bracket is summed before waiting for the routed sum
     (the deferred part was done before this layer's CPU job began), so after the wait one add
-    is left on a decode step's critical path."""
+    is left on a decode step's critical path. `out`: written there (a graph's static input)."""
     rest = shared
     if pending is not None:
         done = pending.result()
         rest = done if rest is None else rest + done
     y = run.result()
-    return (y if rest is None else y + rest), run.deferred
+    if out is None:
+        return (y if rest is None else y + rest), run.deferred
+    if rest is None:
+        return out.copy_(y), run.deferred
+    return torch.add(y, rest, out=out), run.deferred
 
 
 def torch_routed_experts(

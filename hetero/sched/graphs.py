@@ -4,12 +4,14 @@ Eager PyTorch spends ~150 small ops a layer in Python; on the GPU machine that i
 against ~0.15 ms of GPU work (bench/results/2026-11-23-h100x1-hybrid_decode.md). Here, for a
 fixed batch of B sequences, each layer is cut where the CPU experts are handed over:
 
-  segment 1 (a graph): input norm, MLA attention over the whole cache (masked by position, so
-      shapes never change), residual, post-attention norm, and the router (or a dense MLP);
+  segment 1 (a graph): the previous layer's residual add and this layer's input norm (one
+      kernel on CUDA), MLA attention over the whole cache (masked by position, so shapes never
+      change), residual, post-attention norm, and the router (or a dense MLP);
   Python: the routed experts are submitted (CPU engine, GPU-resident experts);
   segment 2 (a graph): the shared experts, while the CPU works;
   Python: the CPU sum, the shared experts and the previous layer's deferred experts are added
-      in MoE.forward's order.
+      in MoE.forward's order, into the layer's output buffer that the next segment 1 adds to
+      its residual.
 
 With `graphs=False` the same segments run eagerly on any device: the tests compare that path to
 the plain model on the CPU, and the GPU tests compare the graphs to it.
@@ -85,7 +87,12 @@ class GraphedDecoder:
         self.n = B  # real rows of the current step
         H, dtype = model.config.hidden_size, model.lm_head.weight.dtype
         layers = model.model.layers
-        self.x = [torch.zeros(B, H, dtype=dtype, device=device) for _ in range(len(layers) + 1)]
+        self.x = [torch.zeros(B, H, dtype=dtype, device=device) for _ in range(2)]  # in, out
+        # a layer's residual after attention, and its MLP / MoE output (MoE: this buffer, which
+        # the next layer's segment 1 reads): their sum is the next layer's input
+        self._xa: list[torch.Tensor | None] = [None] * len(layers)
+        self._y = [torch.zeros(B, H, dtype=dtype, device=device) for _ in layers]
+        self._r: list[torch.Tensor | None] = [None] * len(layers)
         pool = torch.cuda.graph_pool_handle() if graphs else None
         self.embed = Segment(lambda: model.model.embed_tokens(self.ids), graphs, pool)
         self.attn = [Segment(self._attention(i), graphs, pool) for i in range(len(layers))]
@@ -106,9 +113,13 @@ class GraphedDecoder:
         block, rotary = self.model.model.layers[i], self.model.model.rotary
 
         def segment():
-            x, h = block.attend(self.x[i], self.batch, self.cache, rotary)
+            if i == 0:
+                x, h = block.attend(self.x[0], self.batch, self.cache, rotary)
+            else:
+                prev = self._xa[i - 1], self._r[i - 1]
+                x, h = block.attend(prev[0], self.batch, self.cache, rotary, r=prev[1])
             if not block.is_moe:
-                return (x + block.mlp(h),)
+                return x, block.mlp(h)
             weights, ids = block.mlp.gate(h)
             return x, h, weights, ids
 
@@ -140,8 +151,9 @@ class GraphedDecoder:
         pending = None
         for i, block in enumerate(self.model.model.layers):
             out = self.attn[i]()
+            self._xa[i] = out[0]
             if not block.is_moe:
-                self.x[i + 1].copy_(out[0])
+                self._r[i] = out[1]
                 continue
             x, h, weights, ids = out
             self._h[i] = h
@@ -149,14 +161,13 @@ class GraphedDecoder:
             rows = (h, ids, weights) if full else (h[:n], ids[:n], weights[:n])
             run = block.mlp.routed.submit(*rows)  # CPU experts start here
             shared = self.shared[i]() if self.shared[i] is not None else None
-            if shared is not None and not full:
-                shared = shared[:n]
-            y, pending = finish(run, shared, pending)
-            if full:  # one kernel
-                torch.add(x, y, out=self.x[i + 1])
-            else:
-                self.x[i + 1].copy_(x)  # padding rows skip the MoE
-                self.x[i + 1][:n].add_(y)
+            y = self._r[i] = self._y[i]
+            if not full:  # padding rows skip the MoE: nothing to add
+                shared = shared[:n] if shared is not None else None
+                y[n:].zero_()
+                y = y[:n]
+            _, pending = finish(run, shared, pending, out=y)
+        torch.add(self._xa[-1], self._r[-1], out=self.x[-1])
         if pending is not None:
             self.x[-1][:n].add_(pending.result())
         return self.head()[:n].clone()
