@@ -81,13 +81,16 @@ def profile_step(model, config, engine, cache, B, pos, device, out_dir, modes) -
 
 def kernel_gaps(kernels: list[tuple[str, float, float]]) -> dict:
     """GPU kernels (name, start us, end us) of one stretch -> its span, the time some kernel ran
-    (their union), the idle time between them by the kernel that follows, and time by kernel."""
+    (their union), the idle time between them by the kernel that follows, and time and calls
+    by kernel."""
     kernels = sorted(kernels, key=lambda k: k[1])
     busy, idle, end = 0.0, {}, kernels[0][1]
     by_name: dict[str, float] = {}
+    count: dict[str, int] = {}
     for name, s, e in kernels:
         short = name.split("(")[0].split("<")[0][:48]
         by_name[short] = by_name.get(short, 0.0) + (e - s)
+        count[short] = count.get(short, 0) + 1
         if s > end:
             idle[short] = idle.get(short, 0.0) + (s - end)
         busy += max(0.0, e - max(s, end))
@@ -102,6 +105,7 @@ def kernel_gaps(kernels: list[tuple[str, float, float]]) -> dict:
         "kernels": len(kernels),
         "idle_before_ms": {k: round(v / 1e3, 3) for k, v in waits},
         "kernel_ms": {k: round(v / 1e3, 3) for k, v in top},
+        "kernel_calls": {k: count[k] for k, _ in top},
     }
 
 

@@ -52,6 +52,7 @@ def test_kernel_gaps_counts_idle_time_and_overlap_once():
     assert g["span_ms"] == 0.035 and g["busy_ms"] == 0.026 and g["idle_ms"] == 0.009
     assert g["idle_before_ms"] == {"c": 0.009} and g["kernels"] == 4
     assert g["kernel_ms"] == {"c": 0.014, "a": 0.01, "b": 0.007}
+    assert g["kernel_calls"] == {"c": 2, "a": 1, "b": 1}
 
 
 def test_routing_skew_makes_the_low_ids_hot():
