@@ -76,7 +76,11 @@ class Group(NamedTuple):
 
 class GroupStaging:
     def __init__(
-        self, slot_bytes: int, device: torch.device | str, direct: bool = False, taper=False
+        self,
+        slot_bytes: int,
+        device: torch.device | str,
+        direct: bool = False,
+        taper: bool = False,
     ) -> None:
         self.slot_bytes, self.device = int(slot_bytes), torch.device(device)
         self.cuda, self.direct = self.device.type == "cuda", direct
@@ -179,8 +183,9 @@ class HostRegistration(NamedTuple):
 def register_host(layers: list[PackedExperts]) -> HostRegistration:
     """Page-locks the layers' packed arrays in place (cudaHostRegister) for `direct` staging,
     as whole pages: arrays that share a page (small layers) are locked as one range. Ranges
-    with a read-only map (a store) are registered read-only. Raises RuntimeError, having
-    unlocked what it locked, if the driver refuses one."""
+    with a read-only map (a store) are registered read-only. Whole pages: an array's pages must
+    hold nothing else (`own_pages` makes them so for arrays on the heap). Raises RuntimeError,
+    having unlocked what it locked, if the driver refuses one."""
     page, spans = mmap.PAGESIZE, []
     for a in unique_arrays(layers):
         lo, hi = a.ctypes.data // page * page, -(-(a.ctypes.data + a.nbytes) // page) * page

@@ -139,7 +139,7 @@ def load_hybrid(
     staging = rates = pinned = None
     if cpu_layers and cuda:  # long prefill streams
         slot = int(placement.runtime.staging_gb * (1 << 30)) // 2
-        pinned = _pin(engine, placement.runtime) if pin else None
+        pinned = _pin(engine, placement.runtime, nbytes) if pin else None
         staging = GroupStaging(slot, opts.device, direct=pinned is not None)
         rates = _rates(opts, config, {p.cpu_format for p in cpu_layers.values()}, placement)
     for L in config.moe_layers:
@@ -167,17 +167,16 @@ def load_hybrid(
     return Hybrid(model.eval(), engine, placement, pinned)
 
 
-def _pin(engine: CPUExperts, runtime) -> HostRegistration | None:
-    """Page-locks the engine's experts in place (runtime.pin_experts said so: true, or auto
-    and they fit its share of the RAM budget); None where that fails under auto, which leaves
-    them as they were, with a warning: long prefill then gathers what it streams."""
-    layers = list(engine.layers.values())
-    nbytes = sum(a.nbytes for a in unique_arrays(layers))
+def _pin(engine: CPUExperts, runtime, nbytes: int) -> HostRegistration | None:
+    """Page-locks the engine's experts (`nbytes` of arrays) in place (runtime.pin_experts said
+    so: true, or auto and they fit its share of the RAM budget); None where that fails under
+    auto, which leaves them as they were, with a warning: long prefill then gathers what it
+    streams."""
     log.info("page-locking %.1f GiB of CPU experts (runtime.pin_experts: %s)", nbytes / (1 << 30),
              "auto; false skips it" if runtime.pin_experts is None else "true")  # fmt: skip
     t0 = time.perf_counter()
     try:
-        pinned = register_host(layers)
+        pinned = register_host(list(engine.layers.values()))
     except RuntimeError as e:
         if runtime.pin_experts:
             raise RuntimeError(f"{e}: set runtime.pin_experts: false") from None
