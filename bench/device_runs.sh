@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -151,6 +151,16 @@ for stage in "$@"; do
       timeout 150 python3 bench/router_sweep.py > "$OUT/router_sweep.jsonl" \
         2> "$OUT/router_sweep.err"; tail -1 "$OUT/router_sweep.err"
       gpu_step_ab router_ab base ;;
+    router-rank-ab)  # issue 18: the router's top-k by rank against base/'s argmax rounds
+      # (router_sweep --quick, 1 and 16 tokens), alternated twice (~1 min)
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; [ "$side" = base ] && dir=base
+          (cd "$dir" && timeout 100 python3 bench/router_sweep.py --quick) \
+            2>> "$OUT/router_rank_ab.err" | sed "s/^{/{\"side\": \"$side\", /" \
+            >> "$OUT/router_rank_ab.jsonl"
+        done
+      done; tail -1 "$OUT/router_rank_ab.err"; grep -c . "$OUT/router_rank_ab.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)

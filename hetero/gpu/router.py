@@ -12,9 +12,8 @@ tile (any E and n_group: both sides are padded to powers of two and masked to -i
   sum of its two best (V3); the topk_group best groups are kept, the others' choices set to -inf.
   `Gate` fills V2's dropped groups with 0 instead, which picks the same experts because softmax
   scores are positive and the launcher refuses a k larger than the kept groups hold.
-- top-k by rank: each expert counts the experts chosen more, or as much with a lower id, and
-  the k of rank < k are stored at their rank; ids come out in descending choice order, ties
-  to the lowest id, as torch.topk gives them for distinct values.
+- top-k: k rounds of argmax-and-mask; each round takes the lowest expert id among equal maxima,
+  so ids come out in descending choice order, as torch.topk gives them for distinct values.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ def _route_row(
     bias_ptr,  # [E] fp32, read when HAS_BIAS
     weights_ptr,  # this token's [K] fp32 out
     ids_ptr,  # this token's [K] int32 or int64 out
-    scratch_ptr,  # this token's [BLOCK_G * BLOCK_EG] fp32: its choices, for the ranks
     G,  # groups (1 when routing ignores them)
     EG,  # experts a group
     scale,  # routed_scaling_factor
@@ -51,7 +49,7 @@ def _route_row(
     NORM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_EG: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """One token's routing from its logits (see the module's doc)."""
     gs, js = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_EG)
@@ -80,29 +78,24 @@ def _route_row(
             keep = keep | (gs == g)
             worth = tl.where(gs == g, float("-inf"), worth)
         choice = tl.where(keep[:, None], choice, float("-inf"))
-    # top-k by rank over the flattened tile: an expert's rank is the count of experts chosen
-    # more, or as much with a lower index (g * BLOCK_EG + j grows with the expert id g * EG + j:
-    # ties go to the lowest id); the k of rank < k are stored at their rank. Every comparison
-    # at once, a chunk of columns a step, instead of k dependent argmax rounds.
-    flat = tl.reshape(choice, (BLOCK_G * BLOCK_EG,))  # [BG * BEG]
+    # top-k over the flattened tile: index g * BLOCK_EG + j grows with the expert id g * EG + j,
+    # so argmax's leftmost maximum is the lowest expert id among equal choices
+    flat = tl.reshape(choice, (BLOCK_G * BLOCK_EG,))
     flat_scores = tl.reshape(scores, (BLOCK_G * BLOCK_EG,))
     idx = tl.arange(0, BLOCK_G * BLOCK_EG)
-    tl.store(scratch_ptr + idx, flat)
-    tl.debug_barrier()  # every choice stored before any is read back
-    rank = tl.zeros((BLOCK_G * BLOCK_EG,), tl.int32)
-    for c0 in tl.static_range(0, BLOCK_G * BLOCK_EG, CHUNK):
-        cols = c0 + tl.arange(0, CHUNK)
-        other = tl.load(scratch_ptr + cols)[None, :]  # [1, CHUNK]
-        ahead = (other > flat[:, None]) | (
-            (other == flat[:, None]) & (cols[None, :] < idx[:, None])
-        )
-        rank += tl.sum(ahead.to(tl.int32), axis=1)
-    top = rank < K
-    w = flat_scores
+    ks = tl.arange(0, BLOCK_K)
+    w = tl.zeros((BLOCK_K,), tl.float32)
+    ids = tl.zeros((BLOCK_K,), tl.int32)
+    for i in tl.static_range(K):
+        j = tl.argmax(flat, 0, tie_break_left=True)
+        hit = idx == j
+        w = tl.where(ks == i, tl.sum(tl.where(hit, flat_scores, 0.0), 0), w)
+        ids = tl.where(ks == i, (j // BLOCK_EG) * EG + j % BLOCK_EG, ids)
+        flat = tl.where(hit, float("-inf"), flat)
     if NORM:
-        w = w / (tl.sum(tl.where(top, flat_scores, 0.0), 0) + 1e-20)
-    tl.store(weights_ptr + rank, w * scale, mask=top)
-    tl.store(ids_ptr + rank, (idx // BLOCK_EG) * EG + idx % BLOCK_EG, mask=top)
+        w = w / (tl.sum(w, 0) + 1e-20)
+    tl.store(weights_ptr + ks, w * scale, mask=ks < K)
+    tl.store(ids_ptr + ks, ids, mask=ks < K)
 
 
 @triton.jit
@@ -111,7 +104,6 @@ def _route(
     bias_ptr,
     weights_ptr,  # [T, K] fp32
     ids_ptr,  # [T, K] int32 or int64
-    scratch_ptr,  # [T, BLOCK_G * BLOCK_EG] fp32
     G,
     EG,
     scale,
@@ -123,12 +115,12 @@ def _route(
     NORM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_EG: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
-    _route_row(logits_ptr + t * G * EG, bias_ptr, weights_ptr + t * K, ids_ptr + t * K,
-               scratch_ptr + t * BLOCK_G * BLOCK_EG, G, EG, scale, K, TOPK_GROUP, GROUP_TOP,
-               SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG, CHUNK)  # fmt: skip
+    _route_row(logits_ptr + t * G * EG, bias_ptr, weights_ptr + t * K, ids_ptr + t * K, G, EG,
+               scale, K, TOPK_GROUP, GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG,
+               BLOCK_K)  # fmt: skip
 
 
 @triton.jit
@@ -140,7 +132,6 @@ def _gemv_route(
     bias_ptr,
     weights_ptr,  # [T, K] fp32
     ids_ptr,  # [T, K]
-    scratch_ptr,  # [T, BLOCK_G * BLOCK_EG] fp32
     H,
     stride_x,
     G,
@@ -154,7 +145,7 @@ def _gemv_route(
     NORM: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_EG: tl.constexpr,
-    CHUNK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -177,9 +168,9 @@ def _gemv_route(
     tl.debug_barrier()  # every thread's logits stored before the count is raised
     done = tl.atomic_add(count_ptr + t, 1, sem="acq_rel")
     if done == tl.num_programs(0) - 1:
-        _route_row(logits_ptr + t * E, bias_ptr, weights_ptr + t * K, ids_ptr + t * K,
-                   scratch_ptr + t * BLOCK_G * BLOCK_EG, G, EG, scale, K, TOPK_GROUP,
-                   GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG, CHUNK)  # fmt: skip
+        _route_row(logits_ptr + t * E, bias_ptr, weights_ptr + t * K, ids_ptr + t * K, G, EG,
+                   scale, K, TOPK_GROUP, GROUP_TOP, SIGMOID, HAS_BIAS, NORM, BLOCK_G, BLOCK_EG,
+                   BLOCK_K)  # fmt: skip
         tl.atomic_xchg(count_ptr + t, 0)  # ready for the next call (graph replays)
 
 
@@ -237,20 +228,17 @@ def _routing(config: ModelConfig, E: int, bias: torch.Tensor | None, device) -> 
         K=K, TOPK_GROUP=c.topk_group if grouped else 0, GROUP_TOP=group_top,
         SIGMOID=c.scoring_func == "sigmoid", HAS_BIAS=bias is not None,
         NORM=bool(c.norm_topk_prob) and K > 1, BLOCK_G=block_g, BLOCK_EG=block_eg,
-        CHUNK=min(32, block_g * block_eg),
+        BLOCK_K=triton.next_power_of_2(K),
     )  # fmt: skip
     warps = max(1, min(4, block_g * block_eg // 128))
     return G, EG, float(c.routed_scaling_factor), constexprs, warps
 
 
-def _outputs(T: int, K: int, device, ids_dtype: torch.dtype, constexprs: dict):
-    """(weights [T, K] fp32, ids [T, K], the ranks' scratch [T, BLOCK_G * BLOCK_EG] fp32)."""
+def _outputs(T: int, K: int, device, ids_dtype: torch.dtype):
     if ids_dtype not in (torch.int32, torch.int64):
         raise ValueError(f"ids_dtype must be torch.int32 or torch.int64, got {ids_dtype}")
     weights = torch.empty(T, K, device=device, dtype=torch.float32)
-    n = constexprs["BLOCK_G"] * constexprs["BLOCK_EG"]
-    scratch = torch.empty(T, n, device=device, dtype=torch.float32)
-    return weights, torch.empty(T, K, device=device, dtype=ids_dtype), scratch
+    return weights, torch.empty(T, K, device=device, dtype=ids_dtype)
 
 
 def fused_route(
@@ -269,11 +257,10 @@ def fused_route(
     G, EG, scale, constexprs, warps = _routing(config, E, bias, logits.device)
     if not logits.is_contiguous():
         raise ValueError("logits must be contiguous")
-    weights, ids, scratch = _outputs(T, config.num_experts_per_tok, logits.device, ids_dtype,
-                                     constexprs)  # fmt: skip
+    weights, ids = _outputs(T, config.num_experts_per_tok, logits.device, ids_dtype)
     if T:
-        _route[(T,)](logits, bias if bias is not None else logits, weights, ids, scratch, G, EG,
-                     scale, **constexprs, num_warps=warps)  # fmt: skip
+        _route[(T,)](logits, bias if bias is not None else logits, weights, ids, G, EG, scale,
+                     **constexprs, num_warps=warps)  # fmt: skip
     return weights, ids
 
 
@@ -301,14 +288,12 @@ def gemv_route(
     if x.stride(-1) != 1:
         x = x.contiguous()
     weight = weight.contiguous()
-    weights, ids, scratch = _outputs(T, config.num_experts_per_tok, x.device, ids_dtype,
-                                     constexprs)  # fmt: skip
+    weights, ids = _outputs(T, config.num_experts_per_tok, x.device, ids_dtype)
     if T:
         logits = torch.empty(T, E, device=x.device, dtype=torch.float32)
         block_h = min(triton.next_power_of_2(H), tiles.max_block_h)
         _gemv_route[(triton.cdiv(E, tiles.block_e), T)](
-            x, weight, logits, counters, bias if bias is not None else logits, weights, ids,
-            scratch, H,
+            x, weight, logits, counters, bias if bias is not None else logits, weights, ids, H,
             x.stride(0), G, EG, scale, **constexprs, BLOCK_E=tiles.block_e, BLOCK_H=block_h,
             num_warps=tiles.num_warps,
         )  # fmt: skip
