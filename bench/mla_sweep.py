@@ -2,7 +2,9 @@
 step (block_n), warps and pipeline stages, timed on one paged cache (page 64, bf16) per batch x
 context, each against the default's output and against the device copy bandwidth and the
 FLOPs it does (V3's 128 heads: ~245 FLOPs a cache byte, so bf16 tensor-core time bounds it).
-JSON lines; `python bench/mla_sweep.py [--points 32x8192,1x4096]`."""
+`--grid splits`: the default tiles over several splits of the context
+(mla_decode.split_count's choice, the earlier rule's, fixed counts). JSON lines;
+`python bench/mla_sweep.py [--points 32x8192,1x4096] [--grid tiles|pipeline|splits]`."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -21,17 +24,37 @@ from bench.gpu_floor import cuda_ms, hbm_copy_gbps  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
-CONFIGS = [  # (block_h, block_n, num_warps, num_stages); the default first
-    (16, 32, 4, 2),
-    *((h, n, w, 2) for h, n, w in itertools.product((16, 32, 64), (32, 64), (4, 8))),
+TILES = [  # (block_h, block_n, num_warps, num_stages, splits); the default first
+    (64, 64, 8, 2, None),
+    *((h, n, w, 2, None) for h, n, w in itertools.product((16, 32, 64), (32, 64), (4, 8))),
+]
+PIPELINE = [  # the default heads and warps with deeper pipelines over smaller token steps
+    (64, 64, 8, 2, None),
+    (64, 64, 8, 1, None),
+    (64, 64, 8, 3, None),
+    (64, 32, 8, 2, None),
+    (64, 32, 8, 3, None),
+    (64, 32, 8, 4, None),
+    (64, 16, 8, 4, None),
 ]
 
 
+def split_configs(B: int, ctx: int, heads: int, sms: int) -> list[tuple]:
+    """The default tiles at the default rule's splits (None), the eleventh session's rule
+    (~2 programs an SM) and a few fixed counts."""
+    programs = B * triton.cdiv(heads, 64)
+    old = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(ctx, 256)))
+    fixed = [n for n in (1, 2, 4, 8, 16) if n <= triton.cdiv(ctx, 256)]
+    return [(64, 64, 8, 2, n) for n in dict.fromkeys([None, old, *fixed])]
+
+
 def main() -> None:
-    from hetero.gpu.mla_decode import mla_decode
+    from hetero.gpu.mla_decode import mla_decode, split_count
 
     p = argparse.ArgumentParser()
     p.add_argument("--points", default="32x8192,1x4096", help="batch x context, comma-separated")
+    p.add_argument("--grid", choices=("tiles", "pipeline", "splits"), default="tiles",
+                   help="tile shapes, pipeline stages, or splits of the context")  # fmt: skip
     args = p.parse_args()
     c = ModelConfig.from_hf(MODELS / "deepseek-v3")
     C, R, h, scale = c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads, c.softmax_scale
@@ -45,12 +68,18 @@ def main() -> None:
         q_pe = torch.randn(B, h, R, device="cuda", generator=gen, dtype=torch.bfloat16)
         want, nbytes = None, S.mla_decode_bytes(B, ctx, C, R)
         flops = S.mla_decode_flops(B, ctx, h, C, R)
-        for bh, bn, warps, stages in CONFIGS:
+        sms = torch.cuda.get_device_properties("cuda").multi_processor_count
+        grid = {"tiles": TILES, "pipeline": PIPELINE}.get(args.grid) or split_configs(
+            B, ctx, h, sms
+        )
+        for bh, bn, warps, stages, splits in grid:
             run = lambda: mla_decode(q_lat, q_pe, latent, rope, table, lens, scale,  # noqa: E731
-                                     block_h=bh, block_n=bn, num_warps=warps,
+                                     splits=splits, block_h=bh, block_n=bn, num_warps=warps,
                                      num_stages=stages)  # fmt: skip
             row = {"bench": "mla_sweep", "batch": B, "ctx": ctx, "block_h": bh, "block_n": bn,
-                   "num_warps": warps, "num_stages": stages}  # fmt: skip
+                   "num_warps": warps, "num_stages": stages,
+                   "splits": splits if splits is not None else split_count(
+                       B * triton.cdiv(h, bh), ctx, bn, sms)}  # fmt: skip
             try:
                 out = run()
                 ms = cuda_ms(run)

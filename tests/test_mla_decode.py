@@ -205,3 +205,31 @@ def test_rotation_in_the_kernel_equals_rope_first(interleave):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rotary wants positions"):
         mla_decode(q_lat, q_pe, latent, rope, table, positions, 0.3, rotary=(cos, sin, True))
+
+
+def test_split_count_fills_one_wave_before_splitting_further():
+    """The default rule's splits: V3's 32 x 4K (64 head blocks, 132 SMs) takes 2 splits, one
+    wave of 128 programs (the earlier ~2-an-SM rule took 5: 320 programs in 3 waves); batch 1
+    splits a long context up to one split a 256 tokens; a short one or a full wave is not
+    split; the choice never takes longer by the rule's own count than any other."""
+    from hetero.gpu.mla_decode import split_count
+
+    assert split_count(64, 4096, 64, 132) == 2
+    assert split_count(2, 4096, 64, 132) == 16  # one split a 256 tokens
+    assert split_count(2, 16, 64, 132) == 1
+    assert split_count(128, 4096, 64, 132) == 1  # a full wave already
+    assert split_count(2, 4096, 64, 1) == 1  # the interpreter: one slot
+
+    def cdiv(a, b):
+        return -(-a // b)
+
+    def waves_x_steps(programs, longest, s, slots=132, block_n=64):
+        return cdiv(programs * s, slots) * (cdiv(cdiv(longest, s), block_n) + 1)
+
+    for programs in (2, 16, 64, 100, 256):
+        for longest in (512, 4096, 32768):
+            best = split_count(programs, longest, 64, 132)
+            cap = -(-longest // 256)
+            assert 1 <= best <= cap
+            assert all(waves_x_steps(programs, longest, best) <= waves_x_steps(programs, longest, s)
+                       for s in range(1, min(cap, 4 * 132 // programs) + 1))  # fmt: skip

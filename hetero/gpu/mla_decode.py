@@ -196,14 +196,13 @@ def mla_decode(
         cos = sin = ctx_lens  # not read
         interleave = False
     longest = page_table.shape[1] * page
-    if splits is None:  # ~2 programs an SM over the batch's head blocks, whole pages a split
+    if splits is None:
         sms = (
             torch.cuda.get_device_properties(q_lat.device).multi_processor_count
             if q_lat.is_cuda
             else 1
         )
-        programs = B * triton.cdiv(H, block_h)
-        splits = max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(longest, 256)))
+        splits = split_count(B * triton.cdiv(H, block_h), longest, block_n, sms)
     chunk = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
     one = splits == 1  # the kernel stores the result: no merge kernel
     out = torch.empty(B, splits, H, C, device=q_lat.device,
@@ -219,6 +218,24 @@ def mla_decode(
         INTERLEAVE=interleave, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out[:, 0] if one else merge(out, lse, q_lat.dtype)
+
+
+def split_count(programs: int, longest: int, block_n: int, slots: int) -> int:
+    """Splits of each sequence's context that finish the kernel soonest when `programs` head
+    blocks each take `splits` programs and `slots` programs run at once (one an SM: the default
+    tiles hold ~220 KB of shared memory). Time ~ waves x (steps of block_n tokens a split + one
+    for the program's prologue and partial store); the fewest splits among equal times (each
+    one more is merged). Candidates: the most splits that fit in 1..4 waves, one split a 256
+    tokens at most. (Was ~2 programs an SM: 5 splits at V3's 32 x 4K, 320 programs in 3 waves
+    of 13 steps, where 2 splits run 128 programs in one wave of 32.)"""
+    cap = max(1, triton.cdiv(longest, 256))
+    best, best_cost = 1, None
+    for s in sorted({1, *(min(cap, w * slots // programs) for w in range(1, 5))} - {0}):
+        steps = triton.cdiv(triton.cdiv(longest, s), block_n)
+        cost = triton.cdiv(programs * s, slots) * (steps + 1)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = s, cost
+    return best
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
