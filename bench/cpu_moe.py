@@ -181,11 +181,6 @@ def main() -> None:
         help="int4 on the AMX path: auto, bf16 or int8 tiles, or several (comma-separated: "
         "each int4 format is run with each)",
     )
-    p.add_argument(
-        "--amx-int8-scales",
-        default=EngineConfig.amx_int8_scales,
-        help="per-row int8 on the AMX path: block, token, or both (block,token)",
-    )
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
@@ -227,13 +222,10 @@ def main() -> None:
     naive = {}
     if not args.no_naive:
         naive = measure_naive(H, I, E, k, tokens, gen, args.iters, bw, base)
-    int4_tiles, int8_scales = args.amx_int4_tiles.split(","), args.amx_int8_scales.split(",")
-    runs = [(Format.parse(spec), t, sc) for spec in args.format.split(",") for t in int4_tiles
-            for sc in int8_scales]  # fmt: skip
-    runs = [(fmt, t, sc) for fmt, t, sc in runs  # each format over the settings it has
-            if (fmt.name == "int4" or t == int4_tiles[0])
-            and (fmt.name == "int8" and not fmt.group_size or sc == int8_scales[0])]  # fmt: skip
-    for fmt, tiles, scales in runs:
+    int4_tiles = args.amx_int4_tiles.split(",")
+    runs = [(Format.parse(spec), t) for spec in args.format.split(",") for t in int4_tiles]
+    runs = [(fmt, t) for fmt, t in runs if fmt.name == "int4" or t == int4_tiles[0]]
+    for fmt, tiles in runs:
         layer = random_layer(fmt, H, I, E)
         engine = CPUExperts(
             {0: layer},
@@ -244,7 +236,6 @@ def main() -> None:
                 amx=not args.no_amx,
                 gemm_min_tokens_amx=args.gemm_min_tokens_amx,
                 amx_int4_tiles=tiles,
-                amx_int8_scales=scales,
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
@@ -264,8 +255,6 @@ def main() -> None:
                    **rates(ms, bytes_read, bw, H, I, T, k)}  # fmt: skip
             if fmt.name == "int4" and base["amx"]:
                 row["amx_int4_tiles"] = tiles
-            if fmt.name == "int8" and not fmt.group_size and base["amx"]:
-                row["amx_int8_scales"] = scales
             if engine.stats.amx_s:  # the AMX path's steps, ms a call
                 calls = engine.stats.jobs - jobs
                 row["amx_ms"] = {

@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | amx-int8-token | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -176,15 +176,6 @@ for stage in "$@"; do
           2>> "$OUT/mla_splits.err" | sed "s/^{/{\"side\": \"$side\", /" \
           >> "$OUT/gpu_step_b32_ab.jsonl"
       done; grep -c . "$OUT/mla_splits.jsonl" "$OUT/gpu_step_b32_ab.jsonl" ;;
-    amx-int8-token)  # issue 19: per-row int8 on the AMX tiles with one activation scale a
-      # token (the C tiles sum all of k) against a scale per 128, its tests on the real tile
-      # instructions first, then one V3 layer at 256 and 1024 tokens with the naive loop (~4 min)
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cpu_amx.py \
-        -k "token or int8 or edge" 2>&1 | tee "$OUT/$day-amx-int8-token-tests.log" | tail -2
-      timeout 200 python3 bench/cpu_moe.py --shape v3 --format int8,int4-g128 \
-        --tokens 256,1024 --amx-int8-scales block,token > "$OUT/amx_int8_token.jsonl" \
-        2> "$OUT/amx_int8_token.err"; tail -1 "$OUT/amx_int8_token.err"
-      grep -c . "$OUT/amx_int8_token.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)

@@ -198,39 +198,3 @@ def test_engine_takes_the_amx_path_where_the_cpu_has_it():
     x, ids, w = routing(48, 3, seed=7, hidden=H)
     assert rel_err(eng.forward(0, x, ids, w), amx_reference(layer, x, ids, w)) < FP32_TOL
     eng.close()
-
-
-def int8_rows(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] rounded to int8 with one scale a row (amax / 127), as ops._quantize_rows."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / 127
-    return torch.where(scale > 0, (x / scale).round() * scale, 0.0)
-
-
-@pytest.mark.parametrize("T", [37, 70])
-def test_int8_token_scales_sum_all_of_k_in_the_tiles(T):
-    """int8_scales="token" on per-row int8: activations (x and h) rounded with one scale a
-    token, the products of all of k summed in the C tiles before one scaling. 37 tokens top 3
-    (~14 an expert, some two token tiles) and 70 on one expert (5 token tiles: a group of 4,
-    then 1) against the per-expert loop with that rounding; int8-g128 layers keep the blocks."""
-    layer = layer_of("int8")
-    x, ids, w = routing(T, 3, seed=8, hidden=H)
-    if T == 70:
-        ids = torch.zeros(T, 1, dtype=torch.long)
-        w = w[:, :1]
-    out = np.ones((T, H), np.float32)
-    g = ops.group_by_expert(ids.numpy(), E)
-    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int8_scales="token")
-    y = torch.zeros(T, H)
-    for t in range(T):
-        for j in range(ids.shape[1]):
-            gate, up, down = unpack_expert(layer, int(ids[t, j]))
-            xt = int8_rows(x[t])
-            y[t] += w[t, j] * (down @ int8_rows(F.silu(gate @ xt) * (up @ xt)))
-    assert rel_err(torch.from_numpy(out), y + 1) < FP32_TOL
-    blocks = np.zeros((T, H), np.float32)  # the default rounding differs: both near fp32
-    ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, blocks)
-    exact = reference(layer, x, ids, w)
-    assert rel_err(torch.from_numpy(out) - 1, exact) < 3e-2
-    assert rel_err(torch.from_numpy(blocks), exact) < 3e-2
-    with pytest.raises(ValueError, match="int8_scales must be block or token, not 'row'"):
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int8_scales="row")

@@ -31,10 +31,6 @@ class EngineConfig:
     # "auto": bf16 for group 32, int8 for 64 and 128 (H100 machine, V3 layer, T=1024: g32
     # 337-381 ms on bf16 against 431 on int8; g64 449 against 284, g128 443 against 255)
     amx_int4_tiles: str = "auto"
-    # per-row int8 layers on the AMX path: activations with a scale per 128 of k ("block", as
-    # the GEMV) or one a token ("token": the rounding of the oneDNN int8 GEMM; the tile unit
-    # sums all of k, with no rescale a block); not yet measured on the device
-    amx_int8_scales: str = "block"
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB

@@ -90,12 +90,11 @@ def _scale_impl(s, i):
 
 
 @njit(parallel=True, **JIT)
-def quantize_tiles(src, index, kt, rr, block, xb, xs, xsum):
+def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
     """B tiles of the rows index [U, 16] of src [N, K] f32 (-1: a zero column).
 
     xb [U, K/KT, KT/4, 64] i8: tile u's k-chunk c, VNNI order (row kk holds k = 4 kk .. 4 kk + 3
-    of each of the 16 tokens); xs [U, K/block, 16] f32: per token and `block` of k (BLOCK, or K:
-    one scale a token), amax / 127;
+    of each of the 16 tokens); xs [U, K/128, 16] f32: per token and 128 of k, amax / 127;
     xsum [U, K/RR, 16] i32: the sum of the quantized values over each RR of k."""
     U, K = index.shape[0], src.shape[1]
     for u in prange(U):
@@ -107,13 +106,13 @@ def quantize_tiles(src, index, kt, rr, block, xb, xs, xsum):
                 xs[u, :, m] = 0.0
                 continue
             x = src[row]
-            for b in range(K // block):
+            for b in range(K // BLOCK):
                 amax = np.float32(0.0)
-                for i in range(block):
-                    amax = max(amax, abs(x[b * block + i]))
+                for i in range(BLOCK):
+                    amax = max(amax, abs(x[b * BLOCK + i]))
                 xs[u, b, m] = amax / np.float32(127.0)
             for c in range(K // kt):  # (loops in k order: no division a value)
-                scale = xs[u, c * kt // block, m]
+                scale = xs[u, c * kt // BLOCK, m]
                 inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
                 total = np.int32(0)
                 for kk in range(kt // 4):
@@ -191,74 +190,6 @@ def _rows_times_tiles(
     _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, nq - 1, (nq - 1) * rr // BLOCK)
 
 
-def _int8_products_with(a: int):
-    """An inline function: C of token tiles 0..n-1 (up to 4) += int8 weight tile `a` . their
-    int8 B tiles, from byte `at` of xb, `step` bytes apart (B tiles alternate two registers)."""
-
-    @njit(inline="always", nogil=True, fastmath=True)
-    def products(tiles, xb, at, step, n):
-        amx.tile_load(tiles, B0, xb, at, 64)
-        amx.tile_dp_bssd(tiles, CS[0], a, B0)
-        if n > 1:
-            amx.tile_load(tiles, B1, xb, at + step, 64)
-            amx.tile_dp_bssd(tiles, CS[1], a, B1)
-        if n > 2:
-            amx.tile_load(tiles, B0, xb, at + 2 * step, 64)
-            amx.tile_dp_bssd(tiles, CS[2], a, B0)
-        if n > 3:
-            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)
-            amx.tile_dp_bssd(tiles, CS[3], a, B1)
-
-    return products
-
-
-_INT8_A0, _INT8_A1 = _int8_products_with(A0), _int8_products_with(A1)
-
-
-@njit(inline="always", **JIT)
-def _rows_times_tiles_whole(tiles, w, s, row0, K, xb, xs, xsum, u0, nt, acc, cbuf, sw, ahead):
-    """_rows_times_tiles for int8 rows with one scale a row, on activations with one scale a
-    token (xs [U, 1, 16]): a token tile's products over all of K add up in its C tile (int32:
-    |sum| <= 127^2 K, 2^31 at K = 133K), stored and scaled once, where the blocks of 128 take a
-    C store and a rescale each. Up to 4 token tiles at a time; the weight tiles alternate A0,
-    A1 (a chunk of 64 k: 16 rows x 64 bytes straight from w) so the next loads while the last
-    multiplies."""
-    nc = K // 64
-    bt = 16 * 64  # bytes of a B tile (64 k of 16 tokens)
-    step = nc * bt  # bytes of one token tile's B tiles
-    for r in range(TM):
-        sw[0, r] = _scale(s, row0 + r)
-    for g0 in range(0, nt, GROUP):
-        n = min(GROUP, nt - g0)
-        amx.tile_zero(tiles, CS[0])
-        amx.tile_zero(tiles, CS[1])
-        amx.tile_zero(tiles, CS[2])
-        amx.tile_zero(tiles, CS[3])
-        at = (u0 + g0) * step
-        for c in range(0, nc, 2):
-            wat = row0 * K + c * 64
-            if ahead > 0:  # the two lines of each row this step takes, `ahead` bytes on
-                prefetch_rows(w, wat + ahead, K)
-                prefetch_rows(w, wat + ahead + 64, K)
-            amx.tile_load(tiles, A0, w, wat, K)
-            _INT8_A0(tiles, xb, at + c * bt, step, n)
-            amx.tile_load(tiles, A1, w, wat + 64, K)
-            _INT8_A1(tiles, xb, at + (c + 1) * bt, step, n)
-        amx.tile_store(tiles, CS[0], cbuf, 0, 64)
-        if n > 1:
-            amx.tile_store(tiles, CS[1], cbuf, 4 * TM * TM, 64)
-        if n > 2:
-            amx.tile_store(tiles, CS[2], cbuf, 8 * TM * TM, 64)
-        if n > 3:
-            amx.tile_store(tiles, CS[3], cbuf, 12 * TM * TM, 64)
-        for j in range(n):
-            t = g0 + j
-            a = acc[t * TM * TM : (t + 1) * TM * TM]
-            a[:] = 0.0
-            rescale(cbuf[j * TM * TM : (j + 1) * TM * TM], a, xs[u0 + t, 0], xsum[u0 + t, 0],
-                    sw[0], 0)  # fmt: skip
-
-
 @njit(inline="always", **JIT)
 def _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q, b):
     """acc of the nt token tiles += chunk q's C tiles (set q % 2 of cbuf), rescaled."""
@@ -271,29 +202,28 @@ def _rescale_all(cbuf, acc, xs, xsum, sw, offset, u0, nt, q, b):
 
 @njit(**JIT)
 def gate_up(
-    w13, s13, H, I, G, offset, cfg, experts, first_tile, xb, xs, xsum, h, ahead, threads, whole
+    w13, s13, H, I, G, offset, cfg, experts, first_tile, xb, xs, xsum, h, ahead, threads
 ):  # fmt: skip
     """Step 2: h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat
-    (rows [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U. `whole`:
-    int8 rows with a scale a row on activations with a scale a token (_rows_times_tiles_whole)."""
+    (rows [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U."""
     pairs, scale = np.empty((0, 0), np.int64), np.empty(0, np.float32)
     _items(w13, s13, H, 2 * I, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
-           threads, True, h, pairs, scale, np.empty((0, 0), np.float32), whole)  # fmt: skip
+           threads, True, h, pairs, scale, np.empty((0, 0), np.float32))  # fmt: skip
 
 
 @njit(**JIT)
 def down(w2, s2, H, I, G, offset, cfg, experts, first_tile, hb, hs, hsum, pairs, scale, y, ahead,
-         threads, whole):  # fmt: skip
+         threads):  # fmt: skip
     """Step 4: y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each
     token column (-1: padding)."""
     h = np.empty((0, 0, 0), np.float32)
     _items(w2, s2, I, H, G, offset, cfg, experts, first_tile, hb, hs, hsum, ahead, threads,
-           False, h, pairs, scale, y, whole)  # fmt: skip
+           False, h, pairs, scale, y)  # fmt: skip
 
 
 @njit(parallel=True, **JIT)
 def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead, threads, gate,
-           h, pairs, scale, y, whole):  # fmt: skip
+           h, pairs, scale, y):  # fmt: skip
     """Items of 16 of an expert's R rows (K of k) x its token tiles, from a shared counter; their
     sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
     kt, rr = tile_k(G)
@@ -307,12 +237,8 @@ def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
-            if whole:
-                _rows_times_tiles_whole(tiles, w, s, row0, K, xb, xs, xsum, u0, nt, acc, cbuf,
-                                        sw, ahead)  # fmt: skip
-            else:
-                _rows_times_tiles(tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt,
-                                  acc, ab, cbuf, sw, ahead)  # fmt: skip
+            _rows_times_tiles(tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt,
+                              acc, ab, cbuf, sw, ahead)  # fmt: skip
             if gate:
                 silu_rows(acc, h, u0, nt, slab)
             else:

@@ -44,7 +44,7 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "1322a72ebcfb22dd",
+    "kernels_amx.py": "02f50fb79c2a9a12",
     "simd_sync.py": "7447f681346712d2",
 }
 TK = 32  # k a product

@@ -194,24 +194,18 @@ def moe_gemm_amx(
     prefetch_bytes: int = 4096,
     times: dict[str, float] | None = None,
     int4_tiles: str = "auto",
-    int8_scales: str = "block",
 ) -> None:
     """out [T, H] += the routed experts of `g` applied to x [T, H], on AMX tiles (kernels_amx;
     an exact emulation where the CPU has no AMX: tests only). For experts with many tokens.
     `int4_tiles`: int4 layers on "bf16" tiles (kernels_amx_bf16), "int8" ones, or "auto": bf16
     for group 32 (rescaling int8 sums every 32 k costs more than dequantizing), int8 above.
-    `int8_scales`: int8 layers with a scale a row on activations with a scale per 128 of k
-    ("block", as every other path) or one a token ("token": the int8 GEMM of `expert_gemm`'s
-    rounding; the tile unit then sums all of k before one rescale). `scratch`: buffers kept
-    between calls (a 1024-token V3 call uses ~400 MB of them, whose
+    `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
     first touch would cost tens of ms a call). `prefetch_bytes`: how far ahead each weight row
     is prefetched; `times`: filled with each step's seconds."""
     scratch = {} if scratch is None else scratch
     _check(layer, x, weights, out)
     if int4_tiles not in ("auto", "bf16", "int8"):
         raise ValueError(f"int4_tiles must be auto, bf16 or int8, not {int4_tiles!r}")
-    if int8_scales not in ("block", "token"):
-        raise ValueError(f"int8_scales must be block or token, not {int8_scales!r}")
     if not amx_ok(layer):
         raise ValueError(f"the AMX path takes int4/int8 layers with H, I % 128 == 0, not {layer}")
     amx.enable()
@@ -241,21 +235,20 @@ def moe_gemm_amx(
         kernels.combine(g.pos, y, out, add=True)
         clock.lap("add")
         return
-    whole = int8_scales == "token" and layer.fmt.name == "int8" and layer.fmt.group_size == 0
-    xb, xs, xsum = _b_tiles(x, tokens, G13, scratch, "x", whole)
+    xb, xs, xsum = _b_tiles(x, tokens, G13, scratch, "x")
     h = _scratch(scratch, "h", (U, TM, I), np.float32)
     clock.lap("quantize_x")
     flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
     kernels_amx.gate_up(*flat, H, I, G13, offset, _config(G13), g.experts, first, xb.reshape(-1),
-                        xs, xsum, h, prefetch_bytes, threads, whole)  # fmt: skip
+                        xs, xsum, h, prefetch_bytes, threads)  # fmt: skip
     clock.lap("gate_up")
     columns = np.where(pairs >= 0, np.arange(U * TM).reshape(U, -1), -1)
-    hb, hs, hsum = _b_tiles(h.reshape(U * TM, I), columns, G2, scratch, "h", whole)
+    hb, hs, hsum = _b_tiles(h.reshape(U * TM, I), columns, G2, scratch, "h")
     y = _scratch(scratch, "y", (g.pair_token.shape[0], H), np.float32)
     clock.lap("quantize_h")
     flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
     kernels_amx.down(*flat, H, I, G2, offset, _config(G2), g.experts, first, hb.reshape(-1), hs,
-                     hsum, pairs, scale, y, prefetch_bytes, threads, whole)  # fmt: skip
+                     hsum, pairs, scale, y, prefetch_bytes, threads)  # fmt: skip
     clock.lap("down")
     kernels.combine(g.pos, y, out, add=True)
     clock.lap("add")
@@ -305,23 +298,15 @@ def _config(G: int) -> np.ndarray:
 
 
 def _b_tiles(
-    src: np.ndarray,
-    index: np.ndarray,
-    G: int,
-    scratch: dict[str, np.ndarray],
-    name: str,
-    whole: bool = False,
+    src: np.ndarray, index: np.ndarray, G: int, scratch: dict[str, np.ndarray], name: str
 ) -> tuple[np.ndarray, ...]:
-    """kernels_amx.quantize_tiles of the rows index [U, 16] of src [N, K] (-1: zeros): a scale
-    per 128 of k, or with `whole` one a token (and one sum)."""
+    """kernels_amx.quantize_tiles of the rows index [U, 16] of src [N, K] (-1: zeros)."""
     (U, _), K = index.shape, src.shape[1]
     kt, rr = kernels_amx.tile_k(G)
-    block = K if whole else kernels_amx.BLOCK
-    rr = K if whole else rr
     xb = _scratch(scratch, name + "b", (U, K // kt, kt // 4, 64), np.int8)
-    xs = _scratch(scratch, name + "s", (U, K // block, kernels_amx.TM), np.float32)
+    xs = _scratch(scratch, name + "s", (U, K // kernels_amx.BLOCK, kernels_amx.TM), np.float32)
     xsum = _scratch(scratch, name + "sum", (U, K // rr, kernels_amx.TM), np.int32)
-    kernels_amx.quantize_tiles(src, index, kt, rr, block, xb, xs, xsum)
+    kernels_amx.quantize_tiles(src, index, kt, rr, xb, xs, xsum)
     return xb, xs, xsum
 
 
