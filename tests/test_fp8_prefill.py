@@ -36,6 +36,9 @@ def test_activation_quantization_equals_torch(M):
     q, s = quantize_act(x.to(DEVICE), 128)
     want_q, want_s = act_reference(x, 128)
     torch.testing.assert_close(s.cpu(), want_s)
+    q_t, s_t = quantize_act(x.to(DEVICE), 128, token_minor=True)  # cuBLAS's scale layout
+    assert s_t.t().is_contiguous() and torch.equal(s_t.cpu(), s.cpu())
+    assert torch.equal(q_t.cpu().float(), q.cpu().float())
     got, want = q.cpu().float(), want_q.float()
     assert got[2, 128:256].eq(0).all()
     if DEVICE == "cuda":

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from hetero.gpu.act import silu_mul_as_torch
+
 
 @dataclass(frozen=True)
 class Tiles:
@@ -85,14 +87,6 @@ def _mma(x, w, s, PRECISION: tl.constexpr):
     (tf32 holds bf16 activations and e4m3 exactly; bf16 operands measured slower on the H200)."""
     part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
     return part * s[None, :]
-
-
-@triton.jit
-def _silu_mul(gate, up, dtype: tl.constexpr):
-    """silu(gate) * up rounded as torch's F.silu(gate) * up in `dtype`: gate, silu, product."""
-    gate = gate.to(dtype).to(tl.float32)
-    act = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32)
-    return act * up.to(dtype).to(tl.float32)
 
 
 @triton.jit
@@ -175,7 +169,7 @@ def _fp8_gemm(
     out = y_ptr + toks[:, None] * NY + rows[None, :]
     if DIRECT:
         if SILU_MUL:
-            acc = _silu_mul(acc, acc_up, y_ptr.dtype.element_ty)
+            acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
         part = p_ptr + split * M * N + toks[:, None] * N + rows[None, :]
@@ -196,7 +190,7 @@ def _fp8_gemm(
                     if SILU_MUL:
                         acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
                 if SILU_MUL:
-                    acc = _silu_mul(acc, acc_up, y_ptr.dtype.element_ty)
+                    acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
                 tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
                 tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next call (graph replays)
 
@@ -219,7 +213,7 @@ def _sum_splits(p_ptr, y_ptr, S, MN, NH, BLOCK: tl.constexpr, SILU_MUL: tl.const
         if SILU_MUL:
             up += tl.load(p_ptr + s * MN + src + NH, mask=ok, other=0.0)
     if SILU_MUL:
-        acc = _silu_mul(acc, up, y_ptr.dtype.element_ty)
+        acc = silu_mul_as_torch(acc, up, y_ptr.dtype.element_ty)
     tl.store(y_ptr + i, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 

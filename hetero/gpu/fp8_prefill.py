@@ -17,11 +17,11 @@ FP8_MAX = 448.0  # largest float8_e4m3fn
 
 
 @triton.jit
-def _quantize_act(x_ptr, q_ptr, s_ptr, M, K, stride_xm, BLOCK: tl.constexpr,
-                  ROWS: tl.constexpr):  # fmt: skip
+def _quantize_act(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_sm, stride_sk,
+                  BLOCK: tl.constexpr, ROWS: tl.constexpr):  # fmt: skip
     """One program a (ROWS tokens, 128-channel block) tile: q = x / s in e4m3, s = amax / 448
     a row (one program a token and block made 230K programs of 128 values at a 4096 x 7168
-    prefill: too little in flight to stream HBM)."""
+    prefill: too little in flight to stream HBM); s [M, K/BLOCK] at any strides."""
     mb, kb = tl.program_id(0), tl.program_id(1)
     m = mb * ROWS + tl.arange(0, ROWS)  # [ROWS]
     k = kb * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
@@ -31,7 +31,7 @@ def _quantize_act(x_ptr, q_ptr, s_ptr, M, K, stride_xm, BLOCK: tl.constexpr,
     s = tl.max(tl.abs(x), axis=1) / 448.0  # [ROWS]
     s = tl.where(s > 0, s, 1.0)
     tl.store(q_ptr + rows * K + k[None, :], (x / s[:, None]).to(q_ptr.dtype.element_ty), mask=ok)
-    tl.store(s_ptr + m * tl.cdiv(K, BLOCK) + kb, s, mask=m < M)
+    tl.store(s_ptr + m * stride_sm + kb * stride_sk, s, mask=m < M)
 
 
 @triton.jit
@@ -71,17 +71,26 @@ def _fp8_gemm_w8a8(
              mask=tok_ok[:, None] & row_ok[None, :])  # fmt: skip
 
 
-def quantize_act(x: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/block)]), a scale per token per block."""
+def quantize_act(
+    x: torch.Tensor, block: int = 128, token_minor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scales [M, ceil(K/block)]), a scale per token per block.
+    `token_minor`: the scales stored block by block (s.t() contiguous), the layout cuBLAS's
+    block-scaled GEMM wants: written so by the kernel, not copied after it."""
     M, K = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
     q = torch.empty(M, K, device=x.device, dtype=torch.float8_e4m3fn)
-    s = torch.empty(M, triton.cdiv(K, block), device=x.device, dtype=torch.float32)
+    kbs = triton.cdiv(K, block)
+    if token_minor:
+        s = torch.empty(kbs, M, device=x.device, dtype=torch.float32).t()
+    else:
+        s = torch.empty(M, kbs, device=x.device, dtype=torch.float32)
     if M:
         rows = min(16, triton.next_power_of_2(M))
-        grid = (triton.cdiv(M, rows), triton.cdiv(K, block))
-        _quantize_act[grid](x, q, s, M, K, x.stride(0), BLOCK=block, ROWS=rows)
+        grid = (triton.cdiv(M, rows), kbs)
+        _quantize_act[grid](x, q, s, M, K, x.stride(0), s.stride(0), s.stride(1), BLOCK=block,
+                            ROWS=rows)  # fmt: skip
     return q, s
 
 
@@ -133,8 +142,7 @@ def scaled_mm_w8a8(
     M = x2.shape[0]
     if M % 4:  # cuBLAS wants the activation scales' rows in multiples of 4
         x2 = torch.nn.functional.pad(x2, (0, 0, 0, -M % 4))
-    xq, xs = quantize_act(x2)
-    xs = xs.t().contiguous().t()  # [M, K/128] outer-dim-major
+    xq, xs = quantize_act(x2, token_minor=True)  # scales [M, K/128], outer-dim-major
     try:
         y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=scale.t(), out_dtype=x.dtype)
     except (RuntimeError, TypeError, ValueError, NotImplementedError):

@@ -245,7 +245,11 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, 
         table = batch.page_table[torch.tensor(subset, device=q_lat.device)]
         out = mla_extend(q_lat, q_pe, latent, rope, table, starts, ctx, scale,
                          max_q_len=max(q_lens))  # fmt: skip
-    return torch.einsum("thc,hdc->thd", out, w_uv)  # [T, h, v]
+    # W_UV per head, written straight into [T, h, v] (the einsum's [h, T, v] result took a
+    # copy a layer for o_proj's flatten at batch > 1: cuBLAS writes the strided rows itself)
+    o = torch.empty(*out.shape[:2], w_uv.shape[1], device=out.device, dtype=out.dtype)
+    torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
+    return o  # [T, h, v]
 
 
 def mha_sequence(mla: MLA, q_nope, q_pe, latent, k_pe) -> torch.Tensor:
