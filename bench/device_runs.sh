@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -176,6 +176,23 @@ for stage in "$@"; do
           2>> "$OUT/mla_splits.err" | sed "s/^{/{\"side\": \"$side\", /" \
           >> "$OUT/gpu_step_b32_ab.jsonl"
       done; grep -c . "$OUT/mla_splits.jsonl" "$OUT/gpu_step_b32_ab.jsonl" ;;
+    small-kernels-ab)  # issue 18: V3's GPU side at 32 x 4K and at 1 x 4K against base/
+      # (`git archive f28fdb0~1 ...`: the activation scales copied, silu and product apart, the
+      # W_UV output copied), alternated, each its own process; then mla_decode's splits timed
+      # in CUDA graphs over cold caches (~7 min)
+      for bc in "32 4096" "1 4096"; do
+        set -- $bc
+        for side in new base new base; do
+          dir=.; [ "$side" = base ] && dir=base
+          (cd "$dir" && timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only \
+            --batch "$1" --context "$2" --paged 64 --graphs --steps 20 --rounds 2) \
+            2>> "$OUT/small_kernels_ab.err" | sed "s/^{/{\"side\": \"$side\", /" \
+            >> "$OUT/small_kernels_ab.jsonl"
+        done
+      done
+      timeout 120 python3 bench/mla_sweep.py --grid splits --points 1x4096,1x16384,4x4096,32x4096 \
+        > "$OUT/mla_splits_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
+      tail -1 "$OUT/small_kernels_ab.err"; grep -c . "$OUT"/*.jsonl ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)
