@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | fp8-absorb-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -193,6 +193,17 @@ for stage in "$@"; do
       timeout 120 python3 bench/mla_sweep.py --grid splits --points 1x4096,1x16384,4x4096,32x4096 \
         > "$OUT/mla_splits_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
       tail -1 "$OUT/small_kernels_ab.err"; grep -c . "$OUT"/*.jsonl ;;
+    fp8-absorb-ab)  # issue 18: W_UK / W_UV read from kv_b_proj's FP8 blocks (--attention
+      # triton-fp8: no dense bf16 copies, ~2 GB of V3's VRAM) against the absorbed copies, V3's
+      # GPU side at 1 x 16, 1 x 4K and 32 x 4K, alternated (~6 min)
+      for bc in "1 16" "1 4096" "32 4096"; do
+        set -- $bc
+        for att in triton-fp8 triton; do
+          timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch "$1" \
+            --context "$2" --paged 64 --graphs --steps 20 --rounds 2 --attention "$att" \
+            >> "$OUT/fp8_absorb_ab.jsonl" 2>> "$OUT/fp8_absorb_ab.err"
+        done
+      done; tail -1 "$OUT/fp8_absorb_ab.err"; grep -c . "$OUT/fp8_absorb_ab.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)

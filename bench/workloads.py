@@ -65,10 +65,13 @@ def random_model(
     the first `gpu_experts` of each layer as GPU modules (as configs/deepseek-v3-80gb.yaml
     keeps 20). `fp8`: all their Linear layers as FP8 blocks. `attention`: the MLA backend, as
     `hetero serve --attention` (triton: the kernels over a paged cache, W_UK / W_UV absorbed
-    once, as the loader does; absorbed: the torch ops, kv_b_proj dequantized at every call)."""
+    once, as the loader does; triton-fp8: the same kernels without the dense copies, W_UK / W_UV
+    read from kv_b_proj's FP8 blocks, as a plan without room for them loads; absorbed: the torch
+    ops, kv_b_proj dequantized at every call)."""
     resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
+    backend = "triton" if attention == "triton-fp8" else attention
     with torch.device("meta"):
-        model = Transformer(config, attention=attention, resident=resident)
+        model = Transformer(config, attention=backend, resident=resident)
     if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
         experts = f"{{match: '\\.mlp\\.experts$', device: cpu, gpu_experts: {gpu_experts}, "
         experts += "gpu_format: fp8}"  # (a slice's config has no quantization block: say it)
@@ -95,6 +98,7 @@ def random_model(
             p.data = p.data.to(dtype)
     if attention == "triton":  # as hetero serve loads: absorbed, FP8 projections fused
         model.absorb_attention()
+    if backend == "triton":
         model.fuse_projections()
     return model.eval()
 

@@ -311,3 +311,27 @@ def test_cuda_triton_greedy_equals_the_cpu(tiny_v2):
                 out[o.request_id] += o.token_ids
         runs.append([out[r] for r in rids])
     assert runs[0] == runs[1] and all(len(t) == 32 for t in runs[0])
+
+
+def test_triton_kernels_read_an_fp8_kv_b_proj(tiny_v3):
+    """Without the dense W_UK / W_UV copies (no `absorb()`), the kernels' path reads kv_b_proj's
+    FP8 blocks itself (hetero.gpu.mla_absorb, interpreted here): the contiguous cache's logits
+    of the same model, whose torch attention dequantizes kv_b_proj."""
+    from hetero.model.attention import kernel_attention
+    from hetero.model.fp8 import FP8Linear, block_quantize
+
+    model = load_model(tiny_v3, dtype=torch.float32, progress=False)
+    for block in model.model.layers:
+        mla, dense = block.self_attn, block.self_attn.kv_b_proj
+        fp8 = FP8Linear(dense.in_features, dense.out_features)
+        fp8.weight.data, fp8.weight_scale_inv.data = block_quantize(dense.weight.data)
+        mla.kv_b_proj = fp8
+    assert model.model.layers[0].self_attn.w_uk is None
+    seqs = sequences(model.config.vocab_size)
+    want = contiguous_logits(model, seqs)
+    for block in model.model.layers:
+        block.self_attn.attend = kernel_attention
+    run = PagedRun(model, seqs, 16, seed=2, reserve=PROMPTS)
+    for work in chunked_schedule(seqs):
+        run.step(work)
+    assert_same(run.result(), want)

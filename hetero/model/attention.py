@@ -19,7 +19,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from hetero.config import ModelConfig
 from hetero.model.batch import Cache, ForwardBatch, PagedKVCache
-from hetero.model.fp8 import dense_weight
+from hetero.model.fp8 import FP8Linear, dense_weight
 from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
 
@@ -219,12 +219,20 @@ def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKV
 def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, rotary=None):
     """The absorbed form through the Triton kernels; `subset`: these sequences of an extend
     batch only (q_nope / q_pe hold their rows, in order); `rotary`: (cos, sin, interleave) for
-    mla_decode to rotate q_pe (decode steps)."""
-    from hetero.gpu.mla_decode import mla_decode  # triton: imported where it runs
+    mla_decode to rotate q_pe (decode steps). W_UK / W_UV: the dense copies where `absorb()`
+    kept them, else straight from kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb; a bf16
+    kv_b_proj is read as it is)."""
+    from hetero.gpu.mla_absorb import uk_fp8, uv_fp8  # triton: imported where it runs
+    from hetero.gpu.mla_decode import mla_decode
     from hetero.gpu.mla_extend import mla_extend
 
-    w_uk, w_uv = mla.wkv_b()
-    q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, c]
+    kv = mla.kv_b_proj
+    fp8 = mla.w_uk is None and isinstance(kv, FP8Linear)  # no dense copies: read the FP8 blocks
+    if fp8:
+        q_lat = uk_fp8(q_nope, kv.weight, kv.weight_scale_inv, kv.block, mla.nope_dim, mla.v_dim)
+    else:
+        w_uk, w_uv = mla.wkv_b()
+        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, c]
     q_pe = q_pe.to(q_lat.dtype)
     if not batch.is_decode:  # (mla_decode reads strided rows; mla_extend wants them dense)
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
@@ -245,6 +253,8 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, 
         table = batch.page_table[torch.tensor(subset, device=q_lat.device)]
         out = mla_extend(q_lat, q_pe, latent, rope, table, starts, ctx, scale,
                          max_q_len=max(q_lens))  # fmt: skip
+    if fp8:
+        return uv_fp8(out, kv.weight, kv.weight_scale_inv, kv.block, mla.nope_dim, mla.v_dim)
     # W_UV per head, written straight into [T, h, v] (the einsum's [h, T, v] result took a
     # copy a layer for o_proj's flatten at batch > 1: cuBLAS writes the strided rows itself)
     o = torch.empty(*out.shape[:2], w_uv.shape[1], device=out.device, dtype=out.dtype)
