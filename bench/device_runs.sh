@@ -192,6 +192,8 @@ for stage in "$@"; do
       done
       timeout 120 python3 bench/mla_sweep.py --grid splits --points 1x4096,1x16384,4x4096,32x4096 \
         > "$OUT/mla_splits_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
+      timeout 90 python3 bench/mla_sweep.py --grid tiles --points 1x64,1x4096 \
+        > "$OUT/mla_tiles_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
       tail -1 "$OUT/small_kernels_ab.err"; grep -c . "$OUT"/*.jsonl ;;
     fp8-absorb-ab)  # issue 18: W_UK / W_UV read from kv_b_proj's FP8 blocks (--attention
       # triton-fp8: no dense bf16 copies, ~2 GB of V3's VRAM) against the absorbed copies, V3's
