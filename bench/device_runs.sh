@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | fp8-absorb-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | fp8-absorb-ab | flashinfer | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -206,6 +206,19 @@ for stage in "$@"; do
             >> "$OUT/fp8_absorb_ab.jsonl" 2>> "$OUT/fp8_absorb_ab.err"
         done
       done; tail -1 "$OUT/fp8_absorb_ab.err"; grep -c . "$OUT/fp8_absorb_ab.jsonl" ;;
+    flashinfer)  # issue 18: flashinfer's paged MLA kernel (carry .whl/: flashinfer-python
+      # 0.5.3, apache-tvm-ffi, einops; it compiles its kernels with nvcc on first use): its
+      # tests (the decode step against mla_decode's), then mla_sweep's points with it (~6 min)
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+      start=$(date +%s)
+      timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+        | tee "$OUT/$day-flashinfer-tests.log" | tail -3
+      echo "flashinfer tests, its compile included: $(( $(date +%s) - start )) s"
+      timeout 240 python3 bench/mla_sweep.py --grid splits --flashinfer \
+        --points 32x4096,32x8192,64x4096,1x4096 > "$OUT/mla_flashinfer.jsonl" \
+        2> "$OUT/mla_flashinfer.err"; tail -2 "$OUT/mla_flashinfer.err"
+      grep -c . "$OUT/mla_flashinfer.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)

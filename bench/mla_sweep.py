@@ -17,6 +17,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -61,6 +62,8 @@ def main() -> None:
     p.add_argument("--points", default="32x8192,1x4096", help="batch x context, comma-separated")
     p.add_argument("--grid", choices=("tiles", "pipeline", "splits"), default="tiles",
                    help="tile shapes, pipeline stages, or splits of the context")  # fmt: skip
+    fi_help = "also flashinfer's paged MLA kernel at each point (needs flashinfer)"
+    p.add_argument("--flashinfer", action="store_true", help=fi_help)
     args = p.parse_args()
     c = ModelConfig.from_hf(MODELS / "deepseek-v3")
     C, R, h, scale = c.kv_lora_rank, c.qk_rope_head_dim, c.num_attention_heads, c.softmax_scale
@@ -106,6 +109,33 @@ def main() -> None:
                 "gbps": round(nbytes / ms / 1e6, 1), "hbm_gbps": round(hbm),
                 "frac_hbm": round(nbytes / ms / 1e6 / hbm, 3), "rel_err_vs_default": err,
             }), flush=True)  # fmt: skip
+        if args.flashinfer:
+            point_row = {"bench": "mla_sweep", "batch": B, "ctx": ctx}
+            ms, mode, err = flashinfer_ms(q_lat, q_pe, caches, table, [ctx] * B, scale, want)
+            print(json.dumps(point_row | {
+                "path": "flashinfer", "timing": mode, "ms": round(ms, 4), "copies": copies,
+                "tflops": round(flops / ms / 1e9, 1), "frac_hbm": round(nbytes / ms / 1e6 / hbm, 3),
+                "rel_err_vs_default": err,
+            }), flush=True)  # fmt: skip
+
+
+def flashinfer_ms(q_lat, q_pe, caches, table, lens, scale, want) -> tuple[float, str, float]:
+    """flashinfer's kernel over the same pages (planned once): ms a call (in a CUDA graph over
+    the cache copies where it captures, else launched from Python), and its error against
+    mla_decode's output."""
+    from hetero.gpu.flashinfer_mla import FlashInferMLA
+
+    B, h, C = q_lat.shape
+    fi = FlashInferMLA(q_lat.device)
+    batch = SimpleNamespace(page_table=table, ctx_lens=lens, q_lens=[1] * B)
+    fi.plan(batch, caches[0][0].shape[1], h, C, q_pe.shape[-1], scale, q_lat.dtype)
+    out = fi.run(q_lat, q_pe, *caches[0])
+    err = ((out.float() - want.float()).norm() / want.float().norm()).item()
+    calls = lambda: [fi.run(q_lat, q_pe, lat, rp) for lat, rp in caches]  # noqa: E731
+    try:
+        return cuda_ms(graphed(calls)) / len(caches), "graph", err
+    except Exception:  # (a plan that does not capture: Python launches counted in)
+        return cuda_ms(calls) / len(caches), "eager", err
 
 
 if __name__ == "__main__":

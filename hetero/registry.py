@@ -34,6 +34,7 @@ MLA_ATTENTION = Registry(
         "naive": "hetero.model.attention:naive_attention",
         "absorbed": "hetero.model.attention:absorbed_attention",
         "triton": "hetero.model.attention:paged_attention",
+        "flashinfer": "hetero.model.attention:flashinfer_attention",
     },
 )
 ROUTED_EXPERTS = Registry(

@@ -48,6 +48,7 @@ class MLA(nn.Module):
         self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(nh * self.v_dim, H)
         self.attend = MLA_ATTENTION.get(backend)
+        self.backend = backend
         self.qkv_a: nn.Module | None = None  # `fuse()`: q_a and kv_a as one FP8 matrix
         # W_UK, W_UV kept dense once `absorb()` ran (not in the checkpoint: not persistent)
         self.register_buffer("w_uk", None, persistent=False)
@@ -219,20 +220,11 @@ def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKV
 def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, rotary=None):
     """The absorbed form through the Triton kernels; `subset`: these sequences of an extend
     batch only (q_nope / q_pe hold their rows, in order); `rotary`: (cos, sin, interleave) for
-    mla_decode to rotate q_pe (decode steps). W_UK / W_UV: the dense copies where `absorb()`
-    kept them, else straight from kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb; a bf16
-    kv_b_proj is read as it is)."""
-    from hetero.gpu.mla_absorb import uk_fp8, uv_fp8  # triton: imported where it runs
-    from hetero.gpu.mla_decode import mla_decode
+    mla_decode to rotate q_pe (decode steps)."""
+    from hetero.gpu.mla_decode import mla_decode  # triton: imported where it runs
     from hetero.gpu.mla_extend import mla_extend
 
-    kv = mla.kv_b_proj
-    fp8 = mla.w_uk is None and isinstance(kv, FP8Linear)  # no dense copies: read the FP8 blocks
-    if fp8:
-        q_lat = uk_fp8(q_nope, kv.weight, kv.weight_scale_inv, kv.block, mla.nope_dim, mla.v_dim)
-    else:
-        w_uk, w_uv = mla.wkv_b()
-        q_lat = torch.einsum("thd,hdc->thc", q_nope, w_uk)  # [T, h, c]
+    q_lat = _q_latent(mla, q_nope)  # [T, h, c]
     q_pe = q_pe.to(q_lat.dtype)
     if not batch.is_decode:  # (mla_decode reads strided rows; mla_extend wants them dense)
         q_lat, q_pe = q_lat.contiguous(), q_pe.contiguous()
@@ -253,13 +245,61 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, 
         table = batch.page_table[torch.tensor(subset, device=q_lat.device)]
         out = mla_extend(q_lat, q_pe, latent, rope, table, starts, ctx, scale,
                          max_q_len=max(q_lens))  # fmt: skip
-    if fp8:
+    return _o_from_latent(mla, out)
+
+
+def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache):
+    """Decode steps of a 16-bit paged cache on CUDA through flashinfer's MLA kernel
+    (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers); the rest as "triton"
+    (`paged_attention`). q_pe arrives rotated (MLA.forward rotates it for every backend but
+    "triton"'s decode kernel)."""
+    if not (batch.is_decode and q_nope.is_cuda and isinstance(cache, PagedKVCache)):
+        return paged_attention(mla, q_nope, q_pe, batch, cache)
+    if cache.latent.dtype not in (torch.bfloat16, torch.float16):
+        return paged_attention(mla, q_nope, q_pe, batch, cache)
+    from hetero.gpu.flashinfer_mla import FlashInferMLA
+
+    planner = cache.state.get("flashinfer")
+    if planner is None:
+        planner = cache.state["flashinfer"] = FlashInferMLA(q_nope.device)
+    q_lat = _q_latent(mla, q_nope).to(cache.latent.dtype)  # [T, h, c]
+    planner.plan(batch, cache.page_size, mla.n_heads, mla.kv_rank, mla.rope_dim,
+                 mla.softmax_scale, q_lat.dtype)  # fmt: skip
+    out = planner.run(q_lat, q_pe.to(q_lat.dtype), cache.latent[mla.layer], cache.rope[mla.layer])
+    return _o_from_latent(mla, out)
+
+
+def _fp8_kv_b(mla: MLA) -> FP8Linear | None:
+    """kv_b_proj where W_UK / W_UV are to be read from its FP8 blocks (no dense copies kept)."""
+    kv = mla.kv_b_proj
+    return kv if mla.w_uk is None and isinstance(kv, FP8Linear) else None
+
+
+def _q_latent(mla: MLA, q_nope: torch.Tensor) -> torch.Tensor:
+    """q_nope [T, h, nope] -> q_lat [T, h, kv_rank] = q_nope W_UK per head: from the dense copy
+    `absorb()` kept, else straight from kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb), else
+    from kv_b_proj as it is (bf16)."""
+    kv = _fp8_kv_b(mla)
+    if kv is not None:
+        from hetero.gpu.mla_absorb import uk_fp8  # triton: imported where it runs
+
+        return uk_fp8(q_nope, kv.weight, kv.weight_scale_inv, kv.block, mla.nope_dim, mla.v_dim)
+    return torch.einsum("thd,hdc->thc", q_nope, mla.wkv_b()[0])
+
+
+def _o_from_latent(mla: MLA, out: torch.Tensor) -> torch.Tensor:
+    """out_lat [T, h, kv_rank] -> [T, h, v] = out_lat W_UV^T per head, W_UV as in _q_latent."""
+    kv = _fp8_kv_b(mla)
+    if kv is not None:
+        from hetero.gpu.mla_absorb import uv_fp8
+
         return uv_fp8(out, kv.weight, kv.weight_scale_inv, kv.block, mla.nope_dim, mla.v_dim)
-    # W_UV per head, written straight into [T, h, v] (the einsum's [h, T, v] result took a
-    # copy a layer for o_proj's flatten at batch > 1: cuBLAS writes the strided rows itself)
+    w_uv = mla.wkv_b()[1]  # [h, v, c]
+    # written straight into [T, h, v] (the einsum's [h, T, v] result took a copy a layer for
+    # o_proj's flatten at batch > 1: cuBLAS writes the strided rows itself)
     o = torch.empty(*out.shape[:2], w_uv.shape[1], device=out.device, dtype=out.dtype)
     torch.bmm(out.transpose(0, 1), w_uv.transpose(1, 2), out=o.transpose(0, 1))
-    return o  # [T, h, v]
+    return o
 
 
 def mha_sequence(mla: MLA, q_nope, q_pe, latent, k_pe) -> torch.Tensor:

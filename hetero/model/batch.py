@@ -170,6 +170,7 @@ class PagedKVCache:
         self.num_pages, self.page_size = num_pages, page_size
         self.latent = torch.zeros(L, num_pages, page_size, c, device=device, dtype=dtype)
         self.rope = torch.zeros(L, num_pages, page_size, r, device=device, dtype=dtype)
+        self.state: dict[str, object] = {}  # attention backends' own (flashinfer's plan)
 
     @staticmethod
     def bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:

@@ -234,6 +234,12 @@ def load_for_device(
     from hetero.plan import budgets, check_fits
 
     config, index, opts = ModelConfig.from_hf(path), read_index(path), options
+    if opts.attention == "flashinfer":  # an optional package: say so before reading anything
+        from hetero.gpu.flashinfer_mla import MISSING, available
+        from hetero.session import UsageError
+
+        if not available():
+            raise UsageError(MISSING)
     given = load_placement(placement_file, config, profile) if placement_file else None
     vram, ram = budgets(given.runtime if given else RuntimeSettings())
     on_gpu = str(opts.device).startswith("cuda")
@@ -260,7 +266,7 @@ def load_for_device(
 def _prepare_gpu(model: Transformer, plan, opts: HybridOptions) -> None:
     """W_UK / W_UV kept dense where the plan made room for them (absorbed attention only); the
     FP8 matrices that share an input fused (no memory added)."""
-    if plan.absorb_mla and opts.attention in ("absorbed", "triton"):
+    if plan.absorb_mla and opts.attention in ("absorbed", "triton", "flashinfer"):
         model.absorb_attention()
     model.fuse_projections()
 

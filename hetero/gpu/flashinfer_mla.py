@@ -1,0 +1,71 @@
+"""MLA decode through flashinfer's paged MLA kernel (`BatchMLAPagedAttentionWrapper`: on Hopper
+its FA3-based kernel), over the engine's paged latent cache as it is: flashinfer's
+ckv_cache [pages, page_size, kv_rank] and kpe_cache [pages, page_size, rope] are a layer's
+`PagedKVCache.latent` and `.rope`. flashinfer is optional (`pip install flashinfer-python`);
+`--attention flashinfer` asks for it, `triton` (the default) needs nothing more.
+
+A step is planned once (the work split over the batch's context lengths, on the host) and run
+in every layer: `FlashInferMLA.plan(batch)` when the batch changes, `run` a layer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+WORKSPACE_BYTES = 128 << 20  # flashinfer's float workspace (its examples' size)
+MISSING = (
+    "attention 'flashinfer' needs the flashinfer package (pip install flashinfer-python, "
+    "0.5.3 tested; it compiles its kernels with nvcc on first use); 'triton' needs nothing more"
+)
+
+
+def available() -> bool:
+    return importlib.util.find_spec("flashinfer") is not None
+
+
+def page_indices(
+    page_table: torch.Tensor, ctx_lens: list[int] | tuple[int, ...], page_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our [B, P] int32 page table -> flashinfer's CSR form: kv_indptr [B + 1] int32 and
+    kv_indices (the pages each sequence's context uses, sequence after sequence) int32."""
+    need = [-(-n // page_size) for n in ctx_lens]  # pages of each context
+    if page_table.shape[0] != len(need) or max(need, default=0) > page_table.shape[1]:
+        raise ValueError(f"page table {tuple(page_table.shape)} does not hold contexts "
+                         f"{list(ctx_lens)} in pages of {page_size}")  # fmt: skip
+    indptr = torch.tensor([0, *need], dtype=torch.int32).cumsum(0).to(torch.int32)
+    cols = torch.arange(page_table.shape[1], device=page_table.device)
+    used = cols[None, :] < torch.tensor(need, device=page_table.device)[:, None]  # [B, P]
+    return indptr.to(page_table.device), page_table[used].to(torch.int32)
+
+
+class FlashInferMLA:
+    """One plan a step, shared by every layer: call `plan` with the step's batch (a no-op when
+    it is the batch planned last), then `run` per layer."""
+
+    def __init__(self, device: torch.device) -> None:
+        if not available():
+            raise RuntimeError(MISSING)
+        from flashinfer.mla import BatchMLAPagedAttentionWrapper
+
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        self.wrapper = BatchMLAPagedAttentionWrapper(workspace)
+        self.planned = None  # the batch the plan is for
+
+    def plan(self, batch, page_size: int, heads: int, kv_rank: int, rope: int, scale: float,
+             dtype: torch.dtype) -> None:  # fmt: skip
+        if self.planned is batch:
+            return
+        device = batch.page_table.device
+        kv_indptr, kv_indices = page_indices(batch.page_table, batch.ctx_lens, page_size)
+        q_indptr = torch.tensor([0, *batch.q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
+        lens = torch.tensor(batch.ctx_lens, dtype=torch.int32)
+        self.wrapper.plan(q_indptr.to(device), kv_indptr, kv_indices, lens.to(device), heads,
+                          kv_rank, rope, page_size, True, scale, dtype, dtype)  # fmt: skip
+        self.planned = batch
+
+    def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+            rope: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """q_lat [T, h, kv_rank], q_pe [T, h, rope] (rotated), one layer's pages -> out_lat
+        [T, h, kv_rank] in q_lat's dtype."""
+        return self.wrapper.run(q_lat.contiguous(), q_pe.contiguous(), latent, rope)

@@ -1,0 +1,73 @@
+"""The optional flashinfer attention backend (hetero.gpu.flashinfer_mla, `--attention
+flashinfer`): its page-table conversion, its fallbacks where flashinfer does not apply (CPU,
+contiguous caches, extend steps: the "triton" path), the one-line error without the package,
+and on the GPU with flashinfer installed, its decode steps against the Triton kernel's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hetero.cli import main
+from hetero.gpu import flashinfer_mla
+from hetero.gpu.flashinfer_mla import page_indices
+from hetero.loader import load_model
+from hetero.model import ForwardBatch
+
+
+def test_page_indices_are_each_contexts_pages_in_order():
+    table = torch.tensor([[5, 2, 9], [7, 0, 0], [3, 4, 0]], dtype=torch.int32)
+    indptr, indices = page_indices(table, [33, 1, 17], 16)  # 3, 1 and 2 pages
+    assert indptr.tolist() == [0, 3, 4, 6] and indptr.dtype == torch.int32
+    assert indices.tolist() == [5, 2, 9, 7, 3, 4] and indices.dtype == torch.int32
+    with pytest.raises(ValueError, match="does not hold contexts"):
+        page_indices(table, [33, 1, 49], 16)
+
+
+def test_flashinfer_backend_falls_back_where_it_does_not_apply(tiny_v3):
+    """On the CPU (and over a contiguous cache) the backend is the "triton" one's fallback: the
+    absorbed attention's logits, bit for bit."""
+    prompts = [[3, 4, 5, 6], [7, 8]]
+    logits = {}
+    for attention in ("flashinfer", "absorbed"):
+        model = load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False)
+        cache = model.new_cache(2, 8)
+        ids = torch.tensor([t for p in prompts for t in p])
+        lens = [len(p) for p in prompts]
+        model(ids, ForwardBatch.build([0, 1], lens, lens), cache)
+        step = ForwardBatch.build([0, 1], [1, 1], [n + 1 for n in lens])
+        logits[attention] = model(torch.tensor([9, 9]), step, cache)
+    assert torch.equal(logits["flashinfer"], logits["absorbed"])
+
+
+def test_missing_flashinfer_is_a_one_line_error(tiny_v3, capsys, monkeypatch):
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: False)
+    code = main(["generate", "--model", str(tiny_v3), "--prompt", "x", "--attention",
+                 "flashinfer"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("hetero: error: attention 'flashinfer' needs the flashinfer package")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not flashinfer_mla.available(), reason="flashinfer is not installed")
+def test_flashinfer_decode_equals_the_triton_kernel(tiny_v3):
+    """bf16, a paged cache of 16-token pages in shuffled order, contexts of 5 to 40 tokens: a
+    decode step through flashinfer's MLA kernel against mla_decode's (the prefill runs the
+    Triton extend path in both)."""
+    lens = [5, 17, 40]
+    g = torch.Generator().manual_seed(0)
+    pages = torch.randperm(12, generator=g).add(1).tolist()
+    tables = [pages[0:1], pages[1:3], pages[3:6]]  # enough for each context + 1
+    out = {}
+    for attention in ("triton", "flashinfer"):
+        model = load_model(tiny_v3, device="cuda", dtype=torch.bfloat16, attention=attention,
+                           progress=False)  # fmt: skip
+        cache = model.new_paged_cache(16, 16)
+        ids = torch.randint(3, 200, (sum(lens),), generator=g.manual_seed(1)).cuda()
+        model(ids, ForwardBatch.paged(tables, lens, lens, 16, "cuda"), cache)
+        step = ForwardBatch.paged(tables, [1] * 3, [n + 1 for n in lens], 16, "cuda")
+        out[attention] = model(torch.tensor([9, 9, 9], device="cuda"), step, cache).float()
+    rel = (out["flashinfer"] - out["triton"]).norm() / out["triton"].norm()
+    assert rel < 2e-2, rel
