@@ -270,11 +270,16 @@ def test_triton_kernels_through_the_model(checkpoint, mha_min, monkeypatch):
     scaled_dot_product_attention (after a cached prefix too), the rest of their batch the
     extend kernel."""
     from hetero.model import attention
-    from hetero.model.attention import kernel_attention
 
     monkeypatch.setattr(attention, "MHA_MIN_TOKENS", mha_min)
+    kernels_equal_contiguous(load_model(checkpoint, dtype=torch.float32, progress=False))
 
-    model = load_model(checkpoint, dtype=torch.float32, progress=False)
+
+def kernels_equal_contiguous(model) -> None:
+    """`model` through the kernels' path (kernel_attention in every layer) over a paged cache,
+    on chunked prefills mixed with decodes: the contiguous cache's logits (torch attention)."""
+    from hetero.model.attention import kernel_attention
+
     seqs = sequences(model.config.vocab_size)
     want = contiguous_logits(model, seqs)
     for block in model.model.layers:
@@ -317,7 +322,6 @@ def test_triton_kernels_read_an_fp8_kv_b_proj(tiny_v3):
     """Without the dense W_UK / W_UV copies (no `absorb()`), the kernels' path reads kv_b_proj's
     FP8 blocks itself (hetero.gpu.mla_absorb, interpreted here): the contiguous cache's logits
     of the same model, whose torch attention dequantizes kv_b_proj."""
-    from hetero.model.attention import kernel_attention
     from hetero.model.fp8 import FP8Linear, block_quantize
 
     model = load_model(tiny_v3, dtype=torch.float32, progress=False)
@@ -327,11 +331,4 @@ def test_triton_kernels_read_an_fp8_kv_b_proj(tiny_v3):
         fp8.weight.data, fp8.weight_scale_inv.data = block_quantize(dense.weight.data)
         mla.kv_b_proj = fp8
     assert model.model.layers[0].self_attn.w_uk is None
-    seqs = sequences(model.config.vocab_size)
-    want = contiguous_logits(model, seqs)
-    for block in model.model.layers:
-        block.self_attn.attend = kernel_attention
-    run = PagedRun(model, seqs, 16, seed=2, reserve=PROMPTS)
-    for work in chunked_schedule(seqs):
-        run.step(work)
-    assert_same(run.result(), want)
+    kernels_equal_contiguous(model)
