@@ -228,7 +228,7 @@ def split_count(programs: int, longest: int, block_n: int, slots: int) -> int:
     one more is merged). Candidates: the most splits that fit in 1..4 waves, one split a 256
     tokens at most. (Was ~2 programs an SM: 5 splits at V3's 32 x 4K, 320 programs in 3 waves
     of 13 steps, where 2 splits run 128 programs in one wave of 32.)"""
-    cap = max(1, triton.cdiv(longest, 256))
+    cap, programs = max(1, triton.cdiv(longest, 256)), max(1, programs)
     best, best_cost = 1, None
     for s in sorted({1, *(min(cap, w * slots // programs) for w in range(1, 5))} - {0}):
         steps = triton.cdiv(triton.cdiv(longest, s), block_n)
