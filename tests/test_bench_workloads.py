@@ -72,3 +72,15 @@ def test_routing_skew_makes_the_low_ids_hot():
     assert share > 0.4, share
     with pytest.raises(SystemExit, match="noaux_tc"):
         skew_routing(model, ModelConfig.from_hf(tiny_v2_config()), 0.2)
+
+
+@pytest.mark.parametrize("attention", ["triton", "triton-fp8"])
+def test_triton_fp8_keeps_kv_b_proj_in_fp8(attention):
+    """`--attention triton-fp8`: the triton backend with no dense W_UK / W_UV copies, so the
+    kernels read kv_b_proj's FP8 blocks; `triton` absorbs them as the loader does."""
+    config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
+                                                intermediate_size=256))  # fmt: skip
+    model = random_model(config, "cpu", torch.float32, fp8=True, attention=attention)
+    mla = model.model.layers[0].self_attn
+    assert mla.backend == "triton" and isinstance(mla.kv_b_proj, FP8Linear)
+    assert (mla.w_uk is None) == (attention == "triton-fp8")
