@@ -208,7 +208,8 @@ for stage in "$@"; do
       done; tail -1 "$OUT/fp8_absorb_ab.err"; grep -c . "$OUT/fp8_absorb_ab.jsonl" ;;
     flashinfer)  # issue 18: flashinfer's paged MLA kernel (carry .whl/: flashinfer-python
       # 0.5.3, apache-tvm-ffi, einops; it compiles its kernels with nvcc on first use): its
-      # tests (the decode step against mla_decode's), then mla_sweep's points with it (~6 min)
+      # tests (the decode step against mla_decode's), mla_sweep's points with it, then V3's GPU
+      # step with it against triton's, graphed (~9 min)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
       start=$(date +%s)
@@ -218,7 +219,14 @@ for stage in "$@"; do
       timeout 240 python3 bench/mla_sweep.py --grid splits --flashinfer \
         --points 32x4096,32x8192,64x4096,1x4096 > "$OUT/mla_flashinfer.jsonl" \
         2> "$OUT/mla_flashinfer.err"; tail -2 "$OUT/mla_flashinfer.err"
-      grep -c . "$OUT/mla_flashinfer.jsonl" ;;
+      for bc in "32 4096" "1 16"; do  # V3's GPU step, graphed, flashinfer against triton
+        set -- $bc
+        for att in flashinfer triton; do
+          timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch "$1" \
+            --context "$2" --paged 64 --graphs --steps 20 --rounds 2 --attention "$att" \
+            >> "$OUT/gpu_step_flashinfer.jsonl" 2>> "$OUT/mla_flashinfer.err"
+        done
+      done; grep -c . "$OUT/mla_flashinfer.jsonl" "$OUT/gpu_step_flashinfer.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)

@@ -140,7 +140,7 @@ def one_graph_ms(model, cache, B: int, pos: int, device: str, reps: int = 20) ->
     batch = decode_batch(cache, range(B), 1, pos + 1, device)
     ids = torch.zeros(B, dtype=torch.long, device=device)
     eager = GraphedDecoder(model, cache, graphs=False, batch=B, pages=batch.page_table.shape[1])
-    args = ids, batch.positions, batch.page_table, batch.slot_mapping
+    args = ids, batch.positions, batch.page_table, batch.slot_mapping, batch.ctx_lens
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):

@@ -66,10 +66,11 @@ def random_model(
     keeps 20). `fp8`: all their Linear layers as FP8 blocks. `attention`: the MLA backend, as
     `hetero serve --attention` (triton: the kernels over a paged cache, W_UK / W_UV absorbed
     once, as the loader does; triton-fp8: the same kernels without the dense copies, W_UK / W_UV
-    read from kv_b_proj's FP8 blocks, as a plan without room for them loads; absorbed: the torch
-    ops, kv_b_proj dequantized at every call)."""
+    read from kv_b_proj's FP8 blocks, as a plan without room for them loads; flashinfer: decode
+    through flashinfer's MLA kernel, absorbed as triton; absorbed: the torch ops, kv_b_proj
+    dequantized at every call)."""
     resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
-    backend = "triton" if attention == "triton-fp8" else attention
+    backend = "triton" if attention == "triton-fp8" else attention  # (flashinfer: its own)
     with torch.device("meta"):
         model = Transformer(config, attention=backend, resident=resident)
     if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
@@ -96,9 +97,9 @@ def random_model(
     for name, p in model.named_parameters():
         if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
             p.data = p.data.to(dtype)
-    if attention == "triton":  # as hetero serve loads: absorbed, FP8 projections fused
-        model.absorb_attention()
-    if backend == "triton":
+    if attention in ("triton", "flashinfer"):  # as hetero serve loads: absorbed, FP8
+        model.absorb_attention()  # projections fused
+    if backend in ("triton", "flashinfer"):
         model.fuse_projections()
     return model.eval()
 
@@ -257,7 +258,8 @@ def time_steps(model, engine, cache, B: int, start: int, steps: int, device: str
         if graphed is None:
             model(ids, batch, cache, last_only=True)
         elif batch.page_table is not None:
-            graphed.paged_step(ids, batch.positions, batch.page_table, batch.slot_mapping)
+            graphed.paged_step(ids, batch.positions, batch.page_table, batch.slot_mapping,
+                               batch.ctx_lens)  # fmt: skip
         else:
             graphed.step(ids, batch.positions)
         sync()

@@ -5,7 +5,6 @@ Not thread-safe; `hetero.engine.handle.EngineHandle` runs it in its own thread f
 from __future__ import annotations
 
 import itertools
-import logging
 import secrets
 from dataclasses import dataclass
 
@@ -21,8 +20,6 @@ from hetero.engine.runner import ModelRunner
 from hetero.engine.sampler import SampleOutput, SamplingBatch, sample
 from hetero.engine.scheduler import Scheduler, SchedulerConfig, Work
 from hetero.model import Transformer
-
-log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -82,10 +79,6 @@ class Engine:
         self.scheduler = Scheduler(sched, self.pool)
         on_gpu = self.cache.latent.is_cuda
         graph_batch = config.cuda_graph_max_batch if on_gpu else 0
-        if graph_batch and model.model.layers[0].self_attn.backend == "flashinfer":
-            log.warning("attention 'flashinfer': decode steps run without CUDA graphs (its "
-                        "per-step plan is not captured yet)")  # fmt: skip
-            graph_batch = 0
         hot = None
         if config.hot_experts_every:
             from hetero.sched.hot_experts import HotConfig, HotExperts

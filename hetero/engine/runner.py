@@ -88,4 +88,5 @@ class ModelRunner:
                 self.model, self.cache, self.graphs, batch=key[0], pages=key[1]
             )
         decoder = self.decoders[key]
-        return decoder.paged_step(input_ids, batch.positions, batch.page_table, batch.slot_mapping)
+        return decoder.paged_step(input_ids, batch.positions, batch.page_table, batch.slot_mapping,
+                                  batch.ctx_lens)  # fmt: skip

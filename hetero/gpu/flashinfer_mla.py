@@ -41,25 +41,38 @@ def page_indices(
 
 class FlashInferMLA:
     """One plan a step, shared by every layer: call `plan` with the step's batch (a no-op when
-    it is the batch planned last), then `run` per layer."""
+    it is the batch planned last), then `run` per layer. `graph_batch` rows of `graph_pages`
+    pages: the plan's buffers fixed for CUDA graphs (flashinfer's use_cuda_graph), planned
+    again before each replay."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, graph_batch: int = 0, graph_pages: int = 0) -> None:
         if not available():
             raise RuntimeError(MISSING)
         from flashinfer.mla import BatchMLAPagedAttentionWrapper
 
         workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
-        self.wrapper = BatchMLAPagedAttentionWrapper(workspace)
+        if graph_batch:
+            B, i32 = graph_batch, {"dtype": torch.int32, "device": device}
+            self.wrapper = BatchMLAPagedAttentionWrapper(
+                workspace, use_cuda_graph=True, qo_indptr=torch.zeros(B + 1, **i32),
+                kv_indptr=torch.zeros(B + 1, **i32), kv_indices=torch.zeros(B * graph_pages, **i32),
+                kv_len_arr=torch.zeros(B, **i32),
+            )  # fmt: skip
+        else:
+            self.wrapper = BatchMLAPagedAttentionWrapper(workspace)
         self.planned = None  # the batch the plan is for
 
     def plan(self, batch, page_size: int, heads: int, kv_rank: int, rope: int, scale: float,
-             dtype: torch.dtype) -> None:  # fmt: skip
-        if self.planned is batch:
+             dtype: torch.dtype, ctx_lens=None) -> None:  # fmt: skip
+        """`ctx_lens`: the contexts to plan for where the batch's own are not the real ones (a
+        graph's static batch claims its whole page table a row); planned every call then."""
+        if self.planned is batch and ctx_lens is None:
             return
+        ctx_lens = batch.ctx_lens if ctx_lens is None else ctx_lens
         device = batch.page_table.device
-        kv_indptr, kv_indices = page_indices(batch.page_table, batch.ctx_lens, page_size)
+        kv_indptr, kv_indices = page_indices(batch.page_table, ctx_lens, page_size)
         q_indptr = torch.tensor([0, *batch.q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
-        lens = torch.tensor(batch.ctx_lens, dtype=torch.int32)
+        lens = torch.tensor(ctx_lens, dtype=torch.int32)
         self.wrapper.plan(q_indptr.to(device), kv_indptr, kv_indices, lens.to(device), heads,
                           kv_rank, rope, page_size, True, scale, dtype, dtype)  # fmt: skip
         self.planned = batch

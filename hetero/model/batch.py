@@ -31,6 +31,9 @@ class ForwardBatch:
     ctx_lens: tuple[int, ...]
     page_table: torch.Tensor | None = None  # [B, P] int32 pages of each sequence (0: padding)
     slot_mapping: torch.Tensor | None = None  # [T] paged cache row of each new token
+    # an attention backend's plan for this batch, made by its owner before the step (CUDA
+    # graphs: hetero.sched.graphs plans flashinfer's before each replay); None: its own
+    mla_plan: object | None = None
 
     @classmethod
     def build(

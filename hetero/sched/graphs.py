@@ -81,8 +81,9 @@ class GraphedDecoder:
         slots = torch.arange(B, device=device)
         # every sequence "as long as the cache" (or its page table): attention reads all S
         # positions, masked by position, so no shape depends on the step
+        self.mla_plan = _graph_plan(model, cache, B, pages)  # (flashinfer: planned each step)
         self.batch = ForwardBatch(
-            self.positions, slots, tuple(range(B)), (1,) * B, (S,) * B, table, rows
+            self.positions, slots, tuple(range(B)), (1,) * B, (S,) * B, table, rows, self.mla_plan
         )
         self.n = B  # real rows of the current step
         H, dtype = model.config.hidden_size, model.lm_head.weight.dtype
@@ -130,9 +131,10 @@ class GraphedDecoder:
         return lambda: moe.shared_experts(self._h[i])
 
     @torch.inference_mode()
-    def paged_step(self, input_ids, positions, page_table, cache_rows) -> torch.Tensor:
+    def paged_step(self, input_ids, positions, page_table, cache_rows, ctx_lens=None):
         """n = len(input_ids) real rows (<= the graphs' batch): ids, positions [n], page table
-        [n, <= pages] int32, cache rows [n] -> logits [n, V]."""
+        [n, <= pages] int32, cache rows [n] -> logits [n, V]. `ctx_lens` [n] (host ints, the
+        positions + 1): what an attention backend that plans on the host needs (flashinfer)."""
         n, width = page_table.shape
         self.batch.page_table.zero_()
         self.batch.page_table[:n, :width].copy_(page_table)
@@ -140,6 +142,13 @@ class GraphedDecoder:
         self.batch.slot_mapping[:n].copy_(cache_rows)
         self.ids.zero_()
         self.positions.zero_()
+        if self.mla_plan is not None:  # padding rows: one token, in page 0
+            if ctx_lens is None:
+                raise ValueError("a flashinfer decode step wants the host's context lengths")
+            lens = [*ctx_lens, *[1] * (self.batch.page_table.shape[0] - n)]
+            a, dtype = self.model.model.layers[0].self_attn, self.cache.latent.dtype
+            self.mla_plan.plan(self.batch, self.cache.page_size, a.n_heads, a.kv_rank,
+                               a.rope_dim, a.softmax_scale, dtype, lens)  # fmt: skip
         return self.step(input_ids, positions)
 
     @torch.inference_mode()
@@ -171,3 +180,16 @@ class GraphedDecoder:
         if pending is not None:
             self.x[-1][:n].add_(pending.result())
         return self.head()[:n].clone()
+
+
+def _graph_plan(model: Transformer, cache: Cache, batch: int, pages: int):
+    """flashinfer's plan with buffers fixed for this decoder's graphs, where its backend runs
+    the decode steps (a 16-bit paged cache on CUDA); else None."""
+    layers = model.model.layers
+    if not (isinstance(cache, PagedKVCache) and cache.latent.is_cuda and len(layers)):
+        return None
+    if layers[0].self_attn.backend != "flashinfer" or cache.latent.dtype == torch.float32:
+        return None
+    from hetero.gpu.flashinfer_mla import FlashInferMLA
+
+    return FlashInferMLA(cache.latent.device, graph_batch=batch, graph_pages=pages)
