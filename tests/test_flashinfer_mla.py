@@ -49,20 +49,62 @@ def test_missing_flashinfer_is_a_one_line_error(tiny_v3, capsys, monkeypatch):
     assert err.startswith("hetero: error: attention 'flashinfer' needs the flashinfer package")
 
 
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+NEEDS_FLASHINFER = pytest.mark.skipif(not flashinfer_mla.available(), reason="no flashinfer")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.skipif(not flashinfer_mla.available(), reason="flashinfer is not installed")
-def test_flashinfer_decode_equals_the_triton_kernel(tiny_v3):
-    """bf16, a paged cache of 16-token pages in shuffled order, contexts of 5 to 40 tokens: a
-    decode step through flashinfer's MLA kernel against mla_decode's (the prefill runs the
-    Triton extend path in both)."""
+@NEEDS_CUDA
+@NEEDS_FLASHINFER
+@pytest.mark.parametrize("B, ctx, page", [(1, 300, 64), (8, 1000, 16), (32, 4096, 64)])
+def test_flashinfer_kernel_equals_mla_decode(B, ctx, page):
+    """V3's MLA (128 heads, kv_rank 512, rope 64), bf16, shuffled pages: flashinfer's decode
+    against mla_decode over the same pages, contexts of different lengths."""
+    from types import SimpleNamespace
+
+    from hetero.gpu.flashinfer_mla import FlashInferMLA
+    from hetero.gpu.mla_decode import mla_decode
+
+    g = torch.Generator(device="cuda").manual_seed(B)
+    lens = [max(1, ctx - 37 * i) for i in range(B)]
+    need = [-(-n // page) for n in lens]
+    order = torch.randperm(sum(need), device="cuda", generator=g).int() + 1
+    table = torch.zeros(B, max(need), dtype=torch.int32, device="cuda")
+    at = 0
+    for i, n in enumerate(need):
+        table[i, :n], at = order[at : at + n], at + n
+    latent = torch.randn(at + 1, page, 512, device="cuda", generator=g).bfloat16()
+    rope = torch.randn(at + 1, page, 64, device="cuda", generator=g).bfloat16()
+    q_lat = torch.randn(B, 128, 512, device="cuda", generator=g).bfloat16()
+    q_pe = torch.randn(B, 128, 64, device="cuda", generator=g).bfloat16()
+    scale = 0.1
+    want = mla_decode(q_lat, q_pe, latent, rope, table, torch.tensor(lens, device="cuda"), scale)
+    fi = FlashInferMLA(torch.device("cuda"))
+    fi.plan(SimpleNamespace(page_table=table, ctx_lens=lens, q_lens=[1] * B), page, 128, 512,
+            64, scale, torch.bfloat16)  # fmt: skip
+    got = fi.run(q_lat, q_pe, latent, rope)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert got.shape == want.shape and rel < 1e-2, rel
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@NEEDS_FLASHINFER
+def test_flashinfer_decode_equals_the_triton_kernel(tmp_path):
+    """A tiny V3 with V3's MLA head sizes (kv_rank 512, rope 64: what flashinfer's kernels
+    take), bf16, 16-token pages in shuffled order, contexts of 5 to 40 tokens: a decode step
+    through flashinfer's kernel against mla_decode's (the prefill runs the Triton extend path
+    in both)."""
+    from hetero.testing import write_tiny_v3
+
+    path = write_tiny_v3(tmp_path, kv_lora_rank=512, qk_rope_head_dim=64)
     lens = [5, 17, 40]
     g = torch.Generator().manual_seed(0)
     pages = torch.randperm(12, generator=g).add(1).tolist()
     tables = [pages[0:1], pages[1:3], pages[3:6]]  # enough for each context + 1
     out = {}
     for attention in ("triton", "flashinfer"):
-        model = load_model(tiny_v3, device="cuda", dtype=torch.bfloat16, attention=attention,
+        model = load_model(path, device="cuda", dtype=torch.bfloat16, attention=attention,
                            progress=False)  # fmt: skip
         cache = model.new_paged_cache(16, 16)
         ids = torch.randint(3, 200, (sum(lens),), generator=g.manual_seed(1)).cuda()

@@ -73,8 +73,9 @@ class FlashInferMLA:
         kv_indptr, kv_indices = page_indices(batch.page_table, ctx_lens, page_size)
         q_indptr = torch.tensor([0, *batch.q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
         lens = torch.tensor(ctx_lens, dtype=torch.int32)
+        causal = any(q > 1 for q in batch.q_lens)  # (one new token a row: no mask to apply)
         self.wrapper.plan(q_indptr.to(device), kv_indptr, kv_indices, lens.to(device), heads,
-                          kv_rank, rope, page_size, True, scale, dtype, dtype)  # fmt: skip
+                          kv_rank, rope, page_size, causal, scale, dtype, dtype)  # fmt: skip
         self.planned = batch
 
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
