@@ -113,3 +113,12 @@ def test_flashinfer_decode_equals_the_triton_kernel(tmp_path):
         out[attention] = model(torch.tensor([9, 9, 9], device="cuda"), step, cache).float()
     rel = (out["flashinfer"] - out["triton"]).norm() / out["triton"].norm()
     assert rel < 2e-2, rel
+
+
+def test_one_workspace_a_cache():
+    """Every flashinfer plan over one cache shares one float scratch (made once, on the CPU
+    here: the function only allocates)."""
+    state = {}
+    a = flashinfer_mla.shared_workspace(state, torch.device("cpu"))
+    assert flashinfer_mla.shared_workspace(state, torch.device("cpu")) is a
+    assert a.numel() == flashinfer_mla.WORKSPACE_BYTES and a.dtype == torch.uint8

@@ -24,6 +24,15 @@ def available() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
+def shared_workspace(state: dict, device: torch.device) -> torch.Tensor:
+    """The float scratch kept in `state` (a cache's backend state), made on first use: every
+    plan over one cache shares it (their steps never overlap)."""
+    if "flashinfer_workspace" not in state:
+        state["flashinfer_workspace"] = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8,
+                                                    device=device)  # fmt: skip
+    return state["flashinfer_workspace"]
+
+
 def page_indices(
     page_table: torch.Tensor, ctx_lens: list[int] | tuple[int, ...], page_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +54,16 @@ class FlashInferMLA:
     pages: the plan's buffers fixed for CUDA graphs (flashinfer's use_cuda_graph), planned
     again before each replay."""
 
-    def __init__(self, device: torch.device, graph_batch: int = 0, graph_pages: int = 0) -> None:
+    def __init__(self, device: torch.device, graph_batch: int = 0, graph_pages: int = 0,
+                 workspace: torch.Tensor | None = None) -> None:  # fmt: skip
+        """`workspace`: flashinfer's float scratch, shared by plans that never run at once (a
+        cache's decoders: one step at a time), else one of WORKSPACE_BYTES of its own."""
         if not available():
             raise RuntimeError(MISSING)
         from flashinfer.mla import BatchMLAPagedAttentionWrapper
 
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        if workspace is None:
+            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         if graph_batch:
             B, i32 = graph_batch, {"dtype": torch.int32, "device": device}
             self.wrapper = BatchMLAPagedAttentionWrapper(

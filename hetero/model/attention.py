@@ -257,14 +257,15 @@ def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cac
         return paged_attention(mla, q_nope, q_pe, batch, cache)
     if cache.latent.dtype not in (torch.bfloat16, torch.float16):
         return paged_attention(mla, q_nope, q_pe, batch, cache)
-    from hetero.gpu.flashinfer_mla import FlashInferMLA
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
     q_lat = _q_latent(mla, q_nope).to(cache.latent.dtype)  # [T, h, c]
     planner = batch.mla_plan  # planned by the batch's owner (CUDA graphs: before the replay)
     if planner is None:
         planner = cache.state.get("flashinfer")
         if planner is None:
-            planner = cache.state["flashinfer"] = FlashInferMLA(q_nope.device)
+            workspace = shared_workspace(cache.state, q_nope.device)
+            planner = cache.state["flashinfer"] = FlashInferMLA(q_nope.device, workspace=workspace)
         planner.plan(batch, cache.page_size, mla.n_heads, mla.kv_rank, mla.rope_dim,
                      mla.softmax_scale, q_lat.dtype)  # fmt: skip
     out = planner.run(q_lat, q_pe.to(q_lat.dtype), cache.latent[mla.layer], cache.rope[mla.layer])

@@ -190,6 +190,8 @@ def _graph_plan(model: Transformer, cache: Cache, batch: int, pages: int):
         return None
     if layers[0].self_attn.backend != "flashinfer" or cache.latent.dtype == torch.float32:
         return None
-    from hetero.gpu.flashinfer_mla import FlashInferMLA
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
-    return FlashInferMLA(cache.latent.device, graph_batch=batch, graph_pages=pages)
+    device = cache.latent.device
+    workspace = shared_workspace(cache.state, device)  # one for all the cache's decoders
+    return FlashInferMLA(device, graph_batch=batch, graph_pages=pages, workspace=workspace)
