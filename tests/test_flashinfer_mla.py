@@ -97,7 +97,7 @@ def test_flashinfer_decode_equals_the_triton_kernel(tmp_path):
     in both)."""
     from hetero.testing import write_tiny_v3
 
-    path = write_tiny_v3(tmp_path, kv_lora_rank=512, qk_rope_head_dim=64)
+    path = write_tiny_v3(tmp_path, kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16)
     lens = [5, 17, 40]
     g = torch.Generator().manual_seed(0)
     pages = torch.randperm(12, generator=g).add(1).tolist()
