@@ -36,16 +36,19 @@ def shared_workspace(state: dict, device: torch.device) -> torch.Tensor:
 def page_indices(
     page_table: torch.Tensor, ctx_lens: list[int] | tuple[int, ...], page_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Our [B, P] int32 page table -> flashinfer's CSR form: kv_indptr [B + 1] int32 and
-    kv_indices (the pages each sequence's context uses, sequence after sequence) int32."""
-    need = [-(-n // page_size) for n in ctx_lens]  # pages of each context
-    if page_table.shape[0] != len(need) or max(need, default=0) > page_table.shape[1]:
-        raise ValueError(f"page table {tuple(page_table.shape)} does not hold contexts "
-                         f"{list(ctx_lens)} in pages of {page_size}")  # fmt: skip
-    indptr = torch.tensor([0, *need], dtype=torch.int32).cumsum(0).to(torch.int32)
-    cols = torch.arange(page_table.shape[1], device=page_table.device)
-    used = cols[None, :] < torch.tensor(need, device=page_table.device)[:, None]  # [B, P]
-    return indptr.to(page_table.device), page_table[used].to(torch.int32)
+    """Our [B, P] int32 page table -> flashinfer's CSR form: kv_indptr [B + 1] int32 on the
+    host (where its plan reads it) and kv_indices (the pages each sequence's context uses,
+    sequence after sequence) int32 on the table's device, gathered there without a host sync."""
+    B, P = page_table.shape
+    need = torch.tensor([-(-n // page_size) for n in ctx_lens], dtype=torch.long)  # [B]
+    if need.numel() != B or (B and int(need.max()) > P):
+        raise ValueError(f"page table {(B, P)} does not hold contexts {list(ctx_lens)} in "
+                         f"pages of {page_size}")  # fmt: skip
+    indptr = torch.cat([torch.zeros(1, dtype=torch.long), need.cumsum(0)])  # [B + 1]
+    rows = torch.repeat_interleave(torch.arange(B), need)  # [pages used]
+    cols = torch.arange(int(indptr[-1])) - torch.repeat_interleave(indptr[:-1], need)
+    flat = (rows * P + cols).to(page_table.device, non_blocking=True)
+    return indptr.to(torch.int32), page_table.reshape(-1)[flat].to(torch.int32)
 
 
 class FlashInferMLA:
@@ -82,13 +85,13 @@ class FlashInferMLA:
         if self.planned is batch and ctx_lens is None:
             return
         ctx_lens = batch.ctx_lens if ctx_lens is None else ctx_lens
-        device = batch.page_table.device
         kv_indptr, kv_indices = page_indices(batch.page_table, ctx_lens, page_size)
         q_indptr = torch.tensor([0, *batch.q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
         lens = torch.tensor(ctx_lens, dtype=torch.int32)
         causal = any(q > 1 for q in batch.q_lens)  # (one new token a row: no mask to apply)
-        self.wrapper.plan(q_indptr.to(device), kv_indptr, kv_indices, lens.to(device), heads,
-                          kv_rank, rope, page_size, causal, scale, dtype, dtype)  # fmt: skip
+        # indptrs and lengths from the host (flashinfer plans there; it copies them over)
+        self.wrapper.plan(q_indptr, kv_indptr, kv_indices, lens, heads, kv_rank, rope,
+                          page_size, causal, scale, dtype, dtype)  # fmt: skip
         self.planned = batch
 
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
