@@ -15,10 +15,10 @@ from hetero.gpu.mla_absorb import uk_fp8, uv_fp8  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def kv_b(H: int, nope: int, v: int, C: int, seed: int):
+def kv_b(H: int, nope: int, v: int, C: int, seed: int, block=(128, 128)):
     g = torch.Generator().manual_seed(seed)
-    w, s = block_quantize(torch.randn(H * (nope + v), C, generator=g) * 0.1)
-    dense = block_dequantize(w, s, (128, 128)).view(H, nope + v, C)
+    w, s = block_quantize(torch.randn(H * (nope + v), C, generator=g) * 0.1, block)
+    dense = block_dequantize(w, s, block).view(H, nope + v, C)
     return w, s, dense[:, :nope], dense[:, nope:]
 
 
@@ -29,25 +29,26 @@ def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # (the interpreter's bf16
 @pytest.mark.parametrize(  # dots are wrong: bf16 runs on the GPU)
-    "T, H, nope, v, C",
+    "T, H, nope, v, C, block",
     [
-        (1, 3, 24, 20, 80),  # one token; heads straddling the 128-row scale blocks; C < 128
-        (19, 2, 128, 128, 512),  # V3's head shape, a partial token tile
-        (40, 5, 48, 32, 200),  # C past one block, partial
+        (1, 3, 24, 20, 80, (128, 128)),  # one token; heads straddling row blocks; C < 128
+        (19, 2, 128, 128, 512, (128, 128)),  # V3's head shape, a partial token tile
+        (40, 5, 48, 32, 200, (128, 128)),  # C past one block, partial
+        (7, 3, 40, 24, 200, (32, 32)),  # small blocks: several a tile's rows, 32-wide columns
     ],
 )
-def test_fp8_products_equal_the_dequantized_einsums(T, H, nope, v, C, dtype):
-    w, s, w_uk, w_uv = kv_b(H, nope, v, C, seed=T)
+def test_fp8_products_equal_the_dequantized_einsums(T, H, nope, v, C, block, dtype):
+    w, s, w_uk, w_uv = kv_b(H, nope, v, C, seed=T, block=block)
     g = torch.Generator().manual_seed(T + 1)
     q = torch.randn(T, H, nope + 16, generator=g)  # q_nope a strided view, as MLA splits it
     q_nope = q.to(dtype).to(DEVICE)[..., :nope]
     want = torch.einsum("thd,hdc->thc", q[..., :nope].to(dtype).float(), w_uk.to(dtype).float())
-    got = uk_fp8(q_nope, w.to(DEVICE), s.to(DEVICE), (128, 128), nope, v)
+    got = uk_fp8(q_nope, w.to(DEVICE), s.to(DEVICE), block, nope, v)
     assert got.shape == (T, H, C) and got.dtype == dtype
     close(got, want, dtype)
     lat = torch.randn(H, T, C, generator=g).to(dtype).to(DEVICE).transpose(0, 1)  # head-major
     want = torch.einsum("thc,hdc->thd", lat.cpu().float(), w_uv.to(dtype).float())
-    got = uv_fp8(lat, w.to(DEVICE), s.to(DEVICE), (128, 128), nope, v)
+    got = uv_fp8(lat, w.to(DEVICE), s.to(DEVICE), block, nope, v)
     assert got.shape == (T, H, v) and got.is_contiguous()
     close(got, want, dtype)
 

@@ -19,15 +19,15 @@ import triton.language as tl
 
 
 @triton.jit
-def _w_tile(w_ptr, s_ptr, rows, cols, row_ok, col_ok, C, stride_s, SN: tl.constexpr,
+def _w_tile(w_ptr, s_ptr, rows, c0, cols, row_ok, col_ok, C, stride_s, SN: tl.constexpr,
             SK: tl.constexpr, dtype: tl.constexpr):  # fmt: skip
-    """kv_b_proj's rows x cols [R, BC], dequantized (fp8 x its block's scale, in fp32) and
-    rounded to dtype."""
+    """kv_b_proj's rows x cols [R, BC] (cols from c0, within one SK-wide scale block: BC
+    divides SK), dequantized (fp8 x its block's scale, in fp32) and rounded to dtype; the
+    scales are one a row (its row block's, in the tile's column block)."""
     ok = row_ok[:, None] & col_ok[None, :]
     w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * C + cols[None, :], mask=ok, other=0.0)
-    s = tl.load(s_ptr + (rows // SN)[:, None] * stride_s + (cols // SK)[None, :], mask=ok,
-                other=0.0)  # fmt: skip
-    return (w.to(tl.float32) * s).to(dtype)
+    s = tl.load(s_ptr + (rows // SN) * stride_s + c0 // SK, mask=row_ok, other=0.0)  # [R]
+    return (w.to(tl.float32) * s[:, None]).to(dtype)
 
 
 @triton.jit
@@ -43,8 +43,8 @@ def _uk(x_ptr, w_ptr, s_ptr, y_ptr, T, H, C, stride_xt, stride_xh, stride_s,
     t_ok, d_ok, c_ok = ts < T, ds < NOPE, cs < C
     x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + h * stride_xh + ds[None, :],
                 mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # [BT, BD]  # fmt: skip
-    w = _w_tile(w_ptr, s_ptr, h * (NOPE + V) + ds, cs, d_ok, c_ok, C, stride_s, SN, SK,
-                x.dtype)  # [BD, BC]  # fmt: skip
+    w = _w_tile(w_ptr, s_ptr, h * (NOPE + V) + ds, cb * BLOCK_C, cs, d_ok, c_ok, C, stride_s,
+                SN, SK, x.dtype)  # [BD, BC]  # fmt: skip
     y = tl.dot(x, w, input_precision=PRECISION)  # [BT, BC] fp32
     dst = y_ptr + (ts.to(tl.int64)[:, None] * H + h) * C + cs[None, :]
     tl.store(dst, y.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & c_ok[None, :])
@@ -67,7 +67,7 @@ def _uv(x_ptr, w_ptr, s_ptr, y_ptr, T, H, C, stride_xt, stride_xh, stride_s,
         c_ok = cs < C
         x = tl.load(x_ptr + ts.to(tl.int64)[:, None] * stride_xt + h * stride_xh + cs[None, :],
                     mask=t_ok[:, None] & c_ok[None, :], other=0.0)  # [BT, BC]  # fmt: skip
-        w = _w_tile(w_ptr, s_ptr, rows, cs, v_ok, c_ok, C, stride_s, SN, SK, x.dtype)  # [BV, BC]
+        w = _w_tile(w_ptr, s_ptr, rows, c0, cs, v_ok, c_ok, C, stride_s, SN, SK, x.dtype)
         acc += tl.dot(x, tl.trans(w), input_precision=PRECISION)
     dst = y_ptr + (ts.to(tl.int64)[:, None] * H + h) * V + vs[None, :]
     tl.store(dst, acc.to(y_ptr.dtype.element_ty), mask=t_ok[:, None] & v_ok[None, :])
@@ -89,10 +89,16 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block, no
     return T, H, C
 
 
-def _tiles(T: int, x: torch.Tensor) -> tuple[int, str]:
-    """Tokens a program (>= 16: tl.dot's least) and the dot's precision (fp32: exact)."""
-    return max(16, min(64, triton.next_power_of_2(T))), (
-        "ieee" if x.dtype == torch.float32 else "tf32"
+def _tiles(T: int, x: torch.Tensor, C: int, block: tuple[int, int]) -> tuple[int, int, str]:
+    """Tokens a program (>= 16: tl.dot's least), kv_rank columns a tile (within one scale
+    block: so its scales are one a row) and the dot's precision (fp32: exact)."""
+    if block[1] & (block[1] - 1) or block[1] < 16:
+        raise ValueError(f"block {block}: its K size must be a power of two >= 16")
+    bc = max(16, min(128, block[1], triton.next_power_of_2(C)))
+    return (
+        max(16, min(64, triton.next_power_of_2(T))),
+        bc,
+        ("ieee" if x.dtype == torch.float32 else "tf32"),
     )
 
 
@@ -101,8 +107,7 @@ def uk_fp8(q_nope, weight, scale, block: tuple[int, int], nope: int, v: int) -> 
     weight [H (nope + v), kv_rank] and block scales."""
     T, H, C = _check(q_nope, weight, scale, block, nope, v, nope)
     y = torch.empty(T, H, C, device=q_nope.device, dtype=q_nope.dtype)
-    bt, precision = _tiles(T, q_nope)
-    bc = 128
+    bt, bc, precision = _tiles(T, q_nope, C, block)
     if T:
         _uk[(H, triton.cdiv(C, bc), triton.cdiv(T, bt))](
             q_nope, weight, scale, y, T, H, C, q_nope.stride(0), q_nope.stride(1),
@@ -116,12 +121,11 @@ def uv_fp8(out_lat, weight, scale, block: tuple[int, int], nope: int, v: int) ->
     """out_lat [T, H, kv_rank] -> o [T, H, v] in its dtype, W_UV from kv_b_proj's FP8 weight."""
     T, H, C = _check(out_lat, weight, scale, block, nope, v, weight.shape[1])
     y = torch.empty(T, H, v, device=out_lat.device, dtype=out_lat.dtype)
-    bt, precision = _tiles(T, out_lat)
+    bt, bc, precision = _tiles(T, out_lat, C, block)
     if T:
         _uv[(H, triton.cdiv(T, bt))](
             out_lat, weight, scale, y, T, H, C, out_lat.stride(0), out_lat.stride(1),
             scale.stride(0), NOPE=nope, V=v, SN=block[0], SK=block[1], BLOCK_T=bt,
-            BLOCK_V=max(16, triton.next_power_of_2(v)), BLOCK_C=min(128, triton.next_power_of_2(C)),
-            PRECISION=precision,
+            BLOCK_V=max(16, triton.next_power_of_2(v)), BLOCK_C=bc, PRECISION=precision,
         )  # fmt: skip
     return y
