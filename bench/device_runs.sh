@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | small-kernels-ab | fp8-absorb-ab | flashinfer | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -32,6 +32,13 @@ gpu_step_ab() {  # NAME FIRST: V3's GPU side alone at batch 1, this tree against
         2>> "$OUT/$1.err" | sed "s/^{/{\"side\": \"$side\", /" >> "$OUT/$1.jsonl"
     done
   done; tail -1 "$OUT/$1.err"; grep -c . "$OUT/$1.jsonl"
+}
+
+flashinfer_wheels() {  # the carried .whl/ (flashinfer-python 0.5.3 and its two missing
+  # dependencies) installed once, compiling for sm_90a only on all cores
+  [ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
 }
 
 for stage in "$@"; do
@@ -176,43 +183,11 @@ for stage in "$@"; do
           2>> "$OUT/mla_splits.err" | sed "s/^{/{\"side\": \"$side\", /" \
           >> "$OUT/gpu_step_b32_ab.jsonl"
       done; grep -c . "$OUT/mla_splits.jsonl" "$OUT/gpu_step_b32_ab.jsonl" ;;
-    small-kernels-ab)  # issue 18: V3's GPU side at 32 x 4K and at 1 x 4K against base/
-      # (`git archive f28fdb0~1 ...`: the activation scales copied, silu and product apart, the
-      # W_UV output copied), alternated, each its own process; then mla_decode's splits timed
-      # in CUDA graphs over cold caches (~7 min)
-      for bc in "32 4096" "1 4096"; do
-        set -- $bc
-        for side in new base new base; do
-          dir=.; [ "$side" = base ] && dir=base
-          (cd "$dir" && timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only \
-            --batch "$1" --context "$2" --paged 64 --graphs --steps 20 --rounds 2) \
-            2>> "$OUT/small_kernels_ab.err" | sed "s/^{/{\"side\": \"$side\", /" \
-            >> "$OUT/small_kernels_ab.jsonl"
-        done
-      done
-      timeout 120 python3 bench/mla_sweep.py --grid splits --points 1x4096,1x16384,4x4096,32x4096 \
-        > "$OUT/mla_splits_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
-      timeout 90 python3 bench/mla_sweep.py --grid tiles --points 1x64,1x4096 \
-        > "$OUT/mla_tiles_graphed.jsonl" 2>> "$OUT/small_kernels_ab.err"
-      tail -1 "$OUT/small_kernels_ab.err"; grep -c . "$OUT"/*.jsonl ;;
-    fp8-absorb-ab)  # issue 18: W_UK / W_UV read from kv_b_proj's FP8 blocks (--attention
-      # triton-fp8: no dense bf16 copies, ~2 GB of V3's VRAM) against the absorbed copies, V3's
-      # GPU side at 1 x 16, 1 x 4K and 32 x 4K, alternated (~6 min)
-      for bc in "1 16" "1 4096" "32 4096"; do
-        set -- $bc
-        for att in triton-fp8 triton; do
-          timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch "$1" \
-            --context "$2" --paged 64 --graphs --steps 20 --rounds 2 --attention "$att" \
-            >> "$OUT/fp8_absorb_ab.jsonl" 2>> "$OUT/fp8_absorb_ab.err"
-        done
-      done; tail -1 "$OUT/fp8_absorb_ab.err"; grep -c . "$OUT/fp8_absorb_ab.jsonl" ;;
     flashinfer)  # issue 18: flashinfer's paged MLA kernel (carry .whl/: flashinfer-python
       # 0.5.3, apache-tvm-ffi, einops; it compiles its kernels with nvcc on first use): its
-      # tests (the decode step against mla_decode's), mla_sweep's points with it, then V3's GPU
-      # step with it against triton's, graphed (~9 min)
-      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
-      export FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16  # Hopper's kernels only, all cores
+      # tests (the kernel and a decode step against mla_decode's), then mla_sweep's points
+      # with it (~5 min)
+      flashinfer_wheels
       start=$(date +%s)
       timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
         | tee "$OUT/$day-flashinfer-tests.log" | tail -3
@@ -220,14 +195,27 @@ for stage in "$@"; do
       timeout 240 python3 bench/mla_sweep.py --grid splits --flashinfer \
         --points 32x4096,32x8192,64x4096,1x4096 > "$OUT/mla_flashinfer.jsonl" \
         2> "$OUT/mla_flashinfer.err"; tail -2 "$OUT/mla_flashinfer.err"
-      for bc in "32 4096" "1 16"; do  # V3's GPU step, graphed, flashinfer against triton
+      grep -c . "$OUT/mla_flashinfer.jsonl" ;;
+    attention-ab)  # issue 18: V3's GPU side, graphed, at 32 x 4K and 1 x 16, with MLA through
+      # triton (W_UK / W_UV absorbed), triton-fp8 (read from kv_b_proj's FP8 blocks) and
+      # flashinfer, alternated, each its own process; then 32 x 4K on base/ (`git archive
+      # f28fdb0~1 hetero bench tests/data`: before the three small kernels fewer); then
+      # mla_decode's tiles at batch 1, graphed (~9 min)
+      flashinfer_wheels
+      for bc in "32 4096" "1 16"; do
         set -- $bc
-        for att in flashinfer triton; do
+        for att in triton triton-fp8 flashinfer; do
           timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch "$1" \
             --context "$2" --paged 64 --graphs --steps 20 --rounds 2 --attention "$att" \
-            >> "$OUT/gpu_step_flashinfer.jsonl" 2>> "$OUT/mla_flashinfer.err"
+            >> "$OUT/attention_ab.jsonl" 2>> "$OUT/attention_ab.err"
         done
-      done; grep -c . "$OUT/mla_flashinfer.jsonl" "$OUT/gpu_step_flashinfer.jsonl" ;;
+      done
+      (cd base && timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only \
+        --batch 32 --context 4096 --paged 64 --graphs --steps 20 --rounds 2) \
+        2>> "$OUT/attention_ab.err" | sed 's/^{/{"side": "base", /' >> "$OUT/attention_ab.jsonl"
+      timeout 90 python3 bench/mla_sweep.py --grid tiles --points 1x64,1x4096 \
+        > "$OUT/mla_tiles_graphed.jsonl" 2>> "$OUT/attention_ab.err"
+      tail -1 "$OUT/attention_ab.err"; grep -c . "$OUT/attention_ab.jsonl" ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)
