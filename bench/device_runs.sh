@@ -189,10 +189,10 @@ for stage in "$@"; do
       # with it (~5 min)
       flashinfer_wheels
       start=$(date +%s)
-      timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+      timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
         | tee "$OUT/$day-flashinfer-tests.log" | tail -3
       echo "flashinfer tests, its compile included: $(( $(date +%s) - start )) s"
-      timeout 240 python3 bench/mla_sweep.py --grid splits --flashinfer \
+      timeout 180 python3 bench/mla_sweep.py --grid splits --flashinfer \
         --points 32x4096,32x8192,64x4096,1x4096 > "$OUT/mla_flashinfer.jsonl" \
         2> "$OUT/mla_flashinfer.err"; tail -2 "$OUT/mla_flashinfer.err"
       grep -c . "$OUT/mla_flashinfer.jsonl" ;;
