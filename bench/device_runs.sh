@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | gpu-step-ab | decode-gpu-int4-skewed | prefill-taper
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -326,14 +326,6 @@ for stage in "$@"; do
     prefill-layer)  # one V3 layer's CPU experts streamed: staged vs whole vs CPU (~4 min)
       timeout 500 python3 bench/prefill.py --only layer > "$OUT/prefill_layer.jsonl" \
         2> "$OUT/prefill_layer.err"; tail -3 "$OUT/prefill_layer.err" ;;
-    prefill-taper)  # issue 19: one V3 layer streamed from page-locked experts, groups of one
-      # slot against the first and last a quarter of one (direct_taper), beside H2D measured in
-      # the same run, int4 at 8K and 32K tokens, twice (~4 min)
-      for round in 1 2; do
-        timeout 200 python3 bench/prefill.py --only layer --pin-experts --formats int4 \
-          --layer-tokens 8192,32768 --cpu-max-tokens 0 >> "$OUT/prefill_taper.jsonl" \
-          2>> "$OUT/prefill_taper.err"
-      done; tail -2 "$OUT/prefill_taper.err"; grep -c . "$OUT/prefill_taper.jsonl" ;;
     prefill-depth)  # whole V3 depth TTFT at 512..32K, then once over HTTP (~8 min; needs the
       # server's wheels): a prompt in one chunk streams each layer's experts once
       timeout 580 python3 bench/prefill.py --only depth --http --chunk 32768 --pin-experts \

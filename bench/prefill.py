@@ -95,10 +95,6 @@ def layer_rows(args, h2d: float, base: dict) -> None:
                 torch.nn.ModuleDict(), layer=1, engine=engine, num_experts=E, stream_min_tokens=1,
                 staging=GroupStaging(slot, "cuda", direct=True),
             )  # fmt: skip
-            paths["direct_taper"] = HybridExperts(  # first and last groups a quarter of one
-                torch.nn.ModuleDict(), layer=1, engine=engine, num_experts=E, stream_min_tokens=1,
-                staging=GroupStaging(slot, "cuda", direct=True, taper=True),
-            )  # fmt: skip
         for T in args.layer_tokens:
             g = torch.Generator().manual_seed(T)
             x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
@@ -106,7 +102,7 @@ def layer_rows(args, h2d: float, base: dict) -> None:
             w = torch.rand(T, k, generator=g).to("cuda")
             per = engine.layers[1].expert_bytes()
             routed = ids.unique().numel() * per
-            sent = {"staged": routed, "direct": routed, "direct_taper": routed, "whole": E * per}
+            sent = {"staged": routed, "direct": routed, "whole": E * per}  # what crosses
             row = {**base, "bench": "prefill_layer", "format": str(fmt), "tokens": T,
                    "h2d_gbps": round(h2d, 1)}  # fmt: skip
             for name, routed in paths.items():

@@ -40,23 +40,17 @@ def gather_rows(src, rows, dst):
         dst[i, a:b] = src[rows[i], a:b]
 
 
-def group_rows(
-    rows: np.ndarray, expert_bytes: int, slot_bytes: int, taper: bool = False
-) -> list[np.ndarray]:
+def group_rows(rows: np.ndarray, expert_bytes: int, slot_bytes: int) -> list[np.ndarray]:
     """The rows (experts) to send, in groups of at most slot_bytes of packed weights each.
-    `taper`: where more than two full groups go, the first and the last hold a quarter of one
-    (the pipeline's fill, the first copy, and its tail, the last compute, overlap nothing)."""
+    (Smaller first and last groups, for the pipeline's fill and tail, measured no gain on the
+    H200: 2026-12-04, bench/results/2026-12-04-h200-session12.md.)"""
     per = slot_bytes // expert_bytes
     if per < 1:
         raise ValueError(
             f"a staging slot of {slot_bytes} bytes holds no expert of {expert_bytes} bytes "
             "(raise runtime.staging_gb)"
         )
-    if not taper or len(rows) <= 2 * per:
-        return [rows[i : i + per] for i in range(0, len(rows), per)]
-    end = max(1, per // 4)
-    middle = rows[end:-end]
-    return [rows[:end], *(middle[i : i + per] for i in range(0, len(middle), per)), rows[-end:]]
+    return [rows[i : i + per] for i in range(0, len(rows), per)]
 
 
 def _as_bytes(a: np.ndarray) -> np.ndarray:
@@ -75,16 +69,9 @@ class Group(NamedTuple):
 
 
 class GroupStaging:
-    def __init__(
-        self,
-        slot_bytes: int,
-        device: torch.device | str,
-        direct: bool = False,
-        taper: bool = False,
-    ) -> None:
+    def __init__(self, slot_bytes: int, device: torch.device | str, direct: bool = False) -> None:
         self.slot_bytes, self.device = int(slot_bytes), torch.device(device)
         self.cuda, self.direct = self.device.type == "cuda", direct
-        self.taper = taper  # group_rows' smaller first and last groups (bench A/B, unmeasured)
         self._host: list[torch.Tensor | None] = [None, None]
         self._dev: list[torch.Tensor | None] = [None, None]
         self._copied: list = [None, None]  # events: the slot's host -> device copy done

@@ -37,7 +37,7 @@ def stream_experts(
     chunk queues its CPU job there: it runs after the gathers, beside the GPU's compute)."""
     packed = engine.layers[layer]
     used = torch.unique(rows[rows >= 0]).cpu().numpy()  # (a host sync: prefill only)
-    groups = group_rows(used, packed.expert_bytes(), staging.slot_bytes, staging.taper)
+    groups = group_rows(used, packed.expert_bytes(), staging.slot_bytes)
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     if not groups:
         if after_fills is not None:
