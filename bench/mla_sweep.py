@@ -123,10 +123,10 @@ def flashinfer_ms(q_lat, q_pe, caches, table, lens, scale, want) -> tuple[float,
     """flashinfer's kernel over the same pages (planned once): ms a call (in a CUDA graph over
     the cache copies where it captures, else launched from Python), and its error against
     mla_decode's output."""
-    from hetero.gpu.flashinfer_mla import FlashInferMLA
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
     B, h, C = q_lat.shape
-    fi = FlashInferMLA(q_lat.device)
+    fi = FlashInferMLA(shared_workspace({}, q_lat.device))
     batch = SimpleNamespace(page_table=table, ctx_lens=lens, q_lens=[1] * B)
     fi.plan(batch, caches[0][0].shape[1], h, C, q_pe.shape[-1], scale, q_lat.dtype)
     out = fi.run(q_lat, q_pe, *caches[0])

@@ -39,8 +39,9 @@ class CostModel:
     """The step model's constants (docs/predict.md says where each comes from)."""
 
     # fixed GPU time of a decoder layer in a CUDA-graph decode step (launches, small kernels):
-    # V3's GPU side alone: 9.99-10.16 ms a step at batch 1 with graphs over the paged Triton
-    # path, 4.35 ms of it its bytes at HBM speed (H200 2026-12-04, *-gpu_step_kernels.md)
+    # V3's GPU side alone: 9.95-10.16 ms a step at batch 1 with graphs over the paged Triton
+    # path, 4.35 ms of it its bytes at HBM speed (H200 2026-12-04, *-gpu_step_kernels.md and
+    # *-session12.md)
     gpu_layer_s: float = 0.095e-3
     gpu_eager_layer_s: float = 1.2e-3  # the same without graphs (prefill, big batches): 3x, est.
     attention_share: float = 0.75  # of a MoE layer's GPU time, before the router (est.)

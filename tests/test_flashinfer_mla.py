@@ -62,7 +62,7 @@ def test_flashinfer_kernel_equals_mla_decode(B, ctx, page):
     against mla_decode over the same pages, contexts of different lengths."""
     from types import SimpleNamespace
 
-    from hetero.gpu.flashinfer_mla import FlashInferMLA
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
     from hetero.gpu.mla_decode import mla_decode
 
     g = torch.Generator(device="cuda").manual_seed(B)
@@ -79,7 +79,7 @@ def test_flashinfer_kernel_equals_mla_decode(B, ctx, page):
     q_pe = torch.randn(B, 128, 64, device="cuda", generator=g).bfloat16()
     scale = 0.1
     want = mla_decode(q_lat, q_pe, latent, rope, table, torch.tensor(lens, device="cuda"), scale)
-    fi = FlashInferMLA(torch.device("cuda"))
+    fi = FlashInferMLA(shared_workspace({}, torch.device("cuda")))
     fi.plan(SimpleNamespace(page_table=table, ctx_lens=lens, q_lens=[1] * B), page, 128, 512,
             64, scale, torch.bfloat16)  # fmt: skip
     got = fi.run(q_lat, q_pe, latent, rope)
@@ -122,3 +122,15 @@ def test_one_workspace_a_cache():
     a = flashinfer_mla.shared_workspace(state, torch.device("cpu"))
     assert flashinfer_mla.shared_workspace(state, torch.device("cpu")) is a
     assert a.numel() == flashinfer_mla.WORKSPACE_BYTES and a.dtype == torch.uint8
+
+
+def test_applies_only_to_a_16_bit_paged_cache_on_cuda(tiny_v3):
+    """The one condition the attention backend and the graphs' plan both ask: never on the
+    CPU, never over a contiguous cache (and on CUDA, never in fp32: tested on the GPU)."""
+    model = load_model(tiny_v3, dtype=torch.bfloat16, progress=False)
+    assert not flashinfer_mla.applies(model.new_paged_cache(4, 16))  # the CPU
+    assert not flashinfer_mla.applies(model.new_cache(1, 8))
+    if torch.cuda.is_available():
+        paged = model.cuda().new_paged_cache(4, 16)
+        assert flashinfer_mla.applies(paged)
+        assert not flashinfer_mla.applies(model.float().new_paged_cache(4, 16))

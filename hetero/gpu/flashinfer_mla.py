@@ -24,6 +24,17 @@ def available() -> bool:
     return importlib.util.find_spec("flashinfer") is not None
 
 
+def applies(cache) -> bool:
+    """Whether flashinfer's kernel decodes over `cache`: a 16-bit PagedKVCache on CUDA."""
+    from hetero.model.batch import PagedKVCache
+
+    return (
+        isinstance(cache, PagedKVCache)
+        and cache.latent.is_cuda
+        and cache.latent.dtype in (torch.bfloat16, torch.float16)
+    )
+
+
 def shared_workspace(state: dict, device: torch.device) -> torch.Tensor:
     """The float scratch kept in `state` (a cache's backend state), made on first use: every
     plan over one cache shares it (their steps never overlap)."""
@@ -57,16 +68,14 @@ class FlashInferMLA:
     pages: the plan's buffers fixed for CUDA graphs (flashinfer's use_cuda_graph), planned
     again before each replay."""
 
-    def __init__(self, device: torch.device, graph_batch: int = 0, graph_pages: int = 0,
-                 workspace: torch.Tensor | None = None) -> None:  # fmt: skip
-        """`workspace`: flashinfer's float scratch, shared by plans that never run at once (a
-        cache's decoders: one step at a time), else one of WORKSPACE_BYTES of its own."""
+    def __init__(self, workspace: torch.Tensor, graph_batch: int = 0, graph_pages: int = 0) -> None:
+        """`workspace`: flashinfer's float scratch (`shared_workspace`: plans that never run at
+        once share one)."""
         if not available():
             raise RuntimeError(MISSING)
         from flashinfer.mla import BatchMLAPagedAttentionWrapper
 
-        if workspace is None:
-            workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
+        device = workspace.device
         if graph_batch:
             B, i32 = graph_batch, {"dtype": torch.int32, "device": device}
             self.wrapper = BatchMLAPagedAttentionWrapper(

@@ -253,11 +253,10 @@ def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cac
     (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers); the rest as "triton"
     (`paged_attention`). q_pe arrives rotated (MLA.forward rotates it for every backend but
     "triton"'s decode kernel)."""
-    if not (batch.is_decode and q_nope.is_cuda and isinstance(cache, PagedKVCache)):
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, applies, shared_workspace
+
+    if not (batch.is_decode and applies(cache)):
         return paged_attention(mla, q_nope, q_pe, batch, cache)
-    if cache.latent.dtype not in (torch.bfloat16, torch.float16):
-        return paged_attention(mla, q_nope, q_pe, batch, cache)
-    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
     q_lat = _q_latent(mla, q_nope).to(cache.latent.dtype)  # [T, h, c]
     planner = batch.mla_plan  # planned by the batch's owner (CUDA graphs: before the replay)
@@ -265,7 +264,7 @@ def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cac
         planner = cache.state.get("flashinfer")
         if planner is None:
             workspace = shared_workspace(cache.state, q_nope.device)
-            planner = cache.state["flashinfer"] = FlashInferMLA(q_nope.device, workspace=workspace)
+            planner = cache.state["flashinfer"] = FlashInferMLA(workspace)
         planner.plan(batch, cache.page_size, mla.n_heads, mla.kv_rank, mla.rope_dim,
                      mla.softmax_scale, q_lat.dtype)  # fmt: skip
     out = planner.run(q_lat, q_pe.to(q_lat.dtype), cache.latent[mla.layer], cache.rope[mla.layer])

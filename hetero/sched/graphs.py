@@ -186,12 +186,11 @@ def _graph_plan(model: Transformer, cache: Cache, batch: int, pages: int):
     """flashinfer's plan with buffers fixed for this decoder's graphs, where its backend runs
     the decode steps (a 16-bit paged cache on CUDA); else None."""
     layers = model.model.layers
-    if not (isinstance(cache, PagedKVCache) and cache.latent.is_cuda and len(layers)):
+    if not (len(layers) and layers[0].self_attn.backend == "flashinfer"):
         return None
-    if layers[0].self_attn.backend != "flashinfer" or cache.latent.dtype == torch.float32:
-        return None
-    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, applies, shared_workspace
 
-    device = cache.latent.device
-    workspace = shared_workspace(cache.state, device)  # one for all the cache's decoders
-    return FlashInferMLA(device, graph_batch=batch, graph_pages=pages, workspace=workspace)
+    if not applies(cache):
+        return None
+    workspace = shared_workspace(cache.state, cache.latent.device)  # one for all its decoders
+    return FlashInferMLA(workspace, graph_batch=batch, graph_pages=pages)
