@@ -259,10 +259,10 @@ def main() -> None:
         default="",
         help="the FP8 GEMV's launch settings, e.g. mma=0+num_warps=8 (fp8_gemm.Tiles)",
     )
-    p.add_argument("--attention", choices=("triton", "triton-fp8", "flashinfer", "absorbed"),
-                   default="triton", help="MLA: the kernels (a paged cache; triton-fp8: W_UK / "
-                   "W_UV from kv_b_proj's FP8 blocks, not absorbed; flashinfer: its decode "
-                   "kernel) or the torch ops")  # fmt: skip
+    p.add_argument("--attention", choices=("auto", "triton", "flashinfer", "absorbed"),
+                   default="auto", help="MLA: the kernels (a paged cache; flashinfer: its "
+                   "decode kernel wherever it runs, auto: where it pays) or the torch "
+                   "ops")  # fmt: skip
     p.add_argument("--modes", type=lambda s: s.split(","), help="default: all (gpu_only, ...)")
     p.add_argument("--rounds", type=int, default=1, help="all modes this many times; medians")
     p.add_argument("--threads", type=int, default=0, help="CPU expert threads; 0: cores - 1")

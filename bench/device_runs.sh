@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -216,10 +216,57 @@ for stage in "$@"; do
       timeout 90 python3 bench/mla_sweep.py --grid tiles --points 1x64,1x4096 \
         > "$OUT/mla_tiles_graphed.jsonl" 2>> "$OUT/attention_ab.err"
       tail -1 "$OUT/attention_ab.err"; grep -c . "$OUT/attention_ab.jsonl" ;;
+    attention-batch)  # issue 18: V3's GPU side, graphed, at batch 1 x 16 tokens, this tree
+      # (mla_decode's 16-head programs where 64 leave SMs idle, no dense W_UK / W_UV) against
+      # base/ (`git archive 15a1c3b hetero bench tests/data`), alternated twice; then triton
+      # against flashinfer at 4, 8, 16 x 4K, alternated: where flashinfer starts to win (~8 min)
+      flashinfer_wheels
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; [ $side = base ] && dir=base
+          (cd $dir && timeout 60 python3 bench/decode.py --workload v3 --modes gpu_only \
+            --batch 1 --context 16 --paged 64 --graphs --steps 20 --rounds 2) \
+            2>> "$OUT/attention_batch.err" | sed "s/^{/{\"side\": \"$side\", /" \
+            >> "$OUT/attention_batch.jsonl"
+        done
+      done
+      for b in 4 8 16; do
+        for att in triton flashinfer; do
+          timeout 60 python3 bench/decode.py --workload v3 --modes gpu_only --batch $b \
+            --context 4096 --paged 64 --graphs --steps 20 --rounds 2 --attention $att \
+            >> "$OUT/attention_batch.jsonl" 2>> "$OUT/attention_batch.err"
+        done
+      done; tail -1 "$OUT/attention_batch.err"; grep -c . "$OUT/attention_batch.jsonl" ;;
+    attention-auto)  # issue 18: the default attention ("auto": flashinfer's decode from 8 x 4K,
+      # else mla_decode with head_block's tiles; no dense W_UK / W_UV) on V3's GPU side,
+      # graphed: 1 x 16 against base/ (15a1c3b), 32 x 4K against triton, 8 x 4K; then every
+      # gpu test, flashinfer's with it (~7 min)
+      flashinfer_wheels
+      for run in "new 1 16 auto" "base 1 16 triton" "new 32 4096 auto" "new 32 4096 triton" \
+          "new 8 4096 auto"; do
+        set -- $run
+        dir=.; [ $1 = base ] && dir=base
+        (cd $dir && timeout 70 python3 bench/decode.py --workload v3 --modes gpu_only \
+          --batch $2 --context $3 --paged 64 --graphs --steps 20 --rounds 2 --attention $4) \
+          2>> "$OUT/attention_auto.err" | sed "s/^{/{\"side\": \"$1\", /" \
+          >> "$OUT/attention_auto.jsonl"
+      done; tail -1 "$OUT/attention_auto.err"; grep -c . "$OUT/attention_auto.jsonl"
+      timeout 240 python3 -m pytest -m gpu -v -p no:cacheprovider tests \
+        --ignore tests/test_server.py --ignore tests/test_server_features.py \
+        --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3 ;;
+    mla-small)  # issue 18: mla_decode's tiles at small batches (head_block's rule: 16 heads a
+      # program where 64 leave SMs idle), graphed; then every gpu test, flashinfer's with it
+      # (~5 min)
+      flashinfer_wheels
+      timeout 200 python3 bench/mla_sweep.py --grid tiles --points 4x4096,8x1024,8x4096,16x1024 \
+        > "$OUT/mla_tiles_small.jsonl" 2> "$OUT/mla_small.err"; tail -1 "$OUT/mla_small.err"
+      timeout 300 python3 -m pytest -m gpu -v -p no:cacheprovider tests \
+        --ignore tests/test_server.py --ignore tests/test_server_features.py \
+        --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3 ;;
     gpu-step-ab)  # issue 18: every gpu test, then V3's GPU side alone at batch 1 against
       # base/ (`git archive BASE hetero bench tests/data`, untracked so it travels),
       # alternated twice, the new side's first run under the profiler (~8 min)
-      timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests \
+      timeout 240 python3 -m pytest -m gpu -v -p no:cacheprovider tests \
         --ignore tests/test_server.py --ignore tests/test_server_features.py \
         --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3
       gpu_step_ab gpu_step_ab new ;;

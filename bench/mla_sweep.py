@@ -31,8 +31,8 @@ from hetero.config import ModelConfig  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "models"
 COLD_BYTES = 256 << 20  # caches a replay reads, summed: several times the H200's 50 MB of L2
-TILES = [  # (block_h, block_n, num_warps, num_stages, splits); the default first
-    (64, 64, 8, 2, None),
+TILES = [  # (block_h, block_n, num_warps, num_stages, splits); the default first (None: the rule)
+    (None, 64, 8, 2, None),
     *((h, n, w, 2, None) for h, n, w in itertools.product((16, 32, 64), (32, 64), (4, 8))),
 ]
 PIPELINE = [  # the default heads and warps with deeper pipelines over smaller token steps
@@ -56,7 +56,7 @@ def split_configs(B: int, ctx: int, heads: int, sms: int) -> list[tuple]:
 
 
 def main() -> None:
-    from hetero.gpu.mla_decode import mla_decode, split_count
+    from hetero.gpu.mla_decode import head_block, mla_decode, split_count
 
     p = argparse.ArgumentParser()
     p.add_argument("--points", default="32x8192,1x4096", help="batch x context, comma-separated")
@@ -91,6 +91,7 @@ def main() -> None:
                 return mla_decode(q_lat, q_pe, lat, rp, table, lens, scale, splits=splits,
                                   block_h=bh, block_n=bn, num_warps=w, num_stages=st)  # fmt: skip
 
+            bh = bh or head_block(B, h, ctx, sms)
             row = {"bench": "mla_sweep", "batch": B, "ctx": ctx, "block_h": bh, "block_n": bn,
                    "num_warps": warps, "num_stages": stages,
                    "splits": splits if splits is not None else split_count(

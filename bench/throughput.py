@@ -337,7 +337,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu-experts", default="0", help="v2-lite/v3: GPU experts a layer, or all")
     p.add_argument("--gpu-format", choices=("fp8", "bf16"), help="default: v3 fp8, v2-lite bf16")
     p.add_argument("--format", default="int4", help="CPU experts")
-    p.add_argument("--attention", choices=("triton", "absorbed"), default="triton",
+    p.add_argument("--attention", choices=("auto", "triton", "flashinfer", "absorbed"),
+                   default="auto",
                    help="MLA: the kernels or the torch ops (issue 18's before)")  # fmt: skip
     p.add_argument("--attention-levels", type=lambda v: v.split(","),
                    help="MLA backend of each level in turn (e.g. triton,absorbed)")  # fmt: skip

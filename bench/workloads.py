@@ -59,20 +59,19 @@ def random_model(
     dtype: torch.dtype,
     fp8: bool,
     gpu_experts: int = 0,
-    attention: str = "triton",
+    attention: str = "auto",
 ) -> Transformer:
     """All non-expert weights random (scaled so activations stay O(1)); of the routed experts,
     the first `gpu_experts` of each layer as GPU modules (as configs/deepseek-v3-80gb.yaml
     keeps 20). `fp8`: all their Linear layers as FP8 blocks. `attention`: the MLA backend, as
-    `hetero serve --attention` (triton: the kernels over a paged cache, W_UK / W_UV absorbed
-    once, as the loader does; triton-fp8: the same kernels without the dense copies, W_UK / W_UV
-    read from kv_b_proj's FP8 blocks, as a plan without room for them loads; flashinfer: decode
-    through flashinfer's MLA kernel, absorbed as triton; absorbed: the torch ops, kv_b_proj
+    `hetero serve --attention` (auto, the default: triton, and flashinfer's decode where it
+    is installed and pays; triton: the kernels over a paged cache, W_UK / W_UV read from
+    kv_b_proj's FP8 blocks, as the loader leaves them (`runtime.absorbs`); flashinfer: decode
+    through flashinfer's MLA kernel, the rest as triton; absorbed: the torch ops, kv_b_proj
     dequantized at every call)."""
     resident = {L: tuple(range(gpu_experts)) for L in config.moe_layers}
-    backend = "triton" if attention == "triton-fp8" else attention  # (flashinfer: its own)
     with torch.device("meta"):
-        model = Transformer(config, attention=backend, resident=resident)
+        model = Transformer(config, attention=attention, resident=resident)
     if fp8:  # the hybrid loader's rule, for a placement with everything but experts in fp8
         experts = f"{{match: '\\.mlp\\.experts$', device: cpu, gpu_experts: {gpu_experts}, "
         experts += "gpu_format: fp8}"  # (a slice's config has no quantization block: say it)
@@ -97,9 +96,7 @@ def random_model(
     for name, p in model.named_parameters():
         if p.dtype == torch.float32 and not name.endswith("weight_scale_inv"):
             p.data = p.data.to(dtype)
-    if attention in ("triton", "flashinfer"):  # as hetero serve loads: absorbed, FP8
-        model.absorb_attention()  # projections fused
-    if backend in ("triton", "flashinfer"):
+    if attention != "absorbed":  # as hetero serve loads: FP8 projections fused
         model.fuse_projections()
     return model.eval()
 
@@ -200,13 +197,18 @@ def set_defer(model, d: int) -> None:
 
 def set_attention(model, handle, name: str) -> None:
     """Every MLA layer attends through backend `name` from now on (issue 18's A/B: the Triton
-    kernels or the torch ops, W_UK/W_UV absorbed in both); the engine's captured decode graphs
-    are dropped so the next steps capture the new path (called between levels: no step runs)."""
+    kernels or the torch ops; "absorbed" keeps W_UK / W_UV dense from then on, as the loader
+    does for it, where the kernels read kv_b_proj's FP8 blocks); the engine's captured decode
+    graphs are dropped so the next steps capture the new path (called between levels: no step
+    runs)."""
     from hetero.registry import MLA_ATTENTION
+    from hetero.sched.runtime import absorbs
 
     attend = MLA_ATTENTION.get(name)
     for block in model.model.layers:
         block.self_attn.attend = attend
+        if absorbs(name, True) and block.self_attn.w_uk is None:
+            block.self_attn.absorb()
     getattr(handle.engine.runner, "decoders", {}).clear()
 
 

@@ -179,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hetero.loader import read_index
     from hetero.placement import RuntimeSettings, load_placement
     from hetero.plan import GIB, budgets
-    from hetero.sched.runtime import choose_placement
+    from hetero.sched.runtime import absorbs, choose_placement
 
     for flag, value in (("--vram", args.vram), ("--ram", args.ram)):
         if value is not None and value <= 0:
@@ -195,7 +195,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         vram = 24 * GIB
         notes.append("no CUDA device here and no --vram: a 24 GiB GPU is assumed")
     # what generate/chat would load: the given placement, the whole model, or the default
-    chosen, plan, _ = choose_placement(config, index, placement, True, vram, ram, torch.bfloat16)
+    absorb = absorbs("auto", True)  # (serve's default attention on a GPU)
+    chosen, plan, _ = choose_placement(
+        config, index, placement, True, vram, ram, torch.bfloat16, absorb
+    )
     plan = replace(plan, notes=(*plan.notes, *notes))
     prediction = _predict(args, config, chosen) if args.predict else None
     if args.json:
@@ -341,8 +344,9 @@ def _model_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument(
-        "--attention", choices=sorted(MLA_ATTENTION.backends), default="triton",
-        help="MLA: triton = the kernels on a CUDA paged cache, the absorbed torch form elsewhere",
+        "--attention", choices=sorted(MLA_ATTENTION.backends), default="auto",
+        help="MLA: triton = the kernels on a CUDA paged cache, the absorbed torch form "
+        "elsewhere; auto = triton, and flashinfer's decode where installed and faster",
     )  # fmt: skip
     p.add_argument(
         "--cuda-graphs", action="store_true", help="decode steps from per-layer CUDA graphs"

@@ -35,6 +35,7 @@ MLA_ATTENTION = Registry(
         "absorbed": "hetero.model.attention:absorbed_attention",
         "triton": "hetero.model.attention:paged_attention",
         "flashinfer": "hetero.model.attention:flashinfer_attention",
+        "auto": "hetero.model.attention:flashinfer_attention",  # (MLA resolves it at load)
     },
 )
 ROUTED_EXPERTS = Registry(

@@ -74,13 +74,13 @@ def test_routing_skew_makes_the_low_ids_hot():
         skew_routing(model, ModelConfig.from_hf(tiny_v2_config()), 0.2)
 
 
-@pytest.mark.parametrize("attention", ["triton", "triton-fp8"])
-def test_triton_fp8_keeps_kv_b_proj_in_fp8(attention):
-    """`--attention triton-fp8`: the triton backend with no dense W_UK / W_UV copies, so the
-    kernels read kv_b_proj's FP8 blocks; `triton` absorbs them as the loader does."""
+@pytest.mark.parametrize("attention", ["triton", "flashinfer"])
+def test_kernel_attention_keeps_kv_b_proj_in_fp8(attention):
+    """The kernels' backends keep no dense W_UK / W_UV copies (as the loader, `absorbs`): they
+    read kv_b_proj's FP8 blocks."""
     config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
                                                 intermediate_size=256))  # fmt: skip
     model = random_model(config, "cpu", torch.float32, fp8=True, attention=attention)
     mla = model.model.layers[0].self_attn
-    assert mla.backend == "triton" and isinstance(mla.kv_b_proj, FP8Linear)
-    assert (mla.w_uk is None) == (attention == "triton-fp8")
+    assert mla.backend == attention and isinstance(mla.kv_b_proj, FP8Linear)
+    assert mla.w_uk is None and mla.w_uv is None

@@ -29,7 +29,7 @@ def test_flashinfer_backend_falls_back_where_it_does_not_apply(tiny_v3):
     absorbed attention's logits, bit for bit."""
     prompts = [[3, 4, 5, 6], [7, 8]]
     logits = {}
-    for attention in ("flashinfer", "absorbed"):
+    for attention in ("flashinfer", "auto", "absorbed"):
         model = load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False)
         cache = model.new_cache(2, 8)
         ids = torch.tensor([t for p in prompts for t in p])
@@ -38,6 +38,32 @@ def test_flashinfer_backend_falls_back_where_it_does_not_apply(tiny_v3):
         step = ForwardBatch.build([0, 1], [1, 1], [n + 1 for n in lens])
         logits[attention] = model(torch.tensor([9, 9]), step, cache)
     assert torch.equal(logits["flashinfer"], logits["absorbed"])
+    assert torch.equal(logits["auto"], logits["absorbed"])
+
+
+@pytest.mark.parametrize("installed", [False, True])
+def test_auto_resolves_to_flashinfer_only_where_it_is_installed(tiny_v3, monkeypatch, installed):
+    from hetero.model.attention import flashinfer_attention, paged_attention
+
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: installed)
+    model = load_model(tiny_v3, dtype=torch.float32, attention="auto", progress=False)
+    mla = model.model.layers[0].self_attn
+    assert mla.backend == "auto"
+    assert mla.attend is (flashinfer_attention if installed else paged_attention)
+
+
+def test_auto_decodes_through_flashinfer_where_it_measured_faster(tiny_v3, monkeypatch):
+    """Backend "auto" takes flashinfer's kernel from 8 sequences of 4K tokens (the H200's crossing);
+    "flashinfer" wherever the kernel applies; neither where it does not (here: the CPU)."""
+    assert flashinfer_mla.pays(8, 4096) and flashinfer_mla.pays(32, 8192)
+    assert not flashinfer_mla.pays(4, 4096) and not flashinfer_mla.pays(64, 2048)
+    cache = load_model(tiny_v3, dtype=torch.bfloat16, progress=False).new_paged_cache(4, 16)
+    for backend in ("auto", "flashinfer"):
+        assert not flashinfer_mla.decodes(backend, cache, 32, 8192)  # the CPU
+    monkeypatch.setattr(flashinfer_mla, "applies", lambda cache: True)
+    assert flashinfer_mla.decodes("flashinfer", cache, 1, 16)
+    assert not flashinfer_mla.decodes("auto", cache, 1, 16)
+    assert flashinfer_mla.decodes("auto", cache, 8, 4096)
 
 
 def test_missing_flashinfer_is_a_one_line_error(tiny_v3, capsys, monkeypatch):

@@ -72,6 +72,18 @@ def test_segments_equal_the_model(v3):
     assert_close(decode_both(model, "cpu", graphs=False), 1e-5)
 
 
+@pytest.mark.parametrize("attention", ["auto", "flashinfer"])
+def test_segments_with_flashinfer_installed_over_a_cache_it_does_not_take(v3, monkeypatch,
+                                                                           attention):  # fmt: skip
+    """With flashinfer installed, its backends over a contiguous cache (no pages: the kernel
+    never applies) decode as the model does: the segments plan nothing for it."""
+    from hetero.gpu import flashinfer_mla
+
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: True)
+    model = load_model(v3, dtype=torch.float32, attention=attention, progress=False)
+    assert_close(decode_both(model, "cpu", graphs=False), 1e-5)
+
+
 @pytest.mark.parametrize("deferred", [0, 2])
 def test_segments_with_cpu_experts_and_deferral(v3, deferred):
     h = hybrid(v3, "cpu", deferred)

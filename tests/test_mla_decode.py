@@ -43,14 +43,14 @@ def reference(q_lat, q_pe, latent, rope, table, ctx_lens, scale):
 
 
 @pytest.mark.parametrize(
-    "ctx_lens, H, page, splits",
+    "ctx_lens, H, page, splits, block_h",
     [
-        ([1, 17, 50], 5, 16, 1),  # one token, page edges, heads fewer than a head block
-        ([40, 3], 20, 16, 3),  # two head blocks (16 + 4), splits of which one is empty for b=1
-        ([33], 16, 32, 2),
+        ([1, 17, 50], 5, 16, 1, 64),  # one token, page edges, heads fewer than a head block
+        ([40, 3], 20, 16, 3, 16),  # two head blocks (16 + 4), splits of which one is empty for b=1
+        ([33], 16, 32, 2, None),  # head_block's choice
     ],
 )
-def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits):
+def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits, block_h):
     C, R, scale = 32, 16, 0.3
     latent, rope, table = pages_for(ctx_lens, page, C, R, seed=sum(ctx_lens) + H)
     g = torch.Generator().manual_seed(1)
@@ -60,7 +60,8 @@ def test_kernel_equals_torch_over_the_pages(ctx_lens, H, page, splits):
     )
     want = reference(q_lat, q_pe, latent, rope, table, ctx_lens, scale)
     args = (q_lat, q_pe, latent, rope, table, torch.tensor(ctx_lens, dtype=torch.int32))
-    got = mla_decode(*(t.to(DEVICE) for t in args), scale, splits=splits, block_n=16)
+    got = mla_decode(*(t.to(DEVICE) for t in args), scale, splits=splits, block_h=block_h,
+                     block_n=16)  # fmt: skip
     torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
 
 
@@ -233,3 +234,16 @@ def test_split_count_fills_one_wave_before_splitting_further():
             assert 1 <= best <= cap
             assert all(waves_x_steps(programs, longest, best) <= waves_x_steps(programs, longest, s)
                        for s in range(1, min(cap, 4 * 132 // programs) + 1))  # fmt: skip
+
+
+def test_head_block_takes_16_heads_only_where_64_leave_most_of_a_wave_idle():
+    """V3's 128 heads on 132 SMs: 16 heads a program at batch 1 (2 programs of 64, even split
+    a 256 tokens up to 4K, fill less than half a wave) and at 8 x 1K; 64 from 4 x 4K and
+    16 x 1K (where 64 measured faster), and at every long or large batch."""
+    from hetero.gpu.mla_decode import head_block
+
+    assert head_block(1, 128, 64, 132) == head_block(1, 128, 4096, 132) == 16
+    assert head_block(8, 128, 1024, 132) == 16
+    assert head_block(4, 128, 4096, 132) == head_block(16, 128, 1024, 132) == 64
+    assert head_block(32, 128, 4096, 132) == head_block(1, 128, 32768, 132) == 64
+    assert head_block(1, 16, 64, 1) == 64  # the interpreter: one slot

@@ -108,6 +108,21 @@ def test_fp8_plan_by_hand():
     assert rows[ABSORBED_ROW] == 3 * 4 * (32 + 32) * 64 * 2  # W_UK, W_UV [heads, 32, 64] bf16
 
 
+def test_no_absorbed_copies_where_the_kernels_run():
+    """On a GPU the Triton / flashinfer attention reads W_UK / W_UV from kv_b_proj: the plan
+    keeps no dense copies for it (`absorbs`), so their bytes go to the KV cache."""
+    from hetero.sched.runtime import absorbs
+
+    assert not any(absorbs(a, True) for a in ("auto", "triton", "flashinfer"))
+    assert absorbs("absorbed", True) and absorbs("triton", False)  # the torch forms
+    config = ModelConfig.from_hf(tiny_v3_config())
+    with_copies = plan_memory(config, placement(config, "fp8"), BIG, BIG)
+    plan = plan_memory(config, placement(config, "fp8"), BIG, BIG, absorb=False)
+    assert with_copies.absorb_mla and not plan.absorb_mla
+    assert plan.row(ABSORBED_ROW).gpu_bytes == 0 and "not needed" in plan.row(ABSORBED_ROW).detail
+    assert plan.gpu_weight_bytes == with_copies.gpu_weight_bytes - 3 * 4 * (32 + 32) * 64 * 2
+
+
 def test_fp8_plan_equals_checkpoint_files(tiny_v3):
     """An FP8 checkpoint's own bytes (weight + weight_scale_inv as stored) for what goes on the
     GPU: all but the routed experts of CPU and the MTP layer."""

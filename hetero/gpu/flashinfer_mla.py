@@ -2,7 +2,9 @@
 its FA3-based kernel), over the engine's paged latent cache as it is: flashinfer's
 ckv_cache [pages, page_size, kv_rank] and kpe_cache [pages, page_size, rope] are a layer's
 `PagedKVCache.latent` and `.rope`. flashinfer is optional (`pip install flashinfer-python`);
-`--attention flashinfer` asks for it, `triton` (the default) needs nothing more.
+`--attention flashinfer` asks for it wherever it applies; `auto` (the default) takes it where
+it measured faster than the Triton kernel (`pays`) when it is installed; `triton` needs
+nothing more.
 
 A step is planned once (the work split over the batch's context lengths, on the host) and run
 in every layer: `FlashInferMLA.plan(batch)` when the batch changes, `run` a layer."""
@@ -33,6 +35,22 @@ def applies(cache) -> bool:
         and cache.latent.is_cuda
         and cache.latent.dtype in (torch.bfloat16, torch.float16)
     )
+
+
+def pays(rows: int, longest: int) -> bool:
+    """Whether flashinfer's decode measured faster than mla_decode's for `rows` sequences, the
+    longest `longest` tokens: from 8 rows of 4K tokens. H200, V3's GPU side graphed, ms a step
+    (2026-12-04): 1 x 16 10.77 against 9.99 (triton), 4 x 4K 12.90 / 12.58, 8 x 4K 13.52 /
+    13.90, 16 x 4K 14.95 / 16.39, 32 x 4K 19.12 / 22.23. (The kernel alone leads further: 78
+    against 182 us at 32 x 4K; below, its plan and fixed costs outweigh it.)"""
+    return rows >= 8 and longest >= 4096
+
+
+def decodes(backend: str, cache, rows: int, longest: int) -> bool:
+    """The one condition the attention and the graphs' plan ask: whether flashinfer's kernel
+    runs a decode step of `rows` sequences over `cache`. "flashinfer": wherever it `applies`;
+    "auto" (resolved to flashinfer at load only when installed): where it also `pays`."""
+    return applies(cache) and (backend == "flashinfer" or pays(rows, longest))
 
 
 def shared_workspace(state: dict, device: torch.device) -> torch.Tensor:

@@ -152,7 +152,7 @@ def mla_decode(
     ctx_lens: torch.Tensor,
     scale: float,
     splits: int | None = None,
-    block_h: int = 64,
+    block_h: int | None = None,
     block_n: int = 64,
     num_warps: int = 8,
     num_stages: int = 2,
@@ -164,7 +164,8 @@ def mla_decode(
     [B, n] int32, ctx_lens [B] int32 or int64 (+ `lens_offset`: the positions of the new tokens
     with lens_offset=1, read as they are, no cast kernel a layer) -> out_lat [B, h, C] in q_lat's
     dtype. `splits`: programs a sequence's context is split over (default: enough to give every
-    SM work at this batch). `rotary` (cos, sin [L, R/2] fp32, interleave), with positions as
+    SM work at this batch). `block_h`: heads a program (default: `head_block`'s). `rotary`
+    (cos, sin [L, R/2] fp32, interleave), with positions as
     ctx_lens (lens_offset=1): q_pe is rotated here, as hetero.gpu.rope would (one kernel a layer
     fewer at decode).
     Tiles: bench/mla_sweep.py's best on the H200 (64 heads x 64 tokens, 8 warps: 0.59 ms at
@@ -196,12 +197,10 @@ def mla_decode(
         cos = sin = ctx_lens  # not read
         interleave = False
     longest = page_table.shape[1] * page
+    props = torch.cuda.get_device_properties(q_lat.device) if q_lat.is_cuda else None
+    sms = props.multi_processor_count if props else 1
+    block_h = block_h or head_block(B, H, longest, sms)
     if splits is None:
-        sms = (
-            torch.cuda.get_device_properties(q_lat.device).multi_processor_count
-            if q_lat.is_cuda
-            else 1
-        )
         splits = split_count(B * triton.cdiv(H, block_h), longest, block_n, sms)
     chunk = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
     one = splits == 1  # the kernel stores the result: no merge kernel
@@ -218,6 +217,18 @@ def mla_decode(
         INTERLEAVE=interleave, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out[:, 0] if one else merge(out, lse, q_lat.dtype)
+
+
+def head_block(batch: int, heads: int, longest: int, slots: int) -> int:
+    """Heads a program: 64 (each context token read once for 64 heads), unless the batch's
+    programs at 64, split as far as `split_count` goes (a split a 256 tokens), fill less than
+    half of one wave: then 16, four times the programs (the head blocks that read the same
+    tokens run side by side and share them in L2). H200, graphed (bench/mla_sweep.py --grid
+    tiles, 2026-12-04): batch 1, 16 against 64 heads: 5.9 against 10.3 us at 64 tokens, 19.0
+    against 30.5 at 4K; 8 x 1K 31.2 against 31.6; and where 64 fill most of a wave, 64 wins:
+    4 x 4K 36 against 54 us, 16 x 1K 36 against 52."""
+    most = batch * triton.cdiv(heads, 64) * max(1, triton.cdiv(longest, 256))
+    return 64 if 2 * most >= slots else 16
 
 
 def split_count(programs: int, longest: int, block_n: int, slots: int) -> int:

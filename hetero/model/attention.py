@@ -47,7 +47,7 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(nh * self.v_dim, H)
-        self.attend = MLA_ATTENTION.get(backend)
+        self.attend = MLA_ATTENTION.get(_resolve(backend))
         self.backend = backend
         self.qkv_a: nn.Module | None = None  # `fuse()`: q_a and kv_a as one FP8 matrix
         # W_UK, W_UV kept dense once `absorb()` ran (not in the checkpoint: not persistent)
@@ -73,8 +73,11 @@ class MLA(nn.Module):
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
         longest = max(batch.ctx_lens, default=0)
         fused = _fused_write(x, cache, self.kv_a_layernorm.weight)
+        attend = self.attend
+        if attend is flashinfer_attention and not _flashinfer_decodes(self, batch, cache):
+            attend = paged_attention  # (extend steps, and decode where flashinfer is slower)
         # decode through mla_decode on the GPU: the kernel rotates q_pe itself (a kernel fewer)
-        in_kernel = fused and batch.is_decode and self.attend is paged_attention
+        in_kernel = fused and batch.is_decode and attend is paged_attention
         if not in_kernel:
             q_pe = rotary(q_pe, batch.positions, longest)
         if fused:  # one kernel for the four below
@@ -95,7 +98,7 @@ class MLA(nn.Module):
             tables = (cos, sin, rotary.rope.interleave)
             o = _latent_kernels(self, q_nope, q_pe, batch, cache, None, tables)
         else:
-            o = self.attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
+            o = attend(self, q_nope, q_pe, batch, cache)  # [T, heads, v_dim]
         return self.o_proj(o.flatten(1))
 
     def wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -248,14 +251,31 @@ def _latent_kernels(mla: MLA, q_nope, q_pe, batch, cache: PagedKVCache, subset, 
     return _o_from_latent(mla, out)
 
 
+def _resolve(backend: str) -> str:
+    """Backend "auto": flashinfer's where the package is installed (it still decodes only
+    where it pays: `flashinfer_mla.decodes`), else "triton"."""
+    if backend != "auto":
+        return backend
+    from hetero.gpu.flashinfer_mla import available
+
+    return "flashinfer" if available() else "triton"
+
+
+def _flashinfer_decodes(mla: MLA, batch: ForwardBatch, cache: Cache) -> bool:
+    from hetero.gpu.flashinfer_mla import decodes
+
+    longest = max(batch.ctx_lens, default=0)
+    return batch.is_decode and decodes(mla.backend, cache, len(batch.q_lens), longest)
+
+
 def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache):
     """Decode steps of a 16-bit paged cache on CUDA through flashinfer's MLA kernel
-    (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers); the rest as "triton"
-    (`paged_attention`). q_pe arrives rotated (MLA.forward rotates it for every backend but
-    "triton"'s decode kernel)."""
-    from hetero.gpu.flashinfer_mla import FlashInferMLA, applies, shared_workspace
+    (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers) where it decodes
+    (`flashinfer_mla.decodes`); the rest as "triton" (`paged_attention`). q_pe arrives rotated
+    (MLA.forward rotates it for every backend but "triton"'s decode kernel)."""
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
-    if not (batch.is_decode and applies(cache)):
+    if not _flashinfer_decodes(mla, batch, cache):
         return paged_attention(mla, q_nope, q_pe, batch, cache)
 
     q_lat = _q_latent(mla, q_nope).to(cache.latent.dtype)  # [T, h, c]

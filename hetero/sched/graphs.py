@@ -183,14 +183,19 @@ class GraphedDecoder:
 
 
 def _graph_plan(model: Transformer, cache: Cache, batch: int, pages: int):
-    """flashinfer's plan with buffers fixed for this decoder's graphs, where its backend runs
-    the decode steps (a 16-bit paged cache on CUDA); else None."""
-    layers = model.model.layers
-    if not (len(layers) and layers[0].self_attn.backend == "flashinfer"):
-        return None
-    from hetero.gpu.flashinfer_mla import FlashInferMLA, applies, shared_workspace
+    """flashinfer's plan with buffers fixed for this decoder's graphs, where its kernel runs
+    the decode steps (`flashinfer_mla.decodes`); else None."""
+    from hetero.model.attention import flashinfer_attention
 
-    if not applies(cache):
+    layers = model.model.layers
+    if not (len(layers) and layers[0].self_attn.attend is flashinfer_attention):
+        return None
+    from hetero.gpu.flashinfer_mla import FlashInferMLA, applies, decodes, shared_workspace
+
+    # (the graphs' static batch: every row as long as its page table, as attention sees it)
+    if not applies(cache):  # (a contiguous cache has no pages)
+        return None
+    if not decodes(layers[0].self_attn.backend, cache, batch, pages * cache.page_size):
         return None
     workspace = shared_workspace(cache.state, cache.latent.device)  # one for all its decoders
     return FlashInferMLA(workspace, graph_batch=batch, graph_pages=pages)

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 class HybridOptions:
     device: str | torch.device = "cpu"
     dtype: torch.dtype = torch.bfloat16
-    attention: str = "triton"  # (the absorbed torch form where its kernels do not apply)
+    attention: str = "auto"  # (triton and flashinfer's decode where it pays: attention._resolve)
     store: str | Path | None = None  # a `hetero convert` store; None: pack at load
     overlap: bool = True  # False: the CPU experts finish before the GPU starts (a baseline)
     gemm_min_tokens: int = EngineConfig.gemm_min_tokens
@@ -244,7 +244,10 @@ def load_for_device(
     vram, ram = budgets(given.runtime if given else RuntimeSettings())
     on_gpu = str(opts.device).startswith("cuda")
     vram = vram if on_gpu else ram  # on the CPU the "GPU" side is this host's memory too
-    placement, plan, hybrid = choose_placement(config, index, given, on_gpu, vram, ram, opts.dtype)
+    absorb = absorbs(opts.attention, on_gpu)
+    placement, plan, hybrid = choose_placement(
+        config, index, given, on_gpu, vram, ram, opts.dtype, absorb
+    )
     check_fits(plan)
     if opts.progress:  # (the commands that show progress show what they are about to load)
         log.info("memory plan:\n%s", plan.table())
@@ -263,30 +266,43 @@ def load_for_device(
     )
 
 
+def absorbs(attention: str, on_gpu: bool) -> bool:
+    """Whether W_UK / W_UV are worth keeping dense: where the torch forms of attention run.
+    The Triton kernels read them from kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb) as fast
+    as from the dense copies, which add 1.9 GiB on V3 and 1 GB to each step's reads (H200,
+    2026-12-04, V3's GPU side graphed: 9.91 against 9.99 ms at batch 1, 22.16 against 22.23
+    at 32 x 4K)."""
+    return not (on_gpu and attention in ("triton", "flashinfer", "auto"))
+
+
 def _prepare_gpu(model: Transformer, plan, opts: HybridOptions) -> None:
-    """W_UK / W_UV kept dense where the plan made room for them (absorbed attention only); the
-    FP8 matrices that share an input fused (no memory added)."""
-    if plan.absorb_mla and opts.attention in ("absorbed", "triton", "flashinfer"):
+    """W_UK / W_UV kept dense where the plan made room for them (`absorbs`); the FP8
+    matrices that share an input fused (no memory added)."""
+    if plan.absorb_mla and opts.attention != "naive":
         model.absorb_attention()
     model.fuse_projections()
 
 
-def choose_placement(config, index, given, on_gpu: bool, vram: int, ram: int, dtype):
-    """-> (placement, its memory plan, whether it needs the hybrid runtime). A given placement
+def choose_placement(
+    config, index, given, on_gpu: bool, vram: int, ram: int, dtype, absorb: bool = True
+):
+    """-> (placement, its memory plan, whether it needs the hybrid runtime); `absorb`: the
+    plan's (`absorbs`). A given placement
     is used as it is. Without one: the whole model on the device (the plain model) when that
     plan fits, else on a GPU the default placement, routed experts on the CPU."""
     from hetero.plan import plan_memory
 
     if given is not None:
-        return given, plan_memory(config, given, vram, ram, index, dtype=dtype), True
+        return given, plan_memory(config, given, vram, ram, index, dtype=dtype, absorb=absorb), True
     whole = parse_placement("rules:\n  - {device: gpu}\n", config, "<all on the device>")
-    plan = plan_memory(config, whole, vram, ram, index, dtype=dtype)
+    plan = plan_memory(config, whole, vram, ram, index, dtype=dtype, absorb=absorb)
     if plan.fits or not on_gpu:
         return whole, plan, False
     fp8 = is_fp8_checkpoint(config, (index or {}).get("weight_map", {}))
     placement = default_placement(config, vram, fp8)
     log.info("the model does not fit the GPU whole: default placement, routed experts on the CPU")
-    return placement, plan_memory(config, placement, vram, ram, index, dtype=dtype), True
+    plan = plan_memory(config, placement, vram, ram, index, dtype=dtype, absorb=absorb)
+    return placement, plan, True
 
 
 def _routed(name: str) -> bool:
