@@ -24,6 +24,22 @@ def test_page_indices_are_each_contexts_pages_in_order():
         page_indices(table, [33, 1, 49], 16)
 
 
+def test_page_indices_keep_their_gather_while_page_counts_stay():
+    """With a memo, a step whose rows need the pages they needed before reuses the gather's
+    positions but reads the table as it is now; a new page count rebuilds them."""
+    memo = {}
+    table = torch.tensor([[5, 2, 9], [7, 0, 0]], dtype=torch.int32)
+    page_indices(table, [33, 1], 16, memo)
+    flat = memo["flat"]
+    table[0, 1] = 4  # (another sequence in that row: same page counts)
+    indptr, indices = page_indices(table, [34, 2], 16, memo)
+    assert memo["flat"] is flat and indices.tolist() == [5, 4, 9, 7]
+    assert indptr.tolist() == [0, 3, 4]
+    indptr, indices = page_indices(table, [34, 17], 16, memo)  # row 1 takes a second page
+    assert memo["flat"] is not flat and indices.tolist() == [5, 4, 9, 7, 0]
+    assert indptr.tolist() == [0, 3, 5]
+
+
 def test_flashinfer_backend_falls_back_where_it_does_not_apply(tiny_v3):
     """On the CPU (and over a contiguous cache) the backend is the "triton" one's fallback: the
     absorbed attention's logits, bit for bit."""
