@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -254,6 +254,22 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -m gpu -v -p no:cacheprovider tests \
         --ignore tests/test_server.py --ignore tests/test_server_features.py \
         --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -3 ;;
+    auto-ratio)  # issue 18's batch-32 target in one VM: V3's GPU side, graphed, default
+      # attention (auto), 1 x 16 and 32 x 4K alternated twice, then 32 x 4K once more under
+      # the profiler (the kernels' table: what the 32-row step spends beyond batch 1) (~6 min)
+      flashinfer_wheels
+      for round in 1 2; do
+        for bc in "1 16" "32 4096"; do
+          set -- $bc
+          timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch $1 \
+            --context $2 --paged 64 --graphs --steps 20 --rounds 2 \
+            >> "$OUT/auto_ratio.jsonl" 2>> "$OUT/auto_ratio.err"
+        done
+      done
+      timeout 120 python3 bench/decode.py --workload v3 --modes gpu_only --batch 32 \
+        --context 4096 --paged 64 --graphs --steps 20 --gpu-timeline "$OUT/gpu_timeline_b32" \
+        >> "$OUT/auto_ratio_timeline.jsonl" 2>> "$OUT/auto_ratio.err"
+      tail -1 "$OUT/auto_ratio.err"; grep -c . "$OUT/auto_ratio.jsonl" ;;
     mla-small)  # issue 18: mla_decode's tiles at small batches (head_block's rule: 16 heads a
       # program where 64 leave SMs idle), graphed; then every gpu test, flashinfer's with it
       # (~5 min)
@@ -382,9 +398,10 @@ for stage in "$@"; do
       timeout 280 python3 bench/prefill.py --only depth --chunk 32768 --pin-experts \
         --lengths 8192,32768 --profile "$OUT/prefill_profile" > "$OUT/prefill_profile.jsonl" \
         2> "$OUT/prefill_profile.err"; tail -3 "$OUT/prefill_profile.err" ;;
-    gpu-tests)  # the tests marked gpu, log committed under tests/logs/ (~2 min; the server's
+    gpu-tests)  # the tests marked gpu, log committed under tests/logs/ (~3 min; the server's
       # wheels for the grammar tests; the server test files import openai/schemathesis, absent
-      # there, and hold no gpu test)
+      # there, and hold no gpu test; flashinfer's with them where .whl/ was carried)
+      ls .whl/flashinfer_python-*.whl > /dev/null 2>&1 && flashinfer_wheels
       timeout 300 python3 -m pytest -m gpu -v -p no:cacheprovider tests \
         --ignore tests/test_server.py --ignore tests/test_server_features.py \
         --ignore tests/test_server_fuzz.py 2>&1 | tee "$OUT/$day-gpu-tests.log" | tail -5 ;;

@@ -1,5 +1,6 @@
 """bench/gpu_kernels.py's MLA section: `mla_decode` over a paged latent cache (page 64, bf16)
-against the torch reference, and one sequence's extend step (a chunk after a cached prefix)
+against the torch reference (and flashinfer's paged MLA kernel against it, where installed),
+and one sequence's extend step (a chunk after a cached prefix)
 through `mla_extend` and through the decompressed form (`attention.mha_sequence`, SDPA). `b` is
 gpu_kernels.Bench (its timer, random tensors and output)."""
 
@@ -39,6 +40,9 @@ def mla_decode_point(b, c, B: int, ctx: int) -> None:
     lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
     q_lat, q_pe = b.randn(B, h, C), b.randn(B, h, R)
     paths = {"kernel": (lambda: mla_decode(q_lat, q_pe, latent, rope, table, lens, scale), True)}
+    fi = _flashinfer(B, ctx, h, C, R, scale, table)
+    if fi is not None:
+        paths["flashinfer"] = (lambda: fi.run(q_lat, q_pe, latent, rope), True)
     q4, p4 = q_lat[:, None], q_pe[:, None]  # [B, T=1, h, .]
     ref = lambda: S.latent_ref(q4, p4, latent, rope, table, ctx, scale)[:, 0]
     if S.attention_ref_bytes(B * h * ctx, B * ctx, C, R) <= b.args.ref_cap_gb * S.GB:
@@ -48,6 +52,25 @@ def mla_decode_point(b, c, B: int, ctx: int) -> None:
     b.emit("mla_decode", {"batch": B, "ctx": ctx, "page": PAGE}, "mla_decode", ms["kernel"],
            "torch_decode_latent", ms.get("ref"), S.mla_decode_flops(B, ctx, h, C, R),
            S.mla_decode_bytes(B, ctx, C, R), rel_err=err)  # fmt: skip
+    if fi is not None:
+        want = paths["kernel"][0]()
+        err = S.rel_err(fi.run(q_lat, q_pe, latent, rope), want)
+        b.emit("mla_decode", {"batch": B, "ctx": ctx, "page": PAGE}, "flashinfer",
+               ms["flashinfer"], "mla_decode", ms["kernel"], S.mla_decode_flops(B, ctx, h, C, R),
+               S.mla_decode_bytes(B, ctx, C, R), rel_err=err)  # fmt: skip
+
+
+def _flashinfer(B: int, ctx: int, h: int, C: int, R: int, scale: float, table):
+    """flashinfer's MLA decode planned for B sequences of ctx tokens over `table`, or None
+    where the package is not installed."""
+    from hetero.gpu import flashinfer_mla
+
+    if not flashinfer_mla.available():
+        return None
+    fi = flashinfer_mla.FlashInferMLA(flashinfer_mla.shared_workspace({}, table.device))
+    batch = SimpleNamespace(page_table=table, ctx_lens=[ctx] * B, q_lens=[1] * B)
+    fi.plan(batch, PAGE, h, C, R, scale, torch.bfloat16)
+    return fi
 
 
 def mla_extend_point(b, c, T: int, prefix: int) -> None:
