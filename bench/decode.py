@@ -50,6 +50,7 @@ from bench.workloads import (  # noqa: E402
     new_cache,
     packed_gpu_experts,
     random_model,
+    set_fp8_small,
     set_fp8_tiles,
     set_mode,
     slice_config,
@@ -113,6 +114,8 @@ def run(args) -> None:
         skew_routing(model, config, args.routing_skew)
     if args.fp8_tiles:
         set_fp8_tiles(model, fp8_tiles(args.fp8_tiles))
+    if args.fp8_small:
+        set_fp8_small(model, args.fp8_small)
     fmt = Format.parse(args.format)
     H, I, E = config.hidden_size, config.moe_intermediate_size, config.n_routed_experts
     moe = config.moe_layers
@@ -141,6 +144,7 @@ def run(args) -> None:
         "paged": args.paged,
         "attention": args.attention,
         "fp8_tiles": args.fp8_tiles or "default",
+        "fp8_small": args.fp8_small,
         "gpu_experts": args.gpu_experts,
         "routing_skew": args.routing_skew,
         "cpu_layers": n,
@@ -259,6 +263,8 @@ def main() -> None:
         default="",
         help="the FP8 GEMV's launch settings, e.g. mma=0+num_warps=8 (fp8_gemm.Tiles)",
     )
+    p.add_argument("--fp8-small", type=int, default=0, help="FP8 layers' rows past the GEMV's "
+                   "up to this many through hetero.gpu.fp8_small, not cuBLAS (0: off)")  # fmt: skip
     p.add_argument("--attention", choices=("auto", "triton", "flashinfer", "absorbed"),
                    default="auto", help="MLA: the kernels (a paged cache; flashinfer: its "
                    "decode kernel wherever it runs, auto: where it pays) or the torch "

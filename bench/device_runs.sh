@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -270,6 +270,19 @@ for stage in "$@"; do
         --context 4096 --paged 64 --graphs --steps 20 --gpu-timeline "$OUT/gpu_timeline_b32" \
         >> "$OUT/auto_ratio_timeline.jsonl" 2>> "$OUT/auto_ratio.err"
       tail -1 "$OUT/auto_ratio.err"; grep -c . "$OUT/auto_ratio.jsonl" ;;
+    fp8-small)  # issue 18: the swap-AB FP8 kernel for 17-64 rows (hetero.gpu.fp8_small)
+      # against cuBLAS's block-scaled GEMM and the W8A16 kernel on V3's matrices, then V3's
+      # GPU side at 32 x 4K with it on (--fp8-small 64) and off, alternated twice (~7 min)
+      timeout 200 python3 bench/gpu_kernels.py --only fp8 --fp8-tokens 17,32,64 \
+        > "$OUT/fp8_small_kernels.jsonl" 2> "$OUT/fp8_small.err"; tail -1 "$OUT/fp8_small.err"
+      flashinfer_wheels
+      for round in 1 2; do
+        for small in 64 0; do
+          timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch 32 \
+            --context 4096 --paged 64 --graphs --steps 20 --rounds 2 --fp8-small $small \
+            >> "$OUT/fp8_small_step.jsonl" 2>> "$OUT/fp8_small.err"
+        done
+      done; grep -c . "$OUT/fp8_small_step.jsonl" ;;
     mla-small)  # issue 18: mla_decode's tiles at small batches (head_block's rule: 16 heads a
       # program where 64 leave SMs idle), graphed; then every gpu test, flashinfer's with it
       # (~5 min)

@@ -24,6 +24,7 @@ FLOP and byte counts: bench/gpu_kernels_shapes.py. JSON lines on stdout (and --o
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import logging
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
                  "benchmark on the GPU machine")  # fmt: skip
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     plan = S.plan(args.quick)
+    if args.fp8_tokens:
+        plan = dataclasses.replace(plan, fp8_tokens=args.fp8_tokens)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env = {"device": torch.cuda.get_device_name(), "date": now}
     flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
@@ -185,12 +188,15 @@ def fp8_section(b: Bench, c) -> None:
 def fp8_shape(b: Bench, name: str, N: int, K: int) -> None:
     from hetero.gpu.fp8_gemm import fp8_gemm
     from hetero.gpu.fp8_prefill import fp8_gemm_w8a8
+    from hetero.gpu.fp8_small import counters_for, fp8_small
     from hetero.model.fp8 import block_dequantize
 
     q, s = S.fp8_weight(b.gen, N, K)
     wf = block_dequantize(q, s, (128, 128))  # [N, K] fp32: the reference
     dense = wf.to(BF16)
+    counters = counters_for(N, q.device)
     fns = {"fp8_gemm": lambda x: fp8_gemm(x, q, s),
+           "fp8_small": lambda x: fp8_small(x, q, s, counters),
            "fp8_gemm_w8a8": lambda x: fp8_gemm_w8a8(x, q, s)}  # fmt: skip
     scaled = scaled_mm_fn(q, s, wf)
     if callable(scaled):

@@ -33,7 +33,8 @@ import torch
 
 from hetero.config import ModelConfig
 from hetero.cpu_experts.formats import Format
-from hetero.model.fp8 import KERNEL_MAX_TOKENS
+from hetero.gpu.fp8_small import MAX_TOKENS as SMALL_MAX
+from hetero.model.fp8 import GEMV_MAX_TOKENS, KERNEL_MAX_TOKENS
 
 SECTIONS = ("fp8", "mla", "moe", "router")
 V3_DIR = Path(__file__).resolve().parent.parent / "tests" / "data" / "models" / "deepseek-v3"
@@ -92,8 +93,10 @@ def fp8_shapes(c: ModelConfig) -> dict[str, tuple[int, int]]:
 
 def fp8_kernels(M: int) -> list[str]:
     """hetero's FP8 kernels timed at M tokens: the decode one up to the size FP8Linear uses it
-    for, the prefill one from PREFILL_MIN_TOKENS (both where they overlap)."""
+    for, the prefill one from PREFILL_MIN_TOKENS (both where they overlap), the swap-AB one
+    for serving's batches past the GEMV (17-64)."""
     names = ["fp8_gemm"] if M <= KERNEL_MAX_TOKENS else []
+    names += ["fp8_small"] if GEMV_MAX_TOKENS < M <= SMALL_MAX else []
     return names + (["fp8_gemm_w8a8"] if M >= PREFILL_MIN_TOKENS else [])
 
 
@@ -242,6 +245,9 @@ def parse_args(argv: list[str] | None, doc: str) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="a fast subset of every section (~1 min)")
     p.add_argument("--out", help="append the JSON lines to this file as well as stdout")
+    p.add_argument("--fp8-tokens", type=lambda v: tuple(int(t) for t in v.split(",")),
+                   help="the FP8 section's token counts, e.g. 17,32,64 (default: the "
+                   "plan's)")  # fmt: skip
     p.add_argument(
         "--mla-cap-gb",
         type=float,

@@ -226,12 +226,25 @@ def fp8_tiles(spec: str):
     return Tiles(**kw)
 
 
-def set_fp8_tiles(model, tiles) -> None:
-    """Every FP8Linear of the model (the fused ones too) launches its GEMV with `tiles`."""
+def fp8_linears(model):
+    """Every FP8Linear of the model, the fused ones too."""
     for m in model.modules():
         for lin in (m, m.__dict__.get("qkv_a"), m.__dict__.get("gate_up")):
             if isinstance(lin, FP8Linear):
-                lin.tiles = tiles
+                yield lin
+
+
+def set_fp8_tiles(model, tiles) -> None:
+    """Every FP8Linear of the model launches its GEMV with `tiles`."""
+    for lin in fp8_linears(model):
+        lin.tiles = tiles
+
+
+def set_fp8_small(model, max_tokens: int) -> None:
+    """Every FP8Linear of the model multiplies up to `max_tokens` rows past the GEMV's through
+    hetero.gpu.fp8_small (0: cuBLAS's GEMM, the default)."""
+    for lin in fp8_linears(model):
+        lin.small_max_tokens = max_tokens
 
 
 def fill_prompts(model, cache, B: int, context: int, device: str) -> None:

@@ -36,7 +36,8 @@ def test_v3_shapes_come_from_the_config():
 
 def test_which_fp8_kernels_run_at_which_sizes():
     assert S.fp8_kernels(1) == ["fp8_gemm"]
-    assert S.fp8_kernels(16) == S.fp8_kernels(64) == ["fp8_gemm", "fp8_gemm_w8a8"]
+    assert S.fp8_kernels(16) == ["fp8_gemm", "fp8_gemm_w8a8"]
+    assert S.fp8_kernels(32) == S.fp8_kernels(64) == ["fp8_gemm", "fp8_small", "fp8_gemm_w8a8"]
     assert S.fp8_kernels(128) == ["fp8_gemm_w8a8"]
 
 

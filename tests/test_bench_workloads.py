@@ -84,3 +84,16 @@ def test_kernel_attention_keeps_kv_b_proj_in_fp8(attention):
     mla = model.model.layers[0].self_attn
     assert mla.backend == attention and isinstance(mla.kv_b_proj, FP8Linear)
     assert mla.w_uk is None and mla.w_uv is None
+
+
+def test_set_fp8_small_reaches_every_fp8_layer_the_fused_too():
+    from bench.workloads import fp8_linears, set_fp8_small
+
+    config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
+                                                intermediate_size=256))  # fmt: skip
+    model = random_model(config, "cpu", torch.float32, fp8=True)
+    layers = list(fp8_linears(model))
+    assert any(m.__dict__.get("qkv_a") is lin for m in model.modules() for lin in layers)
+    assert all(lin.small_max_tokens == 0 for lin in layers)
+    set_fp8_small(model, 64)
+    assert all(lin.small_max_tokens == 64 for lin in layers)

@@ -21,6 +21,10 @@ KERNEL_MAX_TOKENS = 64  # up to this many rows of x, CUDA uses the FP8 kernel (m
 # FP8Linear's rows up to which the W8A16 kernel beats cuBLAS's FP8 GEMM (H200, V3's matrices:
 # on par at 16 rows, 1.4x slower at 32, 2-4x at 64)
 GEMV_MAX_TOKENS = 16
+# past the GEMV, up to this many rows the swap-AB FP8 kernel (hetero.gpu.fp8_small) instead of
+# cuBLAS's block-scaled GEMM: 0 (off) until it is measured against cuBLAS on the GPU; the bench
+# turns it on per layer (`FP8Linear.small_max_tokens`, bench/decode.py --fp8-small)
+SMALL_MAX_TOKENS = 0
 
 
 def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
@@ -66,6 +70,7 @@ class FP8Linear(nn.Module):
         self.cublas: bool | None = None  # whether torch._scaled_mm takes this layer (CUDA)
         self.counters: torch.Tensor | None = None  # the GEMV's split-K tile counters (CUDA)
         self.tiles = None  # the GEMV's launch settings (fp8_gemm.Tiles; None: its default)
+        self.small_max_tokens = SMALL_MAX_TOKENS  # rows through fp8_small past the GEMV's
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         (O, I), (bo, bi) = self.weight.shape, self.block
@@ -87,6 +92,12 @@ class FP8Linear(nn.Module):
 
             return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block, tiles=self.tiles,
                             counters=self.tile_counters(x.device))  # fmt: skip
+        if x.numel() <= self.small_max_tokens * self.in_features:
+            from hetero.gpu.fp8_small import fp8_small
+
+            # (the GEMV's counters: more than its tiles, never in use by both at once)
+            return fp8_small(x, self.weight, self.weight_scale_inv,
+                             self.tile_counters(x.device), self.block)  # fmt: skip
         from hetero.gpu.fp8_prefill import fp8_gemm_w8a8, scaled_mm_w8a8
 
         if self.cublas is not False:  # None: not tried yet on this layer's shape

@@ -1,0 +1,138 @@
+"""y = x W^T for 17-64 tokens (serving's decode batches) on FP8 tensor cores, with W in
+DeepSeek-V3's FP8 blocks read as stored and the activations quantized per token per 128
+channels (`fp8_prefill.quantize_act`).
+
+At these sizes the product is still the weight's bytes, but cuBLAS's block-scaled GEMM tiles the
+tokens 128 at a time: a 7168-row weight makes 56 programs for 132 SMs (V3's GPU step at 32 x 4K
+spent 6.9 ms in it on the H200, ~0.55 of HBM). Here the operands are swapped, as small-batch
+GEMMs do: the weight's rows are the tensor cores' M side (BLOCK_W rows a program), the tokens
+their N side (16-64), each 128-wide K block one FP8 dot y^T[rows, toks] scaled by the weight
+block's scale (a row's) and the token's (a column's):
+    y[m, n] = sum_kb ws[n // 128, kb] * xs[m, kb] * sum_{k in kb} Wq[n, k] xq[m, k].
+The K blocks are split across programs until every SM has work (split-K); the partials are
+summed in split order by the last split of each tile to finish (a counter a tile, as
+fp8_gemm.py does: deterministic, no kernel after)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hetero.gpu.fp8_prefill import quantize_act
+
+MAX_TOKENS = 64  # the tokens' side of one dot
+BLOCK_W = 64  # weight rows a program (the tensor cores' M side)
+PER_SM = 2  # programs to aim for an SM, reached by split-K
+
+
+@triton.jit
+def _fp8_swap(
+    xq_ptr,  # [M, K] e4m3
+    xs_ptr,  # [M, K/BK] fp32
+    w_ptr,  # [N, K] e4m3
+    ws_ptr,  # [ceil(N/SN), ceil(K/BK)] fp32
+    p_ptr,  # [S, M, N] fp32 partials (splits > 1)
+    y_ptr,  # [M, N] in the output dtype
+    count_ptr,  # [tiles] int32, zero between calls (the last split resets its tile's)
+    M,
+    N,
+    K,
+    stride_ws,
+    SN: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PER_SPLIT: tl.constexpr,
+    DIRECT: tl.constexpr,  # one split: the program stores y itself
+):
+    pid, split = tl.program_id(0), tl.program_id(1)
+    rows = pid * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
+    toks = tl.arange(0, BLOCK_T)  # [BT]
+    cols = tl.arange(0, BLOCK_K)  # [BK]
+    row_ok, tok_ok = rows < N, toks < M
+    kbs = tl.cdiv(K, BLOCK_K)
+    acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
+        kb = split * PER_SPLIT + i
+        k = kb * BLOCK_K + cols
+        k_ok = k < K
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BW, BK]  # fmt: skip
+        x = tl.load(xq_ptr + toks[:, None] * K + k[None, :],
+                    mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [BT, BK]  # fmt: skip
+        # past K, x and W load as 0 and any in-bounds scale will do: the last block's
+        kc = tl.minimum(kb, kbs - 1)
+        ws = tl.load(ws_ptr + (rows // SN) * stride_ws + kc, mask=row_ok, other=0.0)  # [BW]
+        xs = tl.load(xs_ptr + toks * kbs + kc, mask=tok_ok, other=0.0)  # [BT]
+        part = tl.dot(w, tl.trans(x), out_dtype=tl.float32)  # [BW, BT]: fp8 x fp8 -> fp32
+        acc += part * ws[:, None] * xs[None, :]
+    out_ok = row_ok[:, None] & tok_ok[None, :]
+    at = toks[None, :] * N + rows[:, None]  # [BW, BT]: y[tok, row]
+    if DIRECT:
+        tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+    else:
+        tl.store(p_ptr + split * M * N + at, acc, mask=out_ok)
+        splits = tl.num_programs(1)
+        tl.debug_barrier()  # every thread's partials stored before the count is raised
+        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
+        if done == splits - 1:  # the tile's last split: sum all in split order
+            acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+            for j in range(0, splits):
+                acc += tl.load(p_ptr + j * M * N + at, mask=out_ok, other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+            tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next call (graph replays)
+
+
+def counters_for(n_rows: int, device: torch.device) -> torch.Tensor:
+    """Zeroed tile counters enough for fp8_small over a weight of n_rows."""
+    return torch.zeros(triton.cdiv(n_rows, BLOCK_W), dtype=torch.int32, device=device)
+
+
+def fp8_small(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    counters: torch.Tensor,
+    block: tuple[int, int] = (128, 128),
+    programs: int | None = None,
+) -> torch.Tensor:
+    """x [..., K] (bf16/fp16/fp32, at most MAX_TOKENS rows), weight [N, K] float8_e4m3fn,
+    scale [ceil(N/bn), ceil(K/bk)] fp32 -> y [..., N] in x's dtype. `counters`
+    (`counters_for`, kept by the caller: zero between calls, one a weight). `programs`: how
+    many to aim for (default PER_SM an SM on CUDA), reached by splitting K."""
+    N, K = weight.shape
+    bn, bk = block
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if M > MAX_TOKENS:
+        raise ValueError(f"{M} tokens: fp8_small takes at most {MAX_TOKENS}")
+    if weight.dtype != torch.float8_e4m3fn or not weight.is_contiguous():
+        raise ValueError(f"weight {weight.dtype}: want a contiguous float8_e4m3fn")
+    if scale.dtype != torch.float32 or scale.shape != (triton.cdiv(N, bn), triton.cdiv(K, bk)):
+        raise ValueError(f"scale {scale.dtype} {tuple(scale.shape)} does not fit weight "
+                         f"{N}x{K} in {block}")  # fmt: skip
+    if bk & (bk - 1) or bk < 16:
+        raise ValueError(f"block {block}: its K size must be a power of two >= 16")
+    tiles = triton.cdiv(N, BLOCK_W)
+    if counters.numel() < tiles or counters.dtype != torch.int32:
+        raise ValueError(f"{counters.numel()} {counters.dtype} counters for {tiles} tiles")
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if M == 0:
+        return y.view(*lead, N)
+    xq, xs = quantize_act(x2, bk)  # [M, K] e4m3, [M, K/bk] fp32
+    if programs is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        programs = PER_SM * sms
+    k_blocks = triton.cdiv(K, bk)
+    per_split = triton.cdiv(k_blocks, max(1, min(k_blocks, programs // tiles)))
+    split = triton.cdiv(k_blocks, per_split)  # no empty splits
+    partials = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
+    _fp8_swap[(tiles, split)](
+        xq, xs, weight, scale, partials, y, counters, M, N, K, scale.stride(0),
+        SN=bn, BLOCK_W=BLOCK_W, BLOCK_T=max(16, triton.next_power_of_2(M)), BLOCK_K=bk,
+        PER_SPLIT=per_split, DIRECT=split == 1,
+    )  # fmt: skip
+    return y.view(*lead, N)
