@@ -65,7 +65,9 @@ def test_quantization_costs_in_order(tiny_v2, text):
     finally:
         for h in hybrids.values():
             h.close()
-    assert results["bf16 experts"]["kl_mean"] < 1e-8
+    # equal up to fp32 rounding: 1.4e-8 was seen once in CI under load (2026-12-04; 0 < x < 1e-8
+    # otherwise), where int8 costs orders more
+    assert results["bf16 experts"]["kl_mean"] < 1e-7
     assert results["bf16 experts"]["greedy_agreement"] == 1
     assert 0 < results["int8 experts"]["kl_mean"] < results["int4 experts"]["kl_mean"]
     assert results["deferral d=1 (bf16 experts)"]["kl_mean"] > 1e-6
