@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -283,6 +283,15 @@ for stage in "$@"; do
             >> "$OUT/fp8_small_step.jsonl" 2>> "$OUT/fp8_small.err"
         done
       done; grep -c . "$OUT/fp8_small_step.jsonl" ;;
+    flashinfer-extend)  # issue 18: flashinfer's kernel for extend steps (its GPU test against
+      # the Triton kernels), then gpu_kernels' MLA section with flashinfer beside mla_decode and
+      # mla_extend (--quick: decode 1 and 64 x 4K and 32K, a 512-token chunk after 0 and 16K)
+      # (~4 min)
+      flashinfer_wheels
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+        | tee "$OUT/$day-flashinfer-tests.log" | tail -2
+      timeout 240 python3 bench/gpu_kernels.py --only mla --quick > "$OUT/mla_flashinfer_kernels.jsonl" \
+        2> "$OUT/mla_flashinfer_kernels.err"; tail -1 "$OUT/mla_flashinfer_kernels.err" ;;
     mla-small)  # issue 18: mla_decode's tiles at small batches (head_block's rule: 16 heads a
       # program where 64 leave SMs idle), graphed; then every gpu test, flashinfer's with it
       # (~5 min)

@@ -40,7 +40,7 @@ def mla_decode_point(b, c, B: int, ctx: int) -> None:
     lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
     q_lat, q_pe = b.randn(B, h, C), b.randn(B, h, R)
     paths = {"kernel": (lambda: mla_decode(q_lat, q_pe, latent, rope, table, lens, scale), True)}
-    fi = _flashinfer(B, ctx, h, C, R, scale, table)
+    fi = _flashinfer([1] * B, [ctx] * B, h, C, R, scale, table)
     if fi is not None:
         paths["flashinfer"] = (lambda: fi.run(q_lat, q_pe, latent, rope), True)
     q4, p4 = q_lat[:, None], q_pe[:, None]  # [B, T=1, h, .]
@@ -60,15 +60,16 @@ def mla_decode_point(b, c, B: int, ctx: int) -> None:
                S.mla_decode_bytes(B, ctx, C, R), rel_err=err)  # fmt: skip
 
 
-def _flashinfer(B: int, ctx: int, h: int, C: int, R: int, scale: float, table):
-    """flashinfer's MLA decode planned for B sequences of ctx tokens over `table`, or None
-    where the package is not installed."""
+def _flashinfer(q_lens: list[int], ctx_lens: list[int], h: int, C: int, R: int, scale: float,
+                table):  # fmt: skip
+    """flashinfer's MLA kernel planned for sequences of q_lens new tokens (the last of their
+    ctx_lens) over `table`, or None where the package is not installed."""
     from hetero.gpu import flashinfer_mla
 
     if not flashinfer_mla.available():
         return None
     fi = flashinfer_mla.FlashInferMLA(flashinfer_mla.shared_workspace({}, table.device))
-    batch = SimpleNamespace(page_table=table, ctx_lens=[ctx] * B, q_lens=[1] * B)
+    batch = SimpleNamespace(page_table=table, ctx_lens=ctx_lens, q_lens=q_lens)
     fi.plan(batch, PAGE, h, C, R, scale, torch.bfloat16)
     return fi
 
@@ -86,6 +87,9 @@ def mla_extend_point(b, c, T: int, prefix: int) -> None:
                                 max_q_len=T)  # fmt: skip
     ref = lambda: S.latent_ref(q_lat[None], q_pe[None], latent, rope, table, ctx, scale)[0]
     paths = {"kernel": (kernel, True)}
+    fi = _flashinfer([T], [ctx], h, C, R, scale, table)
+    if fi is not None:
+        paths["flashinfer"] = (lambda: fi.run(q_lat, q_pe, latent, rope), True)
     if S.attention_ref_bytes(T * h * ctx, ctx, C, R) <= b.args.ref_cap_gb * S.GB:
         paths["ref"] = (ref, False)  # eager: a few large ops, and its memory freed at once
     ms = b.time(paths)
@@ -94,6 +98,12 @@ def mla_extend_point(b, c, T: int, prefix: int) -> None:
            ms["kernel"], "torch_absorbed_attention", ms.get("ref"),
            S.mla_extend_flops(T, prefix, h, C, R), S.mla_extend_bytes(T, prefix, h, C, R),
            rel_err=err, ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
+    if fi is not None:  # causal, its chunk's tokens the last of the context
+        b.emit("mla_extend", {"chunk": T, "prefix": prefix, "page": PAGE}, "flashinfer",
+               ms["flashinfer"], "mla_extend", ms["kernel"], S.mla_extend_flops(T, prefix, h, C, R),
+               S.mla_extend_bytes(T, prefix, h, C, R),
+               rel_err=S.rel_err(fi.run(q_lat, q_pe, latent, rope), kernel()),
+               ctx_avg=prefix + (T + 1) / 2)  # fmt: skip
     mha_extend_point(b, c, T, prefix, (latent, rope, table), (q_lat, q_pe), ms["kernel"])
 
 

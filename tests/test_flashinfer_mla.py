@@ -157,6 +157,73 @@ def test_flashinfer_decode_equals_the_triton_kernel(tmp_path):
     assert rel < 2e-2, rel
 
 
+class FakeWrapper:
+    """flashinfer.mla.BatchMLAPagedAttentionWrapper's plan, recorded (the CPU has no
+    flashinfer): what FlashInferMLA hands it."""
+
+    def __init__(self, workspace, **kw):
+        self.plans = []
+
+    def plan(self, q_indptr, kv_indptr, kv_indices, kv_lens, *rest):
+        self.plans.append((q_indptr.tolist(), kv_indptr.tolist(), kv_indices.tolist(),
+                           kv_lens.tolist(), rest[4]))  # (rest[4]: causal)  # fmt: skip
+
+
+def test_extend_plans_a_subset_once_a_step(monkeypatch):
+    """An extend step's short sequences (a subset) planned with their own rows of the page
+    table, their new tokens causal; planned once for the step however many layers ask, again
+    for a new batch."""
+    import sys
+    from types import ModuleType
+
+    fake = ModuleType("flashinfer.mla")
+    fake.BatchMLAPagedAttentionWrapper = FakeWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", ModuleType("flashinfer"))
+    monkeypatch.setitem(sys.modules, "flashinfer.mla", fake)
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: True)
+    fi = flashinfer_mla.FlashInferMLA(torch.empty(8, dtype=torch.uint8))
+    tables = [[4], [5, 6, 7], [8, 9]]
+    batch = ForwardBatch.paged(tables, [3, 40, 1], [10, 40, 17], 16)
+    for _ in range(3):  # three layers
+        fi.plan(batch, 16, 4, 512, 64, 0.1, torch.bfloat16, subset=[0, 2])
+    assert fi.wrapper.plans == [([0, 3, 4], [0, 1, 3], [4, 8, 9], [10, 17], True)]
+    fi.plan(batch, 16, 4, 512, 64, 0.1, torch.bfloat16)  # the whole batch: a new plan
+    step = ForwardBatch.paged(tables, [1, 1, 1], [11, 41, 18], 16)
+    fi.plan(step, 16, 4, 512, 64, 0.1, torch.bfloat16)
+    assert [p[4] for p in fi.wrapper.plans] == [True, True, False]  # decode: no mask
+    assert fi.wrapper.plans[2][:2] == ([0, 1, 2, 3], [0, 1, 4, 6])
+
+
+@pytest.mark.gpu
+@NEEDS_CUDA
+@NEEDS_FLASHINFER
+def test_flashinfer_extend_equals_the_triton_kernels(tmp_path):
+    """A second prompt chunk over cached prefixes, sequences of 3, 260 and 9 new tokens: the
+    short ones through flashinfer's kernel (causal, bottom-right), the long one through flash
+    attention, against "triton" (mla_extend for the short ones)."""
+    from hetero.testing import write_tiny_v3
+
+    path = write_tiny_v3(tmp_path, kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16)
+    first, more = [5, 17, 40], [3, 260, 9]
+    lens = [a + b for a, b in zip(first, more)]
+    g = torch.Generator().manual_seed(0)
+    pages = torch.randperm(30, generator=g).add(1).tolist()
+    tables = [pages[0:1], pages[1:19], pages[19:23]]  # 8, 277 and 49 tokens in pages of 16
+    out = {}
+    for attention in ("triton", "flashinfer"):
+        model = load_model(path, device="cuda", dtype=torch.bfloat16, attention=attention,
+                           progress=False)  # fmt: skip
+        cache = model.new_paged_cache(32, 16)
+        ids = torch.randint(3, 200, (sum(lens),), generator=g.manual_seed(1)).cuda()
+        head = torch.cat([ids[sum(lens[:i]) : sum(lens[:i]) + n] for i, n in enumerate(first)])
+        tail = torch.cat([ids[sum(lens[:i]) + n : sum(lens[: i + 1])] for i, n in enumerate(first)])
+        model(head, ForwardBatch.paged(tables, first, first, 16, "cuda"), cache)
+        step = ForwardBatch.paged(tables, more, lens, 16, "cuda")
+        out[attention] = model(tail, step, cache).float()
+    rel = (out["flashinfer"] - out["triton"]).norm() / out["triton"].norm()
+    assert rel < 2e-2, rel
+
+
 def test_one_workspace_a_cache():
     """Every flashinfer plan over one cache shares one float scratch (made once, on the CPU
     here: the function only allocates)."""

@@ -7,7 +7,10 @@ it measured faster than the Triton kernel (`pays`) when it is installed; `triton
 nothing more.
 
 A step is planned once (the work split over the batch's context lengths, on the host) and run
-in every layer: `FlashInferMLA.plan(batch)` when the batch changes, `run` a layer."""
+in every layer: `FlashInferMLA.plan(batch)` when the batch changes, `run` a layer. Extend
+steps (prompt chunks) run through it too with `--attention flashinfer`: their sequences of
+fewer than MHA_MIN_TOKENS new tokens, causally (`auto` keeps the Triton kernel there until it
+is measured); longer ones decompress K/V for flash attention as "triton" does."""
 
 from __future__ import annotations
 
@@ -116,24 +119,33 @@ class FlashInferMLA:
             )  # fmt: skip
         else:
             self.wrapper = BatchMLAPagedAttentionWrapper(workspace)
-        self.planned = None  # the batch the plan is for
+        self.planned = None  # (batch, subset) the plan is for
         self.memo: dict = {}  # page_indices' gather positions, while the page counts stay
 
     def plan(self, batch, page_size: int, heads: int, kv_rank: int, rope: int, scale: float,
-             dtype: torch.dtype, ctx_lens=None) -> None:  # fmt: skip
+             dtype: torch.dtype, ctx_lens=None, subset=None) -> None:  # fmt: skip
         """`ctx_lens`: the contexts to plan for where the batch's own are not the real ones (a
-        graph's static batch claims its whole page table a row); planned every call then."""
-        if self.planned is batch and ctx_lens is None:
+        graph's static batch claims its whole page table a row); planned every call then.
+        `subset`: these sequences of the batch only (an extend step's short ones, in order).
+        A sequence's q_lens[i] new tokens are the last of its context: masked causally,
+        aligned bottom-right."""
+        key = (batch, None if subset is None else tuple(subset))
+        if ctx_lens is None and self.planned is not None and self.planned[0] is key[0] \
+                and self.planned[1] == key[1]:  # fmt: skip
             return
         ctx_lens = batch.ctx_lens if ctx_lens is None else ctx_lens
-        kv_indptr, kv_indices = page_indices(batch.page_table, ctx_lens, page_size, self.memo)
-        q_indptr = torch.tensor([0, *batch.q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
+        table, q_lens = batch.page_table, batch.q_lens
+        if subset is not None:
+            ctx_lens, q_lens = [ctx_lens[i] for i in subset], [q_lens[i] for i in subset]
+            table = table[torch.tensor(subset, device=table.device)]
+        kv_indptr, kv_indices = page_indices(table, ctx_lens, page_size, self.memo)
+        q_indptr = torch.tensor([0, *q_lens], dtype=torch.int32).cumsum(0).to(torch.int32)
         lens = torch.tensor(ctx_lens, dtype=torch.int32)
-        causal = any(q > 1 for q in batch.q_lens)  # (one new token a row: no mask to apply)
+        causal = any(q > 1 for q in q_lens)  # (one new token a row: no mask to apply)
         # indptrs and lengths from the host (flashinfer plans there; it copies them over)
         self.wrapper.plan(q_indptr, kv_indptr, kv_indices, lens, heads, kv_rank, rope,
                           page_size, causal, scale, dtype, dtype)  # fmt: skip
-        self.planned = batch
+        self.planned = key
 
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             rope: torch.Tensor) -> torch.Tensor:  # fmt: skip

@@ -74,8 +74,9 @@ class MLA(nn.Module):
         longest = max(batch.ctx_lens, default=0)
         fused = _fused_write(x, cache, self.kv_a_layernorm.weight)
         attend = self.attend
-        if attend is flashinfer_attention and not _flashinfer_decodes(self, batch, cache):
-            attend = paged_attention  # (extend steps, and decode where flashinfer is slower)
+        if attend is flashinfer_attention and batch.is_decode:
+            if not _flashinfer_decodes(self, batch, cache):
+                attend = paged_attention  # (where flashinfer is slower or does not apply)
         # decode through mla_decode on the GPU: the kernel rotates q_pe itself (a kernel fewer)
         in_kernel = fused and batch.is_decode and attend is paged_attention
         if not in_kernel:
@@ -196,14 +197,17 @@ def paged_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache) -
     return kernel_attention(mla, q_nope, q_pe, batch, cache)
 
 
-def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKVCache):
+def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKVCache,
+                     latent_kernels=None):  # fmt: skip
     """Decode steps: `mla_decode`. Extend steps: sequences of at least MHA_MIN_TOKENS new
-    tokens through `mha_sequence` (flash attention), the others together through `mla_extend`."""
+    tokens through `mha_sequence` (flash attention), the others together through `mla_extend`
+    (or `latent_kernels`, with `_latent_kernels`' arguments)."""
+    latent_kernels = latent_kernels or _latent_kernels
     if batch.is_decode:
         return _latent_kernels(mla, q_nope, q_pe, batch, cache, None)
     long = {i for i, q in enumerate(batch.q_lens) if q >= MHA_MIN_TOKENS}
     if not long:
-        return _latent_kernels(mla, q_nope, q_pe, batch, cache, None)
+        return latent_kernels(mla, q_nope, q_pe, batch, cache, None)
     out = q_nope.new_empty(q_nope.shape[0], mla.n_heads, mla.v_dim)  # [T, h, v]
     short, short_rows, start = [], [], 0
     for i, q_len in enumerate(batch.q_lens):
@@ -216,7 +220,7 @@ def kernel_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: PagedKV
             short_rows.append(torch.arange(rows.start, rows.stop, device=q_nope.device))
     if short:
         rows = torch.cat(short_rows)  # [T_short]
-        out[rows] = _latent_kernels(mla, q_nope[rows], q_pe[rows], batch, cache, short)
+        out[rows] = latent_kernels(mla, q_nope[rows], q_pe[rows], batch, cache, short)
     return out
 
 
@@ -273,20 +277,33 @@ def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cac
     (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers) where it decodes
     (`flashinfer_mla.decodes`); the rest as "triton" (`paged_attention`). q_pe arrives rotated
     (MLA.forward rotates it for every backend but "triton"'s decode kernel)."""
+    from hetero.gpu.flashinfer_mla import applies
+
+    if _flashinfer_decodes(mla, batch, cache):
+        return _flashinfer_kernel(mla, q_nope, q_pe, batch, cache, None)
+    if not batch.is_decode and mla.backend == "flashinfer" and applies(cache):
+        # extend steps: the short sequences through flashinfer's kernel (causal), the long
+        # ones through flash attention as "triton" runs them
+        return kernel_attention(mla, q_nope, q_pe, batch, cache, _flashinfer_kernel)
+    return paged_attention(mla, q_nope, q_pe, batch, cache)
+
+
+def _flashinfer_kernel(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache, subset):
+    """flashinfer's MLA kernel over the batch's sequences (`subset`: these ones of an extend
+    step, q_nope / q_pe holding their rows in order), planned once a step: by the batch's owner
+    (`batch.mla_plan`, CUDA graphs), else here on the cache's planner for its kind of step."""
     from hetero.gpu.flashinfer_mla import FlashInferMLA, shared_workspace
 
-    if not _flashinfer_decodes(mla, batch, cache):
-        return paged_attention(mla, q_nope, q_pe, batch, cache)
-
     q_lat = _q_latent(mla, q_nope).to(cache.latent.dtype)  # [T, h, c]
-    planner = batch.mla_plan  # planned by the batch's owner (CUDA graphs: before the replay)
+    planner = batch.mla_plan
     if planner is None:
-        planner = cache.state.get("flashinfer")
+        kind = "flashinfer" if batch.is_decode else "flashinfer_extend"
+        planner = cache.state.get(kind)
         if planner is None:
             workspace = shared_workspace(cache.state, q_nope.device)
-            planner = cache.state["flashinfer"] = FlashInferMLA(workspace)
+            planner = cache.state[kind] = FlashInferMLA(workspace)
         planner.plan(batch, cache.page_size, mla.n_heads, mla.kv_rank, mla.rope_dim,
-                     mla.softmax_scale, q_lat.dtype)  # fmt: skip
+                     mla.softmax_scale, q_lat.dtype, subset=subset)  # fmt: skip
     out = planner.run(q_lat, q_pe.to(q_lat.dtype), cache.latent[mla.layer], cache.rope[mla.layer])
     return _o_from_latent(mla, out)
 
