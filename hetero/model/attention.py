@@ -275,7 +275,8 @@ def _flashinfer_decodes(mla: MLA, batch: ForwardBatch, cache: Cache) -> bool:
 def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache):
     """Decode steps of a 16-bit paged cache on CUDA through flashinfer's MLA kernel
     (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers) where it decodes
-    (`flashinfer_mla.decodes`); the rest as "triton" (`paged_attention`). q_pe arrives rotated
+    (`flashinfer_mla.decodes`); with backend "flashinfer", an extend step's short sequences
+    too; the rest as "triton" (`paged_attention`). q_pe arrives rotated
     (MLA.forward rotates it for every backend but "triton"'s decode kernel)."""
     from hetero.gpu.flashinfer_mla import applies
 
