@@ -201,12 +201,10 @@ def set_attention(model, handle, name: str) -> None:
     does for it, where the kernels read kv_b_proj's FP8 blocks); the engine's captured decode
     graphs are dropped so the next steps capture the new path (called between levels: no step
     runs)."""
-    from hetero.registry import MLA_ATTENTION
     from hetero.sched.runtime import absorbs
 
-    attend = MLA_ATTENTION.get(name)
     for block in model.model.layers:
-        block.self_attn.attend = attend
+        block.self_attn.set_backend(name)
         if absorbs(name, True) and block.self_attn.w_uk is None:
             block.self_attn.absorb()
     getattr(handle.engine.runner, "decoders", {}).clear()

@@ -47,12 +47,16 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_rank, config.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_rank, nh * (self.nope_dim + self.v_dim))
         self.o_proj = Linear(nh * self.v_dim, H)
-        self.attend = MLA_ATTENTION.get(_resolve(backend))
-        self.backend = backend
+        self.set_backend(backend)
         self.qkv_a: nn.Module | None = None  # `fuse()`: q_a and kv_a as one FP8 matrix
         # W_UK, W_UV kept dense once `absorb()` ran (not in the checkpoint: not persistent)
         self.register_buffer("w_uk", None, persistent=False)
         self.register_buffer("w_uv", None, persistent=False)
+
+    def set_backend(self, backend: str) -> None:
+        """Attend through MLA_ATTENTION's `backend` from now on ("auto" resolved here)."""
+        self.attend = MLA_ATTENTION.get(_resolve(backend))
+        self.backend = backend
 
     def forward(
         self, x: torch.Tensor, batch: ForwardBatch, cache: Cache, rotary: Rotary
