@@ -97,3 +97,26 @@ def test_set_fp8_small_reaches_every_fp8_layer_the_fused_too():
     assert all(lin.small_max_tokens == 0 for lin in layers)
     set_fp8_small(model, 64)
     assert all(lin.small_max_tokens == 64 for lin in layers)
+
+
+def test_set_attention_resolves_auto_and_drops_the_captured_graphs(monkeypatch):
+    """Backend "auto" between levels is what the loader makes of it (no flashinfer here: triton's
+    path), "absorbed" keeps W_UK / W_UV dense, and the engine's decoders are dropped."""
+    from types import SimpleNamespace
+
+    from bench.workloads import set_attention
+    from hetero.gpu import flashinfer_mla
+    from hetero.model.attention import absorbed_attention, paged_attention
+
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: False)
+    config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
+                                                intermediate_size=256))  # fmt: skip
+    model = random_model(config, "cpu", torch.float32, fp8=True, attention="absorbed")
+    runner = SimpleNamespace(decoders={(1, 1): object()})
+    handle = SimpleNamespace(engine=SimpleNamespace(runner=runner))
+    set_attention(model, handle, "auto")
+    mla = model.model.layers[0].self_attn
+    assert (mla.backend, mla.attend, mla.w_uk) == ("auto", paged_attention, None)
+    assert runner.decoders == {}
+    set_attention(model, handle, "absorbed")
+    assert mla.attend is absorbed_attention and mla.w_uk is not None
