@@ -30,19 +30,27 @@ def on_quantized(x: torch.Tensor, w: torch.Tensor, ws: torch.Tensor) -> torch.Te
     return x_deq @ block_dequantize(w.cpu(), ws.cpu(), (128, 128)).T
 
 
+@pytest.mark.parametrize("silu_mul", [False, True])
 @pytest.mark.parametrize("M, N, K, programs", [
-    (17, 130, 300, 1),  # one split; a partial row tile, a partial K block, tokens padded to 32
+    (17, 260, 300, 1),  # one split; a partial row tile, a partial K block, tokens padded to 32
     (5, 200, 640, 16),  # split-K over 5 blocks: 3 splits of 2, the last with one past K
-    (64, 64, 256, 4),  # the most tokens; two splits of one block
+    (64, 128, 256, 4),  # the most tokens; two splits of one block
 ])  # fmt: skip
-def test_equals_dequantized_matmul(M, N, K, programs):
+def test_equals_dequantized_matmul(M, N, K, programs, silu_mul):
+    """fp32 activations; `silu_mul`: the weight's rows are gate then up (a row tile of each
+    straddles the halves' scale blocks where N / 2 is not a multiple of 128)."""
     g = torch.Generator().manual_seed(M + N + K)
     w, ws = block_quantize(torch.randn(N, K, generator=g))
     x = torch.randn(M, K, generator=g).to(DEVICE)
     counters = counters_for(N, torch.device(DEVICE))
-    got = fp8_small(x, w.to(DEVICE), ws.to(DEVICE), counters, programs=programs)
-    assert got.shape == (M, N) and got.dtype == x.dtype
-    assert rel(got.cpu(), on_quantized(x, w, ws)) < 1e-5
+    got = fp8_small(x, w.to(DEVICE), ws.to(DEVICE), counters, programs=programs,
+                    silu_mul=silu_mul)  # fmt: skip
+    want = on_quantized(x, w, ws)
+    if silu_mul:
+        gate, up = want.chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+    assert got.shape == want.shape and got.dtype == x.dtype
+    assert rel(got.cpu(), want) < 1e-5
     assert counters.count_nonzero().item() == 0  # reset by each tile's last split
 
 
@@ -72,6 +80,9 @@ def test_bad_inputs_are_refused():
         fp8_small(torch.randn(2, 128), w.float(), ws, counters)
     with pytest.raises(ValueError, match="counters for"):
         fp8_small(torch.randn(2, 128), w, ws, counters[:0])
+    w, ws = block_quantize(torch.randn(63, 128))
+    with pytest.raises(ValueError, match="even count"):
+        fp8_small(torch.randn(2, 128), w, ws, counters, silu_mul=True)
 
 
 @pytest.mark.gpu
@@ -102,9 +113,12 @@ def test_fp8_linear_takes_it_where_asked():
     w, ws = block_quantize(torch.randn(7168, 2048, generator=g) / 2048**0.5)
     lin.weight.data, lin.weight_scale_inv.data = w.cuda(), ws.cuda()
     x = torch.randn(32, 2048, generator=g).bfloat16().cuda()
-    default = lin(x)
+    default, default_act = lin(x), lin.silu_mul(x)
     lin.small_max_tokens = 64
-    small = lin(x)
+    small, small_act = lin(x), lin.silu_mul(x)
     want = on_quantized(x, w, ws)
     assert rel(default.cpu(), want) < 1e-2 and rel(small.cpu(), want) < 1e-2
+    gate, up = want.chunk(2, dim=-1)
+    want_act = torch.nn.functional.silu(gate) * up
+    assert rel(default_act.cpu(), want_act) < 2e-2 and rel(small_act.cpu(), want_act) < 2e-2
     assert lin.tile_counters(x.device).count_nonzero().item() == 0

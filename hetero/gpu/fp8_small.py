@@ -11,7 +11,9 @@ block's scale (a row's) and the token's (a column's):
     y[m, n] = sum_kb ws[n // 128, kb] * xs[m, kb] * sum_{k in kb} Wq[n, k] xq[m, k].
 The K blocks are split across programs until every SM has work (split-K); the partials are
 summed in split order by the last split of each tile to finish (a counter a tile, as
-fp8_gemm.py does: deterministic, no kernel after)."""
+fp8_gemm.py does: deterministic, no kernel after). A SwiGLU's fused gate|up (`silu_mul`): a
+program owns BLOCK_W rows of the gate and the same rows of up, and applies silu(gate) * up
+where it stores y (no activation kernel after)."""
 
 from __future__ import annotations
 
@@ -19,11 +21,23 @@ import torch
 import triton
 import triton.language as tl
 
+from hetero.gpu.act import silu_mul_as_torch
 from hetero.gpu.fp8_prefill import quantize_act
 
 MAX_TOKENS = 64  # the tokens' side of one dot
 BLOCK_W = 64  # weight rows a program (the tensor cores' M side)
 PER_SM = 2  # programs to aim for an SM, reached by split-K
+
+
+@triton.jit
+def _dot_block(w_ptr, ws_ptr, x, xs, rows, row_ok, k, k_ok, kc, K, stride_ws, SN: tl.constexpr):
+    """W's rows [BW] over one K block (its columns k) . x [BT, BK] -> [BW, BT] fp32, scaled by
+    the weight block's scales (a row's) and the tokens' xs [BT] (a column's)."""
+    w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
+                mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BW, BK]  # fmt: skip
+    ws = tl.load(ws_ptr + (rows // SN) * stride_ws + kc, mask=row_ok, other=0.0)  # [BW]
+    part = tl.dot(w, tl.trans(x), out_dtype=tl.float32)  # [BW, BT]: fp8 x fp8 -> fp32
+    return part * ws[:, None] * xs[None, :]
 
 
 @triton.jit
@@ -33,7 +47,7 @@ def _fp8_swap(
     w_ptr,  # [N, K] e4m3
     ws_ptr,  # [ceil(N/SN), ceil(K/BK)] fp32
     p_ptr,  # [S, M, N] fp32 partials (splits > 1)
-    y_ptr,  # [M, N] in the output dtype
+    y_ptr,  # [M, NY] in the output dtype (NY: N, or N / 2 with SILU_MUL)
     count_ptr,  # [tiles] int32, zero between calls (the last split resets its tile's)
     M,
     N,
@@ -45,43 +59,55 @@ def _fp8_swap(
     BLOCK_K: tl.constexpr,
     PER_SPLIT: tl.constexpr,
     DIRECT: tl.constexpr,  # one split: the program stores y itself
+    SILU_MUL: tl.constexpr,  # W's rows are [gate | up]: a program owns BLOCK_W rows of each
 ):
     pid, split = tl.program_id(0), tl.program_id(1)
+    NY = N // 2 if SILU_MUL else N
     rows = pid * BLOCK_W + tl.arange(0, BLOCK_W)  # [BW]
     toks = tl.arange(0, BLOCK_T)  # [BT]
     cols = tl.arange(0, BLOCK_K)  # [BK]
-    row_ok, tok_ok = rows < N, toks < M
+    row_ok, tok_ok = rows < NY, toks < M
     kbs = tl.cdiv(K, BLOCK_K)
     acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)  # SILU_MUL: the up rows'
     for i in range(0, PER_SPLIT):  # past K (the last split's tail) everything is masked
         kb = split * PER_SPLIT + i
         k = kb * BLOCK_K + cols
         k_ok = k < K
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + k[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BW, BK]  # fmt: skip
         x = tl.load(xq_ptr + toks[:, None] * K + k[None, :],
                     mask=tok_ok[:, None] & k_ok[None, :], other=0.0)  # [BT, BK]  # fmt: skip
         # past K, x and W load as 0 and any in-bounds scale will do: the last block's
         kc = tl.minimum(kb, kbs - 1)
-        ws = tl.load(ws_ptr + (rows // SN) * stride_ws + kc, mask=row_ok, other=0.0)  # [BW]
         xs = tl.load(xs_ptr + toks * kbs + kc, mask=tok_ok, other=0.0)  # [BT]
-        part = tl.dot(w, tl.trans(x), out_dtype=tl.float32)  # [BW, BT]: fp8 x fp8 -> fp32
-        acc += part * ws[:, None] * xs[None, :]
+        acc += _dot_block(w_ptr, ws_ptr, x, xs, rows, row_ok, k, k_ok, kc, K, stride_ws, SN)
+        if SILU_MUL:
+            acc_up += _dot_block(w_ptr, ws_ptr, x, xs, rows + NY, row_ok, k, k_ok, kc, K,
+                                 stride_ws, SN)  # fmt: skip
     out_ok = row_ok[:, None] & tok_ok[None, :]
-    at = toks[None, :] * N + rows[:, None]  # [BW, BT]: y[tok, row]
+    at = toks[None, :] * N + rows[:, None]  # [BW, BT]: partials[tok, row] (up: + NY)
+    out = y_ptr + toks[None, :] * NY + rows[:, None]  # y[tok, row]
     if DIRECT:
-        tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+        if SILU_MUL:
+            acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
+        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
         tl.store(p_ptr + split * M * N + at, acc, mask=out_ok)
+        if SILU_MUL:
+            tl.store(p_ptr + split * M * N + at + NY, acc_up, mask=out_ok)
         splits = tl.num_programs(1)
         tl.debug_barrier()  # every thread's partials stored before the count is raised
         done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
         if done == splits - 1:  # the tile's last split: sum all in split order
             acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
             for j in range(0, splits):
-                acc += tl.load(p_ptr + j * M * N + at, mask=out_ok, other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-            tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+                src = p_ptr + j * M * N + at
+                acc += tl.load(src, mask=out_ok, other=0.0, cache_modifier=".cg")
+                if SILU_MUL:
+                    acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if SILU_MUL:
+                acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
             tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next call (graph replays)
 
 
@@ -97,11 +123,13 @@ def fp8_small(
     counters: torch.Tensor,
     block: tuple[int, int] = (128, 128),
     programs: int | None = None,
+    silu_mul: bool = False,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32, at most MAX_TOKENS rows), weight [N, K] float8_e4m3fn,
     scale [ceil(N/bn), ceil(K/bk)] fp32 -> y [..., N] in x's dtype. `counters`
     (`counters_for`, kept by the caller: zero between calls, one a weight). `programs`: how
-    many to aim for (default PER_SM an SM on CUDA), reached by splitting K."""
+    many to aim for (default PER_SM an SM on CUDA), reached by splitting K. `silu_mul`: weight
+    [2I, K] holds a SwiGLU's gate then up -> silu(x gate^T) * (x up^T) [..., I]."""
     N, K = weight.shape
     bn, bk = block
     lead = x.shape[:-1]
@@ -116,12 +144,15 @@ def fp8_small(
                          f"{N}x{K} in {block}")  # fmt: skip
     if bk & (bk - 1) or bk < 16:
         raise ValueError(f"block {block}: its K size must be a power of two >= 16")
-    tiles = triton.cdiv(N, BLOCK_W)
+    if silu_mul and N % 2:
+        raise ValueError(f"weight of {N} rows: gate and up want an even count")
+    NY = N // 2 if silu_mul else N
+    tiles = triton.cdiv(NY, BLOCK_W)
     if counters.numel() < tiles or counters.dtype != torch.int32:
         raise ValueError(f"{counters.numel()} {counters.dtype} counters for {tiles} tiles")
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     if M == 0:
-        return y.view(*lead, N)
+        return y.view(*lead, NY)
     xq, xs = quantize_act(x2, bk)  # [M, K] e4m3, [M, K/bk] fp32
     if programs is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
@@ -133,6 +164,6 @@ def fp8_small(
     _fp8_swap[(tiles, split)](
         xq, xs, weight, scale, partials, y, counters, M, N, K, scale.stride(0),
         SN=bn, BLOCK_W=BLOCK_W, BLOCK_T=max(16, triton.next_power_of_2(M)), BLOCK_K=bk,
-        PER_SPLIT=per_split, DIRECT=split == 1,
+        PER_SPLIT=per_split, DIRECT=split == 1, SILU_MUL=silu_mul,
     )  # fmt: skip
-    return y.view(*lead, N)
+    return y.view(*lead, NY)

@@ -119,12 +119,18 @@ class FP8Linear(nn.Module):
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """For a fused SwiGLU gate|up (rows: gate then up): silu(gate x) * (up x). At decode
         sizes on CUDA in the GEMV's own reduction (hetero.gpu.fp8_gemm.fp8_gemm, silu_mul),
-        past them in one kernel after the GEMM (hetero.gpu.act.silu_mul)."""
+        up to `small_max_tokens` in fp8_small's, past them in one kernel after the GEMM
+        (hetero.gpu.act.silu_mul)."""
         if x.is_cuda and x.numel() <= GEMV_MAX_TOKENS * self.in_features:
             from hetero.gpu.fp8_gemm import fp8_gemm
 
             return fp8_gemm(x, self.weight, self.weight_scale_inv, self.block, silu_mul=True,
                             tiles=self.tiles, counters=self.tile_counters(x.device))  # fmt: skip
+        if x.is_cuda and x.numel() <= self.small_max_tokens * self.in_features:
+            from hetero.gpu.fp8_small import fp8_small
+
+            return fp8_small(x, self.weight, self.weight_scale_inv, self.tile_counters(x.device),
+                             self.block, silu_mul=True)  # fmt: skip
         if x.is_cuda:  # past the GEMV's sizes: one activation kernel, not silu then product
             from hetero.gpu.act import silu_mul
 
