@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -270,11 +270,15 @@ for stage in "$@"; do
         --context 4096 --paged 64 --graphs --steps 20 --gpu-timeline "$OUT/gpu_timeline_b32" \
         >> "$OUT/auto_ratio_timeline.jsonl" 2>> "$OUT/auto_ratio.err"
       tail -1 "$OUT/auto_ratio.err"; grep -c . "$OUT/auto_ratio.jsonl" ;;
-    fp8-small)  # issue 18: the swap-AB FP8 kernel for 17-64 rows (hetero.gpu.fp8_small)
-      # against cuBLAS's block-scaled GEMM and the W8A16 kernel on V3's matrices, then V3's
-      # GPU side at 32 x 4K with it on (--fp8-small 64) and off, alternated twice (~7 min)
-      timeout 200 python3 bench/gpu_kernels.py --only fp8 --fp8-tokens 17,32,64 \
-        > "$OUT/fp8_small_kernels.jsonl" 2> "$OUT/fp8_small.err"; tail -1 "$OUT/fp8_small.err"
+    fp8-small)  # issue 18: the swap-AB FP8 kernel for 17-64 rows (hetero.gpu.fp8_small): its
+      # launch settings at 32 and 64 rows against cuBLAS's block-scaled GEMM and the W8A16
+      # kernel on V3's decode matrices, cold in L2 (~5 min)
+      timeout 330 python3 bench/fp8_sweep.py --small \
+        --shapes qkv_a,o,shared_gate_up,shared_down,q_b > "$OUT/fp8_small_sweep.jsonl" \
+        2> "$OUT/fp8_small.err"; tail -1 "$OUT/fp8_small.err"; grep -c . "$OUT/fp8_small_sweep.jsonl" ;;
+    fp8-small-step)  # issue 18: V3's GPU side at 32 x 4K with fp8_small on (--fp8-small 64,
+      # fp8_small.SMALL_TILES: set them from the fp8-small sweep first) and off, alternated
+      # twice (~6 min)
       flashinfer_wheels
       for round in 1 2; do
         for small in 64 0; do

@@ -54,6 +54,27 @@ def test_equals_dequantized_matmul(M, N, K, programs, silu_mul):
     assert counters.count_nonzero().item() == 0  # reset by each tile's last split
 
 
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_wider_programs_and_their_own_launch_settings(silu_mul):
+    """128 weight rows a program (two of the tensor cores' M tiles), split-K: the same product."""
+    from hetero.gpu.fp8_small import SmallTiles
+
+    g = torch.Generator().manual_seed(7)
+    w, ws = block_quantize(torch.randn(384, 384, generator=g))
+    x = torch.randn(20, 384, generator=g).to(DEVICE)
+    counters = counters_for(384, torch.device(DEVICE))
+    tiles = SmallTiles(block_w=128, per_sm=4, num_warps=8, num_stages=2)
+    got = fp8_small(x, w.to(DEVICE), ws.to(DEVICE), counters, programs=6, silu_mul=silu_mul,
+                    tiles=tiles)  # fmt: skip
+    want = on_quantized(x, w, ws)
+    if silu_mul:
+        gate, up = want.chunk(2, dim=-1)
+        want = torch.nn.functional.silu(gate) * up
+    assert rel(got.cpu(), want) < 1e-5 and counters.count_nonzero().item() == 0
+    with pytest.raises(ValueError, match="multiple of 64"):
+        fp8_small(x, w.to(DEVICE), ws.to(DEVICE), counters, tiles=SmallTiles(block_w=96))
+
+
 def test_split_k_is_deterministic_and_keeps_leading_dims():
     """Split-K partials summed in split order: the same y on every call, bit for bit, and
     [..., K] in -> [..., N] out."""

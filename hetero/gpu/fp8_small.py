@@ -17,6 +17,8 @@ where it stores y (no activation kernel after)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -25,8 +27,21 @@ from hetero.gpu.act import silu_mul_as_torch
 from hetero.gpu.fp8_prefill import quantize_act
 
 MAX_TOKENS = 64  # the tokens' side of one dot
-BLOCK_W = 64  # weight rows a program (the tensor cores' M side)
-PER_SM = 2  # programs to aim for an SM, reached by split-K
+BLOCK_W = 64  # the fewest weight rows a program (the tensor cores' M side): counters_for's unit
+
+
+@dataclass(frozen=True)
+class SmallTiles:
+    """The kernel's launch settings (bench/fp8_sweep.py --small times the alternatives; these
+    defaults are not yet measured)."""
+
+    block_w: int = 64  # weight rows a program (64 or 128)
+    per_sm: int = 2  # programs to aim for an SM, reached by split-K
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+SMALL_TILES = SmallTiles()
 
 
 @triton.jit
@@ -124,12 +139,13 @@ def fp8_small(
     block: tuple[int, int] = (128, 128),
     programs: int | None = None,
     silu_mul: bool = False,
+    tiles: SmallTiles = SMALL_TILES,
 ) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32, at most MAX_TOKENS rows), weight [N, K] float8_e4m3fn,
     scale [ceil(N/bn), ceil(K/bk)] fp32 -> y [..., N] in x's dtype. `counters`
     (`counters_for`, kept by the caller: zero between calls, one a weight). `programs`: how
-    many to aim for (default PER_SM an SM on CUDA), reached by splitting K. `silu_mul`: weight
-    [2I, K] holds a SwiGLU's gate then up -> silu(x gate^T) * (x up^T) [..., I]."""
+    many to aim for (default `tiles.per_sm` an SM on CUDA), reached by splitting K. `silu_mul`:
+    weight [2I, K] holds a SwiGLU's gate then up -> silu(x gate^T) * (x up^T) [..., I]."""
     N, K = weight.shape
     bn, bk = block
     lead = x.shape[:-1]
@@ -147,23 +163,26 @@ def fp8_small(
     if silu_mul and N % 2:
         raise ValueError(f"weight of {N} rows: gate and up want an even count")
     NY = N // 2 if silu_mul else N
-    tiles = triton.cdiv(NY, BLOCK_W)
-    if counters.numel() < tiles or counters.dtype != torch.int32:
-        raise ValueError(f"{counters.numel()} {counters.dtype} counters for {tiles} tiles")
+    if tiles.block_w % BLOCK_W:
+        raise ValueError(f"block_w {tiles.block_w}: a multiple of {BLOCK_W}")
+    n_tiles = triton.cdiv(NY, tiles.block_w)
+    if counters.numel() < n_tiles or counters.dtype != torch.int32:
+        raise ValueError(f"{counters.numel()} {counters.dtype} counters for {n_tiles} tiles")
     y = torch.empty(M, NY, device=x.device, dtype=x.dtype)
     if M == 0:
         return y.view(*lead, NY)
     xq, xs = quantize_act(x2, bk)  # [M, K] e4m3, [M, K/bk] fp32
     if programs is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        programs = PER_SM * sms
+        programs = tiles.per_sm * sms
     k_blocks = triton.cdiv(K, bk)
-    per_split = triton.cdiv(k_blocks, max(1, min(k_blocks, programs // tiles)))
+    per_split = triton.cdiv(k_blocks, max(1, min(k_blocks, programs // n_tiles)))
     split = triton.cdiv(k_blocks, per_split)  # no empty splits
     partials = torch.empty(split, M, N, device=x.device, dtype=torch.float32) if split > 1 else y
-    _fp8_swap[(tiles, split)](
+    _fp8_swap[(n_tiles, split)](
         xq, xs, weight, scale, partials, y, counters, M, N, K, scale.stride(0),
-        SN=bn, BLOCK_W=BLOCK_W, BLOCK_T=max(16, triton.next_power_of_2(M)), BLOCK_K=bk,
+        SN=bn, BLOCK_W=tiles.block_w, BLOCK_T=max(16, triton.next_power_of_2(M)), BLOCK_K=bk,
         PER_SPLIT=per_split, DIRECT=split == 1, SILU_MUL=silu_mul,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y.view(*lead, NY)
