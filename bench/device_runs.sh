@@ -271,7 +271,7 @@ for stage in "$@"; do
         >> "$OUT/auto_ratio_timeline.jsonl" 2>> "$OUT/auto_ratio.err"
       tail -1 "$OUT/auto_ratio.err"; grep -c . "$OUT/auto_ratio.jsonl" ;;
     fp8-small)  # issue 18: the swap-AB FP8 kernel for 17-64 rows (hetero.gpu.fp8_small): its
-      # launch settings at 32 and 64 rows against cuBLAS's block-scaled GEMM and the W8A16
+      # launch settings at 16, 32 and 64 rows against cuBLAS's block-scaled GEMM and the W8A16
       # kernel on V3's decode matrices, cold in L2 (~5 min)
       timeout 330 python3 bench/fp8_sweep.py --small \
         --shapes qkv_a,o,shared_gate_up,shared_down,q_b > "$OUT/fp8_small_sweep.jsonl" \

@@ -39,8 +39,8 @@ VARIANTS = [
 # mma=False: one row on the CUDA cores, more rows keep the MMA
 SWEEP = [TILES] + [t for t in VARIANTS if t != TILES]
 SMALL = [SMALL_TILES] + [
-    t for t in (SmallTiles(block_w=b, per_sm=ps, num_warps=w, num_stages=st)
-                for b, ps, w, st in itertools.product((64, 128), (1, 2, 4), (4, 8), (3, 4)))
+    t for t in (SmallTiles(block_w=b, per_sm=ps, num_warps=w)
+                for b, ps, w in itertools.product((64, 128), (1, 2, 4), (4, 8)))
     if t != SMALL_TILES
 ]  # fmt: skip
 
@@ -120,7 +120,7 @@ def small_sweep(args) -> None:
     """--small: each path over cold copies of each matrix, CUDA-graph replays."""
     hbm = hbm_copy_gbps("cuda")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = "32,64" if args.rows == "1,16" else args.rows
+    rows = "16,32,64" if args.rows == "1,16" else args.rows
     for name in args.shapes.split(","):
         N, K = SHAPES[name]
         q, s = block_quantize(torch.randn(N, K, device="cuda", generator=gen) / K**0.5)
