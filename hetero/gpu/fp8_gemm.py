@@ -172,27 +172,38 @@ def _fp8_gemm(
             acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
     else:
-        part = p_ptr + split * M * N + toks[:, None] * N + rows[None, :]
-        tl.store(part, acc, mask=out_ok)
-        if SILU_MUL:
-            tl.store(part + NY, acc_up, mask=out_ok)
-        if FIXUP:  # (CUTLASS's serial split-K: partials stored, then a semaphore a tile)
-            splits = tl.num_programs(2)
-            tile = pid_m * tl.num_programs(0) + pid_n
-            tl.debug_barrier()  # every thread's partials stored before the count is raised
-            done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # (release, then acquire)
-            if done == splits - 1:  # the tile's last split: sum all in split order
-                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for j in range(0, splits):
-                    src = p_ptr + j * M * N + toks[:, None] * N + rows[None, :]
-                    acc += tl.load(src, mask=out_ok, other=0.0, cache_modifier=".cg")
-                    if SILU_MUL:
-                        acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
+        tile = pid_m * tl.num_programs(0) + pid_n
+        store_split(p_ptr + toks[:, None] * N + rows[None, :], split, M * N, NY, acc, acc_up,
+                    y_ptr, out, out_ok, count_ptr, tile, tl.num_programs(2), SILU_MUL,
+                    FIXUP)  # fmt: skip
+
+
+@triton.jit
+def store_split(part_ptrs, split, stride, NY, acc, acc_up, y_ptr, out, out_ok, count_ptr, tile,
+                splits, SILU_MUL: tl.constexpr, FIXUP: tl.constexpr):  # fmt: skip
+    """A split's fp32 partials acc (SILU_MUL: and the up rows' acc_up, NY columns on) stored at
+    part_ptrs + split * stride; with FIXUP, CUTLASS's serial split-K: a counter a tile is
+    raised, and the tile's last split to finish sums every split's partials in split order
+    (deterministic) into `out` in y's dtype (SILU_MUL: silu(gate) * up), then resets its
+    counter for the next call (graph replays). Without FIXUP `_sum_splits` adds them after."""
+    tl.store(part_ptrs + split * stride, acc, mask=out_ok)
+    if SILU_MUL:
+        tl.store(part_ptrs + split * stride + NY, acc_up, mask=out_ok)
+    if FIXUP:
+        tl.debug_barrier()  # every thread's partials stored before the count is raised
+        done = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")  # (release, then acquire)
+        if done == splits - 1:  # the tile's last split: sum all in split order
+            acc = tl.zeros_like(acc)
+            acc_up = tl.zeros_like(acc)
+            for j in range(0, splits):
+                src = part_ptrs + j * stride
+                acc += tl.load(src, mask=out_ok, other=0.0, cache_modifier=".cg")
                 if SILU_MUL:
-                    acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
-                tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-                tl.atomic_xchg(count_ptr + tile, 0)  # ready for the next call (graph replays)
+                    acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
+            if SILU_MUL:
+                acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
+            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
+            tl.atomic_xchg(count_ptr + tile, 0)
 
 
 @triton.jit

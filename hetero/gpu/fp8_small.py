@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from hetero.gpu.act import silu_mul_as_torch
+from hetero.gpu.fp8_gemm import store_split
 from hetero.gpu.fp8_prefill import quantize_act
 
 MAX_TOKENS = 64  # the tokens' side of one dot
@@ -105,25 +106,9 @@ def _fp8_swap(
         if SILU_MUL:
             acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-    else:
-        tl.store(p_ptr + split * M * N + at, acc, mask=out_ok)
-        if SILU_MUL:
-            tl.store(p_ptr + split * M * N + at + NY, acc_up, mask=out_ok)
-        splits = tl.num_programs(1)
-        tl.debug_barrier()  # every thread's partials stored before the count is raised
-        done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel")
-        if done == splits - 1:  # the tile's last split: sum all in split order
-            acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
-            acc_up = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
-            for j in range(0, splits):
-                src = p_ptr + j * M * N + at
-                acc += tl.load(src, mask=out_ok, other=0.0, cache_modifier=".cg")
-                if SILU_MUL:
-                    acc_up += tl.load(src + NY, mask=out_ok, other=0.0, cache_modifier=".cg")
-            if SILU_MUL:
-                acc = silu_mul_as_torch(acc, acc_up, y_ptr.dtype.element_ty)
-            tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
-            tl.atomic_xchg(count_ptr + pid, 0)  # ready for the next call (graph replays)
+    else:  # the last split of a tile to finish sums them all (fp8_gemm.store_split)
+        store_split(p_ptr + at, split, M * N, NY, acc, acc_up, y_ptr, out, out_ok, count_ptr,
+                    pid, tl.num_programs(1), SILU_MUL, True)  # fmt: skip
 
 
 def counters_for(n_rows: int, device: torch.device) -> torch.Tensor:
