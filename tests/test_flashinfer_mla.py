@@ -224,6 +224,40 @@ def test_flashinfer_extend_equals_the_triton_kernels(tmp_path):
     assert rel < 2e-2, rel
 
 
+@pytest.mark.gpu
+@NEEDS_CUDA
+@NEEDS_FLASHINFER
+def test_flashinfer_decode_through_cuda_graphs(tmp_path):
+    """Decode steps replayed from CUDA graphs with flashinfer's plan fixed for the graphs' batch
+    (4 rows, 3 real: one is padding) and planned again before each replay, against the same
+    steps run eagerly: the logits of three steps."""
+    from hetero.sched.graphs import GraphedDecoder
+    from hetero.testing import write_tiny_v3
+
+    path = write_tiny_v3(tmp_path, kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=16)
+    model = load_model(path, device="cuda", dtype=torch.bfloat16, attention="flashinfer",
+                       progress=False)  # fmt: skip
+    lens = [5, 17, 40]
+    tables = [[1], [2, 3], [4, 5, 6]]  # enough for each context + 3
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 200, (sum(lens),), generator=g).cuda()
+    caches = [model.new_paged_cache(8, 16) for _ in range(2)]
+    for cache in caches:  # the same prompts in both
+        model(ids, ForwardBatch.paged(tables, lens, lens, 16, "cuda"), cache)
+    decoder = GraphedDecoder(model, caches[1], graphs=True, batch=4, pages=4)
+    assert decoder.mla_plan is not None  # flashinfer's, fixed for the graphs
+    nxt = torch.tensor([9, 10, 11], device="cuda")
+    for _ in range(3):
+        lens = [n + 1 for n in lens]
+        step = ForwardBatch.paged(tables, [1] * 3, lens, 16, "cuda")
+        want = model(nxt, step, caches[0]).float()
+        got = decoder.paged_step(nxt, step.positions, step.page_table, step.slot_mapping,
+                                 step.ctx_lens).float()  # fmt: skip
+        rel = ((got - want).norm() / want.norm()).item()
+        assert rel < 1e-2, rel
+        nxt = want.argmax(-1)
+
+
 def test_one_workspace_a_cache():
     """Every flashinfer plan over one cache shares one float scratch (made once, on the CPU
     here: the function only allocates)."""
