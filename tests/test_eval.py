@@ -65,8 +65,8 @@ def test_quantization_costs_in_order(tiny_v2, text):
     finally:
         for h in hybrids.values():
             h.close()
-    # equal up to fp32 rounding: 1.4e-8 was seen once in CI under load (2026-12-04; 0 < x < 1e-8
-    # otherwise), where int8 costs orders more
+    # equal up to fp32 rounding, which depends on torch's thread count (1 thread: 1.4e-8, as
+    # in CI after an earlier test's engine set it process-wide; 2: 9.0e-9); int8 costs 5e-5
     assert results["bf16 experts"]["kl_mean"] < 1e-7
     assert results["bf16 experts"]["greedy_agreement"] == 1
     assert 0 < results["int8 experts"]["kl_mean"] < results["int4 experts"]["kl_mean"]
