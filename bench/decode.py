@@ -201,6 +201,8 @@ def run(args) -> None:
         gpu = rows["gpu_only"]["ms"] if "gpu_only" in rows else 0.0
         for mode, r in rows.items():
             out = {**base, "batch": B, "context": context, "mode": mode, **r}
+            if graphed is not None:  # which kernel decoded: auto's choice, as the graphs made it
+                out["flashinfer_decodes"] = graphed.mla_plan is not None
             if share is not None and mode not in ("trace", "gpu_timeline", "gpu_only"):
                 out["gpu_slot_share"] = share
             if mode in ("trace", "gpu_timeline"):
