@@ -10,10 +10,9 @@ layers, FP8 scales). The byte rules are the loader's, so the plan equals the loa
 - routed experts on the CPU: what pack_experts lays out (w13 + s13 + w2 + s2), CPU-resident
   experts only;
 - KV cache: MLA's latent, num_layers * (kv_lora_rank + qk_rope_head_dim) values a token;
-- absorbed W_UK / W_UV (MLA.absorb), asked for where the torch form of attention runs (the
-  Triton kernels read W_UK / W_UV from kv_b_proj's FP8 blocks as fast: H200, 2026-12-04):
-  kv_b_proj kept dense in dtype a layer, where VRAM allows (with the weights, the reserve and
-  the KV cache's minimum), else left out and dequantized at every call.
+- absorbed W_UK / W_UV (MLA.absorb), where the attention wants them (runtime.absorbs): kv_b_proj
+  dense in dtype a layer where VRAM allows (with the weights, the reserve and the KV cache's
+  minimum), else left out and dequantized at every call.
 GPU tensor sizes come from the model's own modules built on the meta device (one block of each
 kind), so a new parameter in the model shows up here without a second table to keep in step.
 """
@@ -165,8 +164,8 @@ def plan_memory(
     needed = rt.kv_cache_tokens or rt.prefill_chunk
     absorbed = config.num_hidden_layers * MLA.absorbed_bytes(config, dtype) * absorb
     absorbed *= gpu_fixed + absorbed + needed * per_token <= vram_bytes  # 0: no room
-    detail = f"kv_b_proj dense, {DTYPE_NAMES.get(dtype, dtype)}" if absorbed else "no room: off"
-    detail = detail if absorb else "not needed: the kernels read kv_b_proj"
+    off = "no room: off" if absorb else "not needed: the kernels read kv_b_proj"
+    detail = f"kv_b_proj dense, {DTYPE_NAMES.get(dtype, dtype)}" if absorbed else off
     rows.append(Row(ABSORBED_ROW, absorbed, 0, detail))
     gpu_fixed += absorbed
     fit = max(0, vram_bytes - gpu_fixed) // per_token

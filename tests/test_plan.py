@@ -115,6 +115,7 @@ def test_no_absorbed_copies_where_the_kernels_run():
 
     assert not any(absorbs(a, True) for a in ("auto", "triton", "flashinfer"))
     assert absorbs("absorbed", True) and absorbs("triton", False)  # the torch forms
+    assert not absorbs("naive", False)  # (it multiplies by kv_b_proj itself)
     config = ModelConfig.from_hf(tiny_v3_config())
     with_copies = plan_memory(config, placement(config, "fp8"), BIG, BIG)
     plan = plan_memory(config, placement(config, "fp8"), BIG, BIG, absorb=False)

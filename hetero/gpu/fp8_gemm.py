@@ -297,7 +297,7 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
         triton.cdiv(K, bk),
     )
     if programs is None:
-        programs = tiles.per_sm * _sm_count(x2.device) if x2.is_cuda else 1
+        programs = tiles.per_sm * sm_count(x2.device) if x2.is_cuda else 1
     split = max(1, min(k_blocks, programs // max(1, n_tiles * m_tiles)))
     ku = 1 if mma else tiles.k_unroll
     per_split = triton.cdiv(triton.cdiv(k_blocks, split), ku) * ku
@@ -326,5 +326,5 @@ def _launch(x2, experts, weight, scale, block, programs, silu_mul=False, tiles=T
     return y
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from hetero.gpu.act import silu_mul_as_torch
-from hetero.gpu.fp8_gemm import store_split
+from hetero.gpu.fp8_gemm import sm_count, store_split
 from hetero.gpu.fp8_prefill import quantize_act
 
 MAX_TOKENS = 64  # the tokens' side of one dot
@@ -158,8 +158,7 @@ def fp8_small(
         return y.view(*lead, NY)
     xq, xs = quantize_act(x2, bk)  # [M, K] e4m3, [M, K/bk] fp32
     if programs is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        programs = tiles.per_sm * sms
+        programs = tiles.per_sm * sm_count(x.device) if x.is_cuda else 1
     k_blocks = triton.cdiv(K, bk)
     per_split = triton.cdiv(k_blocks, max(1, min(k_blocks, programs // n_tiles)))
     split = triton.cdiv(k_blocks, per_split)  # no empty splits

@@ -4,9 +4,10 @@ float8_e4m3fn rows [heads (nope + v), kv_rank], a float32 scale per 128 x 128 bl
     q_lat[t, h, c] = sum_d q_nope[t, h, d] W_UK[h, d, c]   (W_UK: the head's first `nope` rows)
     o[t, h, v]     = sum_c out_lat[t, h, c] W_UV[h, v, c]  (W_UV: its last `v` rows)
 
-Where the plan has no room for W_UK / W_UV dense (`MLA.absorb`), the torch path dequantizes all
-of kv_b_proj at every call (~120 us a layer on the H100); these kernels read its FP8 bytes as
-stored instead, half the bytes of the bf16 copies. A weight tile is dequantized in registers to
+The attention kernels' backends on the GPU keep no dense W_UK / W_UV (`runtime.absorbs`: as fast
+as the bf16 copies, which hold twice the bytes); the torch path without copies dequantizes all
+of kv_b_proj at every call (~120 us a layer on the H100), these kernels read its FP8 bytes as
+stored. A weight tile is dequantized in registers to
 the activations' dtype, as `FP8Linear.dense_weight` rounds it, so the products are those of the
 dense copies up to the order of the fp32 sums. One program a head (and a block of tokens; for
 W_UK also a block of kv_rank columns)."""

@@ -273,20 +273,21 @@ def _flashinfer_decodes(mla: MLA, batch: ForwardBatch, cache: Cache) -> bool:
     from hetero.gpu.flashinfer_mla import decodes
 
     longest = max(batch.ctx_lens, default=0)
-    return batch.is_decode and decodes(mla.backend, cache, len(batch.q_lens), longest)
+    return decodes(mla.backend, cache, len(batch.q_lens), longest)
 
 
 def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cache):
-    """Decode steps of a 16-bit paged cache on CUDA through flashinfer's MLA kernel
-    (hetero.gpu.flashinfer_mla: one plan a step, shared by the layers) where it decodes
-    (`flashinfer_mla.decodes`); with backend "flashinfer", an extend step's short sequences
-    too; the rest as "triton" (`paged_attention`). q_pe arrives rotated
-    (MLA.forward rotates it for every backend but "triton"'s decode kernel)."""
+    """Decode steps through flashinfer's MLA kernel (hetero.gpu.flashinfer_mla: one plan a
+    step, shared by the layers): MLA.forward sends here only those where it decodes
+    (`flashinfer_mla.decodes`), the others to "triton". Extend steps: with backend
+    "flashinfer", the short sequences through it too; the rest as "triton"
+    (`paged_attention`). q_pe arrives rotated (MLA.forward rotates it for every backend but
+    "triton"'s decode kernel)."""
     from hetero.gpu.flashinfer_mla import applies
 
-    if _flashinfer_decodes(mla, batch, cache):
+    if batch.is_decode:
         return _flashinfer_kernel(mla, q_nope, q_pe, batch, cache, None)
-    if not batch.is_decode and mla.backend == "flashinfer" and applies(cache):
+    if mla.backend == "flashinfer" and applies(cache):
         # extend steps: the short sequences through flashinfer's kernel (causal), the long
         # ones through flash attention as "triton" runs them
         return kernel_attention(mla, q_nope, q_pe, batch, cache, _flashinfer_kernel)

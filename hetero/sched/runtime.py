@@ -267,18 +267,19 @@ def load_for_device(
 
 
 def absorbs(attention: str, on_gpu: bool) -> bool:
-    """Whether W_UK / W_UV are worth keeping dense: where the torch forms of attention run.
-    The Triton kernels read them from kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb) as fast
-    as from the dense copies, which add 1.9 GiB on V3 and 1 GB to each step's reads (H200,
-    2026-12-04, V3's GPU side graphed: 9.91 against 9.99 ms at batch 1, 22.16 against 22.23
-    at 32 x 4K)."""
-    return not (on_gpu and attention in ("triton", "flashinfer", "auto"))
+    """Whether W_UK / W_UV are worth keeping dense: where the absorbed torch form runs
+    ("absorbed"; the kernels' backends off the GPU). On the GPU the kernels read them from
+    kv_b_proj's FP8 blocks (hetero.gpu.mla_absorb) as fast as from the copies, which add
+    1.9 GiB on V3 and 1 GB to each step's reads (H200, 2026-12-04, V3's GPU side graphed:
+    9.91 against 9.99 ms at batch 1, 22.16 against 22.23 at 32 x 4K); "naive" multiplies by
+    kv_b_proj itself."""
+    return attention == "absorbed" or (not on_gpu and attention != "naive")
 
 
 def _prepare_gpu(model: Transformer, plan, opts: HybridOptions) -> None:
     """W_UK / W_UV kept dense where the plan made room for them (`absorbs`); the FP8
     matrices that share an input fused (no memory added)."""
-    if plan.absorb_mla and opts.attention != "naive":
+    if plan.absorb_mla:
         model.absorb_attention()
     model.fuse_projections()
 
@@ -287,9 +288,9 @@ def choose_placement(
     config, index, given, on_gpu: bool, vram: int, ram: int, dtype, absorb: bool = True
 ):
     """-> (placement, its memory plan, whether it needs the hybrid runtime); `absorb`: the
-    plan's (`absorbs`). A given placement
-    is used as it is. Without one: the whole model on the device (the plain model) when that
-    plan fits, else on a GPU the default placement, routed experts on the CPU."""
+    plan's (`absorbs`). A given placement is used as it is. Without one: the whole model on
+    the device (the plain model) when that plan fits, else on a GPU the default placement,
+    routed experts on the CPU."""
     from hetero.plan import plan_memory
 
     if given is not None:
