@@ -31,9 +31,10 @@ JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "c0c1b0ae02e4d475",
+    "kernels_q8.py": "458ea98744560988",
     "simd_q8.py": "9ac2d2e1685a1995",
     "simd_sync.py": "7447f681346712d2",
+    "simd_pack.py": "b0ae36ec8e24291a",
 }
 
 

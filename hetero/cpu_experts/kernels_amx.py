@@ -33,6 +33,7 @@ from numba.extending import overload
 from hetero.cpu_experts import amx
 from hetero.cpu_experts.kernels import bf16_to_f32
 from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
+from hetero.cpu_experts.simd_pack import block_amax, interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
@@ -40,6 +41,7 @@ DEPENDS = {
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
     "simd_sync.py": "7447f681346712d2",
+    "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 BLOCK = 128  # k per activation scale
@@ -95,32 +97,43 @@ def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
 
     xb [U, K/KT, KT/4, 64] i8: tile u's k-chunk c, VNNI order (row kk holds k = 4 kk .. 4 kk + 3
     of each of the 16 tokens); xs [U, K/128, 16] f32: per token and 128 of k, amax / 127;
-    xsum [U, K/RR, 16] i32: the sum of the quantized values over each RR of k."""
+    xsum [U, K/RR, 16] i32: the sum of the quantized values over each RR of k.
+    Each token's row is quantized in k order into q [16, K], then q's 4-byte words are put side
+    by side (word i of token m at 16 i + m: the tiles' order for any KT)."""
     U, K = index.shape[0], src.shape[1]
+    words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
-        xb[u] = 0
-        xsum[u] = 0
+        q = np.zeros((TM, K), np.int8)
+        scales = np.zeros((TM, K // BLOCK), np.float32)
+        sums = np.zeros((TM, K // rr), np.int32)
         for m in range(TM):
-            row = index[u, m]
-            if row < 0:
-                xs[u, :, m] = 0.0
-                continue
-            x = src[row]
-            for b in range(K // BLOCK):
-                amax = np.float32(0.0)
-                for i in range(BLOCK):
-                    amax = max(amax, abs(x[b * BLOCK + i]))
-                xs[u, b, m] = amax / np.float32(127.0)
-            for c in range(K // kt):  # (loops in k order: no division a value)
-                scale = xs[u, c * kt // BLOCK, m]
-                inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-                total = np.int32(0)
-                for kk in range(kt // 4):
-                    for j in range(4):
-                        q = np.int32(np.rint(x[c * kt + 4 * kk + j] * inv))
-                        xb[u, c, kk, 4 * m + j] = q
-                        total += q
-                xsum[u, c * kt // rr, m] += total
+            if index[u, m] >= 0:
+                _quantize_token(src[index[u, m]], q[m], scales[m], sums[m], rr)
+        xs[u] = scales.T
+        xsum[u] = sums.T
+        q32 = q.reshape(-1).view(np.int32)
+        for i in range(0, K // 4, TM):
+            interleave16(q32, K // 4, i, words[u], TM * i)
+
+
+@njit(inline="always", **JIT)
+def _quantize_token(x, q, scales, sums, rr):
+    """q [K] i8 = x [K] f32 rounded on its scale a 128 of k (scales [K/128] = amax / 127); sums
+    [K/rr] i32: q's sum over each rr of k. (Loops over slices from 0: numba's negative-index
+    wrap of x[i] with i from b * BLOCK kept LLVM from vectorizing them.)"""
+    for b in range(x.shape[0] // BLOCK):
+        scale = block_amax(x, b * BLOCK) / np.float32(127.0)
+        scales[b] = scale
+        inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+        xb, qb = x[b * BLOCK : (b + 1) * BLOCK], q[b * BLOCK : (b + 1) * BLOCK]
+        for i in range(BLOCK):
+            qb[i] = np.int8(np.rint(xb[i] * inv))
+    for c in range(x.shape[0] // rr):
+        qc = q[c * rr : (c + 1) * rr]
+        total = np.int32(0)
+        for i in range(rr):
+            total += np.int32(qc[i])
+        sums[c] = total
 
 
 @njit(inline="always", **JIT)

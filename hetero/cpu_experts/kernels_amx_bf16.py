@@ -38,14 +38,16 @@ from hetero.cpu_experts.kernels_amx import (  # tile numbers and epilogues: one 
     silu_rows,
 )
 from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
+from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "02f50fb79c2a9a12",
+    "kernels_amx.py": "a63dc1dca3ff6444",
     "simd_sync.py": "7447f681346712d2",
+    "simd_pack.py": "b0ae36ec8e24291a",
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)
@@ -60,20 +62,23 @@ def tile_config() -> np.ndarray:
 def pack_tiles(src, index, xb):
     """B tiles of the rows index [U, 16] of src [N, K] f32 (-1: a zero column), as bf16 bits
     rounded to nearest even: xb [U, K/32, 16, 32] uint16, tile u's chunk c, row kk holding
-    k = 32 c + 2 kk, + 1 of token m at 2 m, 2 m + 1."""
+    k = 32 c + 2 kk, + 1 of token m at 2 m, 2 m + 1. Each token's row is rounded in k order
+    into b [16, K], then b's pairs (4-byte words) put side by side: pair i of token m at
+    16 i + m."""
     U, K = index.shape[0], src.shape[1]
     bits = src.view(np.uint32)
+    words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
+        b = np.zeros((TM, K), np.uint16)
         for m in range(TM):
             row = index[u, m]
-            for c in range(K // TK):
-                for kk in range(TK // 2):
-                    for j in range(2):
-                        if row < 0:
-                            xb[u, c, kk, 2 * m + j] = 0
-                        else:
-                            b = bits[row, c * TK + 2 * kk + j]
-                            xb[u, c, kk, 2 * m + j] = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+            if row >= 0:
+                for k in range(K):
+                    v = bits[row, k]
+                    b[m, k] = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+        b32 = b.reshape(-1).view(np.int32)
+        for i in range(0, K // 2, TM):
+            interleave16(b32, K // 2, i, words[u], TM * i)
 
 
 def _products_with(a: int):

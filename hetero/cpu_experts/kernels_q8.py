@@ -19,6 +19,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
+from hetero.cpu_experts.simd_pack import block_amax
 from hetero.cpu_experts.simd_q8 import (
     BLOCK,
     q8_pair_dot1,
@@ -33,7 +34,11 @@ from hetero.cpu_experts.simd_q8 import (
 from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter, spin_pause
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
-DEPENDS = {"simd_q8.py": "9ac2d2e1685a1995", "simd_sync.py": "7447f681346712d2"}
+DEPENDS = {
+    "simd_q8.py": "9ac2d2e1685a1995",
+    "simd_sync.py": "7447f681346712d2",
+    "simd_pack.py": "b0ae36ec8e24291a",
+}
 JIT = {"nogil": True, "fastmath": True, "cache": True}
 LINE = 16  # int64s between two atomic counters: each on its own cache line (and prefetch pair)
 
@@ -61,20 +66,17 @@ def quantize_row(x, gshift, offset, xq, xs, xa):
     int4 nibbles, 128 for int8, whose order is natural: gshift 7)."""
     half = (1 << gshift) // 2
     for blk in range(xs.shape[0]):
-        xb = x[blk * BLOCK : (blk + 1) * BLOCK]
-        amax = np.float32(0.0)
-        for i in range(BLOCK):
-            amax = max(amax, abs(xb[i]))
-        scale = amax / np.float32(127.0)
-        inv = np.float32(1.0) / scale if amax > 0 else np.float32(0.0)
+        scale = block_amax(x, blk * BLOCK) / np.float32(127.0)
+        inv = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
         xs[blk] = scale
-        qb = xq[blk * BLOCK : (blk + 1) * BLOCK]
-        for i in range(64):
-            byte = blk * 64 + i
-            g = byte // half
-            k = g * 2 * half + byte - g * half  # the low nibble's k; the high one's is k + half
-            qb[i] = np.int8(np.rint(x[k] * inv))
-            qb[64 + i] = np.int8(np.rint(x[k + half] * inv))
+        xb, qb = x[blk * BLOCK : (blk + 1) * BLOCK], xq[blk * BLOCK : (blk + 1) * BLOCK]
+        h = min(half, 64)  # k of a group's first half (low nibbles' bytes), then its second
+        for g in range(64 // h):
+            lo, hi = xb[2 * g * h : (2 * g + 1) * h], xb[(2 * g + 1) * h : (2 * g + 2) * h]
+            ql, qh = qb[g * h : (g + 1) * h], qb[64 + g * h : 64 + (g + 1) * h]
+            for i in range(h):
+                ql[i] = np.int8(np.rint(lo[i] * inv))
+                qh[i] = np.int8(np.rint(hi[i] * inv))
         for lane in range(16):
             total = np.int32(0)
             for i in range(4):

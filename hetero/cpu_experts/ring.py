@@ -37,11 +37,12 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "09f00773cd764ef1",
+    "fused.py": "4f2c113db238b129",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_q8.py": "c0c1b0ae02e4d475",
+    "kernels_q8.py": "458ea98744560988",
     "simd_q8.py": "9ac2d2e1685a1995",
     "simd_sync.py": "7447f681346712d2",
+    "simd_pack.py": "b0ae36ec8e24291a",
 }
 SLOTS = 4
 TAIL, HEAD, ACTIVE, YIELD = 0, 8, 16, 24  # ctrl: one cache line each
