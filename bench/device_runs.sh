@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -523,6 +523,20 @@ for stage in "$@"; do
         timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 256,1024 --no-naive \
           --gemm-min-tokens-amx $min >> "$OUT/cpu_moe_amx_min.jsonl" 2>> "$OUT/cpu_moe_amx.err"
       done ;;
+    amx-pack-ab)  # the AMX path at prefill sizes, this tree (vectorized activation packing,
+      # simd_pack) against base/ (`git archive BASE hetero bench tests/data`), alternated twice
+      # in one VM, the naive loop in the first run (~6 min): quantize_x/_h in amx_ms, and the
+      # whole call against issue 19's 4x the naive loop at 1024 tokens
+      local_naive=""
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; [ "$side" = base ] && dir=base
+          (cd "$dir" && timeout 130 python3 bench/cpu_moe.py --shape v3 \
+            --format int4,int4-g128,int8 --tokens 1024 $local_naive) 2>> "$OUT/amx_pack_ab.err" \
+            | sed "s/^{/{\"side\": \"$side\", \"round\": $round, /" >> "$OUT/amx_pack_ab.jsonl"
+          local_naive="--no-naive"
+        done
+      done; tail -2 "$OUT/amx_pack_ab.err"; grep -c . "$OUT/amx_pack_ab.jsonl" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;
