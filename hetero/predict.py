@@ -61,10 +61,11 @@ class CostModel:
     assumed_hbm_gbps: float = 3000.0  # without a GPU in the calibration (an H100-class card)
     assumed_gpu_tflops: float = 600.0
     staged: bool = True  # streamed experts are gathered into pinned slots (sched/streaming.py)
-    # the prefill stream's share of the calibrated pinned H2D rate: one V3 layer's experts
-    # streamed from pinned memory moved at 0.65-0.75 of it (H200 2026-12-03, prefill_layer
-    # run 3), the copies themselves at full rate but the copy engine idle between groups
+    # the prefill stream's share of the calibrated pinned H2D rate, one V3 layer's experts at
+    # 8K tokens: gathered into pinned slots 0.65-0.75 (H200 2026-12-03, the copy engine idle
+    # between groups); straight from page-locked experts (pin_experts) 0.94-0.96 (2026-12-04)
     stream_efficiency: float = 0.7
+    direct_stream_efficiency: float = 0.95
 
 
 class DecodeRow(NamedTuple):
@@ -239,10 +240,6 @@ class Steps:
         from hetero.sched.hybrid import DEFER_MAX_TOKENS, DIRECT_POLICY_MIN_TOKENS
 
         self.c, self.p, self.rates, self.model = config, placement, rates, model
-        # the policy's rates with the stream's measured share of H2D (CostModel.stream_efficiency)
-        self.stream_rates = dataclasses.replace(
-            rates, h2d_gbps=rates.h2d_gbps * model.stream_efficiency
-        )
         self.defer_max, self.direct_min = DEFER_MAX_TOKENS, DIRECT_POLICY_MIN_TOKENS
         big = 1 << 50
         plan = plan_memory(config, placement, big, big)
@@ -271,6 +268,12 @@ class Steps:
         self.n_moe, self.n_dense = n_moe, n_dense
         self.slot_bytes = int(placement.runtime.staging_gb * (1 << 30)) // 2  # (runtime.py)
         self.pinned = pins_experts(placement.runtime, plan.row(CPU_EXPERTS_ROW).ram_bytes)
+        # the policy's rates with the stream's measured share of H2D
+        self.stream_efficiency = (model.direct_stream_efficiency if self.pinned
+                                  else model.stream_efficiency)  # fmt: skip
+        self.stream_rates = dataclasses.replace(
+            rates, h2d_gbps=rates.h2d_gbps * self.stream_efficiency
+        )
         shape = config.hidden_size, config.moe_intermediate_size
         if self.cpu_bytes and tuple(rates.shape) != shape:
             raise CalibrationError(
@@ -393,7 +396,8 @@ class Steps:
         )
         if r.has_gpu:
             out.append(
-                f"streamed prefill at {m.stream_efficiency:.0%} of the calibrated pinned H2D "
-                f"({r.h2d_gbps * m.stream_efficiency:.0f} of {r.h2d_gbps:.0f} GB/s), as measured"
+                f"streamed prefill at {self.stream_efficiency:.0%} of the calibrated pinned H2D "
+                f"({r.h2d_gbps * self.stream_efficiency:.0f} of {r.h2d_gbps:.0f} GB/s, experts "
+                f"{'page-locked' if self.pinned else 'gathered into pinned slots'}), as measured"
             )
         return out
