@@ -123,7 +123,7 @@ amx.enable()
 H, I, E, k = SHAPES["v3"]
 gen = torch.Generator().manual_seed(0)
 T = 1024
-for spec in ["int4", "int4-g128"]:
+for spec in ["int4", "int4-g128", "int8"]:
     layer = random_layer(Format.parse(spec), H, I, E)
     x = torch.randn(T, H, generator=gen).numpy()
     scratch = {}

@@ -526,7 +526,7 @@ for stage in "$@"; do
     amx-pack-ab)  # the AMX path at prefill sizes, this tree (vectorized activation packing,
       # simd_pack) against base/ (`git archive BASE hetero bench tests/data`), alternated twice
       # in one VM, the naive loop in the first run (~6 min): quantize_x/_h in amx_ms, and the
-      # whole call against issue 19's 4x the naive loop at 1024 tokens
+      # whole call against issue 19's 4x the naive loop at 1024 tokens; then the ablation (~8 min)
       local_naive=""
       for round in 1 2; do
         for side in new base; do
@@ -536,7 +536,10 @@ for stage in "$@"; do
             | sed "s/^{/{\"side\": \"$side\", \"round\": $round, /" >> "$OUT/amx_pack_ab.jsonl"
           local_naive="--no-naive"
         done
-      done; tail -2 "$OUT/amx_pack_ab.err"; grep -c . "$OUT/amx_pack_ab.jsonl" ;;
+      done; tail -2 "$OUT/amx_pack_ab.err"; grep -c . "$OUT/amx_pack_ab.jsonl"
+      # then what bounds this tree's kernels: parts removed, int4 g32/g128 and int8 (~2 min)
+      timeout 200 python3 bench/amx_ablate.py > "$OUT/amx_ablate.jsonl" 2> "$OUT/amx_ablate.err"
+      tail -1 "$OUT/amx_ablate.err" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;
