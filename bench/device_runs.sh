@@ -34,6 +34,13 @@ gpu_step_ab() {  # NAME FIRST: V3's GPU side alone at batch 1, this tree against
   done; tail -1 "$OUT/$1.err"; grep -c . "$OUT/$1.jsonl"
 }
 
+warm_decode() {  # ERR: one untimed V3 GPU step run at batch 1 and 32 x 4K (graphed), so a
+  # fresh VM's Triton and flashinfer compiles do not eat a timed run's timeout (two runs were
+  # lost that way on 2026-12-04)
+  timeout 300 python3 bench/decode.py --workload v3 --modes gpu_only --batch 1,32 \
+    --context 4096 --paged 64 --graphs --steps 2 --rounds 1 > /dev/null 2>> "$1"
+}
+
 flashinfer_wheels() {  # the carried .whl/ (flashinfer-python 0.5.3 and its two missing
   # dependencies) installed once, compiling for sm_90a only on all cores
   [ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile \
@@ -258,6 +265,7 @@ for stage in "$@"; do
       # attention (auto), 1 x 16 and 32 x 4K alternated twice, then 32 x 4K once more under
       # the profiler (the kernels' table: what the 32-row step spends beyond batch 1) (~6 min)
       flashinfer_wheels
+      warm_decode "$OUT/auto_ratio.err"
       for round in 1 2; do
         for bc in "1 16" "32 4096"; do
           set -- $bc
@@ -280,6 +288,7 @@ for stage in "$@"; do
       # fp8_small.SMALL_TILES: set them from the fp8-small sweep first) and off, alternated
       # twice (~6 min)
       flashinfer_wheels
+      warm_decode "$OUT/fp8_small.err"
       for round in 1 2; do
         for small in 64 0; do
           timeout 100 python3 bench/decode.py --workload v3 --modes gpu_only --batch 32 \
