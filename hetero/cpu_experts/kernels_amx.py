@@ -103,12 +103,14 @@ def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
     U, K = index.shape[0], src.shape[1]
     words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
-        q = np.zeros((TM, K), np.int8)
+        q = np.empty((TM, K), np.int8)
         scales = np.zeros((TM, K // BLOCK), np.float32)
         sums = np.zeros((TM, K // rr), np.int32)
         for m in range(TM):
             if index[u, m] >= 0:
                 _quantize_token(src[index[u, m]], q[m], scales[m], sums[m], rr)
+            else:
+                q[m] = 0
         xs[u] = scales.T
         xsum[u] = sums.T
         q32 = q.reshape(-1).view(np.int32)

@@ -45,7 +45,7 @@ DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "46cbf6684ae5b0ac",
-    "kernels_amx.py": "a63dc1dca3ff6444",
+    "kernels_amx.py": "af5cc843a3fa59e0",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
@@ -69,13 +69,15 @@ def pack_tiles(src, index, xb):
     bits = src.view(np.uint32)
     words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
-        b = np.zeros((TM, K), np.uint16)
+        b = np.empty((TM, K), np.uint16)
         for m in range(TM):
             row = index[u, m]
-            if row >= 0:
-                for k in range(K):
-                    v = bits[row, k]
-                    b[m, k] = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
+            if row < 0:
+                b[m] = 0
+                continue
+            for k in range(K):
+                v = bits[row, k]
+                b[m, k] = (v + 0x7FFF + ((v >> 16) & 1)) >> 16
         b32 = b.reshape(-1).view(np.int32)
         for i in range(0, K // 2, TM):
             interleave16(b32, K // 2, i, words[u], TM * i)
