@@ -30,7 +30,7 @@ from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter,
 JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
-    "kernels.py": "46cbf6684ae5b0ac",
+    "kernels.py": "2353efb5634e1e6f",
     "kernels_q8.py": "458ea98744560988",
     "simd_q8.py": "9ac2d2e1685a1995",
     "simd_sync.py": "7447f681346712d2",

@@ -316,11 +316,14 @@ def combine(pos, y, out, add=False):
     `add`, out[t] += that sum."""
     T, k = pos.shape
     for t in prange(T):
+        o = out[t]
         if not add:
-            out[t, :] = 0.0
+            o[:] = 0.0
         for j in range(k):
             if pos[t, j] >= 0:
-                out[t, :] += y[pos[t, j]]
+                yj = y[pos[t, j]]
+                for h in range(o.shape[0]):  # (a loop: `o += yj` measured 1.5x slower)
+                    o[h] += yj[h]
 
 
 @njit(parallel=True, **JIT)

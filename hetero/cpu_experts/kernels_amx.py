@@ -39,7 +39,7 @@ from hetero.cpu_experts.simd_sync import atomic_add
 DEPENDS = {
     "simd_amx.py": "e51fab6ff99ff37a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "46cbf6684ae5b0ac",
+    "kernels.py": "2353efb5634e1e6f",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }

@@ -37,8 +37,8 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "4f2c113db238b129",
-    "kernels.py": "46cbf6684ae5b0ac",
+    "fused.py": "cc9c3558c9a7018e",
+    "kernels.py": "2353efb5634e1e6f",
     "kernels_q8.py": "458ea98744560988",
     "simd_q8.py": "9ac2d2e1685a1995",
     "simd_sync.py": "7447f681346712d2",
