@@ -268,12 +268,9 @@ class Steps:
         self.n_moe, self.n_dense = n_moe, n_dense
         self.slot_bytes = int(placement.runtime.staging_gb * (1 << 30)) // 2  # (runtime.py)
         self.pinned = pins_experts(placement.runtime, plan.row(CPU_EXPERTS_ROW).ram_bytes)
-        # the policy's rates with the stream's measured share of H2D
-        self.stream_efficiency = (model.direct_stream_efficiency if self.pinned
-                                  else model.stream_efficiency)  # fmt: skip
-        self.stream_rates = dataclasses.replace(
-            rates, h2d_gbps=rates.h2d_gbps * self.stream_efficiency
-        )
+        eff = model.direct_stream_efficiency if self.pinned else model.stream_efficiency
+        self.stream_efficiency = eff  # the policy's rates at the stream's measured share of H2D
+        self.stream_rates = dataclasses.replace(rates, h2d_gbps=rates.h2d_gbps * eff)
         shape = config.hidden_size, config.moe_intermediate_size
         if self.cpu_bytes and tuple(rates.shape) != shape:
             raise CalibrationError(
