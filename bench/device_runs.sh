@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -549,6 +549,11 @@ for stage in "$@"; do
       # then what bounds this tree's kernels: parts removed, int4 g32/g128 and int8 (~2 min)
       timeout 200 python3 bench/amx_ablate.py > "$OUT/amx_ablate.jsonl" 2> "$OUT/amx_ablate.err"
       tail -1 "$OUT/amx_ablate.err" ;;
+    amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
+      # kt-kernel repacks them) speed up the AMX path? int8 and int4-g128 at 1024 tokens, the
+      # stored rows against a tile-order copy, interleaved, outputs equal (~4 min)
+      timeout 330 python3 bench/amx_layout.py > "$OUT/amx_layout.jsonl" 2> "$OUT/amx_layout.err"
+      tail -1 "$OUT/amx_layout.err"; cat "$OUT/amx_layout.jsonl" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
       tail -3 "$OUT/fp8_gemm.err" ;;

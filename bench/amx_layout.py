@@ -1,0 +1,134 @@
+"""Would a tile-order weight layout help the AMX GEMM path? One V3 layer at T=1024, the kernels
+of kernels_amx on the packed rows as stored (row-major: an item reads its 16 rows side by side,
+16 streams 7168 or 3584 bytes apart) against the same kernels on a copy laid out in tile order
+(each 16-row slab chunk-major: a chunk's 16 rows in one contiguous block, 1 KB for int8 and
+int4-g128, so each item reads one sequential stream and each tile load is 1 KB contiguous, as
+kt-kernel repacks its weights at load). Interleaved in one process; the outputs must be equal.
+Needs a CPU with AMX for the times (elsewhere the tiles are emulated: `--small` checks the
+equality on a tiny layer in seconds).
+
+    python bench/amx_layout.py [--formats int8,int4-g128] [--tokens 1024] > amx_layout.jsonl
+
+A row's chunk is the bytes of k between two rescales (rr = min(G, 128)): 64 bytes of int8 (the
+two tile loads of a chunk are chunks of 64) or rr/2 of int4 (one unpack). Only the weights'
+layout changes; scales, activations and the rest of the call are the stored path's.
+"""
+
+import argparse
+import dataclasses
+import importlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TMP = Path(tempfile.mkdtemp(prefix="amx_layout_"))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(TMP)]
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from cpu_moe import SHAPES, draw_routing, random_layer  # noqa: E402
+
+from hetero.cpu_experts import amx, kernels_amx, ops  # noqa: E402
+from hetero.cpu_experts.formats import Format  # noqa: E402
+
+# the kernel's weight addressing, row-major -> tile order (row0 * rowb: the slab's first byte
+# either way; a chunk of c bytes a row sits at chunk index * 16 * c, so byte `at` of each row's
+# chunk stream is at `at * TM`)
+REWRITES = (
+    ("amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)",
+     "amx.tile_load(tiles, A0, w, row0 * rowb + k0 * TM, 64)"),
+    ("amx.tile_load(tiles, A1, w, row0 * rowb + k0 + kt, rowb)",
+     "amx.tile_load(tiles, A1, w, row0 * rowb + (k0 + kt) * TM, 64)"),
+    ("unpack_rows(w, row0 * rowb, rowb, ab, rr)", "unpack_rows(w, row0 * rowb, rr // 2, ab, rr)"),
+    ("unpack_rows(w, row0 * rowb + (k0 + rr) // 2, rowb,",
+     "unpack_rows(w, row0 * rowb + (k0 + rr) // 2 * TM, rr // 2,"),
+    ("prefetch_rows(w, row0 * rowb + at + ahead, rowb)",
+     "prefetch_rows(w, row0 * rowb + (at + ahead) * TM, 64 if int8 else rr // 2)"),
+)  # fmt: skip
+
+
+def tile_order_kernels():
+    """kernels_amx with the weight addressing of the tile-order layout (uncached copy)."""
+    src = Path(kernels_amx.__file__).read_text().replace('"cache": True', '"cache": False')
+    for old, new in REWRITES:
+        assert src.count(old) == 1, old
+        src = src.replace(old, new)
+    (TMP / "amx_tile_order.py").write_text(src)
+    return importlib.import_module("amx_tile_order")
+
+
+def chunk_bytes(fmt: Format, K: int) -> int:
+    rr = kernels_amx.tile_k(fmt.group(K))[1]
+    return 64 if fmt.name == "int8" else rr // 2
+
+
+def tile_order(w: np.ndarray, chunk: int) -> np.ndarray:
+    """Rows [..., rowb] (16-row slabs along the flattened leading dims) -> each slab
+    chunk-major: [slab, chunk, 16 rows, chunk bytes], as an array of w's shape."""
+    rows = w.reshape(-1, w.shape[-1])
+    slabs = rows.reshape(-1, kernels_amx.TM, w.shape[-1] // chunk, chunk)
+    return np.ascontiguousarray(slabs.transpose(0, 2, 1, 3)).reshape(w.shape)
+
+
+def run(module, layer, x, w, g, times):
+    """out [T, H] of one call through `module`'s kernels, and its seconds."""
+    ops.kernels_amx = module
+    out = np.zeros_like(x)
+    t0 = time.perf_counter()
+    ops.moe_gemm_amx(layer, x, w, g, out, {}, 4096, times, "int8")
+    return out, time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--formats", default="int8,int4-g128")
+    p.add_argument("--tokens", type=int, default=1024)
+    p.add_argument("--iters", type=int, default=4)
+    p.add_argument("--small", action="store_true", help="a tiny layer: the equality check only")
+    args = p.parse_args()
+    H, I, E, k = (256, 128, 8, 2) if args.small else SHAPES["v3"]
+    T = 40 if args.small else args.tokens
+    amx.enable()
+    mods = {"row_major": kernels_amx, "tile_order": tile_order_kernels()}
+    gen = torch.Generator().manual_seed(0)
+    for spec in args.formats.split(","):
+        fmt = Format.parse(spec)
+        stored = random_layer(fmt, H, I, E)
+        tiled = dataclasses.replace(
+            stored,
+            w13=tile_order(stored.w13, chunk_bytes(fmt, H)),
+            w2=tile_order(stored.w2, chunk_bytes(fmt, I)),
+        )
+        layers = {"row_major": stored, "tile_order": tiled}
+        x = torch.randn(T, H, generator=gen).numpy()
+        ms = {n: [] for n in mods}
+        steps = {n: {} for n in mods}
+        equal = True
+        for it in range(args.iters + 1):
+            ids, w = draw_routing(T, E, k, gen)
+            g = ops.group_by_expert(ids.numpy(), E)
+            outs = {}
+            for name, mod in mods.items():
+                times = {}
+                outs[name], s = run(mod, layers[name], x, w.float().numpy(), g, times)
+                if it:  # (the first: compiles)
+                    ms[name].append(s * 1e3)
+                    for step, v in times.items():
+                        steps[name][step] = steps[name].get(step, 0) + v * 1e3 / args.iters
+            equal &= bool(np.array_equal(outs["row_major"], outs["tile_order"]))
+            if args.small and not it:  # the control: the stored kernels misread the tiled copy
+                wrong, _ = run(kernels_amx, tiled, x, w.float().numpy(), g, {})
+                assert not np.array_equal(wrong, outs["row_major"]), "the layouts do not differ"
+        ops.kernels_amx = kernels_amx
+        for name in mods:
+            row = {"bench": "amx_layout", "format": spec, "tokens": T, "layout": name,
+                   "ms": round(float(np.median(ms[name])), 1),
+                   "gate_up_ms": round(steps[name]["gate_up"], 1),
+                   "down_ms": round(steps[name]["down"], 1), "equal": equal}  # fmt: skip
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
