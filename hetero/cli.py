@@ -179,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from hetero.loader import read_index
     from hetero.placement import RuntimeSettings, load_placement
     from hetero.plan import GIB, budgets
-    from hetero.sched.runtime import absorbs, choose_placement
+    from hetero.sched.runtime import HybridOptions, absorbs, choose_placement
 
     for flag, value in (("--vram", args.vram), ("--ram", args.ram)):
         if value is not None and value <= 0:
@@ -195,7 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         vram = 24 * GIB
         notes.append("no CUDA device here and no --vram: a 24 GiB GPU is assumed")
     # what generate/chat would load: the given placement, the whole model, or the default
-    absorb = absorbs("auto", True)  # (serve's default attention on a GPU)
+    absorb = absorbs(HybridOptions.attention, True)  # (serve's default attention on a GPU)
     chosen, plan, _ = choose_placement(
         config, index, placement, True, vram, ram, torch.bfloat16, absorb
     )

@@ -141,9 +141,8 @@ def plan_memory(
     dtype: torch.dtype = torch.bfloat16,
     gpu_reserve_bytes: int = GPU_RESERVE_BYTES,
     ram_reserve_bytes: int = RAM_RESERVE_BYTES,
-    absorb: bool = True,
+    absorb: bool = True,  # whether the attention that runs wants W_UK / W_UV dense (absorbs)
 ) -> MemoryPlan:
-    """`absorb`: whether the attention that runs wants W_UK / W_UV dense (`absorb_mla`)."""
     from hetero.model.attention import MLA
 
     vram_bytes, ram_bytes = int(vram_bytes), int(ram_bytes)

@@ -129,9 +129,9 @@ class FlashInferMLA:
         `subset`: these sequences of the batch only (an extend step's short ones, in order).
         A sequence's q_lens[i] new tokens are the last of its context: masked causally,
         aligned bottom-right."""
-        key = (batch, None if subset is None else tuple(subset))
-        if ctx_lens is None and self.planned is not None and self.planned[0] is key[0] \
-                and self.planned[1] == key[1]:  # fmt: skip
+        subset = None if subset is None else tuple(subset)
+        last = self.planned or (None, None)
+        if ctx_lens is None and last[0] is batch and last[1] == subset:
             return
         ctx_lens = batch.ctx_lens if ctx_lens is None else ctx_lens
         table, q_lens = batch.page_table, batch.q_lens
@@ -145,7 +145,7 @@ class FlashInferMLA:
         # indptrs and lengths from the host (flashinfer plans there; it copies them over)
         self.wrapper.plan(q_indptr, kv_indptr, kv_indices, lens, heads, kv_rank, rope,
                           page_size, causal, scale, dtype, dtype)  # fmt: skip
-        self.planned = key
+        self.planned = (batch, subset)  # (the batch held: no other can take its identity)
 
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
             rope: torch.Tensor) -> torch.Tensor:  # fmt: skip

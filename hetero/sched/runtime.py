@@ -293,17 +293,19 @@ def choose_placement(
     routed experts on the CPU."""
     from hetero.plan import plan_memory
 
+    def plan_for(placement):
+        return plan_memory(config, placement, vram, ram, index, dtype=dtype, absorb=absorb)
+
     if given is not None:
-        return given, plan_memory(config, given, vram, ram, index, dtype=dtype, absorb=absorb), True
+        return given, plan_for(given), True
     whole = parse_placement("rules:\n  - {device: gpu}\n", config, "<all on the device>")
-    plan = plan_memory(config, whole, vram, ram, index, dtype=dtype, absorb=absorb)
+    plan = plan_for(whole)
     if plan.fits or not on_gpu:
         return whole, plan, False
     fp8 = is_fp8_checkpoint(config, (index or {}).get("weight_map", {}))
     placement = default_placement(config, vram, fp8)
     log.info("the model does not fit the GPU whole: default placement, routed experts on the CPU")
-    plan = plan_memory(config, placement, vram, ram, index, dtype=dtype, absorb=absorb)
-    return placement, plan, True
+    return placement, plan_for(placement), True
 
 
 def _routed(name: str) -> bool:
