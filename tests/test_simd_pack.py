@@ -1,6 +1,6 @@
 """The activations' packing for the CPU kernels (simd_pack's intrinsics, and the quantizers built
 on them: kernels_amx.quantize_tiles, kernels_amx_bf16.pack_tiles, kernels_q8.quantize_row)
-against plain numpy."""
+against plain numpy; and the AMX path's vector SiLU (simd_amx.silu_tile, kernels_amx.silu_rows)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 from numba import njit
 
 from hetero.cpu_experts import kernels_amx, kernels_amx_bf16, kernels_q8
+from hetero.cpu_experts.simd_amx import silu_tile
 from hetero.cpu_experts.simd_pack import block_amax, interleave16
 
 
@@ -43,6 +44,57 @@ def test_interleave16_puts_the_rows_words_side_by_side():
     out = np.zeros(16 * n, np.int32)
     _interleave(rows.reshape(-1), n, out)
     assert np.array_equal(out.reshape(n, 16), rows.T)
+
+
+@njit
+def _silu_rows(acc, h, u0, nt, slab):
+    kernels_amx.silu_rows(acc, h, u0, nt, slab)
+
+
+@njit
+def _silu_values(x, u, out):
+    for t in range(x.shape[0] // 128):  # x, u [n, 8, 16] -> out [n, 16, 8] (flat)
+        acc = np.empty(256, np.float32)
+        for j in range(8):
+            acc[32 * j : 32 * j + 16] = x[128 * t + 16 * j : 128 * t + 16 * j + 16]
+            acc[32 * j + 16 : 32 * j + 32] = u[128 * t + 16 * j : 128 * t + 16 * j + 16]
+        silu_tile(acc, 0, out, 128 * t, 8)
+
+
+def test_silu_tile_is_as_accurate_as_f32_exp():
+    """Over gate values across e^'s whole f32 range (and past it both ways): within the error of
+    numpy's own f32 SiLU against float64, relative; where SiLU underflows, below 1e-30."""
+    g = np.concatenate([np.linspace(-120, 100, 2**17), [0.0, -0.0, 1e-30, -1e-30, 87.3, -87.3]])
+    g = np.resize(g, -(-g.shape[0] // 128) * 128).astype(np.float32)
+    u = np.resize(np.float32([1.0, -3.0, 0.25, 7.0]), g.shape[0])
+    out = np.empty(g.shape[0], np.float32)
+    _silu_values(g, u, out)
+    out = out.reshape(-1, 16, 8).transpose(0, 2, 1).ravel()  # [n, token, j] -> g's order
+    exact = g.astype(np.float64) / (1 + np.exp(-g.astype(np.float64))) * u
+    with np.errstate(over="ignore"):
+        f32 = g / (np.float32(1) + np.exp(-g)) * u
+    big = np.abs(exact) > 1e-30
+    rel = np.abs(out[big] - exact[big]) / np.abs(exact[big])
+    rel_np = np.abs(f32[big] - exact[big]) / np.abs(exact[big])
+    assert rel.max() <= max(rel_np.max(), 2.5e-7)
+    assert np.abs(out[~big]).max() < 1e-30
+    assert np.isfinite(out).all()
+
+
+def test_silu_rows_writes_each_tokens_slab_of_h():
+    """silu_rows puts token m's 8 values of slab 2 at h[u0 + t, m, 16:24] and touches nothing
+    else of h."""
+    rng = np.random.default_rng(3)
+    acc = (rng.standard_normal(3 * 256) * 4).astype(np.float32)
+    h = np.full((5, 16, 64), 7.0, np.float32)
+    _silu_rows(acc, h, 1, 3, 2)
+    a = acc.reshape(3, 8, 2, 16).astype(np.float64)  # [t, j, gate/up, m]
+    g, u = a[:, :, 0], a[:, :, 1]
+    want = (g / (1 + np.exp(-g)) * u).transpose(0, 2, 1)  # [t, m, j]
+    np.testing.assert_allclose(h[1:4, :, 16:24], want, rtol=3e-7, atol=1e-30)
+    untouched = np.ones(h.shape, bool)
+    untouched[1:4, :, 16:24] = False
+    assert (h[untouched] == 7.0).all()
 
 
 def _tokens(K: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

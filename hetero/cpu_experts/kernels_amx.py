@@ -32,12 +32,12 @@ from numba.extending import overload
 
 from hetero.cpu_experts import amx
 from hetero.cpu_experts.kernels import bf16_to_f32
-from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows
+from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, silu_tile, unpack_rows
 from hetero.cpu_experts.simd_pack import block_amax, interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "e51fab6ff99ff37a",
+    "simd_amx.py": "b16e767ebc41c88c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
     "simd_sync.py": "7447f681346712d2",
@@ -265,14 +265,10 @@ def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
 @njit(inline="always", **JIT)
 def silu_rows(acc, h, u0, nt, slab):
     """h[u0 + t, m, 8 slab + j] = silu(gate) * up from the sums acc [nt, 16 rows, 16 tokens] of
-    gate/up rows 16 slab.. (they alternate gate, up)."""
+    gate/up rows 16 slab.. (they alternate gate, up), 16 tokens at a time (simd_amx.silu_tile)."""
+    inter = h.shape[2]
     for t in range(nt):
-        for j in range(TM // 2):
-            r = slab * TM // 2 + j
-            for m in range(TM):
-                g = acc[t * TM * TM + 2 * j * TM + m]
-                up = acc[t * TM * TM + (2 * j + 1) * TM + m]
-                h[u0 + t, m, r] = g / (np.float32(1.0) + np.exp(-g)) * up
+        silu_tile(acc, t * TM * TM, h, (u0 + t) * TM * inter + slab * TM // 2, inter)
 
 
 @njit(inline="always", **JIT)

@@ -42,10 +42,10 @@ from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "e51fab6ff99ff37a",
+    "simd_amx.py": "b16e767ebc41c88c",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "6230dbdb0a6aacda",
+    "kernels_amx.py": "ea40e2c93eee209a",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }

@@ -217,3 +217,73 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
         return context.get_dummy_value()
 
     return types.none(w, start, rowb, s, s_at, s_step, ab, ab_at, g), codegen
+
+
+def _exp(builder, x):
+    """<16 x float> e^x, as Cephes' expf: n = round(x log2 e); r = x - n ln 2 (ln 2 in two
+    parts, so r is exact); e^r a degree-7 polynomial; times 2^n built in the exponent bits.
+    x is clamped to [-87.3, 88.3] (2^n stays a normal float). Within 2 ulp of e^x there."""
+    v16, vi = ir.VectorType(F32, 16), ir.VectorType(I32, 16)
+
+    def c(f):
+        return ir.Constant(v16, [f] * 16)
+
+    def call(name, *a):
+        fnty = ir.FunctionType(v16, [v16] * len(a))
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, name), list(a))
+
+    exact = ("contract",)  # (no reassociation: the two-part reduction must stay as written)
+    x = call("llvm.maxnum.v16f32", call("llvm.minnum.v16f32", x, c(88.3)), c(-87.3))
+    n = call("llvm.rint.v16f32", builder.fmul(x, c(1.44269504088896341), flags=exact))
+    r = builder.fsub(x, builder.fmul(n, c(0.693359375), flags=exact), flags=exact)
+    r = builder.fsub(r, builder.fmul(n, c(-2.12194440e-4), flags=exact), flags=exact)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = builder.fadd(builder.fmul(p, r, flags=exact), c(k), flags=exact)
+    y = builder.fadd(builder.fmul(p, builder.fmul(r, r, flags=exact), flags=exact), r, flags=exact)
+    y = builder.fadd(y, c(1.0), flags=exact)
+    bits = builder.shl(builder.add(builder.fptosi(n, vi), ir.Constant(vi, [127] * 16)),
+                       ir.Constant(vi, [23] * 16))  # fmt: skip
+    return builder.fmul(y, builder.bitcast(bits, v16), flags=exact)
+
+
+@intrinsic
+def silu_tile(typingctx, acc, at, h, base, stride):
+    """h[base + m * stride + j] = silu(g) * u for the sums acc [16 rows x 16 tokens] from element
+    `at` (rows alternating gate g, up u: row 2 j, 2 j + 1), token m < 16, j < 8; h flat f32 (C
+    order, any number of dimensions). silu(g) = g / (1 + e^-g), e^ as `_exp`."""
+    flat = isinstance(h, types.Array) and h.layout == "C" and h.dtype == types.float32
+    if not (_row(acc, types.float32) and flat):
+        return None
+    if not all(isinstance(t, types.Integer) for t in (at, base, stride)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        acc_p, h_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 2)
+        )
+        at_, base_, stride_ = (
+            context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 3, 4)
+        )
+        fast, v16, v8 = ("fast",), ir.VectorType(F32, 16), ir.VectorType(F32, 8)
+        one = ir.Constant(v16, [1.0] * 16)
+        ys = []
+        for j in range(TM // 2):
+            g, u = (
+                builder.load(
+                    _vec(builder, acc_p, builder.add(at_, I64(16 * (2 * j + i))), 16, F32), align=4
+                )  # fmt: skip
+                for i in (0, 1)
+            )
+            e = _exp(builder, builder.fneg(g))
+            ys.append(builder.fmul(builder.fdiv(g, builder.fadd(one, e, flags=fast), flags=fast),
+                                   u, flags=fast))  # fmt: skip
+        for m in range(TM):
+            row = ir.Constant(v8, ir.Undefined)
+            for j, y in enumerate(ys):
+                row = builder.insert_element(row, builder.extract_element(y, I32(m)), I32(j))
+            at = builder.add(base_, builder.mul(stride_, I64(m)))
+            builder.store(row, _vec(builder, h_p, at, 8, F32), align=4)
+        return context.get_dummy_value()
+
+    return types.none(acc, at, h, base, stride), codegen
