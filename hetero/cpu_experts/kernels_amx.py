@@ -37,7 +37,7 @@ from hetero.cpu_experts.simd_pack import block_amax, interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "1b79cf53c4959724",
+    "simd_amx.py": "6280755c82946b61",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
     "simd_sync.py": "7447f681346712d2",

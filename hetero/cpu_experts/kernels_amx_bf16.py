@@ -42,10 +42,10 @@ from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "1b79cf53c4959724",
+    "simd_amx.py": "6280755c82946b61",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "89f6ba37d85b27d4",
+    "kernels_amx.py": "ffe3874b390101c0",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }

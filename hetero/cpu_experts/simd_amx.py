@@ -169,6 +169,30 @@ def _has_avx512bw() -> bool:
     return "+avx512bw" in llvm.get_host_cpu_features().flatten().split(",")
 
 
+def _nibble_words(builder, v) -> list:
+    """The <32 x i16> table indices of each 32-k chunk of an int4 group whose G/2 bytes are v
+    (low nibbles first: byte i holds k = i and k = i + G/2). A word's low 4 bits are its nibble;
+    bit 4 may hold the other nibble's, which is why the table holds its 16 values twice
+    (`vpermw` reads 5 bits). G = 32: the 16 bytes twice over, the second copy shifted right 4;
+    larger G: 32 bytes at a time, as they are (k of the first half), then shifted (the second)."""
+    half = v.type.count
+    words = ir.VectorType(I16, 32)
+    if half == 16:
+        both = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), [*range(16)] * 2))
+        shift = ir.Constant(words, [0] * 16 + [4] * 16)
+        return [builder.lshr(builder.zext(both, words), shift)]
+    low = [
+        builder.zext(
+            builder.shuffle_vector(
+                v, v, ir.Constant(ir.VectorType(I32, 32), list(range(p, p + 32)))
+            ),
+            words,
+        )  # fmt: skip
+        for p in range(0, half, 32)
+    ]
+    return low + [builder.lshr(w, ir.Constant(words, [4] * 32)) for w in low]
+
+
 @intrinsic
 def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
     """The 16 int4 rows' groups from byte `start` of w (rows `rowb` bytes apart), one group of g
@@ -214,18 +238,19 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
             for r in range(TM):
                 src = builder.add(start_, builder.mul(rowb_, I64(r)))
                 v = builder.load(_vec(builder, w_p, src, half, I8), align=1)
-                q = builder.shuffle_vector(builder.and_(v, low), builder.lshr(v, four), both)
                 at_s = builder.add(s_at_, builder.mul(s_step_, I64(r)))
                 bits = builder.load(builder.gep(s_p, [at_s]))
                 scale = builder.bitcast(builder.shl(builder.zext(bits, I32), I32(16)), F32)
-                if lut:  # the row's 16 values, in the low half of a 32-word table
+                if lut:  # the row's 16 values, twice over in a 32-word table
                     t = _bf16_bits(
                         builder, builder.fmul(codes, _splat(builder, scale), flags=fast), 16
                     )
                     t = builder.shuffle_vector(
                         t, t, ir.Constant(ir.VectorType(I32, 32), [*range(16)] * 2)
                     )
+                    chunks = [builder.call(permute, [t, i]) for i in _nibble_words(builder, v)]
                 else:
+                    q = builder.shuffle_vector(builder.and_(v, low), builder.lshr(v, four), both)
                     sv = _splat(builder, scale, group)
                     y = builder.fsub(
                         builder.fmul(builder.uitofp(q, vf), sv, flags=fast),
@@ -233,13 +258,15 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
                         flags=fast,
                     )
                     b = _bf16_bits(builder, y, group)
-                for c in range(group // 32):
-                    part = ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32)))
-                    if lut:
-                        idx = builder.zext(builder.shuffle_vector(q, q, part), words)
-                        chunk = builder.call(permute, [t, idx])
-                    else:
-                        chunk = builder.shuffle_vector(b, b, part)
+                    chunks = [
+                        builder.shuffle_vector(
+                            b,
+                            b,
+                            ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32))),
+                        )  # fmt: skip
+                        for c in range(group // 32)
+                    ]
+                for c, chunk in enumerate(chunks):
                     at = builder.add(ab_at_, I64((16 * c + r) * 32))
                     builder.store(chunk, _vec(builder, ab_p, at, 32, I16), align=2)
             builder.branch(end)
