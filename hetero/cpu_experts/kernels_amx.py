@@ -27,17 +27,22 @@ DEPENDS names the files whose code the cached kernels here compile in (tests che
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange, types
-from numba.extending import overload
+from numba import njit, prange
 
 from hetero.cpu_experts import amx
-from hetero.cpu_experts.kernels import bf16_to_f32
-from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, silu_tile, unpack_rows
+from hetero.cpu_experts.simd_amx import (
+    TM,
+    load_scales,
+    prefetch_rows,
+    rescale,
+    silu_tile,
+    unpack_rows,
+)
 from hetero.cpu_experts.simd_pack import block_amax, interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "6280755c82946b61",
+    "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
     "simd_sync.py": "7447f681346712d2",
@@ -78,17 +83,6 @@ def _product_into(c: int, b: int, b2: int):
 
 
 _P0, _P1, _P2, _P3 = (_product_into(c, *bs) for c, bs in zip(CS, [(B0, B1), (B1, B0)] * 2))
-
-
-def _scale(s, i):
-    """Scale i of a flat scale array (bf16 bits or f32) as f32."""
-
-
-@overload(_scale, inline="always")
-def _scale_impl(s, i):
-    if s.dtype == types.uint16:
-        return lambda s, i: bf16_to_f32(s[i])
-    return lambda s, i: np.float32(s[i])
 
 
 @njit(parallel=True, **JIT)
@@ -153,18 +147,22 @@ def _rows_times_tiles(
     bt = kt // 4 * 64  # bytes of a B tile
     ng = K // G
     sb = s.itemsize * ng  # scale bytes a row
+    gahead = ahead // (rowb // ng)  # groups a row's prefetch runs ahead
     half = TM * rr  # ab: two buffers of unpacked A rows, chunk q in half q % 2
     ctiles = nt * TM * TM  # cbuf: two sets of nt C tiles, chunk q's in set q % 2
     acc[:ctiles] = 0.0
     if not int8:
         unpack_rows(w, row0 * rowb, rowb, ab, rr)
+    g, next_group = -1, 0  # the group of chunk q; the k where the next one starts
     for q in range(nq):
         k0 = q * rr
         at = k0 if int8 else k0 // 2  # byte of the row
         if ahead > 0 and at % 64 == 0:
             prefetch_rows(w, row0 * rowb + at + ahead, rowb)
-            if (at * sb // rowb) % 64 == 0:
-                prefetch_rows(s, row0 * sb + (at + ahead) * sb // rowb, sb)
+        if k0 == next_group:
+            g, next_group = g + 1, next_group + G
+            if ahead > 0 and ng > 1 and g * s.itemsize % 64 == 0:
+                prefetch_rows(s, row0 * sb + (g + gahead) * s.itemsize, sb)
         if int8:  # A straight from the weights
             amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)
             if nk == 2:
@@ -173,8 +171,8 @@ def _rows_times_tiles(
             amx.tile_load(tiles, A0, ab, q % 2 * half, rr)
             if nk == 2:
                 amx.tile_load(tiles, A1, ab, q % 2 * half + kt, rr)
-        for r in range(TM):
-            sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)
+        if ng > 1 or q < 2:  # (one scale a row: both buffers hold it from chunk 1 on)
+            load_scales(s, row0 * ng + g, ng, sw[q % 2])
         cq = q % 2 * ctiles * 4  # bytes
         for g0 in range(0, nt, GROUP):  # the products of up to 4 token tiles overlap
             n = min(GROUP, nt - g0)

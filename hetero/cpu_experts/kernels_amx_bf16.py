@@ -42,10 +42,10 @@ from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
 DEPENDS = {
-    "simd_amx.py": "6280755c82946b61",
+    "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "ffe3874b390101c0",
+    "kernels_amx.py": "4c1a81b19e304919",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }

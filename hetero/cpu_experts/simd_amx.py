@@ -129,6 +129,32 @@ def prefetch_rows(typingctx, a, start, stride):
 
 
 @intrinsic
+def load_scales(typingctx, s, start, step, out):
+    """out[r] = s[start + r * step] as f32 for r < 16: the scales of 16 weight rows for one
+    group (s flat: bf16 bits or f32; rows `step` scales apart). Plain loads, without numba's
+    index arithmetic (its wrap of negative indices: three instructions a load)."""
+    if not ((_row(s, types.uint16) or _row(s, types.float32)) and _row(out, types.float32)):
+        return None
+    if not (isinstance(start, types.Integer) and isinstance(step, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s_p, out_p = (
+            context.make_array(sig.args[i])(context, builder, args[i]).data for i in (0, 3)
+        )
+        start_, step_ = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (1, 2))
+        bf16 = sig.args[0].dtype == types.uint16
+        for r in range(TM):
+            v = builder.load(builder.gep(s_p, [builder.add(start_, builder.mul(step_, I64(r)))]))
+            if bf16:
+                v = builder.bitcast(builder.shl(builder.zext(v, I32), I32(16)), F32)
+            builder.store(v, builder.gep(out_p, [I64(r)]))
+        return context.get_dummy_value()
+
+    return types.none(s, start, step, out), codegen
+
+
+@intrinsic
 def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
     """acc [16 x 16] += (C - offset * xsum) * sw[row] * xs[token] for the int32 C tile cbuf
     [16 x 16] (rows x tokens): xs [16] f32, xsum [16] i32, sw [16] f32."""
