@@ -3,6 +3,7 @@ are wrong; only their times matter), one V3 layer at T=1024, interleaved in one 
 CPU with AMX.
 
     python bench/amx_ablate.py [--tiles bf16] > amx_ablate.jsonl
+    python bench/amx_ablate.py --check [--tiles bf16]   # the variants build (any CPU)
 
 int8 tiles (kernels_amx): full; no_rescale (C tiles never read back); no_unpack (int4 rows not
 unpacked: stale A tiles); no_scales (weight scales not loaded); no_tile_ops (every tile
@@ -33,7 +34,9 @@ from hetero.cpu_experts.formats import Format  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiles", choices=("int8", "bf16"), default="int8")
-TILES = p.parse_args().tiles
+p.add_argument("--check", action="store_true", help="only build the variants (any CPU; tests)")
+ARGS = p.parse_args()
+TILES = ARGS.tiles
 ORIGINAL = kernels_amx_bf16 if TILES == "bf16" else kernels_amx
 src = Path(ORIGINAL.__file__).read_text().replace('"cache": True', '"cache": False')
 NOOP = "\nfrom numba import njit as _nj\n@_nj\ndef _noop(*a):\n    return\n"
@@ -44,36 +47,28 @@ def variant(name, text):
     return importlib.import_module(f"amxv_{name}")
 
 
+def sub(text: str, old: str, new: str) -> str:
+    """text with `old` (which must be there: a kernel edit that moves it fails loudly) -> new."""
+    assert old in text, f"amx_ablate: the kernel no longer has {old!r}"
+    return text.replace(old, new)
+
+
 def int8_variants(src: str) -> dict[str, str]:
     variants = {"full": src}
-    variants["no_rescale"] = src.replace(
-        "    base = q % 2 * nt * TM * TM\n", "    return\n    base = q % 2 * nt * TM * TM\n"
+    variants["no_rescale"] = sub(
+        src, "    base = q % 2 * nt * TM * TM\n", "    return\n    base = q % 2 * nt * TM * TM\n"
     )
-    variants["no_unpack"] = src.replace(
-        "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows",
-        "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale"
-        + NOOP
-        + "unpack_rows = _noop\n",
-    )
-    variants["no_scales"] = src.replace(
-        "sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0"
-    )
+    no_unpack = ("    unpack_rows,\n)\n", ")\n" + NOOP + "unpack_rows = _noop\n")
+    no_scales = ("load_scales(s, row0 * ng + g, ng, sw[q % 2])", "sw[q % 2] = 1.0")
+    variants["no_unpack"] = sub(src, *no_unpack)
+    variants["no_scales"] = sub(src, *no_scales)
     t = src
     for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_busd", "tile_dp_bssd"):
-        t = t.replace(f"amx.{op}(", "_noop(")
-    variants["no_tile_ops"] = t.replace(
-        "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
+        t = sub(t, f"amx.{op}(", "_noop(")
+    variants["no_tile_ops"] = sub(
+        t, "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
     )
-    variants["only_tile_ops"] = (
-        variants["no_rescale"]
-        .replace(
-            "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale, unpack_rows",
-            "from hetero.cpu_experts.simd_amx import TM, prefetch_rows, rescale"
-            + NOOP
-            + "unpack_rows = _noop\n",
-        )
-        .replace("sw[q % 2, r] = _scale(s, (row0 + r) * ng + k0 // G)", "sw[q % 2, r] = 1.0")
-    )
+    variants["only_tile_ops"] = sub(sub(variants["no_rescale"], *no_unpack), *no_scales)
     return variants
 
 
@@ -102,15 +97,16 @@ def bf16_variants(src: str) -> dict[str, str]:
         assert text in b3, text
         b3 = b3.replace(text, "")
     variants["b3"] = b3
-    variants["no_unpack"] = src.replace(
+    variants["no_unpack"] = sub(
+        src,
         "from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16",
         "from hetero.cpu_experts.simd_amx import prefetch_rows" + NOOP + "unpack_bf16 = _noop\n",
     )
     t = src
     for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_bf16ps"):
-        t = t.replace(f"amx.{op}(", "_noop(")
-    variants["no_tile_ops"] = t.replace(
-        "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
+        t = sub(t, f"amx.{op}(", "_noop(")
+    variants["no_tile_ops"] = sub(
+        t, "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
     )
     return variants
 
@@ -119,6 +115,9 @@ variants = (bf16_variants if TILES == "bf16" else int8_variants)(src)
 for k, v in variants.items():
     assert k == "full" or v != src, k
 mods = {k: variant(k, v) for k, v in variants.items()}
+if ARGS.check:
+    print(json.dumps({"tiles": TILES, "variants": sorted(mods)}))
+    raise SystemExit(0)
 amx.enable()
 H, I, E, k = SHAPES["v3"]
 gen = torch.Generator().manual_seed(0)

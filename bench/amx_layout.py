@@ -8,6 +8,7 @@ Needs a CPU with AMX for the times (elsewhere the tiles are emulated: `--small` 
 equality on a tiny layer in seconds).
 
     python bench/amx_layout.py [--formats int8,int4-g128] [--tokens 1024] > amx_layout.jsonl
+    python bench/amx_layout.py --check   # the rewrites still apply to kernels_amx (any CPU)
 
 A row's chunk is the bytes of k between two rescales (rr = min(G, 128)): 64 bytes of int8 (the
 two tile loads of a chunk are chunks of 64) or rr/2 of int4 (one unpack). Only the weights'
@@ -87,7 +88,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--small", action="store_true", help="a tiny layer: the equality check only")
+    p.add_argument("--check", action="store_true", help="only build the tile-order kernels")
     args = p.parse_args()
+    if args.check:
+        tile_order_kernels()
+        print(json.dumps({"bench": "amx_layout", "rewrites": len(REWRITES)}))
+        return
     H, I, E, k = (256, 128, 8, 2) if args.small else SHAPES["v3"]
     T = 40 if args.small else args.tokens
     amx.enable()
