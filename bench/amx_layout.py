@@ -1,5 +1,6 @@
 """Would a tile-order weight layout help the AMX GEMM path? One V3 layer at T=1024, the kernels
-of kernels_amx on the packed rows as stored (row-major: an item reads its 16 rows side by side,
+of kernels_amx (int8 tiles: int8, int4-g128) and kernels_amx_bf16 (bf16 tiles: int4-g32, as
+`auto` picks) on the packed rows as stored (row-major: an item reads its 16 rows side by side,
 16 streams 7168 or 3584 bytes apart) against the same kernels on a copy laid out in tile order
 (each 16-row slab chunk-major: a chunk's 16 rows in one contiguous block, 1 KB for int8 and
 int4-g128, so each item reads one sequential stream and each tile load is 1 KB contiguous, as
@@ -7,11 +8,12 @@ kt-kernel repacks its weights at load). Interleaved in one process; the outputs 
 Needs a CPU with AMX for the times (elsewhere the tiles are emulated: `--small` checks the
 equality on a tiny layer in seconds).
 
-    python bench/amx_layout.py [--formats int8,int4-g128] [--tokens 1024] > amx_layout.jsonl
-    python bench/amx_layout.py --check   # the rewrites still apply to kernels_amx (any CPU)
+    python bench/amx_layout.py [--formats int8,int4-g128,int4-g32] [--tokens 1024] > out.jsonl
+    python bench/amx_layout.py --check   # the rewrites still apply to the kernels (any CPU)
 
 A row's chunk is the bytes of k between two rescales (rr = min(G, 128)): 64 bytes of int8 (the
-two tile loads of a chunk are chunks of 64) or rr/2 of int4 (one unpack). Only the weights'
+two tile loads of a chunk are chunks of 64) or rr/2 of int4 (one unpack); on bf16 tiles, one
+group's G/2 bytes (one unpack_bf16). Only the weights'
 layout changes; scales, activations and the rest of the call are the stored path's.
 """
 
@@ -31,7 +33,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cpu_moe import SHAPES, draw_routing, random_layer  # noqa: E402
 
-from hetero.cpu_experts import amx, kernels_amx, ops  # noqa: E402
+from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 
 # the kernel's weight addressing, row-major -> tile order (row0 * rowb: the slab's first byte
@@ -50,17 +52,34 @@ REWRITES = (
 )  # fmt: skip
 
 
-def tile_order_kernels():
-    """kernels_amx with the weight addressing of the tile-order layout (uncached copy)."""
-    src = Path(kernels_amx.__file__).read_text().replace('"cache": True', '"cache": False')
-    for old, new in REWRITES:
+# kernels_amx_bf16 (int4-g32 by default): a group of G/2 bytes a row is its chunk
+REWRITES_BF16 = (
+    ("prefetch_rows(w, row0 * rowb + k0 // 2 + ahead, rowb)",
+     "prefetch_rows(w, row0 * rowb + (k0 // 2 + ahead) * TM, 64)"),
+    ("unpack_bf16(w, row0 * rowb + g * G // 2, rowb,",
+     "unpack_bf16(w, row0 * rowb + g * G // 2 * TM, G // 2,"),
+)  # fmt: skip
+
+
+def tile_order_kernels(module=kernels_amx, rewrites=REWRITES):
+    """`module`'s kernels with the weight addressing of the tile-order layout (uncached copy)."""
+    src = Path(module.__file__).read_text().replace('"cache": True', '"cache": False')
+    for old, new in rewrites:
         assert src.count(old) == 1, old
         src = src.replace(old, new)
-    (TMP / "amx_tile_order.py").write_text(src)
-    return importlib.import_module("amx_tile_order")
+    name = f"tile_order_{module.__name__.rpartition('.')[2]}"
+    (TMP / f"{name}.py").write_text(src)
+    return importlib.import_module(name)
+
+
+def tiles_of(fmt: Format, K: int) -> str:
+    """The tiles ops.moe_gemm_amx takes for this format ("auto": bf16 for int4 groups of 32)."""
+    return "bf16" if fmt.name == "int4" and fmt.group(K) == 32 else "int8"
 
 
 def chunk_bytes(fmt: Format, K: int) -> int:
+    if tiles_of(fmt, K) == "bf16":
+        return fmt.group(K) // 2
     rr = kernels_amx.tile_k(fmt.group(K))[1]
     return 64 if fmt.name == "int8" else rr // 2
 
@@ -73,34 +92,39 @@ def tile_order(w: np.ndarray, chunk: int) -> np.ndarray:
     return np.ascontiguousarray(slabs.transpose(0, 2, 1, 3)).reshape(w.shape)
 
 
-def run(module, layer, x, w, g, times):
-    """out [T, H] of one call through `module`'s kernels, and its seconds."""
-    ops.kernels_amx = module
+def run(modules, layer, x, w, g, times, tiles):
+    """out [T, H] of one call through `modules`' kernels (int8 tiles', bf16 tiles'), and its
+    seconds."""
+    ops.kernels_amx, ops.kernels_amx_bf16 = modules
     out = np.zeros_like(x)
     t0 = time.perf_counter()
-    ops.moe_gemm_amx(layer, x, w, g, out, {}, 4096, times, "int8")
+    ops.moe_gemm_amx(layer, x, w, g, out, {}, 4096, times, tiles)
     return out, time.perf_counter() - t0
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--formats", default="int8,int4-g128")
+    p.add_argument("--formats", default="int8,int4-g128,int4-g32")
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--iters", type=int, default=4)
     p.add_argument("--small", action="store_true", help="a tiny layer: the equality check only")
     p.add_argument("--check", action="store_true", help="only build the tile-order kernels")
     args = p.parse_args()
     if args.check:
-        tile_order_kernels()
-        print(json.dumps({"bench": "amx_layout", "rewrites": len(REWRITES)}))
+        tile_order_kernels(), tile_order_kernels(kernels_amx_bf16, REWRITES_BF16)
+        print(json.dumps({"bench": "amx_layout", "rewrites": len(REWRITES) + len(REWRITES_BF16)}))
         return
     H, I, E, k = (256, 128, 8, 2) if args.small else SHAPES["v3"]
     T = 40 if args.small else args.tokens
     amx.enable()
-    mods = {"row_major": kernels_amx, "tile_order": tile_order_kernels()}
+    mods = {
+        "row_major": (kernels_amx, kernels_amx_bf16),
+        "tile_order": (tile_order_kernels(), tile_order_kernels(kernels_amx_bf16, REWRITES_BF16)),
+    }
     gen = torch.Generator().manual_seed(0)
     for spec in args.formats.split(","):
         fmt = Format.parse(spec)
+        tiles = tiles_of(fmt, H)
         stored = random_layer(fmt, H, I, E)
         tiled = dataclasses.replace(
             stored,
@@ -118,18 +142,19 @@ def main() -> None:
             outs = {}
             for name, mod in mods.items():
                 times = {}
-                outs[name], s = run(mod, layers[name], x, w.float().numpy(), g, times)
+                outs[name], s = run(mod, layers[name], x, w.float().numpy(), g, times, tiles)
                 if it:  # (the first: compiles)
                     ms[name].append(s * 1e3)
                     for step, v in times.items():
                         steps[name][step] = steps[name].get(step, 0) + v * 1e3 / args.iters
             equal &= bool(np.array_equal(outs["row_major"], outs["tile_order"]))
             if args.small and not it:  # the control: the stored kernels misread the tiled copy
-                wrong, _ = run(kernels_amx, tiled, x, w.float().numpy(), g, {})
+                wrong, _ = run(mods["row_major"], tiled, x, w.float().numpy(), g, {}, tiles)
                 assert not np.array_equal(wrong, outs["row_major"]), "the layouts do not differ"
-        ops.kernels_amx = kernels_amx
+        ops.kernels_amx, ops.kernels_amx_bf16 = mods["row_major"]
         for name in mods:
-            row = {"bench": "amx_layout", "format": spec, "tokens": T, "layout": name,
+            row = {"bench": "amx_layout", "format": spec, "tiles": tiles, "tokens": T,
+                   "layout": name,
                    "ms": round(float(np.median(ms[name])), 1),
                    "gate_up_ms": round(steps[name]["gate_up"], 1),
                    "down_ms": round(steps[name]["down"], 1), "equal": equal}  # fmt: skip

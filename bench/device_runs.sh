@@ -550,9 +550,10 @@ for stage in "$@"; do
       timeout 200 python3 bench/amx_ablate.py > "$OUT/amx_ablate.jsonl" 2> "$OUT/amx_ablate.err"
       tail -1 "$OUT/amx_ablate.err" ;;
     amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
-      # kt-kernel repacks them) speed up the AMX path? int8 and int4-g128 at 1024 tokens, the
-      # stored rows against a tile-order copy, interleaved, outputs equal (~4 min)
-      timeout 330 python3 bench/amx_layout.py > "$OUT/amx_layout.jsonl" 2> "$OUT/amx_layout.err"
+      # kt-kernel repacks them) speed up the AMX path? int8, int4-g128 (int8 tiles) and int4-g32
+      # (bf16 tiles) at 1024 tokens, the stored rows against a tile-order copy, interleaved,
+      # outputs equal (~6 min)
+      timeout 450 python3 bench/amx_layout.py > "$OUT/amx_layout.jsonl" 2> "$OUT/amx_layout.err"
       tail -1 "$OUT/amx_layout.err"; cat "$OUT/amx_layout.jsonl" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
       timeout 200 python3 bench/fp8_gemm.py > "$OUT/fp8_gemm.jsonl" 2> "$OUT/fp8_gemm.err"
