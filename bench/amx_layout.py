@@ -47,8 +47,8 @@ REWRITES = (
     ("unpack_rows(w, row0 * rowb, rowb, ab, rr)", "unpack_rows(w, row0 * rowb, rr // 2, ab, rr)"),
     ("unpack_rows(w, row0 * rowb + (k0 + rr) // 2, rowb,",
      "unpack_rows(w, row0 * rowb + (k0 + rr) // 2 * TM, rr // 2,"),
-    ("prefetch_rows(w, row0 * rowb + at + ahead, rowb)",
-     "prefetch_rows(w, row0 * rowb + (at + ahead) * TM, 64 if int8 else rr // 2)"),
+    ("prefetch_rows(w, row0 * rowb + at + ahead + line, rowb)",
+     "prefetch_rows(w, row0 * rowb + (at + ahead + line) * TM, 64 if int8 else rr // 2)"),
 )  # fmt: skip
 
 

@@ -143,6 +143,7 @@ def _rows_times_tiles(
     prefetchers follow."""
     int8 = offset == 0
     rowb = K if int8 else K // 2
+    chunk = rr if int8 else rr // 2  # bytes of a row a chunk
     nk, nq = rr // kt, K // rr
     bt = kt // 4 * 64  # bytes of a B tile
     ng = K // G
@@ -157,8 +158,9 @@ def _rows_times_tiles(
     for q in range(nq):
         k0 = q * rr
         at = k0 if int8 else k0 // 2  # byte of the row
-        if ahead > 0 and at % 64 == 0:
-            prefetch_rows(w, row0 * rowb + at + ahead, rowb)
+        if ahead > 0 and at % 64 == 0:  # each line of the rows' chunk (int8: 2 of 128 k)
+            for line in range(0, max(chunk, 64), 64):
+                prefetch_rows(w, row0 * rowb + at + ahead + line, rowb)
         if k0 == next_group:
             g, next_group = g + 1, next_group + G
             if ahead > 0 and ng > 1 and g * s.itemsize % 64 == 0:

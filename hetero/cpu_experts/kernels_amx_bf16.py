@@ -45,7 +45,7 @@ DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "4c1a81b19e304919",
+    "kernels_amx.py": "e158bb0c9b4182c0",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
