@@ -1,7 +1,8 @@
 """The AMX benches rewrite kernels_amx / kernels_amx_bf16's source into variants (amx_ablate's
 parts removed, amx_layout's tile-order addressing). Their `--check` builds every variant and
 fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
-only breaks on the GPU machine (the one with AMX)."""
+only breaks on the GPU machine (the one with AMX). bench/amx_asm.py's machine code of the
+kernels for that machine's CPU is checked here too."""
 
 from __future__ import annotations
 
@@ -32,3 +33,21 @@ def test_amx_ablate_builds_every_variant(tiles, want):
 
 def test_amx_layout_rewrites_apply():
     assert _check("amx_layout.py")["rewrites"] >= 7  # int8 tiles 5, bf16 tiles 2
+
+
+def test_amx_kernels_compile_for_sapphire_rapids_without_calls_or_divisions_in_their_loops():
+    """bench/amx_asm.py compiles the AMX kernels for a Sapphire Rapids Xeon (on any x86-64
+    host; nothing runs). Between their first and last tile instruction, where the chunk loops
+    are, no call (numba's reference counting, libm's expf) and no integer division; and SiLU
+    is vector code, not expf calls."""
+    run = subprocess.run([sys.executable, str(BENCH / "amx_asm.py")], capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    assert {r["kernel"].rpartition(".")[2] for r in rows} == {"gate_up", "down"}
+    assert len(rows) == 6  # 3 formats x 2 kernels
+    for r in rows:
+        assert sum(r["tile"].get(op, 0) for op in ("tdpbusd", "tdpbssd", "tdpbf16ps")) > 0, r
+        assert r["between_tile_ops"]["calls"] == 0, r
+        assert r["between_tile_ops"]["divisions"] == 0, r
+        assert "expf" not in r["call_targets"], r

@@ -108,14 +108,15 @@ _WITH_A0, _WITH_A1 = _products_with(A0), _products_with(A1)
 
 
 @njit(inline="always", **JIT)
-def _unpack_slice(w, s, row0, K, G, sl, ab, ahead):
+def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead):
     """Slice sl (128 of k) of the 16 rows from row0 of w (int4, K/2 bytes a row, scales s a
-    group) into ab, prefetching `ahead` bytes further on."""
-    rowb, ng = K // 2, K // G
+    group: ng a row, gs a slice) into ab, prefetching `ahead` bytes further on. (ng, gs from
+    the caller: no division a slice.)"""
+    rowb = K // 2
     k0 = sl * SLICE
     if ahead > 0:
         prefetch_rows(w, row0 * rowb + k0 // 2 + ahead, rowb)
-    for g in range(k0 // G, (k0 + SLICE) // G):
+    for g in range(sl * gs, (sl + 1) * gs):
         unpack_bf16(w, row0 * rowb + g * G // 2, rowb, s, row0 * ng + g, ng, ab,
                     g * G // TK * TM * TK, G)  # fmt: skip
 
@@ -127,6 +128,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
     The rows are unpacked a slice ahead of the products that use them, into ab (all of k)."""
     nc = K // TK
     step = nc * TILE_BYTES  # bytes of one token tile's B tiles
+    ng, gs = K // G, SLICE // G  # scale groups a row, a slice
     for g0 in range(0, nt, len(CS)):
         n = min(len(CS), nt - g0)
         amx.tile_zero(tiles, CS[0])
@@ -135,7 +137,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
         amx.tile_zero(tiles, CS[3])
         first = g0 == 0
         if first:
-            _unpack_slice(w, s, row0, K, G, 0, ab, ahead)
+            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead)
         at = (u0 + g0) * step
         for sl in range(K // SLICE):
             for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
@@ -144,7 +146,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
                 amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
                 _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
             if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
-                _unpack_slice(w, s, row0, K, G, sl + 1, ab, ahead)
+                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead)
         amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
         if n > 1:
             amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
