@@ -45,7 +45,7 @@ DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "simd_sync.py": "7447f681346712d2",
+    "simd_sync.py": "19c88c299b4767fb",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}

@@ -45,8 +45,8 @@ DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "e158bb0c9b4182c0",
-    "simd_sync.py": "7447f681346712d2",
+    "kernels_amx.py": "f8dd76970632b633",
+    "simd_sync.py": "19c88c299b4767fb",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 TK = 32  # k a product

@@ -31,12 +31,18 @@ from hetero.cpu_experts.simd_q8 import (
     q8_row_dot3,
     q8_row_dot4,
 )
-from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter, spin_pause
+from hetero.cpu_experts.simd_sync import (
+    atomic_add,
+    atomic_load,
+    borrowed,
+    cycle_counter,
+    spin_pause,
+)
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
     "simd_q8.py": "9ac2d2e1685a1995",
-    "simd_sync.py": "7447f681346712d2",
+    "simd_sync.py": "19c88c299b4767fb",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -125,6 +131,8 @@ def moe_gemv_q8(
     # taken of range v of phase 1, 2 + A + n + v: of phase 2
     state = np.zeros(LINE * (2 + A + 2 * n), np.int64)
     for j in prange(n):
+        # (the weights as views without owner: no shared reference count; simd_sync.borrowed)
+        w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)
         while True:
             t = atomic_add(state, 0, 1)
             if t >= T:
@@ -139,7 +147,7 @@ def moe_gemv_q8(
             i = lo + atomic_add(state, LINE * (2 + A + v), 1)
             while i < hi:
                 a, r0 = i // nb1, i % nb1 * rows
-                _gate_up(w13[experts[a]], s13[experts[a]], xq, xs, xa, pair_token, ptr[a],
+                _gate_up(w13b[experts[a]], s13b[experts[a]], xq, xs, xa, pair_token, ptr[a],
                          ptr[a + 1], r0, min(r0 + rows, I), h, sh13, ahead)  # fmt: skip
                 if atomic_add(state, LINE * (2 + a), 1) == nb1 - 1:  # the expert's last item
                     for p in range(ptr[a], ptr[a + 1]):
@@ -154,7 +162,7 @@ def moe_gemv_q8(
                 a, r0 = i // nb2, i % nb2 * rows2
                 while atomic_load(state, LINE * (2 + a)) <= nb1:
                     spin_pause()
-                _down(w2[experts[a]], s2[experts[a]], hq, hs, ha, weights, pair_token, pair_slot,
+                _down(w2b[experts[a]], s2b[experts[a]], hq, hs, ha, weights, pair_token, pair_slot,
                       ptr[a], ptr[a + 1], r0, min(r0 + rows2, H), y, sh2, ahead)  # fmt: skip
                 i = lo + atomic_add(state, LINE * (2 + A + n + v), 1)
 
