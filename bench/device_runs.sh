@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | cpu-decode-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -87,6 +87,17 @@ for stage in "$@"; do
         --gemm-min-tokens-q8 100000 \
         >> "$OUT/cpu_decode_c64.jsonl" 2>> "$OUT/cpu_decode_c64.err"
       grep -c . "$OUT/cpu_decode_c64.jsonl" ;;
+    cpu-decode-ab)  # the decode GEMV's weights borrowed (simd_sync.borrowed: no shared
+      # reference count a row) against base/ (`git archive BASE hetero bench tests/data`): one
+      # V3 layer at 1, 4 and 16 tokens (serving's skew), int4 and int8, alternated twice (~4 min)
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; [ "$side" = base ] && dir=base
+          (cd "$dir" && timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4,int8 \
+            --tokens 1,4,16 --no-naive --routing-alpha 0.69) 2>> "$OUT/cpu_decode_ab.err" \
+            | sed "s/^{/{\"side\": \"$side\", \"round\": $round, /" >> "$OUT/cpu_decode_ab.jsonl"
+        done
+      done; tail -2 "$OUT/cpu_decode_ab.err"; grep -c . "$OUT/cpu_decode_ab.jsonl" ;;
     cpu-pairs-ab)  # the GEMV's gate/up (and down) rows in pairs a pass, against the code before
       # (base/: `git archive a7684e1 | tar -x -C base`, untracked so it travels): one V3 layer,
       # 16 and 64 tokens of serving's skew, and ~18 tokens an expert on the GEMV alone (its
