@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from hetero.cpu_experts import amx
+from hetero.cpu_experts.kernels import borrowed
 from hetero.cpu_experts.simd_amx import (
     TM,
     load_scales,
@@ -44,8 +45,8 @@ from hetero.cpu_experts.simd_sync import atomic_add
 DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "2353efb5634e1e6f",
-    "simd_sync.py": "19c88c299b4767fb",
+    "kernels.py": "0f02527f71a760a0",
+    "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -97,12 +98,13 @@ def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
     U, K = index.shape[0], src.shape[1]
     words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
+        rows = borrowed(src)  # (its views: no count shared by the threads; kernels.borrowed)
         q = np.empty((TM, K), np.int8)
         scales = np.zeros((TM, K // BLOCK), np.float32)
         sums = np.zeros((TM, K // rr), np.int32)
         for m in range(TM):
             if index[u, m] >= 0:
-                _quantize_token(src[index[u, m]], q[m], scales[m], sums[m], rr)
+                _quantize_token(rows[index[u, m]], q[m], scales[m], sums[m], rr)
             else:
                 q[m] = 0
         xs[u] = scales.T

@@ -44,9 +44,9 @@ from hetero.cpu_experts.simd_sync import atomic_add
 DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "f8dd76970632b633",
-    "simd_sync.py": "19c88c299b4767fb",
+    "kernels.py": "0f02527f71a760a0",
+    "kernels_amx.py": "c385038580e0dce5",
+    "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 TK = 32  # k a product

@@ -19,6 +19,7 @@ import time
 import numpy as np
 from numba import njit, prange
 
+from hetero.cpu_experts.kernels import borrowed
 from hetero.cpu_experts.simd_pack import block_amax
 from hetero.cpu_experts.simd_q8 import (
     BLOCK,
@@ -34,15 +35,15 @@ from hetero.cpu_experts.simd_q8 import (
 from hetero.cpu_experts.simd_sync import (
     atomic_add,
     atomic_load,
-    borrowed,
     cycle_counter,
     spin_pause,
 )
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
+    "kernels.py": "0f02527f71a760a0",
     "simd_q8.py": "9ac2d2e1685a1995",
-    "simd_sync.py": "19c88c299b4767fb",
+    "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -131,7 +132,7 @@ def moe_gemv_q8(
     # taken of range v of phase 1, 2 + A + n + v: of phase 2
     state = np.zeros(LINE * (2 + A + 2 * n), np.int64)
     for j in prange(n):
-        # (the weights as views without owner: no shared reference count; simd_sync.borrowed)
+        # (the weights as views without owner: no shared reference count; kernels.borrowed)
         w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)
         while True:
             t = atomic_add(state, 0, 1)

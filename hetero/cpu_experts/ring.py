@@ -37,11 +37,11 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "d012d468a137e1e5",
-    "kernels.py": "2353efb5634e1e6f",
-    "kernels_q8.py": "9de8db524faef048",
+    "fused.py": "192b41284ba092b2",
+    "kernels.py": "0f02527f71a760a0",
+    "kernels_q8.py": "d1bb763bd6fab707",
     "simd_q8.py": "9ac2d2e1685a1995",
-    "simd_sync.py": "19c88c299b4767fb",
+    "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 SLOTS = 4

@@ -1,12 +1,13 @@
-"""simd_sync's intrinsics: the atomics the CPU kernels' schedules count with, and `borrowed`
-arrays (views without an owner) that their threads index."""
+"""What the CPU kernels' threads share: simd_sync's atomics, which their schedules count with,
+and kernels.borrowed arrays (views without an owner), which they index."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, borrowed
+from hetero.cpu_experts.kernels import borrowed
+from hetero.cpu_experts.simd_sync import atomic_add, atomic_load
 
 
 @njit(parallel=True)
