@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | cpu-decode-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -560,6 +560,16 @@ for stage in "$@"; do
       # then what bounds this tree's kernels: parts removed, int4 g32/g128 and int8 (~2 min)
       timeout 200 python3 bench/amx_ablate.py > "$OUT/amx_ablate.jsonl" 2> "$OUT/amx_ablate.err"
       tail -1 "$OUT/amx_ablate.err" ;;
+    amx-prefetch)  # issue 19: is int8's AMX path (0.46 of the read probe at 1024 tokens) bound
+      # by reading its 16 interleaved row streams? the software prefetch distance 0 / 4 KB
+      # (default) / 16 KB, and 4 KB on huge pages, int8 and int4-g128 at 1024 tokens (~4 min)
+      for ahead in 4096 0 16384; do
+        timeout 90 python3 bench/cpu_moe.py --shape v3 --format int8,int4-g128 --tokens 1024 \
+          --no-naive --prefetch-bytes $ahead >> "$OUT/amx_prefetch.jsonl" 2>> "$OUT/amx_prefetch.err"
+      done
+      timeout 90 python3 bench/cpu_moe.py --shape v3 --format int8,int4-g128 --tokens 1024 \
+        --no-naive --hugepages >> "$OUT/amx_prefetch.jsonl" 2>> "$OUT/amx_prefetch.err"
+      tail -2 "$OUT/amx_prefetch.err"; grep -c . "$OUT/amx_prefetch.jsonl" ;;
     amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
       # kt-kernel repacks them) speed up the AMX path? int8, int4-g128 (int8 tiles) and int4-g32
       # (bf16 tiles) at 1024 tokens, the stored rows against a tile-order copy, interleaved,
