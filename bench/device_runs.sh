@@ -572,8 +572,9 @@ for stage in "$@"; do
       tail -2 "$OUT/amx_prefetch.err"; grep -c . "$OUT/amx_prefetch.jsonl" ;;
     amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
       # kt-kernel repacks them) speed up the AMX path? int8, int4-g128 (int8 tiles) and int4-g32
-      # (bf16 tiles) at 1024 tokens, the stored rows against a tile-order copy, interleaved,
-      # outputs equal (~6 min)
+      # (bf16 tiles) at 1024 tokens, the stored rows against a tile-order copy (and for int8,
+      # the stored rows copied a row at a time into a per-thread buffer), interleaved, outputs
+      # equal (~6 min)
       timeout 450 python3 bench/amx_layout.py > "$OUT/amx_layout.jsonl" 2> "$OUT/amx_layout.err"
       tail -1 "$OUT/amx_layout.err"; cat "$OUT/amx_layout.jsonl" ;;
     fp8-gemm)  # the FP8 decode kernel against dequantize+matmul and bf16 cuBLAS, V3's matrices
