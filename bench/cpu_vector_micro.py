@@ -12,6 +12,7 @@
   and the weights' GB/s against the read bandwidth measured in the same run.
 
     python bench/cpu_vector_micro.py [--parts silu,unpack_bf16,decode] > out.jsonl
+    python bench/cpu_vector_micro.py --check   # its rewrite of kernels_q8 still applies
 """
 
 import argparse
@@ -170,8 +171,14 @@ def decode() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--parts", default="silu,unpack_bf16,decode")
+    p.add_argument("--check", action="store_true", help="only build the old decode kernel")
+    args = p.parse_args()
+    if args.check:
+        _owned_kernel()
+        print(json.dumps({"bench": "cpu_vector_micro", "check": "ok"}))
+        return
     parts = {"silu": silu, "unpack_bf16": unpack_bf16, "decode": decode}
-    for name in p.parse_args().parts.split(","):
+    for name in args.parts.split(","):
         parts[name]()
 
 

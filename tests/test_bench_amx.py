@@ -1,5 +1,6 @@
 """The AMX benches rewrite kernels_amx / kernels_amx_bf16's source into variants (amx_ablate's
-parts removed, amx_layout's tile-order addressing). Their `--check` builds every variant and
+parts removed, amx_layout's tile-order addressing), and cpu_vector_micro rewrites kernels_q8
+back to its old slicing. Their `--check` builds every variant and
 fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
 only breaks on the GPU machine (the one with AMX). bench/amx_asm.py's machine code of the
 kernels for that machine's CPU is checked here too."""
@@ -29,6 +30,10 @@ def _check(script: str, *args: str) -> dict:
 ])  # fmt: skip
 def test_amx_ablate_builds_every_variant(tiles, want):
     assert set(_check("amx_ablate.py", "--tiles", tiles)["variants"]) == want
+
+
+def test_cpu_vector_micro_rewrite_applies():
+    assert _check("cpu_vector_micro.py")["check"] == "ok"
 
 
 def test_amx_layout_rewrites_apply():
