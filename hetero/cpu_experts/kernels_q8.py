@@ -132,13 +132,15 @@ def moe_gemv_q8(
     # taken of range v of phase 1, 2 + A + n + v: of phase 2
     state = np.zeros(LINE * (2 + A + 2 * n), np.int64)
     for j in prange(n):
-        # (the weights as views without owner: no shared reference count; kernels.borrowed)
+        # (views without owner: no reference count shared by the threads; kernels.borrowed)
         w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)
+        xb, xqb, xsb, xab = borrowed(x), borrowed(xq), borrowed(xs), borrowed(xa)
+        hb, hqb, hsb, hab = borrowed(h), borrowed(hq), borrowed(hs), borrowed(ha)
         while True:
             t = atomic_add(state, 0, 1)
             if t >= T:
                 break
-            quantize_row(x[t], q13, offset, xq[t], xs[t], xa[t])
+            quantize_row(xb[t], q13, offset, xqb[t], xsb[t], xab[t])
             atomic_add(state, LINE, 1)
         while atomic_load(state, LINE) < T:
             spin_pause()
@@ -152,7 +154,7 @@ def moe_gemv_q8(
                          ptr[a + 1], r0, min(r0 + rows, I), h, sh13, ahead)  # fmt: skip
                 if atomic_add(state, LINE * (2 + a), 1) == nb1 - 1:  # the expert's last item
                     for p in range(ptr[a], ptr[a + 1]):
-                        quantize_row(h[p], q2, offset, hq[p], hs[p], ha[p])
+                        quantize_row(hb[p], q2, offset, hqb[p], hsb[p], hab[p])
                     atomic_add(state, LINE * (2 + a), 1)
                 i = lo + atomic_add(state, LINE * (2 + A + v), 1)
         for v in range(j, j + n):

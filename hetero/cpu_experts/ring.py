@@ -37,9 +37,9 @@ from hetero.cpu_experts.simd_sync import (
 
 JIT = {"nogil": True, "cache": True}
 DEPENDS = {
-    "fused.py": "192b41284ba092b2",
+    "fused.py": "b5882039833866a9",
     "kernels.py": "0f02527f71a760a0",
-    "kernels_q8.py": "d1bb763bd6fab707",
+    "kernels_q8.py": "d4b631b449f69558",
     "simd_q8.py": "9ac2d2e1685a1995",
     "simd_sync.py": "7447f681346712d2",
     "simd_pack.py": "b0ae36ec8e24291a",

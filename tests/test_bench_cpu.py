@@ -2,7 +2,7 @@
 parts removed, amx_layout's tile-order addressing), and cpu_vector_micro rewrites kernels_q8
 back to its old slicing. Their `--check` builds every variant and
 fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
-only breaks on the GPU machine (the one with AMX). bench/amx_asm.py's machine code of the
+only breaks on the GPU machine (the one with AMX). bench/cpu_asm.py's machine code of the
 kernels for that machine's CPU is checked here too."""
 
 from __future__ import annotations
@@ -40,19 +40,24 @@ def test_amx_layout_rewrites_apply():
     assert _check("amx_layout.py")["rewrites"] >= 11  # tile order: int8 tiles 5, bf16 2; staged 4
 
 
-def test_amx_kernels_compile_for_sapphire_rapids_without_calls_or_divisions_in_their_loops():
-    """bench/amx_asm.py compiles the AMX kernels for a Sapphire Rapids Xeon (on any x86-64
-    host; nothing runs). Between their first and last tile instruction, where the chunk loops
-    are, no call (numba's reference counting, libm's expf) and no integer division; and SiLU
-    is vector code, not expf calls."""
-    run = subprocess.run([sys.executable, str(BENCH / "amx_asm.py")], capture_output=True,
+def test_cpu_kernels_compile_for_sapphire_rapids_without_calls_in_their_loops():
+    """bench/cpu_asm.py compiles the CPU expert kernels for a Sapphire Rapids Xeon (on any
+    x86-64 host; nothing runs). The AMX kernels: between their first and last tile instruction,
+    where the chunk loops are, no call (numba's reference counting, libm's expf) and no integer
+    division, and SiLU is vector code, not expf calls. The decode kernel: no reference counting
+    between its first and last VNNI dot (kernels.borrowed)."""
+    run = subprocess.run([sys.executable, str(BENCH / "cpu_asm.py")], capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
-    rows = [json.loads(line) for line in run.stdout.splitlines()]
-    assert {r["kernel"].rpartition(".")[2] for r in rows} == {"gate_up", "down"}
-    assert len(rows) == 6  # 3 formats x 2 kernels
-    for r in rows:
-        assert sum(r["tile"].get(op, 0) for op in ("tdpbusd", "tdpbssd", "tdpbf16ps")) > 0, r
-        assert r["between_tile_ops"]["calls"] == 0, r
-        assert r["between_tile_ops"]["divisions"] == 0, r
-        assert "expf" not in r["call_targets"], r
+    rows = {r["kernel"]: r for r in map(json.loads, run.stdout.splitlines())}
+    amx = [r for k, r in rows.items() if ".kernels_amx" in k]
+    decode = [r for k, r in rows.items() if k.endswith("moe_gemv_q8")]
+    assert len(amx) == 6 and len(decode) == 2, sorted(rows)  # 3 formats x 2; int4, int8
+    for r in amx:
+        assert sum(v for op, v in r["hot"].items() if op.startswith("tdp")) > 0, r
+        assert r["between_hot"]["calls"] == {}, r
+        assert r["between_hot"]["divisions"] == 0, r
+        assert "expf" not in r["calls"], r
+    for r in decode:
+        assert r["hot"].get("vpdpbusd", 0) > 0, r
+        assert not {"NRT_incref", "NRT_decref"} & set(r["between_hot"]["calls"]), r
