@@ -7,7 +7,7 @@
   each nibble to float and scaling (the same intrinsic with the table path off); ns a weight,
   for groups of 32, 64 and 128.
 - `decode`: the decode kernel (kernels_q8.moe_gemv_q8) on 8 of 16 V3-sized experts at 1 and
-  4 tokens, with the weights borrowed (kernels.borrowed) against a copy of the kernel that
+  4 tokens, with the weights borrowed (simd_sync.borrowed) against a copy of the kernel that
   slices them as before (numba then counts every row's views on one shared cache line); ms,
   and the weights' GB/s against the read bandwidth measured in the same run.
 
@@ -118,7 +118,7 @@ def unpack_bf16() -> None:
 
 
 def _owned_kernel():
-    """kernels_q8 with the weights sliced as they were before kernels.borrowed."""
+    """kernels_q8 with the weights sliced as they were before simd_sync.borrowed."""
     src = Path(kernels_q8.__file__).read_text().replace('"cache": True', '"cache": False')
     for old, new in (
         ("w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)", "pass"),

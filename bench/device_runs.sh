@@ -87,7 +87,7 @@ for stage in "$@"; do
         --gemm-min-tokens-q8 100000 \
         >> "$OUT/cpu_decode_c64.jsonl" 2>> "$OUT/cpu_decode_c64.err"
       grep -c . "$OUT/cpu_decode_c64.jsonl" ;;
-    cpu-decode-ab)  # the decode GEMV's weights borrowed (kernels.borrowed: no shared
+    cpu-decode-ab)  # the decode GEMV's weights borrowed (simd_sync.borrowed: no shared
       # reference count a row) against base/ (`git archive BASE hetero bench tests/data`): one
       # V3 layer at 1, 4 and 16 tokens (serving's skew), int4 and int8, alternated twice (~4 min)
       for round in 1 2; do

@@ -45,7 +45,7 @@ def test_cpu_kernels_compile_for_sapphire_rapids_without_calls_in_their_loops():
     x86-64 host; nothing runs). The AMX kernels: between their first and last tile instruction,
     where the chunk loops are, no call (numba's reference counting, libm's expf) and no integer
     division, and SiLU is vector code, not expf calls. The decode kernel: no reference counting
-    between its first and last VNNI dot (kernels.borrowed)."""
+    between its first and last VNNI dot (simd_sync.borrowed)."""
     run = subprocess.run([sys.executable, str(BENCH / "cpu_asm.py")], capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]

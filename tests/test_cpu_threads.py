@@ -1,13 +1,12 @@
 """What the CPU kernels' threads share: simd_sync's atomics, which their schedules count with,
-and kernels.borrowed arrays (views without an owner), which they index."""
+and simd_sync.borrowed arrays (views without an owner), which they index."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
 
-from hetero.cpu_experts.kernels import borrowed
-from hetero.cpu_experts.simd_sync import atomic_add, atomic_load
+from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, borrowed
 
 
 @njit(parallel=True)

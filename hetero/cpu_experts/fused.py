@@ -30,10 +30,10 @@ from hetero.cpu_experts.simd_sync import atomic_add, atomic_load, cycle_counter,
 JIT = {"nogil": True, "cache": True}
 # what the cached wrappers here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
-    "kernels.py": "0f02527f71a760a0",
-    "kernels_q8.py": "d4b631b449f69558",
+    "kernels.py": "2353efb5634e1e6f",
+    "kernels_q8.py": "232a03526f9287d2",
     "simd_q8.py": "9ac2d2e1685a1995",
-    "simd_sync.py": "7447f681346712d2",
+    "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 

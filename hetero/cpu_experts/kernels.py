@@ -34,30 +34,6 @@ def _f32_from_bits(typingctx, bits):
     return types.float32(bits), codegen
 
 
-@intrinsic
-def borrowed(typingctx, a):
-    """a, as an array with no owner (meminfo NULL), for the threads of a parallel kernel to index.
-
-    Why: each view numba makes of an array (`w13[e]`, `w13[e, r, 0]`) increments its owner's
-    reference count, and decrements it when the view dies, where numba's pruning of these pairs
-    gives up (views that live across branches and calls: the decode kernel's rows). The count
-    is one cache line that every thread's atomics then fight over: on this repository's 2-core
-    AMD, moe_gemv_q8 at one token took 4.33 ms with it against 3.98 without (8 V3 experts). Views
-    of an array without owner skip the count. Only for arrays that outlive every use of the
-    views: the kernel's arguments, or arrays it allocated itself and still holds."""
-    if not isinstance(a, types.Array):
-        return None
-
-    def codegen(context, builder, sig, args):
-        src = context.make_array(sig.args[0])(context, builder, args[0])
-        out = context.make_array(sig.return_type)(context, builder)
-        context.populate_array(out, data=src.data, shape=src.shape, strides=src.strides,
-                               itemsize=src.itemsize, meminfo=None, parent=None)  # fmt: skip
-        return out._getvalue()
-
-    return a(a), codegen
-
-
 @njit(inline="always", **JIT)
 def bf16_to_f32(u):
     return _f32_from_bits(np.uint32(u) << 16)
@@ -309,22 +285,20 @@ def moe_gemv(x, weights, experts, ptr, pair_token, pair_slot, pos, w13, s13, w2,
     for item in prange(A * nb):
         a, r0 = item // nb, (item % nb) * rows
         e = experts[a]
-        w13b, s13b, xb = borrowed(w13), borrowed(s13), borrowed(x)  # (no shared count)
         for r in range(r0, min(r0 + rows, I)):
             for p in range(ptr[a], ptr[a + 1]):
-                xt = xb[pair_token[p]]
-                g = row_dot(w13b[e, r, 0], s13b[e, r, 0], xt, G13)
-                u = row_dot(w13b[e, r, 1], s13b[e, r, 1], xt, G13)
+                xt = x[pair_token[p]]
+                g = row_dot(w13[e, r, 0], s13[e, r, 0], xt, G13)
+                u = row_dot(w13[e, r, 1], s13[e, r, 1], xt, G13)
                 h[p, r] = g / (np.float32(1.0) + np.exp(-g)) * u
     nb = (H + rows - 1) // rows
     for item in prange(A * nb):
         a, r0 = item // nb, (item % nb) * rows
         e = experts[a]
-        w2b, s2b, hb = borrowed(w2), borrowed(s2), borrowed(h)
         for r in range(r0, min(r0 + rows, H)):
             for p in range(ptr[a], ptr[a + 1]):
                 wt = weights[pair_token[p], pair_slot[p]]
-                y[p, r] = row_dot(w2b[e, r], s2b[e, r], hb[p], G2) * wt
+                y[p, r] = row_dot(w2[e, r], s2[e, r], h[p], G2) * wt
     combine(pos, y, out)
 
 

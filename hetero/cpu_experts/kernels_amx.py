@@ -30,7 +30,6 @@ import numpy as np
 from numba import njit, prange
 
 from hetero.cpu_experts import amx
-from hetero.cpu_experts.kernels import borrowed
 from hetero.cpu_experts.simd_amx import (
     TM,
     load_scales,
@@ -40,13 +39,13 @@ from hetero.cpu_experts.simd_amx import (
     unpack_rows,
 )
 from hetero.cpu_experts.simd_pack import block_amax, interleave16
-from hetero.cpu_experts.simd_sync import atomic_add
+from hetero.cpu_experts.simd_sync import atomic_add, borrowed
 
 DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "0f02527f71a760a0",
-    "simd_sync.py": "7447f681346712d2",
+    "kernels.py": "2353efb5634e1e6f",
+    "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -98,7 +97,7 @@ def quantize_tiles(src, index, kt, rr, xb, xs, xsum):
     U, K = index.shape[0], src.shape[1]
     words = xb.reshape(U, K * TM).view(np.int32)
     for u in prange(U):
-        rows = borrowed(src)  # (its views: no count shared by the threads; kernels.borrowed)
+        rows = borrowed(src)  # (its views: no count shared by the threads; simd_sync.borrowed)
         q = np.empty((TM, K), np.int8)
         scales = np.zeros((TM, K // BLOCK), np.float32)
         sums = np.zeros((TM, K // rr), np.int32)

@@ -44,9 +44,9 @@ from hetero.cpu_experts.simd_sync import atomic_add
 DEPENDS = {
     "simd_amx.py": "9d974b51a6adfa9a",
     "amx.py": "2f565178e8129c46",
-    "kernels.py": "0f02527f71a760a0",
-    "kernels_amx.py": "c385038580e0dce5",
-    "simd_sync.py": "7447f681346712d2",
+    "kernels.py": "2353efb5634e1e6f",
+    "kernels_amx.py": "6e8d2919e937b95f",
+    "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 TK = 32  # k a product

@@ -19,7 +19,6 @@ import time
 import numpy as np
 from numba import njit, prange
 
-from hetero.cpu_experts.kernels import borrowed
 from hetero.cpu_experts.simd_pack import block_amax
 from hetero.cpu_experts.simd_q8 import (
     BLOCK,
@@ -35,15 +34,15 @@ from hetero.cpu_experts.simd_q8 import (
 from hetero.cpu_experts.simd_sync import (
     atomic_add,
     atomic_load,
+    borrowed,
     cycle_counter,
     spin_pause,
 )
 
 # what the cached kernels here compile in from other files: file -> sha256 (16 hex digits)
 DEPENDS = {
-    "kernels.py": "0f02527f71a760a0",
     "simd_q8.py": "9ac2d2e1685a1995",
-    "simd_sync.py": "7447f681346712d2",
+    "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
 JIT = {"nogil": True, "fastmath": True, "cache": True}
@@ -132,7 +131,7 @@ def moe_gemv_q8(
     # taken of range v of phase 1, 2 + A + n + v: of phase 2
     state = np.zeros(LINE * (2 + A + 2 * n), np.int64)
     for j in prange(n):
-        # (views without owner: no reference count shared by the threads; kernels.borrowed)
+        # (views without owner: no reference count shared by the threads; simd_sync.borrowed)
         w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)
         xb, xqb, xsb, xab = borrowed(x), borrowed(xq), borrowed(xs), borrowed(xa)
         hb, hqb, hsb, hab = borrowed(h), borrowed(hq), borrowed(hs), borrowed(ha)
