@@ -42,7 +42,7 @@ from hetero.cpu_experts.simd_pack import block_amax, interleave16
 from hetero.cpu_experts.simd_sync import atomic_add, borrowed
 
 DEPENDS = {
-    "simd_amx.py": "9d974b51a6adfa9a",
+    "simd_amx.py": "06ab87a4c0786592",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
     "simd_sync.py": "c305241e8e8190da",

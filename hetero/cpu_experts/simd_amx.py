@@ -31,13 +31,19 @@ class BFloat(_BaseFloatType):
 BFloat._create_instance()
 
 
+def _host_has(feature: str) -> bool:
+    """Whether this host's CPU has `feature` (LLVM's name, e.g. "avx512bw"). The kernels choose
+    their code by it at compile time; the features are part of numba's cache key."""
+    from llvmlite import binding as llvm
+
+    return f"+{feature}" in llvm.get_host_cpu_features().flatten().split(",")
+
+
 def _has_bf16_convert() -> bool:
     """Whether this host converts f32 to bf16 in one instruction (AVX-512 BF16). Elsewhere LLVM
     lowers `fptrunc` to bfloat as a call to compiler-rt's __truncsfbf2, which numba's JIT does
     not link ("LLVM ERROR: Symbol not found": the process aborts)."""
-    from llvmlite import binding as llvm
-
-    return "+avx512bf16" in llvm.get_host_cpu_features().flatten().split(",")
+    return _host_has("avx512bf16")
 
 
 def _bf16_bits(builder, y, n: int):
@@ -61,11 +67,15 @@ def _vec(builder, ptr, offset, n, ty):
     return builder.bitcast(builder.gep(ptr, [offset]), ir.VectorType(ty, n).as_pointer())
 
 
+def _mask(indices: list[int]):
+    """A shufflevector mask: the lanes `indices` of the (concatenated) operands."""
+    return ir.Constant(ir.VectorType(I32, len(indices)), indices)
+
+
 def _splat(builder, f, n=16):
     """<n x float> of the float f."""
-    vn = ir.VectorType(F32, n)
-    one = builder.insert_element(ir.Constant(vn, ir.Undefined), f, I32(0))
-    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(I32, n), [0] * n))
+    one = builder.insert_element(ir.Constant(ir.VectorType(F32, n), ir.Undefined), f, I32(0))
+    return builder.shuffle_vector(one, one, _mask([0] * n))
 
 
 @intrinsic
@@ -190,9 +200,7 @@ def rescale(typingctx, cbuf, acc, xs, xsum, sw, offset):
 
 def _has_avx512bw() -> bool:
     """Whether this host permutes 16-bit words across a 512-bit register (`vpermw`)."""
-    from llvmlite import binding as llvm
-
-    return "+avx512bw" in llvm.get_host_cpu_features().flatten().split(",")
+    return _host_has("avx512bw")
 
 
 def _nibble_words(builder, v) -> list:
@@ -204,16 +212,11 @@ def _nibble_words(builder, v) -> list:
     half = v.type.count
     words = ir.VectorType(I16, 32)
     if half == 16:
-        both = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(I32, 32), [*range(16)] * 2))
+        both = builder.shuffle_vector(v, v, _mask([*range(16)] * 2))
         shift = ir.Constant(words, [0] * 16 + [4] * 16)
         return [builder.lshr(builder.zext(both, words), shift)]
     low = [
-        builder.zext(
-            builder.shuffle_vector(
-                v, v, ir.Constant(ir.VectorType(I32, 32), list(range(p, p + 32)))
-            ),
-            words,
-        )  # fmt: skip
+        builder.zext(builder.shuffle_vector(v, v, _mask([*range(p, p + 32)])), words)
         for p in range(0, half, 32)
     ]
     return low + [builder.lshr(w, ir.Constant(words, [4] * 32)) for w in low]
@@ -228,7 +231,8 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
 
     With AVX-512 BW, a row's group is a table lookup: its 16 possible values (j - 8) * scale,
     rounded to bf16 once, and `vpermw` picks 32 of them a register by the nibbles (on this
-    repository's 2-core AMD: 1.3x the float path's speed at g = 32, 2x at 64 and 128).
+    repository's 2-core AMD: 1.7x the float path's speed at g = 32, 2.1-2.3x at 64 and 128;
+    bench/cpu_vector_micro.py).
     Elsewhere the nibbles are converted to floats and scaled. (j - 8) * scale has at most 12
     significant bits, exact in f32 either way: the two give the same bits."""
     if not (_row(w, types.uint8) and _row(s, types.uint16) and _row(ab, types.uint16)):
@@ -260,7 +264,7 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
             half = group // 2
             bytes_, vf = ir.VectorType(I8, half), ir.VectorType(F32, group)
             low, four = ir.Constant(bytes_, [15] * half), ir.Constant(bytes_, [4] * half)
-            both = ir.Constant(ir.VectorType(I32, group), list(range(group)))
+            both = _mask([*range(group)])
             for r in range(TM):
                 src = builder.add(start_, builder.mul(rowb_, I64(r)))
                 v = builder.load(_vec(builder, w_p, src, half, I8), align=1)
@@ -271,9 +275,7 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
                     t = _bf16_bits(
                         builder, builder.fmul(codes, _splat(builder, scale), flags=fast), 16
                     )
-                    t = builder.shuffle_vector(
-                        t, t, ir.Constant(ir.VectorType(I32, 32), [*range(16)] * 2)
-                    )
+                    t = builder.shuffle_vector(t, t, _mask([*range(16)] * 2))
                     chunks = [builder.call(permute, [t, i]) for i in _nibble_words(builder, v)]
                 else:
                     q = builder.shuffle_vector(builder.and_(v, low), builder.lshr(v, four), both)
@@ -285,11 +287,7 @@ def unpack_bf16(typingctx, w, start, rowb, s, s_at, s_step, ab, ab_at, g):
                     )
                     b = _bf16_bits(builder, y, group)
                     chunks = [
-                        builder.shuffle_vector(
-                            b,
-                            b,
-                            ir.Constant(ir.VectorType(I32, 32), list(range(32 * c, 32 * c + 32))),
-                        )  # fmt: skip
+                        builder.shuffle_vector(b, b, _mask([*range(32 * c, 32 * c + 32)]))
                         for c in range(group // 32)
                     ]
                 for c, chunk in enumerate(chunks):
