@@ -15,19 +15,17 @@ alone).
 """
 
 import argparse
-import importlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TMP = Path(tempfile.mkdtemp(prefix="amx_ablate_"))
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(TMP)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cpu_moe import SHAPES, draw_routing, random_layer  # noqa: E402
+from kernel_variant import load, rewrite, source  # noqa: E402
 
 from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
@@ -38,74 +36,59 @@ p.add_argument("--check", action="store_true", help="only build the variants (an
 ARGS = p.parse_args()
 TILES = ARGS.tiles
 ORIGINAL = kernels_amx_bf16 if TILES == "bf16" else kernels_amx
-src = Path(ORIGINAL.__file__).read_text().replace('"cache": True', '"cache": False')
+src = source(ORIGINAL)
 NOOP = "\nfrom numba import njit as _nj\n@_nj\ndef _noop(*a):\n    return\n"
-
-
-def variant(name, text):
-    (TMP / f"amxv_{name}.py").write_text(text)
-    return importlib.import_module(f"amxv_{name}")
-
-
-def sub(text: str, old: str, new: str) -> str:
-    """text with `old` (which must be there: a kernel edit that moves it fails loudly) -> new."""
-    assert old in text, f"amx_ablate: the kernel no longer has {old!r}"
-    return text.replace(old, new)
 
 
 def int8_variants(src: str) -> dict[str, str]:
     variants = {"full": src}
-    variants["no_rescale"] = sub(
+    variants["no_rescale"] = rewrite(
         src, "    base = q % 2 * nt * TM * TM\n", "    return\n    base = q % 2 * nt * TM * TM\n"
     )
     no_unpack = ("    unpack_rows,\n)\n", ")\n" + NOOP + "unpack_rows = _noop\n")
     no_scales = ("load_scales(s, row0 * ng + g, ng, sw[q % 2])", "sw[q % 2] = 1.0")
-    variants["no_unpack"] = sub(src, *no_unpack)
-    variants["no_scales"] = sub(src, *no_scales)
+    variants["no_unpack"] = rewrite(src, *no_unpack)
+    variants["no_scales"] = rewrite(src, *no_scales)
     t = src
     for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_busd", "tile_dp_bssd"):
-        t = sub(t, f"amx.{op}(", "_noop(")
-    variants["no_tile_ops"] = sub(
+        t = rewrite(t, f"amx.{op}(", "_noop(", every=True)
+    variants["no_tile_ops"] = rewrite(
         t, "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
     )
-    variants["only_tile_ops"] = sub(sub(variants["no_rescale"], *no_unpack), *no_scales)
+    variants["only_tile_ops"] = rewrite(rewrite(variants["no_rescale"], *no_unpack), *no_scales)
     return variants
 
 
 def bf16_variants(src: str) -> dict[str, str]:
     variants = {"full": src}
-    b3 = (
-        src.replace("A0, A1, B0, B1 = 1, 2, 3, 4", "A0, A1, B0, B1, B2 = 1, 2, 3, 4, 7")
-        .replace("CS = (0, 5, 6, 7)", "CS = (0, 5, 6)")
-        .replace("for t in (A0, A1, B0, B1, *CS)", "for t in (A0, A1, B0, B1, B2, *CS)")
-        .replace(
-            "amx.tile_load(tiles, B0, xb, at + 2 * step, 64)\n"
-            "            amx.tile_dp_bf16ps(tiles, CS[2], a, B0)",
-            "amx.tile_load(tiles, B2, xb, at + 2 * step, 64)\n"
-            "            amx.tile_dp_bf16ps(tiles, CS[2], a, B2)",
-        )
-    )
-    cut = (
-        "        if n > 3:\n"
-        "            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)\n"
-        "            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)\n",
-        "        amx.tile_zero(tiles, CS[3])\n",
-        "        if n > 3:\n"
-        "            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)\n",
-    )
-    for text in cut:
-        assert text in b3, text
-        b3 = b3.replace(text, "")
+    b3 = src
+    for old, new in (
+        ("    CS,\n    JIT,\n", "    JIT,\n"),  # (tile numbers: kernels_amx's, but for these two)
+        ("from hetero.cpu_experts.simd_sync import atomic_add\n",
+         "from hetero.cpu_experts.simd_sync import atomic_add\n\nB2, CS = 7, (0, 5, 6)\n"),
+        ("for t in (A0, A1, B0, B1, *CS)", "for t in (A0, A1, B0, B1, B2, *CS)"),
+        ("amx.tile_load(tiles, B0, xb, at + 2 * step, 64)\n"
+         "            amx.tile_dp_bf16ps(tiles, CS[2], a, B0)",
+         "amx.tile_load(tiles, B2, xb, at + 2 * step, 64)\n"
+         "            amx.tile_dp_bf16ps(tiles, CS[2], a, B2)"),
+        ("        if n > 3:\n"
+         "            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)\n"
+         "            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)\n", ""),
+        ("        amx.tile_zero(tiles, CS[3])\n", ""),
+        ("        if n > 3:\n"
+         "            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)\n", ""),
+    ):  # fmt: skip
+        b3 = rewrite(b3, old, new)
     variants["b3"] = b3
-    variants["no_unpack"] = sub(
+    variants["no_unpack"] = rewrite(
         src,
         "from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16",
         "from hetero.cpu_experts.simd_amx import prefetch_rows" + NOOP + "unpack_bf16 = _noop\n",
     )
     t = src
     for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_bf16ps"):
-        t = sub(t, f"amx.{op}(", "_noop(")
-    variants["no_tile_ops"] = sub(
+        t = rewrite(t, f"amx.{op}(", "_noop(", every=True)
+    variants["no_tile_ops"] = rewrite(
         t, "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
     )
     return variants
@@ -114,7 +97,7 @@ def bf16_variants(src: str) -> dict[str, str]:
 variants = (bf16_variants if TILES == "bf16" else int8_variants)(src)
 for k, v in variants.items():
     assert k == "full" or v != src, k
-mods = {k: variant(k, v) for k, v in variants.items()}
+mods = {k: load(f"amxv_{k}", v) for k, v in variants.items()}
 if ARGS.check:
     print(json.dumps({"tiles": TILES, "variants": sorted(mods)}))
     raise SystemExit(0)

@@ -23,19 +23,17 @@ the rest of the call are the stored path's.
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TMP = Path(tempfile.mkdtemp(prefix="amx_layout_"))
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(TMP)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cpu_moe import SHAPES, draw_routing, random_layer  # noqa: E402
+from kernel_variant import load, source  # noqa: E402
 
 from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
@@ -81,16 +79,12 @@ REWRITES_STAGED = (
 )  # fmt: skip
 
 
-def tile_order_kernels(module=kernels_amx, rewrites=REWRITES, name=""):
+def variant_kernels(module=kernels_amx, rewrites=REWRITES, name=""):
     """`module`'s kernels with `rewrites` (by default: the weight addressing of the tile-order
     layout), as an uncached copy named `name`."""
-    src = Path(module.__file__).read_text().replace('"cache": True', '"cache": False')
-    for old, new in rewrites:
-        assert src.count(old) == 1, old
-        src = src.replace(old, new)
-    name = name or f"tile_order_{module.__name__.rpartition('.')[2]}"
-    (TMP / f"{name}.py").write_text(src)
-    return importlib.import_module(name)
+    return load(
+        name or f"tile_order_{module.__name__.rpartition('.')[2]}", source(module, rewrites)
+    )
 
 
 def tiles_of(fmt: Format, K: int) -> str:
@@ -132,8 +126,8 @@ def main() -> None:
     p.add_argument("--check", action="store_true", help="only build the tile-order kernels")
     args = p.parse_args()
     if args.check:
-        tile_order_kernels(), tile_order_kernels(kernels_amx_bf16, REWRITES_BF16)
-        tile_order_kernels(rewrites=REWRITES_STAGED, name="staged_kernels_amx")
+        variant_kernels(), variant_kernels(kernels_amx_bf16, REWRITES_BF16)
+        variant_kernels(rewrites=REWRITES_STAGED, name="staged_kernels_amx")
         n = len(REWRITES) + len(REWRITES_BF16) + len(REWRITES_STAGED)
         print(json.dumps({"bench": "amx_layout", "rewrites": n}))
         return
@@ -142,9 +136,9 @@ def main() -> None:
     amx.enable()
     every = {
         "row_major": (kernels_amx, kernels_amx_bf16),
-        "tile_order": (tile_order_kernels(), tile_order_kernels(kernels_amx_bf16, REWRITES_BF16)),
+        "tile_order": (variant_kernels(), variant_kernels(kernels_amx_bf16, REWRITES_BF16)),
         "row_staged": (
-            tile_order_kernels(rewrites=REWRITES_STAGED, name="staged_kernels_amx"),
+            variant_kernels(rewrites=REWRITES_STAGED, name="staged_kernels_amx"),
             kernels_amx_bf16,
         ),
     }

@@ -16,20 +16,18 @@
 """
 
 import argparse
-import importlib
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TMP = Path(tempfile.mkdtemp(prefix="cpu_vector_micro_"))
-sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(TMP)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from cpu_moe import draw_routing, random_layer, read_bandwidth  # noqa: E402
+from kernel_variant import load, source  # noqa: E402
 from numba import njit  # noqa: E402
 
 from hetero.cpu_experts import kernels_q8, ops, simd_amx  # noqa: E402
@@ -119,16 +117,12 @@ def unpack_bf16() -> None:
 
 def _owned_kernel():
     """kernels_q8 with the weights sliced as they were before simd_sync.borrowed."""
-    src = Path(kernels_q8.__file__).read_text().replace('"cache": True', '"cache": False')
-    for old, new in (
+    rewrites = (
         ("w13b, s13b, w2b, s2b = borrowed(w13), borrowed(s13), borrowed(w2), borrowed(s2)", "pass"),
         ("w13b[experts[a]], s13b[experts[a]]", "w13[experts[a]], s13[experts[a]]"),
         ("w2b[experts[a]], s2b[experts[a]]", "w2[experts[a]], s2[experts[a]]"),
-    ):  # fmt: skip
-        assert src.count(old) == 1, old
-        src = src.replace(old, new)
-    (TMP / "q8_owned.py").write_text(src)
-    return importlib.import_module("q8_owned")
+    )  # fmt: skip
+    return load("q8_owned", source(kernels_q8, rewrites))
 
 
 def decode() -> None:
