@@ -82,7 +82,7 @@ def bf16_variants(src: str) -> dict[str, str]:
     variants["b3"] = b3
     variants["no_unpack"] = rewrite(
         src,
-        "from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16",
+        "from hetero.cpu_experts.simd_amx import unpack_bf16",
         "from hetero.cpu_experts.simd_amx import prefetch_rows" + NOOP + "unpack_bf16 = _noop\n",
     )
     t = src

@@ -38,6 +38,20 @@ from kernel_variant import load, source  # noqa: E402
 from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
 
+# kernels_amx.prefetch_ahead for weights in tile order: byte `pos` of each row's chunk stream
+# is at pos * TM of its slab, the 16 rows' chunks `chunk` bytes apart
+TILE_ORDER_AHEAD = """
+from hetero.cpu_experts.simd_amx import prefetch_rows as _prefetch_rows
+
+
+@njit(inline="always", nogil=True)
+def _tile_order_ahead(a, row0, nrow0, rowb, pos, chunk):
+    if pos < rowb:
+        _prefetch_rows(a, row0 * rowb + pos * TM, chunk)
+    elif nrow0 >= 0:
+        _prefetch_rows(a, nrow0 * rowb + (pos - rowb) * TM, chunk)
+"""
+
 # the kernel's weight addressing, row-major -> tile order (row0 * rowb: the slab's first byte
 # either way; a chunk of c bytes a row sits at chunk index * 16 * c, so byte `at` of each row's
 # chunk stream is at `at * TM`)
@@ -49,15 +63,17 @@ REWRITES = (
     ("unpack_rows(w, row0 * rowb, rowb, ab, rr)", "unpack_rows(w, row0 * rowb, rr // 2, ab, rr)"),
     ("unpack_rows(w, row0 * rowb + (k0 + rr) // 2, rowb,",
      "unpack_rows(w, row0 * rowb + (k0 + rr) // 2 * TM, rr // 2,"),
-    ("prefetch_rows(w, row0 * rowb + at + ahead + line, rowb)",
-     "prefetch_rows(w, row0 * rowb + (at + ahead + line) * TM, 64 if int8 else rr // 2)"),
+    ("prefetch_ahead(w, row0, nrow0, rowb, at + ahead + line)",
+     "_tile_order_ahead(w, row0, nrow0, rowb, at + ahead + line, 64 if int8 else rr // 2)"),
+    ("@njit(**JIT)\ndef tile_k(G):", TILE_ORDER_AHEAD + "\n\n@njit(**JIT)\ndef tile_k(G):"),
 )  # fmt: skip
 
 
 # kernels_amx_bf16 (int4-g32 by default): a group of G/2 bytes a row is its chunk
 REWRITES_BF16 = (
-    ("prefetch_rows(w, row0 * rowb + k0 // 2 + ahead, rowb)",
-     "prefetch_rows(w, row0 * rowb + (k0 // 2 + ahead) * TM, 64)"),
+    ("prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb))",
+     "_tile_order_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb), 64)"),
+    ("TK = 32  # k a product\n", TILE_ORDER_AHEAD + "\n\nTK = 32  # k a product\n"),
     ("unpack_bf16(w, row0 * rowb + g * G // 2, rowb,",
      "unpack_bf16(w, row0 * rowb + g * G // 2 * TM, G // 2,"),
 )  # fmt: skip

@@ -135,15 +135,17 @@ def _quantize_token(x, q, scales, sums, rr):
 
 @njit(inline="always", **JIT)
 def _rows_times_tiles(
-    tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt, acc, ab, cbuf, sw, ahead
+    tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt, acc, ab, cbuf, sw, ahead, nrow0
 ):  # fmt: skip
     """acc[t, n, m] = sum over k of weight row row0 + n times token m of tile u0 + t, for the
     16 rows from row0 of w (flat: int4 bytes K/2 a row, or int8 K a row) and nt token tiles.
-    `ahead`: bytes of each row prefetched ahead of use (0: none). The 16 rows are read side by
+    `ahead`: bytes of each row prefetched ahead of use (0: none; at most a row), the rows' ends
+    running on into the next item's rows from nrow0 (-1: none). The 16 rows are read side by
     side, a line each at a time: 256 streams over 16 threads, more than the hardware
     prefetchers follow."""
     int8 = offset == 0
     rowb = K if int8 else K // 2
+    ahead = min(ahead, rowb)
     chunk = rr if int8 else rr // 2  # bytes of a row a chunk
     nk, nq = rr // kt, K // rr
     bt = kt // 4 * 64  # bytes of a B tile
@@ -161,11 +163,11 @@ def _rows_times_tiles(
         at = k0 if int8 else k0 // 2  # byte of the row
         if ahead > 0 and at % 64 == 0:  # each line of the rows' chunk (int8: 2 of 128 k)
             for line in range(0, max(chunk, 64), 64):
-                prefetch_rows(w, row0 * rowb + at + ahead + line, rowb)
+                prefetch_ahead(w, row0, nrow0, rowb, at + ahead + line)
         if k0 == next_group:
             g, next_group = g + 1, next_group + G
             if ahead > 0 and ng > 1 and g * s.itemsize % 64 == 0:
-                prefetch_rows(s, row0 * sb + (g + gahead) * s.itemsize, sb)
+                prefetch_ahead(s, row0, nrow0, sb, (g + gahead) * s.itemsize)
         if int8:  # A straight from the weights
             amx.tile_load(tiles, A0, w, row0 * rowb + k0, rowb)
             if nk == 2:
@@ -249,17 +251,19 @@ def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
     for _ in prange(threads):
         tiles, ab, sw, acc, cbuf = _thread_state(cfg, most)
         i = atomic_add(counter, 0, 1)
+        nxt = atomic_add(counter, 0, 1)  # claimed an item early: its rows are prefetched
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
+            nrow0 = item_row(nxt, experts, slabs, R)
             _rows_times_tiles(tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt,
-                              acc, ab, cbuf, sw, ahead)  # fmt: skip
+                              acc, ab, cbuf, sw, ahead, nrow0)  # fmt: skip
             if gate:
                 silu_rows(acc, h, u0, nt, slab)
             else:
                 down_rows(acc, y, pairs, scale, u0, nt, slab)
-            i = atomic_add(counter, 0, 1)
+            i, nxt = nxt, atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
 
@@ -282,6 +286,24 @@ def down_rows(acc, y, pairs, scale, u0, nt, slab):
             if p >= 0:
                 for n in range(TM):
                     y[p, slab * TM + n] = acc[t * TM * TM + n * TM + m] * scale[p]
+
+
+@njit(inline="always", **JIT)
+def item_row(i, experts, slabs, R):
+    """The first weight row of item i (16 rows of expert experts[i // slabs]), -1 past the end."""
+    if i >= experts.shape[0] * slabs:
+        return -1
+    return experts[i // slabs] * R + i % slabs * TM
+
+
+@njit(inline="always", **JIT)
+def prefetch_ahead(a, row0, nrow0, rowb, pos):
+    """Prefetches byte `pos` of the 16 rows (rowb bytes each) from row0 of a, or where pos runs
+    past their end, byte pos - rowb of the next item's 16 rows from nrow0 (-1: none)."""
+    if pos < rowb:
+        prefetch_rows(a, row0 * rowb + pos, rowb)
+    elif nrow0 >= 0:
+        prefetch_rows(a, nrow0 * rowb + pos - rowb, rowb)
 
 
 @njit(**JIT)

@@ -35,9 +35,11 @@ from hetero.cpu_experts.kernels_amx import (  # tile numbers and epilogues: one 
     TM,
     _most_tiles,
     down_rows,
+    item_row,
+    prefetch_ahead,
     silu_rows,
 )
-from hetero.cpu_experts.simd_amx import prefetch_rows, unpack_bf16
+from hetero.cpu_experts.simd_amx import unpack_bf16
 from hetero.cpu_experts.simd_pack import interleave16
 from hetero.cpu_experts.simd_sync import atomic_add
 
@@ -45,7 +47,7 @@ DEPENDS = {
     "simd_amx.py": "06ab87a4c0786592",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "f288fab0008801da",
+    "kernels_amx.py": "60aba52d85d46676",
     "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
@@ -108,21 +110,22 @@ _WITH_A0, _WITH_A1 = _products_with(A0), _products_with(A1)
 
 
 @njit(inline="always", **JIT)
-def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead):
+def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead, nrow0):
     """Slice sl (128 of k) of the 16 rows from row0 of w (int4, K/2 bytes a row, scales s a
-    group: ng a row, gs a slice) into ab, prefetching `ahead` bytes further on. (ng, gs from
-    the caller: no division a slice.)"""
+    group: ng a row, gs a slice) into ab, prefetching `ahead` bytes further on (at most a row:
+    past the rows' end, the next item's from nrow0; -1: none). (ng, gs from the caller: no
+    division a slice.)"""
     rowb = K // 2
     k0 = sl * SLICE
     if ahead > 0:
-        prefetch_rows(w, row0 * rowb + k0 // 2 + ahead, rowb)
+        prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb))
     for g in range(sl * gs, (sl + 1) * gs):
         unpack_bf16(w, row0 * rowb + g * G // 2, rowb, s, row0 * ng + g, ng, ab,
                     g * G // TK * TM * TK, G)  # fmt: skip
 
 
 @njit(inline="always", **JIT)
-def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
+def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
     """acc[t, n, m] = sum over k of weight row row0 + n (int4 w, bf16 scales s) times token m of
     tile u0 + t, for the 16 rows from row0 and nt token tiles (xb: their B tiles, flat bytes).
     The rows are unpacked a slice ahead of the products that use them, into ab (all of k)."""
@@ -137,7 +140,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
         amx.tile_zero(tiles, CS[3])
         first = g0 == 0
         if first:
-            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead)
+            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
         at = (u0 + g0) * step
         for sl in range(K // SLICE):
             for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
@@ -146,7 +149,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead):
                 amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
                 _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
             if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
-                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead)
+                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
         amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
         if n > 1:
             amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
@@ -188,16 +191,18 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
     for _ in prange(threads):
         tiles, ab, acc = _thread_state(cfg, K, most)
         i = atomic_add(counter, 0, 1)
+        nxt = atomic_add(counter, 0, 1)  # claimed an item early: its rows are prefetched
         while i < A * slabs:
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
-            _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead)
+            nrow0 = item_row(nxt, experts, slabs, R)
+            _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             if gate:
                 silu_rows(acc, h, u0, nt, slab)
             else:
                 down_rows(acc, y, pairs, scale, u0, nt, slab)
-            i = atomic_add(counter, 0, 1)
+            i, nxt = nxt, atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
 
