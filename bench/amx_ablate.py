@@ -29,6 +29,7 @@ from kernel_variant import load, rewrite, source  # noqa: E402
 
 from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
+from hetero.cpu_experts.jobs import EngineConfig  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--tiles", choices=("int8", "bf16"), default="int8")
@@ -37,6 +38,7 @@ ARGS = p.parse_args()
 TILES = ARGS.tiles
 ORIGINAL = kernels_amx_bf16 if TILES == "bf16" else kernels_amx
 src = source(ORIGINAL)
+AHEAD = EngineConfig.amx_prefetch_bytes
 NOOP = "\nfrom numba import njit as _nj\n@_nj\ndef _noop(*a):\n    return\n"
 
 
@@ -119,7 +121,7 @@ for spec in ["int4", "int4-g128", "int8"]:
             setattr(ops, ORIGINAL.__name__.rpartition(".")[2], mod)
             times = {}
             t0 = time.perf_counter()
-            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, 4096, times, TILES)
+            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, AHEAD, times, TILES)
             if it:
                 res[name].append((time.perf_counter() - t0) * 1e3)
                 for s_, v in times.items():

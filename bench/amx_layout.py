@@ -37,6 +37,7 @@ from kernel_variant import load, source  # noqa: E402
 
 from hetero.cpu_experts import amx, kernels_amx, kernels_amx_bf16, ops  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
+from hetero.cpu_experts.jobs import EngineConfig  # noqa: E402
 
 # kernels_amx.prefetch_ahead for weights in tile order: byte `pos` of each row's chunk stream
 # is at pos * TM of its slab, the 16 rows' chunks `chunk` bytes apart
@@ -129,7 +130,7 @@ def run(modules, layer, x, w, g, times, tiles):
     ops.kernels_amx, ops.kernels_amx_bf16 = modules
     out = np.zeros_like(x)
     t0 = time.perf_counter()
-    ops.moe_gemm_amx(layer, x, w, g, out, {}, 4096, times, tiles)
+    ops.moe_gemm_amx(layer, x, w, g, out, {}, EngineConfig.amx_prefetch_bytes, times, tiles)
     return out, time.perf_counter() - t0
 
 

@@ -184,6 +184,12 @@ def main() -> None:
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
+    p.add_argument(
+        "--amx-prefetch-bytes",
+        type=int,
+        default=EngineConfig.amx_prefetch_bytes,
+        help="the AMX path's prefetch distance (capped at a row)",
+    )
     p.add_argument("--hugepages", action="store_true", help="weights in transparent huge pages")
     p.add_argument(
         "--routing-alpha",
@@ -215,6 +221,7 @@ def main() -> None:
         "routing_alpha": args.routing_alpha,
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
+        "amx_prefetch_bytes": args.amx_prefetch_bytes,
         "hugepages": args.hugepages,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
@@ -239,6 +246,7 @@ def main() -> None:
                 rows_per_item=args.rows_per_item,
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
+                amx_prefetch_bytes=args.amx_prefetch_bytes,
                 hugepages=args.hugepages,
             ),
         )

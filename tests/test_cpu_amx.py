@@ -169,6 +169,28 @@ def test_edge_cases(tiles):
     assert rel_err(torch.from_numpy(one), amx_reference(layer, x[:1], ids, w[:1], tiles)) < FP32_TOL
 
 
+@pytest.mark.parametrize("spec, tiles", [("int4", "bf16"), ("int4-g128", "int8"), ("int8", "auto")])
+def test_prefetch_distance_changes_nothing_but_timing(spec, tiles):
+    """No prefetch, a line, a row and far past it (capped at a row, then into the next item's
+    rows): equal outputs."""
+    layer = layer_of(spec)
+    x, ids, w = routing(37, 3, seed=4, hidden=H)
+    g = ops.group_by_expert(ids.numpy(), E)
+    outs = []
+    for ahead in (0, 64, H // 2, 1 << 20):
+        out = np.zeros((37, H), np.float32)
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, None, ahead, int4_tiles=tiles)
+        outs.append(out)
+    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+
+
+def test_item_rows():
+    """Item i: 16 rows of expert experts[i // slabs], slab i % slabs; past the last item, -1."""
+    experts = np.array([5, 2], np.int64)
+    rows = [kernels_amx.item_row(i, experts, 3, 48) for i in range(7)]
+    assert rows == [240, 256, 272, 96, 112, 128, -1]
+
+
 def test_unsupported_layers_are_refused():
     layer = layer_of("bf16")
     x, ids, w = routing(4, 2, hidden=H)

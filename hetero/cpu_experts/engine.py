@@ -372,7 +372,7 @@ class CPUExperts:
         if heavy.size and self._tiles(layer):
             heavy_g = ops.group_by_expert(np.where(on_gemm, ids, -1), layer.num_experts)
             ops.moe_gemm_amx(
-                layer, x, weights, heavy_g, out, self._amx_scratch, c.prefetch_bytes,
+                layer, x, weights, heavy_g, out, self._amx_scratch, c.amx_prefetch_bytes,
                 self.stats.amx_s, c.amx_int4_tiles,
             )  # fmt: skip
             return

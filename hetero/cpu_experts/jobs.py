@@ -36,6 +36,11 @@ class EngineConfig:
     # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB
     # took int4 at 1 token from 59% to 72% of read bandwidth, int8 from 72% to 88%
     prefetch_bytes: int = 4096
+    # the AMX path's distance, capped at a weight row: an item reads its 16 rows side by side,
+    # and past their end the prefetches run on into the thread's next item. H200 host, V3 layer,
+    # T=1024, alternated in one VM (2026-12-05): a whole row (16 KB, capped) against 4 KB,
+    # int4-g128 143-152 against 168 ms, int8 167-173 against 181, int4-g32 225-238 against 236-252
+    amx_prefetch_bytes: int = 16384
     # copy the weights into 2 MB transparent huge pages at load: streaming 4 KB pages costs a
     # TLB walk every page (off until measured; a store's memory map is then read once, eagerly)
     hugepages: bool = False

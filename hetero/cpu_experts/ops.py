@@ -191,7 +191,7 @@ def moe_gemm_amx(
     g: Grouping,
     out: np.ndarray,
     scratch: dict[str, np.ndarray] | None = None,
-    prefetch_bytes: int = 4096,
+    prefetch_bytes: int = 16384,
     times: dict[str, float] | None = None,
     int4_tiles: str = "auto",
 ) -> None:
@@ -201,7 +201,8 @@ def moe_gemm_amx(
     for group 32 (rescaling int8 sums every 32 k costs more than dequantizing), int8 above.
     `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
     first touch would cost tens of ms a call). `prefetch_bytes`: how far ahead each weight row
-    is prefetched; `times`: filled with each step's seconds."""
+    is prefetched (at most a row: past its end, the thread's next item; 0: none); `times`:
+    filled with each step's seconds."""
     scratch = {} if scratch is None else scratch
     _check(layer, x, weights, out)
     if int4_tiles not in ("auto", "bf16", "int8"):
