@@ -121,6 +121,7 @@ class FlashInferMLA:
             self.wrapper = BatchMLAPagedAttentionWrapper(workspace)
         self.planned = None  # (batch, subset) the plan is for
         self.memo: dict = {}  # page_indices' gather positions, while the page counts stay
+        self.copied = None  # a CUDA event after the last plan's copy to the device (see plan)
 
     def plan(self, batch, page_size: int, heads: int, kv_rank: int, rope: int, scale: float,
              dtype: torch.dtype, ctx_lens=None, subset=None) -> None:  # fmt: skip
@@ -143,8 +144,16 @@ class FlashInferMLA:
         lens = torch.tensor(ctx_lens, dtype=torch.int32)
         causal = any(q > 1 for q in q_lens)  # (one new token a row: no mask to apply)
         # indptrs and lengths from the host (flashinfer plans there; it copies them over)
+        # flashinfer writes a plan into one page-locked buffer and copies it to the device
+        # asynchronously: a plan made while the last one's copy still waits in the stream (the
+        # host running ahead of the GPU, no sync between two steps) would overwrite it
+        if self.copied is not None:
+            self.copied.synchronize()
         self.wrapper.plan(q_indptr, kv_indptr, kv_indices, lens, heads, kv_rank, rope,
                           page_size, causal, scale, dtype, dtype)  # fmt: skip
+        if kv_indices.is_cuda:
+            self.copied = torch.cuda.Event()
+            self.copied.record()
         self.planned = (batch, subset)  # (the batch held: no other can take its identity)
 
     def run(self, q_lat: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
