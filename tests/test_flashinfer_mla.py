@@ -270,7 +270,7 @@ def test_flashinfer_extend_equals_the_triton_kernels(tmp_path):
     g = torch.Generator().manual_seed(0)
     pages = torch.randperm(30, generator=g).add(1).tolist()
     tables = [pages[0:1], pages[1:19], pages[19:23]]  # 8, 277 and 49 tokens in pages of 16
-    out = {}
+    out, layers = {}, {}
     for attention in ("triton", "flashinfer"):
         model = load_model(path, device="cuda", dtype=torch.bfloat16, attention=attention,
                            progress=False)  # fmt: skip
@@ -280,7 +280,16 @@ def test_flashinfer_extend_equals_the_triton_kernels(tmp_path):
         tail = torch.cat([ids[sum(lens[:i]) + n : sum(lens[: i + 1])] for i, n in enumerate(first)])
         model(head, ForwardBatch.paged(tables, first, first, 16, "cuda"), cache)
         step = ForwardBatch.paged(tables, more, lens, 16, "cuda")
+        seen = []  # each layer's attention output of the second chunk
+        hooks = [layer.self_attn.register_forward_hook(lambda m, a, o: seen.append(o.float()))
+                 for layer in model.model.layers]  # fmt: skip
         out[attention] = model(tail, step, cache).float()
+        layers[attention] = seen
+        for h in hooks:
+            h.remove()
+    rels = [((f - t).norm() / t.norm()).item() for f, t in zip(*layers.values())]
+    print("attention output, layer by layer:", [round(r, 4) for r in rels])
+    assert rels[0] < 1e-2, rels  # the first layer: the same inputs on both sides
     rel = (out["flashinfer"] - out["triton"]).norm() / out["triton"].norm()
     assert rel < 2e-2, rel
 
