@@ -76,7 +76,14 @@ def bf16_variants(src: str) -> dict[str, str]:
         ("        if n > 3:\n"
          "            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)\n"
          "            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)\n", ""),
-        ("        amx.tile_zero(tiles, CS[3])\n", ""),
+        ("        amx.tile_zero(tiles, CS[2])\n        amx.tile_zero(tiles, CS[3])\n"
+         "        first = g0 == 0\n        if first:\n"
+         "            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)\n"
+         "        at =",
+         "        amx.tile_zero(tiles, CS[2])\n        first = g0 == 0\n        if first:\n"
+         "            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)\n"
+         "        at ="),  # (the one-slab kernel's; the pair kernel is not called:)
+        ("                _slab_pair_times_tiles(", "                _rows_times_tiles("),
         ("        if n > 3:\n"
          "            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)\n", ""),
     ):  # fmt: skip
@@ -100,8 +107,11 @@ variants = (bf16_variants if TILES == "bf16" else int8_variants)(src)
 for k, v in variants.items():
     assert k == "full" or v != src, k
 mods = {k: load(f"amxv_{k}", v) for k, v in variants.items()}
+runs = {name: (mod, 1) for name, mod in mods.items()}  # variant -> (kernels, slabs an item)
+if TILES == "bf16":
+    runs["slabs2"] = (mods["full"], 2)  # the whole kernel, items of two 16-row slabs
 if ARGS.check:
-    print(json.dumps({"tiles": TILES, "variants": sorted(mods)}))
+    print(json.dumps({"tiles": TILES, "variants": sorted(runs)}))
     raise SystemExit(0)
 amx.enable()
 H, I, E, k = SHAPES["v3"]
@@ -111,23 +121,24 @@ for spec in ["int4", "int4-g128", "int8"]:
     layer = random_layer(Format.parse(spec), H, I, E)
     x = torch.randn(T, H, generator=gen).numpy()
     scratch = {}
-    res = {n: [] for n in mods}
-    steps = {n: {} for n in mods}
+    res = {n: [] for n in runs}
+    steps = {n: {} for n in runs}
     for it in range(4):
-        for name, mod in mods.items():
+        for name, (mod, slabs) in runs.items():
             ids, w = draw_routing(T, E, k, gen)
             g = ops.group_by_expert(ids.numpy(), E)
             out = np.zeros((T, H), np.float32)
             setattr(ops, ORIGINAL.__name__.rpartition(".")[2], mod)
             times = {}
             t0 = time.perf_counter()
-            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, AHEAD, times, TILES)
+            ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, AHEAD, times, TILES,
+                             slabs)  # fmt: skip
             if it:
                 res[name].append((time.perf_counter() - t0) * 1e3)
                 for s_, v in times.items():
                     steps[name][s_] = steps[name].get(s_, 0) + v * 1e3 / 3
     setattr(ops, ORIGINAL.__name__.rpartition(".")[2], ORIGINAL)
-    for name in mods:
+    for name in runs:
         print(
             json.dumps(
                 {

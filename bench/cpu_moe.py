@@ -182,6 +182,12 @@ def main() -> None:
         "each int4 format is run with each)",
     )
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
+    p.add_argument(
+        "--amx-bf16-slabs",
+        type=int,
+        default=EngineConfig.amx_bf16_slabs,
+        help="16-row slabs an item on the AMX bf16 tiles (1 or 2)",
+    )
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
     p.add_argument(
@@ -222,6 +228,7 @@ def main() -> None:
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
         "amx_prefetch_bytes": args.amx_prefetch_bytes,
+        "amx_bf16_slabs": args.amx_bf16_slabs,
         "hugepages": args.hugepages,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
@@ -247,6 +254,7 @@ def main() -> None:
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
                 amx_prefetch_bytes=args.amx_prefetch_bytes,
+                amx_bf16_slabs=args.amx_bf16_slabs,
                 hugepages=args.hugepages,
             ),
         )

@@ -185,10 +185,34 @@ def test_prefetch_distance_changes_nothing_but_timing(spec, tiles):
 
 
 def test_item_rows():
-    """Item i: 16 rows of expert experts[i // slabs], slab i % slabs; past the last item, -1."""
+    """Item i: `rows` rows of expert experts[i // per], its (i % per)-th; past the last, -1."""
     experts = np.array([5, 2], np.int64)
-    rows = [kernels_amx.item_row(i, experts, 3, 48) for i in range(7)]
+    rows = [kernels_amx.item_row(i, experts, 3, 48, 16) for i in range(7)]
     assert rows == [240, 256, 272, 96, 112, 128, -1]
+    rows = [kernels_amx.item_row(i, experts, 2, 64, 32) for i in range(5)]
+    assert rows == [320, 352, 128, 160, -1]
+
+
+@pytest.mark.parametrize("spec", ["int4", "int4-g128"])
+def test_slab_pairs_equal_single_slabs(spec):
+    """bf16 tiles, items of two 16-row slabs x two token tiles at a time: the same sums as one
+    slab an item, bit for bit (the same products in the same k order), over experts with 1, 2
+    and 3 token tiles (an odd one: a pair, then one)."""
+    layer = layer_of(spec)
+    x, _, w = routing(70, 1, seed=6, hidden=H)
+    ids = torch.where(
+        torch.arange(70)[:, None] < 40, 1, torch.where(torch.arange(70)[:, None] < 60, 2, 6)
+    )
+    g = ops.group_by_expert(ids.numpy(), E)
+    outs = []
+    for slabs in (1, 2):
+        out = np.zeros((70, H), np.float32)
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int4_tiles="bf16", slabs=slabs)
+        outs.append(out)
+    assert np.array_equal(outs[0], outs[1])
+    assert rel_err(torch.from_numpy(outs[1]), amx_reference(layer, x, ids, w, "bf16")) < FP32_TOL
+    with pytest.raises(ValueError, match="slabs must be 1 or 2, not 4"):
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, slabs=4)
 
 
 def test_unsupported_layers_are_refused():

@@ -256,7 +256,7 @@ def _items(w, s, K, R, G, offset, cfg, experts, first_tile, xb, xs, xsum, ahead,
             a, slab = i // slabs, i % slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
-            nrow0 = item_row(nxt, experts, slabs, R)
+            nrow0 = item_row(nxt, experts, slabs, R, TM)
             _rows_times_tiles(tiles, w, s, row0, K, G, kt, rr, offset, xb, xs, xsum, u0, nt,
                               acc, ab, cbuf, sw, ahead, nrow0)  # fmt: skip
             if gate:
@@ -289,11 +289,12 @@ def down_rows(acc, y, pairs, scale, u0, nt, slab):
 
 
 @njit(inline="always", **JIT)
-def item_row(i, experts, slabs, R):
-    """The first weight row of item i (16 rows of expert experts[i // slabs]), -1 past the end."""
-    if i >= experts.shape[0] * slabs:
+def item_row(i, experts, per, R, rows):
+    """The first weight row of item i (`rows` rows of expert experts[i // per], its R rows in
+    `per` items), -1 past the end."""
+    if i >= experts.shape[0] * per:
         return -1
-    return experts[i // slabs] * R + i % slabs * TM
+    return experts[i // per] * R + i % per * rows
 
 
 @njit(inline="always", **JIT)

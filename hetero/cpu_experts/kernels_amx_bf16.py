@@ -47,7 +47,7 @@ DEPENDS = {
     "simd_amx.py": "06ab87a4c0786592",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "60aba52d85d46676",
+    "kernels_amx.py": "bfff8c89a6d97ee0",
     "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
@@ -159,8 +159,54 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0
             amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)
 
 
+@njit(inline="always", **JIT)
+def _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
+    """_rows_times_tiles for 32 rows (two slabs of 16, unpacked into ab's two halves) and two
+    token tiles at a time: each B tile feeds both slabs' products and each A tile both token
+    tiles', a tile load a product against 1.5 for one slab at two token tiles (the tile loads,
+    not the products, bound the unit at an expert's ~2 token tiles; H200 tile micro-bench).
+    acc: slab 0's sums [nt, 16, 16], then slab 1's."""
+    nc = K // TK
+    step = nc * TILE_BYTES  # bytes of one token tile's B tiles
+    ng, gs = K // G, SLICE // G
+    half = K * TM  # ab's values a slab (bf16 bits)
+    second = ab[half:]
+    nrow1 = nrow0 + TM if nrow0 >= 0 else nrow0
+    for g0 in range(0, nt, 2):
+        n = min(2, nt - g0)
+        amx.tile_zero(tiles, CS[0])
+        amx.tile_zero(tiles, CS[1])
+        amx.tile_zero(tiles, CS[2])
+        amx.tile_zero(tiles, CS[3])
+        first = g0 == 0
+        if first:
+            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
+            _unpack_slice(w, s, row0 + TM, K, G, ng, gs, 0, second, ahead, nrow1)
+        at = (u0 + g0) * step
+        for sl in range(K // SLICE):
+            for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK):
+                amx.tile_load(tiles, A0, ab, c * TILE_BYTES, 64)
+                amx.tile_load(tiles, A1, ab, 2 * half + c * TILE_BYTES, 64)
+                amx.tile_load(tiles, B0, xb, at + c * TILE_BYTES, 64)
+                amx.tile_dp_bf16ps(tiles, CS[0], A0, B0)
+                amx.tile_dp_bf16ps(tiles, CS[2], A1, B0)
+                if n > 1:
+                    amx.tile_load(tiles, B1, xb, at + step + c * TILE_BYTES, 64)
+                    amx.tile_dp_bf16ps(tiles, CS[1], A0, B1)
+                    amx.tile_dp_bf16ps(tiles, CS[3], A1, B1)
+            if first and sl + 1 < K // SLICE:
+                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
+                _unpack_slice(w, s, row0 + TM, K, G, ng, gs, sl + 1, second, ahead, nrow1)
+        other = nt * TM * TM * 4  # bytes: slab 1's sums
+        amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
+        amx.tile_store(tiles, CS[2], acc, other + g0 * TM * TM * 4, 64)
+        if n > 1:
+            amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
+            amx.tile_store(tiles, CS[3], acc, other + (g0 + 1) * TM * TM * 4, 64)
+
+
 @njit(**JIT)
-def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads):
+def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads, slabs=1):
     """h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat (rows
     [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U; xb: pack_tiles."""
     pairs, scale, y = (
@@ -169,47 +215,59 @@ def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads):
         np.empty((0, 0), np.float32),
     )
     _items(w13, s13, H, 2 * I, G, cfg, experts, first_tile, xb, ahead, threads, True, h, pairs,
-           scale, y)  # fmt: skip
+           scale, y, slabs)  # fmt: skip
 
 
 @njit(**JIT)
-def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads):
+def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads, slabs=1):
     """y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each token
-    column (-1: padding); hb: pack_tiles of h."""
+    column (-1: padding); hb: pack_tiles of h. `slabs`: 16-row slabs an item (1, or 2: see
+    _slab_pair_times_tiles; R % 32 == 0)."""
     h = np.empty((0, 0, 0), np.float32)
-    _items(w2, s2, I, H, G, cfg, experts, first_tile, hb, ahead, threads, False, h, pairs, scale, y)
+    _items(w2, s2, I, H, G, cfg, experts, first_tile, hb, ahead, threads, False, h, pairs, scale, y,
+           slabs)  # fmt: skip
 
 
 @njit(parallel=True, **JIT)
 def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h, pairs, scale,
-           y):  # fmt: skip
-    """Items of 16 of an expert's R rows (K of k) x its token tiles, from a shared counter; their
-    sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
-    A, slabs = experts.shape[0], R // TM
+           y, slabs):  # fmt: skip
+    """Items of `slabs` x 16 of an expert's R rows (K of k) x its token tiles, from a shared
+    counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
+    A, rows = experts.shape[0], slabs * TM
+    per = R // rows  # items an expert
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, acc = _thread_state(cfg, K, most)
+        tiles, ab, acc = _thread_state(cfg, K, most, slabs)
         i = atomic_add(counter, 0, 1)
         nxt = atomic_add(counter, 0, 1)  # claimed an item early: its rows are prefetched
-        while i < A * slabs:
-            a, slab = i // slabs, i % slabs
+        while i < A * per:
+            a, slab = i // per, i % per * slabs
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
-            nrow0 = item_row(nxt, experts, slabs, R)
-            _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
-            if gate:
-                silu_rows(acc, h, u0, nt, slab)
+            nrow0 = item_row(nxt, experts, per, R, rows)
+            if slabs == 2:
+                _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             else:
-                down_rows(acc, y, pairs, scale, u0, nt, slab)
+                _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
+            for j in range(slabs):
+                sums = acc[j * nt * TM * TM :]
+                if gate:
+                    silu_rows(sums, h, u0, nt, slab + j)
+                else:
+                    down_rows(sums, y, pairs, scale, u0, nt, slab + j)
             i, nxt = nxt, atomic_add(counter, 0, 1)
         amx.tile_release(tiles)
 
 
 @njit(inline="always", **JIT)
-def _thread_state(cfg, K, most):
-    """A thread's tiles, configured, the unpacked rows of an item (K of k, bf16 bits) and the
-    f32 sums [most, 16, 16] of its token tiles."""
+def _thread_state(cfg, K, most, slabs):
+    """A thread's tiles, configured, the unpacked rows of an item (K of k, bf16 bits, a slab
+    after another) and the f32 sums [slabs, most, 16, 16] of its token tiles."""
     tiles = np.zeros(amx.TILES_BYTES, np.uint8)
     amx.tile_config(tiles, cfg)
-    return tiles, np.empty(K * TM, np.uint16), np.empty(most * TM * TM, np.float32)
+    return (
+        tiles,
+        np.empty(slabs * K * TM, np.uint16),
+        np.empty(slabs * most * TM * TM, np.float32),
+    )
