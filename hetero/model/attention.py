@@ -24,6 +24,11 @@ from hetero.model.layers import Linear, RMSNorm, Rotary
 from hetero.registry import MLA_ATTENTION
 
 MHA_MIN_TOKENS = 256  # new tokens of a sequence from which an extend step runs `mha_sequence`
+# extend steps' short sequences through flashinfer with `--attention flashinfer`: off, since on
+# the H200 (2026-12-05) a model's second prompt chunk differed from the Triton kernels' by 0.066
+# (logits) while flashinfer's extend kernel alone equals a float64 reference; on again once
+# tests/test_flashinfer_mla.py's model-level test (which turns it on) passes
+FLASHINFER_EXTEND = False
 # on the GPU only kernels that never materialize the [q, S] scores (an error, not an OOM)
 FLASH = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
 
@@ -287,7 +292,7 @@ def flashinfer_attention(mla: MLA, q_nope, q_pe, batch: ForwardBatch, cache: Cac
 
     if batch.is_decode:
         return _flashinfer_kernel(mla, q_nope, q_pe, batch, cache, None)
-    if mla.backend == "flashinfer" and applies(cache):
+    if mla.backend == "flashinfer" and FLASHINFER_EXTEND and applies(cache):
         # extend steps: the short sequences through flashinfer's kernel (causal), the long
         # ones through flash attention as "triton" runs them
         return kernel_attention(mla, q_nope, q_pe, batch, cache, _flashinfer_kernel)
