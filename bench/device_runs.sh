@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -570,6 +570,24 @@ for stage in "$@"; do
       timeout 90 python3 bench/cpu_moe.py --shape v3 --format int8,int4-g128 --tokens 1024 \
         --no-naive --hugepages >> "$OUT/amx_prefetch.jsonl" 2>> "$OUT/amx_prefetch.err"
       tail -2 "$OUT/amx_prefetch.err"; grep -c . "$OUT/amx_prefetch.jsonl" ;;
+    amx-slabs)  # issue 19: the bf16 tiles' items of two 16-row slabs (one tile load a product,
+      # against 1.5) against one, int4-g32 at 1024 tokens, alternated twice with the naive loop
+      # in the first run; then amx_ablate's bf16 runs (slabs2 among them: what bounds it) (~6 min)
+      naive=""
+      for round in 1 2; do
+        for slabs in 1 2; do
+          timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1024 \
+            --amx-bf16-slabs $slabs $naive >> "$OUT/amx_slabs.jsonl" 2>> "$OUT/amx_slabs.err"
+          naive="--no-naive"
+        done
+      done
+      timeout 150 python3 bench/amx_ablate.py --tiles bf16 > "$OUT/amx_ablate_bf16.jsonl" \
+        2>> "$OUT/amx_slabs.err"; tail -1 "$OUT/amx_slabs.err"; cat "$OUT/amx_ablate_bf16.jsonl" ;;
+    fi-extend-diag)  # issue 18: flashinfer's extend route (off by default) at the kernel and
+      # the model level, each layer's difference printed (~2 min)
+      flashinfer_wheels
+      timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+        | tee "$OUT/$day-flashinfer-tests.log" | grep -E "layer by layer|passed|failed|^(16|128) " ;;
     amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
       # kt-kernel repacks them) speed up the AMX path? int8, int4-g128 (int8 tiles) and int4-g32
       # (bf16 tiles) at 1024 tokens, the stored rows against a tile-order copy (and for int8,
