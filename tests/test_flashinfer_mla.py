@@ -173,8 +173,10 @@ def test_flashinfer_extend_kernel_equals_the_reference(heads, q_lens, ctx_lens):
     latent = torch.randn(at + 1, 16, 512, device="cuda", generator=g).bfloat16()
     rope = torch.randn(at + 1, 16, 64, device="cuda", generator=g).bfloat16()
     T = sum(q_lens)
-    q_lat = torch.randn(T, heads, 512, device="cuda", generator=g).bfloat16() * 0.05
-    q_pe = torch.randn(T, heads, 64, device="cuda", generator=g).bfloat16() * 0.05
+    # scores of std ~2.4 (0.1 x ~24): peaked softmaxes, where a wrong score, row or mask shows
+    # (2026-12-05's first version scaled q by 0.05: near-uniform attention, a weaker check)
+    q_lat = torch.randn(T, heads, 512, device="cuda", generator=g).bfloat16()
+    q_pe = torch.randn(T, heads, 64, device="cuda", generator=g).bfloat16()
     scale = 0.1
     want = _latent_reference(q_lat, q_pe, latent, rope, tables, q_lens, ctx_lens, scale)
     starts = torch.tensor([0, *q_lens], device="cuda").cumsum(0).int()
@@ -228,6 +230,62 @@ class FakeWrapper:
     def plan(self, q_indptr, kv_indptr, kv_indices, kv_lens, *rest):
         self.plans.append((q_indptr.tolist(), kv_indptr.tolist(), kv_indices.tolist(),
                            kv_lens.tolist(), rest[4]))  # (rest[4]: causal)  # fmt: skip
+
+
+class ReferenceWrapper(FakeWrapper):
+    """flashinfer's wrapper as a float64 reference on any device: `run` attends each planned
+    request's new tokens over the pages of its CSR page list, causal bottom-right (the CPU has
+    no flashinfer; this checks what FlashInferMLA and the model hand it)."""
+
+    def plan(self, q_indptr, kv_indptr, kv_indices, kv_lens, *rest):
+        super().plan(q_indptr, kv_indptr, kv_indices, kv_lens, *rest)
+        self.scale = rest[5]
+
+    def run(self, q_lat, q_pe, latent, rope):
+        q_ptr, kv_ptr, pages, lens, causal = self.plans[-1]
+        tables = [pages[kv_ptr[i] : kv_ptr[i + 1]] for i in range(len(lens))]
+        q_lens = [b - a for a, b in zip(q_ptr, q_ptr[1:])]
+        assert causal == any(q > 1 for q in q_lens)
+        out = _latent_reference(q_lat, q_pe, latent, rope, tables, q_lens, lens, self.scale)
+        return out.to(q_lat.dtype)
+
+
+def test_extend_route_hands_flashinfer_the_right_rows(tiny_v3, monkeypatch):
+    """The extend route (FLASHINFER_EXTEND) on the CPU with a reference in flashinfer's place:
+    a second prompt chunk of 3, 260 and 9 new tokens over cached prefixes (the short two
+    through the wrapper, a subset; the long one through flash attention), its logits against
+    the absorbed attention's. A wrong row, page or length in the route fails it."""
+    import sys
+    from types import ModuleType
+
+    from hetero.model import attention as mla_module
+
+    fake = ModuleType("flashinfer.mla")
+    fake.BatchMLAPagedAttentionWrapper = ReferenceWrapper
+    monkeypatch.setitem(sys.modules, "flashinfer", ModuleType("flashinfer"))
+    monkeypatch.setitem(sys.modules, "flashinfer.mla", fake)
+    monkeypatch.setattr(flashinfer_mla, "available", lambda: True)
+    monkeypatch.setattr(flashinfer_mla, "applies", lambda cache: True)
+    monkeypatch.setattr(mla_module, "FLASHINFER_EXTEND", True)
+    first, more = [5, 17, 40], [3, 260, 9]
+    lens = [a + b for a, b in zip(first, more)]
+    g = torch.Generator().manual_seed(0)
+    pages = torch.randperm(30, generator=g).add(1).tolist()
+    tables = [pages[0:1], pages[1:19], pages[19:23]]
+    ids = torch.randint(3, 200, (sum(lens),), generator=g)
+    head = torch.cat([ids[sum(lens[:i]) : sum(lens[:i]) + n] for i, n in enumerate(first)])
+    tail = torch.cat([ids[sum(lens[:i]) + n : sum(lens[: i + 1])] for i, n in enumerate(first)])
+    out, caches = {}, {}
+    for attention in ("flashinfer", "absorbed"):
+        model = load_model(tiny_v3, dtype=torch.float32, attention=attention, progress=False)
+        cache = caches[attention] = model.new_paged_cache(32, 16)
+        model(head, ForwardBatch.paged(tables, first, first, 16), cache)
+        out[attention] = model(tail, ForwardBatch.paged(tables, more, lens, 16), cache)
+    plans = caches["flashinfer"].state["flashinfer_extend"].wrapper.plans
+    assert [p[0] for p in plans] == [[0, 5, 22, 62], [0, 3, 12]]  # both chunks, once each
+    assert plans[1][3] == [8, 49]  # the second chunk's short sequences: 0 and 2
+    rel = (out["flashinfer"] - out["absorbed"]).norm() / out["absorbed"].norm()
+    assert rel < 1e-4, rel
 
 
 def test_extend_plans_a_subset_once_a_step(monkeypatch):
