@@ -189,6 +189,12 @@ def main() -> None:
         help="16-row slabs an item on the AMX bf16 tiles (1 or 2)",
     )
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument(
+        "--naive-each",
+        action="store_true",
+        help="the naive loop timed again right after each format's point, its bf16 weights kept "
+        "(the ratio from adjacent times: a VM whose speed drifts within a run)",
+    )
     p.add_argument("--prefetch-bytes", type=int, default=EngineConfig.prefetch_bytes)
     p.add_argument(
         "--amx-prefetch-bytes",
@@ -233,9 +239,13 @@ def main() -> None:
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
     gen = torch.Generator().manual_seed(0)
-    naive = {}
+    naive, naive_w = {}, None
     if not args.no_naive:
-        naive = measure_naive(H, I, E, k, tokens, gen, args.iters, bw, base)
+        naive_w = naive_weights(H, I, E)
+        naive = measure_naive(naive_w, tokens, gen, args.iters, bw, base, k)
+        if not args.naive_each:
+            naive_w = None
+            gc.collect()
     int4_tiles = args.amx_int4_tiles.split(",")
     runs = [(Format.parse(spec), t) for spec in args.format.split(",") for t in int4_tiles]
     runs = [(fmt, t) for fmt, t in runs if fmt.name == "int4" or t == int4_tiles[0]]
@@ -279,15 +289,18 @@ def main() -> None:
             if T in naive:
                 row["naive_ms"] = naive[T]
                 row["speedup_vs_naive"] = round(naive[T] / ms, 2)
+            if naive_w is not None:  # the naive loop again, right after this point
+                after = measure_naive(naive_w, [T], gen, args.iters, bw, base, k, quiet=True)[T]
+                row["naive_after_ms"] = after
+                row["speedup_vs_naive_after"] = round(after / ms, 2)
             print(json.dumps(row), flush=True)
         engine.close()
         del layer, engine
         gc.collect()
 
 
-def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
-    """The naive torch BF16 loop on a full layer of bf16 weights; also torch's own bf16 matmul of
-    one expert-sized GEMM ([T/32, H] x [H, I]) for the compute reference."""
+def naive_weights(H, I, E) -> dict[str, torch.Tensor]:
+    """A full layer of bf16 expert weights for the naive loop."""
     w = {
         "gate": torch.empty(E, I, H, dtype=torch.bfloat16),
         "up": torch.empty(E, I, H, dtype=torch.bfloat16),
@@ -295,7 +308,14 @@ def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
     }
     for t in w.values():
         t.copy_(as_tensor(random_bf16(t.shape, 3)))
-    out = {}
+    return w
+
+
+def measure_naive(w, tokens, gen, iters, bw, base, k, quiet=False) -> dict[int, float]:
+    """The naive torch BF16 loop over the layer `w` (naive_weights) at each of `tokens`, ms; also
+    torch's own bf16 matmul of one expert-sized GEMM ([T/32, H] x [H, I]) for the compute
+    reference, printed with it (quiet: neither printed nor timed)."""
+    (E, I, H), out = w["gate"].shape, {}
     for T in tokens:
         x = torch.randn(T, H, generator=gen, dtype=torch.bfloat16)
         routes = [draw_routing(T, E, k, gen) for _ in range(16)]
@@ -303,6 +323,9 @@ def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
             partial(naive_torch_loop, w), x, routes, iters or max(3, min(50, 500 // T))
         )
         bytes_read = np.mean([len(r[0].unique()) for r in routes]) * 3 * H * I * 2
+        out[T] = round(ms, 3)
+        if quiet:
+            continue
         row = {
             **base,
             "format": "torch-bf16-naive",
@@ -315,9 +338,6 @@ def measure_naive(H, I, E, k, tokens, gen, iters, bw, base) -> dict[int, float]:
         row["torch_gemm_shape"] = [m, H, I]
         row["torch_gemm_tflops"] = round(2 * m * H * I / gemm_ms / 1e9, 3)
         print(json.dumps(row), flush=True)
-        out[T] = row["ms"]
-    del w
-    gc.collect()
     return out
 
 

@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -570,6 +570,12 @@ for stage in "$@"; do
       timeout 90 python3 bench/cpu_moe.py --shape v3 --format int8,int4-g128 --tokens 1024 \
         --no-naive --hugepages >> "$OUT/amx_prefetch.jsonl" 2>> "$OUT/amx_prefetch.err"
       tail -2 "$OUT/amx_prefetch.err"; grep -c . "$OUT/amx_prefetch.jsonl" ;;
+    amx-accept)  # issue 19's acceptance point: the three formats at 1024 tokens, each against the
+      # naive loop timed first and again right after it (--naive-each: the VMs' speed drifts
+      # within a run; 2026-12-05 the naive loop ran at 433-671 ms across calls) (~4 min)
+      timeout 300 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128,int8 --tokens 1024 \
+        --naive-each > "$OUT/amx_accept.jsonl" 2> "$OUT/amx_accept.err"; tail -1 "$OUT/amx_accept.err"
+      grep -o '"format": "[^"]*"\|"speedup_vs_naive[a-z_]*": [0-9.]*' "$OUT/amx_accept.jsonl" ;;
     amx-slabs)  # issue 19: the bf16 tiles' items of two 16-row slabs (one tile load a product,
       # against 1.5) against one, int4-g32 at 1024 tokens, alternated twice with the naive loop
       # in the first run; then amx_ablate's bf16 runs (slabs2 among them: what bounds it) (~6 min)

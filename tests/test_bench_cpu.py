@@ -61,3 +61,23 @@ def test_cpu_kernels_compile_for_sapphire_rapids_without_calls_in_their_loops():
     for r in decode:
         assert r["hot"].get("vpdpbusd", 0) > 0, r
         assert not {"NRT_incref", "NRT_decref"} & set(r["between_hot"]["calls"]), r
+
+
+def test_cpu_moe_reports_each_format_against_the_naive_loop_before_and_after():
+    """bench/cpu_moe.py --naive-each (issue 19's ratio on a VM whose speed drifts): the naive
+    loop's row, then each format's point with its ratio to the naive loop timed first and to
+    the one timed right after it."""
+    run = subprocess.run([sys.executable, str(BENCH / "cpu_moe.py"), "--shape", "tiny",
+                          "--format", "int4,int8", "--tokens", "64", "--iters", "2",
+                          "--threads", "2", "--naive-each"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    points = [r for r in rows if r.get("tokens") == 64]
+    assert [r["format"] for r in points] == ["torch-bf16-naive", "int4-g32", "int8"]
+    naive = points[0]["ms"]
+    for r in points[1:]:
+        assert r["naive_ms"] == naive and r["naive_after_ms"] > 0
+        # (from the unrounded ms: a hundredth either way)
+        assert r["speedup_vs_naive"] == pytest.approx(naive / r["ms"], abs=0.011)
+        assert r["speedup_vs_naive_after"] == pytest.approx(r["naive_after_ms"] / r["ms"], abs=0.011)
