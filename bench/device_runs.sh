@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -295,6 +295,12 @@ for stage in "$@"; do
       timeout 330 python3 bench/fp8_sweep.py --small \
         --shapes qkv_a,o,shared_gate_up,shared_down,q_b > "$OUT/fp8_small_sweep.jsonl" \
         2> "$OUT/fp8_small.err"; tail -1 "$OUT/fp8_small.err"; grep -c . "$OUT/fp8_small_sweep.jsonl" ;;
+    fp8-small-low)  # issue 18's >= 60% of HBM at M <= 16: fp8_small (tensor cores, swap-AB)
+      # at 1, 4, 8 and 16 rows against the W8A16 GEMV the model uses there and cuBLAS, V3's
+      # decode matrices cold in L2 (~2 min): if it leads at M = 1, batch 1's step can take it
+      timeout 200 python3 bench/fp8_sweep.py --small --rows 1,4,8,16 \
+        --shapes qkv_a,o,shared_gate_up,shared_down,q_b > "$OUT/fp8_small_low.jsonl" \
+        2> "$OUT/fp8_small_low.err"; tail -1 "$OUT/fp8_small_low.err"; grep -c . "$OUT/fp8_small_low.jsonl" ;;
     fp8-small-step)  # issue 18: V3's GPU side at 32 x 4K with fp8_small on (--fp8-small 64,
       # fp8_small.SMALL_TILES: set them from the fp8-small sweep first) and off, alternated
       # twice (~6 min)
