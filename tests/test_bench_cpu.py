@@ -68,17 +68,17 @@ def test_cpu_moe_reports_each_format_against_the_naive_loop_before_and_after():
     loop's row, then each format's point with its ratio to the naive loop timed first and to
     the one timed right after it."""
     run = subprocess.run([sys.executable, str(BENCH / "cpu_moe.py"), "--shape", "tiny",
-                          "--format", "int4,int8", "--tokens", "64", "--iters", "2",
-                          "--threads", "2", "--naive-each"],
+                          "--format", "int4,int8", "--tokens", "8", "--iters", "2",
+                          "--threads", "2", "--naive-each", "--no-amx"],
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     rows = [json.loads(line) for line in run.stdout.splitlines()]
-    points = [r for r in rows if r.get("tokens") == 64]
+    points = [r for r in rows if r.get("tokens") == 8]
     assert [r["format"] for r in points] == ["torch-bf16-naive", "int4-g32", "int8"]
     naive = points[0]["ms"]
     for r in points[1:]:
         assert r["naive_ms"] == naive and r["naive_after_ms"] > 0
-        # (from the unrounded ms: a hundredth either way)
-        assert r["speedup_vs_naive"] == pytest.approx(naive / r["ms"], abs=0.011)
+        # (from the unrounded ms: the printed ms are rounded to the microsecond)
+        assert r["speedup_vs_naive"] == pytest.approx(naive / r["ms"], rel=0.02, abs=0.011)
         after = r["naive_after_ms"] / r["ms"]
-        assert r["speedup_vs_naive_after"] == pytest.approx(after, abs=0.011)
+        assert r["speedup_vs_naive_after"] == pytest.approx(after, rel=0.02, abs=0.011)
