@@ -163,9 +163,9 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0
 def _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
     """_rows_times_tiles for 32 rows (two slabs of 16, unpacked into ab's two halves) and two
     token tiles at a time: each B tile feeds both slabs' products and each A tile both token
-    tiles', a tile load a product against 1.5 for one slab at two token tiles (the tile loads,
-    not the products, bound the unit at an expert's ~2 token tiles; H200 tile micro-bench).
-    acc: slab 0's sums [nt, 16, 16], then slab 1's."""
+    tiles', a tile load a product against 1.5 for one slab at two token tiles (the H200's tile
+    micro-bench: a product with its operands loaded from L2 ~3x one without; unmeasured in the
+    kernel: off unless asked for). acc: slab 0's sums [nt, 16, 16], then slab 1's."""
     nc = K // TK
     step = nc * TILE_BYTES  # bytes of one token tile's B tiles
     ng, gs = K // G, SLICE // G
