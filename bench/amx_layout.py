@@ -72,8 +72,8 @@ REWRITES = (
 
 # kernels_amx_bf16 (int4-g32 by default): a group of G/2 bytes a row is its chunk
 REWRITES_BF16 = (
-    ("prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb))",
-     "_tile_order_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb), 64)"),
+    ("prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + ahead)",
+     "_tile_order_ahead(w, row0, nrow0, rowb, k0 // 2 + ahead, 64)"),
     ("TK = 32  # k a product\n", TILE_ORDER_AHEAD + "\n\nTK = 32  # k a product\n"),
     ("unpack_bf16(w, row0 * rowb + g * G // 2, rowb,",
      "unpack_bf16(w, row0 * rowb + g * G // 2 * TM, G // 2,"),

@@ -127,7 +127,7 @@ def main() -> None:
         ids, w = draw_routing(T, E, k, gen)
         x = torch.randn(T, H, generator=gen).numpy()
         g = ops.group_by_expert(ids.numpy(), E)
-        ops.moe_gemm_amx(layer, x, w.float().numpy(), g, np.zeros_like(x), {}, 16384, None, tiles)
+        ops.moe_gemm_amx(layer, x, w.float().numpy(), g, np.zeros_like(x), int4_tiles=tiles)
         if spec != "int4-g32":  # (the decode kernel: int4 and int8, one compile each)
             ops.moe_gemv(layer, x, w.float().numpy(), g, np.zeros_like(x), 16, True, 4096)
 

@@ -322,10 +322,10 @@ def measure_naive(w, tokens, gen, iters, bw, base, k, quiet=False) -> dict[int, 
         ms = time_routed(
             partial(naive_torch_loop, w), x, routes, iters or max(3, min(50, 500 // T))
         )
-        bytes_read = np.mean([len(r[0].unique()) for r in routes]) * 3 * H * I * 2
         out[T] = round(ms, 3)
         if quiet:
             continue
+        bytes_read = np.mean([len(r[0].unique()) for r in routes]) * 3 * H * I * 2
         row = {
             **base,
             "format": "torch-bf16-naive",

@@ -169,19 +169,15 @@ def test_edge_cases(tiles):
     assert rel_err(torch.from_numpy(one), amx_reference(layer, x[:1], ids, w[:1], tiles)) < FP32_TOL
 
 
-@pytest.mark.parametrize("spec, tiles", [("int4", "bf16"), ("int4-g128", "int8"), ("int8", "auto")])
-def test_prefetch_distance_changes_nothing_but_timing(spec, tiles):
-    """No prefetch, a line, a row and far past it (capped at a row, then into the next item's
-    rows): equal outputs."""
-    layer = layer_of(spec)
-    x, ids, w = routing(37, 3, seed=4, hidden=H)
-    g = ops.group_by_expert(ids.numpy(), E)
-    outs = []
-    for ahead in (0, 64, H // 2, 1 << 20):
-        out = np.zeros((37, H), np.float32)
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, None, ahead, int4_tiles=tiles)
-        outs.append(out)
-    assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+def test_prefetch_runs_past_a_rows_end_into_the_next_item():
+    """16 rows of 1024 bytes from row 32, the next item's from row 80: position 1000 is in the
+    rows, 1024 is byte 0 of the next item's, 2000 its byte 976; with no next item, none."""
+    at = kernels_amx.ahead_at
+    assert at(32, 80, 1024, 1000) == 32 * 1024 + 1000
+    assert at(32, 80, 1024, 1024) == 80 * 1024
+    assert at(32, 80, 1024, 2000) == 80 * 1024 + 976
+    assert at(32, -1, 1024, 1000) == 32 * 1024 + 1000
+    assert at(32, -1, 1024, 1024) == -1
 
 
 def test_item_rows():

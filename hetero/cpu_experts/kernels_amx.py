@@ -298,13 +298,23 @@ def item_row(i, experts, per, R, rows):
 
 
 @njit(inline="always", **JIT)
-def prefetch_ahead(a, row0, nrow0, rowb, pos):
-    """Prefetches byte `pos` of the 16 rows (rowb bytes each) from row0 of a, or where pos runs
-    past their end, byte pos - rowb of the next item's 16 rows from nrow0 (-1: none)."""
+def ahead_at(row0, nrow0, rowb, pos):
+    """Where the prefetch for position `pos` of the 16 rows from row0 (rowb bytes each) starts:
+    byte pos of row0, or where pos runs past the rows' end, byte pos - rowb of the next item's
+    rows from nrow0; -1 where there is no next item."""
     if pos < rowb:
-        prefetch_rows(a, row0 * rowb + pos, rowb)
-    elif nrow0 >= 0:
-        prefetch_rows(a, nrow0 * rowb + pos - rowb, rowb)
+        return row0 * rowb + pos
+    if nrow0 >= 0:
+        return nrow0 * rowb + pos - rowb
+    return -1
+
+
+@njit(inline="always", **JIT)
+def prefetch_ahead(a, row0, nrow0, rowb, pos):
+    """Prefetches the line at `ahead_at` of 16 rows of a, rowb bytes apart (none at -1)."""
+    at = ahead_at(row0, nrow0, rowb, pos)
+    if at >= 0:
+        prefetch_rows(a, at, rowb)
 
 
 @njit(**JIT)

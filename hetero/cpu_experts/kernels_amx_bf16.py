@@ -47,7 +47,7 @@ DEPENDS = {
     "simd_amx.py": "06ab87a4c0786592",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "bfff8c89a6d97ee0",
+    "kernels_amx.py": "2d91601f23762110",
     "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
@@ -112,13 +112,13 @@ _WITH_A0, _WITH_A1 = _products_with(A0), _products_with(A1)
 @njit(inline="always", **JIT)
 def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead, nrow0):
     """Slice sl (128 of k) of the 16 rows from row0 of w (int4, K/2 bytes a row, scales s a
-    group: ng a row, gs a slice) into ab, prefetching `ahead` bytes further on (at most a row:
-    past the rows' end, the next item's from nrow0; -1: none). (ng, gs from the caller: no
-    division a slice.)"""
+    group: ng a row, gs a slice) into ab, prefetching `ahead` bytes further on (at most a row,
+    _items' cap: past the rows' end, the next item's from nrow0; -1: none). (ng, gs from the
+    caller: no division a slice.)"""
     rowb = K // 2
     k0 = sl * SLICE
     if ahead > 0:
-        prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + min(ahead, rowb))
+        prefetch_ahead(w, row0, nrow0, rowb, k0 // 2 + ahead)
     for g in range(sl * gs, (sl + 1) * gs):
         unpack_bf16(w, row0 * rowb + g * G // 2, rowb, s, row0 * ng + g, ng, ab,
                     g * G // TK * TM * TK, G)  # fmt: skip
@@ -235,6 +235,7 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
     counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
     A, rows = experts.shape[0], slabs * TM
     per = R // rows  # items an expert
+    ahead = min(ahead, K // 2)  # at most a row (int4: K/2 bytes), then into the next item
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):

@@ -271,10 +271,10 @@ def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefet
     kernels_amx_bf16.pack_tiles(x, tokens, xb)
     h = _scratch(scratch, "h", (U, TM, I), np.float32)
     clock.lap("quantize_x")
-    s13, s2 = (slabs if rows % (slabs * TM) == 0 else 1 for rows in (2 * I, H))  # (whole slabs)
+    slabs13, slabs2 = (slabs if rows % (slabs * TM) == 0 else 1 for rows in (2 * I, H))
     flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
     kernels_amx_bf16.gate_up(*flat, H, I, G13, cfg, g.experts, first, xb.reshape(-1), h,
-                             prefetch_bytes, threads, s13)  # fmt: skip
+                             prefetch_bytes, threads, slabs13)  # fmt: skip
     clock.lap("gate_up")
     columns = np.where(pairs >= 0, np.arange(U * TM).reshape(U, -1), -1)
     hb = _scratch(scratch, "hb16", (U, I // TK, TK // 2, 2 * TM), np.uint16)
@@ -283,7 +283,7 @@ def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefet
     clock.lap("quantize_h")
     flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
     kernels_amx_bf16.down(*flat, H, I, G2, cfg, g.experts, first, hb.reshape(-1), pairs, scale,
-                          y, prefetch_bytes, threads, s2)  # fmt: skip
+                          y, prefetch_bytes, threads, slabs2)  # fmt: skip
     clock.lap("down")
     return y
 
