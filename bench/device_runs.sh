@@ -318,7 +318,7 @@ for stage in "$@"; do
       # mla_extend (--quick: decode 1 and 64 x 4K and 32K, a 512-token chunk after 0 and 16K)
       # (~4 min)
       flashinfer_wheels
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_flashinfer_extend.py 2>&1 \
         | tee "$OUT/$day-flashinfer-tests.log" | tail -2
       timeout 240 python3 bench/gpu_kernels.py --only mla --quick > "$OUT/mla_flashinfer_kernels.jsonl" \
         2> "$OUT/mla_flashinfer_kernels.err"; tail -1 "$OUT/mla_flashinfer_kernels.err" ;;
@@ -598,7 +598,8 @@ for stage in "$@"; do
     fi-extend-diag)  # issue 18: flashinfer's extend route (off by default) at the kernel and
       # the model level, each layer's difference printed (~2 min)
       flashinfer_wheels
-      timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_flashinfer_mla.py 2>&1 \
+      timeout 200 python3 -m pytest -q -s -p no:cacheprovider tests/test_flashinfer_mla.py \
+        tests/test_flashinfer_extend.py 2>&1 \
         | tee "$OUT/$day-flashinfer-tests.log" | grep -E "layer by layer|passed|failed|^(16|128) " ;;
     amx-layout)  # issue 19: would weights in tile order (each 16-row slab chunk-major, as
       # kt-kernel repacks them) speed up the AMX path? int8, int4-g128 (int8 tiles) and int4-g32

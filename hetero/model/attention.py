@@ -27,7 +27,7 @@ MHA_MIN_TOKENS = 256  # new tokens of a sequence from which an extend step runs 
 # extend steps' short sequences through flashinfer with `--attention flashinfer`: off, since on
 # the H200 (2026-12-05) a model's second prompt chunk differed from the Triton kernels' by 0.066
 # (logits) while flashinfer's extend kernel alone equals a float64 reference; on again once
-# tests/test_flashinfer_mla.py's model-level test (which turns it on) passes
+# tests/test_flashinfer_extend.py's model-level test (which turns it on) passes
 FLASHINFER_EXTEND = False
 # on the GPU only kernels that never materialize the [q, S] scores (an error, not an OOM)
 FLASH = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
