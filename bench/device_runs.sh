@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -582,6 +582,10 @@ for stage in "$@"; do
       timeout 300 python3 bench/cpu_moe.py --shape v3 --format int4,int4-g128,int8 --tokens 1024 \
         --naive-each > "$OUT/amx_accept.jsonl" 2> "$OUT/amx_accept.err"; tail -1 "$OUT/amx_accept.err"
       grep -o '"format": "[^"]*"\|"speedup_vs_naive[a-z_]*": [0-9.]*' "$OUT/amx_accept.jsonl" ;;
+    amx-schedules)  # issue 19: ns a bf16 tile product under each order of loads and products
+      # the bf16 kernel could use (bench/amx_schedules.py), 1 and all threads (~1 min)
+      timeout 120 python3 bench/amx_schedules.py > "$OUT/amx_schedules.jsonl" \
+        2> "$OUT/amx_schedules.err"; tail -1 "$OUT/amx_schedules.err"; cat "$OUT/amx_schedules.jsonl" ;;
     amx-slabs)  # issue 19: the bf16 tiles' items of two 16-row slabs (one tile load a product,
       # against 1.5) against one, int4-g32 at 1024 tokens, alternated twice with the naive loop
       # in the first run; then amx_ablate's bf16 runs (slabs2 among them: what bounds it) (~6 min)

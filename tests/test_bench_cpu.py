@@ -1,7 +1,7 @@
 """The AMX benches rewrite kernels_amx / kernels_amx_bf16's source into variants (amx_ablate's
 parts removed, amx_layout's tile-order addressing), and cpu_vector_micro rewrites kernels_q8
-back to its old slicing. Their `--check` builds every variant and
-fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
+back to its old slicing; amx_schedules' tile orders are checked by their sums. Their `--check`
+builds every variant and fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
 only breaks on the GPU machine (the one with AMX). bench/cpu_asm.py's machine code of the
 kernels for that machine's CPU is checked here too."""
 
@@ -30,6 +30,10 @@ def _check(script: str, *args: str) -> dict:
 ])  # fmt: skip
 def test_amx_ablate_builds_every_variant(tiles, want):
     assert set(_check("amx_ablate.py", "--tiles", tiles)["variants"]) == want
+
+
+def test_amx_schedules_each_schedule_does_its_products():
+    assert _check("amx_schedules.py") == {"check": "ok", "schedules": 8}
 
 
 def test_cpu_vector_micro_rewrite_applies():
