@@ -1,9 +1,9 @@
 """The AMX benches rewrite kernels_amx / kernels_amx_bf16's source into variants (amx_ablate's
 parts removed, amx_layout's tile-order addressing), and cpu_vector_micro rewrites kernels_q8
 back to its old slicing; amx_schedules' tile orders are checked by their sums. Their `--check`
-builds every variant and fails if a rewrite no longer finds its text, so an edit to a kernel cannot leave a bench that
-only breaks on the GPU machine (the one with AMX). bench/cpu_asm.py's machine code of the
-kernels for that machine's CPU is checked here too."""
+builds every variant and fails if a rewrite no longer finds its text, so an edit to a kernel
+cannot leave a bench that only breaks on the GPU machine (the one with AMX). bench/cpu_asm.py's
+machine code of the kernels for that machine's CPU is checked here too."""
 
 from __future__ import annotations
 
