@@ -9,9 +9,10 @@ int8 tiles (kernels_amx): full; no_rescale (C tiles never read back); no_unpack 
 unpacked: stale A tiles); no_scales (weight scales not loaded); no_tile_ops (every tile
 instruction a no-op: the vector work alone); only_tile_ops (no rescale, unpack or scales: the
 tile work alone).
-bf16 tiles (kernels_amx_bf16): full; b3 (three B tiles in rotation, three token tiles' sums at a
-time instead of two and four); no_unpack (the tile work alone); no_tile_ops (the vector work
-alone).
+bf16 tiles (kernels_amx_bf16, int4-g32): full; no_unpack (the tile work alone); no_tile_ops (the
+vector work alone); 2x2 and 1x2db (the other orders of kernels_amx_bf16.ORDERS) and
+no_unpack_2x2, no_unpack_1x2db (their tile work alone). (Three B tiles in rotation instead of
+two, measured 2026-11-23 on the H100 machine: no gain.)
 """
 
 import argparse
@@ -63,32 +64,6 @@ def int8_variants(src: str) -> dict[str, str]:
 
 def bf16_variants(src: str) -> dict[str, str]:
     variants = {"full": src}
-    b3 = src
-    for old, new in (
-        ("    CS,\n    JIT,\n", "    JIT,\n"),  # (tile numbers: kernels_amx's, but for these two)
-        ("from hetero.cpu_experts.simd_sync import atomic_add\n",
-         "from hetero.cpu_experts.simd_sync import atomic_add\n\nB2, CS = 7, (0, 5, 6)\n"),
-        ("for t in (A0, A1, B0, B1, *CS)", "for t in (A0, A1, B0, B1, B2, *CS)"),
-        ("amx.tile_load(tiles, B0, xb, at + 2 * step, 64)\n"
-         "            amx.tile_dp_bf16ps(tiles, CS[2], a, B0)",
-         "amx.tile_load(tiles, B2, xb, at + 2 * step, 64)\n"
-         "            amx.tile_dp_bf16ps(tiles, CS[2], a, B2)"),
-        ("        if n > 3:\n"
-         "            amx.tile_load(tiles, B1, xb, at + 3 * step, 64)\n"
-         "            amx.tile_dp_bf16ps(tiles, CS[3], a, B1)\n", ""),
-        ("        amx.tile_zero(tiles, CS[2])\n        amx.tile_zero(tiles, CS[3])\n"
-         "        first = g0 == 0\n        if first:\n"
-         "            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)\n"
-         "        at =",
-         "        amx.tile_zero(tiles, CS[2])\n        first = g0 == 0\n        if first:\n"
-         "            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)\n"
-         "        at ="),  # (the one-slab kernel's; the pair kernel is not called:)
-        ("                _slab_pair_times_tiles(", "                _rows_times_tiles("),
-        ("        if n > 3:\n"
-         "            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)\n", ""),
-    ):  # fmt: skip
-        b3 = rewrite(b3, old, new)
-    variants["b3"] = b3
     variants["no_unpack"] = rewrite(
         src,
         "from hetero.cpu_experts.simd_amx import unpack_bf16",
@@ -107,9 +82,10 @@ variants = (bf16_variants if TILES == "bf16" else int8_variants)(src)
 for k, v in variants.items():
     assert k == "full" or v != src, k
 mods = {k: load(f"amxv_{k}", v) for k, v in variants.items()}
-runs = {name: (mod, 1) for name, mod in mods.items()}  # variant -> (kernels, slabs an item)
-if TILES == "bf16":
-    runs["slabs2"] = (mods["full"], 2)  # the whole kernel, items of two 16-row slabs
+runs = {name: (mod, "1x4") for name, mod in mods.items()}  # variant -> (kernels, bf16 order)
+if TILES == "bf16":  # the other orders (kernels_amx_bf16.ORDERS): whole, and the tile work alone
+    for order in ("2x2", "1x2db"):
+        runs |= {order: (mods["full"], order), f"no_unpack_{order}": (mods["no_unpack"], order)}
 if ARGS.check:
     print(json.dumps({"tiles": TILES, "variants": sorted(runs)}))
     raise SystemExit(0)
@@ -117,14 +93,14 @@ amx.enable()
 H, I, E, k = SHAPES["v3"]
 gen = torch.Generator().manual_seed(0)
 T = 1024
-for spec in ["int4", "int4-g128", "int8"]:
+for spec in ["int4"] if TILES == "bf16" else ["int4", "int4-g128", "int8"]:  # (auto's formats)
     layer = random_layer(Format.parse(spec), H, I, E)
     x = torch.randn(T, H, generator=gen).numpy()
     scratch = {}
     res = {n: [] for n in runs}
     steps = {n: {} for n in runs}
     for it in range(4):
-        for name, (mod, slabs) in runs.items():
+        for name, (mod, order) in runs.items():
             ids, w = draw_routing(T, E, k, gen)
             g = ops.group_by_expert(ids.numpy(), E)
             out = np.zeros((T, H), np.float32)
@@ -132,7 +108,7 @@ for spec in ["int4", "int4-g128", "int8"]:
             times = {}
             t0 = time.perf_counter()
             ops.moe_gemm_amx(layer, x, w.float().numpy(), g, out, scratch, AHEAD, times, TILES,
-                             slabs)  # fmt: skip
+                             order)  # fmt: skip
             if it:
                 res[name].append((time.perf_counter() - t0) * 1e3)
                 for s_, v in times.items():

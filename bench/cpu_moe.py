@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from numba import njit, prange
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from hetero.cpu_experts import amx  # noqa: E402
+from hetero.cpu_experts import amx, kernels_amx_bf16  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format, PackedExperts, as_tensor  # noqa: E402
 
@@ -183,10 +183,10 @@ def main() -> None:
     )
     p.add_argument("--rows-per-item", type=int, default=EngineConfig.rows_per_item)
     p.add_argument(
-        "--amx-bf16-slabs",
-        type=int,
-        default=EngineConfig.amx_bf16_slabs,
-        help="16-row slabs an item on the AMX bf16 tiles (1 or 2)",
+        "--amx-bf16-order",
+        default=EngineConfig.amx_bf16_order,
+        choices=kernels_amx_bf16.ORDERS,
+        help="the order of tile loads and products on the AMX bf16 tiles",
     )
     p.add_argument("--no-naive", action="store_true")
     p.add_argument(
@@ -234,7 +234,7 @@ def main() -> None:
         "int8_activations": not args.fp32_activations,
         "prefetch_bytes": args.prefetch_bytes,
         "amx_prefetch_bytes": args.amx_prefetch_bytes,
-        "amx_bf16_slabs": args.amx_bf16_slabs,
+        "amx_bf16_order": args.amx_bf16_order,
         "hugepages": args.hugepages,
     }
     print(json.dumps({**base, "probe": "read", **probes}), flush=True)
@@ -264,7 +264,7 @@ def main() -> None:
                 int8_activations=not args.fp32_activations,
                 prefetch_bytes=args.prefetch_bytes,
                 amx_prefetch_bytes=args.amx_prefetch_bytes,
-                amx_bf16_slabs=args.amx_bf16_slabs,
+                amx_bf16_order=args.amx_bf16_order,
                 hugepages=args.hugepages,
             ),
         )

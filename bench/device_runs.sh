@@ -586,14 +586,15 @@ for stage in "$@"; do
       # the bf16 kernel could use (bench/amx_schedules.py), 1 and all threads (~1 min)
       timeout 120 python3 bench/amx_schedules.py > "$OUT/amx_schedules.jsonl" \
         2> "$OUT/amx_schedules.err"; tail -1 "$OUT/amx_schedules.err"; cat "$OUT/amx_schedules.jsonl" ;;
-    amx-slabs)  # issue 19: the bf16 tiles' items of two 16-row slabs (one tile load a product,
-      # against 1.5) against one, int4-g32 at 1024 tokens, alternated twice with the naive loop
-      # in the first run; then amx_ablate's bf16 runs (slabs2 among them: what bounds it) (~6 min)
+    amx-slabs)  # issue 19: the bf16 tiles' orders of loads and products (kernels_amx_bf16.ORDERS:
+      # 1x4 now, 2x2 two slabs an item, 1x2db two register sets), int4-g32 at 1024 tokens,
+      # alternated twice with the naive loop in the first run; then amx_ablate's bf16 runs
+      # (the orders among them: what bounds each) (~7 min)
       naive=""
       for round in 1 2; do
-        for slabs in 1 2; do
+        for order in 1x4 2x2 1x2db; do
           timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1024 \
-            --amx-bf16-slabs $slabs $naive >> "$OUT/amx_slabs.jsonl" 2>> "$OUT/amx_slabs.err"
+            --amx-bf16-order $order $naive >> "$OUT/amx_slabs.jsonl" 2>> "$OUT/amx_slabs.err"
           naive="--no-naive"
         done
       done

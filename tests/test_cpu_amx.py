@@ -190,25 +190,28 @@ def test_item_rows():
 
 
 @pytest.mark.parametrize("spec", ["int4", "int4-g128"])
-def test_slab_pairs_equal_single_slabs(spec):
-    """bf16 tiles, items of two 16-row slabs x two token tiles at a time: the same sums as one
-    slab an item, bit for bit (the same products in the same k order), over experts with 1, 2
-    and 3 token tiles (an odd one: a pair, then one)."""
+def test_bf16_orders_equal_one_another(spec):
+    """bf16 tiles in each order of loads and products (items of two 16-row slabs x two token
+    tiles; two token tiles on alternating registers): the same sums as one slab against up to
+    four token tiles, bit for bit (the same products in the same k order), over experts with
+    1, 2 and 3 token tiles (an odd one: a pair, then one)."""
     layer = layer_of(spec)
     x, _, w = routing(70, 1, seed=6, hidden=H)
     ids = torch.where(
         torch.arange(70)[:, None] < 40, 1, torch.where(torch.arange(70)[:, None] < 60, 2, 6)
     )
     g = ops.group_by_expert(ids.numpy(), E)
-    outs = []
-    for slabs in (1, 2):
+    outs = {}
+    for order in ("1x4", "2x2", "1x2db"):
         out = np.zeros((70, H), np.float32)
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int4_tiles="bf16", slabs=slabs)
-        outs.append(out)
-    assert np.array_equal(outs[0], outs[1])
-    assert rel_err(torch.from_numpy(outs[1]), amx_reference(layer, x, ids, w, "bf16")) < FP32_TOL
-    with pytest.raises(ValueError, match="slabs must be 1 or 2, not 4"):
-        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, slabs=4)
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int4_tiles="bf16", bf16_order=order)
+        outs[order] = out
+    assert np.array_equal(outs["1x4"], outs["2x2"])
+    assert np.array_equal(outs["1x4"], outs["1x2db"])
+    want = amx_reference(layer, x, ids, w, "bf16")
+    assert rel_err(torch.from_numpy(outs["1x4"]), want) < FP32_TOL
+    with pytest.raises(ValueError, match="bf16_order must be one of 1x4, 2x2, 1x2db, not '4x1'"):
+        ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, bf16_order="4x1")
 
 
 def test_unsupported_layers_are_refused():

@@ -373,7 +373,7 @@ class CPUExperts:
             heavy_g = ops.group_by_expert(np.where(on_gemm, ids, -1), layer.num_experts)
             ops.moe_gemm_amx(
                 layer, x, weights, heavy_g, out, self._amx_scratch, c.amx_prefetch_bytes,
-                self.stats.amx_s, c.amx_int4_tiles, c.amx_bf16_slabs,
+                self.stats.amx_s, c.amx_int4_tiles, c.amx_bf16_order,
             )  # fmt: skip
             return
         y, xt = torch.from_numpy(out), torch.from_numpy(x)

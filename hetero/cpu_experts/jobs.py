@@ -31,9 +31,10 @@ class EngineConfig:
     # "auto": bf16 for group 32, int8 for 64 and 128 (H100 machine, V3 layer, T=1024: g32
     # 337-381 ms on bf16 against 431 on int8; g64 449 against 284, g128 443 against 255)
     amx_int4_tiles: str = "auto"
-    # 16-row slabs an item on bf16 tiles: 2 has each tile load feed two products (1.0 loads a
-    # product against 1.5 at an expert's ~2 token tiles); off until measured on an AMX host
-    amx_bf16_slabs: int = 1
+    # the order of tile loads and products on bf16 tiles (kernels_amx_bf16.ORDERS): "2x2" has
+    # each tile load feed two products (1.0 loads a product against 1.5 at an expert's ~2 token
+    # tiles), "1x2db" alternates two sets of operand registers; "1x4" until measured
+    amx_bf16_order: str = "1x4"
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8
     # kernels_q8's software prefetch distance (0: hardware prefetch only); on the H100 host 4 KB

@@ -54,6 +54,11 @@ DEPENDS = {
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)
 TILE_BYTES = TM * 64
+# the order of an item's tile loads and products (bench/amx_schedules.py times each alone):
+# "1x4" 16 rows, an A tile against up to four token tiles' B; "2x2" 32 rows (two slabs), two A
+# against two B (_slab_pair_times_tiles); "1x2db" 16 rows, two token tiles, two sets of
+# operand registers for alternate chunks (_pairs_db_times_tiles)
+ORDERS = ("1x4", "2x2", "1x2db")
 
 
 def tile_config() -> np.ndarray:
@@ -107,6 +112,27 @@ def _products_with(a: int):
 
 
 _WITH_A0, _WITH_A1 = _products_with(A0), _products_with(A1)
+
+
+def _chunk_on(a: int, b0: int, b1: int):
+    """An inline function: C tiles 0 and 5 += A . B of token tiles 0 and 1 (n of them) for one
+    chunk, its operands loaded into tiles a, b0, b1 (ORDERS' "1x2db": two such sets of
+    registers alternate, so a chunk's loads do not wait on the previous chunk's products)."""
+
+    @njit(inline="always", nogil=True, fastmath=True)
+    def chunk(tiles, ab, a_at, xb, at, step, n):
+        amx.tile_load(tiles, a, ab, a_at, 64)
+        amx.tile_load(tiles, b0, xb, at, 64)
+        if n > 1:
+            amx.tile_load(tiles, b1, xb, at + step, 64)
+        amx.tile_dp_bf16ps(tiles, CS[0], a, b0)
+        if n > 1:
+            amx.tile_dp_bf16ps(tiles, CS[1], a, b1)
+
+    return chunk
+
+
+_SET0, _SET1 = _chunk_on(A0, B0, B1), _chunk_on(A1, CS[2], CS[3])
 
 
 @njit(inline="always", **JIT)
@@ -205,8 +231,34 @@ def _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, 
             amx.tile_store(tiles, CS[3], acc, other + (g0 + 1) * TM * TM * 4, 64)
 
 
+@njit(inline="always", **JIT)
+def _pairs_db_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
+    """_rows_times_tiles with two token tiles at a time in C tiles 0 and 5, and two sets of
+    operand registers for alternate chunks (tiles 6 and 7 as B tiles: _chunk_on)."""
+    nc = K // TK
+    step = nc * TILE_BYTES
+    ng, gs = K // G, SLICE // G
+    for g0 in range(0, nt, 2):
+        n = min(2, nt - g0)
+        amx.tile_zero(tiles, CS[0])
+        amx.tile_zero(tiles, CS[1])
+        first = g0 == 0
+        if first:
+            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
+        at = (u0 + g0) * step
+        for sl in range(K // SLICE):
+            for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
+                _SET0(tiles, ab, c * TILE_BYTES, xb, at + c * TILE_BYTES, step, n)
+                _SET1(tiles, ab, (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
+            if first and sl + 1 < K // SLICE:
+                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
+        amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
+        if n > 1:
+            amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
+
+
 @njit(**JIT)
-def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads, slabs=1):
+def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads, order=0):
     """h [U, 16, I] f32 = silu(gate) * up of each expert's token tiles. w13, s13 flat (rows
     [E, I, 2]); experts [A]; first_tile [A + 1]: the expert's tiles among U; xb: pack_tiles."""
     pairs, scale, y = (
@@ -215,24 +267,26 @@ def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads, 
         np.empty((0, 0), np.float32),
     )
     _items(w13, s13, H, 2 * I, G, cfg, experts, first_tile, xb, ahead, threads, True, h, pairs,
-           scale, y, slabs)  # fmt: skip
+           scale, y, order)  # fmt: skip
 
 
 @njit(**JIT)
-def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads, slabs=1):
+def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads, order=0):
     """y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each token
-    column (-1: padding); hb: pack_tiles of h. `slabs`: 16-row slabs an item (1, or 2: see
-    _slab_pair_times_tiles; R % 32 == 0)."""
+    column (-1: padding); hb: pack_tiles of h. `order`: ORDERS' index (1, "2x2": R % 32 ==
+    0)."""
     h = np.empty((0, 0, 0), np.float32)
     _items(w2, s2, I, H, G, cfg, experts, first_tile, hb, ahead, threads, False, h, pairs, scale, y,
-           slabs)  # fmt: skip
+           order)  # fmt: skip
 
 
 @njit(parallel=True, **JIT)
 def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h, pairs, scale,
-           y, slabs):  # fmt: skip
-    """Items of `slabs` x 16 of an expert's R rows (K of k) x its token tiles, from a shared
-    counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router weights)."""
+           y, order):  # fmt: skip
+    """Items of 16 of an expert's R rows (32: "2x2") x its token tiles, in ORDERS[order], from a
+    shared counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router
+    weights)."""
+    slabs = 2 if order == 1 else 1
     A, rows = experts.shape[0], slabs * TM
     per = R // rows  # items an expert
     ahead = min(ahead, K // 2)  # at most a row (int4: K/2 bytes), then into the next item
@@ -247,8 +301,10 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
             u0, nt = first_tile[a], first_tile[a + 1] - first_tile[a]
             row0 = experts[a] * R + slab * TM
             nrow0 = item_row(nxt, experts, per, R, rows)
-            if slabs == 2:
+            if order == 1:
                 _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
+            elif order == 2:
+                _pairs_db_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             else:
                 _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             for j in range(slabs):

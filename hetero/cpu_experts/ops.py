@@ -194,7 +194,7 @@ def moe_gemm_amx(
     prefetch_bytes: int = 16384,
     times: dict[str, float] | None = None,
     int4_tiles: str = "auto",
-    slabs: int = 1,
+    bf16_order: str = "1x4",
 ) -> None:
     """out [T, H] += the routed experts of `g` applied to x [T, H], on AMX tiles (kernels_amx;
     an exact emulation where the CPU has no AMX: tests only). For experts with many tokens.
@@ -203,14 +203,15 @@ def moe_gemm_amx(
     `scratch`: buffers kept between calls (a 1024-token V3 call uses ~400 MB of them, whose
     first touch would cost tens of ms a call). `prefetch_bytes`: how far ahead each weight row
     is prefetched (at most a row: past its end, the thread's next item; 0: none); `times`:
-    filled with each step's seconds; `slabs`: 16-row slabs an item on bf16 tiles (2: each tile
-    load feeds two products; kernels_amx_bf16._slab_pair_times_tiles)."""
+    filled with each step's seconds; `bf16_order`: the order of tile loads and products on bf16
+    tiles (kernels_amx_bf16.ORDERS)."""
     scratch = {} if scratch is None else scratch
     _check(layer, x, weights, out)
     if int4_tiles not in ("auto", "bf16", "int8"):
         raise ValueError(f"int4_tiles must be auto, bf16 or int8, not {int4_tiles!r}")
-    if slabs not in (1, 2):
-        raise ValueError(f"slabs must be 1 or 2, not {slabs!r}")
+    if bf16_order not in kernels_amx_bf16.ORDERS:
+        orders = ", ".join(kernels_amx_bf16.ORDERS)
+        raise ValueError(f"bf16_order must be one of {orders}, not {bf16_order!r}")
     if not amx_ok(layer):
         raise ValueError(f"the AMX path takes int4/int8 layers with H, I % 128 == 0, not {layer}")
     amx.enable()
@@ -236,7 +237,7 @@ def moe_gemm_amx(
         int4_tiles = "bf16" if G13 == 32 else "int8"
     if layer.fmt.name == "int4" and int4_tiles == "bf16":
         y = _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch,
-                               prefetch_bytes, clock, slabs)  # fmt: skip
+                               prefetch_bytes, clock, bf16_order)  # fmt: skip
         kernels.combine(g.pos, y, out, add=True)
         clock.lap("add")
         return
@@ -260,9 +261,9 @@ def moe_gemm_amx(
 
 
 def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefetch_bytes, clock,
-                       slabs):  # fmt: skip
-    """y [P, H]: each pair's expert output times its router weight, on bf16 tiles, `slabs` slabs
-    an item where the matrix's rows are a whole number of them."""
+                       order):  # fmt: skip
+    """y [P, H]: each pair's expert output times its router weight, on bf16 tiles in `order`
+    (kernels_amx_bf16.ORDERS; "2x2" only where the matrix's rows are a whole number of 32)."""
     H, I, TM = layer.hidden, layer.inter, kernels_amx.TM
     U, threads = tokens.shape[0], numba.get_num_threads()
     G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
@@ -271,10 +272,11 @@ def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefet
     kernels_amx_bf16.pack_tiles(x, tokens, xb)
     h = _scratch(scratch, "h", (U, TM, I), np.float32)
     clock.lap("quantize_x")
-    slabs13, slabs2 = (slabs if rows % (slabs * TM) == 0 else 1 for rows in (2 * I, H))
+    code = kernels_amx_bf16.ORDERS.index(order)
+    order13, order2 = (0 if code == 1 and rows % (2 * TM) else code for rows in (2 * I, H))
     flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
     kernels_amx_bf16.gate_up(*flat, H, I, G13, cfg, g.experts, first, xb.reshape(-1), h,
-                             prefetch_bytes, threads, slabs13)  # fmt: skip
+                             prefetch_bytes, threads, order13)  # fmt: skip
     clock.lap("gate_up")
     columns = np.where(pairs >= 0, np.arange(U * TM).reshape(U, -1), -1)
     hb = _scratch(scratch, "hb16", (U, I // TK, TK // 2, 2 * TM), np.uint16)
@@ -283,7 +285,7 @@ def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefet
     clock.lap("quantize_h")
     flat = (a.reshape(-1) for a in (layer.w2, layer.s2))
     kernels_amx_bf16.down(*flat, H, I, G2, cfg, g.experts, first, hb.reshape(-1), pairs, scale,
-                          y, prefetch_bytes, threads, slabs2)  # fmt: skip
+                          y, prefetch_bytes, threads, order2)  # fmt: skip
     clock.lap("down")
     return y
 
