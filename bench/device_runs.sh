@@ -10,7 +10,7 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules | amx-int8-ab
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -586,6 +586,19 @@ for stage in "$@"; do
       # the bf16 kernel could use (bench/amx_schedules.py), 1 and all threads (~1 min)
       timeout 120 python3 bench/amx_schedules.py > "$OUT/amx_schedules.jsonl" \
         2> "$OUT/amx_schedules.err"; tail -1 "$OUT/amx_schedules.err"; cat "$OUT/amx_schedules.jsonl" ;;
+    amx-int8-ab)  # issue 19: the int8 tiles' second token tile on the idle C tiles 6 and 7 (its
+      # loads no longer wait on the first's products) against base/ (`git archive BASE hetero
+      # bench tests/data`), int4-g128 and int8 at 1024 tokens, alternated twice (~4 min)
+      local_naive=""
+      for round in 1 2; do
+        for side in new base; do
+          dir=.; [ "$side" = base ] && dir=base
+          (cd "$dir" && timeout 110 python3 bench/cpu_moe.py --shape v3 --format int4-g128,int8 \
+            --tokens 1024 $local_naive) 2>> "$OUT/amx_int8_ab.err" \
+            | sed "s/^{/{\"side\": \"$side\", \"round\": $round, /" >> "$OUT/amx_int8_ab.jsonl"
+          local_naive="--no-naive"
+        done
+      done; tail -2 "$OUT/amx_int8_ab.err"; grep -o '"side": "[a-z]*"\|"format": "[^"]*"\|"ms": [0-9.]*' "$OUT/amx_int8_ab.jsonl" | paste -sd' ' ;;
     amx-slabs)  # issue 19: the bf16 tiles' orders of loads and products (kernels_amx_bf16.ORDERS:
       # 1x4 now, 2x2 two slabs an item, 1x2db two register sets), int4-g32 at 1024 tokens,
       # alternated twice with the naive loop in the first run; then amx_ablate's bf16 runs

@@ -145,11 +145,11 @@ def test_int8_groups_of_32_round_activations_only():
     assert rel_err(torch.from_numpy(out), reference(layer, x, ids, w)) < 3e-2
 
 
-@pytest.mark.parametrize("tiles", ["bf16", "int8"])
-def test_edge_cases(tiles):
+@pytest.mark.parametrize("spec, tiles", [("int4", "bf16"), ("int4", "int8"), ("int4-g128", "int8")])
+def test_edge_cases(spec, tiles):
     """No experts, one token, all tokens on one expert (5 token tiles: a group of 4 in flight,
-    then 1), 3 and 2 tiles, k = 1."""
-    layer = layer_of("int4")
+    then 1), 3 and 2 tiles (int8 tiles of 64 k: the second's B tiles in idle C tiles), k = 1."""
+    layer = layer_of(spec)
     x, _, w = routing(70, 1, seed=6, hidden=H)
     none, every = torch.full((70, 1), -1), torch.zeros(70, 1, dtype=torch.long)
     split = torch.where(torch.arange(70)[:, None] < 40, 1, 2)  # 3 token tiles and 2

@@ -83,6 +83,9 @@ def _product_into(c: int, b: int, b2: int):
 
 
 _P0, _P1, _P2, _P3 = (_product_into(c, *bs) for c, bs in zip(CS, [(B0, B1), (B1, B0)] * 2))
+# two token tiles: the second's B tiles in the idle C tiles 6 and 7 (B tiles of 64 k have the C
+# tiles' shape), so its loads do not wait on _P0's products (tile registers are not renamed)
+_P1_FREE = _product_into(CS[1], CS[2], CS[3])
 
 
 @njit(parallel=True, **JIT)
@@ -184,7 +187,9 @@ def _rows_times_tiles(
             step = K // kt * bt  # bytes of one token tile's B tiles
             at = ((u0 + g0) * (K // kt) + q * nk) * bt
             _P0(tiles, int8, nk, xb, at, bt)
-            if n > 1:
+            if n == 2 and kt == 64:
+                _P1_FREE(tiles, int8, nk, xb, at + step, bt)
+            elif n > 1:
                 _P1(tiles, int8, nk, xb, at + step, bt)
             if n > 2:
                 _P2(tiles, int8, nk, xb, at + 2 * step, bt)

@@ -47,7 +47,7 @@ DEPENDS = {
     "simd_amx.py": "06ab87a4c0786592",
     "amx.py": "2f565178e8129c46",
     "kernels.py": "2353efb5634e1e6f",
-    "kernels_amx.py": "2d91601f23762110",
+    "kernels_amx.py": "a29d59b0b0f88907",
     "simd_sync.py": "c305241e8e8190da",
     "simd_pack.py": "b0ae36ec8e24291a",
 }
