@@ -609,7 +609,7 @@ for stage in "$@"; do
           --amx-bf16-order $order $naive >> "$OUT/amx_slabs.jsonl" 2>> "$OUT/amx_slabs.err"
         naive="--no-naive"
       done
-      timeout 150 python3 bench/amx_ablate.py --tiles bf16 > "$OUT/amx_ablate_bf16.jsonl" \
+      timeout 240 python3 bench/amx_ablate.py --tiles bf16 > "$OUT/amx_ablate_bf16.jsonl" \
         2>> "$OUT/amx_slabs.err"; tail -1 "$OUT/amx_slabs.err"; cat "$OUT/amx_ablate_bf16.jsonl" ;;
     fi-extend-diag)  # issue 18: flashinfer's extend route (off by default) at the kernel and
       # the model level, each layer's difference printed (~2 min)
