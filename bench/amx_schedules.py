@@ -1,7 +1,8 @@
 """AMX bf16 tile schedules: nanoseconds a 16 x 16 x 32 bf16 product takes under each order of
 tile loads and products that kernels_amx_bf16 could use, with A and B tiles streamed from spans
 the size of an item's operands (A: the unpacked rows, 224 KB for V3's K; B: two token tiles' B
-tiles, 448 KB, in L2). Tile registers are not renamed: a load into a tile waits for every
+tiles, 448 KB, in L2), and from 16 KB spans (L1: what blocking k across an item's slabs could
+keep there). Tile registers are not renamed: a load into a tile waits for every
 earlier product that reads it, so the order decides how much of a load's latency is hidden.
 Needs a CPU with AMX.
 
@@ -194,12 +195,14 @@ def main() -> None:
         raise SystemExit("amx_schedules: this CPU has no AMX tiles (or Linux refused them)")
     most = numba.config.NUMBA_NUM_THREADS
     for threads in sorted({1, most}):
-        a, b = operands(threads, 224 << 10, 448 << 10)
-        for which, name in enumerate(SCHEDULES):
-            ns = min(measure(which, threads, a, b, 200_000) for _ in range(3))
-            row = {"threads": threads, "schedule": name, "ns_per_product": round(ns, 2),
-                   "tflops_per_core": round(16 * 16 * 32 * 2 / ns / 1e3, 3)}  # fmt: skip
-            print(json.dumps(row), flush=True)
+        for where, a_kb, b_kb in (("L2", 224, 448), ("L1", 16, 16)):
+            a, b = operands(threads, a_kb << 10, b_kb << 10)
+            for which, name in enumerate(SCHEDULES):
+                ns = min(measure(which, threads, a, b, 200_000) for _ in range(3))
+                row = {"threads": threads, "operands": where, "schedule": name,
+                       "ns_per_product": round(ns, 2),
+                       "tflops_per_core": round(16 * 16 * 32 * 2 / ns / 1e3, 3)}  # fmt: skip
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
