@@ -10,9 +10,9 @@ unpacked: stale A tiles); no_scales (weight scales not loaded); no_tile_ops (eve
 instruction a no-op: the vector work alone); only_tile_ops (no rescale, unpack or scales: the
 tile work alone).
 bf16 tiles (kernels_amx_bf16, int4-g32): full; no_unpack (the tile work alone); no_tile_ops (the
-vector work alone); 2x2 and 1x2db (the other orders of kernels_amx_bf16.ORDERS) and
-no_unpack_2x2, no_unpack_1x2db (their tile work alone). (Three B tiles in rotation instead of
-two, measured 2026-11-23 on the H100 machine: no gain.)
+vector work alone); 2x2, 1x2db and kb (the other orders of kernels_amx_bf16.ORDERS) and
+no_unpack_2x2, no_unpack_1x2db, no_unpack_kb (their tile work alone). (Three B tiles in
+rotation instead of two, measured 2026-11-23 on the H100 machine: no gain.)
 """
 
 import argparse
@@ -84,7 +84,7 @@ for k, v in variants.items():
 mods = {k: load(f"amxv_{k}", v) for k, v in variants.items()}
 runs = {name: (mod, "1x4") for name, mod in mods.items()}  # variant -> (kernels, bf16 order)
 if TILES == "bf16":  # the other orders (kernels_amx_bf16.ORDERS): whole, and the tile work alone
-    for order in ("2x2", "1x2db"):
+    for order in ("2x2", "1x2db", "kb"):
         runs |= {order: (mods["full"], order), f"no_unpack_{order}": (mods["no_unpack"], order)}
 if ARGS.check:
     print(json.dumps({"tiles": TILES, "variants": sorted(runs)}))

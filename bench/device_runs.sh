@@ -600,11 +600,12 @@ for stage in "$@"; do
         done
       done; tail -2 "$OUT/amx_int8_ab.err"; grep -o '"side": "[a-z]*"\|"format": "[^"]*"\|"ms": [0-9.]*' "$OUT/amx_int8_ab.jsonl" | paste -sd' ' ;;
     amx-slabs)  # issue 19: the bf16 tiles' orders of loads and products (kernels_amx_bf16.ORDERS:
-      # 1x4 now, 2x2 two slabs an item, 1x2db two register sets), int4-g32 at 1024 tokens,
+      # 1x4 now, 2x2 two slabs an item, 1x2db two register sets, kb four slabs with k in
+      # blocks whose B tiles stay in L1), int4-g32 at 1024 tokens,
       # each once, the naive loop in the first run; then amx_ablate's bf16 runs, the orders
       # interleaved in one process, whole and their tile work alone (~5 min)
       naive=""
-      for order in 1x4 2x2 1x2db; do
+      for order in 1x4 2x2 1x2db kb; do
         timeout 100 python3 bench/cpu_moe.py --shape v3 --format int4 --tokens 1024 \
           --amx-bf16-order $order $naive >> "$OUT/amx_slabs.jsonl" 2>> "$OUT/amx_slabs.err"
         naive="--no-naive"

@@ -26,8 +26,8 @@ def _check(script: str, *args: str) -> dict:
 
 @pytest.mark.parametrize("tiles, want", [
     ("int8", {"full", "no_rescale", "no_unpack", "no_scales", "no_tile_ops", "only_tile_ops"}),
-    ("bf16", {"full", "no_unpack", "no_tile_ops", "2x2", "1x2db", "no_unpack_2x2",
-              "no_unpack_1x2db"}),
+    ("bf16", {"full", "no_unpack", "no_tile_ops", "2x2", "1x2db", "kb", "no_unpack_2x2",
+              "no_unpack_1x2db", "no_unpack_kb"}),
 ])  # fmt: skip
 def test_amx_ablate_builds_every_variant(tiles, want):
     assert set(_check("amx_ablate.py", "--tiles", tiles)["variants"]) == want

@@ -192,9 +192,10 @@ def test_item_rows():
 @pytest.mark.parametrize("spec", ["int4", "int4-g128"])
 def test_bf16_orders_equal_one_another(spec):
     """bf16 tiles in each order of loads and products (items of two 16-row slabs x two token
-    tiles; two token tiles on alternating registers): the same sums as one slab against up to
-    four token tiles, bit for bit (the same products in the same k order), over experts with
-    1, 2 and 3 token tiles (an odd one: a pair, then one)."""
+    tiles; two token tiles on alternating registers; four slabs with k in blocks, the sums
+    stored and reloaded between blocks): the same sums as one slab against up to four token
+    tiles, bit for bit (the same products in the same k order), over experts with 1, 2 and 3
+    token tiles (an odd one: a pair, then one; blocks of 256 k, then 128)."""
     layer = layer_of(spec)
     x, _, w = routing(70, 1, seed=6, hidden=H)
     ids = torch.where(
@@ -202,15 +203,16 @@ def test_bf16_orders_equal_one_another(spec):
     )
     g = ops.group_by_expert(ids.numpy(), E)
     outs = {}
-    for order in ("1x4", "2x2", "1x2db"):
+    for order in ("1x4", "2x2", "1x2db", "kb"):
         out = np.zeros((70, H), np.float32)
         ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, int4_tiles="bf16", bf16_order=order)
         outs[order] = out
     assert np.array_equal(outs["1x4"], outs["2x2"])
     assert np.array_equal(outs["1x4"], outs["1x2db"])
+    assert np.array_equal(outs["1x4"], outs["kb"])
     want = amx_reference(layer, x, ids, w, "bf16")
     assert rel_err(torch.from_numpy(outs["1x4"]), want) < FP32_TOL
-    with pytest.raises(ValueError, match="bf16_order must be one of 1x4, 2x2, 1x2db, not '4x1'"):
+    with pytest.raises(ValueError, match="must be one of 1x4, 2x2, 1x2db, kb, not '4x1'"):
         ops.moe_gemm_amx(layer, x.numpy(), w.numpy(), g, out, bf16_order="4x1")
 
 

@@ -58,7 +58,10 @@ TILE_BYTES = TM * 64
 # "1x4" 16 rows, an A tile against up to four token tiles' B; "2x2" 32 rows (two slabs), two A
 # against two B (_slab_pair_times_tiles); "1x2db" 16 rows, two token tiles, two sets of
 # operand registers for alternate chunks (_pairs_db_times_tiles)
-ORDERS = ("1x4", "2x2", "1x2db")
+# "kb" 64 rows (four slabs) with k in blocks, a block's B tiles kept in L1 for all four
+# (_kblock_times_tiles)
+ORDERS = ("1x4", "2x2", "1x2db", "kb")
+SLABS = (1, 2, 1, 4)  # 16-row slabs an item, by order
 
 
 def tile_config() -> np.ndarray:
@@ -160,10 +163,7 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0
     ng, gs = K // G, SLICE // G  # scale groups a row, a slice
     for g0 in range(0, nt, len(CS)):
         n = min(len(CS), nt - g0)
-        amx.tile_zero(tiles, CS[0])
-        amx.tile_zero(tiles, CS[1])
-        amx.tile_zero(tiles, CS[2])
-        amx.tile_zero(tiles, CS[3])
+        _zero_sums(tiles)
         first = g0 == 0
         if first:
             _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
@@ -176,13 +176,91 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0
                 _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
             if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
                 _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
-        amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
-        if n > 1:
-            amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
-        if n > 2:
-            amx.tile_store(tiles, CS[2], acc, (g0 + 2) * TM * TM * 4, 64)
-        if n > 3:
-            amx.tile_store(tiles, CS[3], acc, (g0 + 3) * TM * TM * 4, 64)
+        _sums_out(tiles, acc, g0 * TM * TM * 4, n)
+
+
+@njit(inline="always", **JIT)
+def _sums_out(tiles, acc, at, n):
+    """C tiles 0..n-1 (CS) to acc from byte `at`, a 16 x 16 f32 tile (1 KB) after another."""
+    amx.tile_store(tiles, CS[0], acc, at, 64)
+    if n > 1:
+        amx.tile_store(tiles, CS[1], acc, at + TILE_BYTES, 64)
+    if n > 2:
+        amx.tile_store(tiles, CS[2], acc, at + 2 * TILE_BYTES, 64)
+    if n > 3:
+        amx.tile_store(tiles, CS[3], acc, at + 3 * TILE_BYTES, 64)
+
+
+@njit(inline="always", **JIT)
+def _sums_in(tiles, acc, at, n):
+    """_sums_out's reverse: C tiles 0..n-1 from acc."""
+    amx.tile_load(tiles, CS[0], acc, at, 64)
+    if n > 1:
+        amx.tile_load(tiles, CS[1], acc, at + TILE_BYTES, 64)
+    if n > 2:
+        amx.tile_load(tiles, CS[2], acc, at + 2 * TILE_BYTES, 64)
+    if n > 3:
+        amx.tile_load(tiles, CS[3], acc, at + 3 * TILE_BYTES, 64)
+
+
+@njit(inline="always", **JIT)
+def _zero_sums(tiles):
+    amx.tile_zero(tiles, CS[0])
+    amx.tile_zero(tiles, CS[1])
+    amx.tile_zero(tiles, CS[2])
+    amx.tile_zero(tiles, CS[3])
+
+
+@njit(inline="always", **JIT)
+def _kblock_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
+    """_rows_times_tiles for 64 rows (four slabs) with k in blocks of kb: a block's B tiles
+    (nt token tiles x kb of k, at most 16 KB: in L1) feed the four slabs in turn, each slab's
+    block of rows unpacked into one of two buffers (8 KB, in L1) during the products of the
+    slab before it, and the sums leaving the tile unit between blocks. acc: slab j's sums
+    [nt, 16, 16] from element j * nt * 256."""
+    rowb, ng = K // 2, K // G
+    gshift = 5 if G == 32 else 6 if G == 64 else 7  # (no division in the chunk loop)
+    kb = 256 if nt <= 2 and K % 256 == 0 else 128
+    step = K // TK * TILE_BYTES  # bytes of one token tile's B tiles
+    half, sums = kb * TM, nt * TM * TM * 4  # elements of a buffer; bytes of a slab's sums
+    nrows = (nrow0, nrow0 + TM, nrow0 + 2 * TM, nrow0 + 3 * TM) if nrow0 >= 0 else (-1,) * 4
+    for g in range(kb >> gshift):  # unit 0 (block 0, slab 0); then each unit unpacks the next
+        _unpack_group(w, s, row0, rowb, G, ng, g, g << gshift, 0, ab, 0, ahead, nrows[0])
+    unit = 0
+    for k0 in range(0, K, kb):
+        for j in range(4):
+            cur, nxt = unit % 2 * half * 2, (unit + 1) % 2 * half  # (bytes; elements)
+            nj, nk0 = (j + 1, k0) if j < 3 else (0, k0 + kb)  # the next unit
+            for g0 in range(0, nt, len(CS)):
+                n = min(len(CS), nt - g0)
+                c_at = j * sums + g0 * TILE_BYTES
+                if k0 == 0:
+                    _zero_sums(tiles)
+                else:
+                    _sums_in(tiles, acc, c_at, n)
+                at = (u0 + g0) * step + k0 // TK * TILE_BYTES
+                for c in range(0, kb // TK, 2):
+                    amx.tile_load(tiles, A0, ab, cur + c * TILE_BYTES, 64)
+                    _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
+                    amx.tile_load(tiles, A1, ab, cur + (c + 1) * TILE_BYTES, 64)
+                    _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
+                    for r in range(c * TK, (c + 2) * TK, TK):  # the next unit's groups here
+                        if g0 == 0 and nk0 < K and r & (G - 1) == 0:
+                            _unpack_group(w, s, row0 + nj * TM, rowb, G, ng, (nk0 + r) >> gshift,
+                                          r, nk0, ab, nxt, ahead, nrows[nj])  # fmt: skip
+                _sums_out(tiles, acc, c_at, n)
+            unit += 1
+
+
+@njit(inline="always", **JIT)
+def _unpack_group(w, s, row0, rowb, G, ng, g, r, k0, ab, base, ahead, nrow0):
+    """Group g (k from k0 + r) of the 16 rows from row0 into the buffer at element `base` of
+    ab, at the block's chunk r / 32, prefetching `ahead` bytes on (the line a 128 of k; past
+    the rows' end: from nrow0)."""
+    if ahead > 0 and r & (SLICE - 1) == 0:
+        prefetch_ahead(w, row0, nrow0, rowb, (k0 + r) // 2 + ahead)
+    at = row0 * rowb + g * G // 2  # (row-major rows only: bench/amx_layout rewrites the other)
+    unpack_bf16(w, at, rowb, s, row0 * ng + g, ng, ab, base + r // TK * TM * TK, G)
 
 
 @njit(inline="always", **JIT)
@@ -200,10 +278,7 @@ def _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, 
     nrow1 = nrow0 + TM if nrow0 >= 0 else nrow0
     for g0 in range(0, nt, 2):
         n = min(2, nt - g0)
-        amx.tile_zero(tiles, CS[0])
-        amx.tile_zero(tiles, CS[1])
-        amx.tile_zero(tiles, CS[2])
-        amx.tile_zero(tiles, CS[3])
+        _zero_sums(tiles)
         first = g0 == 0
         if first:
             _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
@@ -252,9 +327,7 @@ def _pairs_db_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, n
                 _SET1(tiles, ab, (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
             if first and sl + 1 < K // SLICE:
                 _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
-        amx.tile_store(tiles, CS[0], acc, g0 * TM * TM * 4, 64)
-        if n > 1:
-            amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
+        _sums_out(tiles, acc, g0 * TM * TM * 4, n)
 
 
 @njit(**JIT)
@@ -286,14 +359,14 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
     """Items of 16 of an expert's R rows (32: "2x2") x its token tiles, in ORDERS[order], from a
     shared counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router
     weights)."""
-    slabs = 2 if order == 1 else 1
+    slabs = SLABS[order]
     A, rows = experts.shape[0], slabs * TM
     per = R // rows  # items an expert
     ahead = min(ahead, K // 2)  # at most a row (int4: K/2 bytes), then into the next item
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, acc = _thread_state(cfg, K, most, slabs)
+        tiles, ab, acc = _thread_state(cfg, 2 * 256 if order == 3 else slabs * K, most, slabs)
         i = atomic_add(counter, 0, 1)
         nxt = atomic_add(counter, 0, 1)  # claimed an item early: its rows are prefetched
         while i < A * per:
@@ -305,6 +378,8 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
                 _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             elif order == 2:
                 _pairs_db_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
+            elif order == 3:
+                _kblock_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             else:
                 _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0)
             for j in range(slabs):
@@ -318,13 +393,13 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
 
 
 @njit(inline="always", **JIT)
-def _thread_state(cfg, K, most, slabs):
-    """A thread's tiles, configured, the unpacked rows of an item (K of k, bf16 bits, a slab
-    after another) and the f32 sums [slabs, most, 16, 16] of its token tiles."""
+def _thread_state(cfg, k, most, slabs):
+    """A thread's tiles, configured, a buffer of unpacked rows (k of k for 16 rows, bf16 bits)
+    and the f32 sums [slabs, most, 16, 16] of its token tiles."""
     tiles = np.zeros(amx.TILES_BYTES, np.uint8)
     amx.tile_config(tiles, cfg)
     return (
         tiles,
-        np.empty(slabs * K * TM, np.uint16),
+        np.empty(k * TM, np.uint16),
         np.empty(slabs * most * TM * TM, np.float32),
     )

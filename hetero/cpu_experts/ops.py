@@ -263,7 +263,7 @@ def moe_gemm_amx(
 def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefetch_bytes, clock,
                        order):  # fmt: skip
     """y [P, H]: each pair's expert output times its router weight, on bf16 tiles in `order`
-    (kernels_amx_bf16.ORDERS; "2x2" only where the matrix's rows are a whole number of 32)."""
+    (kernels_amx_bf16.ORDERS; 1x4 where the matrix's rows are not a whole number of items)."""
     H, I, TM = layer.hidden, layer.inter, kernels_amx.TM
     U, threads = tokens.shape[0], numba.get_num_threads()
     G13, G2 = layer.fmt.group(H), layer.fmt.group(I)
@@ -272,8 +272,9 @@ def _bf16_tile_experts(layer, x, g, first, tokens, pairs, scale, scratch, prefet
     kernels_amx_bf16.pack_tiles(x, tokens, xb)
     h = _scratch(scratch, "h", (U, TM, I), np.float32)
     clock.lap("quantize_x")
-    code = kernels_amx_bf16.ORDERS.index(order)
-    order13, order2 = (0 if code == 1 and rows % (2 * TM) else code for rows in (2 * I, H))
+    code = kernels_amx_bf16.ORDERS.index(order)  # (1x4 where rows are not whole items)
+    rows_of = kernels_amx_bf16.SLABS[code] * TM
+    order13, order2 = (code if rows % rows_of == 0 else 0 for rows in (2 * I, H))
     flat = (a.reshape(-1) for a in (layer.w13, layer.s13))
     kernels_amx_bf16.gate_up(*flat, H, I, G13, cfg, g.experts, first, xb.reshape(-1), h,
                              prefetch_bytes, threads, order13)  # fmt: skip
