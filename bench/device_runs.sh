@@ -587,8 +587,9 @@ for stage in "$@"; do
       timeout 120 python3 bench/amx_schedules.py > "$OUT/amx_schedules.jsonl" \
         2> "$OUT/amx_schedules.err"; tail -1 "$OUT/amx_schedules.err"; cat "$OUT/amx_schedules.jsonl" ;;
     amx-int8-ab)  # issue 19: the int8 tiles' second token tile on the idle C tiles 6 and 7 (its
-      # loads no longer wait on the first's products) against base/ (`git archive BASE hetero
-      # bench tests/data`), int4-g128 and int8 at 1024 tokens, alternated twice (~4 min)
+      # loads no longer wait on the first's products) against base/ (`git archive 48d172f hetero
+      # bench tests/data`: the tree before it), int4-g128 and int8 at 1024 tokens, alternated
+      # twice (~4 min)
       local_naive=""
       for round in 1 2; do
         for side in new base; do
