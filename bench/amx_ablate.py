@@ -72,6 +72,8 @@ def bf16_variants(src: str) -> dict[str, str]:
     t = src
     for op in ("tile_load", "tile_store", "tile_zero", "tile_dp_bf16ps"):
         t = rewrite(t, f"amx.{op}(", "_noop(", every=True)
+    t = rewrite(t, "_sums_moved_by(amx.tile_store), _sums_moved_by(amx.tile_load)",
+                "_sums_moved_by(_noop), _sums_moved_by(_noop)")  # fmt: skip
     variants["no_tile_ops"] = rewrite(
         t, "from hetero.cpu_experts import amx\n", "from hetero.cpu_experts import amx\n" + NOOP
     )

@@ -179,28 +179,24 @@ def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0
         _sums_out(tiles, acc, g0 * TM * TM * 4, n)
 
 
-@njit(inline="always", **JIT)
-def _sums_out(tiles, acc, at, n):
-    """C tiles 0..n-1 (CS) to acc from byte `at`, a 16 x 16 f32 tile (1 KB) after another."""
-    amx.tile_store(tiles, CS[0], acc, at, 64)
-    if n > 1:
-        amx.tile_store(tiles, CS[1], acc, at + TILE_BYTES, 64)
-    if n > 2:
-        amx.tile_store(tiles, CS[2], acc, at + 2 * TILE_BYTES, 64)
-    if n > 3:
-        amx.tile_store(tiles, CS[3], acc, at + 3 * TILE_BYTES, 64)
+def _sums_moved_by(op):
+    """An inline function: C tiles 0..n-1 (CS) to (tile_store) or from (tile_load) acc from
+    byte `at`, a 16 x 16 f32 tile (1 KB) after another."""
+
+    @njit(inline="always", nogil=True, fastmath=True)
+    def move(tiles, acc, at, n):
+        op(tiles, CS[0], acc, at, 64)
+        if n > 1:
+            op(tiles, CS[1], acc, at + TILE_BYTES, 64)
+        if n > 2:
+            op(tiles, CS[2], acc, at + 2 * TILE_BYTES, 64)
+        if n > 3:
+            op(tiles, CS[3], acc, at + 3 * TILE_BYTES, 64)
+
+    return move
 
 
-@njit(inline="always", **JIT)
-def _sums_in(tiles, acc, at, n):
-    """_sums_out's reverse: C tiles 0..n-1 from acc."""
-    amx.tile_load(tiles, CS[0], acc, at, 64)
-    if n > 1:
-        amx.tile_load(tiles, CS[1], acc, at + TILE_BYTES, 64)
-    if n > 2:
-        amx.tile_load(tiles, CS[2], acc, at + 2 * TILE_BYTES, 64)
-    if n > 3:
-        amx.tile_load(tiles, CS[3], acc, at + 3 * TILE_BYTES, 64)
+_sums_out, _sums_in = _sums_moved_by(amx.tile_store), _sums_moved_by(amx.tile_load)
 
 
 @njit(inline="always", **JIT)
