@@ -153,30 +153,52 @@ def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead, nrow0):
                     g * G // TK * TM * TK, G)  # fmt: skip
 
 
-@njit(inline="always", **JIT)
-def _rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
-    """acc[t, n, m] = sum over k of weight row row0 + n (int4 w, bf16 scales s) times token m of
-    tile u0 + t, for the 16 rows from row0 and nt token tiles (xb: their B tiles, flat bytes).
-    The rows are unpacked a slice ahead of the products that use them, into ab (all of k)."""
-    nc = K // TK
-    step = nc * TILE_BYTES  # bytes of one token tile's B tiles
-    ng, gs = K // G, SLICE // G  # scale groups a row, a slice
-    for g0 in range(0, nt, len(CS)):
-        n = min(len(CS), nt - g0)
-        _zero_sums(tiles)
-        first = g0 == 0
-        if first:
-            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
-        at = (u0 + g0) * step
-        for sl in range(K // SLICE):
-            for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
-                amx.tile_load(tiles, A0, ab, c * TILE_BYTES, 64)
-                _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
-                amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
-                _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
-            if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
-                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
-        _sums_out(tiles, acc, g0 * TM * TM * 4, n)
+@njit(inline="always", nogil=True, fastmath=True)
+def _chunk_pair_1x4(tiles, ab, xb, c, at, step, n):
+    """Chunks c and c + 1: each one A tile against the B tiles of up to 4 token tiles."""
+    amx.tile_load(tiles, A0, ab, c * TILE_BYTES, 64)
+    _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
+    amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
+    _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
+
+
+@njit(inline="always", nogil=True, fastmath=True)
+def _chunk_pair_db(tiles, ab, xb, c, at, step, n):
+    """Chunks c and c + 1 of two token tiles, each on its own set of registers (_chunk_on)."""
+    _SET0(tiles, ab, c * TILE_BYTES, xb, at + c * TILE_BYTES, step, n)
+    _SET1(tiles, ab, (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
+
+
+def _rows_in_order(group: int, chunk_pair):
+    """An inline function: acc[t, n, m] = sum over k of weight row row0 + n (int4 w, bf16
+    scales s) times token m of tile u0 + t, for the 16 rows from row0 and nt token tiles (xb:
+    their B tiles, flat bytes), `group` token tiles' sums in the tile unit at a time, each
+    pair of chunks by `chunk_pair`. The rows are unpacked a slice ahead of the products that
+    use them, into ab (all of k)."""
+
+    @njit(inline="always", nogil=True, fastmath=True)
+    def rows_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
+        step = K // TK * TILE_BYTES  # bytes of one token tile's B tiles
+        ng, gs = K // G, SLICE // G  # scale groups a row, a slice
+        for g0 in range(0, nt, group):
+            n = min(group, nt - g0)
+            _zero_sums(tiles)
+            first = g0 == 0
+            if first:
+                _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
+            at = (u0 + g0) * step
+            for sl in range(K // SLICE):
+                for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
+                    chunk_pair(tiles, ab, xb, c, at, step, n)
+                if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
+                    _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
+            _sums_out(tiles, acc, g0 * TM * TM * 4, n)
+
+    return rows_times_tiles
+
+
+_rows_times_tiles = _rows_in_order(len(CS), _chunk_pair_1x4)  # "1x4"
+_pairs_db_times_tiles = _rows_in_order(2, _chunk_pair_db)  # "1x2db"
 
 
 def _sums_moved_by(op):
@@ -300,30 +322,6 @@ def _slab_pair_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, 
         if n > 1:
             amx.tile_store(tiles, CS[1], acc, (g0 + 1) * TM * TM * 4, 64)
             amx.tile_store(tiles, CS[3], acc, other + (g0 + 1) * TM * TM * 4, 64)
-
-
-@njit(inline="always", **JIT)
-def _pairs_db_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nrow0):
-    """_rows_times_tiles with two token tiles at a time in C tiles 0 and 5, and two sets of
-    operand registers for alternate chunks (tiles 6 and 7 as B tiles: _chunk_on)."""
-    nc = K // TK
-    step = nc * TILE_BYTES
-    ng, gs = K // G, SLICE // G
-    for g0 in range(0, nt, 2):
-        n = min(2, nt - g0)
-        amx.tile_zero(tiles, CS[0])
-        amx.tile_zero(tiles, CS[1])
-        first = g0 == 0
-        if first:
-            _unpack_slice(w, s, row0, K, G, ng, gs, 0, ab, ahead, nrow0)
-        at = (u0 + g0) * step
-        for sl in range(K // SLICE):
-            for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
-                _SET0(tiles, ab, c * TILE_BYTES, xb, at + c * TILE_BYTES, step, n)
-                _SET1(tiles, ab, (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
-            if first and sl + 1 < K // SLICE:
-                _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
-        _sums_out(tiles, acc, g0 * TM * TM * 4, n)
 
 
 @njit(**JIT)
