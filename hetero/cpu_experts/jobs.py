@@ -33,7 +33,8 @@ class EngineConfig:
     amx_int4_tiles: str = "auto"
     # the order of tile loads and products on bf16 tiles (kernels_amx_bf16.ORDERS): "2x2" has
     # each tile load feed two products (1.0 loads a product against 1.5 at an expert's ~2 token
-    # tiles), "1x2db" alternates two sets of operand registers; "1x4" until measured
+    # tiles), "1x2db" alternates two sets of operand registers, "kb" keeps k blocks' B tiles in
+    # L1 for four slabs; "1x4" until the others are measured on an AMX host
     amx_bf16_order: str = "1x4"
     rows_per_item: int = 16  # GEMV work unit: rows of one matrix a thread takes at a time
     int8_activations: bool = True  # int4/int8 GEMV on int8 activations (VNNI), see kernels_q8

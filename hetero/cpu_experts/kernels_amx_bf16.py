@@ -53,6 +53,7 @@ DEPENDS = {
 }
 TK = 32  # k a product
 SLICE = 128  # k unpacked at a time: a whole number of groups (32, 64 or 128)
+KB = 256  # "kb": the most k a block (its B tiles of two token tiles: 16 KB)
 TILE_BYTES = TM * 64
 # the order of an item's tile loads and products (bench/amx_schedules.py times each alone):
 # "1x4" 16 rows, an A tile against up to four token tiles' B; "2x2" 32 rows (two slabs), two A
@@ -238,7 +239,7 @@ def _kblock_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nro
     [nt, 16, 16] from element j * nt * 256."""
     rowb, ng = K // 2, K // G
     gshift = 5 if G == 32 else 6 if G == 64 else 7  # (no division in the chunk loop)
-    kb = 256 if nt <= 2 and K % 256 == 0 else 128
+    kb = KB if nt <= 2 and K % KB == 0 else SLICE
     step = K // TK * TILE_BYTES  # bytes of one token tile's B tiles
     half, sums = kb * TM, nt * TM * TM * 4  # elements of a buffer; bytes of a slab's sums
     nrows = (nrow0, nrow0 + TM, nrow0 + 2 * TM, nrow0 + 3 * TM) if nrow0 >= 0 else (-1,) * 4
@@ -340,8 +341,8 @@ def gate_up(w13, s13, H, I, G, cfg, experts, first_tile, xb, h, ahead, threads, 
 @njit(**JIT)
 def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, threads, order=0):
     """y [P, H] = scale[p] * down(h) for each pair p; pairs [U, 16]: the pair of each token
-    column (-1: padding); hb: pack_tiles of h. `order`: ORDERS' index (1, "2x2": R % 32 ==
-    0)."""
+    column (-1: padding); hb: pack_tiles of h. `order`: ORDERS' index (R a whole number of
+    its items' SLABS[order] x 16 rows)."""
     h = np.empty((0, 0, 0), np.float32)
     _items(w2, s2, I, H, G, cfg, experts, first_tile, hb, ahead, threads, False, h, pairs, scale, y,
            order)  # fmt: skip
@@ -350,7 +351,7 @@ def down(w2, s2, H, I, G, cfg, experts, first_tile, hb, pairs, scale, y, ahead, 
 @njit(parallel=True, **JIT)
 def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h, pairs, scale,
            y, order):  # fmt: skip
-    """Items of 16 of an expert's R rows (32: "2x2") x its token tiles, in ORDERS[order], from a
+    """Items of SLABS[order] x 16 of an expert's R rows x its token tiles, in ORDERS[order], from a
     shared counter; their sums to h (gate: gate/up rows, silu) or to y (down rows, router
     weights)."""
     slabs = SLABS[order]
@@ -360,7 +361,7 @@ def _items(w, s, K, R, G, cfg, experts, first_tile, xb, ahead, threads, gate, h,
     counter = np.zeros(16, np.int64)
     most = _most_tiles(first_tile)
     for _ in prange(threads):
-        tiles, ab, acc = _thread_state(cfg, 2 * 256 if order == 3 else slabs * K, most, slabs)
+        tiles, ab, acc = _thread_state(cfg, 2 * KB if order == 3 else slabs * K, most, slabs)
         i = atomic_add(counter, 0, 1)
         nxt = atomic_add(counter, 0, 1)  # claimed an item early: its rows are prefetched
         while i < A * per:
