@@ -10,7 +10,8 @@
 #   serve-http-v3 | serve-kernels-ab | sweeps | decode-gpu-int4 | gpu-step-tiles |
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
-#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules | amx-int8-ab
+#   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules | amx-int8-ab |
+#   fp8-flashinfer
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -295,6 +296,23 @@ for stage in "$@"; do
       timeout 330 python3 bench/fp8_sweep.py --small \
         --shapes qkv_a,o,shared_gate_up,shared_down,q_b > "$OUT/fp8_small_sweep.jsonl" \
         2> "$OUT/fp8_small.err"; tail -1 "$OUT/fp8_small.err"; grep -c . "$OUT/fp8_small_sweep.jsonl" ;;
+    fp8-flashinfer)  # issue 18's FP8 GEMM >= 1.3x bf16 at M >= 2048 (o_proj 1.13x through
+      # cuBLAS): flashinfer 0.6's SM90 block-scaled GEMM (.whl/fi06/, DeepGEMM's design; nvcc
+      # builds it first, ~2-4 min on a fresh VM), its gpu tests, every V3 matrix at 1..4096
+      # rows beside cuBLAS and bf16, then 8K whole-depth prefill with each first (~8 min)
+      [ -d /tmp/site06/flashinfer ] || python3 -m pip install -q --no-index --no-deps \
+        --no-compile --no-cache-dir --target /tmp/site06 .whl/fi06/*.whl .whl/apache_tvm_ffi-*.whl \
+        .whl/einops-*.whl
+      export PYTHONPATH=/tmp/site06 FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
+      ( time timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_prefill.py \
+        -k "flashinfer or cublas" ) > "$OUT/$day-h200-fp8-flashinfer-tests.log" 2>&1
+      tail -4 "$OUT/$day-h200-fp8-flashinfer-tests.log"
+      timeout 240 python3 bench/gpu_kernels.py --only fp8 --out "$OUT/fp8_flashinfer.jsonl" \
+        > /dev/null 2> "$OUT/fp8_flashinfer.err"; tail -2 "$OUT/fp8_flashinfer.err"
+      timeout 280 python3 bench/prefill.py --only depth --chunk 32768 --pin-experts \
+        --lengths 8192,8192 --fp8-gemms cublas flashinfer > "$OUT/prefill_fp8_flashinfer.jsonl" \
+        2> "$OUT/prefill_fp8_flashinfer.err"; tail -2 "$OUT/prefill_fp8_flashinfer.err"
+      cat "$OUT/prefill_fp8_flashinfer.jsonl" ;;
     fp8-small-low)  # issue 18's >= 60% of HBM at M <= 16: fp8_small (tensor cores, swap-AB)
       # at 1, 4, 8 and 16 rows against the W8A16 GEMV the model uses there and cuBLAS, V3's
       # decode matrices cold in L2 (~2 min): if it leads at M = 1, batch 1's step can take it

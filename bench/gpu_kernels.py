@@ -4,7 +4,8 @@ an 8192^3 bf16 matmul on random data; an fp8 one through torch._scaled_mm where 
 
   fp8     fp8_gemm (decode, W8A16, M <= 64) and fp8_gemm_w8a8 (prefill, e4m3 tensor cores, M >= 16)
           vs a bf16 matmul on the dequantized weight; torch._scaled_mm with DeepSeek's block
-          scales (1x128 activations, 128x128 weights) where the installed torch supports it
+          scales (1x128 activations, 128x128 weights) where the installed torch supports it;
+          flashinfer's SM90 block-scaled GEMM (flashinfer_w8a8) where flashinfer >= 0.6 is
   mla     mla_decode over a paged latent cache (page 64, bf16) and mla_extend (one sequence, a
           chunk after a cached prefix; also decompressed, mha_sequence) vs the torch reference
           (gather + einsum + softmax): bench/gpu_kernels_mla.py
@@ -178,6 +179,33 @@ def scaled_mm_fn(q: torch.Tensor, s: torch.Tensor, wf: torch.Tensor) -> Callable
     return fn if err < 0.1 else f"unsupported: wrong result (rel err {err})"
 
 
+def flashinfer_fn(q: torch.Tensor, s: torch.Tensor, wf: torch.Tensor) -> tuple | str:
+    """flashinfer's SM90 block-scaled FP8 GEMM (hetero.gpu.fp8_prefill.flashinfer_w8a8), checked
+    once against the dequantized weight wf, and whether it replays from a CUDA graph; a reason
+    string where it does not run here (no flashinfer >= 0.6, not a Hopper, the shape)."""
+    from hetero.gpu.fp8_prefill import flashinfer_w8a8
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return flashinfer_w8a8(x, q, s, (128, 128))
+
+    x = torch.randn(64, q.shape[1], device="cuda", dtype=BF16)
+    try:
+        y = fn(x)
+        if y is None:
+            return "unsupported: flashinfer lacks fp8_blockscale_gemm_sm90, or not a Hopper"
+        err = S.rel_err(y, x.float() @ wf.T)
+    except (RuntimeError, TypeError, ValueError) as e:
+        return "unsupported: " + str(e).split("\n")[0][:200]
+    if err >= 0.1:
+        return f"unsupported: wrong result (rel err {err})"
+    try:  # (its workspace is allocated a call: see whether capture takes it)
+        _runner(lambda: fn(x), True)
+        return fn, True
+    except RuntimeError as e:
+        log.warning("flashinfer's FP8 GEMM timed eagerly: no CUDA graph (%s)", str(e)[:200])
+        return fn, False
+
+
 def fp8_section(b: Bench, c) -> None:
     shapes = S.fp8_shapes(c)
     for name in b.plan.fp8_shapes:
@@ -204,10 +232,18 @@ def fp8_shape(b: Bench, name: str, N: int, K: int) -> None:
     else:
         S.emit({"bench": "gpu_kernels", "section": "fp8", "shape": name, "N": N, "K": K,
                 "kernel": "torch._scaled_mm", "status": scaled, **b.env}, b.args.out)  # fmt: skip
+    fi = flashinfer_fn(q, s, wf)
+    graphed = {k: True for k in fns} | {"torch._scaled_mm": True}
+    if isinstance(fi, str):
+        S.emit({"bench": "gpu_kernels", "section": "fp8", "shape": name, "N": N, "K": K,
+                "kernel": "flashinfer_w8a8", "status": fi, **b.env}, b.args.out)  # fmt: skip
+    else:
+        fns["flashinfer_w8a8"], graphed["flashinfer_w8a8"] = fi
     for M in b.plan.fp8_tokens:
         x = b.randn(M, K)
         kernels = S.fp8_kernels(M) + (["torch._scaled_mm"] if callable(scaled) else [])
-        paths = {k: (lambda f=fns[k]: f(x), True) for k in kernels}
+        kernels += ["flashinfer_w8a8"] if "flashinfer_w8a8" in fns else []
+        paths = {k: (lambda f=fns[k]: f(x), graphed[k]) for k in kernels}
         paths["bf16"] = (lambda: F.linear(x, dense), True)
         ms = b.time(paths)
         want = x.float() @ wf.T

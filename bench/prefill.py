@@ -31,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.cpu_moe import random_layer  # noqa: E402
 from bench.serving_load import StubTokenizer, machine  # noqa: E402
-from bench.workloads import random_model, set_mode, slice_config  # noqa: E402
+from bench.workloads import random_model, set_fp8_prefill, set_mode, slice_config  # noqa: E402
 from hetero.config import ModelConfig  # noqa: E402
 from hetero.cpu_experts.engine import CPUExperts, EngineConfig  # noqa: E402
 from hetero.cpu_experts.formats import Format  # noqa: E402
@@ -174,7 +174,9 @@ def depth_rows(args, base: dict) -> None:
         facts["rates"] = rates.to_dict()
     predicted = prediction(args, config, rates)
 
-    def ttft(n: int, seed: int) -> tuple[float, int]:
+    def ttft(n: int, seed: int, gemms: tuple[str, ...] | None = None) -> tuple[float, int]:
+        if gemms is not None:
+            set_fp8_prefill(model, gemms)
         for r in routeds:
             r.modes.clear()
         prompt = torch.randint(2, V, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -186,15 +188,20 @@ def depth_rows(args, base: dict) -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - t0, steps
 
-    ttft(min(args.chunk, 512), seed=0)  # warm: kernels compiled, buffers allocated
+    orders = args.fp8_gemms or [None]  # (None: FP8Linear's default PREFILL_GEMMS)
+    for gemms in orders:  # warm: kernels compiled (flashinfer's by nvcc), buffers allocated
+        ttft(min(args.chunk, 512), seed=0, gemms=gemms)
     for n in args.lengths:
-        s, steps = ttft(n, seed=n)
-        modes = sum((r.modes for r in routeds), Counter())  # the policy's choices, layer-chunks
-        row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps, "modes": modes}
-        if predicted is not None:
-            p = predicted(n)
-            row |= {"predicted_s": round(p, 2), "vs_predicted": round(s / p, 3)}
-        print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
+        for gemms in orders:  # alternated a length at a time: one VM's drift hits all alike
+            s, steps = ttft(n, seed=n, gemms=gemms)
+            modes = sum((r.modes for r in routeds), Counter())  # the policy's choices
+            row = {**facts, "tokens": n, "ttft_s": round(s, 2), "steps": steps, "modes": modes}
+            if gemms is not None:
+                row["fp8_gemms"] = ",".join(gemms)
+            if predicted is not None:
+                p = predicted(n)
+                row |= {"predicted_s": round(p, 2), "vs_predicted": round(s / p, 3)}
+            print(json.dumps(row | {"prefill_tok_s": round(n / s, 1)}), flush=True)
     if args.profile:  # where a long prompt's time goes: the top ops, CPU and GPU
         from torch.profiler import ProfilerActivity, profile
 
@@ -227,6 +234,18 @@ def depth_rows(args, base: dict) -> None:
     cpu.close()
 
 
+def gemm_order(s: str) -> tuple[str, ...]:
+    """An --fp8-gemms order: "flashinfer,cublas" -> ("flashinfer", "cublas", "triton"), the
+    FP8Linear GEMMs in the order tried, the Triton kernel (which takes any shape) last where not
+    named."""
+    from hetero.gpu.fp8_prefill import ROUTES
+
+    names = tuple(n for n in s.split(",") if n)
+    if not names or any(n not in ROUTES for n in names):
+        raise argparse.ArgumentTypeError(f"{s!r}: FP8 GEMMs are {', '.join(ROUTES)}")
+    return names if "triton" in names else (*names, "triton")
+
+
 def ints(s: str) -> list[int]:
     return [int(v) for v in s.split(",")]
 
@@ -244,6 +263,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream-min-tokens", type=int, default=1024,
                    help="depth: chunks of at least this many tokens stream")  # fmt: skip
     p.add_argument("--staging-gb", type=float, default=1.0)
+    p.add_argument("--fp8-gemms", type=gemm_order, nargs="+", metavar="ORDER",
+                   help="depth: each a comma list of FP8 GEMMs for the prompt's projections "
+                   "(flashinfer, cublas, triton), timed alternately (default: "
+                   "PREFILL_GEMMS)")  # fmt: skip
     p.add_argument("--http", action="store_true", help="depth: also once over HTTP")
     p.add_argument("--pin-experts", action="store_true",
                    help="experts page-locked, copied without gather (layer: + direct)")  # fmt: skip

@@ -245,6 +245,13 @@ def set_fp8_small(model, max_tokens: int) -> None:
         lin.small_max_tokens = max_tokens
 
 
+def set_fp8_prefill(model, gemms: tuple[str, ...]) -> None:
+    """Every FP8Linear of the model multiplies past the decode kernels' rows through the first
+    of `gemms` (hetero.gpu.fp8_prefill.ROUTES) that takes its shape, chosen again."""
+    for lin in fp8_linears(model):
+        lin.prefill_gemms, lin.prefill_gemm = gemms, None
+
+
 def fill_prompts(model, cache, B: int, context: int, device: str) -> None:
     """Sequences 0..B-1 of `cache` prefilled with `context` random tokens each (<= 16K tokens
     a forward pass)."""

@@ -86,8 +86,9 @@ def test_kernel_attention_keeps_kv_b_proj_in_fp8(attention):
     assert mla.w_uk is None and mla.w_uv is None
 
 
-def test_set_fp8_small_reaches_every_fp8_layer_the_fused_too():
-    from bench.workloads import fp8_linears, set_fp8_small
+def test_set_fp8_small_and_prefill_reach_every_fp8_layer_the_fused_too():
+    from bench.workloads import fp8_linears, set_fp8_prefill, set_fp8_small
+    from hetero.model.fp8 import PREFILL_GEMMS
 
     config = ModelConfig.from_hf(tiny_v3_config(q_lora_rank=128, moe_intermediate_size=128,
                                                 intermediate_size=256))  # fmt: skip
@@ -97,6 +98,24 @@ def test_set_fp8_small_reaches_every_fp8_layer_the_fused_too():
     assert all(lin.small_max_tokens == 0 for lin in layers)
     set_fp8_small(model, 64)
     assert all(lin.small_max_tokens == 64 for lin in layers)
+    assert all(lin.prefill_gemms == PREFILL_GEMMS for lin in layers)
+    layers[0].prefill_gemm = "cublas"  # (a layer that chose: chooses again)
+    set_fp8_prefill(model, ("flashinfer", "triton"))
+    assert all(lin.prefill_gemms == ("flashinfer", "triton") for lin in layers)
+    assert all(lin.prefill_gemm is None for lin in layers)
+
+
+def test_prefill_bench_reads_fp8_gemm_orders():
+    """bench/prefill.py --fp8-gemms: each a comma list of hetero.gpu.fp8_prefill.ROUTES, the
+    Triton kernel appended where not named; an unknown name is refused with the known ones."""
+    from bench.prefill import parse_args
+
+    args = parse_args(["--fp8-gemms", "cublas", "flashinfer,cublas", "triton,cublas"])
+    assert args.fp8_gemms == [("cublas", "triton"), ("flashinfer", "cublas", "triton"),
+                              ("triton", "cublas")]  # fmt: skip
+    assert parse_args([]).fp8_gemms is None
+    with pytest.raises(SystemExit):
+        parse_args(["--fp8-gemms", "cudnn"])
 
 
 def test_set_attention_resolves_auto_and_drops_the_captured_graphs(monkeypatch):

@@ -118,3 +118,67 @@ def test_cublas_block_scaled_equals_the_triton_kernel(M, N, K):
     assert got is not None, "this torch/cuBLAS has no block-scaled FP8 GEMM"
     want = fp8_gemm_w8a8(x, w, ws)
     assert got.shape == (M, N) and rel(got.float(), want.float()) < 1e-2
+
+
+def has_flashinfer_gemm() -> bool:
+    try:
+        from flashinfer.gemm import fp8_blockscale_gemm_sm90  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not has_flashinfer_gemm(), reason="needs flashinfer >= 0.6 on a Hopper GPU")
+@pytest.mark.parametrize("M, N, K", [(17, 24576, 1536), (1000, 7168, 16384), (4096, 2112, 7168),
+                                     (64, 4096, 7168)])  # fmt: skip
+def test_flashinfer_block_scaled_equals_the_triton_kernel(M, N, K):
+    """flashinfer's SM90 block-scaled FP8 GEMM (it quantizes the activations itself, per token
+    per 128 as quantize_act does): the Triton W8A8 kernel's result up to summation order and
+    the activations' rounding; and what FP8Linear computes when asked for it first."""
+    from hetero.gpu.fp8_prefill import flashinfer_w8a8
+    from hetero.model.fp8 import FP8Linear
+
+    g = torch.Generator(device="cuda").manual_seed(M)
+    w, ws = block_quantize(torch.randn(N, K, generator=g, device="cuda"))
+    x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
+    got = flashinfer_w8a8(x, w, ws, (128, 128))
+    assert got is not None, "flashinfer refused the shape (its warning says why)"
+    want = fp8_gemm_w8a8(x, w, ws)
+    assert got.shape == (M, N) and rel(got.float(), want.float()) < 1e-2
+    lin = FP8Linear(K, N).cuda()
+    lin.weight.data, lin.weight_scale_inv.data = w, ws
+    lin.prefill_gemms = ("flashinfer", "triton")
+    assert rel(lin.prefill(x).float(), got.float()) < 1e-3 and lin.prefill_gemm == "flashinfer"
+
+
+def test_fp8_linear_keeps_the_first_gemm_that_takes_its_shape(monkeypatch):
+    """FP8Linear.prefill tries `prefill_gemms` in order, skips those that answer None (not
+    installed, not this GPU, not this shape), keeps the first that answers for the layer's
+    later calls, and names them all where none does."""
+    from hetero.gpu import fp8_prefill
+    from hetero.model.fp8 import PREFILL_GEMMS, FP8Linear
+
+    calls = []
+
+    def route(name, answers):
+        def fn(x, weight, scale, block):
+            calls.append(name)
+            return torch.full((x.shape[0], weight.shape[0]), float(len(name))) if answers else None
+
+        return fn
+
+    monkeypatch.setitem(fp8_prefill.ROUTES, "no", route("no", False))
+    monkeypatch.setitem(fp8_prefill.ROUTES, "yes", route("yes", True))
+    monkeypatch.setitem(fp8_prefill.ROUTES, "later", route("later", True))
+    assert PREFILL_GEMMS[-1] == "triton" and set(PREFILL_GEMMS) <= set(fp8_prefill.ROUTES)
+    lin = FP8Linear(256, 128)
+    lin.prefill_gemms = ("no", "yes", "later")
+    x = torch.randn(3, 256)
+    assert torch.equal(lin.prefill(x), torch.full((3, 128), 3.0)) and lin.prefill_gemm == "yes"
+    lin.prefill(x)
+    assert calls == ["no", "yes", "yes"]  # tried once; kept after
+    lin2 = FP8Linear(256, 128)
+    lin2.prefill_gemms = ("no",)
+    with pytest.raises(RuntimeError, match=r"no FP8 GEMM of \['no'\] takes a 128 x 256 weight"):
+        lin2.prefill(x)

@@ -9,10 +9,14 @@ multiplies in tf32 against unquantized activations: right for a few tokens, not 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
 
+log = logging.getLogger(__name__)
 FP8_MAX = 448.0  # largest float8_e4m3fn
 
 
@@ -148,3 +152,43 @@ def scaled_mm_w8a8(
     except (RuntimeError, TypeError, ValueError, NotImplementedError):
         return None
     return y[:M].view(*lead, weight.shape[0])
+
+
+def flashinfer_w8a8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]
+) -> torch.Tensor | None:
+    """`fp8_gemm_w8a8`'s product through flashinfer's SM90 block-scaled FP8 GEMM
+    (`flashinfer.gemm.fp8_blockscale_gemm_sm90`, flashinfer >= 0.6: TensorRT-LLM's kernel after
+    DeepGEMM's design, built by nvcc on first use). It quantizes x per token per 128 channels
+    itself, as `quantize_act` does, and reads the weight's 128x128 scales as stored. None
+    where flashinfer lacks it, the GPU is not a Hopper or the shape does not fit it (x bf16,
+    K a multiple of 128, N of 64): the caller falls back."""
+    N, K = weight.shape
+    if block != (128, 128) or x.dtype != torch.bfloat16 or K % 128 or N % 64 or not x.is_cuda:
+        return None
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return None
+    try:
+        from flashinfer.gemm import fp8_blockscale_gemm_sm90
+    except ImportError:  # no flashinfer, or one before 0.6
+        return None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    try:
+        y = fp8_blockscale_gemm_sm90(x2, weight, None, scale, out_dtype=x.dtype)
+    except (RuntimeError, ValueError) as e:
+        log.warning("flashinfer's block-scaled FP8 GEMM refused %dx%d (%s): cuBLAS's instead",
+                    N, K, str(e).split("\n")[0][:200])  # fmt: skip
+        return None
+    return y.view(*lead, N)
+
+
+# FP8Linear's GEMMs past the decode kernels' rows by name (hetero.model.fp8.PREFILL_GEMMS: the
+# order they are tried in): each returns None where it does not apply; "triton" always does
+ROUTES: dict[str, Callable[..., torch.Tensor | None]] = {
+    "flashinfer": flashinfer_w8a8,
+    "cublas": scaled_mm_w8a8,
+    "triton": fp8_gemm_w8a8,
+}

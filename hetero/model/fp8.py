@@ -4,7 +4,8 @@ scale per 128x128 block), half the bytes of bf16.
 `FP8Linear` on CUDA reads the FP8 weight as stored: a few tokens (decode) with
 `hetero.gpu.fp8_gemm` (W8A16, memory-bound), more (prefill) with `hetero.gpu.fp8_prefill`
 (activations quantized per token per 128 to e4m3, then e4m3 tensor cores, as DeepSeek-V3's own
-inference does: cuBLAS's block-scaled GEMM where torch has it, else the Triton kernel).
+inference does: cuBLAS's block-scaled GEMM where torch has it, else the Triton kernel;
+flashinfer's SM90 one where asked: `PREFILL_GEMMS`).
 On the CPU it dequantizes the weight and runs a plain matmul: the simple path, and the kernels'
 reference."""
 
@@ -25,6 +26,11 @@ GEMV_MAX_TOKENS = 16
 # cuBLAS's block-scaled GEMM: 0 (off) until it is measured against cuBLAS on the GPU; the bench
 # turns it on per layer (`FP8Linear.small_max_tokens`, bench/decode.py --fp8-small)
 SMALL_MAX_TOKENS = 0
+# past those rows, the GEMMs tried in this order (hetero.gpu.fp8_prefill.ROUTES; a layer keeps
+# the first that takes its shape): cuBLAS's block-scaled GEMM measured 1.3-1.9x the Triton
+# kernel (H200, 2026-12-03); flashinfer's ("flashinfer", >= 0.6) is not yet measured here, so
+# it runs only where asked (`FP8Linear.prefill_gemms`, bench/prefill.py --fp8-gemms)
+PREFILL_GEMMS = ("cublas", "triton")
 
 
 def block_dequantize(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]):
@@ -67,7 +73,8 @@ class FP8Linear(nn.Module):
             torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn), requires_grad=False
         )
         self.weight_scale_inv = nn.Parameter(torch.empty(scale_shape), requires_grad=False)
-        self.cublas: bool | None = None  # whether torch._scaled_mm takes this layer (CUDA)
+        self.prefill_gemms = PREFILL_GEMMS  # the GEMMs past small_max_tokens, in order
+        self.prefill_gemm: str | None = None  # the first of them that took this layer (CUDA)
         self.counters: torch.Tensor | None = None  # the GEMV's split-K tile counters (CUDA)
         self.tiles = None  # the GEMV's launch settings (fp8_gemm.Tiles; None: its default)
         self.small_max_tokens = SMALL_MAX_TOKENS  # rows through fp8_small past the GEMV's
@@ -98,14 +105,21 @@ class FP8Linear(nn.Module):
             # (the GEMV's counters: more than its tiles, never in use by both at once)
             return fp8_small(x, self.weight, self.weight_scale_inv,
                              self.tile_counters(x.device), self.block)  # fmt: skip
-        from hetero.gpu.fp8_prefill import fp8_gemm_w8a8, scaled_mm_w8a8
+        return self.prefill(x)
 
-        if self.cublas is not False:  # None: not tried yet on this layer's shape
-            y = scaled_mm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
-            self.cublas = y is not None
+    def prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in] on CUDA past the decode kernels' rows: through the first of
+        `prefill_gemms` that takes this layer's shape, kept for its later calls."""
+        from hetero.gpu.fp8_prefill import ROUTES
+
+        names = self.prefill_gemms if self.prefill_gemm is None else (self.prefill_gemm,)
+        for name in names:
+            y = ROUTES[name](x, self.weight, self.weight_scale_inv, self.block)
             if y is not None:
+                self.prefill_gemm = name
                 return y
-        return fp8_gemm_w8a8(x, self.weight, self.weight_scale_inv, self.block)
+        raise RuntimeError(f"no FP8 GEMM of {list(names)} takes a {self.out_features} x "
+                           f"{self.in_features} weight ('triton' takes any)")  # fmt: skip
 
     def tile_counters(self, device: torch.device) -> torch.Tensor:
         """This layer's own counters for the GEMV's split-K (allocated on first use, which
