@@ -154,8 +154,9 @@ def test_flashinfer_block_scaled_equals_the_triton_kernel(M, N, K):
 
 def test_fp8_linear_keeps_the_first_gemm_that_takes_its_shape(monkeypatch):
     """FP8Linear.prefill tries `prefill_gemms` in order, skips those that answer None (not
-    installed, not this GPU, not this shape), keeps the first that answers for the layer's
-    later calls, and names them all where none does."""
+    installed, not this GPU, not this shape), tries the first that answered first on the
+    layer's later calls (the others after it should it refuse), and names them all where none
+    answers."""
     from hetero.gpu import fp8_prefill
     from hetero.model.fp8 import PREFILL_GEMMS, FP8Linear
 
@@ -178,6 +179,9 @@ def test_fp8_linear_keeps_the_first_gemm_that_takes_its_shape(monkeypatch):
     assert torch.equal(lin.prefill(x), torch.full((3, 128), 3.0)) and lin.prefill_gemm == "yes"
     lin.prefill(x)
     assert calls == ["no", "yes", "yes"]  # tried once; kept after
+    monkeypatch.setitem(fp8_prefill.ROUTES, "yes", route("yes", False))  # now refuses: the rest
+    assert torch.equal(lin.prefill(x), torch.full((3, 128), 5.0)) and lin.prefill_gemm == "later"
+    assert calls[3:] == ["yes", "no", "later"]
     lin2 = FP8Linear(256, 128)
     lin2.prefill_gemms = ("no",)
     with pytest.raises(RuntimeError, match=r"no FP8 GEMM of \['no'\] takes a 128 x 256 weight"):

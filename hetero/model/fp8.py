@@ -109,10 +109,13 @@ class FP8Linear(nn.Module):
 
     def prefill(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in] on CUDA past the decode kernels' rows: through the first of
-        `prefill_gemms` that takes this layer's shape, kept for its later calls."""
+        `prefill_gemms` that takes it, tried first on this layer's later calls (the others
+        after it, in order, should it refuse one)."""
         from hetero.gpu.fp8_prefill import ROUTES
 
-        names = self.prefill_gemms if self.prefill_gemm is None else (self.prefill_gemm,)
+        names, kept = self.prefill_gemms, self.prefill_gemm
+        if kept is not None:
+            names = (kept, *(n for n in names if n != kept))
         for name in names:
             y = ROUTES[name](x, self.weight, self.weight_scale_inv, self.block)
             if y is not None:
