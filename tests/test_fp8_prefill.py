@@ -104,22 +104,6 @@ def test_fp8_linear_picks_a_kernel_at_every_size(M):
     assert got.shape == (M, 576) and rel(got.cpu(), want) < 0.08
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("M, N, K", [(17, 24576, 1536), (1000, 7168, 16384), (4096, 2048, 7168)])
-def test_cublas_block_scaled_equals_the_triton_kernel(M, N, K):
-    """torch._scaled_mm with DeepSeek's block scales on the same quantized activations: the
-    Triton W8A8 kernel's result up to fp32 summation order (FP8Linear takes it past 16 rows)."""
-    from hetero.gpu.fp8_prefill import scaled_mm_w8a8
-
-    g = torch.Generator(device="cuda").manual_seed(M)
-    w, ws = block_quantize(torch.randn(N, K, generator=g, device="cuda"))
-    x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
-    got = scaled_mm_w8a8(x, w, ws, (128, 128))
-    assert got is not None, "this torch/cuBLAS has no block-scaled FP8 GEMM"
-    want = fp8_gemm_w8a8(x, w, ws)
-    assert got.shape == (M, N) and rel(got.float(), want.float()) < 1e-2
-
-
 def has_flashinfer_gemm() -> bool:
     try:
         from flashinfer.gemm import fp8_blockscale_gemm_sm90  # noqa: F401
@@ -129,27 +113,30 @@ def has_flashinfer_gemm() -> bool:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not has_flashinfer_gemm(), reason="needs flashinfer >= 0.6 on a Hopper GPU")
-@pytest.mark.parametrize("M, N, K", [(17, 24576, 1536), (1000, 7168, 16384), (4096, 2112, 7168),
-                                     (64, 4096, 7168)])  # fmt: skip
-def test_flashinfer_block_scaled_equals_the_triton_kernel(M, N, K):
-    """flashinfer's SM90 block-scaled FP8 GEMM (it quantizes the activations itself, per token
-    per 128 as quantize_act does): the Triton W8A8 kernel's result up to summation order and
-    the activations' rounding; and what FP8Linear computes when asked for it first."""
-    from hetero.gpu.fp8_prefill import flashinfer_w8a8
+@pytest.mark.parametrize("route", ["cublas", "flashinfer"])
+@pytest.mark.parametrize("M, N, K", [(17, 24576, 1536), (1000, 7168, 16384), (4096, 2048, 7168),
+                                     (64, 2112, 7168)])  # fmt: skip
+def test_library_block_scaled_gemms_equal_the_triton_kernel(route, M, N, K):
+    """cuBLAS's block-scaled GEMM (torch._scaled_mm, 1x128 and 128x128 scales, on the same
+    quantized activations) and flashinfer's SM90 one (which quantizes the activations itself,
+    per token per 128 as quantize_act does): the Triton W8A8 kernel's result up to summation
+    order; and what FP8Linear computes when asked for the route first."""
+    from hetero.gpu.fp8_prefill import ROUTES
     from hetero.model.fp8 import FP8Linear
 
+    if route == "flashinfer" and not has_flashinfer_gemm():
+        pytest.skip("needs flashinfer >= 0.6 on a Hopper GPU")
     g = torch.Generator(device="cuda").manual_seed(M)
     w, ws = block_quantize(torch.randn(N, K, generator=g, device="cuda"))
     x = torch.randn(M, K, generator=g, device="cuda").bfloat16()
-    got = flashinfer_w8a8(x, w, ws, (128, 128))
-    assert got is not None, "flashinfer refused the shape (its warning says why)"
+    got = ROUTES[route](x, w, ws, (128, 128))
+    assert got is not None, f"{route} refused the shape (on cuBLAS: no block-scaled FP8 GEMM)"
     want = fp8_gemm_w8a8(x, w, ws)
     assert got.shape == (M, N) and rel(got.float(), want.float()) < 1e-2
     lin = FP8Linear(K, N).cuda()
     lin.weight.data, lin.weight_scale_inv.data = w, ws
-    lin.prefill_gemms = ("flashinfer", "triton")
-    assert rel(lin.prefill(x).float(), got.float()) < 1e-3 and lin.prefill_gemm == "flashinfer"
+    lin.prefill_gemms = (route, "triton")
+    assert rel(lin.prefill(x).float(), got.float()) < 1e-3 and lin.prefill_gemm == route
 
 
 def test_fp8_linear_keeps_the_first_gemm_that_takes_its_shape(monkeypatch):
