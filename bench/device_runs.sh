@@ -11,7 +11,7 @@
 #   gpu-step-fused | decode-gpu-int4-trace | serve-c1-ab | cpu-decode-c64 |
 #   serve-ring-ab | cpu-pairs-ab | serve-pairs-ab | serve-heavy-ab | decode-handover-ab | serve-policy-ab |
 #   serve-pinned | fp8-unroll | gpu-step-timeline | router-ab | router-rank-ab | mla-splits | flashinfer | attention-ab | attention-batch | mla-small | attention-auto | auto-ratio | fp8-small | fp8-small-step | flashinfer-extend | gpu-step-ab | decode-gpu-int4-skewed | amx-pack-ab | amx-layout | amx-prefetch | cpu-decode-ab | amx-slabs | fi-extend-diag | amx-accept | fp8-small-low | amx-schedules | amx-int8-ab |
-#   fp8-flashinfer
+#   fp8-flashinfer | mla-flashinfer06
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -47,6 +47,13 @@ flashinfer_wheels() {  # the carried .whl/ (flashinfer-python 0.5.3 and its two 
   [ -d /tmp/site/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile \
     --no-cache-dir --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
+}
+
+flashinfer06_wheels() {  # flashinfer-python 0.6.18 (.whl/fi06/: its SM90 block-scaled FP8
+  # GEMM; the same MLA wrapper) with .whl/'s tvm-ffi and einops, apart from 0.5.3's /tmp/site
+  [ -d /tmp/site06/flashinfer ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+    --no-cache-dir --target /tmp/site06 .whl/fi06/*.whl .whl/apache_tvm_ffi-*.whl .whl/einops-*.whl
+  export PYTHONPATH=/tmp/site06 FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
 }
 
 for stage in "$@"; do
@@ -300,10 +307,7 @@ for stage in "$@"; do
       # cuBLAS): flashinfer 0.6's SM90 block-scaled GEMM (.whl/fi06/, DeepGEMM's design; nvcc
       # builds it first, ~2-4 min on a fresh VM), its gpu tests, every V3 matrix at 1..4096
       # rows beside cuBLAS and bf16, then 8K whole-depth prefill with each first (~8 min)
-      [ -d /tmp/site06/flashinfer ] || python3 -m pip install -q --no-index --no-deps \
-        --no-compile --no-cache-dir --target /tmp/site06 .whl/fi06/*.whl .whl/apache_tvm_ffi-*.whl \
-        .whl/einops-*.whl
-      export PYTHONPATH=/tmp/site06 FLASHINFER_CUDA_ARCH_LIST="9.0a" MAX_JOBS=16
+      flashinfer06_wheels
       ( time timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fp8_prefill.py \
         -k library_block_scaled ) > "$OUT/$day-h200-fp8-flashinfer-tests.log" 2>&1
       tail -4 "$OUT/$day-h200-fp8-flashinfer-tests.log"
@@ -313,6 +317,17 @@ for stage in "$@"; do
         --lengths 8192,8192 --fp8-gemms cublas flashinfer > "$OUT/prefill_fp8_flashinfer.jsonl" \
         2> "$OUT/prefill_fp8_flashinfer.err"; tail -2 "$OUT/prefill_fp8_flashinfer.err"
       cat "$OUT/prefill_fp8_flashinfer.jsonl" ;;
+    mla-flashinfer06)  # issue 18's MLA decode >= 60% of copy bandwidth at 32 x 8K (0.505
+      # through flashinfer 0.5.3): the same tests and points with flashinfer 0.6.18, its
+      # extend route's model-level test among them (~5 min)
+      flashinfer06_wheels
+      timeout 330 python3 -m pytest -q -s -p no:cacheprovider tests/test_flashinfer_mla.py \
+        tests/test_flashinfer_extend.py > "$OUT/$day-h200-flashinfer06-tests.log" 2>&1
+      grep -E "layer by layer|passed|failed" "$OUT/$day-h200-flashinfer06-tests.log"
+      timeout 180 python3 bench/mla_sweep.py --grid splits --flashinfer \
+        --points 32x4096,32x8192,64x4096,1x4096 > "$OUT/mla_flashinfer06.jsonl" \
+        2> "$OUT/mla_flashinfer06.err"; tail -2 "$OUT/mla_flashinfer06.err"
+      grep -c . "$OUT/mla_flashinfer06.jsonl" ;;
     fp8-small-low)  # issue 18's >= 60% of HBM at M <= 16: fp8_small (tensor cores, swap-AB)
       # at 1, 4, 8 and 16 rows against the W8A16 GEMV the model uses there and cuBLAS, V3's
       # decode matrices cold in L2 (~2 min): if it leads at M = 1, batch 1's step can take it
