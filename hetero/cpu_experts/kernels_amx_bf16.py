@@ -155,19 +155,20 @@ def _unpack_slice(w, s, row0, K, G, ng, gs, sl, ab, ahead, nrow0):
 
 
 @njit(inline="always", nogil=True, fastmath=True)
-def _chunk_pair_1x4(tiles, ab, xb, c, at, step, n):
-    """Chunks c and c + 1: each one A tile against the B tiles of up to 4 token tiles."""
-    amx.tile_load(tiles, A0, ab, c * TILE_BYTES, 64)
+def _chunk_pair_1x4(tiles, ab, a_at, xb, c, at, step, n):
+    """Chunks c and c + 1 (their rows in ab from byte a_at): each one A tile against the B
+    tiles of up to 4 token tiles."""
+    amx.tile_load(tiles, A0, ab, a_at + c * TILE_BYTES, 64)
     _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
-    amx.tile_load(tiles, A1, ab, (c + 1) * TILE_BYTES, 64)
+    amx.tile_load(tiles, A1, ab, a_at + (c + 1) * TILE_BYTES, 64)
     _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
 
 
 @njit(inline="always", nogil=True, fastmath=True)
-def _chunk_pair_db(tiles, ab, xb, c, at, step, n):
+def _chunk_pair_db(tiles, ab, a_at, xb, c, at, step, n):
     """Chunks c and c + 1 of two token tiles, each on its own set of registers (_chunk_on)."""
-    _SET0(tiles, ab, c * TILE_BYTES, xb, at + c * TILE_BYTES, step, n)
-    _SET1(tiles, ab, (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
+    _SET0(tiles, ab, a_at + c * TILE_BYTES, xb, at + c * TILE_BYTES, step, n)
+    _SET1(tiles, ab, a_at + (c + 1) * TILE_BYTES, xb, at + (c + 1) * TILE_BYTES, step, n)
 
 
 def _rows_in_order(group: int, chunk_pair):
@@ -190,7 +191,7 @@ def _rows_in_order(group: int, chunk_pair):
             at = (u0 + g0) * step
             for sl in range(K // SLICE):
                 for c in range(sl * SLICE // TK, (sl + 1) * SLICE // TK, 2):
-                    chunk_pair(tiles, ab, xb, c, at, step, n)
+                    chunk_pair(tiles, ab, 0, xb, c, at, step, n)
                 if first and sl + 1 < K // SLICE:  # vector work beside the products in flight
                     _unpack_slice(w, s, row0, K, G, ng, gs, sl + 1, ab, ahead, nrow0)
             _sums_out(tiles, acc, g0 * TM * TM * 4, n)
@@ -259,10 +260,7 @@ def _kblock_times_tiles(tiles, w, s, row0, K, G, xb, u0, nt, acc, ab, ahead, nro
                     _sums_in(tiles, acc, c_at, n)
                 at = (u0 + g0) * step + k0 // TK * TILE_BYTES
                 for c in range(0, kb // TK, 2):
-                    amx.tile_load(tiles, A0, ab, cur + c * TILE_BYTES, 64)
-                    _WITH_A0(tiles, xb, at + c * TILE_BYTES, step, n)
-                    amx.tile_load(tiles, A1, ab, cur + (c + 1) * TILE_BYTES, 64)
-                    _WITH_A1(tiles, xb, at + (c + 1) * TILE_BYTES, step, n)
+                    _chunk_pair_1x4(tiles, ab, cur, xb, c, at, step, n)
                     for r in range(c * TK, (c + 2) * TK, TK):  # the next unit's groups here
                         if g0 == 0 and nk0 < K and r & (G - 1) == 0:
                             _unpack_group(w, s, row0 + nj * TM, rowb, G, ng, (nk0 + r) >> gshift,
